@@ -1,0 +1,17 @@
+//! The Rust companion to section 4.3 ("Pretraining", 事前学習) of the LLM
+//! textbook: the chapter's journey from corpus to tokenizer to GPT-2 to
+//! training to generation, one module per concept.
+
+pub mod corpus;
+pub mod hub;
+pub mod io;
+pub mod sentencepiece;
+pub mod tokenizer;
+
+pub use tokenizer::AutoTokenizer;
+pub mod config;
+pub mod model;
+pub mod pyjson;
+
+pub use config::GPT2Config;
+pub use model::GPT2LMHeadModel;

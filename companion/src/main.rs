@@ -1,0 +1,235 @@
+//! The `companion` program: the chapter's steps from the command line.
+//! `--json` prints one JSON object on stdout; progress and logs go to stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use companion::tokenizer::{self, AutoTokenizer, TokenizerKind, TrainArgs};
+
+#[derive(Parser)]
+#[command(name = "companion", version, about = "The Rust companion to section 4.3 (Pretraining): tokenizers, GPT-2, training, generation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train, convert or inspect tokenizers (4.3.2).
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Benchmarks that print figures (never pass/fail on speed).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a byte-level BPE or SentencePiece-style unigram tokenizer and save it.
+    Train(TrainCmd),
+    /// Tokenize a text with a tokenizer folder or hub id.
+    Show(ShowCmd),
+    /// Convert a SentencePiece `.model` file into a tokenizer folder.
+    Convert(ConvertCmd),
+}
+
+#[derive(Args)]
+struct TrainCmd {
+    /// Corpus files: `.jsonl` (one `{"text": …}` per line) or plain text (one example per line).
+    #[arg(long, num_args = 1.., required = true)]
+    corpus: Vec<PathBuf>,
+    /// `bpe` (ByteLevelBPETokenizer) or `unigram` (SentencePiece).
+    #[arg(long, default_value = "bpe")]
+    model: String,
+    #[arg(long, default_value_t = 30000)]
+    vocab_size: usize,
+    /// BPE: merges need a pair seen at least this often.
+    #[arg(long, default_value_t = 2)]
+    min_frequency: u64,
+    /// Special tokens added after the learned vocabulary (bos, eos, pad).
+    #[arg(long, value_delimiter = ',', default_value = "<bos>,<eos>,<pad>")]
+    special_tokens: Vec<String>,
+    /// The JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Sets `model_max_length` in tokenizer_config.json.
+    #[arg(long)]
+    model_max_length: Option<usize>,
+    /// Output folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ShowCmd {
+    /// A tokenizer folder or a hub id such as `gpt2`.
+    #[arg(long)]
+    tokenizer: String,
+    #[arg(long)]
+    text: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ConvertCmd {
+    /// A SentencePiece `.model` file (`spm.SentencePieceTrainer.Train` writes one).
+    #[arg(long)]
+    spm_model: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Tokenizer training time and encoding throughput on a corpus.
+    Tokenizer(BenchTokenizerCmd),
+}
+
+#[derive(Args)]
+struct BenchTokenizerCmd {
+    #[arg(long, num_args = 1.., required = true)]
+    corpus: Vec<PathBuf>,
+    #[arg(long, default_value = "bpe")]
+    model: String,
+    #[arg(long, default_value_t = 30000)]
+    vocab_size: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Tokenizer(TokenizerCmd::Train(c)) => tokenizer_train(c),
+        Command::Tokenizer(TokenizerCmd::Show(c)) => tokenizer_show(c),
+        Command::Tokenizer(TokenizerCmd::Convert(c)) => {
+            let tok = tokenizer::from_sentencepiece_model(&c.spm_model)?;
+            tok.save_pretrained(&c.out)
+                .with_context(|| format!("saving the tokenizer to {}", c.out.display()))?;
+            eprintln!("saved {} pieces to {}", tok.len(), c.out.display());
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
+    }
+}
+
+fn train_args(model: &str, vocab_size: usize) -> Result<TrainArgs> {
+    Ok(TrainArgs {
+        kind: model.parse::<TokenizerKind>()?,
+        vocab_size,
+        show_progress: true,
+        ..TrainArgs::default()
+    })
+}
+
+fn tokenizer_train(c: TrainCmd) -> Result<()> {
+    let docs = companion::corpus::read_files(&c.corpus, &c.text_field)?;
+    let mut args = train_args(&c.model, c.vocab_size)?;
+    args.min_frequency = c.min_frequency;
+    args.special_tokens = c.special_tokens.clone();
+    let start = std::time::Instant::now();
+    let mut tok = tokenizer::train(&args, docs.iter())?;
+    let secs = start.elapsed().as_secs_f64();
+    tok.model_max_length = c.model_max_length;
+    tok.save_pretrained(&c.out)
+        .with_context(|| format!("saving the tokenizer to {}", c.out.display()))?;
+    let summary = json!({
+        "out": c.out.display().to_string(),
+        "model": tokenizer::model_name(&tok),
+        "vocab_size": tok.vocab_size(),
+        "len": tok.len(),
+        "bos_token_id": tok.bos_token_id(),
+        "eos_token_id": tok.eos_token_id(),
+        "pad_token_id": tok.pad_token_id(),
+        "documents": docs.len(),
+        "seconds": secs,
+    });
+    if c.json {
+        println!("{summary}");
+    } else {
+        eprintln!(
+            "trained a {} tokenizer ({} tokens incl. specials) on {} documents in {:.1} s, saved to {}",
+            tokenizer::model_name(&tok),
+            tok.len(),
+            docs.len(),
+            secs,
+            c.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn tokenizer_show(c: ShowCmd) -> Result<()> {
+    let tok = AutoTokenizer::from_pretrained(&c.tokenizer)
+        .with_context(|| format!("loading the tokenizer `{}`", c.tokenizer))?;
+    let tokens = tok.tokenize(&c.text)?;
+    let ids = tok.encode(&c.text)?;
+    if c.json {
+        println!(
+            "{}",
+            json!({
+                "tokens": tokens,
+                "ids": ids,
+                "num_tokens": ids.len(),
+                "num_chars": c.text.chars().count(),
+                "model": tokenizer::model_name(&tok),
+                "len": tok.len(),
+            })
+        );
+    } else {
+        println!("{tokens:?}");
+        println!("{ids:?}");
+    }
+    Ok(())
+}
+
+fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
+    let docs = companion::corpus::read_files(&c.corpus, "text")?;
+    let bytes: usize = docs.iter().map(String::len).sum();
+    let mut args = train_args(&c.model, c.vocab_size)?;
+    args.show_progress = false;
+    let t0 = std::time::Instant::now();
+    let tok = tokenizer::train(&args, docs.iter())?;
+    let train_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let (tokens, _) = tokenizer::count_tokens(&tok, &docs)?;
+    let encode_s = t1.elapsed().as_secs_f64();
+    let mb_s = bytes as f64 / 1e6 / encode_s;
+    let out = json!({
+        "implementation": "companion (Rust)",
+        "model": c.model,
+        "vocab_size": c.vocab_size,
+        "corpus_bytes": bytes,
+        "threads": rayon::current_num_threads(),
+        "train_seconds": train_s,
+        "encode_seconds": encode_s,
+        "encode_mb_per_s": mb_s,
+        "tokens": tokens,
+    });
+    if c.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{} {}: train {:.2} s, encode {:.2} MB/s ({} tokens, {} bytes, {} threads)",
+            "companion", c.model, train_s, mb_s, tokens, bytes, rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,780 @@
+//! `GPT2LMHeadModel` on candle, laid out like `modeling_gpt2.py` (and
+//! nanoGPT's `model.py`): config → attention → MLP → block → model.
+//!
+//! Parameter names are HF's (`transformer.h.0.attn.c_attn.weight`, …) and are
+//! the single source of truth for loading and saving. GPT-2's `Conv1D` stores
+//! its weight `[in, out]`, so `x @ W + b` with no transpose. `lm_head` shares
+//! `wte`'s weight (tied) and is not stored separately.
+//!
+//! Every op used here has a backward in candle 0.11 (layer norm and softmax
+//! are built from differentiable primitives, because candle's fused
+//! `LayerNorm` and `softmax_last_dim` silently have no gradient).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+use crate::config::GPT2Config;
+use crate::hub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
+    #[error("{file}: tensor `{name}` is missing from the checkpoint")]
+    MissingTensor { file: String, name: String },
+    #[error("{file}: tensor `{name}` has shape {found:?}, the config expects {expected:?}")]
+    WrongShape {
+        file: String,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{file}: {msg}")]
+    File { file: String, msg: String },
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// The activations `GPT2Config.activation_function` may name (HF's `ACT2FN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+    Relu,
+    Silu,
+    Tanh,
+    Sigmoid,
+    QuickGelu,
+    Linear,
+}
+
+impl Activation {
+    pub const NAMES: &'static [&'static str] = &[
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "gelu",
+        "relu",
+        "silu",
+        "swish",
+        "tanh",
+        "sigmoid",
+        "quick_gelu",
+        "linear",
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "gelu" => Self::Gelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            "tanh" => Self::Tanh,
+            "sigmoid" => Self::Sigmoid,
+            "quick_gelu" => Self::QuickGelu,
+            "linear" => Self::Linear,
+            _ => return None,
+        })
+    }
+
+    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluTanh => x.gelu(),
+            Self::Gelu => x.gelu_erf(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+            Self::Tanh => x.tanh(),
+            Self::Sigmoid => candle_nn::ops::sigmoid(x),
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Self::Linear => Ok(x.clone()),
+        }
+    }
+}
+
+/// Dropout with its own seeded generator, so that training is reproducible
+/// and resumable (candle's `ops::dropout` draws from an unseeded one).
+pub struct Dropout {
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl Dropout {
+    pub fn new(seed: u64) -> Self {
+        Dropout {
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+        }
+    }
+
+    pub fn reseed(&self, seed: u64) {
+        *self.rng.lock().expect("rng") = rand::rngs::StdRng::seed_from_u64(seed);
+    }
+
+    fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut rng = self.rng.lock().expect("rng");
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// `nn.LayerNorm` from differentiable primitives.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`.
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Keys and values of earlier positions, one entry per layer: `[B, H, T, D]`.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layer],
+        }
+    }
+
+    /// How many positions the cache holds.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep only the batch rows in `rows` (used when sequences finish).
+    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    n_head: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        model: &GPT2LMHeadModel,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let qkv = self.c_attn.forward(x)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(D::Minus1, i * c, c)?
+                .reshape((b, t, self.n_head, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let att = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        let att = att.broadcast_add(bias)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = model.dropout(&att, model.config.attn_pdrop)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let y = self.c_proj.forward(&y)?;
+        model.dropout(&y, model.config.resid_pdrop)
+    }
+}
+
+struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+    act: Activation,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, model: &GPT2LMHeadModel) -> candle_core::Result<Tensor> {
+        let h = self.act.forward(&self.c_fc.forward(x)?)?;
+        let h = self.c_proj.forward(&h)?;
+        model.dropout(&h, model.config.resid_pdrop)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// The output of a forward pass: logits `[B, T, V]` and, with labels, the loss.
+pub struct CausalLMOutput {
+    pub logits: Tensor,
+    pub loss: Option<Tensor>,
+}
+
+/// GPT-2 with its language-modelling head.
+pub struct GPT2LMHeadModel {
+    pub config: GPT2Config,
+    /// Every trainable parameter by its HF name.
+    pub varmap: VarMap,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    device: Device,
+    dtype: DType,
+    training: bool,
+    dropout: Dropout,
+}
+
+/// HF's parameter names and shapes for a config, in the order
+/// `model.named_parameters()` lists them.
+pub fn parameter_shapes(cfg: &GPT2Config) -> Vec<(String, Vec<usize>)> {
+    let (c, i) = (cfg.n_embd, cfg.inner_dim());
+    let mut v = vec![
+        ("transformer.wte.weight".to_string(), vec![cfg.vocab_size, c]),
+        ("transformer.wpe.weight".to_string(), vec![cfg.n_positions, c]),
+    ];
+    for l in 0..cfg.n_layer {
+        let p = |s: &str| format!("transformer.h.{l}.{s}");
+        v.extend([
+            (p("ln_1.weight"), vec![c]),
+            (p("ln_1.bias"), vec![c]),
+            (p("attn.c_attn.weight"), vec![c, 3 * c]),
+            (p("attn.c_attn.bias"), vec![3 * c]),
+            (p("attn.c_proj.weight"), vec![c, c]),
+            (p("attn.c_proj.bias"), vec![c]),
+            (p("ln_2.weight"), vec![c]),
+            (p("ln_2.bias"), vec![c]),
+            (p("mlp.c_fc.weight"), vec![c, i]),
+            (p("mlp.c_fc.bias"), vec![i]),
+            (p("mlp.c_proj.weight"), vec![i, c]),
+            (p("mlp.c_proj.bias"), vec![c]),
+        ]);
+    }
+    v.push(("transformer.ln_f.weight".into(), vec![c]));
+    v.push(("transformer.ln_f.bias".into(), vec![c]));
+    v
+}
+
+/// HF's `_init_weights` for GPT-2: normal(0, initializer_range) for
+/// embeddings and Conv1D weights, `c_proj` weights scaled by 1/sqrt(2·n_layer),
+/// zero biases, LayerNorm weight 1.
+fn init_value(cfg: &GPT2Config, name: &str, shape: &[usize], rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if name.contains(".ln_") || name.starts_with("transformer.ln_f") {
+        return vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n];
+    }
+    if name.ends_with("bias") {
+        return vec![0.0; n];
+    }
+    let mut std = cfg.initializer_range;
+    if name.ends_with("c_proj.weight") {
+        std /= (2.0 * cfg.n_layer as f64).sqrt();
+    }
+    let normal = Normal::new(0.0f32, std as f32).expect("std > 0");
+    (0..n).map(|_| normal.sample(rng)).collect()
+}
+
+impl GPT2LMHeadModel {
+    /// `GPT2LMHeadModel(config)`: a fresh model with HF's initialisation, seeded.
+    pub fn new(config: &GPT2Config, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(config) {
+            let data = init_value(config, &name, &shape, &mut rng);
+            tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        }
+        Self::from_tensors(config.clone(), tensors, DType::F32, device, "(new model)")
+    }
+
+    /// Build from named tensors, checking that every parameter is there with
+    /// the shape the config implies.
+    pub fn from_tensors(
+        config: GPT2Config,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        file: &str,
+    ) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap");
+            for (name, shape) in parameter_shapes(&config) {
+                let t = tensors.remove(&name).ok_or_else(|| ModelError::MissingTensor {
+                    file: file.into(),
+                    name: name.clone(),
+                })?;
+                if t.dims() != shape.as_slice() {
+                    return Err(ModelError::WrongShape {
+                        file: file.into(),
+                        name,
+                        found: t.dims().to_vec(),
+                        expected: shape,
+                    });
+                }
+                let t = t.to_device(device)?.to_dtype(dtype)?;
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        let get = |n: &str| -> Tensor {
+            varmap.data().lock().expect("varmap")[n].as_tensor().clone()
+        };
+        let ln = |p: &str| LayerNorm {
+            weight: get(&format!("{p}.weight")),
+            bias: get(&format!("{p}.bias")),
+            eps: config.layer_norm_epsilon,
+        };
+        let conv = |p: &str| Conv1D {
+            weight: get(&format!("{p}.weight")),
+            bias: get(&format!("{p}.bias")),
+        };
+        let act = Activation::parse(&config.activation_function).expect("validated");
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for l in 0..config.n_layer {
+            let p = format!("transformer.h.{l}");
+            let mut scale = 1.0;
+            if config.scale_attn_weights {
+                scale /= (config.head_dim() as f64).sqrt();
+            }
+            if config.scale_attn_by_inverse_layer_idx {
+                scale /= (l + 1) as f64;
+            }
+            blocks.push(Block {
+                ln_1: ln(&format!("{p}.ln_1")),
+                attn: Attention {
+                    c_attn: conv(&format!("{p}.attn.c_attn")),
+                    c_proj: conv(&format!("{p}.attn.c_proj")),
+                    n_head: config.n_head,
+                    head_dim: config.head_dim(),
+                    scale,
+                },
+                ln_2: ln(&format!("{p}.ln_2")),
+                mlp: Mlp {
+                    c_fc: conv(&format!("{p}.mlp.c_fc")),
+                    c_proj: conv(&format!("{p}.mlp.c_proj")),
+                    act,
+                },
+            });
+        }
+        Ok(GPT2LMHeadModel {
+            wte: get("transformer.wte.weight"),
+            wpe: get("transformer.wpe.weight"),
+            ln_f: ln("transformer.ln_f"),
+            blocks,
+            varmap,
+            config,
+            device: device.clone(),
+            dtype,
+            training: false,
+            dropout: Dropout::new(0),
+        })
+    }
+
+    /// `GPT2LMHeadModel.from_pretrained(id_or_dir)`: `config.json` and
+    /// `model.safetensors` (or a sharded `model.safetensors.index.json`),
+    /// from a folder, the HF cache or the hub. Original GPT-2 checkpoints
+    /// without the `transformer.` prefix and with `attn.bias` buffers load too.
+    pub fn from_pretrained(id_or_dir: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let config = GPT2Config::from_file(&hub::get_file(id_or_dir, "config.json")?)?;
+        let mut files = Vec::new();
+        if let Some(index) = hub::get_optional(id_or_dir, "model.safetensors.index.json") {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::File {
+                file: index.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::File {
+                file: index.display().to_string(),
+                msg: format!("not a safetensors index: {e}"),
+            })?;
+            let map = v["weight_map"].as_object().ok_or_else(|| ModelError::File {
+                file: index.display().to_string(),
+                msg: "no `weight_map` object".into(),
+            })?;
+            let mut shards: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                files.push(hub::get_file(id_or_dir, s)?);
+            }
+        } else {
+            files.push(hub::get_file(id_or_dir, "model.safetensors")?);
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::File {
+                file: f.display().to_string(),
+                msg: format!("not a valid safetensors file: {e}"),
+            })?;
+            for (name, t) in loaded {
+                if name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight" {
+                    continue; // causal-mask buffers and the tied head
+                }
+                let name = if name.starts_with("transformer.") {
+                    name
+                } else {
+                    format!("transformer.{name}")
+                };
+                tensors.insert(name, t.to_dtype(DType::F32)?);
+            }
+        }
+        let label = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self::from_tensors(config, tensors, dtype, device, &label)
+    }
+
+    /// The parameters by HF name, in `named_parameters()` order.
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap");
+        parameter_shapes(&self.config)
+            .into_iter()
+            .map(|(n, _)| {
+                let v = data[&n].clone();
+                (n, v)
+            })
+            .collect()
+    }
+
+    /// `model.num_parameters()`.
+    pub fn num_parameters(&self) -> usize {
+        self.named_parameters().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The tensors `save_pretrained` writes, as f32 safetensors bytes.
+    pub fn state_dict_bytes(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (n, v) in self.named_parameters() {
+            tensors.push((n, v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+        }
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+            .map_err(|e| ModelError::File {
+                file: "model.safetensors".into(),
+                msg: e.to_string(),
+            })
+    }
+
+    /// `model.save_pretrained(dir)`: `config.json` and `model.safetensors` in
+    /// HF's layout (tied `lm_head` not stored), both written atomically.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let bytes = self.state_dict_bytes()?;
+        let mut config = self.config.clone();
+        config.architectures = Some(vec!["GPT2LMHeadModel".into()]);
+        let io = |e: std::io::Error| ModelError::File {
+            file: dir.display().to_string(),
+            msg: e.to_string(),
+        };
+        crate::io::write_files_atomically(
+            dir,
+            &[
+                ("model.safetensors", bytes.as_slice()),
+                ("config.json", config.to_json_string().as_bytes()),
+            ],
+        )
+        .map_err(io)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `model.train()` / `model.eval()`: dropout only in training.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Reseed the dropout generator (the Trainer does this per step).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.dropout.reseed(seed);
+    }
+
+    fn dropout(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+        if self.training {
+            self.dropout.apply(x, p)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// Forward pass: `input_ids` `[B, T]` (u32). `attention_mask` `[B, T+past]`
+    /// (1 = token, 0 = padding) masks padded keys; positions then count only
+    /// real tokens, as `generate` computes them for left-padded batches.
+    /// With a cache, `input_ids` are the new tokens only.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let total = past + t;
+        if total > self.config.n_positions {
+            return Err(ModelError::Input(format!(
+                "sequence of {total} tokens is longer than n_positions = {} (the model's position table)",
+                self.config.n_positions
+            )));
+        }
+        if let Some(m) = attention_mask {
+            if m.len() != b || m.iter().any(|r| r.len() != total) {
+                return Err(ModelError::Input(format!(
+                    "attention_mask must be {b} rows of {total} (past + new tokens)"
+                )));
+            }
+        }
+        // Positions: arange, or the running count of real tokens.
+        let mut pos = Vec::with_capacity(b * t);
+        for row in 0..b {
+            for j in past..total {
+                let p = match attention_mask {
+                    Some(m) => {
+                        let seen: u32 = m[row][..=j].iter().sum();
+                        if m[row][j] == 0 {
+                            1
+                        } else {
+                            seen.saturating_sub(1)
+                        }
+                    }
+                    None => j as u32,
+                };
+                pos.push(p);
+            }
+        }
+        let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
+        // Additive attention bias [B or 1, 1, T, total]: causal plus padding.
+        const MASKED: f32 = -1e9;
+        let rows = if attention_mask.is_some() { b } else { 1 };
+        let mut bias = vec![0f32; rows * t * total];
+        for r in 0..rows {
+            for i in 0..t {
+                for j in 0..total {
+                    let causal = j > past + i;
+                    let pad = attention_mask.map(|m| m[r][j] == 0).unwrap_or(false);
+                    if causal || pad {
+                        bias[(r * t + i) * total + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(bias, (rows, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+        let ids = input_ids.flatten_all()?;
+        let tok = self.wte.index_select(&ids, 0)?;
+        let posv = self.wpe.index_select(&pos, 0)?;
+        let mut x = (tok + posv)?.reshape((b, t, self.config.n_embd))?;
+        x = self.dropout(&x, self.config.embd_pdrop)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| {
+                if c.layers.len() < self.blocks.len() {
+                    c.layers.resize(self.blocks.len(), None);
+                }
+                &mut c.layers[l]
+            });
+            let h = block.attn.forward(&block.ln_1.forward(&x)?, &bias, slot, self)?;
+            x = (x + h)?;
+            let h = block.mlp.forward(&block.ln_2.forward(&x)?, self)?;
+            x = (x + h)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        let logits = x.broadcast_matmul(&self.wte.t()?)?;
+        Ok(logits)
+    }
+
+    /// Forward with labels: the loss is HF's shifted cross-entropy, ignoring
+    /// label -100, averaged over the counted tokens.
+    pub fn forward_with_labels(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        labels: &Tensor,
+    ) -> Result<CausalLMOutput> {
+        let logits = self.forward(input_ids, attention_mask, None)?;
+        let (sum, count) = causal_lm_loss_sum(&logits, labels)?;
+        let loss = (sum / count.max(1) as f64)?;
+        Ok(CausalLMOutput {
+            logits,
+            loss: Some(loss),
+        })
+    }
+}
+
+/// The label HF's loss ignores.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Shifted cross-entropy summed over the tokens whose label is not -100,
+/// and their count: logits `[B, T, V]` predict labels `[B, T]` (i64) one
+/// position later. The Trainer divides by the count of the whole
+/// accumulated batch, as transformers ≥ 4.46 does.
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    let (b, t, v) = logits.dims3()?;
+    if labels.dims() != [b, t] {
+        return Err(ModelError::Input(format!(
+            "labels have shape {:?}, expected [{b}, {t}]",
+            labels.dims()
+        )));
+    }
+    if t < 2 {
+        let zero = Tensor::zeros((), logits.dtype(), logits.device())?;
+        return Ok((zero, 0));
+    }
+    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let lab: Vec<i64> = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
+    let mut idx = Vec::with_capacity(lab.len());
+    let mut keep = Vec::with_capacity(lab.len());
+    let mut count = 0usize;
+    for &l in &lab {
+        if l == IGNORE_INDEX {
+            idx.push(0u32);
+            keep.push(0f32);
+        } else {
+            if l < 0 || l as usize >= v {
+                return Err(ModelError::Input(format!(
+                    "label {l} is outside the vocabulary (0..{v}) and is not -100"
+                )));
+            }
+            idx.push(l as u32);
+            keep.push(1f32);
+            count += 1;
+        }
+    }
+    let n = idx.len();
+    let dev = logits.device();
+    let idx = Tensor::from_vec(idx, (n, 1), dev)?;
+    let keep = Tensor::from_vec(keep, (n,), dev)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let sum = (picked * keep)?.sum_all()?.neg()?;
+    Ok((sum, count))
+}
+
+/// A seeded RNG for callers that need one (generation, data shuffling).
+pub fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> GPT2Config {
+        GPT2Config {
+            n_embd: 16,
+            n_head: 2,
+            n_layer: 2,
+            n_positions: 32,
+            vocab_size: 50,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        let mut m = GPT2LMHeadModel::new(&tiny(), 0, &Device::Cpu).unwrap();
+        m.set_training(true);
+        let ids = Tensor::new(&[[1u32, 5, 7, 9, 2], [3, 4, 5, 6, 7]], &Device::Cpu).unwrap();
+        let labels = ids.to_dtype(DType::I64).unwrap();
+        let out = m.forward_with_labels(&ids, None, &labels).unwrap();
+        let grads = out.loss.unwrap().backward().unwrap();
+        for (name, var) in m.named_parameters() {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(norm > 0.0, "zero gradient for {name}");
+        }
+    }
+
+    #[test]
+    fn kv_cache_matches_full_forward() {
+        let m = GPT2LMHeadModel::new(&tiny(), 1, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[1u32, 5, 7, 9, 2, 8]], &Device::Cpu).unwrap();
+        let full = m.forward(&ids, None, None).unwrap();
+        let mut cache = KvCache::new(2);
+        let a = m.forward(&ids.narrow(1, 0, 4).unwrap(), None, Some(&mut cache)).unwrap();
+        let b = m.forward(&ids.narrow(1, 4, 2).unwrap(), None, Some(&mut cache)).unwrap();
+        let inc = Tensor::cat(&[a, b], 1).unwrap();
+        let diff: f32 = (full - inc).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn too_long_is_an_error() {
+        let m = GPT2LMHeadModel::new(&tiny(), 0, &Device::Cpu).unwrap();
+        let ids = Tensor::zeros((1, 33), DType::U32, &Device::Cpu).unwrap();
+        let e = m.forward(&ids, None, None).err().unwrap().to_string();
+        assert!(e.contains("n_positions"), "{e}");
+    }
+}

@@ -1,0 +1,733 @@
+//! Tokenizers as in 4.3.2: load GPT-2's from the hub, train our own
+//! (byte-level BPE or SentencePiece-style unigram), tokenize, save.
+//!
+//! The heavy lifting is Hugging Face's own `tokenizers` crate, the same Rust
+//! code that Python `tokenizers` wraps, so that a tokenizer trained or loaded
+//! here gives the same tokens as in Python. This module adds what
+//! `transformers`' `PreTrainedTokenizerFast` adds on top: special-token roles
+//! (bos/eos/pad/unk), padding, `tokenizer_config.json`, and `save_pretrained`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::{Precompiled, Replace, Sequence, Strip, NFKC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::{
+    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, Tokenizer, TokenizerImpl,
+};
+
+use crate::hub;
+
+/// The concrete `tokenizers` pipeline type behind `Tokenizer`.
+type Pipeline =
+    TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+
+/// GPT-2's one special token: bos, eos and unk of the `gpt2` tokenizer.
+pub const GPT2_ENDOFTEXT: &str = "<|endoftext|>";
+/// SentencePiece's marker for a preceding space.
+pub const METASPACE: char = '▁';
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
+    #[error("{path}: not a valid tokenizer file: {msg}")]
+    Corrupt { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    Io { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tokenizers: {0}")]
+    Tokenizers(String),
+}
+
+type Result<T> = std::result::Result<T, TokenizerError>;
+
+fn tk<E: std::fmt::Display>(e: E) -> TokenizerError {
+    TokenizerError::Tokenizers(e.to_string())
+}
+
+/// Which side padding goes on (`tokenizer.padding_side`); GPT-2's is right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaddingSide {
+    Left,
+    Right,
+}
+
+/// The output of `tokenizer(texts, padding=True)`: ids and attention masks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BatchEncoding {
+    pub input_ids: Vec<Vec<u32>>,
+    pub attention_mask: Vec<Vec<u32>>,
+}
+
+/// A tokenizer with its special-token roles, as `AutoTokenizer` gives one.
+#[derive(Clone)]
+pub struct AutoTokenizer {
+    tokenizer: Tokenizer,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    pad_token: Option<String>,
+    unk_token: Option<String>,
+    /// `model_max_length` from `tokenizer_config.json`, when set.
+    pub model_max_length: Option<usize>,
+    pub padding_side: PaddingSide,
+    /// Every other field of `tokenizer_config.json`, kept for `save_pretrained`.
+    extra_config: Map<String, Value>,
+}
+
+impl std::fmt::Debug for AutoTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AutoTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("len", &self.len())
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("pad_token", &self.pad_token)
+            .field("unk_token", &self.unk_token)
+            .field("model_max_length", &self.model_max_length)
+            .field("padding_side", &self.padding_side)
+            .finish()
+    }
+}
+
+/// A special token in `tokenizer_config.json`/`special_tokens_map.json` is a
+/// string or an object with `content`.
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| TokenizerError::Io {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| TokenizerError::Corrupt {
+        path: path.into(),
+        msg: e.to_string(),
+    })
+}
+
+impl AutoTokenizer {
+    /// `AutoTokenizer.from_pretrained(id_or_dir)`: `tokenizer.json` plus the
+    /// roles in `tokenizer_config.json` / `special_tokens_map.json`.
+    pub fn from_pretrained(id_or_dir: &str) -> Result<Self> {
+        let file = hub::get_file(id_or_dir, "tokenizer.json")?;
+        let mut tok = Self::from_file(&file)?;
+        let mut config = Map::new();
+        if let Some(p) = hub::get_optional(id_or_dir, "special_tokens_map.json") {
+            if let Value::Object(o) = read_json(&p)? {
+                config.extend(o);
+            }
+        }
+        if let Some(p) = hub::get_optional(id_or_dir, "tokenizer_config.json") {
+            match read_json(&p)? {
+                Value::Object(o) => config.extend(o),
+                _ => {
+                    return Err(TokenizerError::Corrupt {
+                        path: p,
+                        msg: "expected a JSON object".into(),
+                    })
+                }
+            }
+        }
+        tok.apply_config(config);
+        Ok(tok)
+    }
+
+    /// Load a bare `tokenizer.json` (`Tokenizer.from_file`). GPT-2's
+    /// `<|endoftext|>`, when present, becomes bos/eos/unk as in
+    /// `GPT2TokenizerFast`'s defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TokenizerError::Io {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        let tokenizer: Tokenizer = text.parse().map_err(|e| TokenizerError::Corrupt {
+            path: path.into(),
+            msg: format!("{e}"),
+        })?;
+        Ok(Self::from_tokenizer(tokenizer))
+    }
+
+    /// Wrap a `tokenizers::Tokenizer` (`PreTrainedTokenizerFast(tokenizer_object=…)`).
+    pub fn from_tokenizer(tokenizer: Tokenizer) -> Self {
+        let has_eot = tokenizer.token_to_id(GPT2_ENDOFTEXT).is_some();
+        let eot = has_eot.then(|| GPT2_ENDOFTEXT.to_string());
+        AutoTokenizer {
+            tokenizer,
+            bos_token: eot.clone(),
+            eos_token: eot.clone(),
+            unk_token: eot,
+            pad_token: None,
+            model_max_length: None,
+            padding_side: PaddingSide::Right,
+            extra_config: Map::new(),
+        }
+    }
+
+    fn apply_config(&mut self, mut config: Map<String, Value>) {
+        for (key, slot) in [
+            ("bos_token", &mut self.bos_token),
+            ("eos_token", &mut self.eos_token),
+            ("pad_token", &mut self.pad_token),
+            ("unk_token", &mut self.unk_token),
+        ] {
+            if let Some(v) = config.remove(key) {
+                *slot = token_str(Some(&v));
+            }
+        }
+        if let Some(n) = config.remove("model_max_length") {
+            // transformers writes 1e30 ("no limit") as a huge number.
+            self.model_max_length = n.as_u64().map(|n| n as usize);
+        }
+        if let Some(side) = config.remove("padding_side") {
+            if side.as_str() == Some("left") {
+                self.padding_side = PaddingSide::Left;
+            }
+        }
+        // Written anew by save_pretrained from the tokenizer itself.
+        config.remove("added_tokens_decoder");
+        self.extra_config = config;
+    }
+
+    /// The wrapped `tokenizers::Tokenizer` (`tokenizer.backend_tokenizer`).
+    pub fn backend(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// `len(tokenizer)`: the vocabulary including added tokens.
+    pub fn len(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Never true for a loaded tokenizer; here for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `tokenizer.vocab_size`: the base vocabulary without added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(false)
+    }
+
+    /// `tokenizer.tokenize(text)`: token strings, no special tokens added.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<String>> {
+        let enc = self.tokenizer.encode(text, false).map_err(tk)?;
+        Ok(enc.get_tokens().to_vec())
+    }
+
+    /// `tokenizer(text)["input_ids"]`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, true).map_err(tk)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids with byte offsets into `text`, as `return_offsets_mapping=True` gives.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.tokenizer.encode(text, true).map_err(tk)?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// `tokenizer(texts, padding=…, truncation=True, max_length=…)` on all cores.
+    /// `padding` pads to the longest sequence on `padding_side` with the pad token.
+    pub fn encode_batch(
+        &self,
+        texts: &[&str],
+        padding: bool,
+        max_length: Option<usize>,
+    ) -> Result<BatchEncoding> {
+        let encs = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(tk)?;
+        let mut input_ids: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
+        if let Some(m) = max_length {
+            input_ids.iter_mut().for_each(|ids| ids.truncate(m));
+        }
+        let mut attention_mask: Vec<Vec<u32>> =
+            input_ids.iter().map(|ids| vec![1; ids.len()]).collect();
+        if padding {
+            let pad = self.pad_token_id().ok_or_else(|| {
+                TokenizerError::Invalid(
+                    "asked for padding but the tokenizer has no pad token; set one \
+                     (GPT-2 users set pad_token = eos_token)"
+                        .into(),
+                )
+            })?;
+            let longest = input_ids.iter().map(Vec::len).max().unwrap_or(0);
+            for (ids, mask) in input_ids.iter_mut().zip(attention_mask.iter_mut()) {
+                let n = longest - ids.len();
+                match self.padding_side {
+                    PaddingSide::Right => {
+                        ids.extend(std::iter::repeat_n(pad, n));
+                        mask.extend(std::iter::repeat_n(0, n));
+                    }
+                    PaddingSide::Left => {
+                        ids.splice(0..0, std::iter::repeat_n(pad, n));
+                        mask.splice(0..0, std::iter::repeat_n(0, n));
+                    }
+                }
+            }
+        }
+        Ok(BatchEncoding {
+            input_ids,
+            attention_mask,
+        })
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=…)`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(tk)
+    }
+
+    /// `tokenizer.batch_decode(...)`.
+    pub fn batch_decode(&self, ids: &[Vec<u32>], skip_special_tokens: bool) -> Result<Vec<String>> {
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        self.tokenizer
+            .decode_batch(&refs, skip_special_tokens)
+            .map_err(tk)
+    }
+
+    /// `tokenizer.convert_tokens_to_ids(token)`.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// `tokenizer.convert_ids_to_tokens(id)`.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+    pub fn pad_token(&self) -> Option<&str> {
+        self.pad_token.as_deref()
+    }
+    pub fn unk_token(&self) -> Option<&str> {
+        self.unk_token.as_deref()
+    }
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+    pub fn unk_token_id(&self) -> Option<u32> {
+        self.unk_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// Set a special-token role (`tokenizer.pad_token = tokenizer.eos_token`).
+    /// A token not yet in the vocabulary is added as a special token.
+    pub fn set_special_token(&mut self, role: SpecialRole, token: &str) -> Result<()> {
+        if self.token_to_id(token).is_none() {
+            self.tokenizer
+                .add_special_tokens([AddedToken::from(token, true)])
+                .map_err(tk)?;
+        }
+        let slot = match role {
+            SpecialRole::Bos => &mut self.bos_token,
+            SpecialRole::Eos => &mut self.eos_token,
+            SpecialRole::Pad => &mut self.pad_token,
+            SpecialRole::Unk => &mut self.unk_token,
+        };
+        *slot = Some(token.to_string());
+        Ok(())
+    }
+
+    /// The `tokenizer_config.json` that `save_pretrained` writes.
+    pub fn tokenizer_config(&self) -> Value {
+        let mut decoder = BTreeMap::new();
+        for (id, t) in self.tokenizer.get_added_tokens_decoder() {
+            decoder.insert(
+                id,
+                json!({
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "normalized": t.normalized,
+                    "rstrip": t.rstrip,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }),
+            );
+        }
+        let mut out = Map::new();
+        out.insert(
+            "added_tokens_decoder".into(),
+            Value::Object(
+                decoder
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            ),
+        );
+        for (k, v) in &self.extra_config {
+            out.insert(k.clone(), v.clone());
+        }
+        for (key, v) in self.roles() {
+            out.insert(key.into(), json!(v));
+        }
+        if let Some(m) = self.model_max_length {
+            out.insert("model_max_length".into(), json!(m));
+        }
+        out.insert(
+            "padding_side".into(),
+            json!(match self.padding_side {
+                PaddingSide::Left => "left",
+                PaddingSide::Right => "right",
+            }),
+        );
+        out.entry("clean_up_tokenization_spaces")
+            .or_insert(json!(false));
+        out.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+        Value::Object(out.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect())
+    }
+
+    fn roles(&self) -> Vec<(&'static str, String)> {
+        [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("pad_token", &self.pad_token),
+            ("unk_token", &self.unk_token),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+
+    /// `tokenizer.save_pretrained(dir)`: `tokenizer.json`,
+    /// `tokenizer_config.json` and `special_tokens_map.json`. The files are
+    /// written into a temporary folder beside `dir` and moved in only when all
+    /// are complete, so a failure never leaves a half-written tokenizer.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path, e: std::io::Error| TokenizerError::Io {
+            path: path.into(),
+            msg: e.to_string(),
+        };
+        let json_text = self.tokenizer.to_string(true).map_err(tk)?;
+        let config = serde_json::to_string_pretty(&self.tokenizer_config()).expect("json");
+        let map: Map<String, Value> = self
+            .roles()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    json!({"content": v, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false}),
+                )
+            })
+            .collect();
+        let map = serde_json::to_string_pretty(&Value::Object(map)).expect("json");
+        crate::io::write_files_atomically(
+            dir,
+            &[
+                ("tokenizer.json", json_text.as_bytes()),
+                ("tokenizer_config.json", config.as_bytes()),
+                ("special_tokens_map.json", map.as_bytes()),
+            ],
+        )
+        .map_err(|e| io(dir, e))
+    }
+}
+
+/// A special-token role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialRole {
+    Bos,
+    Eos,
+    Pad,
+    Unk,
+}
+
+/// Which model to train: `ByteLevelBPETokenizer` or SentencePiece's unigram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    Bpe,
+    Unigram,
+}
+
+impl std::str::FromStr for TokenizerKind {
+    type Err = TokenizerError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bpe" | "byte-level-bpe" => Ok(Self::Bpe),
+            "unigram" | "sentencepiece" => Ok(Self::Unigram),
+            _ => Err(TokenizerError::Invalid(format!(
+                "unknown tokenizer model `{s}`: expected `bpe` or `unigram`"
+            ))),
+        }
+    }
+}
+
+/// Settings for [`train`]; the defaults are the chapter's.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    pub kind: TokenizerKind,
+    /// Size of the learned vocabulary (the chapter: 30000).
+    pub vocab_size: usize,
+    /// `min_frequency` of `train_from_iterator` (BPE only; default 2).
+    pub min_frequency: u64,
+    /// Added after training, so their ids follow the learned vocabulary:
+    /// bos, eos, pad in that order.
+    pub special_tokens: Vec<String>,
+    pub show_progress: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            kind: TokenizerKind::Bpe,
+            vocab_size: 30000,
+            min_frequency: 2,
+            special_tokens: vec!["<bos>".into(), "<eos>".into(), "<pad>".into()],
+            show_progress: false,
+        }
+    }
+}
+
+/// `ByteLevelBPETokenizer()`: no normalizer, byte-level pre-tokenizer without
+/// a prefix space, byte-level decoder and post-processor.
+pub fn byte_level_bpe() -> Tokenizer {
+    let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::BPE(BPE::default()));
+    t.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))));
+    t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    t.with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(
+        false, false, true,
+    ))));
+    Tokenizer::from(t)
+}
+
+/// `SentencePieceUnigramTokenizer()`: SentencePiece's normalisation (NFKC,
+/// runs of spaces folded), `▁` for spaces with one prepended, unigram model.
+pub fn sentencepiece_unigram() -> Tokenizer {
+    let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::Unigram(Unigram::default()));
+    let folds = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()),
+        " ",
+    )
+    .expect("valid regex");
+    t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(vec![
+        NormalizerWrapper::Nmt(tokenizers::normalizers::Nmt),
+        NormalizerWrapper::NFKC(NFKC),
+        NormalizerWrapper::Replace(folds),
+    ]))))
+    .expect("normalizer");
+    let meta = Metaspace::new(METASPACE, PrependScheme::Always, true);
+    t.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(meta.clone())));
+    t.with_decoder(Some(DecoderWrapper::Metaspace(meta)));
+    Tokenizer::from(t)
+}
+
+/// Train a tokenizer on `texts` (one document each, as
+/// `train_from_iterator(dataset["text"])`), on all cores.
+pub fn train<I, S>(args: &TrainArgs, texts: I) -> Result<AutoTokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    let n_special = args.special_tokens.len();
+    let mut tokenizer = match args.kind {
+        TokenizerKind::Bpe => {
+            let alphabet = ByteLevel::alphabet();
+            if args.vocab_size <= alphabet.len() {
+                return Err(TokenizerError::Invalid(format!(
+                    "vocab_size {} is too small: byte-level BPE needs more than its {}-symbol \
+                     byte alphabet (the {} special tokens are added on top)",
+                    args.vocab_size,
+                    alphabet.len(),
+                    n_special
+                )));
+            }
+            let trainer = BpeTrainerBuilder::new()
+                .vocab_size(args.vocab_size)
+                .min_frequency(args.min_frequency)
+                .show_progress(args.show_progress)
+                .initial_alphabet(alphabet.into_iter().collect::<HashSet<char>>())
+                .build();
+            let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+            let mut t = byte_level_bpe();
+            t.train(&mut trainer, texts).map_err(tk)?;
+            t
+        }
+        TokenizerKind::Unigram => {
+            if args.vocab_size < 2 {
+                return Err(TokenizerError::Invalid(format!(
+                    "vocab_size {} is too small for a unigram model (it needs <unk> and pieces)",
+                    args.vocab_size
+                )));
+            }
+            let trainer = UnigramTrainerBuilder::default()
+                .vocab_size(args.vocab_size as u32)
+                .show_progress(args.show_progress)
+                .special_tokens(vec![AddedToken::from("<unk>", true)])
+                .unk_token(Some("<unk>".into()))
+                .build()
+                .map_err(tk)?;
+            let mut trainer = TrainerWrapper::UnigramTrainer(trainer);
+            let mut t = sentencepiece_unigram();
+            t.train(&mut trainer, texts).map_err(tk)?;
+            t
+        }
+    };
+    let learned = tokenizer.get_vocab_size(false);
+    if learned == 0 || (args.kind == TokenizerKind::Unigram && learned <= 1) {
+        return Err(TokenizerError::Invalid(
+            "the corpus holds no text to train on".into(),
+        ));
+    }
+    if args.kind == TokenizerKind::Unigram && learned < args.vocab_size / 2 {
+        // The unigram trainer silently stops short when the corpus has too few
+        // distinct pieces; say so rather than hand back a tiny vocabulary.
+        eprintln!(
+            "warning: the corpus only supports {learned} unigram pieces (asked for {})",
+            args.vocab_size
+        );
+    }
+    let specials: Vec<AddedToken> = args
+        .special_tokens
+        .iter()
+        .map(|s| AddedToken::from(s.as_str(), true))
+        .collect();
+    tokenizer.add_special_tokens(specials).map_err(tk)?;
+    let mut out = AutoTokenizer::from_tokenizer(tokenizer);
+    if args.kind == TokenizerKind::Unigram {
+        out.unk_token = Some("<unk>".into());
+    }
+    // bos, eos, pad in the order given (the chapter's three).
+    for (role, tok) in [SpecialRole::Bos, SpecialRole::Eos, SpecialRole::Pad]
+        .into_iter()
+        .zip(&args.special_tokens)
+    {
+        out.set_special_token(role, tok)?;
+    }
+    Ok(out)
+}
+
+/// Load a SentencePiece `.model` file (what `spm.SentencePieceTrainer.Train`
+/// writes) and convert it as `transformers`' `SpmConverter` does.
+pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
+    let bytes = std::fs::read(path).map_err(|e| TokenizerError::Io {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    let corrupt = |msg: String| TokenizerError::Corrupt {
+        path: path.into(),
+        msg,
+    };
+    let proto = crate::sentencepiece::ModelProto::decode_bytes(&bytes)
+        .map_err(|e| corrupt(format!("not a SentencePiece model: {e}")))?;
+    if proto.pieces.is_empty() {
+        return Err(corrupt("the model has no pieces".into()));
+    }
+    let trainer = proto.trainer_spec.clone().unwrap_or_default();
+    let model_type = trainer.model_type.unwrap_or(1);
+    if model_type != 1 {
+        return Err(corrupt(format!(
+            "model_type {model_type} is not supported: only unigram (1) models convert"
+        )));
+    }
+    let vocab: Vec<(String, f64)> = proto
+        .pieces
+        .iter()
+        .map(|p| (p.piece.clone().unwrap_or_default(), p.score.unwrap_or(0.0) as f64))
+        .collect();
+    let unk_id = trainer.unk_id.unwrap_or(0).max(0) as usize;
+    let byte_fallback = trainer.byte_fallback.unwrap_or(false);
+    let model = Unigram::from(vocab, Some(unk_id), byte_fallback).map_err(|e| corrupt(e.to_string()))?;
+    let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::Unigram(model));
+    let norm = proto.normalizer_spec.clone().unwrap_or_default();
+    let mut normalizers = Vec::new();
+    let charsmap = norm.precompiled_charsmap.clone().unwrap_or_default();
+    if !charsmap.is_empty() {
+        let pre = Precompiled::from(&charsmap).map_err(|e| corrupt(format!("precompiled_charsmap: {e}")))?;
+        normalizers.push(NormalizerWrapper::Precompiled(pre));
+    }
+    if norm.remove_extra_whitespaces.unwrap_or(true) {
+        normalizers.push(NormalizerWrapper::StripNormalizer(Strip::new(false, true)));
+        normalizers.push(NormalizerWrapper::Replace(
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()),
+                "▁",
+            )
+            .expect("valid regex"),
+        ));
+    }
+    t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(normalizers))))
+        .map_err(tk)?;
+    let scheme = if norm.add_dummy_prefix.unwrap_or(true) {
+        PrependScheme::Always
+    } else {
+        PrependScheme::Never
+    };
+    let meta = Metaspace::new(METASPACE, scheme, true);
+    t.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(meta.clone())));
+    t.with_decoder(Some(DecoderWrapper::Metaspace(meta)));
+    // Control and user-defined pieces are special tokens in transformers.
+    let specials: Vec<AddedToken> = proto
+        .pieces
+        .iter()
+        .filter(|p| matches!(p.r#type, Some(2) | Some(3)))
+        .map(|p| AddedToken::from(p.piece.clone().unwrap_or_default(), true))
+        .collect();
+    t.add_special_tokens(specials).map_err(tk)?;
+    let mut out = AutoTokenizer::from_tokenizer(Tokenizer::from(t));
+    let piece = |id: Option<i32>| -> Option<String> {
+        let id = id?;
+        (id >= 0)
+            .then(|| proto.pieces.get(id as usize))
+            .flatten()
+            .and_then(|p| p.piece.clone())
+    };
+    out.unk_token = piece(Some(trainer.unk_id.unwrap_or(0)));
+    out.bos_token = piece(Some(trainer.bos_id.unwrap_or(1)));
+    out.eos_token = piece(Some(trainer.eos_id.unwrap_or(2)));
+    out.pad_token = piece(Some(trainer.pad_id.unwrap_or(-1)));
+    Ok(out)
+}
+
+/// The token count of a model's tokenizer over `texts`, and the characters in
+/// them: tokens per character is how the chapter compares tokenizers.
+pub fn count_tokens<S: AsRef<str> + Sync>(tok: &AutoTokenizer, texts: &[S]) -> Result<(usize, usize)> {
+    use rayon::prelude::*;
+    texts
+        .par_iter()
+        .map(|t| {
+            let n = tok.tokenizer.encode(t.as_ref(), false).map_err(tk)?.len();
+            Ok((n, t.as_ref().chars().count()))
+        })
+        .try_reduce(|| (0, 0), |a, b| Ok((a.0 + b.0, a.1 + b.1)))
+}
+
+/// The model behind a tokenizer, for display: `BPE` or `Unigram`.
+pub fn model_name(tok: &AutoTokenizer) -> &'static str {
+    match tok.tokenizer.get_model() {
+        ModelWrapper::BPE(_) => "BPE",
+        ModelWrapper::Unigram(_) => "Unigram",
+        ModelWrapper::WordPiece(_) => "WordPiece",
+        ModelWrapper::WordLevel(_) => "WordLevel",
+    }
+}
+
+/// Used by `Model` imports above (keeps the trait in scope for `get_vocab_size`).
+#[allow(dead_code)]
+fn _model_trait<M: Model>(_m: &M) {}

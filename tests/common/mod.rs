@@ -1,0 +1,84 @@
+//! Shared helpers of the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root (this package's folder).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn data(p: &str) -> PathBuf {
+    root().join("data").join(p)
+}
+
+pub fn fixture(p: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(p)
+}
+
+pub fn read_json(p: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The `companion` program that `cargo test --workspace --all-targets` built
+/// beside this test binary.
+pub fn companion_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join(format!("companion{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace --all-targets`",
+        bin.display()
+    );
+    bin
+}
+
+/// Run `companion ARGS` with extra environment variables.
+pub fn companion(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(companion_bin());
+    cmd.args(args).current_dir(root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run companion")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The Python that has transformers/tokenizers/torch (scripts/test installs them).
+pub fn python() -> String {
+    std::env::var("COMPANION_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Run a Python script of tests/python and parse the JSON it prints.
+pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(root().join("tests").join("python").join(script))
+        .args(args)
+        .current_dir(root())
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .expect("python3 must be installed (scripts/test installs its packages)");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{script} printed no JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+/// Documents of a JSONL corpus file.
+pub fn docs(p: &Path) -> Vec<String> {
+    companion::corpus::read_file(p, "text").expect("corpus")
+}
