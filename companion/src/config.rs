@@ -221,7 +221,7 @@ impl GPT2Config {
     /// Checks that the model can be built from this config.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd ({}) must be divisible by n_head ({})",
                 self.n_embd, self.n_head
@@ -284,7 +284,8 @@ impl GPT2Config {
     /// `config.save_pretrained(dir)` (atomic).
     pub fn save_pretrained(&self, dir: &Path) -> std::io::Result<()> {
         let mut c = self.clone();
-        c.architectures.get_or_insert_with(|| vec!["GPT2LMHeadModel".into()]);
+        c.architectures
+            .get_or_insert_with(|| vec!["GPT2LMHeadModel".into()]);
         crate::io::write_files_atomically(dir, &[("config.json", c.to_json_string().as_bytes())])
     }
 }
@@ -302,7 +303,10 @@ mod tests {
 
     #[test]
     fn gpt2_has_124m_parameters() {
-        assert_eq!(GPT2Config::preset("gpt2").unwrap().num_parameters(), 124_439_808);
+        assert_eq!(
+            GPT2Config::preset("gpt2").unwrap().num_parameters(),
+            124_439_808
+        );
     }
 
     #[test]
@@ -313,7 +317,10 @@ mod tests {
             ..Default::default()
         };
         let c = GPT2Config::from_pretrained_with("gpt2", &o).unwrap();
-        assert_eq!((c.n_ctx, c.n_positions, c.vocab_size), (Some(512), 1024, 30003));
+        assert_eq!(
+            (c.n_ctx, c.n_positions, c.vocab_size),
+            (Some(512), 1024, 30003)
+        );
     }
 
     #[test]

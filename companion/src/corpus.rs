@@ -9,9 +9,17 @@ pub enum CorpusError {
     #[error("{path}: cannot read: {msg}")]
     Io { path: PathBuf, msg: String },
     #[error("{path}:{line}: not valid UTF-8 (byte {byte} of the line)")]
-    NotUtf8 { path: PathBuf, line: usize, byte: usize },
+    NotUtf8 {
+        path: PathBuf,
+        line: usize,
+        byte: usize,
+    },
     #[error("{path}:{line}: {msg}")]
-    BadLine { path: PathBuf, line: usize, msg: String },
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
     #[error("{}: no text in the corpus (every document is empty)", paths.join(", "))]
     Empty { paths: Vec<String> },
     #[error("no corpus files given")]
@@ -94,8 +102,10 @@ mod tests {
         let p = dir.path().join("c.jsonl");
         std::fs::write(&p, "{\"text\": \"a\"}\n{\"body\": \"b\"}\n").unwrap();
         let e = read_file(&p, "text").unwrap_err().to_string();
-        assert!(e.contains("c.jsonl:2") && e.contains("no `text` field"), "{e}");
-        assert_eq!(read_file(&p, "text").is_err(), true);
+        assert!(
+            e.contains("c.jsonl:2") && e.contains("no `text` field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -108,6 +118,9 @@ mod tests {
         let e = read_file(&p, "text").unwrap_err().to_string();
         assert!(e.contains("c.txt:2") && e.contains("UTF-8"), "{e}");
         std::fs::write(&p, b"\n\n").unwrap();
-        assert!(matches!(read_files(&[&p], "text"), Err(CorpusError::Empty { .. })));
+        assert!(matches!(
+            read_files(&[&p], "text"),
+            Err(CorpusError::Empty { .. })
+        ));
     }
 }

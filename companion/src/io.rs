@@ -48,9 +48,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("keep.txt"), "old").unwrap();
         write_files_atomically(dir.path(), &[("a.json", b"{}"), ("b.txt", b"hi")]).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.path().join("a.json")).unwrap(), "{}");
-        assert_eq!(std::fs::read_to_string(dir.path().join("b.txt")).unwrap(), "hi");
-        assert_eq!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(), "old");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a.json")).unwrap(),
+            "{}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b.txt")).unwrap(),
+            "hi"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(),
+            "old"
+        );
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
     }

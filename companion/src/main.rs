@@ -11,7 +11,11 @@ use serde_json::json;
 use companion::tokenizer::{self, AutoTokenizer, TokenizerKind, TrainArgs};
 
 #[derive(Parser)]
-#[command(name = "companion", version, about = "The Rust companion to section 4.3 (Pretraining): tokenizers, GPT-2, training, generation")]
+#[command(
+    name = "companion",
+    version,
+    about = "The Rust companion to section 4.3 (Pretraining): tokenizers, GPT-2, training, generation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,7 +138,8 @@ fn train_args(model: &str, vocab_size: usize) -> Result<TrainArgs> {
     Ok(TrainArgs {
         kind: model.parse::<TokenizerKind>()?,
         vocab_size,
-        show_progress: true,
+        // A progress bar only where someone watches it.
+        show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ..TrainArgs::default()
     })
 }
@@ -142,6 +147,8 @@ fn train_args(model: &str, vocab_size: usize) -> Result<TrainArgs> {
 fn tokenizer_train(c: TrainCmd) -> Result<()> {
     let docs = companion::corpus::read_files(&c.corpus, &c.text_field)?;
     let mut args = train_args(&c.model, c.vocab_size)?;
+    // tokenizers' BPE trainer ends its progress bar with a newline on stdout.
+    args.show_progress &= !c.json;
     args.min_frequency = c.min_frequency;
     args.special_tokens = c.special_tokens.clone();
     let start = std::time::Instant::now();
@@ -227,8 +234,13 @@ fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "{} {}: train {:.2} s, encode {:.2} MB/s ({} tokens, {} bytes, {} threads)",
-            "companion", c.model, train_s, mb_s, tokens, bytes, rayon::current_num_threads()
+            "companion {}: train {:.2} s, encode {:.2} MB/s ({} tokens, {} bytes, {} threads)",
+            c.model,
+            train_s,
+            mb_s,
+            tokens,
+            bytes,
+            rayon::current_num_threads()
         );
     }
     Ok(())

@@ -295,8 +295,14 @@ pub struct GPT2LMHeadModel {
 pub fn parameter_shapes(cfg: &GPT2Config) -> Vec<(String, Vec<usize>)> {
     let (c, i) = (cfg.n_embd, cfg.inner_dim());
     let mut v = vec![
-        ("transformer.wte.weight".to_string(), vec![cfg.vocab_size, c]),
-        ("transformer.wpe.weight".to_string(), vec![cfg.n_positions, c]),
+        (
+            "transformer.wte.weight".to_string(),
+            vec![cfg.vocab_size, c],
+        ),
+        (
+            "transformer.wpe.weight".to_string(),
+            vec![cfg.n_positions, c],
+        ),
     ];
     for l in 0..cfg.n_layer {
         let p = |s: &str| format!("transformer.h.{l}.{s}");
@@ -323,7 +329,12 @@ pub fn parameter_shapes(cfg: &GPT2Config) -> Vec<(String, Vec<usize>)> {
 /// HF's `_init_weights` for GPT-2: normal(0, initializer_range) for
 /// embeddings and Conv1D weights, `c_proj` weights scaled by 1/sqrt(2·n_layer),
 /// zero biases, LayerNorm weight 1.
-fn init_value(cfg: &GPT2Config, name: &str, shape: &[usize], rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+fn init_value(
+    cfg: &GPT2Config,
+    name: &str,
+    shape: &[usize],
+    rng: &mut rand::rngs::StdRng,
+) -> Vec<f32> {
     let n: usize = shape.iter().product();
     if name.contains(".ln_") || name.starts_with("transformer.ln_f") {
         return vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n];
@@ -366,10 +377,12 @@ impl GPT2LMHeadModel {
         {
             let mut data = varmap.data().lock().expect("varmap");
             for (name, shape) in parameter_shapes(&config) {
-                let t = tensors.remove(&name).ok_or_else(|| ModelError::MissingTensor {
-                    file: file.into(),
-                    name: name.clone(),
-                })?;
+                let t = tensors
+                    .remove(&name)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        file: file.into(),
+                        name: name.clone(),
+                    })?;
                 if t.dims() != shape.as_slice() {
                     return Err(ModelError::WrongShape {
                         file: file.into(),
@@ -382,9 +395,8 @@ impl GPT2LMHeadModel {
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }
-        let get = |n: &str| -> Tensor {
-            varmap.data().lock().expect("varmap")[n].as_tensor().clone()
-        };
+        let get =
+            |n: &str| -> Tensor { varmap.data().lock().expect("varmap")[n].as_tensor().clone() };
         let ln = |p: &str| LayerNorm {
             weight: get(&format!("{p}.weight")),
             bias: get(&format!("{p}.bias")),
@@ -448,14 +460,17 @@ impl GPT2LMHeadModel {
                 file: index.display().to_string(),
                 msg: e.to_string(),
             })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::File {
-                file: index.display().to_string(),
-                msg: format!("not a safetensors index: {e}"),
-            })?;
-            let map = v["weight_map"].as_object().ok_or_else(|| ModelError::File {
-                file: index.display().to_string(),
-                msg: "no `weight_map` object".into(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::File {
+                    file: index.display().to_string(),
+                    msg: format!("not a safetensors index: {e}"),
+                })?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| ModelError::File {
+                    file: index.display().to_string(),
+                    msg: "no `weight_map` object".into(),
+                })?;
             let mut shards: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
             shards.sort();
             shards.dedup();
@@ -467,12 +482,16 @@ impl GPT2LMHeadModel {
         }
         let mut tensors = HashMap::new();
         for f in &files {
-            let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::File {
-                file: f.display().to_string(),
-                msg: format!("not a valid safetensors file: {e}"),
-            })?;
+            let loaded =
+                candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::File {
+                    file: f.display().to_string(),
+                    msg: format!("not a valid safetensors file: {e}"),
+                })?;
             for (name, t) in loaded {
-                if name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight" {
+                if name.ends_with(".attn.bias")
+                    || name.ends_with(".attn.masked_bias")
+                    || name == "lm_head.weight"
+                {
                     continue; // causal-mask buffers and the tied head
                 }
                 let name = if name.starts_with("transformer.") {
@@ -505,21 +524,30 @@ impl GPT2LMHeadModel {
 
     /// `model.num_parameters()`.
     pub fn num_parameters(&self) -> usize {
-        self.named_parameters().iter().map(|(_, v)| v.elem_count()).sum()
+        self.named_parameters()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     /// The tensors `save_pretrained` writes, as f32 safetensors bytes.
     pub fn state_dict_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (n, v) in self.named_parameters() {
-            tensors.push((n, v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+            tensors.push((
+                n,
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+            ));
         }
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-            .map_err(|e| ModelError::File {
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta)).map_err(
+            |e| ModelError::File {
                 file: "model.safetensors".into(),
                 msg: e.to_string(),
-            })
+            },
+        )
     }
 
     /// `model.save_pretrained(dir)`: `config.json` and `model.safetensors` in
@@ -632,7 +660,8 @@ impl GPT2LMHeadModel {
                 }
             }
         }
-        let bias = Tensor::from_vec(bias, (rows, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+        let bias =
+            Tensor::from_vec(bias, (rows, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
         let ids = input_ids.flatten_all()?;
         let tok = self.wte.index_select(&ids, 0)?;
         let posv = self.wpe.index_select(&pos, 0)?;
@@ -645,7 +674,9 @@ impl GPT2LMHeadModel {
                 }
                 &mut c.layers[l]
             });
-            let h = block.attn.forward(&block.ln_1.forward(&x)?, &bias, slot, self)?;
+            let h = block
+                .attn
+                .forward(&block.ln_1.forward(&x)?, &bias, slot, self)?;
             x = (x + h)?;
             let h = block.mlp.forward(&block.ln_2.forward(&x)?, self)?;
             x = (x + h)?;
@@ -751,7 +782,9 @@ mod tests {
         let out = m.forward_with_labels(&ids, None, &labels).unwrap();
         let grads = out.loss.unwrap().backward().unwrap();
         for (name, var) in m.named_parameters() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
             assert!(norm > 0.0, "zero gradient for {name}");
         }
@@ -763,10 +796,21 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 5, 7, 9, 2, 8]], &Device::Cpu).unwrap();
         let full = m.forward(&ids, None, None).unwrap();
         let mut cache = KvCache::new(2);
-        let a = m.forward(&ids.narrow(1, 0, 4).unwrap(), None, Some(&mut cache)).unwrap();
-        let b = m.forward(&ids.narrow(1, 4, 2).unwrap(), None, Some(&mut cache)).unwrap();
+        let a = m
+            .forward(&ids.narrow(1, 0, 4).unwrap(), None, Some(&mut cache))
+            .unwrap();
+        let b = m
+            .forward(&ids.narrow(1, 4, 2).unwrap(), None, Some(&mut cache))
+            .unwrap();
         let inc = Tensor::cat(&[a, b], 1).unwrap();
-        let diff: f32 = (full - inc).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (full - inc)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-4, "{diff}");
     }
 

@@ -18,15 +18,20 @@ use tokenizers::normalizers::{Precompiled, Replace, Sequence, Strip, NFKC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::{
-    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
     PreTokenizerWrapper, Tokenizer, TokenizerImpl,
 };
 
 use crate::hub;
 
 /// The concrete `tokenizers` pipeline type behind `Tokenizer`.
-type Pipeline =
-    TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+type Pipeline = TokenizerImpl<
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 /// GPT-2's one special token: bos, eos and unk of the `gpt2` tokenizer.
 pub const GPT2_ENDOFTEXT: &str = "<|endoftext|>";
@@ -52,6 +57,9 @@ type Result<T> = std::result::Result<T, TokenizerError>;
 fn tk<E: std::fmt::Display>(e: E) -> TokenizerError {
     TokenizerError::Tokenizers(e.to_string())
 }
+
+/// Token ids and their byte offsets `(start, end)` in the text.
+pub type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
 
 /// Which side padding goes on (`tokenizer.padding_side`); GPT-2's is right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -235,7 +243,7 @@ impl AutoTokenizer {
     }
 
     /// Ids with byte offsets into `text`, as `return_offsets_mapping=True` gives.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsAndOffsets> {
         let enc = self.tokenizer.encode(text, true).map_err(tk)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
@@ -398,7 +406,12 @@ impl AutoTokenizer {
         out.entry("clean_up_tokenization_spaces")
             .or_insert(json!(false));
         out.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-        Value::Object(out.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect())
+        Value::Object(
+            out.into_iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect(),
+        )
     }
 
     fn roles(&self) -> Vec<(&'static str, String)> {
@@ -649,17 +662,24 @@ pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
     let vocab: Vec<(String, f64)> = proto
         .pieces
         .iter()
-        .map(|p| (p.piece.clone().unwrap_or_default(), p.score.unwrap_or(0.0) as f64))
+        .map(|p| {
+            (
+                p.piece.clone().unwrap_or_default(),
+                p.score.unwrap_or(0.0) as f64,
+            )
+        })
         .collect();
     let unk_id = trainer.unk_id.unwrap_or(0).max(0) as usize;
     let byte_fallback = trainer.byte_fallback.unwrap_or(false);
-    let model = Unigram::from(vocab, Some(unk_id), byte_fallback).map_err(|e| corrupt(e.to_string()))?;
+    let model =
+        Unigram::from(vocab, Some(unk_id), byte_fallback).map_err(|e| corrupt(e.to_string()))?;
     let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::Unigram(model));
     let norm = proto.normalizer_spec.clone().unwrap_or_default();
     let mut normalizers = Vec::new();
     let charsmap = norm.precompiled_charsmap.clone().unwrap_or_default();
     if !charsmap.is_empty() {
-        let pre = Precompiled::from(&charsmap).map_err(|e| corrupt(format!("precompiled_charsmap: {e}")))?;
+        let pre = Precompiled::from(&charsmap)
+            .map_err(|e| corrupt(format!("precompiled_charsmap: {e}")))?;
         normalizers.push(NormalizerWrapper::Precompiled(pre));
     }
     if norm.remove_extra_whitespaces.unwrap_or(true) {
@@ -672,8 +692,10 @@ pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
             .expect("valid regex"),
         ));
     }
-    t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(normalizers))))
-        .map_err(tk)?;
+    t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(
+        normalizers,
+    ))))
+    .map_err(tk)?;
     let scheme = if norm.add_dummy_prefix.unwrap_or(true) {
         PrependScheme::Always
     } else {
@@ -707,7 +729,10 @@ pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
 
 /// The token count of a model's tokenizer over `texts`, and the characters in
 /// them: tokens per character is how the chapter compares tokenizers.
-pub fn count_tokens<S: AsRef<str> + Sync>(tok: &AutoTokenizer, texts: &[S]) -> Result<(usize, usize)> {
+pub fn count_tokens<S: AsRef<str> + Sync>(
+    tok: &AutoTokenizer,
+    texts: &[S],
+) -> Result<(usize, usize)> {
     use rayon::prelude::*;
     texts
         .par_iter()
@@ -727,7 +752,3 @@ pub fn model_name(tok: &AutoTokenizer) -> &'static str {
         ModelWrapper::WordLevel(_) => "WordLevel",
     }
 }
-
-/// Used by `Model` imports above (keeps the trait in scope for `get_vocab_size`).
-#[allow(dead_code)]
-fn _model_trait<M: Model>(_m: &M) {}
