@@ -3,6 +3,7 @@
 //! training to generation, one module per concept.
 
 pub mod corpus;
+pub mod generate;
 pub mod hub;
 pub mod io;
 pub mod sentencepiece;

@@ -26,6 +26,10 @@ enum Command {
     /// Train, convert or inspect tokenizers (4.3.2).
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
+    /// Print a GPT-2 config (`AutoConfig.from_pretrained(..., **overrides)`).
+    Config(ConfigCmd),
+    /// Generate text with a model folder or hub id (4.3.5).
+    Generate(GenerateCmd),
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -90,6 +94,63 @@ struct ConvertCmd {
     out: PathBuf,
 }
 
+#[derive(Args)]
+struct ConfigCmd {
+    /// A preset (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`), folder or hub id.
+    #[arg(long, default_value = "gpt2")]
+    from: String,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Stored only: like `transformers`, n_ctx does not resize the position table (n_positions does).
+    #[arg(long)]
+    n_ctx: Option<usize>,
+    #[arg(long)]
+    n_positions: Option<usize>,
+    #[arg(long)]
+    n_embd: Option<usize>,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    n_head: Option<usize>,
+    #[arg(long)]
+    bos_token_id: Option<u32>,
+    #[arg(long)]
+    eos_token_id: Option<u32>,
+    #[arg(long)]
+    pad_token_id: Option<u32>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateCmd {
+    /// A model folder (config.json, model.safetensors, tokenizer files) or hub id.
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    #[arg(long)]
+    do_sample: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long)]
+    no_repeat_ngram_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Tokenizer training time and encoding throughput on a corpus.
@@ -130,6 +191,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("saved {} pieces to {}", tok.len(), c.out.display());
             Ok(())
         }
+        Command::Config(c) => config_cmd(c),
+        Command::Generate(c) => generate_cmd(c),
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
     }
 }
@@ -241,6 +304,109 @@ fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
             tokens,
             bytes,
             rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}
+
+fn config_cmd(c: ConfigCmd) -> Result<()> {
+    let o = companion::config::ConfigOverrides {
+        vocab_size: c.vocab_size,
+        n_ctx: c.n_ctx,
+        n_positions: c.n_positions,
+        n_embd: c.n_embd,
+        n_layer: c.n_layer,
+        n_head: c.n_head,
+        bos_token_id: c.bos_token_id,
+        eos_token_id: c.eos_token_id,
+        pad_token_id: c.pad_token_id,
+    };
+    let cfg = companion::GPT2Config::from_pretrained_with(&c.from, &o)
+        .with_context(|| format!("config of `{}`", c.from))?;
+    if c.json {
+        println!("{}", serde_json::to_string(&cfg.to_value())?);
+    } else {
+        print!("{cfg}");
+        if let Some(n) = cfg.n_ctx.filter(|&n| n != cfg.n_positions) {
+            eprintln!(
+                "note: n_ctx = {n} is stored only; the model still has n_positions = {} positions",
+                cfg.n_positions
+            );
+        }
+        eprintln!("parameters: {}", cfg.num_parameters());
+    }
+    Ok(())
+}
+
+fn generate_cmd(c: GenerateCmd) -> Result<()> {
+    use companion::generate::GenerationConfig;
+    use std::io::Write;
+    let device = candle_core::Device::Cpu;
+    let model =
+        companion::GPT2LMHeadModel::from_pretrained(&c.model, candle_core::DType::F32, &device)
+            .with_context(|| format!("loading the model `{}`", c.model))?;
+    let tok = AutoTokenizer::from_pretrained(&c.model)
+        .with_context(|| format!("loading the tokenizer of `{}`", c.model))?;
+    let mut cfg = GenerationConfig::from_pretrained(&c.model, &model.config)?;
+    if let Some(n) = c.max_new_tokens {
+        cfg.max_new_tokens = Some(n);
+    } else if cfg.max_new_tokens.is_none() {
+        cfg.max_new_tokens = Some(128);
+    }
+    cfg.min_new_tokens = c.min_new_tokens.or(cfg.min_new_tokens);
+    cfg.do_sample |= c.do_sample;
+    cfg.temperature = c.temperature.unwrap_or(cfg.temperature);
+    cfg.top_k = c.top_k.unwrap_or(cfg.top_k);
+    cfg.top_p = c.top_p.unwrap_or(cfg.top_p);
+    cfg.repetition_penalty = c.repetition_penalty.unwrap_or(cfg.repetition_penalty);
+    cfg.no_repeat_ngram_size = c.no_repeat_ngram_size.unwrap_or(cfg.no_repeat_ngram_size);
+    cfg.seed = c.seed.or(cfg.seed);
+    // The chapter passes pad_token_id = eos_token_id.
+    if cfg.pad_token_id.is_none() {
+        cfg.pad_token_id = tok.pad_token_id().or(tok.eos_token_id());
+    }
+    if cfg.eos_token_id.is_none() {
+        cfg.eos_token_id = tok.eos_token_id().map(companion::generate::TokenIds::One);
+    }
+    let prompt_ids = tok.encode(&c.prompt)?;
+    let start = std::time::Instant::now();
+    let mut stream = tok.backend().decode_stream(false);
+    let mut stdout = std::io::stdout();
+    if !c.json {
+        print!("{}", c.prompt);
+        stdout.flush().ok();
+    }
+    let out = model.generate_with_streamer(&[prompt_ids.clone()], None, &cfg, false, |_, id| {
+        if !c.json {
+            if let Ok(Some(piece)) = stream.step(id) {
+                print!("{piece}");
+                std::io::stdout().flush().ok();
+            }
+        }
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let seq = &out.sequences[0];
+    let new_ids: Vec<u32> = seq[prompt_ids.len()..].to_vec();
+    if c.json {
+        println!(
+            "{}",
+            json!({
+                "prompt": c.prompt,
+                "text": tok.decode(seq, false)?,
+                "generated_text": tok.decode(&new_ids, false)?,
+                "token_ids": new_ids,
+                "new_tokens": new_ids.len(),
+                "seconds": secs,
+                "tokens_per_second": new_ids.len() as f64 / secs.max(1e-9),
+            })
+        );
+    } else {
+        println!();
+        eprintln!(
+            "{} new tokens in {:.2} s ({:.1} tokens/s)",
+            new_ids.len(),
+            secs,
+            new_ids.len() as f64 / secs.max(1e-9)
         );
     }
     Ok(())

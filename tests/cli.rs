@@ -1,0 +1,179 @@
+//! The `companion` program end to end: config, generate (streaming and JSON).
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use companion::tokenizer::{self, TrainArgs};
+use companion::{GPT2Config, GPT2LMHeadModel};
+use serde_json::Value;
+
+#[test]
+fn config_from_gpt2_with_the_chapters_overrides() {
+    let o = companion(
+        &[
+            "config",
+            "--from",
+            "gpt2",
+            "--vocab-size",
+            "30003",
+            "--n-ctx",
+            "512",
+            "--bos-token-id",
+            "30000",
+            "--eos-token-id",
+            "30001",
+            "--json",
+        ],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["vocab_size"], 30003);
+    assert_eq!(v["n_ctx"], 512);
+    assert_eq!(
+        v["n_positions"], 1024,
+        "n_ctx does not resize the model, as in transformers"
+    );
+    assert_eq!(v["bos_token_id"], 30000);
+    assert_eq!(v["eos_token_id"], 30001);
+    let o = companion(
+        &["config", "--from", "gpt2", "--n-ctx", "512"],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(stdout(&o).starts_with("GPT2Config {"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("n_ctx = 512 is stored only"),
+        "{}",
+        stderr(&o)
+    );
+    let o = companion(
+        &["config", "--from", "gpt2", "--n-head", "7"],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("divisible"), "{}", stderr(&o));
+}
+
+/// A model folder as the chapter saves one: config, weights, tokenizer.
+fn model_dir() -> tempfile::TempDir {
+    let docs = docs(&data("corpus/validation.jsonl"));
+    let tok = tokenizer::train(
+        &TrainArgs {
+            vocab_size: 400,
+            ..TrainArgs::default()
+        },
+        docs.iter(),
+    )
+    .unwrap();
+    let cfg = GPT2Config {
+        vocab_size: tok.len(),
+        n_positions: 64,
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 2,
+        bos_token_id: tok.bos_token_id(),
+        eos_token_id: tok.eos_token_id(),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    GPT2LMHeadModel::new(&cfg, 3, &Device::Cpu)
+        .unwrap()
+        .save_pretrained(dir.path())
+        .unwrap();
+    tok.save_pretrained(dir.path()).unwrap();
+    dir
+}
+
+#[test]
+fn generate_streams_text_and_reports_json() {
+    let dir = model_dir();
+    let m = dir.path().to_str().unwrap();
+    let prompt = "Hi, how are you?";
+    let args = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+        "--repetition-penalty",
+        "1.1",
+    ];
+    let o = companion(&[&args[..], &["--json"]].concat(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let ids = v["token_ids"].as_array().unwrap();
+    assert!(!ids.is_empty() && ids.len() <= 12);
+    assert!(v["text"].as_str().unwrap().starts_with(prompt));
+    assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
+    // Streaming prints the same text (greedy is deterministic).
+    let o = companion(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end_matches('\n'),
+        v["text"].as_str().unwrap()
+    );
+    // Sampling with a seed repeats itself.
+    let s = ["--do-sample", "--seed", "5", "--top-p", "0.9", "--json"];
+    let a: Value =
+        serde_json::from_str(&stdout(&companion(&[&args[..], &s].concat(), &[]))).unwrap();
+    let b: Value =
+        serde_json::from_str(&stdout(&companion(&[&args[..], &s].concat(), &[]))).unwrap();
+    assert_eq!(a["token_ids"], b["token_ids"]);
+}
+
+#[test]
+fn generate_rejects_bad_settings_and_unknown_models() {
+    let dir = model_dir();
+    let m = dir.path().to_str().unwrap();
+    let o = companion(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--do-sample",
+            "--temperature",
+            "0",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+    let o = companion(
+        &["generate", "--model", m, "--prompt", "x", "--top-p", "1.5"],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("top_p"), "{}", stderr(&o));
+    let o = companion(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "100",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("n_positions"), "{}", stderr(&o));
+    let missing = dir.path().join("nope");
+    let o = companion(
+        &[
+            "generate",
+            "--model",
+            missing.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
+}
