@@ -376,14 +376,20 @@ fn generate_cmd(c: GenerateCmd) -> Result<()> {
         print!("{}", c.prompt);
         stdout.flush().ok();
     }
-    let out = model.generate_with_streamer(&[prompt_ids.clone()], None, &cfg, false, |_, id| {
-        if !c.json {
-            if let Ok(Some(piece)) = stream.step(id) {
-                print!("{piece}");
-                std::io::stdout().flush().ok();
+    let out = model.generate_with_streamer(
+        std::slice::from_ref(&prompt_ids),
+        None,
+        &cfg,
+        false,
+        |_, id| {
+            if !c.json {
+                if let Ok(Some(piece)) = stream.step(id) {
+                    print!("{piece}");
+                    std::io::stdout().flush().ok();
+                }
             }
-        }
-    })?;
+        },
+    )?;
     let secs = start.elapsed().as_secs_f64();
     let seq = &out.sequences[0];
     let new_ids: Vec<u32> = seq[prompt_ids.len()..].to_vec();
