@@ -10,6 +10,7 @@ pub mod sentencepiece;
 pub mod tokenizer;
 
 pub use tokenizer::AutoTokenizer;
+pub mod bench;
 pub mod config;
 pub mod model;
 pub mod pyjson;

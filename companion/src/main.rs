@@ -155,6 +155,22 @@ struct GenerateCmd {
 enum BenchCmd {
     /// Tokenizer training time and encoding throughput on a corpus.
     Tokenizer(BenchTokenizerCmd),
+    /// Forward + backward + AdamW step: tokens/s, MFU, peak memory.
+    Train(BenchModelCmd),
+    /// Greedy generation of 128 tokens from an 8-token prompt: tokens/s.
+    Generate(BenchModelCmd),
+}
+
+#[derive(Args)]
+struct BenchModelCmd {
+    /// `small` (4 layers, 256 wide, vocab 8192, 8×256 tokens) or `gpt2` (124M, 1×512).
+    #[arg(long, default_value = "small")]
+    shape: String,
+    /// Timed steps (train) or new tokens (generate).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -194,6 +210,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config(c) => config_cmd(c),
         Command::Generate(c) => generate_cmd(c),
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
+        Command::Bench(BenchCmd::Train(c)) => bench_model(c, true),
+        Command::Bench(BenchCmd::Generate(c)) => bench_model(c, false),
     }
 }
 
@@ -414,6 +432,22 @@ fn generate_cmd(c: GenerateCmd) -> Result<()> {
             secs,
             new_ids.len() as f64 / secs.max(1e-9)
         );
+    }
+    Ok(())
+}
+
+fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
+    let shape = companion::bench::shape(&c.shape)
+        .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
+    let v = if train {
+        companion::bench::train(&shape, c.steps.unwrap_or(5))?
+    } else {
+        companion::bench::generate(&shape, c.steps.unwrap_or(128))?
+    };
+    if c.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(())
 }

@@ -1,0 +1,183 @@
+//! Benchmarks that print figures (`companion bench …`): they measure, they
+//! never pass or fail. Shapes are the ones the issues name, so that
+//! `bench/model.py` can run the same ones in PyTorch in the same session.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Optimizer;
+use rand::Rng;
+use serde_json::{json, Value};
+
+use crate::config::GPT2Config;
+use crate::generate::GenerationConfig;
+use crate::model::{GPT2LMHeadModel, Result};
+
+/// A benchmark shape: model config plus batch and sequence length.
+pub struct Shape {
+    pub name: &'static str,
+    pub config: GPT2Config,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// `small`: 4 layers, 256 wide, vocab 8192, 8 × 256 tokens.
+/// `gpt2`: the 124M model, 1 × 512 tokens.
+pub fn shape(name: &str) -> Option<Shape> {
+    match name {
+        "small" => Some(Shape {
+            name: "small",
+            config: GPT2Config {
+                n_layer: 4,
+                n_embd: 256,
+                n_head: 4,
+                vocab_size: 8192,
+                n_positions: 256,
+                ..Default::default()
+            },
+            batch: 8,
+            seq: 256,
+        }),
+        "gpt2" => Some(Shape {
+            name: "gpt2",
+            config: GPT2Config::preset("gpt2").expect("preset"),
+            batch: 1,
+            seq: 512,
+        }),
+        _ => None,
+    }
+}
+
+/// Peak resident memory of this process (`VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// fp32 GEMM rate of this machine through candle (GFLOP/s), for MFU.
+pub fn gemm_gflops(n: usize) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let _ = a.matmul(&b)?;
+    let reps = 5;
+    let t = Instant::now();
+    for _ in 0..reps {
+        let _ = a.matmul(&b)?;
+    }
+    Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+fn random_ids(rows: usize, cols: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = crate::model::rng(seed);
+    (0..rows)
+        .map(|_| {
+            (0..cols)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Forward + backward + AdamW step, timed per step (median after a warm-up).
+pub fn train(shape: &Shape, steps: usize) -> Result<Value> {
+    let cfg = &shape.config;
+    let mut model = GPT2LMHeadModel::new(cfg, 0, &Device::Cpu)?;
+    model.set_training(true);
+    let vars: Vec<_> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let ids = Tensor::new(
+        random_ids(shape.batch, shape.seq, cfg.vocab_size, 1),
+        &Device::Cpu,
+    )?;
+    let labels = ids.to_dtype(DType::I64)?;
+    let mut times = Vec::new();
+    for step in 0..steps + 1 {
+        let t = Instant::now();
+        let out = model.forward_with_labels(&ids, None, &labels)?;
+        let loss = out.loss.expect("labels given");
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        if step > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let step_s = median(times);
+    let tokens = (shape.batch * shape.seq) as f64;
+    let n = cfg.num_parameters() as f64;
+    // 6N per token plus attention's 12·L·T·C (PaLM appendix B).
+    let flops_per_token = 6.0 * n + 12.0 * (cfg.n_layer * shape.seq * cfg.n_embd) as f64;
+    let achieved = flops_per_token * tokens / step_s / 1e9;
+    let peak = gemm_gflops(1024)?;
+    Ok(json!({
+        "implementation": "companion (candle)",
+        "bench": "train",
+        "shape": shape.name,
+        "batch": shape.batch,
+        "seq": shape.seq,
+        "parameters": cfg.num_parameters(),
+        "threads": rayon::current_num_threads(),
+        "step_seconds": step_s,
+        "tokens_per_second": tokens / step_s,
+        "model_gflops": achieved,
+        "gemm_peak_gflops": peak,
+        "mfu": achieved / peak,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// 128 new tokens from an 8-token prompt, greedy with repetition penalty 1.1.
+pub fn generate(shape: &Shape, new_tokens: usize) -> Result<Value> {
+    let mut cfg = shape.config.clone();
+    cfg.n_positions = cfg.n_positions.max(8 + new_tokens);
+    let model = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu)?;
+    let prompt = random_ids(1, 8, cfg.vocab_size, 2);
+    let gen = GenerationConfig {
+        max_new_tokens: Some(new_tokens),
+        repetition_penalty: 1.1,
+        ..Default::default()
+    };
+    let mut stamps = Vec::with_capacity(new_tokens);
+    let t = Instant::now();
+    model.generate_with_streamer(&prompt, None, &gen, false, |_, _| {
+        stamps.push(t.elapsed().as_secs_f64())
+    })?;
+    let total = t.elapsed().as_secs_f64();
+    let per_token: Vec<f64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+    let k = (per_token.len() / 8).max(1);
+    let first = median(per_token[..k].to_vec());
+    let last = median(per_token[per_token.len() - k..].to_vec());
+    let tps = new_tokens as f64 / total;
+    let weight_bytes = (cfg.num_parameters() * 4) as f64;
+    Ok(json!({
+        "implementation": "companion (candle)",
+        "bench": "generate",
+        "shape": shape.name,
+        "prompt_tokens": 8,
+        "new_tokens": new_tokens,
+        "threads": rayon::current_num_threads(),
+        "seconds": total,
+        "tokens_per_second": tps,
+        "ms_per_token_first": first * 1e3,
+        "ms_per_token_last": last * 1e3,
+        "weights_gb_per_second": weight_bytes * tps / 1e9,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
