@@ -79,6 +79,12 @@ def rayon_threads() -> int:
     return os.cpu_count() or 1
 
 
+def learned(msg: str) -> None:
+    """The vocabulary actually learned, on stderr (the JSON keeps the keys of
+    the Rust side, whose `vocab_size` is the size asked for)."""
+    print(f"learned: {msg}", file=sys.stderr, flush=True)
+
+
 def result(impl, model, vocab, nbytes, threads, train_s, encode_s, tokens):
     return {
         "implementation": impl,
@@ -106,6 +112,7 @@ def bench_hf(model: str, docs: list[str], vocab: int) -> dict:
         t0 = time.perf_counter()
         tok.train_from_iterator(docs, vocab_size=vocab, show_progress=False, unk_token="<unk>")
         train_s = time.perf_counter() - t0
+    learned(f"tokenizers {model}: {tok.get_vocab_size()} pieces (asked for {vocab})")
     t1 = time.perf_counter()
     encodings = tok.encode_batch(docs)  # parallel (rayon) inside the library
     encode_s = time.perf_counter() - t1
@@ -136,10 +143,14 @@ def bench_sentencepiece(docs: list[str], vocab: int, verbose: bool) -> dict:
             model_type="unigram",
             vocab_size=vocab,
             num_threads=threads,
+            # A soft limit, as the `tokenizers` trainers have: a small corpus
+            # may not support `vocab` pieces, which is an error otherwise.
+            hard_vocab_limit=False,
             minloglevel=0 if verbose else 2,
         )
         train_s = time.perf_counter() - t0
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    learned(f"sentencepiece unigram: {sp.get_piece_size()} pieces (asked for {vocab})")
     t1 = time.perf_counter()
     ids = sp.encode(lines, num_threads=threads)
     encode_s = time.perf_counter() - t1

@@ -13,7 +13,8 @@
 #   VOCAB          vocabulary size (default 30000)
 #   UNIGRAM_VOCAB  vocabulary size of the unigram rows (default $VOCAB)
 #   WAIT_IDLE=1    before each measurement, wait (up to 15 min) until no
-#                  `rustc` is running, so that a build does not skew timings
+#                  `rustc` is running, so that a build does not skew timings,
+#                  and warn when one started during a measurement
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,24 +46,45 @@ wait_idle() {
 }
 
 results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+busy=$(mktemp -u)
+watcher=
+cleanup() {
+    [[ -n "$watcher" ]] && kill "$watcher" 2>/dev/null
+    rm -f "$results" "$busy"
+}
+trap cleanup EXIT
+if [[ "${WAIT_IDLE:-0}" == 1 ]]; then
+    # Notes (in $busy) whenever a rustc runs, checked after each measurement.
+    (while :; do pgrep -x rustc >/dev/null && touch "$busy"; sleep 1; done) &
+    watcher=$!
+fi
+checked() {
+    if [[ -e "$busy" ]]; then
+        echo "warning: rustc ran during the measurement of $1" >&2
+        rm -f "$busy"
+    fi
+}
 
 echo "binary: $COMPANION; corpus: $CORPUS; cores: $(nproc)" >&2
 for model in bpe unigram; do
     vocab=$VOCAB
     [[ $model == unigram ]] && vocab=$UNIGRAM_VOCAB
     wait_idle
+    rm -f "$busy"
     echo "== companion $model (vocab $vocab)" >&2
     "$COMPANION" bench tokenizer --corpus "$CORPUS" --model "$model" \
         --vocab-size "$vocab" --json | tee -a "$results"
+    checked "companion $model"
 done
 for run in bpe unigram sentencepiece; do
     vocab=$VOCAB
     [[ $run != bpe ]] && vocab=$UNIGRAM_VOCAB
     wait_idle
+    rm -f "$busy"
     echo "== python $run (vocab $vocab)" >&2
     "$PY" bench/bench_tokenizer.py --corpus "$CORPUS" --vocab-size "$vocab" \
         --runs "$run" | tee -a "$results"
+    checked "python $run"
 done
 
 "$PY" - "$results" <<'PYEOF'

@@ -3,16 +3,20 @@
 //! training to generation, one module per concept.
 
 pub mod corpus;
+pub mod data;
 pub mod generate;
 pub mod hub;
 pub mod io;
 pub mod sentencepiece;
 pub mod tokenizer;
+pub mod train;
 
 pub use tokenizer::AutoTokenizer;
 pub mod bench;
 pub mod config;
 pub mod model;
+pub mod plot;
+pub mod pretrain;
 pub mod pyjson;
 
 pub use config::GPT2Config;

@@ -26,6 +26,17 @@ enum Command {
     /// Train, convert or inspect tokenizers (4.3.2).
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
+    /// The chapter end to end: tokenizer, model, Trainer, save_model, a generation.
+    /// Every TrainingArguments field is a flag (`--max-steps 10`, `--learning-rate 3e-3`, …);
+    /// `--args training_args.json` loads a set (flags win).
+    Pretrain {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        rest: Vec<String>,
+    },
     /// Print a GPT-2 config (`AutoConfig.from_pretrained(..., **overrides)`).
     Config(ConfigCmd),
     /// Generate text with a model folder or hub id (4.3.5).
@@ -208,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(c) => config_cmd(c),
+        Command::Pretrain { rest } => pretrain_cmd(&rest),
         Command::Generate(c) => generate_cmd(c),
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
         Command::Bench(BenchCmd::Train(c)) => bench_model(c, true),
@@ -448,6 +460,110 @@ fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
         println!("{v}");
     } else {
         println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(())
+}
+
+fn pretrain_cmd(rest: &[String]) -> Result<()> {
+    use companion::pretrain::{default_training_args, PretrainOptions};
+    use companion::train::TrainingArguments;
+    let mut opts = PretrainOptions::default();
+    let mut json_out = false;
+    // (flag, value) pairs: a flag takes the next word unless that is a flag.
+    let mut pairs: Vec<(String, Option<String>)> = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        let flag = &rest[i];
+        if !flag.starts_with("--") {
+            anyhow::bail!("unexpected argument `{flag}`: flags look like `--max-steps 10`");
+        }
+        let (flag, inline) = match flag.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (flag.clone(), None),
+        };
+        let value = if inline.is_some() {
+            inline
+        } else if i + 1 < rest.len() && !rest[i + 1].starts_with("--") {
+            i += 1;
+            Some(rest[i].clone())
+        } else {
+            None
+        };
+        pairs.push((flag, value));
+        i += 1;
+    }
+    let mut base = serde_json::to_value(default_training_args())?;
+    if let Some((_, Some(file))) = pairs.iter().find(|(f, _)| f == "--args") {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{file}: not JSON"))?;
+        let obj = v
+            .as_object()
+            .with_context(|| format!("{file}: expected a JSON object"))?;
+        for (k, val) in obj {
+            base[k] = val.clone();
+        }
+    }
+    let mut args = TrainingArguments::from_value(base).context("TrainingArguments")?;
+    let need = |f: &str, v: &Option<String>| -> Result<String> {
+        v.clone().with_context(|| format!("{f} needs a value"))
+    };
+    let num = |f: &str, v: &Option<String>| -> Result<usize> {
+        need(f, v)?
+            .parse()
+            .with_context(|| format!("{f} expects a whole number"))
+    };
+    for (f, v) in &pairs {
+        match f.as_str() {
+            "--args" => {}
+            "--json" => json_out = true,
+            "--deepspeed" => args.deepspeed = Some(serde_json::Value::String(need(f, v)?)),
+            "--train-file" => opts.train_file = need(f, v)?.into(),
+            "--validation-file" => opts.validation_file = Some(need(f, v)?.into()),
+            "--no-validation" => opts.validation_file = None,
+            "--text-field" => opts.text_field = need(f, v)?,
+            "--tokenizer" => opts.tokenizer = Some(need(f, v)?),
+            "--tokenizer-vocab-size" => opts.tokenizer_vocab_size = num(f, v)?,
+            "--config-from" => opts.config_from = need(f, v)?,
+            "--n-layer" => opts.overrides.n_layer = Some(num(f, v)?),
+            "--n-embd" => opts.overrides.n_embd = Some(num(f, v)?),
+            "--n-head" => opts.overrides.n_head = Some(num(f, v)?),
+            "--n-positions" => opts.overrides.n_positions = Some(num(f, v)?),
+            "--block-size" => opts.block_size = num(f, v)?,
+            "--dropout" => {
+                opts.dropout = Some(need(f, v)?.parse().context("--dropout expects a number")?)
+            }
+            "--max-eval-samples" => opts.max_eval_samples = Some(num(f, v)?),
+            "--save-model-dir" => opts.save_model_dir = need(f, v)?.into(),
+            "--prompt" => opts.prompt = need(f, v)?,
+            "--max-new-tokens" => opts.max_new_tokens = num(f, v)?,
+            _ => args.set(f, v.as_deref())?,
+        }
+    }
+    args.validate()?;
+    let summary = companion::pretrain::run(&opts, args)?;
+    if json_out {
+        println!("{summary}");
+    } else {
+        let fmt = |m: &serde_json::Value| {
+            format!(
+                "loss {:.4}, perplexity {:.1}, bits/byte {:.3}",
+                m["eval_loss"].as_f64().unwrap_or(f64::NAN),
+                m["perplexity"].as_f64().unwrap_or(f64::NAN),
+                m["bits_per_byte"].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        if !summary["before"].is_null() {
+            println!("held-out before training: {}", fmt(&summary["before"]));
+        }
+        if !summary["after"].is_null() {
+            println!("held-out after training:  {}", fmt(&summary["after"]));
+        }
+        println!(
+            "model saved to {}",
+            summary["model_dir"].as_str().unwrap_or("")
+        );
+        println!("{}", summary["generation"].as_str().unwrap_or(""));
     }
     Ok(())
 }

@@ -1,0 +1,97 @@
+//! The loss and learning-rate curves of a training run as SVG (plotters),
+//! written beside the checkpoints and shown inline in the notebooks.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::train::TrainerState;
+
+fn series(state: &TrainerState, key: &str) -> Vec<(f64, f64)> {
+    state
+        .log_history
+        .iter()
+        .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?)))
+        .collect()
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    state: &TrainerState,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (top, bottom) = root.split_vertically(240);
+    let loss = series(state, "loss");
+    let eval = series(state, "eval_loss");
+    let lr = series(state, "learning_rate");
+    let max_step = state.global_step.max(1) as f64;
+    let all: Vec<f64> = loss.iter().chain(&eval).map(|p| p.1).collect();
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    let (lo, hi) = if lo.is_finite() {
+        (lo * 0.95, hi * 1.05)
+    } else {
+        (0.0, 1.0)
+    };
+    let mut c = ChartBuilder::on(&top)
+        .caption("loss", ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(24)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..max_step, lo..hi)
+        .map_err(|e| e.to_string())?;
+    c.configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    c.draw_series(LineSeries::new(loss, &BLUE))
+        .map_err(|e| e.to_string())?
+        .label("train")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    c.draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+        .map_err(|e| e.to_string())?
+        .label("eval")
+        .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let lr_hi = lr.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-12) * 1.05;
+    let mut c = ChartBuilder::on(&bottom)
+        .caption("learning rate", ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(24)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..max_step, 0f64..lr_hi)
+        .map_err(|e| e.to_string())?;
+    c.configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    c.draw_series(LineSeries::new(lr, &GREEN))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// The curves as an SVG document.
+pub fn loss_plot_svg(state: &TrainerState) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (640, 420)).into_drawing_area();
+        draw(root, state)?;
+    }
+    Ok(svg)
+}
+
+/// Write `loss.svg` into `dir` (atomically).
+pub fn save_loss_plot(state: &TrainerState, dir: &Path) -> Result<(), String> {
+    let svg = loss_plot_svg(state)?;
+    crate::io::write_file_atomically(&dir.join("loss.svg"), svg.as_bytes())
+        .map_err(|e| e.to_string())
+}

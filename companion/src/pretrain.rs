@@ -1,0 +1,261 @@
+//! The chapter end to end (`companion pretrain`): tokenizer → config →
+//! model → datasets → Trainer → save_model → generate. Defaults are sized
+//! for a 2-core CPU and the shipped corpus.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde_json::{json, Value};
+
+use crate::config::{ConfigOverrides, GPT2Config};
+use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing};
+use crate::generate::GenerationConfig;
+use crate::model::GPT2LMHeadModel;
+use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
+use crate::train::{Trainer, TrainingArguments};
+
+/// What `companion pretrain` needs besides `TrainingArguments`.
+#[derive(Debug, Clone)]
+pub struct PretrainOptions {
+    pub train_file: PathBuf,
+    pub validation_file: Option<PathBuf>,
+    pub text_field: String,
+    /// An existing tokenizer folder/id; else one is trained (or reused from
+    /// `output_dir/tokenizer`).
+    pub tokenizer: Option<String>,
+    pub tokenizer_vocab_size: usize,
+    /// Model config to start from and its overrides.
+    pub config_from: String,
+    pub overrides: ConfigOverrides,
+    /// Dropout for all three places (the chapter's config keeps GPT-2's 0.1).
+    pub dropout: Option<f64>,
+    pub block_size: usize,
+    pub max_eval_samples: Option<usize>,
+    /// Where the final model goes (`trainer.save_model("pretrained_model")`).
+    pub save_model_dir: PathBuf,
+    pub prompt: String,
+    pub max_new_tokens: usize,
+}
+
+impl Default for PretrainOptions {
+    fn default() -> Self {
+        PretrainOptions {
+            train_file: "data/corpus/train.jsonl".into(),
+            validation_file: Some("data/corpus/validation.jsonl".into()),
+            text_field: "text".into(),
+            tokenizer: None,
+            tokenizer_vocab_size: 8192,
+            config_from: "gpt2".into(),
+            overrides: ConfigOverrides {
+                n_layer: Some(4),
+                n_embd: Some(256),
+                n_head: Some(4),
+                n_positions: Some(256),
+                n_ctx: Some(256),
+                ..Default::default()
+            },
+            dropout: Some(0.0),
+            block_size: 256,
+            max_eval_samples: Some(64),
+            save_model_dir: "pretrained_model".into(),
+            prompt: "Hi, how are you?".into(),
+            max_new_tokens: 40,
+        }
+    }
+}
+
+/// The main job's TrainingArguments: a recipe that learns in minutes on a
+/// CPU. (The chapter's learning rate of 1e-6 is far too small to train a
+/// model from scratch; 3e-3 with warmup and cosine decay is.)
+pub fn default_training_args() -> TrainingArguments {
+    TrainingArguments {
+        output_dir: "output".into(),
+        max_steps: 100,
+        per_device_train_batch_size: 8,
+        per_device_eval_batch_size: 8,
+        learning_rate: 3e-3,
+        weight_decay: 0.1,
+        lr_scheduler_type: "cosine".into(),
+        warmup_ratio: 0.05,
+        logging_steps: 10.0,
+        logging_first_step: true,
+        eval_strategy: "steps".into(),
+        eval_steps: Some(50.0),
+        save_steps: 50.0,
+        save_total_limit: Some(2),
+        seed: 42,
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PretrainError {
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Corpus(#[from] crate::corpus::CorpusError),
+}
+
+/// The tokenizer: given, reused from `dir`, or trained on the corpus.
+pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer, PretrainError> {
+    let mut tok = if let Some(t) = &opts.tokenizer {
+        AutoTokenizer::from_pretrained(t)?
+    } else if dir.join("tokenizer.json").exists() {
+        eprintln!("reusing the tokenizer in {}", dir.display());
+        AutoTokenizer::from_pretrained(&dir.to_string_lossy())?
+    } else {
+        eprintln!(
+            "training a byte-level BPE tokenizer ({} tokens) on {}",
+            opts.tokenizer_vocab_size,
+            opts.train_file.display()
+        );
+        let docs = crate::corpus::read_files(&[&opts.train_file], &opts.text_field)?;
+        let args = TrainArgs {
+            vocab_size: opts.tokenizer_vocab_size,
+            show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            ..TrainArgs::default()
+        };
+        let tok = tokenizer::train(&args, docs.iter())?;
+        tok.save_pretrained(dir)?;
+        tok
+    };
+    // As in the chapter: pad with eos when there is no pad token.
+    if tok.pad_token_id().is_none() {
+        if let Some(eos) = tok.eos_token().map(str::to_string) {
+            tok.set_special_token(SpecialRole::Pad, &eos)?;
+        }
+    }
+    Ok(tok)
+}
+
+/// Run the chapter; returns a JSON summary (also printed by the CLI).
+pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, PretrainError> {
+    let out = PathBuf::from(&args.output_dir);
+    if out.exists() && !out.is_dir() {
+        return Err(crate::train::TrainError::Args(format!(
+            "output_dir {} exists and is not a folder",
+            out.display()
+        ))
+        .into());
+    }
+    let tok = tokenizer_for(opts, &out.join("tokenizer"))?;
+    let mut o = opts.overrides.clone();
+    o.vocab_size = Some(tok.len());
+    o.bos_token_id = tok.bos_token_id();
+    o.eos_token_id = tok.eos_token_id();
+    let mut cfg = GPT2Config::from_pretrained_with(&opts.config_from, &o)?;
+    if let Some(p) = opts.dropout {
+        cfg.attn_pdrop = p;
+        cfg.embd_pdrop = p;
+        cfg.resid_pdrop = p;
+    }
+    if opts.block_size > cfg.n_positions {
+        return Err(crate::train::TrainError::Args(format!(
+            "block_size {} is longer than n_positions {}",
+            opts.block_size, cfg.n_positions
+        ))
+        .into());
+    }
+    let eos = tok.eos_token_id();
+    let packing = Packing::Group {
+        block_size: opts.block_size,
+    };
+    let train_ds =
+        crate::data::load_tokenized(&opts.train_file, &opts.text_field, &tok, packing, eos)?;
+    let eval_ds: Option<Dataset> = match &opts.validation_file {
+        Some(v) => {
+            let mut ds = crate::data::load_tokenized(v, &opts.text_field, &tok, packing, eos)?;
+            if let Some(n) = opts.max_eval_samples {
+                ds.input_ids.truncate(n);
+            }
+            Some(ds)
+        }
+        None => None,
+    };
+    let model = GPT2LMHeadModel::new(&cfg, args.seed, &Device::Cpu)?;
+    eprintln!(
+        "model: {} layers, {} wide, {} heads, vocab {}, {:.2}M parameters; {} training blocks of {} tokens",
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.vocab_size,
+        cfg.num_parameters() as f64 / 1e6,
+        train_ds.len(),
+        opts.block_size
+    );
+    for f in args.unused_fields() {
+        eprintln!("warning: TrainingArguments field accepted but not acted on: {f}");
+    }
+    let collator = DataCollatorForLanguageModeling::new(&tok, false);
+    let mut trainer = Trainer::new(model, args, collator, train_ds, eval_ds, Some(tok.clone()))?;
+    let before = if trainer.args.resume_from_checkpoint.is_none() {
+        trainer
+            .eval_dataset
+            .clone()
+            .map(|ds| trainer.evaluate_dataset(&ds))
+            .transpose()?
+    } else {
+        None
+    };
+    let result = trainer.train()?;
+    // train() ends with an evaluation when eval_strategy is set; else run one.
+    let after = match trainer
+        .state
+        .log_history
+        .iter()
+        .rev()
+        .find(|e| e.contains_key("eval_loss"))
+    {
+        Some(e) if e["step"] == json!(trainer.state.global_step) => Some(json!({
+            "eval_loss": e["eval_loss"],
+            "perplexity": e["eval_perplexity"],
+            "bits_per_byte": e["eval_bits_per_byte"],
+        })),
+        _ => trainer
+            .eval_dataset
+            .clone()
+            .map(|ds| trainer.evaluate_dataset(&ds))
+            .transpose()?
+            .map(|m| serde_json::to_value(m).expect("json")),
+    };
+    trainer.save_model(&opts.save_model_dir)?;
+    std::fs::write(
+        Path::new(&trainer.args.output_dir).join("trainer_state.json"),
+        trainer.state.to_json_string(),
+    )
+    .ok();
+    crate::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir)).ok();
+    let gen = GenerationConfig {
+        max_new_tokens: Some(opts.max_new_tokens),
+        repetition_penalty: 1.1,
+        pad_token_id: tok.eos_token_id(),
+        eos_token_id: tok.eos_token_id().map(crate::generate::TokenIds::One),
+        ..Default::default()
+    };
+    let ids = tok.encode(&opts.prompt)?;
+    let out_ids = trainer
+        .model
+        .generate(&[ids], None, &gen)?
+        .sequences
+        .remove(0);
+    let text = tok.decode(&out_ids, false)?;
+    Ok(json!({
+        "global_step": result.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime": result.metrics["train_runtime"],
+        "before": before,
+        "after": after,
+        "model_dir": opts.save_model_dir.display().to_string(),
+        "prompt": opts.prompt,
+        "generation": text,
+        "parameters": trainer.model.config.num_parameters(),
+    }))
+}
