@@ -15,6 +15,7 @@ pub use tokenizer::AutoTokenizer;
 pub mod bench;
 pub mod config;
 pub mod model;
+pub mod ops;
 pub mod plot;
 pub mod pretrain;
 pub mod pyjson;

@@ -93,7 +93,7 @@ impl Activation {
 
     fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::GeluTanh => x.gelu(),
+            Self::GeluTanh => crate::ops::gelu_tanh(x),
             Self::Gelu => x.gelu_erf(),
             Self::Relu => x.relu(),
             Self::Silu => x.silu(),
@@ -137,7 +137,7 @@ impl Dropout {
     }
 }
 
-/// `nn.LayerNorm` from differentiable primitives.
+/// `nn.LayerNorm` (a fused kernel with its backward on the CPU).
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -146,15 +146,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -165,8 +157,16 @@ struct Conv1D {
 }
 
 impl Conv1D {
+    /// `x @ W + b` on `[rows, in]`: a plain 2-D matmul, whose backward needs
+    /// no broadcast-and-sum over the batch.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+        let dims = x.dims().to_vec();
+        let (k, n) = self.weight.dims2()?;
+        let rows = x.elem_count() / k;
+        let y = x.reshape((rows, k))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank ≥ 1") = n;
+        y.reshape(out)
     }
 }
 
@@ -240,7 +240,7 @@ impl Attention {
         }
         let att = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
         let att = att.broadcast_add(bias)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = crate::ops::softmax_last_dim(&att)?;
         let att = model.dropout(&att, model.config.attn_pdrop)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         let y = self.c_proj.forward(&y)?;
@@ -682,7 +682,10 @@ impl GPT2LMHeadModel {
             x = (x + h)?;
         }
         let x = self.ln_f.forward(&x)?;
-        let logits = x.broadcast_matmul(&self.wte.t()?)?;
+        let logits = x
+            .reshape((b * t, self.config.n_embd))?
+            .matmul(&self.wte.t()?)?
+            .reshape((b, t, self.config.vocab_size))?;
         Ok(logits)
     }
 
@@ -725,31 +728,19 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     }
     let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let lab: Vec<i64> = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
-    let mut idx = Vec::with_capacity(lab.len());
-    let mut keep = Vec::with_capacity(lab.len());
     let mut count = 0usize;
     for &l in &lab {
         if l == IGNORE_INDEX {
-            idx.push(0u32);
-            keep.push(0f32);
-        } else {
-            if l < 0 || l as usize >= v {
-                return Err(ModelError::Input(format!(
-                    "label {l} is outside the vocabulary (0..{v}) and is not -100"
-                )));
-            }
-            idx.push(l as u32);
-            keep.push(1f32);
-            count += 1;
+            continue;
         }
+        if l < 0 || l as usize >= v {
+            return Err(ModelError::Input(format!(
+                "label {l} is outside the vocabulary (0..{v}) and is not -100"
+            )));
+        }
+        count += 1;
     }
-    let n = idx.len();
-    let dev = logits.device();
-    let idx = Tensor::from_vec(idx, (n, 1), dev)?;
-    let keep = Tensor::from_vec(keep, (n,), dev)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
-    let sum = (picked * keep)?.sum_all()?.neg()?;
+    let sum = crate::ops::cross_entropy_sum(&logits, lab)?;
     Ok((sum, count))
 }
 
