@@ -108,18 +108,23 @@ pub fn train(shape: &Shape, steps: usize) -> Result<Value> {
         &Device::Cpu,
     )?;
     let labels = ids.to_dtype(DType::I64)?;
-    let mut times = Vec::new();
+    let (mut times, mut fwd, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..steps + 1 {
         let t = Instant::now();
         let out = model.forward_with_labels(&ids, None, &labels)?;
         let loss = out.loss.expect("labels given");
+        let t_fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward()?;
+        let t_bwd = t.elapsed().as_secs_f64();
         opt.step(&grads)?;
         if step > 0 {
             times.push(t.elapsed().as_secs_f64());
+            fwd.push(t_fwd);
+            bwd.push(t_bwd - t_fwd);
         }
     }
     let step_s = median(times);
+    let (fwd_s, bwd_s) = (median(fwd), median(bwd));
     let tokens = (shape.batch * shape.seq) as f64;
     let n = cfg.num_parameters() as f64;
     // 6N per token plus attention's 12·L·T·C (PaLM appendix B).
@@ -135,6 +140,9 @@ pub fn train(shape: &Shape, steps: usize) -> Result<Value> {
         "parameters": cfg.num_parameters(),
         "threads": rayon::current_num_threads(),
         "step_seconds": step_s,
+        "forward_seconds": fwd_s,
+        "backward_seconds": bwd_s,
+        "optimizer_seconds": step_s - fwd_s - bwd_s,
         "tokens_per_second": tokens / step_s,
         "model_gflops": achieved,
         "gemm_peak_gflops": peak,
