@@ -13,8 +13,9 @@
 #   VOCAB          vocabulary size (default 30000)
 #   UNIGRAM_VOCAB  vocabulary size of the unigram rows (default $VOCAB)
 #   WAIT_IDLE=1    before each measurement, wait (up to 15 min) until no
-#                  `rustc` is running, so that a build does not skew timings,
-#                  and warn when one started during a measurement
+#                  `rustc` is running and the CPUs are idle (under 10% busy
+#                  over 3 s), so that other work does not skew timings, and
+#                  warn when a rustc ran during a measurement
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,14 +36,27 @@ if [[ ! -x "$COMPANION" ]]; then
     exit 1
 fi
 
+# Percent of the CPUs busy over the next 3 seconds (from /proc/stat).
+cpu_busy() {
+    local a b c d e f g t1 i1 t2 i2
+    read -r _ a b c d e f g _ </proc/stat
+    t1=$((a + b + c + d + e + f + g)) i1=$((d + e))
+    sleep 3
+    read -r _ a b c d e f g _ </proc/stat
+    t2=$((a + b + c + d + e + f + g)) i2=$((d + e))
+    echo $((100 * ((t2 - t1) - (i2 - i1)) / (t2 - t1 > 0 ? t2 - t1 : 1)))
+}
+
 wait_idle() {
     [[ "${WAIT_IDLE:-0}" == 1 ]] || return 0
     local i
-    for ((i = 0; i < 90; i++)); do
-        pgrep -x rustc >/dev/null || return 0
-        sleep 10
+    for ((i = 0; i < 180; i++)); do
+        if ! pgrep -x rustc >/dev/null && (($(cpu_busy) < 10)); then
+            return 0
+        fi
+        sleep 2
     done
-    echo "warning: rustc still running after 15 minutes; measuring anyway" >&2
+    echo "warning: no rustc-free, idle moment in 15 minutes; measuring anyway" >&2
 }
 
 results=$(mktemp)

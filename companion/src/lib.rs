@@ -4,6 +4,7 @@
 
 pub mod corpus;
 pub mod data;
+pub mod display;
 pub mod generate;
 pub mod hub;
 pub mod io;

@@ -163,7 +163,10 @@ impl Conv1D {
         let dims = x.dims().to_vec();
         let (k, n) = self.weight.dims2()?;
         let rows = x.elem_count() / k;
-        let y = x.reshape((rows, k))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let y = x
+            .reshape((rows, k))?
+            .matmul(&self.weight)?
+            .broadcast_add(&self.bias)?;
         let mut out = dims;
         *out.last_mut().expect("rank ≥ 1") = n;
         y.reshape(out)
@@ -218,7 +221,7 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        bias: &Tensor,
+        key_mask: Option<&[Vec<u32>]>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         model: &GPT2LMHeadModel,
     ) -> candle_core::Result<Tensor> {
@@ -231,16 +234,17 @@ impl Attention {
                 .contiguous()
         };
         let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
+        let mut past = 0;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
+                past = pk.dim(2)?;
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let att = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-        let att = att.broadcast_add(bias)?;
-        let att = crate::ops::softmax_last_dim(&att)?;
+        let scores = q.matmul(&k.t()?)?;
+        let att = crate::ops::masked_softmax(&scores, self.scale, past, key_mask)?;
         let att = model.dropout(&att, model.config.attn_pdrop)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         let y = self.c_proj.forward(&y)?;
@@ -645,23 +649,6 @@ impl GPT2LMHeadModel {
             }
         }
         let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
-        // Additive attention bias [B or 1, 1, T, total]: causal plus padding.
-        const MASKED: f32 = -1e9;
-        let rows = if attention_mask.is_some() { b } else { 1 };
-        let mut bias = vec![0f32; rows * t * total];
-        for r in 0..rows {
-            for i in 0..t {
-                for j in 0..total {
-                    let causal = j > past + i;
-                    let pad = attention_mask.map(|m| m[r][j] == 0).unwrap_or(false);
-                    if causal || pad {
-                        bias[(r * t + i) * total + j] = MASKED;
-                    }
-                }
-            }
-        }
-        let bias =
-            Tensor::from_vec(bias, (rows, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
         let ids = input_ids.flatten_all()?;
         let tok = self.wte.index_select(&ids, 0)?;
         let posv = self.wpe.index_select(&pos, 0)?;
@@ -676,7 +663,7 @@ impl GPT2LMHeadModel {
             });
             let h = block
                 .attn
-                .forward(&block.ln_1.forward(&x)?, &bias, slot, self)?;
+                .forward(&block.ln_1.forward(&x)?, attention_mask, slot, self)?;
             x = (x + h)?;
             let h = block.mlp.forward(&block.ln_2.forward(&x)?, self)?;
             x = (x + h)?;

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
+};
 use rayon::prelude::*;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -137,7 +139,13 @@ impl CustomOp2 for LayerNormGradWB {
         "companion-layer-norm-grad-wb"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "layer_norm grad x")?;
         let g = f32_slice(s2, l2, "layer_norm grad g")?;
         let c = *l1.dims().last().expect("rank ≥ 1");
@@ -222,7 +230,13 @@ impl CustomOp2 for SoftmaxGrad {
         "companion-softmax-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let y = f32_slice(s1, l1, "softmax grad y")?;
         let g = f32_slice(s2, l2, "softmax grad g")?;
         let c = *l1.dims().last().expect("rank ≥ 1");
@@ -247,6 +261,103 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
+// ------------------------------------------------------- attention softmax
+
+/// softmax(scale · scores + mask) over keys, for scores `[B, H, T, S]`:
+/// query i (at position past + i) sees key j when j ≤ past + i and the key
+/// is not padding (`key_mask[b][j] == 1`). One pass instead of a scale, a
+/// broadcast add of a `[B, 1, T, S]` bias and a softmax, each with a backward.
+struct MaskedSoftmax {
+    scale: f32,
+    past: usize,
+    key_mask: Option<Arc<Vec<Vec<u32>>>>,
+}
+
+const MASKED: f32 = -1e9;
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "companion-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "masked softmax")?;
+        let dims = l.dims();
+        let (h, t, sk) = (dims[1], dims[2], dims[3]);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(sk)
+            .zip(x.par_chunks(sk))
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let i = row % t;
+                let b = row / (t * h);
+                let allowed = |j: usize| {
+                    j <= self.past + i && self.key_mask.as_ref().is_none_or(|m| m[b][j] == 1)
+                };
+                let mut m = f32::NEG_INFINITY;
+                for j in 0..sk {
+                    let v = if allowed(j) {
+                        x[j] * self.scale
+                    } else {
+                        MASKED
+                    };
+                    y[j] = v;
+                    m = m.max(v);
+                }
+                let mut z = 0f32;
+                for v in y.iter_mut() {
+                    *v = (*v - m).exp();
+                    z += *v;
+                }
+                let inv = 1.0 / z;
+                y.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dx = y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?;
+        Ok(Some((dx * self.scale as f64)?))
+    }
+}
+
+/// Causal (and padding-masked) softmax of `scale · scores`, scores `[B, H, T, S]`.
+pub fn masked_softmax(
+    scores: &Tensor,
+    scale: f64,
+    past: usize,
+    key_mask: Option<&[Vec<u32>]>,
+) -> Result<Tensor> {
+    let (b, _h, t, s) = scores.dims4()?;
+    if let Some(m) = key_mask {
+        if m.len() != b || m.iter().any(|r| r.len() != s) {
+            candle_core::bail!("masked_softmax: key mask must be {b} rows of {s}");
+        }
+    }
+    if fast(scores) {
+        return scores.contiguous()?.apply_op1(MaskedSoftmax {
+            scale: scale as f32,
+            past,
+            key_mask: key_mask.map(|m| Arc::new(m.to_vec())),
+        });
+    }
+    let rows = if key_mask.is_some() { b } else { 1 };
+    let mut bias = vec![0f32; rows * t * s];
+    for r in 0..rows {
+        for i in 0..t {
+            for j in 0..s {
+                let pad = key_mask.is_some_and(|m| m[r][j] == 0);
+                if j > past + i || pad {
+                    bias[(r * t + i) * s + j] = MASKED;
+                }
+            }
+        }
+    }
+    let bias =
+        Tensor::from_vec(bias, (rows, 1, t, s), scores.device())?.to_dtype(scores.dtype())?;
+    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&bias)?, D::Minus1)
+}
+
 // ---------------------------------------------------------------------- GELU
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -262,12 +373,14 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
-            for i in 0..x.len() {
-                let v = x[i];
-                y[i] = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh());
-            }
-        });
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(y, x)| {
+                for i in 0..x.len() {
+                    let v = x[i];
+                    y[i] = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh());
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -283,7 +396,13 @@ impl CustomOp2 for GeluTanhGrad {
         "companion-gelu-tanh-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "gelu grad x")?;
         let g = f32_slice(s2, l2, "gelu grad g")?;
         let mut dx = vec![0f32; x.len()];
@@ -397,7 +516,10 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
             targets: Arc::new(targets),
         });
     }
-    let keep: Vec<f32> = targets.iter().map(|&t| if t < 0 { 0.0 } else { 1.0 }).collect();
+    let keep: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t < 0 { 0.0 } else { 1.0 })
+        .collect();
     let idx: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
     let dev = logits.device();
     let idx = Tensor::from_vec(idx, (n, 1), dev)?;
@@ -426,7 +548,13 @@ mod tests {
         };
         let loss = (f(x.as_tensor()).unwrap() * &w).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f32> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let h = 1e-2f32;
         for i in (0..base.len()).step_by(7) {
@@ -452,13 +580,25 @@ mod tests {
         // Weight and bias gradients against the composite version.
         let x = Tensor::randn(0f32, 1.0, (6, 16), &Device::Cpu).unwrap();
         let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
-        let g1 = layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let comp = {
             let x64 = x.clone();
             let mean = x64.mean_keepdim(D::Minus1).unwrap();
             let xc = x64.broadcast_sub(&mean).unwrap();
             let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(wv.as_tensor()).unwrap().broadcast_add(bv.as_tensor()).unwrap()
+            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(wv.as_tensor())
+                .unwrap()
+                .broadcast_add(bv.as_tensor())
+                .unwrap()
         };
         let g2 = comp.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&wv, &bv] {
@@ -475,7 +615,12 @@ mod tests {
         check_grad((4, 9), softmax_last_dim);
         check_grad((4, 9), gelu_tanh);
         let x = Tensor::randn(0f32, 1.0, (3, 7), &Device::Cpu).unwrap();
-        let ours: Vec<f32> = gelu_tanh(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<f32> = gelu_tanh(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let theirs: Vec<f32> = x.gelu().unwrap().flatten_all().unwrap().to_vec1().unwrap();
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() < 1e-5);
@@ -483,12 +628,38 @@ mod tests {
     }
 
     #[test]
+    fn masked_softmax_matches_the_composite_and_its_backward() {
+        let mask = vec![vec![0u32, 1, 1, 1, 1]];
+        check_grad((4, 5), |x| {
+            masked_softmax(&x.reshape((1, 1, 4, 5))?, 0.5, 1, Some(&mask))?.reshape((4, 5))
+        });
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 3, 3), &Device::Cpu).unwrap();
+        let fused = masked_softmax(&x, 0.7, 0, None).unwrap();
+        let comp = masked_softmax(&x.to_dtype(DType::F64).unwrap(), 0.7, 0, None).unwrap();
+        let d: f64 = (fused.to_dtype(DType::F64).unwrap() - comp)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
     fn cross_entropy_backward_matches_finite_differences() {
         let targets = vec![3i64, -100, 0, 8];
         check_grad((4, 9), |x| cross_entropy_sum(x, targets.clone()));
         let x = Tensor::randn(0f32, 1.0, (4, 9), &Device::Cpu).unwrap();
-        let fused: f32 = cross_entropy_sum(&x, targets.clone()).unwrap().to_scalar().unwrap();
-        let logp = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap().to_vec2::<f32>().unwrap();
+        let fused: f32 = cross_entropy_sum(&x, targets.clone())
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let logp = candle_nn::ops::log_softmax(&x, D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let want: f32 = -(logp[0][3] + logp[2][0] + logp[3][8]);
         assert!((fused - want).abs() < 1e-5, "{fused} vs {want}");
     }
