@@ -5,6 +5,7 @@
 pub mod corpus;
 pub mod data;
 pub mod display;
+pub mod dist;
 pub mod generate;
 pub mod hub;
 pub mod io;
@@ -23,3 +24,7 @@ pub mod pyjson;
 
 pub use config::GPT2Config;
 pub use model::GPT2LMHeadModel;
+
+// Re-exported so notebook cells can name tensors without their own `:dep`.
+pub use candle_core;
+pub use candle_nn;
