@@ -257,8 +257,8 @@ write("4.3.4_training.ipynb", [
 # 4.3.4 事前学習の実行
 *Running the pretraining: collator, dataset, TrainingArguments, Trainer.*
 
-CPU で数十秒で終わるよう、小さなモデル (2 層, 幅 128, 文脈 128) で学習します。
-*A small model (2 layers, 128 wide, 128-token blocks) so that this runs in under a minute on a laptop CPU.*
+CPU で 1〜2 分で終わるよう、小さなモデル (2 層, 幅 128, 128 トークンのブロック, 位置埋め込み 256) で学習します。
+*A small model (2 layers, 128 wide, 128-token blocks, 256 positions so that 4.3.5 can add 128 tokens) that trains in a minute or two on a laptop CPU.*
 """),
     SETUP,
     code(DEP),
@@ -330,7 +330,7 @@ use companion::train::{Trainer, TrainingArguments};
 use companion::{GPT2Config, GPT2LMHeadModel};
 use companion::config::ConfigOverrides;
 let mut config = GPT2Config::from_pretrained_with("gpt2", &ConfigOverrides {
-    vocab_size: Some(tokenizer.len()), n_layer: Some(2), n_embd: Some(128), n_head: Some(2), n_positions: Some(128),
+    vocab_size: Some(tokenizer.len()), n_layer: Some(2), n_embd: Some(128), n_head: Some(2), n_positions: Some(256),
     bos_token_id: tokenizer.bos_token_id(), eos_token_id: tokenizer.eos_token_id(), ..Default::default() })?;
 config.attn_pdrop = 0.0; config.embd_pdrop = 0.0; config.resid_pdrop = 0.0;
 let model = GPT2LMHeadModel::new(&config, 42, &companion::candle_core::Device::Cpu)?;
@@ -404,14 +404,17 @@ println!("{}", tokenizer.decode(&output.sequences[0], false)?);
 *Streaming: print each token as soon as it is chosen.*
 """),
     code("""
-let mut stream = tokenizer.backend().decode_stream(false);
-print!("Hi, how are you?");
-let prompt = tokenizer.encode("Hi, how are you?")?;
-let short = GenerationConfig { max_new_tokens: Some(40), ..config.clone() };
-model.generate_with_streamer(&[prompt], None, &short, false, |_, id| {
-    if let Ok(Some(piece)) = stream.step(id) { print!("{piece}"); }
-})?;
-println!();
+// A block: the decoder borrows the tokenizer, so it cannot outlive the cell.
+{
+    let mut stream = tokenizer.backend().decode_stream(false);
+    print!("Hi, how are you?");
+    let prompt = tokenizer.encode("Hi, how are you?")?;
+    let short = GenerationConfig { max_new_tokens: Some(40), ..config.clone() };
+    model.generate_with_streamer(&[prompt], None, &short, false, |_, id| {
+        if let Ok(Some(piece)) = stream.step(id) { print!("{piece}"); }
+    })?;
+    println!();
+}
 """),
     md("""
 ### サンプリング
