@@ -22,17 +22,26 @@ pub fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// The `companion` program that `cargo test --workspace --all-targets` built
-/// beside this test binary.
+/// The `companion` program beside this test binary; built once on first use
+/// when a plain `cargo test` has not built it (cargo builds a package's
+/// binaries only for that package's own integration tests).
 pub fn companion_bin() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join(format!("companion{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace --all-targets`",
-        bin.display()
-    );
+    BUILD.call_once(|| {
+        if !bin.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "companion", "--bin", "companion"])
+                .current_dir(root())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the companion binary failed");
+        }
+    });
+    assert!(bin.exists(), "{} is missing", bin.display());
     bin
 }
 
