@@ -173,10 +173,54 @@ impl Conv1D {
     }
 }
 
-/// Keys and values of earlier positions, one entry per layer: `[B, H, T, D]`.
+/// Keys and values of earlier positions, one entry per layer, in buffers
+/// `[B, H, capacity, D]` that grow by doubling: appending a token writes one
+/// position instead of copying the whole cache, so each new token costs the
+/// same whatever its position.
 #[derive(Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+#[derive(Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `[B, H, t, D]` keys and values; return views of all positions.
+    fn append(
+        slot: &mut Option<LayerCache>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, usize)> {
+        let (b, h, t, d) = k.dims4()?;
+        let past = slot.as_ref().map(|c| c.len).unwrap_or(0);
+        let cap = slot.as_ref().map(|c| c.k.dim(2)).transpose()?.unwrap_or(0);
+        if past + t > cap {
+            let new_cap = (past + t).max(2 * cap).max(64);
+            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            if let Some(c) = slot.as_ref() {
+                nk.slice_set(&c.k.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&c.v.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(LayerCache {
+                k: nk,
+                v: nv,
+                len: past,
+            });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        // Detached: a cached tensor must not keep the autograd graph of every
+        // earlier step (and its activations) alive.
+        c.k.slice_set(&k.detach().contiguous()?, 2, past)?;
+        c.v.slice_set(&v.detach().contiguous()?, 2, past)?;
+        c.len = past + t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?, past))
+    }
 }
 
 impl KvCache {
@@ -191,7 +235,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .map(|c| c.len)
             .unwrap_or(0)
     }
 
@@ -201,9 +245,9 @@ impl KvCache {
 
     /// Keep only the batch rows in `rows` (used when sequences finish).
     pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for c in self.layers.iter_mut().flatten() {
+            c.k = c.k.index_select(rows, 0)?;
+            c.v = c.v.index_select(rows, 0)?;
         }
         Ok(())
     }
@@ -222,7 +266,7 @@ impl Attention {
         &self,
         x: &Tensor,
         key_mask: Option<&[Vec<u32>]>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
         model: &GPT2LMHeadModel,
     ) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
@@ -236,12 +280,8 @@ impl Attention {
         let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
         let mut past = 0;
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                past = pk.dim(2)?;
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+            let (ck, cv, p) = LayerCache::append(slot, &k, &v)?;
+            (k, v, past) = (ck, cv, p);
         }
         let scores = q.matmul(&k.t()?)?;
         let att = crate::ops::masked_softmax(&scores, self.scale, past, key_mask)?;
