@@ -325,6 +325,8 @@ impl GPT2LMHeadModel {
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<GenerateOutput> {
         cfg.validate()?;
+        // No autograd graph while generating (torch.no_grad in HF's generate).
+        let model = self.for_inference();
         if input_ids.is_empty() {
             return Err(ModelError::Input(
                 "generate needs at least one prompt".into(),
@@ -391,7 +393,7 @@ impl GPT2LMHeadModel {
         let mut new_tokens = 0;
         while seqs[0].len() < max_len {
             let ids = Tensor::new(step_input.clone(), self.device())?;
-            let logits = self.forward(&ids, Some(&mask), Some(&mut cache))?;
+            let logits = model.forward(&ids, Some(&mask), Some(&mut cache))?;
             let t = logits.dim(1)?;
             let last: Vec<Vec<f32>> = logits
                 .narrow(1, t - 1, 1)?

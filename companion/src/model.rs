@@ -439,8 +439,27 @@ impl GPT2LMHeadModel {
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }
-        let get =
-            |n: &str| -> Tensor { varmap.data().lock().expect("varmap")[n].as_tensor().clone() };
+        Ok(Self::assemble(config, varmap, dtype, device, false))
+    }
+
+    /// Build the modules over the parameters of `varmap`. With `detached`,
+    /// the modules see the same storage without the autograd flag, so a
+    /// forward pass records no graph (what `torch.no_grad()` gives).
+    fn assemble(
+        config: GPT2Config,
+        varmap: VarMap,
+        dtype: DType,
+        device: &Device,
+        detached: bool,
+    ) -> Self {
+        let get = |n: &str| -> Tensor {
+            let t = varmap.data().lock().expect("varmap")[n].as_tensor().clone();
+            if detached {
+                t.detach()
+            } else {
+                t
+            }
+        };
         let ln = |p: &str| LayerNorm {
             weight: get(&format!("{p}.weight")),
             bias: get(&format!("{p}.bias")),
@@ -478,7 +497,7 @@ impl GPT2LMHeadModel {
                 },
             });
         }
-        Ok(GPT2LMHeadModel {
+        GPT2LMHeadModel {
             wte: get("transformer.wte.weight"),
             wpe: get("transformer.wpe.weight"),
             ln_f: ln("transformer.ln_f"),
@@ -489,7 +508,19 @@ impl GPT2LMHeadModel {
             dtype,
             training: false,
             dropout: Dropout::new(0),
-        })
+        }
+    }
+
+    /// A view of this model for inference: same weights (shared, so later
+    /// training steps show through), no gradient bookkeeping, eval mode.
+    pub fn for_inference(&self) -> Self {
+        Self::assemble(
+            self.config.clone(),
+            self.varmap.clone(),
+            self.dtype,
+            &self.device,
+            true,
+        )
     }
 
     /// `GPT2LMHeadModel.from_pretrained(id_or_dir)`: `config.json` and
