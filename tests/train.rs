@@ -211,6 +211,12 @@ fn resume_is_bit_identical() {
         weights(&c),
         "resumed weights differ from a straight run"
     );
+    // 6 steps × 2 micro-batches × 2 examples × 8 tokens; FLOPs = 6·N per token.
+    let n = a.model.num_parameters() as f64;
+    for t in [&a, &c] {
+        assert_eq!(t.state.num_input_tokens_seen, 192);
+        assert_eq!(t.state.total_flos, 6.0 * n * 192.0);
+    }
     let losses = |t: &Trainer| -> Vec<Value> {
         t.state
             .log_history

@@ -642,6 +642,7 @@ impl Trainer {
         }
         let per_epoch = loader.batches_per_epoch() as f64;
         let names: Vec<(String, candle_core::Var)> = self.model.named_parameters();
+        let n_params: usize = names.iter().map(|(_, v)| v.elem_count()).sum();
         let bar = if self.verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             indicatif::ProgressBar::new(total as u64)
         } else {
@@ -669,6 +670,10 @@ impl Trainer {
                 .max(1);
             let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
             let mut step_loss = 0f64;
+            let step_tokens: usize = batches
+                .iter()
+                .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
+                .sum();
             for (k, b) in batches.iter().enumerate() {
                 self.model.seed_dropout(
                     self.args.seed ^ ((step * accum + k) as u64).wrapping_mul(0x9E3779B97F4A7C15),
@@ -699,9 +704,9 @@ impl Trainer {
                         }
                     }
                 }
-                self.state.num_input_tokens_seen += b.input_ids.iter().map(Vec::len).sum::<usize>();
-                tokens_since_log += b.input_ids.iter().map(Vec::len).sum::<usize>();
             }
+            self.state.num_input_tokens_seen += step_tokens;
+            tokens_since_log += step_tokens;
             // Clip to max_grad_norm by the global norm (torch.nn.utils.clip_grad_norm_).
             let norm = grads
                 .values()
@@ -744,8 +749,7 @@ impl Trainer {
             }
             self.state.global_step += 1;
             self.state.epoch = (self.state.global_step * accum) as f64 / per_epoch;
-            self.state.total_flos +=
-                6.0 * self.model.num_parameters() as f64 * tokens_since_log as f64;
+            self.state.total_flos += 6.0 * n_params as f64 * step_tokens as f64;
             log_loss += step_loss;
             log_n += 1;
             total_loss += step_loss;
