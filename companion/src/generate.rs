@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -437,11 +437,6 @@ impl GPT2LMHeadModel {
         out.sequences = seqs;
         Ok(out)
     }
-}
-
-/// Greedy argmax over the last dimension (helper for callers with tensors).
-pub fn greedy(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1()?)
 }
 
 #[cfg(test)]

@@ -242,15 +242,6 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Keep only the batch rows in `rows` (used when sequences finish).
-    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
-        for c in self.layers.iter_mut().flatten() {
-            c.k = c.k.index_select(rows, 0)?;
-            c.v = c.v.index_select(rows, 0)?;
-        }
-        Ok(())
-    }
 }
 
 struct Attention {
@@ -701,22 +692,19 @@ impl GPT2LMHeadModel {
                 )));
             }
         }
-        // Positions: arange, or the running count of real tokens.
+        // Positions: arange, or the running count of real tokens (padding
+        // gets 1, as HF's generate fills it).
         let mut pos = Vec::with_capacity(b * t);
         for row in 0..b {
-            for j in past..total {
-                let p = match attention_mask {
-                    Some(m) => {
-                        let seen: u32 = m[row][..=j].iter().sum();
-                        if m[row][j] == 0 {
-                            1
-                        } else {
-                            seen.saturating_sub(1)
-                        }
+            match attention_mask {
+                Some(m) => {
+                    let mut seen: u32 = m[row][..past].iter().sum();
+                    for &keep in &m[row][past..total] {
+                        seen += keep;
+                        pos.push(if keep == 0 { 1 } else { seen - 1 });
                     }
-                    None => j as u32,
-                };
-                pos.push(p);
+                }
+                None => pos.extend(past as u32..total as u32),
             }
         }
         let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
