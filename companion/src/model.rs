@@ -619,21 +619,22 @@ impl GPT2LMHeadModel {
     /// `model.save_pretrained(dir)`: `config.json` and `model.safetensors` in
     /// HF's layout (tied `lm_head` not stored), both written atomically.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        let bytes = self.state_dict_bytes()?;
-        let mut config = self.config.clone();
-        config.architectures = Some(vec!["GPT2LMHeadModel".into()]);
-        let io = |e: std::io::Error| ModelError::File {
+        let files = self.pretrained_files()?;
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        crate::io::write_files_atomically(dir, &refs).map_err(|e| ModelError::File {
             file: dir.display().to_string(),
             msg: e.to_string(),
-        };
-        crate::io::write_files_atomically(
-            dir,
-            &[
-                ("model.safetensors", bytes.as_slice()),
-                ("config.json", config.to_json_string().as_bytes()),
-            ],
-        )
-        .map_err(io)
+        })
+    }
+
+    /// The files `save_pretrained` writes, by name (checkpoints write them too).
+    pub fn pretrained_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mut config = self.config.clone();
+        config.architectures = Some(vec!["GPT2LMHeadModel".into()]);
+        Ok(vec![
+            ("model.safetensors", self.state_dict_bytes()?),
+            ("config.json", config.to_json_string().into_bytes()),
+        ])
     }
 
     pub fn device(&self) -> &Device {

@@ -227,12 +227,17 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
             .map(|m| serde_json::to_value(m).expect("json")),
     };
     trainer.save_model(&opts.save_model_dir)?;
-    std::fs::write(
-        Path::new(&trainer.args.output_dir).join("trainer_state.json"),
-        trainer.state.to_json_string(),
-    )
-    .ok();
-    crate::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir)).ok();
+    // trainer.save_state(): the final state beside the checkpoints.
+    let state_file = Path::new(&trainer.args.output_dir).join("trainer_state.json");
+    crate::io::write_file_atomically(&state_file, trainer.state.to_json_string().as_bytes())
+        .map_err(|e| crate::train::TrainError::Io {
+            path: state_file.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    if let Err(e) = crate::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir))
+    {
+        eprintln!("warning: could not draw loss.svg: {e}");
+    }
     let gen = GenerationConfig {
         max_new_tokens: Some(opts.max_new_tokens),
         repetition_penalty: 1.1,

@@ -431,10 +431,16 @@ impl AutoTokenizer {
     /// written into a temporary folder beside `dir` and moved in only when all
     /// are complete, so a failure never leaves a half-written tokenizer.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        let io = |path: &Path, e: std::io::Error| TokenizerError::Io {
-            path: path.into(),
+        let files = self.pretrained_files()?;
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        crate::io::write_files_atomically(dir, &refs).map_err(|e| TokenizerError::Io {
+            path: dir.into(),
             msg: e.to_string(),
-        };
+        })
+    }
+
+    /// The files `save_pretrained` writes, by name (checkpoints write them too).
+    pub fn pretrained_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let json_text = self.tokenizer.to_string(true).map_err(tk)?;
         let config = serde_json::to_string_pretty(&self.tokenizer_config()).expect("json");
         let map: Map<String, Value> = self
@@ -448,15 +454,11 @@ impl AutoTokenizer {
             })
             .collect();
         let map = serde_json::to_string_pretty(&Value::Object(map)).expect("json");
-        crate::io::write_files_atomically(
-            dir,
-            &[
-                ("tokenizer.json", json_text.as_bytes()),
-                ("tokenizer_config.json", config.as_bytes()),
-                ("special_tokens_map.json", map.as_bytes()),
-            ],
-        )
-        .map_err(|e| io(dir, e))
+        Ok(vec![
+            ("tokenizer.json", json_text.into_bytes()),
+            ("tokenizer_config.json", config.into_bytes()),
+            ("special_tokens_map.json", map.into_bytes()),
+        ])
     }
 }
 

@@ -835,16 +835,12 @@ impl Trainer {
     /// scheduler.json = scheduler.pt, rng_state.json = rng_state.pth,
     /// training_args.json = training_args.bin).
     fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut files = vec![
-            (
-                "model.safetensors".to_string(),
-                self.model.state_dict_bytes()?,
-            ),
-            (
-                "config.json".to_string(),
-                self.model.config.to_json_string().into_bytes(),
-            ),
-        ];
+        let mut files: Vec<(String, Vec<u8>)> = self
+            .model
+            .pretrained_files()?
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), b))
+            .collect();
         let gen = crate::generate::GenerationConfig::from_model_config(&self.model.config);
         files.push((
             "generation_config.json".into(),
@@ -905,17 +901,10 @@ impl Trainer {
             crate::pyjson::dumps(&serde_json::to_value(&self.args).expect("json")).into_bytes(),
         ));
         if let Some(tok) = &self.tokenizer {
-            let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
-            tok.save_pretrained(dir.path())
+            let tf = tok
+                .pretrained_files()
                 .map_err(|e| TrainError::Args(e.to_string()))?;
-            for f in [
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-            ] {
-                let p = dir.path().join(f);
-                files.push((f.into(), std::fs::read(&p).map_err(io_err(&p))?));
-            }
+            files.extend(tf.into_iter().map(|(n, b)| (n.to_string(), b)));
         }
         Ok(files)
     }
