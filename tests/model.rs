@@ -25,25 +25,6 @@ fn logits3(v: &Value) -> Vec<Vec<Vec<f32>>> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-/// Largest absolute difference, over the positions where `mask` is 1.
-fn max_diff(ours: &Tensor, want: &[Vec<Vec<f32>>], mask: Option<&[Vec<u32>]>) -> f32 {
-    let ours: Vec<Vec<Vec<f32>>> = ours.to_vec3().unwrap();
-    assert_eq!(ours.len(), want.len());
-    let mut m = 0f32;
-    for (b, (ro, rw)) in ours.iter().zip(want).enumerate() {
-        assert_eq!(ro.len(), rw.len());
-        for (t, (po, pw)) in ro.iter().zip(rw).enumerate() {
-            if mask.map(|mk| mk[b][t] == 0).unwrap_or(false) {
-                continue;
-            }
-            for (a, b) in po.iter().zip(pw) {
-                m = m.max((a - b).abs());
-            }
-        }
-    }
-    m
-}
-
 #[test]
 fn logits_and_loss_match_transformers() {
     let fx = read_json(&fixture("tiny_gpt2_outputs.json"));
@@ -133,15 +114,7 @@ fn our_saved_model_loads_in_transformers() {
     let again = back
         .forward(&Tensor::new(ids, &Device::Cpu).unwrap(), None, None)
         .unwrap();
-    let same: f32 = (ours - again)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(same, 0.0);
+    assert_eq!(max_abs_diff(&ours, &again), 0.0);
 }
 
 #[test]
@@ -305,13 +278,5 @@ fn original_gpt2_names_load() {
     let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
     let a = m.forward(&ids, None, None).unwrap();
     let b = reference.forward(&ids, None, None).unwrap();
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
 }

@@ -417,14 +417,7 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
         ],
     );
     let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(py["logits"].clone()).unwrap();
-    let ours: Vec<Vec<Vec<f32>>> = ours.to_vec3().unwrap();
-    let d = ours
-        .iter()
-        .flatten()
-        .flatten()
-        .zip(theirs.iter().flatten().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = max_diff(&ours, &theirs, None);
     assert!(d < 1e-4, "{d}");
     // A second run reuses the tokenizer and the tokenized cache, and bad flags fail.
     let bad = companion(&["pretrain", "--no-such-flag", "1"], &[]);

@@ -94,3 +94,35 @@ pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
 pub fn docs(p: &Path) -> Vec<String> {
     companion::corpus::read_file(p, "text").expect("corpus")
 }
+
+/// Largest absolute elementwise difference of two tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of one shape")
+}
+
+/// Largest absolute difference, over the positions where `mask` is 1.
+pub fn max_diff(
+    ours: &candle_core::Tensor,
+    want: &[Vec<Vec<f32>>],
+    mask: Option<&[Vec<u32>]>,
+) -> f32 {
+    let ours: Vec<Vec<Vec<f32>>> = ours.to_vec3().unwrap();
+    assert_eq!(ours.len(), want.len());
+    let mut m = 0f32;
+    for (b, (ro, rw)) in ours.iter().zip(want).enumerate() {
+        assert_eq!(ro.len(), rw.len());
+        for (t, (po, pw)) in ro.iter().zip(rw).enumerate() {
+            if mask.map(|mk| mk[b][t] == 0).unwrap_or(false) {
+                continue;
+            }
+            for (a, b) in po.iter().zip(pw) {
+                m = m.max((a - b).abs());
+            }
+        }
+    }
+    m
+}
