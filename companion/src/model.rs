@@ -122,6 +122,16 @@ impl Dropout {
         *self.rng.lock().expect("rng") = rand::rngs::StdRng::seed_from_u64(seed);
     }
 
+    /// The generator's state, to replay the same masks when a block is
+    /// recomputed for its backward pass (ZeRO-3, gradient checkpointing).
+    pub fn state(&self) -> rand::rngs::StdRng {
+        self.rng.lock().expect("rng").clone()
+    }
+
+    pub fn set_state(&self, state: rand::rngs::StdRng) {
+        *self.rng.lock().expect("rng") = state;
+    }
+
     fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
@@ -325,6 +335,45 @@ pub struct GPT2LMHeadModel {
     dropout: Dropout,
 }
 
+/// Position ids: arange, or the running count of real tokens when a mask is
+/// given (padding gets 1, as HF's generate fills it).
+fn positions(b: usize, t: usize, past: usize, attention_mask: Option<&[Vec<u32>]>) -> Vec<u32> {
+    let total = past + t;
+    let mut pos = Vec::with_capacity(b * t);
+    for row in 0..b {
+        match attention_mask {
+            Some(m) => {
+                let mut seen: u32 = m[row][..past].iter().sum();
+                for &keep in &m[row][past..total] {
+                    seen += keep;
+                    pos.push(if keep == 0 { 1 } else { seen - 1 });
+                }
+            }
+            None => pos.extend(past as u32..total as u32),
+        }
+    }
+    pos
+}
+
+fn piece(params: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    params
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ModelError::MissingTensor {
+            file: "(parameters passed to a forward piece)".into(),
+            name: name.into(),
+        })
+}
+
+/// The parameters of block `l`, with their shapes, in `named_parameters` order.
+pub fn block_parameter_names(cfg: &GPT2Config, l: usize) -> Vec<(String, Vec<usize>)> {
+    let p = format!("transformer.h.{l}.");
+    parameter_shapes(cfg)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(&p))
+        .collect()
+}
+
 /// HF's parameter names and shapes for a config, in the order
 /// `model.named_parameters()` lists them.
 pub fn parameter_shapes(cfg: &GPT2Config) -> Vec<(String, Vec<usize>)> {
@@ -383,6 +432,64 @@ fn init_value(
     }
     let normal = Normal::new(0.0f32, std as f32).expect("std > 0");
     (0..n).map(|_| normal.sample(rng)).collect()
+}
+
+fn build_ln(config: &GPT2Config, p: &str, get: &dyn Fn(&str) -> Tensor) -> LayerNorm {
+    LayerNorm {
+        weight: get(&format!("{p}.weight")),
+        bias: get(&format!("{p}.bias")),
+        eps: config.layer_norm_epsilon,
+    }
+}
+
+/// Block `l` over the tensors `get` returns for its HF parameter names.
+fn build_block(config: &GPT2Config, l: usize, get: &dyn Fn(&str) -> Tensor) -> Block {
+    let p = format!("transformer.h.{l}");
+    let conv = |p: &str| Conv1D {
+        weight: get(&format!("{p}.weight")),
+        bias: get(&format!("{p}.bias")),
+    };
+    let mut scale = 1.0;
+    if config.scale_attn_weights {
+        scale /= (config.head_dim() as f64).sqrt();
+    }
+    if config.scale_attn_by_inverse_layer_idx {
+        scale /= (l + 1) as f64;
+    }
+    Block {
+        ln_1: build_ln(config, &format!("{p}.ln_1"), get),
+        attn: Attention {
+            c_attn: conv(&format!("{p}.attn.c_attn")),
+            c_proj: conv(&format!("{p}.attn.c_proj")),
+            n_head: config.n_head,
+            head_dim: config.head_dim(),
+            scale,
+        },
+        ln_2: build_ln(config, &format!("{p}.ln_2"), get),
+        mlp: Mlp {
+            c_fc: conv(&format!("{p}.mlp.c_fc")),
+            c_proj: conv(&format!("{p}.mlp.c_proj")),
+            act: Activation::parse(&config.activation_function).expect("validated"),
+        },
+    }
+}
+
+impl Block {
+    /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        key_mask: Option<&[Vec<u32>]>,
+        cache: Option<&mut Option<LayerCache>>,
+        model: &GPT2LMHeadModel,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&self.ln_1.forward(x)?, key_mask, cache, model)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.ln_2.forward(&x)?, model)?;
+        x + h
+    }
 }
 
 impl GPT2LMHeadModel {
@@ -451,47 +558,13 @@ impl GPT2LMHeadModel {
                 t
             }
         };
-        let ln = |p: &str| LayerNorm {
-            weight: get(&format!("{p}.weight")),
-            bias: get(&format!("{p}.bias")),
-            eps: config.layer_norm_epsilon,
-        };
-        let conv = |p: &str| Conv1D {
-            weight: get(&format!("{p}.weight")),
-            bias: get(&format!("{p}.bias")),
-        };
-        let act = Activation::parse(&config.activation_function).expect("validated");
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        for l in 0..config.n_layer {
-            let p = format!("transformer.h.{l}");
-            let mut scale = 1.0;
-            if config.scale_attn_weights {
-                scale /= (config.head_dim() as f64).sqrt();
-            }
-            if config.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f64;
-            }
-            blocks.push(Block {
-                ln_1: ln(&format!("{p}.ln_1")),
-                attn: Attention {
-                    c_attn: conv(&format!("{p}.attn.c_attn")),
-                    c_proj: conv(&format!("{p}.attn.c_proj")),
-                    n_head: config.n_head,
-                    head_dim: config.head_dim(),
-                    scale,
-                },
-                ln_2: ln(&format!("{p}.ln_2")),
-                mlp: Mlp {
-                    c_fc: conv(&format!("{p}.mlp.c_fc")),
-                    c_proj: conv(&format!("{p}.mlp.c_proj")),
-                    act,
-                },
-            });
-        }
+        let blocks = (0..config.n_layer)
+            .map(|l| build_block(&config, l, &get))
+            .collect();
         GPT2LMHeadModel {
             wte: get("transformer.wte.weight"),
             wpe: get("transformer.wpe.weight"),
-            ln_f: ln("transformer.ln_f"),
+            ln_f: build_ln(&config, "transformer.ln_f", &get),
             blocks,
             varmap,
             config,
@@ -693,27 +766,9 @@ impl GPT2LMHeadModel {
                 )));
             }
         }
-        // Positions: arange, or the running count of real tokens (padding
-        // gets 1, as HF's generate fills it).
-        let mut pos = Vec::with_capacity(b * t);
-        for row in 0..b {
-            match attention_mask {
-                Some(m) => {
-                    let mut seen: u32 = m[row][..past].iter().sum();
-                    for &keep in &m[row][past..total] {
-                        seen += keep;
-                        pos.push(if keep == 0 { 1 } else { seen - 1 });
-                    }
-                }
-                None => pos.extend(past as u32..total as u32),
-            }
-        }
+        let pos = positions(b, t, past, attention_mask);
         let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
-        let ids = input_ids.flatten_all()?;
-        let tok = self.wte.index_select(&ids, 0)?;
-        let posv = self.wpe.index_select(&pos, 0)?;
-        let mut x = (tok + posv)?.reshape((b, t, self.config.n_embd))?;
-        x = self.dropout(&x, self.config.embd_pdrop)?;
+        let mut x = self.embed(&self.wte, &self.wpe, input_ids, &pos)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| {
                 if c.layers.len() < self.blocks.len() {
@@ -721,19 +776,119 @@ impl GPT2LMHeadModel {
                 }
                 &mut c.layers[l]
             });
-            let h = block
-                .attn
-                .forward(&block.ln_1.forward(&x)?, attention_mask, slot, self)?;
-            x = (x + h)?;
-            let h = block.mlp.forward(&block.ln_2.forward(&x)?, self)?;
-            x = (x + h)?;
+            x = block.forward(&x, attention_mask, slot, self)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        let logits = x
-            .reshape((b * t, self.config.n_embd))?
-            .matmul(&self.wte.t()?)?
-            .reshape((b, t, self.config.vocab_size))?;
-        Ok(logits)
+        self.head(&self.ln_f, &self.wte, &x)
+    }
+
+    /// Token plus position embeddings, then dropout: `[B, T, C]`.
+    fn embed(
+        &self,
+        wte: &Tensor,
+        wpe: &Tensor,
+        input_ids: &Tensor,
+        pos: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let tok = wte.index_select(&input_ids.flatten_all()?, 0)?;
+        let posv = wpe.index_select(pos, 0)?;
+        let x = (tok + posv)?.reshape((b, t, self.config.n_embd))?;
+        Ok(self.dropout(&x, self.config.embd_pdrop)?)
+    }
+
+    /// `ln_f`, then the head tied to `wte`: logits `[B, T, V]`.
+    fn head(&self, ln_f: &LayerNorm, wte: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let x = ln_f.forward(x)?;
+        Ok(x.reshape((b * t, c))?
+            .matmul(&wte.t()?)?
+            .reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// A model whose parameters live elsewhere (ZeRO-3 partitions them over
+    /// ranks): every parameter is an empty tensor, as DeepSpeed leaves
+    /// `param.numel() == 0` placeholders. Only the `*_with` pieces run on it.
+    pub fn partitioned(&self) -> Self {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap");
+            for (name, _) in parameter_shapes(&self.config) {
+                let empty = Var::zeros(0, self.dtype, &self.device).expect("an empty tensor");
+                data.insert(name, empty);
+            }
+        }
+        let mut m = Self::assemble(self.config.clone(), varmap, self.dtype, &self.device, false);
+        m.training = self.training;
+        m.dropout.set_state(self.dropout.state());
+        m
+    }
+
+    /// The generator of the dropout masks (saved and restored around a
+    /// recomputed piece so it draws the same masks).
+    pub fn dropout_state(&self) -> rand::rngs::StdRng {
+        self.dropout.state()
+    }
+
+    pub fn set_dropout_state(&self, state: rand::rngs::StdRng) {
+        self.dropout.set_state(state)
+    }
+
+    /// The forward pass in pieces, over parameters passed in by HF name:
+    /// embeddings (`transformer.wte.weight`, `transformer.wpe.weight`) for
+    /// unpadded `input_ids` `[B, T]`.
+    pub fn embed_with(
+        &self,
+        params: &HashMap<String, Tensor>,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.n_positions {
+            return Err(ModelError::Input(format!(
+                "sequence of {t} tokens is longer than n_positions = {}",
+                self.config.n_positions
+            )));
+        }
+        let pos = positions(b, t, 0, attention_mask);
+        let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
+        let get = |n: &str| piece(params, n);
+        self.embed(
+            &get("transformer.wte.weight")?,
+            &get("transformer.wpe.weight")?,
+            input_ids,
+            &pos,
+        )
+    }
+
+    /// Block `l` over `x` `[B, T, C]` with its parameters (`transformer.h.{l}.*`).
+    pub fn block_with(
+        &self,
+        l: usize,
+        params: &HashMap<String, Tensor>,
+        x: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor> {
+        if l >= self.config.n_layer {
+            return Err(ModelError::Input(format!(
+                "block {l} of a {}-layer model",
+                self.config.n_layer
+            )));
+        }
+        for (name, _) in block_parameter_names(&self.config, l) {
+            piece(params, &name)?;
+        }
+        let block = build_block(&self.config, l, &|n: &str| params[n].clone());
+        Ok(block.forward(x, attention_mask, None, self)?)
+    }
+
+    /// `ln_f` and the tied head (`transformer.ln_f.*`, `transformer.wte.weight`).
+    pub fn head_with(&self, params: &HashMap<String, Tensor>, x: &Tensor) -> Result<Tensor> {
+        let ln_f = LayerNorm {
+            weight: piece(params, "transformer.ln_f.weight")?,
+            bias: piece(params, "transformer.ln_f.bias")?,
+            eps: self.config.layer_norm_epsilon,
+        };
+        self.head(&ln_f, &piece(params, "transformer.wte.weight")?, x)
     }
 
     /// Forward with labels: the loss is HF's shifted cross-entropy, ignoring

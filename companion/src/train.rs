@@ -6,14 +6,17 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
+use crate::dist::comm::{Communicator, SingleRank};
+use crate::dist::config::{DeepSpeedConfig, OffloadDevice};
+use crate::dist::zero::{AdamWParams, ModelStateBytes, ZeroEngine};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
 use crate::tokenizer::AutoTokenizer;
 
@@ -31,6 +34,8 @@ pub enum TrainError {
     Args(String),
     #[error("{0}")]
     NonFinite(String),
+    #[error(transparent)]
+    Comm(#[from] crate::dist::comm::CommError),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
@@ -240,9 +245,6 @@ impl TrainingArguments {
         if self.gradient_checkpointing {
             v.push("gradient_checkpointing".into());
         }
-        if self.deepspeed.is_some() {
-            v.push("deepspeed (ZeRO is not implemented yet)".into());
-        }
         v
     }
 
@@ -284,74 +286,6 @@ pub fn lr_at(kind: &str, base: f64, step: usize, warmup: usize, total: usize) ->
 /// HF Trainer's rule: no weight decay for biases and LayerNorm weights.
 pub fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains(".ln_"))
-}
-
-/// AdamW exactly as `torch.optim.AdamW` (`adamw_torch`), its state keyed by
-/// parameter name so it can be saved and resumed.
-#[derive(Debug, Clone)]
-pub struct AdamW {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub step: u64,
-    pub exp_avg: HashMap<String, Vec<f32>>,
-    pub exp_avg_sq: HashMap<String, Vec<f32>>,
-}
-
-impl AdamW {
-    pub fn new(args: &TrainingArguments) -> Self {
-        AdamW {
-            lr: args.learning_rate,
-            beta1: args.adam_beta1,
-            beta2: args.adam_beta2,
-            eps: args.adam_epsilon,
-            weight_decay: args.weight_decay,
-            step: 0,
-            exp_avg: HashMap::new(),
-            exp_avg_sq: HashMap::new(),
-        }
-    }
-
-    /// One update of `param` (flattened) with its gradient.
-    pub fn update(&mut self, name: &str, param: &mut [f32], grad: &[f32], lr: f64) {
-        let n = param.len();
-        let m = self
-            .exp_avg
-            .entry(name.to_string())
-            .or_insert_with(|| vec![0.0; n]);
-        let v = self
-            .exp_avg_sq
-            .entry(name.to_string())
-            .or_insert_with(|| vec![0.0; n]);
-        let t = self.step as i32;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let decay = if decays(name) {
-            (1.0 - lr * self.weight_decay) as f32
-        } else {
-            1.0
-        };
-        let (b1, b2, eps) = (b1 as f32, b2 as f32, self.eps as f32);
-        let bc2_sqrt = bc2_sqrt as f32;
-        param
-            .par_chunks_mut(4096)
-            .zip(grad.par_chunks(4096))
-            .zip(m.par_chunks_mut(4096))
-            .zip(v.par_chunks_mut(4096))
-            .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    p[i] *= decay;
-                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    p[i] -= step_size * m[i] / denom;
-                }
-            });
-    }
 }
 
 /// One entry of `log_history`.
@@ -413,7 +347,11 @@ pub struct Trainer {
     pub eval_dataset: Option<Dataset>,
     pub tokenizer: Option<AutoTokenizer>,
     pub state: TrainerState,
-    pub optimizer: AdamW,
+    /// `args.deepspeed`, parsed and resolved ("auto" filled).
+    pub deepspeed: Option<DeepSpeedConfig>,
+    /// The optimizer and its ZeRO partitioning (stage 0 on one rank without
+    /// DeepSpeed: plain AdamW).
+    pub engine: ZeroEngine,
     pub faults: FaultInjection,
     /// Print log lines to stderr (the notebooks turn this off).
     pub verbose: bool,
@@ -451,8 +389,74 @@ impl Trainer {
         eval_dataset: Option<Dataset>,
         tokenizer: Option<AutoTokenizer>,
     ) -> Result<Self> {
+        Self::new_distributed(
+            model,
+            args,
+            collator,
+            train_dataset,
+            eval_dataset,
+            tokenizer,
+            Arc::new(SingleRank),
+        )
+    }
+
+    /// The Trainer of one rank of `comm`'s group: every rank builds one with
+    /// the same arguments and calls `train()`; rank 0 logs and writes the
+    /// shared files. `args.deepspeed` picks the ZeRO stage and offload.
+    pub fn new_distributed(
+        mut model: GPT2LMHeadModel,
+        args: TrainingArguments,
+        collator: DataCollatorForLanguageModeling,
+        train_dataset: Dataset,
+        eval_dataset: Option<Dataset>,
+        tokenizer: Option<AutoTokenizer>,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         args.validate()?;
-        let optimizer = AdamW::new(&args);
+        let world = comm.world_size();
+        let deepspeed = DeepSpeedConfig::from_args(&args, world, model.config.n_embd)
+            .map_err(|e| TrainError::Args(e.to_string()))?;
+        if world > 1 && deepspeed.is_none() {
+            return Err(TrainError::Args(format!(
+                "{world} ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
+            )));
+        }
+        if let Some(ds) = &deepspeed {
+            if ds.fp16.enabled || ds.bf16 {
+                return Err(TrainError::Args(format!(
+                    "{}: fp16/bf16 mixed precision is not implemented for ZeRO training yet; set \"enabled\": false (training runs in fp32)",
+                    if ds.fp16.enabled { "fp16.enabled" } else { "bf16.enabled" }
+                )));
+            }
+        }
+        let adam = match deepspeed.as_ref().and_then(|d| d.optimizer.clone()) {
+            Some(o) => AdamWParams {
+                beta1: o.betas.0,
+                beta2: o.betas.1,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            },
+            None => AdamWParams {
+                beta1: args.adam_beta1,
+                beta2: args.adam_beta2,
+                eps: args.adam_epsilon,
+                weight_decay: args.weight_decay,
+            },
+        };
+        let (stage, off_opt, off_par) = match &deepspeed {
+            Some(d) => (
+                d.zero.stage,
+                d.zero.offload_optimizer == OffloadDevice::Cpu,
+                d.zero.offload_param == OffloadDevice::Cpu,
+            ),
+            None => (0, true, false),
+        };
+        let engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?;
+        if stage == 3 {
+            // The rank now holds only its partition (inside the engine).
+            model = model.partitioned();
+        }
+        let rank0 = engine.rank() == 0;
         Ok(Trainer {
             model,
             collator,
@@ -474,19 +478,71 @@ impl Trainer {
                 best_metric: None,
                 best_global_step: None,
                 best_model_checkpoint: None,
-                is_local_process_zero: true,
-                is_world_process_zero: true,
+                is_local_process_zero: rank0,
+                is_world_process_zero: rank0,
                 is_hyper_param_search: false,
                 trial_name: None,
                 trial_params: None,
                 stateful_callbacks: json!({}),
             },
-            optimizer,
+            deepspeed,
+            engine,
             args,
             faults: FaultInjection::default(),
             verbose: true,
             shuffle: true,
         })
+    }
+
+    /// Rank 0 of the group (it logs and writes shared files).
+    pub fn is_world_process_zero(&self) -> bool {
+        self.engine.rank() == 0
+    }
+
+    /// Every rank's model-state bytes, measured (a collective: all ranks call it).
+    pub fn memory_report(&self) -> Result<Vec<ModelStateBytes>> {
+        let m = self.engine.memory(&self.model);
+        let row = [
+            m.params as f64,
+            m.grads as f64,
+            m.optimizer_states as f64,
+            m.offloaded_to_host as f64,
+            m.peak_gathered_params as f64,
+        ];
+        let mut out = Vec::new();
+        for r in 0..self.engine.world_size() {
+            let mut v = [0f64; 5];
+            for (k, x) in row.iter().enumerate() {
+                v[k] = self
+                    .engine
+                    .comm
+                    .all_reduce_f64(if r == m.rank { *x } else { 0.0 })?;
+            }
+            out.push(ModelStateBytes {
+                rank: r,
+                stage: m.stage,
+                world_size: m.world_size,
+                params: v[0] as usize,
+                grads: v[1] as usize,
+                optimizer_states: v[2] as usize,
+                offloaded_to_host: v[3] as usize,
+                peak_gathered_params: v[4] as usize,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The whole model with its current weights (a collective under ZeRO-3,
+    /// which gathers them from every rank).
+    pub fn full_model(&self) -> Result<GPT2LMHeadModel> {
+        let t = self.engine.full_state_dict(&self.model)?;
+        Ok(GPT2LMHeadModel::from_tensors(
+            self.model.config.clone(),
+            t,
+            DType::F32,
+            self.model.device(),
+            "(ZeRO-3 partitions)",
+        )?)
     }
 
     fn loader(&self) -> Result<DataLoader> {
@@ -497,6 +553,8 @@ impl Trainer {
             self.args.seed,
         )?;
         l.drop_last = self.args.dataloader_drop_last;
+        l.rank = self.engine.rank();
+        l.world_size = self.engine.world_size();
         Ok(l)
     }
 
@@ -528,17 +586,30 @@ impl Trainer {
         let was = self.model.is_training();
         self.model.set_training(false);
         let bs = self.args.per_device_eval_batch_size;
+        // Batches are dealt to ranks in turn; every rank makes the same
+        // number of passes (ZeRO-3 gathers weights in each).
+        let (rank, world) = (self.engine.rank(), self.engine.world_size());
+        let n_batches = ds.len().div_ceil(bs);
         let (mut sum, mut count) = (0f64, 0usize);
-        for start in (0..ds.len()).step_by(bs) {
+        for i in (0..n_batches.div_ceil(world)).map(|j| j * world + rank) {
+            if i >= n_batches {
+                self.engine.skip_forward()?;
+                continue;
+            }
+            let start = i * bs;
             let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
             let b = self.batch_of(ds, &idx)?;
             let (ids, labels) = self.tensors(&b)?;
             let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
-            let logits = self.model.forward(&ids, mask, None)?;
+            let logits = self.engine.forward(&self.model, &ids, mask)?;
             let (s, n) = causal_lm_loss_sum(&logits, &labels)?;
             sum += s.to_scalar::<f32>()? as f64;
             count += n;
         }
+        let comm = self.engine.comm.clone();
+        let reduce = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
+        let sum = reduce(sum)?;
+        let count = reduce(count as f64)? as usize;
         self.model.set_training(was);
         let loss = sum / count.max(1) as f64;
         Ok(EvalMetrics {
@@ -570,7 +641,7 @@ impl Trainer {
         e.insert("eval_steps_per_second".into(), num(steps as f64 / secs));
         e.insert("epoch".into(), num(self.state.epoch));
         e.insert("step".into(), json!(self.state.global_step));
-        if self.verbose {
+        if self.verbose && self.is_world_process_zero() {
             eprintln!(
                 "step {}: eval_loss {:.4}, perplexity {:.2}, bits/byte {:.3}",
                 self.state.global_step, m.eval_loss, m.perplexity, m.bits_per_byte
@@ -632,7 +703,7 @@ impl Trainer {
                 PathBuf::from(r)
             };
             self.load_checkpoint(&ckpt)?;
-            if self.verbose {
+            if self.verbose && self.is_world_process_zero() {
                 eprintln!(
                     "resumed from {} at step {}",
                     ckpt.display(),
@@ -641,9 +712,9 @@ impl Trainer {
             }
         }
         let per_epoch = loader.batches_per_epoch() as f64;
-        let names: Vec<(String, candle_core::Var)> = self.model.named_parameters();
-        let n_params: usize = names.iter().map(|(_, v)| v.elem_count()).sum();
-        let bar = if self.verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let n_params = self.engine.layout.numel;
+        let verbose = self.verbose && self.is_world_process_zero();
+        let bar = if verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             indicatif::ProgressBar::new(total as u64)
         } else {
             indicatif::ProgressBar::hidden()
@@ -656,34 +727,80 @@ impl Trainer {
         let mut tokens_since_log = 0usize;
         let mut log_timer = Instant::now();
         self.model.set_training(true);
+        let world = self.engine.world_size();
+        let rank = self.engine.rank();
+        let base_lr = self
+            .deepspeed
+            .as_ref()
+            .and_then(|d| d.optimizer.as_ref())
+            .map_or(self.args.learning_rate, |o| o.lr);
+        let clip = self
+            .deepspeed
+            .as_ref()
+            .map_or(self.args.max_grad_norm, |d| d.gradient_clipping);
+        if let Some(ds) = self.deepspeed.as_mut() {
+            ds.finalize(warmup, total);
+        }
+        let memory = self.memory_report()?;
+        if verbose {
+            if let Some(ds) = &self.deepspeed {
+                for w in &ds.warnings {
+                    eprintln!("deepspeed: {w}");
+                }
+                for m in &memory {
+                    eprintln!(
+                        "[rank {}] ZeRO-{} model states: params {}, grads {}, optimizer {} ({} offloaded to host)",
+                        m.rank,
+                        m.stage,
+                        human_bytes(m.params),
+                        human_bytes(m.grads),
+                        human_bytes(m.optimizer_states),
+                        human_bytes(m.offloaded_to_host)
+                    );
+                }
+            }
+        }
+        let comm = self.engine.comm.clone();
+        let sum_ranks = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
         while self.state.global_step < total {
             let step = self.state.global_step;
-            // The micro-batches of this update and their label-token count:
-            // the loss is summed over all of them and divided by that count.
-            let batches: Vec<Batch> = (0..accum)
-                .map(|k| self.batch_of(&self.train_dataset, &loader.batch(step * accum + k)))
+            // This rank's micro-batches of this update and the label-token
+            // count of the whole global batch: every rank's loss is divided
+            // by it, so the summed gradients equal one rank's on all of it.
+            let batches: Vec<Option<Batch>> = (0..accum)
+                .map(|k| {
+                    let idx = loader.batch(step * accum + k);
+                    if idx.is_empty() {
+                        Ok(None)
+                    } else {
+                        self.batch_of(&self.train_dataset, &idx).map(Some)
+                    }
+                })
                 .collect::<Result<_>>()?;
-            let n_items: usize = batches
+            let local_items: usize = batches.iter().flatten().map(Batch::num_label_tokens).sum();
+            let n_items = sum_ranks(local_items as f64)?.max(1.0);
+            let local_tokens: usize = batches
                 .iter()
-                .map(Batch::num_label_tokens)
-                .sum::<usize>()
-                .max(1);
-            let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
-            let mut step_loss = 0f64;
-            let step_tokens: usize = batches
-                .iter()
+                .flatten()
                 .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
                 .sum();
+            let step_tokens = sum_ranks(local_tokens as f64)? as usize;
+            let mut local_loss = 0f64;
             for (k, b) in batches.iter().enumerate() {
-                self.model.seed_dropout(
-                    self.args.seed ^ ((step * accum + k) as u64).wrapping_mul(0x9E3779B97F4A7C15),
-                );
+                let Some(b) = b else {
+                    self.engine.skip_micro_step(&self.model)?;
+                    continue;
+                };
+                // Dropout is seeded by the micro-batch's place in the global
+                // order, so N ranks draw what one rank would.
+                let global_micro = ((step * accum + k) * world + rank) as u64;
+                self.model
+                    .seed_dropout(self.args.seed ^ global_micro.wrapping_mul(0x9E3779B97F4A7C15));
                 let (ids, labels) = self.tensors(b)?;
                 let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
-                let logits = self.model.forward(&ids, mask, None)?;
-                let (sum, _) = causal_lm_loss_sum(&logits, &labels)?;
-                let loss = (sum / n_items as f64)?;
-                let lv = loss.to_scalar::<f32>()? as f64;
+                let lv = self
+                    .engine
+                    .micro_step(&self.model, &ids, &labels, mask, n_items)?;
                 if !lv.is_finite() {
                     return Err(TrainError::NonFinite(format!(
                         "the loss became {lv} at step {}; training stopped and the last checkpoint \
@@ -691,28 +808,17 @@ impl Trainer {
                         step + 1
                     )));
                 }
-                step_loss += lv;
-                let g = loss.backward()?;
-                for (name, var) in &names {
-                    if let Some(t) = g.get(var.as_tensor()) {
-                        let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                        match grads.get_mut(name) {
-                            Some(acc) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
-                            None => {
-                                grads.insert(name.clone(), v);
-                            }
-                        }
-                    }
-                }
+                local_loss += lv;
             }
+            let step_loss = sum_ranks(local_loss)?;
             self.state.num_input_tokens_seen += step_tokens;
             tokens_since_log += step_tokens;
-            // Clip to max_grad_norm by the global norm (torch.nn.utils.clip_grad_norm_).
-            let norm = grads
-                .values()
-                .map(|g| g.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>())
-                .sum::<f64>()
-                .sqrt();
+            let lr = match self.deepspeed.as_ref().and_then(|d| d.scheduler.as_ref()) {
+                Some(s) => s.lr_at(step, base_lr),
+                None => lr_at(&self.args.lr_scheduler_type, base_lr, step, warmup, total),
+            };
+            // Reduce, clip to the global norm (clip_grad_norm_), AdamW.
+            let norm = self.engine.step(&self.model, lr, clip)?;
             if !norm.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "the gradient norm became {norm} at step {}; training stopped and the last \
@@ -720,35 +826,19 @@ impl Trainer {
                     step + 1
                 )));
             }
-            if self.args.max_grad_norm > 0.0 {
-                let coef = (self.args.max_grad_norm / (norm + 1e-6)).min(1.0) as f32;
-                if coef < 1.0 {
-                    grads
-                        .values_mut()
-                        .for_each(|g| g.par_iter_mut().for_each(|x| *x *= coef));
-                }
-            }
-            let lr = lr_at(
-                &self.args.lr_scheduler_type,
-                self.args.learning_rate,
-                step,
-                warmup,
-                total,
-            );
-            self.optimizer.step += 1;
-            for (name, var) in &names {
-                let Some(g) = grads.get(name) else { continue };
-                let mut p: Vec<f32> = var
-                    .as_tensor()
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1()?;
-                self.optimizer.update(name, &mut p, g, lr);
-                let t = Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(var.dtype())?;
-                var.set(&t)?;
-            }
             self.state.global_step += 1;
             self.state.epoch = (self.state.global_step * accum) as f64 / per_epoch;
+            if let Some(ds) = &self.deepspeed {
+                if verbose && self.state.global_step.is_multiple_of(ds.steps_per_print) {
+                    let a = self.engine.adam;
+                    bar.suspend(|| {
+                        eprintln!(
+                            "[Rank 0] step={}, skipped=0, lr=[{lr}], mom=[({}, {})]",
+                            self.state.global_step, a.beta1, a.beta2
+                        )
+                    });
+                }
+            }
             self.state.total_flos += 6.0 * n_params as f64 * step_tokens as f64;
             log_loss += step_loss;
             log_n += 1;
@@ -770,7 +860,7 @@ impl Trainer {
                     "tokens_per_second".into(),
                     num(tokens_since_log as f64 / secs.max(1e-9)),
                 );
-                if self.verbose {
+                if verbose {
                     let line = format!(
                         "step {gs}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {:.2}, {:.0} tokens/s",
                         log_loss / log_n as f64,
@@ -833,46 +923,63 @@ impl Trainer {
     /// Files of a checkpoint folder (HF's, with safetensors/JSON for the
     /// PyTorch pickles: optimizer.safetensors + optimizer.json = optimizer.pt,
     /// scheduler.json = scheduler.pt, rng_state.json = rng_state.pth,
-    /// training_args.json = training_args.bin).
-    fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut files: Vec<(String, Vec<u8>)> = self
-            .model
+    /// training_args.json = training_args.bin). Under DeepSpeed the Adam
+    /// moments are in each rank's shard instead (see `save_checkpoint`).
+    fn checkpoint_files(&self, model: &GPT2LMHeadModel) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files: Vec<(String, Vec<u8>)> = model
             .pretrained_files()?
             .into_iter()
             .map(|(n, b)| (n.to_string(), b))
             .collect();
-        let gen = crate::generate::GenerationConfig::from_model_config(&self.model.config);
+        let gen = crate::generate::GenerationConfig::from_model_config(&model.config);
         files.push((
             "generation_config.json".into(),
             gen.to_json_string().into_bytes(),
         ));
-        // Optimizer moments by parameter name.
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (name, var) in self.model.named_parameters() {
-            if let (Some(m), Some(v)) = (
-                self.optimizer.exp_avg.get(&name),
-                self.optimizer.exp_avg_sq.get(&name),
-            ) {
+        if self.deepspeed.is_none() {
+            // Optimizer moments by parameter name.
+            let mut tensors: Vec<(String, Tensor)> = Vec::new();
+            for (name, m, v) in self.engine.moments_by_name()? {
+                let shape = model
+                    .named_parameters()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.shape().clone());
+                let shape =
+                    shape.ok_or_else(|| TrainError::Args(format!("no parameter {name}")))?;
                 tensors.push((
                     format!("{name}.exp_avg"),
-                    Tensor::from_slice(m, var.shape(), &Device::Cpu)?,
+                    Tensor::from_vec(m, shape.clone(), &Device::Cpu)?,
                 ));
                 tensors.push((
                     format!("{name}.exp_avg_sq"),
-                    Tensor::from_slice(v, var.shape(), &Device::Cpu)?,
+                    Tensor::from_vec(v, shape, &Device::Cpu)?,
                 ));
             }
+            let opt = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+                .map_err(|e| TrainError::Io {
+                    path: "optimizer.safetensors".into(),
+                    msg: e.to_string(),
+                })?;
+            files.push(("optimizer.safetensors".into(), opt));
+        } else {
+            files.push((
+                "latest".into(),
+                format!("global_step{}", self.state.global_step).into_bytes(),
+            ));
         }
-        let opt = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
-            .map_err(|e| TrainError::Io {
-                path: "optimizer.safetensors".into(),
-                msg: e.to_string(),
-            })?;
-        files.push(("optimizer.safetensors".into(), opt));
-        let o = &self.optimizer;
+        let a = self.engine.adam;
+        let lr = self
+            .deepspeed
+            .as_ref()
+            .and_then(|d| d.optimizer.as_ref())
+            .map_or(self.args.learning_rate, |o| o.lr);
         files.push((
             "optimizer.json".into(),
-            crate::pyjson::dumps(&json!({"type": "AdamW", "step": o.step, "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay})).into_bytes(),
+            crate::pyjson::dumps(&json!({"type": "AdamW", "step": self.engine.step, "lr": lr,
+                "betas": [a.beta1, a.beta2], "eps": a.eps, "weight_decay": a.weight_decay,
+                "zero_stage": self.engine.stage, "world_size": self.engine.world_size()}))
+            .into_bytes(),
         ));
         let total = self.state.max_steps;
         let sched = SchedulerState {
@@ -909,58 +1016,125 @@ impl Trainer {
         Ok(files)
     }
 
-    /// Write `output_dir/checkpoint-N/`: into a temporary folder first, renamed
-    /// into place only when complete, so a crash never leaves a partial
-    /// checkpoint; then apply `save_total_limit`.
+    fn barrier(&self) -> Result<()> {
+        Ok(self.engine.comm.barrier()?)
+    }
+
+    /// Write `output_dir/checkpoint-N/` (every rank calls it): into a
+    /// temporary folder first, renamed into place only when complete, so a
+    /// crash never leaves a partial checkpoint; then apply `save_total_limit`.
+    /// Under DeepSpeed each rank adds its shard as
+    /// `global_stepN/zero_pp_rank_R_mp_rank_00_optim_states.safetensors`
+    /// (DeepSpeed's names) and `model.safetensors` holds the consolidated
+    /// weights, so the folder also loads as a plain HF model.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = PathBuf::from(&self.args.output_dir);
-        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let name = format!("checkpoint-{}", self.state.global_step);
         let dest = out.join(&name);
-        let files = self.checkpoint_files()?;
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .tempdir_in(&out)
-            .map_err(io_err(&out))?;
-        for (i, (f, bytes)) in files.iter().enumerate() {
-            if self.faults.fail_checkpoint_at_step == Some(self.state.global_step)
-                && i == files.len() / 2
-            {
-                return Err(TrainError::Io {
-                    path: tmp.path().join(f).display().to_string(),
-                    msg: "injected failure while writing the checkpoint".into(),
-                });
+        let tmp = out.join(format!(".{name}.partial"));
+        let rank0 = self.is_world_process_zero();
+        let full = match self.engine.stage {
+            3 => Some(self.full_model()?),
+            _ => None,
+        };
+        let shard_dir = tmp.join(format!("global_step{}", self.state.global_step));
+        if rank0 {
+            std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
             }
-            std::fs::write(tmp.path().join(f), bytes).map_err(io_err(&tmp.path().join(f)))?;
+            let d = if self.deepspeed.is_some() {
+                &shard_dir
+            } else {
+                &tmp
+            };
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+        self.barrier()?;
+        let written = (|| -> Result<()> {
+            if self.deepspeed.is_some() {
+                let f = shard_dir.join(format!(
+                    "zero_pp_rank_{}_mp_rank_00_optim_states.safetensors",
+                    self.engine.rank()
+                ));
+                let shard = self.engine.shard()?;
+                let meta: HashMap<String, String> = [
+                    ("zero_stage".to_string(), self.engine.stage.to_string()),
+                    (
+                        "world_size".to_string(),
+                        self.engine.world_size().to_string(),
+                    ),
+                    ("rank".to_string(), self.engine.rank().to_string()),
+                    ("step".to_string(), self.engine.step.to_string()),
+                ]
+                .into();
+                let bytes =
+                    safetensors::serialize(shard.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+                        .map_err(|e| TrainError::Io {
+                            path: f.display().to_string(),
+                            msg: e.to_string(),
+                        })?;
+                std::fs::write(&f, bytes).map_err(io_err(&f))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            self.engine.comm.abort(&e.to_string());
+            return Err(e);
         }
-        let tmp_path = tmp.keep();
-        std::fs::rename(&tmp_path, &dest).map_err(io_err(&dest))?;
-        if let Some(limit) = self.args.save_total_limit {
-            let mut ckpts = list_checkpoints(&out);
-            while ckpts.len() > limit.max(1) {
-                let (_, p) = ckpts.remove(0);
-                std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+        self.barrier()?;
+        if rank0 {
+            let result = (|| -> Result<()> {
+                let model = full.as_ref().unwrap_or(&self.model);
+                let files = self.checkpoint_files(model)?;
+                for (i, (f, bytes)) in files.iter().enumerate() {
+                    if self.faults.fail_checkpoint_at_step == Some(self.state.global_step)
+                        && i == files.len() / 2
+                    {
+                        return Err(TrainError::Io {
+                            path: tmp.join(f).display().to_string(),
+                            msg: "injected failure while writing the checkpoint".into(),
+                        });
+                    }
+                    std::fs::write(tmp.join(f), bytes).map_err(io_err(&tmp.join(f)))?;
+                }
+                if dest.exists() {
+                    std::fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+                }
+                std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+                if let Some(limit) = self.args.save_total_limit {
+                    let mut ckpts = list_checkpoints(&out);
+                    while ckpts.len() > limit.max(1) {
+                        let (_, p) = ckpts.remove(0);
+                        std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                let _ = std::fs::remove_dir_all(&tmp);
+                self.engine.comm.abort(&e.to_string());
+                return Err(e);
             }
         }
+        self.barrier()?;
         Ok(dest)
     }
 
-    /// Restore model, optimizer, scheduler position and trainer state.
+    /// Restore model, optimizer, scheduler position and trainer state (every
+    /// rank calls it; a DeepSpeed checkpoint needs the world size and ZeRO
+    /// stage that wrote it).
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let device = self.model.device().clone();
         let model = GPT2LMHeadModel::from_pretrained(
             dir.to_str()
                 .ok_or_else(|| TrainError::Args("checkpoint path is not UTF-8".into()))?,
-            self.model.dtype(),
+            DType::F32,
             &device,
         )?;
-        self.model = model;
         let st = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&st).map_err(io_err(&st))?;
-        self.state = serde_json::from_str(&text).map_err(|e| TrainError::Io {
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Io {
             path: st.display().to_string(),
             msg: e.to_string(),
         })?;
@@ -970,30 +1144,76 @@ impl Trainer {
                 path: oj.display().to_string(),
                 msg: e.to_string(),
             })?;
-        self.optimizer.step = o["step"].as_u64().unwrap_or(0);
-        let of = dir.join("optimizer.safetensors");
-        let t = candle_core::safetensors::load(&of, &Device::Cpu).map_err(|e| TrainError::Io {
-            path: of.display().to_string(),
-            msg: e.to_string(),
-        })?;
-        self.optimizer.exp_avg.clear();
-        self.optimizer.exp_avg_sq.clear();
-        for (k, v) in t {
-            let data: Vec<f32> = v.flatten_all()?.to_vec1()?;
-            if let Some(n) = k.strip_suffix(".exp_avg_sq") {
-                self.optimizer.exp_avg_sq.insert(n.to_string(), data);
-            } else if let Some(n) = k.strip_suffix(".exp_avg") {
-                self.optimizer.exp_avg.insert(n.to_string(), data);
-            }
+        let (stage, world) = (self.engine.stage as u64, self.engine.world_size() as u64);
+        let saved_stage = o["zero_stage"].as_u64().unwrap_or(0);
+        let saved_world = o["world_size"].as_u64().unwrap_or(1);
+        if self.deepspeed.is_some() && (saved_stage != stage || saved_world != world) {
+            return Err(TrainError::Io {
+                path: oj.display().to_string(),
+                msg: format!(
+                    "written by ZeRO stage {saved_stage} on {saved_world} ranks; this run is stage {stage} on {world} ranks (resume with the same stage and world size)"
+                ),
+            });
         }
+        if self.deepspeed.is_some() {
+            let latest = dir.join("latest");
+            let tag = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
+            let f = dir.join(tag.trim()).join(format!(
+                "zero_pp_rank_{}_mp_rank_00_optim_states.safetensors",
+                self.engine.rank()
+            ));
+            let t =
+                candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| TrainError::Io {
+                    path: f.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+            self.engine.load_shard(&t, &f.display().to_string())?;
+        } else {
+            let of = dir.join("optimizer.safetensors");
+            let t =
+                candle_core::safetensors::load(&of, &Device::Cpu).map_err(|e| TrainError::Io {
+                    path: of.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+            let mut named: HashMap<String, (Vec<f32>, Vec<f32>)> = HashMap::new();
+            for (k, v) in t {
+                let data: Vec<f32> = v.flatten_all()?.to_vec1()?;
+                if let Some(n) = k.strip_suffix(".exp_avg_sq") {
+                    named.entry(n.to_string()).or_default().1 = data;
+                } else if let Some(n) = k.strip_suffix(".exp_avg") {
+                    named.entry(n.to_string()).or_default().0 = data;
+                }
+            }
+            self.engine.set_moments_by_name(&named)?;
+        }
+        self.engine.step = o["step"].as_u64().unwrap_or(0);
+        if self.engine.stage == 3 {
+            self.engine.load_full_params(&model)?;
+            self.model = model.partitioned();
+        } else {
+            self.model = model;
+        }
+        self.state = state;
+        let rank0 = self.is_world_process_zero();
+        self.state.is_local_process_zero = rank0;
+        self.state.is_world_process_zero = rank0;
         Ok(())
     }
 
     /// `trainer.save_model(dir)`: a model folder Python `transformers` loads
-    /// (config, weights, generation config, tokenizer).
+    /// (config, weights, generation config, tokenizer). Every rank calls it;
+    /// rank 0 writes (under ZeRO-3 after gathering the weights).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
-        self.model.save_pretrained(dir)?;
-        let mut gen = crate::generate::GenerationConfig::from_model_config(&self.model.config);
+        let full = match self.engine.stage {
+            3 => Some(self.full_model()?),
+            _ => None,
+        };
+        if !self.is_world_process_zero() {
+            return Ok(());
+        }
+        let model = full.as_ref().unwrap_or(&self.model);
+        model.save_pretrained(dir)?;
+        let mut gen = crate::generate::GenerationConfig::from_model_config(&model.config);
         if gen.pad_token_id.is_none() {
             gen.pad_token_id = self.tokenizer.as_ref().and_then(|t| t.pad_token_id());
         }
@@ -1003,6 +1223,17 @@ impl Trainer {
                 .map_err(|e| TrainError::Args(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
     }
 }
 

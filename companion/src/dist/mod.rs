@@ -4,7 +4,12 @@
 //! Adam moments per parameter), and DeepSpeed's
 //! `estimate_zero2/3_model_states_mem_needs` for offload.
 //!
-//! (ZeRO training itself — ranks, collectives, stages — is not here yet.)
+//! The training side: [`config`] reads `ds_config.json`, [`comm`] moves
+//! tensors between ranks, [`zero`] partitions model states by stage.
+
+pub mod comm;
+pub mod config;
+pub mod zero;
 
 use serde::Serialize;
 

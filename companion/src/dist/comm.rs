@@ -1,0 +1,362 @@
+//! Collective communication between ranks: the five operations ZeRO needs
+//! (all-reduce, reduce-scatter, all-gather, broadcast, barrier), over a
+//! [`Communicator`] with one backend per transport. Here: a single rank
+//! ([`SingleRank`]) and ranks as threads of one process sharing memory
+//! ([`InProcessGroup`]), each with its own model replica and device.
+//!
+//! Every reduction adds the ranks' contributions in rank order, so all ranks
+//! get bit-identical results and a run is reproducible.
+
+use std::sync::{Arc, Condvar, Mutex};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommError {
+    /// Another rank failed; this one stops instead of waiting forever.
+    #[error("rank {rank} stopped because another rank failed: {why}")]
+    Aborted { rank: usize, why: String },
+    #[error("collective called with mismatched sizes: {0}")]
+    Size(String),
+}
+
+pub type Result<T> = std::result::Result<T, CommError>;
+
+/// What every rank sent in one exchange, indexed by rank.
+pub type Gathered = Arc<Vec<Arc<Vec<f32>>>>;
+
+/// A process group: this rank's view of the collectives.
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The transport's one primitive here: every rank contributes a buffer
+    /// (any length) and gets everyone's, in rank order.
+    fn exchange(&self, send: Vec<f32>) -> Result<Gathered>;
+    /// Tell the other ranks this one failed, so none waits forever.
+    fn abort(&self, why: &str);
+
+    /// Sum `buf` over all ranks, in place (`dist.all_reduce`).
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let all = self.exchange(buf.to_vec())?;
+        check_same_len(&all)?;
+        buf.copy_from_slice(&all[0]);
+        for other in &all[1..] {
+            buf.iter_mut().zip(other.iter()).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// Sum of one scalar over all ranks, in f64 (losses, token counts).
+    fn all_reduce_f64(&self, x: f64) -> Result<f64> {
+        if self.world_size() == 1 {
+            return Ok(x);
+        }
+        // An f64 travels as two f32 bit patterns so it loses nothing.
+        let bits = x.to_bits();
+        let all = self.exchange(vec![
+            f32::from_bits((bits >> 32) as u32),
+            f32::from_bits(bits as u32),
+        ])?;
+        Ok(all
+            .iter()
+            .map(|v| f64::from_bits(((v[0].to_bits() as u64) << 32) | v[1].to_bits() as u64))
+            .sum())
+    }
+
+    /// `send` is split into consecutive chunks of `counts[r]` elements; rank
+    /// r receives the sum over ranks of chunk r (`dist.reduce_scatter`).
+    fn reduce_scatter_sum(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        let (r, n) = (self.rank(), self.world_size());
+        if counts.len() != n || counts.iter().sum::<usize>() != send.len() {
+            return Err(CommError::Size(format!(
+                "reduce_scatter of {} elements into counts {counts:?} on {n} ranks",
+                send.len()
+            )));
+        }
+        let start: usize = counts[..r].iter().sum();
+        let mine = start..start + counts[r];
+        if n == 1 {
+            return Ok(send.to_vec());
+        }
+        let all = self.exchange(send.to_vec())?;
+        check_same_len(&all)?;
+        let mut out = all[0][mine.clone()].to_vec();
+        for other in &all[1..] {
+            out.iter_mut()
+                .zip(&other[mine.clone()])
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok(out)
+    }
+
+    /// Every rank's `send` (lengths may differ), concatenated in rank order
+    /// (`dist.all_gather`).
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
+        if self.world_size() == 1 {
+            return Ok(send.to_vec());
+        }
+        let all = self.exchange(send.to_vec())?;
+        Ok(all.iter().flat_map(|v| v.iter().copied()).collect())
+    }
+
+    /// Replace `buf` with rank `root`'s (`dist.broadcast`).
+    fn broadcast(&self, buf: &mut Vec<f32>, root: usize) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let send = if self.rank() == root {
+            std::mem::take(buf)
+        } else {
+            vec![]
+        };
+        let all = self.exchange(send)?;
+        *buf = all[root].to_vec();
+        Ok(())
+    }
+
+    /// Wait until every rank gets here (`dist.barrier`).
+    fn barrier(&self) -> Result<()> {
+        if self.world_size() > 1 {
+            self.exchange(vec![])?;
+        }
+        Ok(())
+    }
+}
+
+fn check_same_len(all: &[Arc<Vec<f32>>]) -> Result<()> {
+    if all.iter().any(|v| v.len() != all[0].len()) {
+        let lens: Vec<usize> = all.iter().map(|v| v.len()).collect();
+        return Err(CommError::Size(format!(
+            "ranks sent buffers of different lengths {lens:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// World size 1: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
+        Ok(Arc::new(vec![Arc::new(send)]))
+    }
+    fn abort(&self, _why: &str) {}
+}
+
+#[derive(Default)]
+struct Round {
+    generation: u64,
+    arrived: usize,
+    slots: Vec<Option<Arc<Vec<f32>>>>,
+    published: Option<Gathered>,
+    aborted: Option<String>,
+}
+
+/// Ranks as threads of one process: an exchange is a rendezvous on shared
+/// memory (no copies beyond the sender's buffer). Make one group with
+/// [`InProcessGroup::new`] and hand [`InProcessGroup::rank`] to each thread.
+pub struct InProcessGroup {
+    world: usize,
+    round: Mutex<Round>,
+    cv: Condvar,
+}
+
+impl InProcessGroup {
+    pub fn new(world: usize) -> Arc<Self> {
+        assert!(world >= 1, "a group has at least one rank");
+        Arc::new(InProcessGroup {
+            world,
+            round: Mutex::new(Round {
+                slots: vec![None; world],
+                ..Round::default()
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// The communicator rank `rank` uses.
+    pub fn rank(self: &Arc<Self>, rank: usize) -> InProcessRank {
+        assert!(rank < self.world);
+        InProcessRank {
+            group: self.clone(),
+            rank,
+        }
+    }
+}
+
+/// One thread's handle on an [`InProcessGroup`].
+pub struct InProcessRank {
+    group: Arc<InProcessGroup>,
+    rank: usize,
+}
+
+impl Communicator for InProcessRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.group.world
+    }
+    fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
+        let g = &self.group;
+        let mut r = g.round.lock().unwrap_or_else(|e| e.into_inner());
+        let aborted = |r: &Round| {
+            r.aborted.clone().map(|why| CommError::Aborted {
+                rank: self.rank,
+                why,
+            })
+        };
+        if let Some(e) = aborted(&r) {
+            return Err(e);
+        }
+        r.slots[self.rank] = Some(Arc::new(send));
+        r.arrived += 1;
+        if r.arrived == g.world {
+            let all: Vec<Arc<Vec<f32>>> = r
+                .slots
+                .iter_mut()
+                .map(|s| s.take().expect("every rank sent"))
+                .collect();
+            let all = Arc::new(all);
+            r.published = Some(all.clone());
+            r.arrived = 0;
+            r.generation += 1;
+            g.cv.notify_all();
+            return Ok(all);
+        }
+        let gen = r.generation;
+        while r.generation == gen {
+            if let Some(e) = aborted(&r) {
+                return Err(e);
+            }
+            r = g.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(r.published.clone().expect("published with the generation"))
+    }
+    fn abort(&self, why: &str) {
+        let mut r = self.group.round.lock().unwrap_or_else(|e| e.into_inner());
+        if r.aborted.is_none() {
+            r.aborted = Some(format!("rank {}: {why}", self.rank));
+        }
+        self.group.cv.notify_all();
+    }
+}
+
+/// Run `f(rank, communicator)` on `world` threads and collect the results in
+/// rank order. A rank that fails aborts the group, so the others stop at
+/// their next collective instead of hanging; the first real error is returned.
+pub fn run_ranks<T, E, F>(world: usize, f: F) -> std::result::Result<Vec<T>, E>
+where
+    T: Send,
+    E: Send + From<CommError> + std::fmt::Display,
+    F: Fn(usize, Arc<dyn Communicator>) -> std::result::Result<T, E> + Sync,
+{
+    let group = InProcessGroup::new(world);
+    let results: Vec<std::result::Result<T, E>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let comm: Arc<dyn Communicator> = Arc::new(group.rank(r));
+                let f = &f;
+                std::thread::Builder::new()
+                    .name(format!("rank{r}"))
+                    .spawn_scoped(s, move || {
+                        let out = f(r, comm.clone());
+                        if let Err(e) = &out {
+                            comm.abort(&e.to_string());
+                        }
+                        out
+                    })
+                    .expect("spawn a rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| {
+                    group.rank(r).abort("panicked");
+                    Err(CommError::Aborted {
+                        rank: r,
+                        why: "the rank's thread panicked".into(),
+                    }
+                    .into())
+                })
+            })
+            .collect()
+    });
+    // Report the root cause, not the "stopped because another failed" echoes.
+    let mut out = Vec::with_capacity(world);
+    let mut first_err: Option<E> = None;
+    let mut echo: Option<E> = None;
+    for r in results {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) => {
+                if e.to_string().contains("because another rank failed") {
+                    echo.get_or_insert(e);
+                } else {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+    }
+    match first_err.or(echo) {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collectives_on_four_threads() {
+        let out = run_ranks::<_, CommError, _>(4, |r, c| {
+            let mut a = vec![r as f32, 1.0];
+            c.all_reduce_sum(&mut a)?;
+            let rs = c.reduce_scatter_sum(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &[2, 2, 2, 1])?;
+            let ag = c.all_gather(&vec![r as f32; r])?;
+            let mut b = if r == 2 { vec![9.0, 8.0] } else { vec![] };
+            c.broadcast(&mut b, 2)?;
+            c.barrier()?;
+            let s = c.all_reduce_f64(0.1 * r as f64)?;
+            Ok((a, rs, ag, b, s))
+        })
+        .unwrap();
+        for (r, (a, rs, ag, b, s)) in out.into_iter().enumerate() {
+            assert_eq!(a, vec![6.0, 4.0]);
+            let whole = [4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0];
+            let start = 2 * r;
+            assert_eq!(
+                rs,
+                whole[start..(start + if r == 3 { 1 } else { 2 })].to_vec()
+            );
+            assert_eq!(ag, vec![1.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+            assert_eq!(b, vec![9.0, 8.0]);
+            assert_eq!(s, 0.0 + 0.1 + 0.2 + 0.30000000000000004);
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_stops_the_others() {
+        let err = run_ranks::<(), CommError, _>(3, |r, c| {
+            if r == 1 {
+                return Err(CommError::Size("rank 1 broke".into()));
+            }
+            c.barrier()?;
+            c.barrier()?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("rank 1 broke"), "{err}");
+    }
+}

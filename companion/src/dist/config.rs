@@ -1,0 +1,909 @@
+//! `ds_config.json` in DeepSpeed's own schema, with `"auto"` filled from
+//! `TrainingArguments` the way transformers' DeepSpeed integration fills it
+//! (`HfTrainerDeepSpeedConfig`), and DeepSpeed's batch-size arithmetic.
+//!
+//! Keys we accept but do not act on (bucket sizes, `pin_memory`, …: they tune
+//! GPU overlap that ranks here do not need) are listed in
+//! [`DeepSpeedConfig::warnings`], never dropped silently.
+
+use serde_json::{Map, Value};
+
+use crate::train::TrainingArguments;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DsConfigError {
+    #[error("{file}: {msg}")]
+    Invalid { file: String, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, DsConfigError>;
+
+/// Where `offload_optimizer` / `offload_param` put their tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffloadDevice {
+    None,
+    Cpu,
+}
+
+/// The `zero_optimization` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZeroConfig {
+    pub stage: u8,
+    pub offload_optimizer: OffloadDevice,
+    pub offload_param: OffloadDevice,
+}
+
+/// The `fp16` block (dynamic loss scaling when `loss_scale` is 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp16Config {
+    pub enabled: bool,
+    pub loss_scale: f64,
+    pub initial_scale_power: u32,
+    pub loss_scale_window: usize,
+    pub hysteresis: usize,
+    pub min_loss_scale: f64,
+}
+
+/// The `optimizer` block: AdamW (DeepSpeed's `Adam` with `adam_w_mode`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// The `scheduler` block: DeepSpeed's warmup schedules.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchedulerConfig {
+    WarmupLR {
+        min_lr: f64,
+        max_lr: f64,
+        warmup_num_steps: usize,
+        log_warmup: bool,
+    },
+    WarmupDecayLR {
+        min_lr: f64,
+        max_lr: f64,
+        warmup_num_steps: usize,
+        total_num_steps: usize,
+        log_warmup: bool,
+    },
+    WarmupCosineLR {
+        total_num_steps: usize,
+        warmup_min_ratio: f64,
+        warmup_num_steps: usize,
+        cos_min_ratio: f64,
+        log_warmup: bool,
+    },
+}
+
+impl SchedulerConfig {
+    /// The learning rate DeepSpeed uses for optimizer step `step` (0-based):
+    /// the scheduler starts at iteration -1 and steps after each update.
+    /// `base_lr` is the optimizer's lr (WarmupCosineLR scales it).
+    pub fn lr_at(&self, step: usize, base_lr: f64) -> f64 {
+        let it = step as i64 - 1;
+        let warm = |w: usize, log: bool| -> f64 {
+            let w = w.max(2) as f64;
+            if log {
+                ((it + 1) as f64).ln() / w.ln()
+            } else {
+                it as f64 / w
+            }
+        };
+        match *self {
+            SchedulerConfig::WarmupLR {
+                min_lr,
+                max_lr,
+                warmup_num_steps,
+                log_warmup,
+            } => {
+                if it < 0 {
+                    return min_lr;
+                }
+                let g = if (it as usize) < warmup_num_steps.max(2) {
+                    warm(warmup_num_steps, log_warmup)
+                } else {
+                    1.0
+                };
+                min_lr + (max_lr - min_lr) * g
+            }
+            SchedulerConfig::WarmupDecayLR {
+                min_lr,
+                max_lr,
+                warmup_num_steps,
+                total_num_steps,
+                log_warmup,
+            } => {
+                if it < 0 {
+                    return min_lr;
+                }
+                let w = warmup_num_steps.max(2);
+                let g = if (it as usize) < w {
+                    warm(warmup_num_steps, log_warmup)
+                } else {
+                    ((total_num_steps as f64 - it as f64)
+                        / (total_num_steps as f64 - w as f64).max(1.0))
+                    .max(0.0)
+                };
+                min_lr + (max_lr - min_lr) * g
+            }
+            SchedulerConfig::WarmupCosineLR {
+                total_num_steps,
+                warmup_min_ratio,
+                warmup_num_steps,
+                cos_min_ratio,
+                log_warmup,
+            } => {
+                if it < 0 {
+                    return 0.0;
+                }
+                let w = warmup_num_steps.max(2);
+                let ratio = if (it as usize) < w {
+                    warmup_min_ratio + warm(warmup_num_steps, log_warmup) * (1.0 - warmup_min_ratio)
+                } else {
+                    let real = (it as f64) - w as f64 + 1.0;
+                    let total = (total_num_steps as f64 - w as f64).max(1.0);
+                    let c = (1.0 + (std::f64::consts::PI * real / total).cos()) / 2.0;
+                    (cos_min_ratio + (1.0 - cos_min_ratio) * c).max(0.0)
+                };
+                base_lr * ratio
+            }
+        }
+    }
+}
+
+/// A parsed, "auto"-resolved `ds_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeepSpeedConfig {
+    pub train_batch_size: usize,
+    pub train_micro_batch_size_per_gpu: usize,
+    pub gradient_accumulation_steps: usize,
+    pub gradient_clipping: f64,
+    pub zero: ZeroConfig,
+    pub fp16: Fp16Config,
+    pub bf16: bool,
+    pub optimizer: Option<OptimizerConfig>,
+    pub scheduler: Option<SchedulerConfig>,
+    pub steps_per_print: usize,
+    pub wall_clock_breakdown: bool,
+    /// Keys accepted but not acted on, each with why; print them once.
+    pub warnings: Vec<String>,
+    /// The resolved JSON (every "auto" replaced), as DeepSpeed would see it.
+    pub resolved: Value,
+}
+
+/// Keys that tune GPU communication overlap and buffering: accepted, not
+/// needed by ranks that exchange through shared memory, so only warned about.
+const ACCEPTED_ZERO_KEYS: &[&str] = &[
+    "overlap_comm",
+    "contiguous_gradients",
+    "reduce_scatter",
+    "reduce_bucket_size",
+    "allgather_partitions",
+    "allgather_bucket_size",
+    "round_robin_gradients",
+    "sub_group_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save",
+    "elastic_checkpoint",
+    "load_from_fp32_weights",
+];
+
+impl DeepSpeedConfig {
+    /// Read `path` and resolve it against `args` for `world_size` ranks.
+    /// `hidden_size` fills the bucket-size "auto"s as HF does.
+    pub fn from_file(
+        path: &std::path::Path,
+        args: &TrainingArguments,
+        world_size: usize,
+        hidden_size: usize,
+    ) -> Result<Self> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| DsConfigError::Invalid {
+            file: file.clone(),
+            msg: e.to_string(),
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| DsConfigError::Invalid {
+            file: file.clone(),
+            msg: format!("not JSON: {e}"),
+        })?;
+        Self::from_value(v, &file, args, world_size, hidden_size)
+    }
+
+    /// `args.deepspeed` as given: a path to a JSON file, or the dict itself.
+    pub fn from_args(
+        args: &TrainingArguments,
+        world_size: usize,
+        hidden_size: usize,
+    ) -> Result<Option<Self>> {
+        match &args.deepspeed {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(p)) => {
+                Self::from_file(std::path::Path::new(p), args, world_size, hidden_size).map(Some)
+            }
+            Some(v @ Value::Object(_)) => {
+                Self::from_value(v.clone(), "deepspeed (dict)", args, world_size, hidden_size)
+                    .map(Some)
+            }
+            Some(other) => Err(DsConfigError::Invalid {
+                file: "TrainingArguments.deepspeed".into(),
+                msg: format!("expected a path to ds_config.json or a JSON object, got {other}"),
+            }),
+        }
+    }
+
+    pub fn from_value(
+        mut v: Value,
+        file: &str,
+        args: &TrainingArguments,
+        world_size: usize,
+        hidden_size: usize,
+    ) -> Result<Self> {
+        let err = |msg: String| DsConfigError::Invalid {
+            file: file.to_string(),
+            msg,
+        };
+        if !v.is_object() {
+            return Err(err("expected a JSON object at the top level".into()));
+        }
+        let world = world_size.max(1);
+        // HF's fill_match: "auto" takes the TrainingArguments value; any other
+        // value must agree with it.
+        let mut mismatches = Vec::new();
+        let micro = args.per_device_train_batch_size;
+        let accum = args.gradient_accumulation_steps;
+        let mut fill = |v: &mut Value, key: &str, hf: Value, hf_name: &str, must_match: bool| {
+            let mut cur = &mut *v;
+            let parts: Vec<&str> = key.split('.').collect();
+            for p in &parts[..parts.len() - 1] {
+                match cur.get_mut(*p) {
+                    Some(next) if next.is_object() => cur = next,
+                    _ => return,
+                }
+            }
+            let last = parts[parts.len() - 1];
+            let Some(slot) = cur.get_mut(last) else {
+                return;
+            };
+            if slot == "auto" {
+                *slot = hf;
+            } else if must_match && !json_eq(slot, &hf) {
+                mismatches.push(format!("- ds {key}={slot} vs hf {hf_name}={hf}"));
+            }
+        };
+        let lr = args.learning_rate;
+        fill(
+            &mut v,
+            "train_micro_batch_size_per_gpu",
+            micro.into(),
+            "per_device_train_batch_size",
+            true,
+        );
+        fill(
+            &mut v,
+            "gradient_accumulation_steps",
+            accum.into(),
+            "gradient_accumulation_steps",
+            true,
+        );
+        fill(
+            &mut v,
+            "train_batch_size",
+            (micro * accum * world).into(),
+            "train_batch_size (world × micro × accumulation)",
+            true,
+        );
+        fill(
+            &mut v,
+            "gradient_clipping",
+            args.max_grad_norm.into(),
+            "max_grad_norm",
+            true,
+        );
+        fill(
+            &mut v,
+            "optimizer.params.lr",
+            lr.into(),
+            "learning_rate",
+            true,
+        );
+        fill(
+            &mut v,
+            "optimizer.params.betas",
+            serde_json::json!([args.adam_beta1, args.adam_beta2]),
+            "adam_beta1+adam_beta2",
+            true,
+        );
+        fill(
+            &mut v,
+            "optimizer.params.eps",
+            args.adam_epsilon.into(),
+            "adam_epsilon",
+            true,
+        );
+        fill(
+            &mut v,
+            "optimizer.params.weight_decay",
+            args.weight_decay.into(),
+            "weight_decay",
+            true,
+        );
+        fill(
+            &mut v,
+            "scheduler.params.warmup_min_lr",
+            0.0.into(),
+            "(0)",
+            false,
+        );
+        fill(
+            &mut v,
+            "scheduler.params.warmup_max_lr",
+            lr.into(),
+            "learning_rate",
+            true,
+        );
+        fill(&mut v, "fp16.enabled", args.fp16.into(), "fp16", true);
+        fill(&mut v, "bf16.enabled", args.bf16.into(), "bf16", true);
+        let h2 = (hidden_size * hidden_size) as f64;
+        fill(
+            &mut v,
+            "zero_optimization.reduce_bucket_size",
+            h2.into(),
+            "hidden_size²",
+            false,
+        );
+        fill(
+            &mut v,
+            "zero_optimization.stage3_prefetch_bucket_size",
+            (0.9 * h2).into(),
+            "0.9 × hidden_size²",
+            false,
+        );
+        fill(
+            &mut v,
+            "zero_optimization.stage3_param_persistence_threshold",
+            (10 * hidden_size).into(),
+            "10 × hidden_size",
+            false,
+        );
+        if !mismatches.is_empty() {
+            return Err(err(format!(
+                "these DeepSpeed config values contradict TrainingArguments (set them to \"auto\" to take the TrainingArguments value):\n{}",
+                mismatches.join("\n")
+            )));
+        }
+        let obj = v.as_object().expect("checked").clone();
+        let mut warnings = Vec::new();
+        let uint = |o: &Map<String, Value>, k: &str, ctx: &str| -> Result<Option<usize>> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .or_else(|| {
+                        x.as_f64()
+                            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                            .map(|f| f as u64)
+                    })
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{ctx}{k}: expected a non-negative integer, got {x}"
+                        ))
+                    }),
+            }
+        };
+        let float = |o: &Map<String, Value>, k: &str, ctx: &str| -> Result<Option<f64>> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| err(format!("{ctx}{k}: expected a number, got {x}"))),
+            }
+        };
+        let boolean = |o: &Map<String, Value>, k: &str, ctx: &str| -> Result<Option<bool>> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_bool()
+                    .map(Some)
+                    .ok_or_else(|| err(format!("{ctx}{k}: expected true or false, got {x}"))),
+            }
+        };
+        let block = |k: &str| -> Result<Map<String, Value>> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(Map::new()),
+                Some(Value::Object(o)) => Ok(o.clone()),
+                Some(x) => Err(err(format!("{k}: expected an object, got {x}"))),
+            }
+        };
+
+        // Batch sizes: DeepSpeed's arithmetic, inferring the one left out.
+        let tbs = uint(&obj, "train_batch_size", "")?;
+        let mbs = uint(&obj, "train_micro_batch_size_per_gpu", "")?;
+        let gas = uint(&obj, "gradient_accumulation_steps", "")?;
+        let (tbs, mbs, gas) = match (tbs, mbs, gas) {
+            (Some(t), Some(m), Some(g)) => (t, m, g),
+            (Some(t), Some(m), None) => (t, m, t / (m * world).max(1)),
+            (Some(t), None, Some(g)) => (t, t / (g * world).max(1), g),
+            (Some(t), None, None) => (t, t / world, 1),
+            (None, Some(m), g) => {
+                let g = g.unwrap_or(1);
+                (m * g * world, m, g)
+            }
+            (None, None, _) => {
+                return Err(err(
+                    "give train_batch_size or train_micro_batch_size_per_gpu (or \"auto\")".into(),
+                ))
+            }
+        };
+        if tbs == 0 || mbs == 0 || gas == 0 || tbs != mbs * gas * world {
+            return Err(err(format!(
+                "train_batch_size ({tbs}) must equal train_micro_batch_size_per_gpu ({mbs}) × gradient_accumulation_steps ({gas}) × world size ({world}) = {}",
+                mbs * gas * world
+            )));
+        }
+        if mbs != micro || gas != accum {
+            return Err(err(format!(
+                "the config's micro batch {mbs} and accumulation {gas} contradict TrainingArguments ({micro}, {accum}); use \"auto\""
+            )));
+        }
+
+        // zero_optimization
+        let z = block("zero_optimization")?;
+        let stage = match uint(&z, "stage", "zero_optimization.")? {
+            None => 0,
+            Some(s @ 0..=3) => s as u8,
+            Some(s) => {
+                return Err(err(format!(
+                    "zero_optimization.stage: expected 0, 1, 2 or 3, got {s}"
+                )))
+            }
+        };
+        let mut offload = |k: &str| -> Result<OffloadDevice> {
+            let o = match z.get(k) {
+                None | Some(Value::Null) => return Ok(OffloadDevice::None),
+                Some(Value::Object(o)) => o,
+                Some(x) => {
+                    return Err(err(format!(
+                        "zero_optimization.{k}: expected an object, got {x}"
+                    )))
+                }
+            };
+            let dev = match o.get("device") {
+                None | Some(Value::Null) => OffloadDevice::None,
+                Some(Value::String(s)) => match s.as_str() {
+                    "none" => OffloadDevice::None,
+                    "cpu" => OffloadDevice::Cpu,
+                    "nvme" => {
+                        return Err(err(format!(
+                            "zero_optimization.{k}.device: \"nvme\" (ZeRO-Infinity) is not supported here; use \"cpu\" or \"none\""
+                        )))
+                    }
+                    other => {
+                        return Err(err(format!(
+                            "zero_optimization.{k}.device: expected \"cpu\" or \"none\", got \"{other}\""
+                        )))
+                    }
+                },
+                Some(x) => return Err(err(format!("zero_optimization.{k}.device: expected a string, got {x}"))),
+            };
+            for key in o.keys().filter(|k| k.as_str() != "device") {
+                warnings.push(format!(
+                    "zero_optimization.{k}.{key}: accepted, not acted on (host buffers here are plain memory)"
+                ));
+            }
+            Ok(dev)
+        };
+        let offload_optimizer = offload("offload_optimizer")?;
+        let offload_param = offload("offload_param")?;
+        if offload_optimizer == OffloadDevice::Cpu && stage == 0 {
+            return Err(err(
+                "zero_optimization.offload_optimizer needs stage 1, 2 or 3 (stage is 0)".into(),
+            ));
+        }
+        if offload_param == OffloadDevice::Cpu && stage != 3 {
+            return Err(err(format!(
+                "zero_optimization.offload_param needs stage 3 (stage is {stage})"
+            )));
+        }
+        for k in z.keys() {
+            match k.as_str() {
+                "stage" | "offload_optimizer" | "offload_param" => {}
+                k if ACCEPTED_ZERO_KEYS.contains(&k) => warnings.push(format!(
+                    "zero_optimization.{k}: accepted, not acted on (it tunes GPU communication overlap and buffers)"
+                )),
+                k => warnings.push(format!("zero_optimization.{k}: unknown key, ignored")),
+            }
+        }
+
+        // fp16 / bf16
+        let f = block("fp16")?;
+        let fp16 = Fp16Config {
+            enabled: boolean(&f, "enabled", "fp16.")?.unwrap_or(false),
+            loss_scale: float(&f, "loss_scale", "fp16.")?.unwrap_or(0.0),
+            initial_scale_power: uint(&f, "initial_scale_power", "fp16.")?.unwrap_or(16) as u32,
+            loss_scale_window: uint(&f, "loss_scale_window", "fp16.")?.unwrap_or(1000),
+            hysteresis: uint(&f, "hysteresis", "fp16.")?.unwrap_or(2),
+            min_loss_scale: float(&f, "min_loss_scale", "fp16.")?.unwrap_or(1.0),
+        };
+        let b = block("bf16")?;
+        let bf16 = boolean(&b, "enabled", "bf16.")?.unwrap_or(false);
+        if fp16.enabled && bf16 {
+            return Err(err(
+                "fp16.enabled and bf16.enabled are both true; choose one".into(),
+            ));
+        }
+
+        // optimizer
+        let o = block("optimizer")?;
+        let optimizer = if o.is_empty() {
+            None
+        } else {
+            let kind = o.get("type").and_then(Value::as_str).unwrap_or("");
+            let p = match o.get("params") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(p)) => p.clone(),
+                Some(x) => {
+                    return Err(err(format!(
+                        "optimizer.params: expected an object, got {x}"
+                    )))
+                }
+            };
+            match kind.to_ascii_lowercase().as_str() {
+                "adamw" => {}
+                "adam" => {
+                    if boolean(&p, "adam_w_mode", "optimizer.params.")? == Some(false) {
+                        return Err(err("optimizer: Adam with adam_w_mode false (L2 instead of decoupled weight decay) is not supported; use AdamW".into()));
+                    }
+                }
+                _ => {
+                    return Err(err(format!(
+                        "optimizer.type: expected \"AdamW\" or \"Adam\", got \"{kind}\" (other DeepSpeed optimizers are not supported)"
+                    )))
+                }
+            }
+            let betas = match p.get("betas") {
+                None => (0.9, 0.999),
+                Some(Value::Array(a)) if a.len() == 2 && a.iter().all(Value::is_number) => (
+                    a[0].as_f64().expect("number"),
+                    a[1].as_f64().expect("number"),
+                ),
+                Some(x) => {
+                    return Err(err(format!(
+                        "optimizer.params.betas: expected [beta1, beta2], got {x}"
+                    )))
+                }
+            };
+            for k in p.keys() {
+                if ![
+                    "lr",
+                    "betas",
+                    "eps",
+                    "weight_decay",
+                    "adam_w_mode",
+                    "torch_adam",
+                ]
+                .contains(&k.as_str())
+                {
+                    warnings.push(format!("optimizer.params.{k}: accepted, not acted on"));
+                }
+            }
+            Some(OptimizerConfig {
+                lr: float(&p, "lr", "optimizer.params.")?.unwrap_or(1e-3),
+                betas,
+                eps: float(&p, "eps", "optimizer.params.")?.unwrap_or(1e-8),
+                weight_decay: float(&p, "weight_decay", "optimizer.params.")?.unwrap_or(0.0),
+            })
+        };
+
+        // scheduler ("auto" steps are filled later, when the total is known)
+        let s = block("scheduler")?;
+        let scheduler = if s.is_empty() {
+            None
+        } else {
+            let p = match s.get("params") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(p)) => p.clone(),
+                Some(x) => {
+                    return Err(err(format!(
+                        "scheduler.params: expected an object, got {x}"
+                    )))
+                }
+            };
+            let ctx = "scheduler.params.";
+            let steps = |k: &str, default: usize| -> Result<usize> {
+                match p.get(k) {
+                    Some(Value::String(a)) if a == "auto" => Ok(usize::MAX),
+                    _ => Ok(uint(&p, k, ctx)?.unwrap_or(default)),
+                }
+            };
+            let log_warmup = match p.get("warmup_type").and_then(Value::as_str) {
+                None | Some("log") => true,
+                Some("linear") => false,
+                Some(other) => return Err(err(format!(
+                    "scheduler.params.warmup_type: expected \"log\" or \"linear\", got \"{other}\""
+                ))),
+            };
+            let kind = s.get("type").and_then(Value::as_str).unwrap_or("");
+            Some(match kind {
+                "WarmupLR" => SchedulerConfig::WarmupLR {
+                    min_lr: float(&p, "warmup_min_lr", ctx)?.unwrap_or(0.0),
+                    max_lr: float(&p, "warmup_max_lr", ctx)?.unwrap_or(0.001),
+                    warmup_num_steps: steps("warmup_num_steps", 1000)?,
+                    log_warmup,
+                },
+                "WarmupDecayLR" => SchedulerConfig::WarmupDecayLR {
+                    min_lr: float(&p, "warmup_min_lr", ctx)?.unwrap_or(0.0),
+                    max_lr: float(&p, "warmup_max_lr", ctx)?.unwrap_or(0.001),
+                    warmup_num_steps: steps("warmup_num_steps", 1000)?,
+                    total_num_steps: match p.get("total_num_steps") {
+                        None => return Err(err("scheduler.params.total_num_steps: WarmupDecayLR needs it (or \"auto\")".into())),
+                        Some(_) => steps("total_num_steps", 0)?,
+                    },
+                    log_warmup,
+                },
+                "WarmupCosineLR" => SchedulerConfig::WarmupCosineLR {
+                    total_num_steps: match p.get("total_num_steps") {
+                        None => return Err(err("scheduler.params.total_num_steps: WarmupCosineLR needs it (or \"auto\")".into())),
+                        Some(_) => steps("total_num_steps", 0)?,
+                    },
+                    warmup_min_ratio: float(&p, "warmup_min_ratio", ctx)?.unwrap_or(0.0),
+                    warmup_num_steps: steps("warmup_num_steps", 1000)?,
+                    cos_min_ratio: float(&p, "cos_min_ratio", ctx)?.unwrap_or(1e-4),
+                    log_warmup,
+                },
+                other => {
+                    return Err(err(format!(
+                        "scheduler.type: expected WarmupLR, WarmupDecayLR or WarmupCosineLR, got \"{other}\""
+                    )))
+                }
+            })
+        };
+
+        let steps_per_print = uint(&obj, "steps_per_print", "")?.unwrap_or(10).max(1);
+        let wall_clock_breakdown = boolean(&obj, "wall_clock_breakdown", "")?.unwrap_or(false);
+        let gradient_clipping = float(&obj, "gradient_clipping", "")?.unwrap_or(1.0);
+        for k in obj.keys() {
+            match k.as_str() {
+                "train_batch_size"
+                | "train_micro_batch_size_per_gpu"
+                | "gradient_accumulation_steps"
+                | "gradient_clipping"
+                | "zero_optimization"
+                | "fp16"
+                | "bf16"
+                | "optimizer"
+                | "scheduler"
+                | "steps_per_print"
+                | "wall_clock_breakdown" => {}
+                "zero_allow_untested_optimizer"
+                | "zero_force_ds_cpu_optimizer"
+                | "prescale_gradients"
+                | "gradient_predivide_factor"
+                | "communication_data_type"
+                | "dump_state"
+                | "tensorboard"
+                | "wandb"
+                | "csv_monitor"
+                | "flops_profiler"
+                | "comms_logger"
+                | "activation_checkpointing"
+                | "checkpoint"
+                | "data_types"
+                | "amp" => warnings.push(format!("{k}: accepted, not acted on")),
+                other => warnings.push(format!("{other}: unknown key, ignored")),
+            }
+        }
+        Ok(DeepSpeedConfig {
+            train_batch_size: tbs,
+            train_micro_batch_size_per_gpu: mbs,
+            gradient_accumulation_steps: gas,
+            gradient_clipping,
+            zero: ZeroConfig {
+                stage,
+                offload_optimizer,
+                offload_param,
+            },
+            fp16,
+            bf16,
+            optimizer,
+            scheduler,
+            steps_per_print,
+            wall_clock_breakdown,
+            warnings,
+            resolved: v,
+        })
+    }
+
+    /// HF's trainer_config_finalize: scheduler steps given as "auto" become
+    /// the warmup and total steps the Trainer computed.
+    pub fn finalize(&mut self, warmup_steps: usize, total_steps: usize) {
+        let fix = |x: &mut usize, val: usize| {
+            if *x == usize::MAX {
+                *x = val;
+            }
+        };
+        match &mut self.scheduler {
+            Some(SchedulerConfig::WarmupLR {
+                warmup_num_steps, ..
+            }) => fix(warmup_num_steps, warmup_steps),
+            Some(SchedulerConfig::WarmupDecayLR {
+                warmup_num_steps,
+                total_num_steps,
+                ..
+            })
+            | Some(SchedulerConfig::WarmupCosineLR {
+                warmup_num_steps,
+                total_num_steps,
+                ..
+            }) => {
+                fix(warmup_num_steps, warmup_steps);
+                fix(total_num_steps, total_steps);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Numbers compare by value (1 == 1.0), as Python's `!=` does.
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args() -> TrainingArguments {
+        TrainingArguments {
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 2,
+            learning_rate: 1e-3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn auto_is_filled_from_training_arguments() {
+        let v = json!({
+            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "overlap_comm": true},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+            "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}
+        });
+        let mut c = DeepSpeedConfig::from_value(v, "ds.json", &args(), 2, 64).unwrap();
+        assert_eq!(
+            (
+                c.train_batch_size,
+                c.train_micro_batch_size_per_gpu,
+                c.gradient_accumulation_steps
+            ),
+            (16, 4, 2)
+        );
+        assert_eq!(c.zero.stage, 2);
+        assert_eq!(
+            c.resolved["zero_optimization"]["reduce_bucket_size"],
+            json!(4096.0)
+        );
+        assert_eq!(c.optimizer.as_ref().unwrap().lr, 1e-3);
+        c.finalize(10, 100);
+        assert_eq!(
+            c.scheduler,
+            Some(SchedulerConfig::WarmupDecayLR {
+                min_lr: 0.0,
+                max_lr: 1e-3,
+                warmup_num_steps: 10,
+                total_num_steps: 100,
+                log_warmup: true
+            })
+        );
+        assert!(
+            c.warnings.iter().any(|w| w.contains("overlap_comm")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn contradictions_and_bad_values_are_named() {
+        let e = |v: Value, world| {
+            DeepSpeedConfig::from_value(v, "ds.json", &args(), world, 64)
+                .unwrap_err()
+                .to_string()
+        };
+        let m = e(
+            json!({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}),
+            2,
+        );
+        assert!(
+            m.contains("train_batch_size") && m.contains("hf train_batch_size"),
+            "{m}"
+        );
+        let m = e(
+            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": 0.5}),
+            1,
+        );
+        assert!(
+            m.contains("gradient_clipping=0.5 vs hf max_grad_norm=1.0"),
+            "{m}"
+        );
+        let m = e(
+            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 4}}),
+            1,
+        );
+        assert!(
+            m.contains("zero_optimization.stage: expected 0, 1, 2 or 3, got 4"),
+            "{m}"
+        );
+        let m = e(
+            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}),
+            1,
+        );
+        assert!(
+            m.contains("\"nvme\" (ZeRO-Infinity) is not supported"),
+            "{m}"
+        );
+        let m = e(
+            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}),
+            1,
+        );
+        assert!(m.contains("offload_param needs stage 3"), "{m}");
+        let m = e(
+            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "optimizer": {"type": "Lamb"}}),
+            1,
+        );
+        assert!(m.contains("optimizer.type"), "{m}");
+        // Two of three given: the third is inferred, then checked.
+        let c = DeepSpeedConfig::from_value(
+            json!({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4}),
+            "ds.json",
+            &args(),
+            3,
+            64,
+        )
+        .unwrap();
+        assert_eq!(c.gradient_accumulation_steps, 2);
+    }
+
+    #[test]
+    fn deepspeed_warmup_schedules() {
+        // WarmupLR, log warmup over 10 steps from 0 to 1e-3: the first step
+        // uses warmup_min_lr (the scheduler starts at iteration -1).
+        let s = SchedulerConfig::WarmupLR {
+            min_lr: 0.0,
+            max_lr: 1e-3,
+            warmup_num_steps: 10,
+            log_warmup: true,
+        };
+        assert_eq!(s.lr_at(0, 0.0), 0.0);
+        assert_eq!(s.lr_at(1, 0.0), 0.0);
+        assert!((s.lr_at(5, 0.0) - 1e-3 * (5f64).ln() / (10f64).ln()).abs() < 1e-15);
+        assert_eq!(s.lr_at(50, 0.0), 1e-3);
+        let d = SchedulerConfig::WarmupDecayLR {
+            min_lr: 0.0,
+            max_lr: 1.0,
+            warmup_num_steps: 4,
+            total_num_steps: 12,
+            log_warmup: false,
+        };
+        assert_eq!(d.lr_at(3, 0.0), 0.5);
+        assert_eq!(d.lr_at(9, 0.0), 0.5);
+        assert_eq!(d.lr_at(13, 0.0), 0.0);
+    }
+}

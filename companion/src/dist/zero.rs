@@ -1,0 +1,961 @@
+//! ZeRO (Rajbhandari et al. 2020) as DeepSpeed runs it, stage by stage.
+//!
+//! All parameters are laid end to end in one flat fp32 buffer (in
+//! `named_parameters` order), padded to a multiple of the world size and cut
+//! into one contiguous partition per rank — DeepSpeed's flat buffers. Then:
+//!
+//! | stage | parameters | gradients | Adam moments |
+//! |---|---|---|---|
+//! | 0 | full on every rank | full, all-reduced | full |
+//! | 1 | full | full, all-reduced | own partition |
+//! | 2 | full | own partition, reduce-scattered every micro-batch | own partition |
+//! | 3 | own partition, gathered one block at a time | own partition | own partition |
+//!
+//! Each rank updates only its partition; stages 1–2 all-gather the updated
+//! weights afterwards. Stage 3 never materialises the whole model: the
+//! forward pass gathers each block's weights, runs it and drops them,
+//! keeping only the block's input; the backward pass gathers the block
+//! again, recomputes it from that input (with the same dropout masks), takes
+//! its gradients and reduce-scatters them. `offload_optimizer: cpu` keeps the
+//! Adam moments in host memory and updates there (multi-threaded);
+//! otherwise they are tensors on the rank's device, updated with tensor ops.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::comm::Communicator;
+use crate::model::{block_parameter_names, causal_lm_loss_sum, parameter_shapes, GPT2LMHeadModel};
+use crate::train::{decays, Result, TrainError};
+
+/// Where each parameter sits in the flat buffer and which slice each rank owns.
+#[derive(Debug, Clone)]
+pub struct FlatLayout {
+    pub names: Vec<String>,
+    pub shapes: Vec<Vec<usize>>,
+    pub offsets: Vec<usize>,
+    /// Real elements (Ψ).
+    pub numel: usize,
+    pub world: usize,
+    /// Elements per partition: ⌈Ψ / N⌉ (the last one is padded).
+    pub part: usize,
+}
+
+impl FlatLayout {
+    pub fn new(cfg: &crate::config::GPT2Config, world: usize) -> Self {
+        let (mut names, mut shapes, mut offsets) = (vec![], vec![], vec![]);
+        let mut at = 0;
+        for (n, s) in parameter_shapes(cfg) {
+            offsets.push(at);
+            at += s.iter().product::<usize>();
+            names.push(n);
+            shapes.push(s);
+        }
+        let world = world.max(1);
+        FlatLayout {
+            names,
+            shapes,
+            offsets,
+            numel: at,
+            world,
+            part: at.div_ceil(world),
+        }
+    }
+
+    /// The flat elements rank `r` owns (may run past `numel`: padding).
+    pub fn partition(&self, r: usize) -> Range<usize> {
+        r * self.part..(r + 1) * self.part
+    }
+
+    /// The flat elements of parameter `i`.
+    pub fn range(&self, i: usize) -> Range<usize> {
+        let n: usize = self.shapes[i].iter().product();
+        self.offsets[i]..self.offsets[i] + n
+    }
+
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+}
+
+fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let s = a.start.max(b.start);
+    let e = a.end.min(b.end).max(s);
+    s..e
+}
+
+/// Adam's moments for the elements this rank updates.
+enum Moments {
+    /// `offload_optimizer: cpu`: host memory, updated by a parallel loop.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// On the rank's device, updated with tensor ops; `decay` is 1 where
+    /// weight decay applies, 0 on biases and LayerNorm weights.
+    Device { m: Tensor, v: Tensor, decay: Tensor },
+}
+
+/// AdamW's hyper-parameters (`adamw_torch`, or the ds_config optimizer block).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// A parameter's name with its `exp_avg` and `exp_avg_sq`.
+pub type NamedMoments = (String, Vec<f32>, Vec<f32>);
+
+/// Bytes of model state one rank really holds, measured from its buffers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ModelStateBytes {
+    pub rank: usize,
+    pub stage: u8,
+    pub world_size: usize,
+    /// fp32 weights kept between steps (the whole model, or a partition).
+    pub params: usize,
+    /// Gradient accumulation buffer.
+    pub grads: usize,
+    /// Adam's exp_avg and exp_avg_sq.
+    pub optimizer_states: usize,
+    /// How much of the above lives in host memory because of offload.
+    pub offloaded_to_host: usize,
+    /// Stage 3: the most gathered (full) weights alive at once.
+    pub peak_gathered_params: usize,
+}
+
+impl ModelStateBytes {
+    pub fn total(&self) -> usize {
+        self.params + self.grads + self.optimizer_states
+    }
+}
+
+/// One rank's ZeRO state and its training step.
+pub struct ZeroEngine {
+    pub stage: u8,
+    pub offload_optimizer: bool,
+    pub offload_param: bool,
+    pub layout: FlatLayout,
+    pub comm: Arc<dyn Communicator>,
+    pub adam: AdamWParams,
+    /// Optimizer steps taken (Adam's `t`).
+    pub step: u64,
+    device: Device,
+    /// Stage 3 only: this rank's slice of the fp32 weights, the only copy.
+    params: Vec<f32>,
+    /// Accumulated gradients: the whole flat buffer (stages 0–1) or this
+    /// rank's partition (2–3).
+    grads: Vec<f32>,
+    moments: Moments,
+    /// Flat range the moments cover (everything for stage 0).
+    owned: Range<usize>,
+    peak_gathered: usize,
+}
+
+impl ZeroEngine {
+    /// Partition `model` for this rank. Stage 3 copies this rank's slice of
+    /// the weights out of it; the caller then swaps the model for
+    /// [`GPT2LMHeadModel::partitioned`].
+    pub fn new(
+        model: &GPT2LMHeadModel,
+        stage: u8,
+        offload_optimizer: bool,
+        offload_param: bool,
+        adam: AdamWParams,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        if stage > 3 {
+            return Err(TrainError::Args(format!(
+                "ZeRO stage must be 0, 1, 2 or 3, got {stage}"
+            )));
+        }
+        let layout = FlatLayout::new(&model.config, comm.world_size());
+        let rank = comm.rank();
+        let owned = if stage == 0 {
+            0..layout.numel
+        } else {
+            layout.partition(rank)
+        };
+        let device = model.device().clone();
+        let params = if stage == 3 {
+            let flat = flatten_params(model, &layout)?;
+            let mut p = vec![0f32; layout.part];
+            let r = intersect(&owned, &(0..layout.numel));
+            p[..r.len()].copy_from_slice(&flat[r]);
+            p
+        } else {
+            vec![]
+        };
+        let grads = vec![
+            0f32;
+            if stage >= 2 {
+                layout.part
+            } else {
+                layout.numel
+            }
+        ];
+        let n = owned.len();
+        let moments = if offload_optimizer {
+            Moments::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }
+        } else {
+            let mask = decay_mask(&layout, &owned);
+            Moments::Device {
+                m: Tensor::zeros(n, DType::F32, &device)?,
+                v: Tensor::zeros(n, DType::F32, &device)?,
+                decay: Tensor::from_vec(mask, n, &device)?,
+            }
+        };
+        Ok(ZeroEngine {
+            stage,
+            offload_optimizer,
+            offload_param,
+            layout,
+            comm,
+            adam,
+            step: 0,
+            device,
+            params,
+            grads,
+            moments,
+            owned,
+            peak_gathered: 0,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Forward and backward of one micro-batch, its loss scaled by
+    /// `1 / n_items` (the label tokens of the whole global batch), gradients
+    /// accumulated by stage. Returns the scaled loss.
+    pub fn micro_step(
+        &mut self,
+        model: &GPT2LMHeadModel,
+        ids: &Tensor,
+        labels: &Tensor,
+        mask: Option<&[Vec<u32>]>,
+        n_items: f64,
+    ) -> Result<f64> {
+        if self.stage == 3 {
+            return self.micro_step_stage3(model, ids, labels, mask, n_items);
+        }
+        let logits = model.forward(ids, mask, None)?;
+        let (sum, _) = causal_lm_loss_sum(&logits, labels)?;
+        let loss = (sum / n_items)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            return Ok(lv);
+        }
+        let g = loss.backward()?;
+        let mut full = vec![0f32; self.layout.part * self.layout.world];
+        for (i, (name, var)) in model.named_parameters().iter().enumerate() {
+            debug_assert_eq!(&self.layout.names[i], name);
+            if let Some(t) = g.get(var.as_tensor()) {
+                let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                full[self.layout.range(i)].copy_from_slice(&v);
+            }
+        }
+        if self.stage == 2 {
+            let counts = vec![self.layout.part; self.layout.world];
+            let mine = self.comm.reduce_scatter_sum(&full, &counts)?;
+            add_into(&mut self.grads, &mine);
+        } else {
+            full.truncate(self.layout.numel);
+            add_into(&mut self.grads, &full);
+        }
+        Ok(lv)
+    }
+
+    /// Stage 3: block by block, holding one block's weights at a time.
+    fn micro_step_stage3(
+        &mut self,
+        model: &GPT2LMHeadModel,
+        ids: &Tensor,
+        labels: &Tensor,
+        mask: Option<&[Vec<u32>]>,
+        n_items: f64,
+    ) -> Result<f64> {
+        let cfg = model.config.clone();
+        let (emb, blocks, head) = self.pieces(&cfg);
+        let block_idx = |l: usize| -> Vec<usize> { blocks[l].clone() };
+        // Forward: keep each block's input and the dropout generator's state.
+        let mut states = vec![model.dropout_state()];
+        let p = self.gather(&emb)?;
+        let mut xs = vec![model.embed_with(&tensors(&p), ids, mask)?];
+        drop(p);
+        for l in 0..cfg.n_layer {
+            states.push(model.dropout_state());
+            let p = self.gather(&block_idx(l))?;
+            let x = model.block_with(l, &tensors(&p), &xs[l], mask)?;
+            xs.push(x);
+        }
+        let after = model.dropout_state();
+        // Head and loss, with gradients for ln_f, wte and the last activation.
+        let p = self.gather_vars(&head)?;
+        let x_last = Var::from_tensor(&xs[cfg.n_layer])?;
+        let logits = model.head_with(&var_tensors(&p), x_last.as_tensor())?;
+        let (sum, _) = causal_lm_loss_sum(&logits, labels)?;
+        let loss = (sum / n_items)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            return Ok(lv);
+        }
+        let g = loss.backward()?;
+        self.reduce_scatter_grads(&head, &p, &g)?;
+        let mut gy = g
+            .get(x_last.as_tensor())
+            .ok_or_else(|| TrainError::Args("no gradient reached the last block".into()))?
+            .clone();
+        drop((p, g, logits));
+        // Backward, block by block: gather, recompute, differentiate, scatter.
+        for l in (0..cfg.n_layer).rev() {
+            model.set_dropout_state(states[l + 1].clone());
+            let idx = block_idx(l);
+            let p = self.gather_vars(&idx)?;
+            let x_in = Var::from_tensor(&xs[l])?;
+            let y = model.block_with(l, &var_tensors(&p), x_in.as_tensor(), mask)?;
+            let g = (y * &gy)?.sum_all()?.backward()?;
+            self.reduce_scatter_grads(&idx, &p, &g)?;
+            gy = g
+                .get(x_in.as_tensor())
+                .ok_or_else(|| TrainError::Args(format!("no gradient reached block {l}")))?
+                .clone();
+            xs.truncate(l + 1);
+        }
+        model.set_dropout_state(states[0].clone());
+        let p = self.gather_vars(&emb)?;
+        let x0 = model.embed_with(&var_tensors(&p), ids, mask)?;
+        let g = (x0 * &gy)?.sum_all()?.backward()?;
+        self.reduce_scatter_grads(&emb, &p, &g)?;
+        model.set_dropout_state(after);
+        Ok(lv)
+    }
+
+    /// Logits without gradients (evaluation): under stage 3, gathering one
+    /// piece at a time.
+    pub fn forward(
+        &mut self,
+        model: &GPT2LMHeadModel,
+        ids: &Tensor,
+        mask: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor> {
+        if self.stage != 3 {
+            return Ok(model.for_inference().forward(ids, mask, None)?);
+        }
+        let (emb, blocks, head) = self.pieces(&model.config);
+        let p = self.gather(&emb)?;
+        let mut x = model.embed_with(&tensors(&p), ids, mask)?;
+        drop(p);
+        for (l, idx) in blocks.iter().enumerate() {
+            let p = self.gather(idx)?;
+            x = model.block_with(l, &tensors(&p), &x, mask)?;
+        }
+        let p = self.gather(&head)?;
+        Ok(model.head_with(&tensors(&p), &x)?)
+    }
+
+    /// The collectives of [`forward`](Self::forward) for a rank with no
+    /// batch this round, so the others are not left waiting.
+    pub fn skip_forward(&mut self) -> Result<()> {
+        if self.stage == 3 {
+            let (emb, blocks, head) = self.pieces_from_layout();
+            self.gather(&emb)?;
+            for idx in &blocks {
+                self.gather(idx)?;
+            }
+            self.gather(&head)?;
+        }
+        Ok(())
+    }
+
+    /// The collectives of [`micro_step`](Self::micro_step), contributing
+    /// zero gradients (a rank whose share of the last global batch is empty).
+    pub fn skip_micro_step(&mut self, _model: &GPT2LMHeadModel) -> Result<()> {
+        let zeros = |s: &Self, idx: &[usize]| -> Vec<Vec<f32>> {
+            idx.iter()
+                .map(|&i| vec![0.0; s.layout.range(i).len()])
+                .collect()
+        };
+        match self.stage {
+            2 => {
+                let full = vec![0f32; self.layout.part * self.layout.world];
+                let counts = vec![self.layout.part; self.layout.world];
+                self.comm.reduce_scatter_sum(&full, &counts)?;
+            }
+            3 => {
+                let (emb, blocks, head) = self.pieces_from_layout();
+                self.gather(&emb)?;
+                for idx in &blocks {
+                    self.gather(idx)?;
+                }
+                self.gather(&head)?;
+                self.reduce_scatter_flat(&head, &zeros(self, &head))?;
+                for idx in blocks.iter().rev() {
+                    self.gather(idx)?;
+                    self.reduce_scatter_flat(idx, &zeros(self, idx))?;
+                }
+                self.gather(&emb)?;
+                self.reduce_scatter_flat(&emb, &zeros(self, &emb))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Parameter indices of the embedding, of each block, and of the head.
+    fn pieces(&self, cfg: &crate::config::GPT2Config) -> (Vec<usize>, Vec<Vec<usize>>, Vec<usize>) {
+        let emb = self.indices(&["transformer.wte.weight", "transformer.wpe.weight"]);
+        let head = self.indices(&[
+            "transformer.wte.weight",
+            "transformer.ln_f.weight",
+            "transformer.ln_f.bias",
+        ]);
+        let blocks = (0..cfg.n_layer)
+            .map(|l| {
+                block_parameter_names(cfg, l)
+                    .iter()
+                    .map(|(n, _)| self.layout.index(n).expect("a parameter"))
+                    .collect()
+            })
+            .collect();
+        (emb, blocks, head)
+    }
+
+    fn pieces_from_layout(&self) -> (Vec<usize>, Vec<Vec<usize>>, Vec<usize>) {
+        let n_layer = self
+            .layout
+            .names
+            .iter()
+            .filter(|n| n.ends_with(".ln_1.weight"))
+            .count();
+        let emb = self.indices(&["transformer.wte.weight", "transformer.wpe.weight"]);
+        let head = self.indices(&[
+            "transformer.wte.weight",
+            "transformer.ln_f.weight",
+            "transformer.ln_f.bias",
+        ]);
+        let blocks = (0..n_layer)
+            .map(|l| {
+                let p = format!("transformer.h.{l}.");
+                (0..self.layout.names.len())
+                    .filter(|&i| self.layout.names[i].starts_with(&p))
+                    .collect()
+            })
+            .collect();
+        (emb, blocks, head)
+    }
+
+    fn indices(&self, names: &[&str]) -> Vec<usize> {
+        names
+            .iter()
+            .map(|n| self.layout.index(n).expect("a GPT-2 parameter"))
+            .collect()
+    }
+
+    /// All-gather parameters `idx` from their owners (stage 3): as plain
+    /// tensors for the forward pass (no autograd graph keeps them alive), as
+    /// Vars when their gradients are wanted. Counts toward the peak of
+    /// gathered bytes.
+    fn gather(&mut self, idx: &[usize]) -> Result<Vec<(String, Tensor)>> {
+        let me = self.layout.partition(self.rank());
+        let mut send = Vec::new();
+        for &i in idx {
+            let r = intersect(&self.layout.range(i), &me);
+            if !r.is_empty() {
+                send.extend_from_slice(&self.params[r.start - me.start..r.end - me.start]);
+            }
+        }
+        let all = self.comm.all_gather(&send)?;
+        // `all` is, rank by rank, each parameter's slice: put them back together.
+        let mut out: Vec<Vec<f32>> = idx
+            .iter()
+            .map(|&i| Vec::with_capacity(self.layout.range(i).len()))
+            .collect();
+        let mut at = 0;
+        for r in 0..self.layout.world {
+            let part = self.layout.partition(r);
+            for (k, &i) in idx.iter().enumerate() {
+                let n = intersect(&self.layout.range(i), &part).len();
+                out[k].extend_from_slice(&all[at..at + n]);
+                at += n;
+            }
+        }
+        let live: usize = out.iter().map(Vec::len).sum::<usize>() * 4;
+        self.peak_gathered = self.peak_gathered.max(live);
+        idx.iter()
+            .zip(out)
+            .map(|(&i, data)| {
+                let t = Tensor::from_vec(data, self.layout.shapes[i].clone(), &self.device)?;
+                Ok((self.layout.names[i].clone(), t))
+            })
+            .collect()
+    }
+
+    /// [`gather`](Self::gather) as Vars, whose gradients backward records.
+    fn gather_vars(&mut self, idx: &[usize]) -> Result<Vec<(String, Var)>> {
+        self.gather(idx)?
+            .into_iter()
+            .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+            .collect()
+    }
+
+    /// Reduce-scatter the gradients of gathered parameters into this rank's
+    /// partition of the gradient buffer.
+    fn reduce_scatter_grads(
+        &mut self,
+        idx: &[usize],
+        vars: &[(String, Var)],
+        g: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        let full: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|(_, v)| -> Result<Vec<f32>> {
+                Ok(match g.get(v.as_tensor()) {
+                    Some(t) => t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                    None => vec![0.0; v.elem_count()],
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.reduce_scatter_flat(idx, &full)
+    }
+
+    fn reduce_scatter_flat(&mut self, idx: &[usize], full: &[Vec<f32>]) -> Result<()> {
+        let mut send = Vec::new();
+        let mut counts = Vec::with_capacity(self.layout.world);
+        for r in 0..self.layout.world {
+            let part = self.layout.partition(r);
+            let before = send.len();
+            for (k, &i) in idx.iter().enumerate() {
+                let range = self.layout.range(i);
+                let x = intersect(&range, &part);
+                if !x.is_empty() {
+                    send.extend_from_slice(&full[k][x.start - range.start..x.end - range.start]);
+                }
+            }
+            counts.push(send.len() - before);
+        }
+        let mine = self.comm.reduce_scatter_sum(&send, &counts)?;
+        let me = self.layout.partition(self.rank());
+        let mut at = 0;
+        for &i in idx {
+            let x = intersect(&self.layout.range(i), &me);
+            if x.is_empty() {
+                continue;
+            }
+            let dst = &mut self.grads[x.start - me.start..x.end - me.start];
+            add_into(dst, &mine[at..at + x.len()]);
+            at += x.len();
+        }
+        Ok(())
+    }
+
+    /// After the last micro-batch: reduce the gradients (stages 0–1), take
+    /// the global norm, clip to `max_grad_norm`, update this rank's
+    /// elements with AdamW at `lr`, and share the new weights (stages 1–2).
+    /// Returns the gradient norm before clipping.
+    pub fn step(&mut self, model: &GPT2LMHeadModel, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        if self.stage <= 1 {
+            self.comm.all_reduce_sum(&mut self.grads)?;
+        }
+        // Each rank's share of ‖g‖²: all of it when gradients are replicated.
+        let local = match self.stage {
+            0 | 1 => {
+                if self.rank() == 0 {
+                    sum_sq(&self.grads)
+                } else {
+                    0.0
+                }
+            }
+            _ => sum_sq(&self.grads),
+        };
+        let norm = self.comm.all_reduce_f64(local)?.sqrt();
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        if max_grad_norm > 0.0 {
+            let coef = (max_grad_norm / (norm + 1e-6)).min(1.0) as f32;
+            if coef < 1.0 {
+                self.grads.par_iter_mut().for_each(|x| *x *= coef);
+            }
+        }
+        self.step += 1;
+        let owned = self.owned.clone();
+        let valid = intersect(&owned, &(0..self.layout.numel));
+        // The gradients and weights of the elements this rank updates.
+        let g_owned: &[f32] = match self.stage {
+            0 => &self.grads,
+            1 => &self.grads[valid.clone()],
+            _ => &self.grads[..valid.len()],
+        };
+        let mut p_owned: Vec<f32> = match self.stage {
+            3 => self.params[..valid.len()].to_vec(),
+            _ => {
+                let flat = flatten_params(model, &self.layout)?;
+                flat[valid.clone()].to_vec()
+            }
+        };
+        let g_owned = g_owned.to_vec();
+        self.adamw(&mut p_owned, &g_owned, lr, valid.len())?;
+        match self.stage {
+            3 => self.params[..valid.len()].copy_from_slice(&p_owned),
+            0 => set_params(model, &self.layout, &p_owned)?,
+            _ => {
+                let mut mine = p_owned;
+                mine.resize(self.layout.part, 0.0);
+                let mut all = self.comm.all_gather(&mine)?;
+                all.truncate(self.layout.numel);
+                set_params(model, &self.layout, &all)?;
+            }
+        }
+        self.grads.iter_mut().for_each(|x| *x = 0.0);
+        Ok(norm)
+    }
+
+    /// AdamW on this rank's elements (`torch.optim.AdamW`'s arithmetic).
+    fn adamw(&mut self, p: &mut [f32], g: &[f32], lr: f64, n: usize) -> Result<()> {
+        let a = self.adam;
+        let t = self.step as i32;
+        let bc1 = 1.0 - a.beta1.powi(t);
+        let bc2_sqrt = (1.0 - a.beta2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        match &mut self.moments {
+            Moments::Host { m, v } => {
+                let (m, v) = (&mut m[..n], &mut v[..n]);
+                let decay_on = (1.0 - lr * a.weight_decay) as f32;
+                let segs = decay_segments(&self.layout, &self.owned);
+                let (b1, b2, eps) = (a.beta1 as f32, a.beta2 as f32, a.eps as f32);
+                let (bc2_sqrt, step_size) = (bc2_sqrt as f32, step_size as f32);
+                // Split at parameter boundaries so each run has one decay factor.
+                let mut rest_p = &mut p[..];
+                let mut rest_g = g;
+                let mut rest_m = m;
+                let mut rest_v = v;
+                for (len, dec) in segs {
+                    let len = len.min(rest_p.len());
+                    let (pp, rp) = rest_p.split_at_mut(len);
+                    let (gg, rg) = rest_g.split_at(len);
+                    let (mm, rm) = rest_m.split_at_mut(len);
+                    let (vv, rv) = rest_v.split_at_mut(len);
+                    (rest_p, rest_g, rest_m, rest_v) = (rp, rg, rm, rv);
+                    let decay = if dec { decay_on } else { 1.0 };
+                    pp.par_chunks_mut(4096)
+                        .zip(gg.par_chunks(4096))
+                        .zip(mm.par_chunks_mut(4096))
+                        .zip(vv.par_chunks_mut(4096))
+                        .for_each(|(((p, g), m), v)| {
+                            for i in 0..p.len() {
+                                p[i] *= decay;
+                                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                                p[i] -= step_size * m[i] / denom;
+                            }
+                        });
+                }
+            }
+            Moments::Device { m, v, decay } => {
+                let dev = &self.device;
+                let len = m.elem_count();
+                let mut pv = p.to_vec();
+                pv.resize(len, 0.0);
+                let mut gv = g.to_vec();
+                gv.resize(len, 0.0);
+                let pt = Tensor::from_vec(pv, len, dev)?;
+                let gt = Tensor::from_vec(gv, len, dev)?;
+                let m1 = ((&*m * a.beta1)? + (&gt * (1.0 - a.beta1))?)?;
+                let v1 = ((&*v * a.beta2)? + (gt.sqr()? * (1.0 - a.beta2))?)?;
+                let denom = ((v1.sqrt()? / bc2_sqrt)? + a.eps)?;
+                let factor = ((&*decay * (-lr * a.weight_decay))? + 1.0)?;
+                let upd = ((&m1 / &denom)? * step_size)?;
+                let p1 = ((pt * factor)? - upd)?;
+                *m = m1;
+                *v = v1;
+                let out: Vec<f32> = p1.narrow(0, 0, n)?.to_vec1()?;
+                p.copy_from_slice(&out);
+            }
+        }
+        Ok(())
+    }
+
+    /// What this rank keeps between steps, measured from its buffers.
+    pub fn memory(&self, model: &GPT2LMHeadModel) -> ModelStateBytes {
+        let params = if self.stage == 3 {
+            self.params.len() * 4
+        } else {
+            model
+                .named_parameters()
+                .iter()
+                .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+                .sum()
+        };
+        let optimizer_states = match &self.moments {
+            Moments::Host { m, v } => (m.len() + v.len()) * 4,
+            Moments::Device { m, v, .. } => (m.elem_count() + v.elem_count()) * 4,
+        };
+        let mut offloaded = 0;
+        if self.offload_optimizer {
+            offloaded += optimizer_states;
+        }
+        if self.offload_param && self.stage == 3 {
+            offloaded += params;
+        }
+        ModelStateBytes {
+            rank: self.rank(),
+            stage: self.stage,
+            world_size: self.world_size(),
+            params,
+            grads: self.grads.len() * 4,
+            optimizer_states,
+            offloaded_to_host: offloaded,
+            peak_gathered_params: self.peak_gathered,
+        }
+    }
+
+    /// Every weight by name, gathered from all ranks (a collective: every
+    /// rank calls it). What DeepSpeed's `zero_to_fp32` consolidates.
+    pub fn full_state_dict(&self, model: &GPT2LMHeadModel) -> Result<HashMap<String, Tensor>> {
+        let flat = if self.stage == 3 {
+            let mut all = self.comm.all_gather(&self.params)?;
+            all.truncate(self.layout.numel);
+            all
+        } else {
+            flatten_params(model, &self.layout)?
+        };
+        let mut out = HashMap::new();
+        for i in 0..self.layout.names.len() {
+            let t = Tensor::from_slice(
+                &flat[self.layout.range(i)],
+                self.layout.shapes[i].clone(),
+                &Device::Cpu,
+            )?;
+            out.insert(self.layout.names[i].clone(), t);
+        }
+        Ok(out)
+    }
+
+    /// This rank's optimizer shard: Adam moments over its flat range, and
+    /// (stage 3) its weights. With `full_state_dict` it is a checkpoint.
+    pub fn shard(&self) -> Result<Vec<(String, Tensor)>> {
+        let cpu = Device::Cpu;
+        let (m, v) = match &self.moments {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, m.len(), &cpu)?,
+                Tensor::from_slice(v, v.len(), &cpu)?,
+            ),
+            Moments::Device { m, v, .. } => (m.to_device(&cpu)?, v.to_device(&cpu)?),
+        };
+        let mut out = vec![("exp_avg".to_string(), m), ("exp_avg_sq".to_string(), v)];
+        if self.stage == 3 {
+            out.push((
+                "fp32_flat_partition".into(),
+                Tensor::from_slice(&self.params, self.params.len(), &cpu)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Restore a shard written by [`ZeroEngine::shard`] (same stage and world size).
+    pub fn load_shard(&mut self, t: &HashMap<String, Tensor>, file: &str) -> Result<()> {
+        let get = |k: &str, n: usize| -> Result<Vec<f32>> {
+            let x = t.get(k).ok_or_else(|| TrainError::Io {
+                path: file.into(),
+                msg: format!("no tensor `{k}` (was it written by another stage?)"),
+            })?;
+            if x.elem_count() != n {
+                return Err(TrainError::Io {
+                    path: file.into(),
+                    msg: format!(
+                        "`{k}` has {} elements, expected {n}: resume with the world size and ZeRO stage that wrote it",
+                        x.elem_count()
+                    ),
+                });
+            }
+            Ok(x.flatten_all()?.to_vec1()?)
+        };
+        let n = self.owned.len();
+        let (m, v) = (get("exp_avg", n)?, get("exp_avg_sq", n)?);
+        match &mut self.moments {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m;
+                *hv = v;
+            }
+            Moments::Device { m: dm, v: dv, .. } => {
+                *dm = Tensor::from_vec(m, n, &self.device)?;
+                *dv = Tensor::from_vec(v, n, &self.device)?;
+            }
+        }
+        if self.stage == 3 {
+            self.params = get("fp32_flat_partition", self.layout.part)?;
+        }
+        Ok(())
+    }
+
+    /// Stage 3 after loading full weights (resume): take this rank's slice.
+    pub fn load_full_params(&mut self, model: &GPT2LMHeadModel) -> Result<()> {
+        if self.stage == 3 {
+            let flat = flatten_params(model, &self.layout)?;
+            let me = intersect(&self.layout.partition(self.rank()), &(0..self.layout.numel));
+            self.params = vec![0.0; self.layout.part];
+            self.params[..me.len()].copy_from_slice(&flat[me]);
+        }
+        Ok(())
+    }
+
+    /// Adam moments by parameter name for a stage-0 engine (the whole model):
+    /// the `optimizer.safetensors` of a checkpoint without DeepSpeed.
+    pub fn moments_by_name(&self) -> Result<Vec<NamedMoments>> {
+        let (m, v): (Vec<f32>, Vec<f32>) = match &self.moments {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device { m, v, .. } => (m.to_vec1()?, v.to_vec1()?),
+        };
+        if self.owned != (0..self.layout.numel) {
+            return Err(TrainError::Args(
+                "moments_by_name needs the whole model's moments (stage 0)".into(),
+            ));
+        }
+        Ok((0..self.layout.names.len())
+            .map(|i| {
+                let r = self.layout.range(i);
+                (
+                    self.layout.names[i].clone(),
+                    m[r.clone()].to_vec(),
+                    v[r].to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// Set a stage-0 engine's moments from `optimizer.safetensors` tensors.
+    pub fn set_moments_by_name(
+        &mut self,
+        named: &HashMap<String, (Vec<f32>, Vec<f32>)>,
+    ) -> Result<()> {
+        let n = self.layout.numel;
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        for (i, name) in self.layout.names.iter().enumerate() {
+            if let Some((a, b)) = named.get(name) {
+                let r = self.layout.range(i);
+                if a.len() != r.len() || b.len() != r.len() {
+                    return Err(TrainError::Args(format!(
+                        "optimizer state for {name} has the wrong size"
+                    )));
+                }
+                m[r.clone()].copy_from_slice(a);
+                v[r].copy_from_slice(b);
+            }
+        }
+        match &mut self.moments {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m;
+                *hv = v;
+            }
+            Moments::Device { m: dm, v: dv, .. } => {
+                *dm = Tensor::from_vec(m, n, &self.device)?;
+                *dv = Tensor::from_vec(v, n, &self.device)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tensors(p: &[(String, Tensor)]) -> HashMap<String, Tensor> {
+    p.iter().map(|(n, t)| (n.clone(), t.clone())).collect()
+}
+
+fn var_tensors(p: &[(String, Var)]) -> HashMap<String, Tensor> {
+    p.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(a, b)| *a += b);
+}
+
+fn sum_sq(x: &[f32]) -> f64 {
+    x.par_iter().map(|v| (*v as f64) * (*v as f64)).sum()
+}
+
+/// The model's weights laid end to end, fp32.
+fn flatten_params(model: &GPT2LMHeadModel, layout: &FlatLayout) -> Result<Vec<f32>> {
+    let mut flat = Vec::with_capacity(layout.numel);
+    for (_, var) in model.named_parameters() {
+        let v: Vec<f32> = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        flat.extend_from_slice(&v);
+    }
+    if flat.len() != layout.numel {
+        return Err(TrainError::Args(format!(
+            "the model holds {} weights, the ZeRO layout expects {} (a partitioned model has none)",
+            flat.len(),
+            layout.numel
+        )));
+    }
+    Ok(flat)
+}
+
+/// Write `flat` (the whole model) back into its Vars.
+fn set_params(model: &GPT2LMHeadModel, layout: &FlatLayout, flat: &[f32]) -> Result<()> {
+    for (i, (_, var)) in model.named_parameters().iter().enumerate() {
+        let t = Tensor::from_slice(&flat[layout.range(i)], var.shape(), var.device())?
+            .to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// Runs of `owned` (clipped to real elements) with one weight-decay flag each.
+fn decay_segments(layout: &FlatLayout, owned: &Range<usize>) -> Vec<(usize, bool)> {
+    (0..layout.names.len())
+        .filter_map(|i| {
+            let x = intersect(&layout.range(i), owned);
+            (!x.is_empty()).then(|| (x.len(), decays(&layout.names[i])))
+        })
+        .collect()
+}
+
+/// 1.0 where weight decay applies, per owned element (padding: 0).
+fn decay_mask(layout: &FlatLayout, owned: &Range<usize>) -> Vec<f32> {
+    let mut mask = Vec::with_capacity(owned.len());
+    for (len, d) in decay_segments(layout, owned) {
+        mask.extend(std::iter::repeat_n(if d { 1.0 } else { 0.0 }, len));
+    }
+    mask.resize(owned.len(), 0.0);
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_cover_the_buffer_once() {
+        let cfg = crate::config::GPT2Config::preset("gpt2").unwrap();
+        let l = FlatLayout::new(&cfg, 3);
+        assert_eq!(l.numel, 124_439_808);
+        assert_eq!(l.part, 124_439_808usize.div_ceil(3));
+        assert_eq!(l.partition(2).end, 3 * l.part);
+        let covered: usize = (0..3)
+            .map(|r| intersect(&l.partition(r), &(0..l.numel)).len())
+            .sum();
+        assert_eq!(covered, l.numel);
+        let mask = decay_mask(&l, &l.partition(0));
+        assert_eq!(mask[0], 1.0); // wte decays
+    }
+}
