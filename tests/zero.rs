@@ -444,3 +444,298 @@ fn zero_checkpoints_resume_and_load_as_plain_hf_folders() {
     .to_string();
     assert!(e.contains("written by ZeRO stage 3 on 2 ranks"), "{e}");
 }
+
+#[test]
+fn estimates_equal_deepspeeds() {
+    let fx = read_json(&fixture("zero_estimates.json"));
+    let cfg = companion::GPT2Config::preset("gpt2").unwrap();
+    let (params, largest) = (
+        cfg.num_parameters() as u64,
+        companion::dist::largest_layer(&cfg),
+    );
+    assert_eq!(params, fx["total_params"].as_u64().unwrap());
+    assert_eq!(largest, fx["largest_layer_params"].as_u64().unwrap());
+    for case in fx["cases"].as_array().unwrap() {
+        let (g, n) = (
+            case["gpus_per_node"].as_u64().unwrap() as usize,
+            case["nodes"].as_u64().unwrap() as usize,
+        );
+        let ours = companion::dist::deepspeed_estimates(params, largest, g, n);
+        let theirs: Vec<&Value> = case["zero2"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(case["zero3"].as_array().unwrap())
+            .collect();
+        assert_eq!(ours.len(), theirs.len());
+        for (o, t) in ours.iter().zip(theirs) {
+            assert_eq!(
+                o.offload_optimizer,
+                t["offload_optimizer"].as_bool().unwrap()
+            );
+            if o.stage == 3 {
+                assert_eq!(o.offload_param, t["offload_param"].as_bool().unwrap());
+                assert_eq!(o.zero_init, t["zero_init"].as_bool().unwrap());
+            }
+            assert_eq!(
+                (o.gpu_bytes, o.cpu_bytes),
+                (t["gpu"].as_u64().unwrap(), t["cpu"].as_u64().unwrap()),
+                "{g}x{n} {o:?}"
+            );
+        }
+        // DeepSpeed on Python ≥ 3.11 prints its enum as `OffloadDeviceEnum.cpu`
+        // where it means the padded `cpu ` (what it prints on 3.10).
+        let printed = format!(
+            "{}{}",
+            case["printed_zero2"].as_str().unwrap(),
+            case["printed_zero3"].as_str().unwrap()
+        )
+        .replace("OffloadDeviceEnum.cpu", "cpu ");
+        assert_eq!(
+            companion::dist::estimate_text(params, largest, g, n),
+            printed
+        );
+    }
+    // The command prints the same.
+    let o = companion(
+        &["zero-estimate", "--model", "gpt2", "--num-gpus", "8"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c0 = &fx["cases"][0];
+    assert_eq!(c0["gpus_per_node"], 8);
+    let want = format!(
+        "{}{}",
+        c0["printed_zero2"].as_str().unwrap(),
+        c0["printed_zero3"].as_str().unwrap()
+    )
+    .replace("OffloadDeviceEnum.cpu", "cpu ");
+    assert_eq!(stdout(&o), want);
+}
+
+#[test]
+fn schedules_equal_deepspeeds() {
+    use companion::dist::config::DeepSpeedConfig;
+    let fx = read_json(&fixture("ds_schedules.json"));
+    for case in fx.as_array().unwrap() {
+        let cfg = json!({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                         "scheduler": {"type": case["type"], "params": case["params"]}});
+        // HF insists that warmup_max_lr equals learning_rate.
+        let lr = case["params"]
+            .get("warmup_max_lr")
+            .and_then(Value::as_f64)
+            .unwrap_or(5e-5);
+        let a = TrainingArguments {
+            per_device_train_batch_size: 2,
+            learning_rate: lr,
+            ..Default::default()
+        };
+        let c = DeepSpeedConfig::from_value(cfg, "case", &a, 1, 16).unwrap();
+        let s = c.scheduler.unwrap();
+        for (step, want) in case["lrs"].as_array().unwrap().iter().enumerate() {
+            let want = want.as_f64().unwrap();
+            let got = s.lr_at(step, case["optimizer_lr"].as_f64().unwrap());
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs().max(1e-12),
+                "{} step {step}: {got} vs {want}",
+                case["type"]
+            );
+        }
+    }
+}
+
+#[test]
+fn auto_values_resolve_like_transformers() {
+    use companion::dist::config::{json_eq, DeepSpeedConfig};
+    let fx = read_json(&fixture("ds_auto.json"));
+    let a = TrainingArguments::from_value(fx["training_args"].clone()).unwrap();
+    let hidden = fx["hidden_size"].as_u64().unwrap() as usize;
+    let mut c =
+        DeepSpeedConfig::from_value(fx["ds_config"].clone(), "ds_auto", &a, 1, hidden).unwrap();
+    c.finalize(a.num_warmup_steps(100), 100);
+    assert!(
+        json_eq(&c.resolved, &fx["resolved"]),
+        "ours {}\nHF's {}",
+        c.resolved,
+        fx["resolved"]
+    );
+    // The shipped examples: resolved as HF does, read as DeepSpeed reads them.
+    let ex = read_json(&fixture("ds_examples.json"));
+    let a = TrainingArguments::from_value(ex["training_args"].clone()).unwrap();
+    let hidden = ex["hidden_size"].as_u64().unwrap() as usize;
+    let files = ex["configs"].as_object().unwrap();
+    assert_eq!(files.len(), 6);
+    for (name, want) in files {
+        let c =
+            DeepSpeedConfig::from_file(&data(&format!("ds_config/{name}")), &a, 1, hidden).unwrap();
+        assert!(
+            json_eq(&c.resolved, &want["resolved"]),
+            "{name}: ours {}\nHF's {}",
+            c.resolved,
+            want["resolved"]
+        );
+        let d = &want["deepspeed"];
+        assert_eq!(c.zero.stage as u64, d["stage"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            c.train_batch_size as u64,
+            d["train_batch_size"].as_u64().unwrap()
+        );
+        assert_eq!(
+            c.train_micro_batch_size_per_gpu as u64,
+            d["train_micro_batch_size_per_gpu"].as_u64().unwrap()
+        );
+        assert_eq!(
+            c.gradient_accumulation_steps as u64,
+            d["gradient_accumulation_steps"].as_u64().unwrap()
+        );
+        assert_eq!(
+            c.gradient_clipping,
+            d["gradient_clipping"].as_f64().unwrap()
+        );
+        let off = c.zero.offload_optimizer == companion::dist::config::OffloadDevice::Cpu;
+        assert_eq!(off, d["offload_optimizer"] == "cpu", "{name}");
+    }
+}
+
+/// `companion pretrain` on the shipped validation split, tiny and short.
+fn pretrain(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::process::Output {
+    let valid = data("corpus/validation.jsonl");
+    let out = dir.join(name);
+    let model = dir.join(format!("{name}_model"));
+    let mut a: Vec<&str> = vec![
+        "pretrain",
+        "--train-file",
+        valid.to_str().unwrap(),
+        "--no-validation",
+        "--tokenizer-vocab-size",
+        "300",
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--n-positions",
+        "32",
+        "--block-size",
+        "32",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--dropout",
+        "0.1",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ];
+    let (o, m) = (out.display().to_string(), model.display().to_string());
+    a.extend(["--output-dir", &o, "--save-model-dir", &m]);
+    a.extend(extra);
+    let cache = dir.join("cache").display().to_string();
+    companion(&a, &[("HF_DATASETS_CACHE", &cache)])
+}
+
+#[test]
+fn pretrain_cli_on_cpu_ranks_equals_one_rank_and_saves_an_hf_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let z3 = data("ds_config/zero3_offload.json");
+    let o = pretrain(
+        dir.path(),
+        "zero3",
+        &["--deepspeed", z3.to_str().unwrap(), "--num-ranks", "2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("[rank 1] ZeRO-3 model states"), "{err}");
+    assert!(
+        err.contains("overlap_comm: accepted, not acted on"),
+        "{err}"
+    );
+    let zero: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (zero["world_size"].as_u64(), zero["zero_stage"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let o = pretrain(
+        dir.path(),
+        "single",
+        &["--gradient-accumulation-steps", "2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let single: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let (a, b) = (
+        zero["train_loss"].as_f64().unwrap(),
+        single["train_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * b,
+        "2 ZeRO-3 ranks {a} vs 1 rank {b}"
+    );
+    let ck = dir.path().join("zero3/checkpoint-2");
+    for f in [
+        "latest",
+        "model.safetensors",
+        "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.safetensors",
+    ] {
+        assert!(ck.join(f).is_file(), "{f}");
+    }
+    // The saved model loads in Python transformers and gives our logits.
+    let model_dir = dir.path().join("zero3_model");
+    let m = GPT2LMHeadModel::from_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap();
+    let ids = vec![vec![1u32, 5, 9, 100, 200]];
+    let ours = m
+        .forward(&Tensor::new(ids.clone(), &Device::Cpu).unwrap(), None, None)
+        .unwrap();
+    let py = run_python(
+        "check_model_roundtrip.py",
+        &[
+            model_dir.to_str().unwrap(),
+            &serde_json::to_string(&ids).unwrap(),
+        ],
+    );
+    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(py["logits"].clone()).unwrap();
+    assert!(max_diff(&ours, &theirs, None) < 1e-4);
+}
+
+#[test]
+fn pretrain_cli_rejects_bad_distributed_input_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let z2 = data("ds_config/zero2.json");
+    let bad = dir.path().join("nvme.json");
+    std::fs::write(&bad, r#"{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}"#).unwrap();
+    let batch = dir.path().join("batch.json");
+    std::fs::write(&batch, r#"{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}"#).unwrap();
+    for (extra, want) in [
+        (
+            vec!["--deepspeed", bad.to_str().unwrap()],
+            "\"nvme\" (ZeRO-Infinity) is not supported",
+        ),
+        (
+            vec!["--deepspeed", batch.to_str().unwrap(), "--num-ranks", "2"],
+            "train_batch_size=10 vs hf train_batch_size",
+        ),
+        (
+            vec!["--deepspeed", z2.to_str().unwrap(), "--num-gpus", "2"],
+            "--num-gpus needs a build with CUDA",
+        ),
+        (
+            vec!["--deepspeed", z2.to_str().unwrap(), "--backend", "mpi"],
+            "--backend mpi: this build has no mpi backend",
+        ),
+        (vec!["--num-ranks", "2"], "2 ranks need a DeepSpeed config"),
+    ] {
+        let o = pretrain(dir.path(), "bad", &extra);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{extra:?}: {e}");
+        assert!(!e.contains("step 1/"), "{extra:?} started training: {e}");
+    }
+}

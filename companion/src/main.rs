@@ -28,7 +28,8 @@ enum Command {
     Tokenizer(TokenizerCmd),
     /// The chapter end to end: tokenizer, model, Trainer, save_model, a generation.
     /// Every TrainingArguments field is a flag (`--max-steps 10`, `--learning-rate 3e-3`, …);
-    /// `--args training_args.json` loads a set (flags win).
+    /// `--args training_args.json` loads a set (flags win). `--deepspeed ds_config.json`
+    /// with `--num-ranks N` (CPU ranks) or `--num-gpus N` trains with ZeRO.
     Pretrain {
         #[arg(
             trailing_var_arg = true,
@@ -41,6 +42,9 @@ enum Command {
     Config(ConfigCmd),
     /// Generate text with a model folder or hub id (4.3.5).
     Generate(GenerateCmd),
+    /// Model-state memory per GPU and per CPU for ZeRO-2/3 with and without
+    /// offload, as DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` print it.
+    ZeroEstimate(ZeroEstimateCmd),
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -162,6 +166,20 @@ struct GenerateCmd {
     json: bool,
 }
 
+#[derive(Args)]
+struct ZeroEstimateCmd {
+    /// A preset (`gpt2`, `gpt2-xl`, …), model folder or hub id (only its config is read).
+    #[arg(long, default_value = "gpt2")]
+    model: String,
+    /// GPUs per node (DeepSpeed's `num_gpus_per_node`).
+    #[arg(long, default_value_t = 1)]
+    num_gpus: usize,
+    #[arg(long, default_value_t = 1)]
+    num_nodes: usize,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Tokenizer training time and encoding throughput on a corpus.
@@ -219,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(c) => config_cmd(c),
+        Command::ZeroEstimate(c) => zero_estimate_cmd(c),
         Command::Pretrain { rest } => pretrain_cmd(&rest),
         Command::Generate(c) => generate_cmd(c),
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
@@ -334,6 +353,30 @@ fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
             tokens,
             bytes,
             rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}
+
+fn zero_estimate_cmd(c: ZeroEstimateCmd) -> Result<()> {
+    if c.num_gpus == 0 || c.num_nodes == 0 {
+        anyhow::bail!("--num-gpus and --num-nodes must be at least 1");
+    }
+    let cfg = companion::GPT2Config::from_pretrained(&c.model)
+        .with_context(|| format!("reading the config of `{}`", c.model))?;
+    let params = cfg.num_parameters() as u64;
+    let largest = companion::dist::largest_layer(&cfg);
+    if c.json {
+        let rows = companion::dist::deepspeed_estimates(params, largest, c.num_gpus, c.num_nodes);
+        println!(
+            "{}",
+            json!({"total_params": params, "largest_layer_params": largest,
+                   "num_gpus_per_node": c.num_gpus, "num_nodes": c.num_nodes, "estimates": rows})
+        );
+    } else {
+        print!(
+            "{}",
+            companion::dist::estimate_text(params, largest, c.num_gpus, c.num_nodes)
         );
     }
     Ok(())
@@ -537,6 +580,21 @@ fn pretrain_cmd(rest: &[String]) -> Result<()> {
             "--save-model-dir" => opts.save_model_dir = need(f, v)?.into(),
             "--prompt" => opts.prompt = need(f, v)?,
             "--max-new-tokens" => opts.max_new_tokens = num(f, v)?,
+            "--num-ranks" => opts.num_ranks = num(f, v)?,
+            "--num-gpus" => {
+                opts.num_ranks = num(f, v)?;
+                opts.rank_device = companion::pretrain::RankDevice::Cuda;
+            }
+            "--backend" => match need(f, v)?.as_str() {
+                "threads" => {}
+                b @ ("mpi" | "nccl") => anyhow::bail!(
+                    "--backend {b}: this build has no {b} backend (ranks here are threads of one \
+                     process: use --num-ranks N on CPUs, --num-gpus N on one machine's GPUs)"
+                ),
+                other => anyhow::bail!(
+                    "--backend {other}: expected `threads` (the only backend in this build)"
+                ),
+            },
             _ => args.set(f, v.as_deref())?,
         }
     }

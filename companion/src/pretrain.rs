@@ -3,12 +3,14 @@
 //! for a 2-core CPU and the shipped corpus.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::config::{ConfigOverrides, GPT2Config};
 use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing};
+use crate::dist::comm::{run_ranks, Communicator, SingleRank};
 use crate::generate::GenerationConfig;
 use crate::model::GPT2LMHeadModel;
 use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
@@ -35,6 +37,42 @@ pub struct PretrainOptions {
     pub save_model_dir: PathBuf,
     pub prompt: String,
     pub max_new_tokens: usize,
+    /// Ranks in this process (threads, DeepSpeed's data-parallel world).
+    pub num_ranks: usize,
+    /// Where each rank runs: the CPU, or GPU `cuda:rank` (`--num-gpus`).
+    pub rank_device: RankDevice,
+}
+
+/// The device of each in-process rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankDevice {
+    Cpu,
+    /// Rank r on `cuda:r` (needs the `cuda` feature).
+    Cuda,
+}
+
+impl RankDevice {
+    pub fn device(self, rank: usize) -> Result<Device, PretrainError> {
+        match self {
+            RankDevice::Cpu => Ok(Device::Cpu),
+            RankDevice::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(crate::train::TrainError::Args(
+                        "--num-gpus needs a build with CUDA (`cargo build --release --features cuda`); \
+                         use --num-ranks N for CPU ranks"
+                            .into(),
+                    )
+                    .into());
+                }
+                Device::new_cuda(rank).map_err(|e| {
+                    crate::train::TrainError::Args(format!(
+                        "rank {rank} has no GPU cuda:{rank} (more ranks than GPUs?): {e}"
+                    ))
+                    .into()
+                })
+            }
+        }
+    }
 }
 
 impl Default for PretrainOptions {
@@ -60,6 +98,8 @@ impl Default for PretrainOptions {
             save_model_dir: "pretrained_model".into(),
             prompt: "Hi, how are you?".into(),
             max_new_tokens: 40,
+            num_ranks: 1,
+            rank_device: RankDevice::Cpu,
         }
     }
 }
@@ -102,6 +142,8 @@ pub enum PretrainError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Corpus(#[from] crate::corpus::CorpusError),
+    #[error(transparent)]
+    Comm(#[from] crate::dist::comm::CommError),
 }
 
 /// The tokenizer: given, reused from `dir`, or trained on the corpus.
@@ -180,7 +222,6 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         }
         None => None,
     };
-    let model = GPT2LMHeadModel::new(&cfg, args.seed, &Device::Cpu)?;
     eprintln!(
         "model: {} layers, {} wide, {} heads, vocab {}, {:.2}M parameters; {} training blocks of {} tokens",
         cfg.n_layer,
@@ -194,8 +235,42 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     for f in args.unused_fields() {
         eprintln!("warning: TrainingArguments field accepted but not acted on: {f}");
     }
-    let collator = DataCollatorForLanguageModeling::new(&tok, false);
-    let mut trainer = Trainer::new(model, args, collator, train_ds, eval_ds, Some(tok.clone()))?;
+    let world = opts.num_ranks.max(1);
+    if world > 1 || opts.rank_device != RankDevice::Cpu {
+        // Fail before any rank starts if a GPU is missing.
+        for r in 0..world {
+            opts.rank_device.device(r)?;
+        }
+    }
+    let job = |comm: Arc<dyn Communicator>| -> Result<Option<Value>, PretrainError> {
+        let device = opts.rank_device.device(comm.rank())?;
+        let model = GPT2LMHeadModel::new(&cfg, args.seed, &device)?;
+        let collator = DataCollatorForLanguageModeling::new(&tok, false);
+        let trainer = Trainer::new_distributed(
+            model,
+            args.clone(),
+            collator,
+            train_ds.clone(),
+            eval_ds.clone(),
+            Some(tok.clone()),
+            comm,
+        )?;
+        train_and_save(opts, trainer, &tok)
+    };
+    if world == 1 {
+        return Ok(job(Arc::new(SingleRank))?.expect("rank 0 reports"));
+    }
+    let mut out = run_ranks(world, |_, comm| job(comm))?;
+    Ok(out.remove(0).expect("rank 0 reports"))
+}
+
+/// Train, evaluate, save and sample on one rank (all ranks run it; rank 0
+/// returns the summary).
+fn train_and_save(
+    opts: &PretrainOptions,
+    mut trainer: Trainer,
+    tok: &AutoTokenizer,
+) -> Result<Option<Value>, PretrainError> {
     let before = if trainer.args.resume_from_checkpoint.is_none() {
         trainer
             .eval_dataset
@@ -227,6 +302,10 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
             .map(|m| serde_json::to_value(m).expect("json")),
     };
     trainer.save_model(&opts.save_model_dir)?;
+    let model = trainer.full_model()?;
+    if !trainer.is_world_process_zero() {
+        return Ok(None);
+    }
     // trainer.save_state(): the final state beside the checkpoints.
     let state_file = Path::new(&trainer.args.output_dir).join("trainer_state.json");
     crate::io::write_file_atomically(&state_file, trainer.state.to_json_string().as_bytes())
@@ -246,13 +325,9 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         ..Default::default()
     };
     let ids = tok.encode(&opts.prompt)?;
-    let out_ids = trainer
-        .model
-        .generate(&[ids], None, &gen)?
-        .sequences
-        .remove(0);
+    let out_ids = model.generate(&[ids], None, &gen)?.sequences.remove(0);
     let text = tok.decode(&out_ids, false)?;
-    Ok(json!({
+    Ok(Some(json!({
         "global_step": result.global_step,
         "train_loss": result.training_loss,
         "train_runtime": result.metrics["train_runtime"],
@@ -261,6 +336,8 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         "model_dir": opts.save_model_dir.display().to_string(),
         "prompt": opts.prompt,
         "generation": text,
-        "parameters": trainer.model.config.num_parameters(),
-    }))
+        "parameters": model.config.num_parameters(),
+        "world_size": trainer.engine.world_size(),
+        "zero_stage": trainer.engine.stage,
+    })))
 }

@@ -145,7 +145,9 @@ impl SchedulerConfig {
                 } else {
                     let real = (it as f64) - w as f64 + 1.0;
                     let total = (total_num_steps as f64 - w as f64).max(1.0);
-                    let c = (1.0 + (std::f64::consts::PI * real / total).cos()) / 2.0;
+                    // Clamped: past the end the ratio stays at cos_min_ratio.
+                    let progress = (real / total).min(1.0);
+                    let c = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
                     (cos_min_ratio + (1.0 - cos_min_ratio) * c).max(0.0)
                 };
                 base_lr * ratio
@@ -350,7 +352,7 @@ impl DeepSpeedConfig {
         );
         fill(&mut v, "fp16.enabled", args.fp16.into(), "fp16", true);
         fill(&mut v, "bf16.enabled", args.bf16.into(), "bf16", true);
-        let h2 = (hidden_size * hidden_size) as f64;
+        let h2 = hidden_size * hidden_size;
         fill(
             &mut v,
             "zero_optimization.reduce_bucket_size",
@@ -361,7 +363,7 @@ impl DeepSpeedConfig {
         fill(
             &mut v,
             "zero_optimization.stage3_prefetch_bucket_size",
-            (0.9 * h2).into(),
+            ((0.9 * h2 as f64) as usize).into(),
             "0.9 × hidden_size²",
             false,
         );
@@ -627,9 +629,11 @@ impl DeepSpeedConfig {
             let log_warmup = match p.get("warmup_type").and_then(Value::as_str) {
                 None | Some("log") => true,
                 Some("linear") => false,
-                Some(other) => return Err(err(format!(
+                Some(other) => {
+                    return Err(err(format!(
                     "scheduler.params.warmup_type: expected \"log\" or \"linear\", got \"{other}\""
-                ))),
+                )))
+                }
             };
             let kind = s.get("type").and_then(Value::as_str).unwrap_or("");
             Some(match kind {
@@ -725,6 +729,16 @@ impl DeepSpeedConfig {
     /// HF's trainer_config_finalize: scheduler steps given as "auto" become
     /// the warmup and total steps the Trainer computed.
     pub fn finalize(&mut self, warmup_steps: usize, total_steps: usize) {
+        if let Some(p) = self.resolved.pointer_mut("/scheduler/params") {
+            for (k, val) in [
+                ("warmup_num_steps", warmup_steps),
+                ("total_num_steps", total_steps),
+            ] {
+                if p.get(k).is_some_and(|x| x == "auto") {
+                    p[k] = val.into();
+                }
+            }
+        }
         let fix = |x: &mut usize, val: usize| {
             if *x == usize::MAX {
                 *x = val;
@@ -753,11 +767,16 @@ impl DeepSpeedConfig {
 }
 
 /// Numbers compare by value (1 == 1.0), as Python's `!=` does.
-fn json_eq(a: &Value, b: &Value) -> bool {
+pub fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
         _ => a == b,
     }
@@ -799,7 +818,7 @@ mod tests {
         assert_eq!(c.zero.stage, 2);
         assert_eq!(
             c.resolved["zero_optimization"]["reduce_bucket_size"],
-            json!(4096.0)
+            json!(4096)
         );
         assert_eq!(c.optimizer.as_ref().unwrap().lr, 1e-3);
         c.finalize(10, 100);

@@ -2,7 +2,8 @@
 //! from the ZeRO paper's formulas (mixed-precision Adam: 2 bytes of fp16
 //! parameters, 2 of fp16 gradients and K = 12 of fp32 master weights and
 //! Adam moments per parameter), and DeepSpeed's
-//! `estimate_zero2/3_model_states_mem_needs` for offload.
+//! `estimate_zero2/3_model_states_mem_needs` for offload (checked against
+//! DeepSpeed's own output in tests/zero.rs).
 //!
 //! The training side: [`config`] reads `ds_config.json`, [`comm`] moves
 //! tensors between ranks, [`zero`] partitions model states by stage.
@@ -42,69 +43,190 @@ pub fn zero_paper(params: f64, gpus: usize) -> Vec<ZeroMemory> {
     .collect()
 }
 
-/// One row of DeepSpeed's `estimate_zero*_model_states_mem_needs_all_live`.
+/// One row of DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live`
+/// tables: bytes per GPU and per CPU (node) for one choice of options.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OffloadEstimate {
     pub stage: u8,
-    pub offload: &'static str,
-    pub gpu_bytes: f64,
-    pub cpu_bytes: f64,
+    pub offload_optimizer: bool,
+    pub offload_param: bool,
+    /// ZeRO-3: parameters created already partitioned (`deepspeed.zero.Init`).
+    pub zero_init: bool,
+    pub gpu_bytes: u64,
+    pub cpu_bytes: u64,
 }
 
-/// DeepSpeed's estimators (buffer factor 1.5, ZeRO-3 with `zero_init`):
-/// `params` total, `largest_layer` the largest layer's parameters,
-/// `gpus_per_node` × `nodes` GPUs.
+impl OffloadEstimate {
+    /// DeepSpeed's "Options" column.
+    pub fn options(&self) -> String {
+        let dev = |on: bool| if on { "cpu " } else { "none" };
+        if self.stage == 2 {
+            format!("offload_optimizer={}", dev(self.offload_optimizer))
+        } else {
+            format!(
+                "offload_param={}, offload_optimizer={}, zero_init={}",
+                dev(self.offload_param),
+                dev(self.offload_optimizer),
+                u8::from(self.zero_init)
+            )
+        }
+    }
+}
+
+/// DeepSpeed 0.19's `estimate_zero2_model_states_mem_needs` and
+/// `estimate_zero3_model_states_mem_needs` (buffer factor 1.5), for every
+/// option combination its `*_all_live` functions print, in their order.
 pub fn deepspeed_estimates(
-    params: f64,
-    largest_layer: f64,
+    params: u64,
+    largest_layer: u64,
     gpus_per_node: usize,
     nodes: usize,
 ) -> Vec<OffloadEstimate> {
-    let (p, l) = (params, largest_layer);
+    let (p, l) = (params as f64, largest_layer as f64);
     let n_per = gpus_per_node.max(1) as f64;
     let nodes_f = nodes.max(1) as f64;
     let total = n_per * nodes_f;
-    let f = 1.5;
-    vec![
-        OffloadEstimate {
+    let buf = 1.5;
+    let trunc = |x: f64| x as u64; // Python's int()
+    let mut rows = Vec::new();
+    for off in [true, false] {
+        let (cpu, gpu) = if off {
+            (p * (4.0 * total).max(16.0) * buf, 2.0 * p)
+        } else {
+            // 2 bytes of fp16 weights; 18 = 2 fp16 + 4 fp32 gradients,
+            // 4 fp32 weights, 8 Adam moments, partitioned.
+            (
+                p * 4.0 * n_per * buf,
+                2.0 * p + trunc(18.0 * p / total) as f64,
+            )
+        };
+        rows.push(OffloadEstimate {
             stage: 2,
-            offload: "optimizer → CPU",
-            gpu_bytes: 2.0 * p,
-            cpu_bytes: p * (4.0 * total).max(16.0) * f,
-        },
-        OffloadEstimate {
-            stage: 2,
-            offload: "none",
-            gpu_bytes: 2.0 * p + 16.0 * p / total,
-            cpu_bytes: p * 4.0 * n_per * f,
-        },
-        OffloadEstimate {
-            stage: 3,
-            offload: "params + optimizer → CPU",
-            gpu_bytes: 4.0 * l,
-            cpu_bytes: 18.0 * p * f / nodes_f,
-        },
-        OffloadEstimate {
-            stage: 3,
-            offload: "optimizer → CPU",
-            gpu_bytes: 4.0 * l + 2.0 * p / total,
-            cpu_bytes: 16.0 * p * f / nodes_f,
-        },
-        OffloadEstimate {
-            stage: 3,
-            offload: "none",
-            gpu_bytes: 4.0 * l + 18.0 * p / total,
-            cpu_bytes: 4.0 * l * n_per * f,
-        },
-    ]
+            offload_optimizer: off,
+            offload_param: false,
+            zero_init: false,
+            gpu_bytes: trunc(gpu),
+            cpu_bytes: trunc(cpu),
+        });
+    }
+    let factor = 1.0 / nodes_f;
+    let largest_mem = 4.0 * l;
+    for (off, off_p) in [(true, true), (true, false), (false, false)] {
+        for zero_init in [true, false] {
+            let (cpu, gpu) = match (off, off_p) {
+                (true, true) => (
+                    if zero_init {
+                        p * 18.0 * factor * buf
+                    } else {
+                        p * (4.0 * n_per).max(18.0 * factor) * buf
+                    },
+                    largest_mem,
+                ),
+                (true, false) => (
+                    if zero_init {
+                        p * 16.0 * factor * buf
+                    } else {
+                        p * (4.0 * n_per).max(16.0 * factor) * buf
+                    },
+                    largest_mem + trunc(2.0 * p / total) as f64,
+                ),
+                _ => (
+                    if zero_init {
+                        l * 4.0 * n_per * buf
+                    } else {
+                        p * 4.0 * n_per * buf
+                    },
+                    largest_mem + trunc(18.0 * p / total) as f64,
+                ),
+            };
+            rows.push(OffloadEstimate {
+                stage: 3,
+                offload_optimizer: off,
+                offload_param: off_p,
+                zero_init,
+                gpu_bytes: trunc(gpu),
+                cpu_bytes: trunc(cpu),
+            });
+        }
+    }
+    rows
 }
 
-/// The largest layer of a GPT-2 config: the token embedding (`wte`).
-pub fn largest_layer(cfg: &crate::config::GPT2Config) -> f64 {
-    let c = cfg.n_embd as f64;
-    (cfg.vocab_size as f64 * c)
-        .max(c * 3.0 * c)
-        .max(c * cfg.inner_dim() as f64)
+/// DeepSpeed's largest layer: the most parameters held directly by one
+/// module — for GPT-2 the token embedding `wte` (which the tied head shares),
+/// else an attention or MLP projection (weight and bias).
+pub fn largest_layer(cfg: &crate::config::GPT2Config) -> u64 {
+    let c = cfg.n_embd as u64;
+    let i = cfg.inner_dim() as u64;
+    [
+        cfg.vocab_size as u64 * c,
+        cfg.n_positions as u64 * c,
+        c * 3 * c + 3 * c,
+        c * i + i,
+        i * c + c,
+    ]
+    .into_iter()
+    .max()
+    .expect("non-empty")
+}
+
+/// What `estimate_zero2_model_states_mem_needs_all_live` and
+/// `estimate_zero3_model_states_mem_needs_all_live` print (sizes in GiB).
+pub fn estimate_text(params: u64, largest: u64, gpus_per_node: usize, nodes: usize) -> String {
+    let rows = deepspeed_estimates(params, largest, gpus_per_node, nodes);
+    let head = |with_largest: bool| {
+        let nodes_s = if nodes > 1 { "nodes" } else { "node" };
+        let gpus_s = if gpus_per_node > 1 { "GPUs" } else { "GPU" };
+        let mut h = format!(
+            "Estimated memory needed for params, optim states and gradients for a:\n\
+             HW: Setup with {nodes} {nodes_s}, {gpus_per_node} {gpus_s} per node.\n\
+             SW: Model with {}M total params",
+            params / 1_000_000
+        );
+        if with_largest {
+            h += &format!(", {}M largest layer params", largest / 1_000_000);
+        }
+        h + ".\n  per CPU  |  per GPU |   Options\n"
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut out = String::new();
+    for stage in [2, 3] {
+        out += &head(stage == 3);
+        for r in rows.iter().filter(|r| r.stage == stage) {
+            out += &format!(
+                " {:7.2}GB | {:6.2}GB | {}\n",
+                gib(r.cpu_bytes),
+                gib(r.gpu_bytes),
+                r.options()
+            );
+        }
+    }
+    out
+}
+
+/// The estimates as a notebook table (GiB, as DeepSpeed prints them).
+pub fn estimate_table(
+    params: u64,
+    largest: u64,
+    gpus_per_node: usize,
+    nodes: usize,
+) -> crate::display::Table {
+    let gib = |b: u64| format!("{:.2} GB", b as f64 / (1u64 << 30) as f64);
+    let mut rows = vec![vec![
+        "ZeRO".to_string(),
+        "options".into(),
+        "per GPU".into(),
+        "per CPU (node)".into(),
+    ]];
+    for r in deepspeed_estimates(params, largest, gpus_per_node, nodes) {
+        rows.push(vec![
+            format!("stage {}", r.stage),
+            r.options().replace("cpu ", "cpu"),
+            gib(r.gpu_bytes),
+            gib(r.cpu_bytes),
+        ]);
+    }
+    crate::display::Table(rows)
 }
 
 /// A table of the paper's per-stage memory for several GPU counts, in GB.
@@ -146,9 +268,6 @@ mod tests {
     #[test]
     fn gpt2_largest_layer_is_the_embedding() {
         let cfg = crate::config::GPT2Config::preset("gpt2").unwrap();
-        assert_eq!(largest_layer(&cfg), 50257.0 * 768.0);
-        let e = deepspeed_estimates(124_439_808.0, largest_layer(&cfg), 8, 1);
-        assert_eq!(e.len(), 5);
-        assert!((e[1].gpu_bytes - (2.0 + 16.0 / 8.0) * 124_439_808.0).abs() < 1.0);
+        assert_eq!(largest_layer(&cfg), 50257 * 768);
     }
 }
