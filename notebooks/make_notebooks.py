@@ -238,16 +238,86 @@ companion::dist::paper_table(params, &[1, 2, 4, 8, 64])
 companion::dist::paper_table(7.5e9, &[64])
 """),
     md("""
-### オフロードを使う場合 (DeepSpeed の見積もり関数と同じ式)
-*With CPU offload: the formulas of DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` for gpt2 on 1 node × 8 GPUs.*
+### オフロードを使う場合: DeepSpeed の見積もり関数
+*With CPU offload: what DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` print for gpt2 on 1 node × 8 GPUs
+(the same numbers; `companion zero-estimate --model gpt2 --num-gpus 8` prints DeepSpeed's text).*
+
+書籍のリスト相当 (Python):
+```python
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
+estimate_zero2_model_states_mem_needs_all_live(model, num_gpus_per_node=8, num_nodes=1)
+estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=8, num_nodes=1)
+```
 """),
     code("""
-let rows = companion::dist::deepspeed_estimates(params, companion::dist::largest_layer(&gpt2), 8, 1);
-let mut table = vec![vec!["stage".to_string(), "offload".into(), "per GPU".into(), "per CPU node".into()]];
-for r in &rows {
-    table.push(vec![format!("ZeRO-{}", r.stage), r.offload.to_string(), format!("{:.2} GB", r.gpu_bytes / 1e9), format!("{:.2} GB", r.cpu_bytes / 1e9)]);
+let largest = companion::dist::largest_layer(&gpt2);
+println!("largest layer (wte): {} parameters", largest);
+companion::dist::estimate_table(gpt2.num_parameters() as u64, largest, 8, 1)
+"""),
+    md("""
+### CPU の「ランク」で ZeRO を実際に動かす
+*Running ZeRO for real on 4 CPU ranks (threads of this process, each with its own model replica) and measuring
+what each rank keeps.*
+
+GPU がなくても、DeepSpeed と同じ `ds_config.json` でステージ 0〜3 を動かせます。各ランクが実際に保持している
+テンソルのバイト数を測り、論文の式 (fp32 なのでパラメータ 4Ψ、勾配 4Ψ、Adam の状態 8Ψ) と並べます。
+4 ステージとも損失は同じになります (同じグローバルバッチを 4 つに分けて計算しているだけなので)。
+"""),
+    code("""
+use companion::data::{DataCollatorForLanguageModeling, Dataset, Packing};
+use companion::dist::comm::{run_ranks, Communicator};
+use companion::train::{TrainError, Trainer, TrainingArguments};
+use companion::tokenizer::{self, TrainArgs};
+use std::path::Path;
+use std::sync::Arc;
+
+// 小さなトークナイザとモデル (2 層, 幅 64), 検証用コーパスを 64 トークンのブロックに
+let valid = Path::new("../data/corpus/validation.jsonl");
+let docs = companion::corpus::read_file(valid, "text")?;
+let mut tok = tokenizer::train(&TrainArgs { vocab_size: 1000, ..TrainArgs::default() }, docs.iter())?;
+tok.set_special_token(companion::tokenizer::SpecialRole::Pad, "<eos>")?;
+let ds = companion::data::tokenize_and_pack(&tok, &docs, Packing::Group { block_size: 64 }, 1000, tok.eos_token_id(), false)?;
+let small = GPT2Config { vocab_size: tok.len(), n_layer: 2, n_embd: 64, n_head: 2, n_positions: 64, n_ctx: 64, ..GPT2Config::default() };
+println!("{} blocks of 64 tokens, model of {} parameters", ds.len(), small.num_parameters());
+"""),
+    code("""
+let mut reports = Vec::new();
+for stage in 0..=3 {
+    let ds_config = companion::serde_json::json!({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto",
+        "zero_optimization": { "stage": stage }
+    });
+    let out = run_ranks(4, |_, comm: Arc<dyn Communicator>| -> Result<(Vec<companion::dist::zero::ModelStateBytes>, f64), TrainError> {
+        let args = TrainingArguments {
+            output_dir: "zero_demo".into(), max_steps: 2, per_device_train_batch_size: 2,
+            learning_rate: 1e-3, logging_steps: 1.0, save_strategy: "no".into(),
+            deepspeed: Some(ds_config.clone()), ..Default::default()
+        };
+        let model = GPT2LMHeadModel::new(&small, 42, &companion::candle_core::Device::Cpu).unwrap();
+        let collator = DataCollatorForLanguageModeling::new(&tok, false);
+        let mut trainer = Trainer::new_distributed(model, args, collator, ds.clone(), None, None, comm)?;
+        trainer.verbose = false;
+        let result = trainer.train()?;
+        Ok((trainer.memory_report()?, result.training_loss))
+    })?;
+    println!("ZeRO-{stage}: train_loss {:.6}", out[0].1);
+    reports.push(out[0].0.clone());
 }
-companion::display::Table(table).evcxr_display();
+"""),
+    code("""
+companion::dist::measured_table(&reports, small.num_parameters())
+"""),
+    md("""
+ステージが上がるごとに、各ランクの持つ量が 1/4 になっていく項が増えます (ステージ 1: Adam の状態、
+ステージ 2: さらに勾配、ステージ 3: さらにパラメータ)。ステージ 3 では各ランクは全パラメータを一度に持たず、
+順伝播・逆伝播のたびに 1 ブロックずつ集めて (all-gather)、使い終わったら捨てます。
+*Each stage divides one more term by the number of ranks; under stage 3 no rank ever holds the whole model:
+each block's weights are gathered for its forward and again for its backward, then dropped.*
+
+同じことはコマンドラインからもできます: `companion pretrain --deepspeed data/ds_config/zero3.json --num-ranks 4`
+*The same from the command line, with the example configs in `data/ds_config/`.*
 """),
 ])
 

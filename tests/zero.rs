@@ -142,19 +142,18 @@ fn reference(world: usize) -> Run {
 }
 
 fn zero_run(world: usize, stage: u8, offload: bool) -> Run {
+    zero_run_with(world, stage, offload, false)
+}
+
+fn zero_run_with(world: usize, stage: u8, offload: bool, checkpointing: bool) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let out = run_ranks(
         world,
         |_, comm: Arc<dyn Communicator>| -> Result<Run, TrainError> {
-            let mut t = Trainer::new_distributed(
-                model(),
-                args(dir.path(), ACCUM, Some(ds_config(stage, offload))),
-                collator(),
-                dataset(),
-                None,
-                None,
-                comm,
-            )?;
+            let mut a = args(dir.path(), ACCUM, Some(ds_config(stage, offload)));
+            a.gradient_checkpointing = checkpointing;
+            let mut t =
+                Trainer::new_distributed(model(), a, collator(), dataset(), None, None, comm)?;
             t.verbose = false;
             let memory = t.memory_report()?;
             t.train()?;
@@ -242,6 +241,23 @@ fn every_stage_and_offload_equals_one_rank() {
                     &want,
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn gradient_checkpointing_trains_the_same() {
+    // Recomputing each block in the backward pass (with the same dropout
+    // masks) gives the gradients of keeping its activations.
+    for world in [1, 2] {
+        let want = reference(world);
+        for stage in 0..=2u8 {
+            let got = zero_run_with(world, stage, false, true);
+            assert_same(
+                &format!("gradient_checkpointing, ZeRO-{stage} on {world} ranks"),
+                &got,
+                &want,
+            );
         }
     }
 }

@@ -189,3 +189,101 @@ pub fn generate(shape: &Shape, new_tokens: usize) -> Result<Value> {
         "peak_rss_mib": peak_rss_mib(),
     }))
 }
+
+/// The whole `Trainer` step (collation, forward, backward, clipping, AdamW
+/// through the ZeRO engine, logging) on `ranks` CPU ranks: tokens/s, peak
+/// memory and each rank's model-state bytes. Against `train` (a bare
+/// forward/backward/AdamW loop) it shows what the Trainer adds; with
+/// `gradient_checkpointing` what recomputation costs and saves.
+pub fn trainer(
+    shape: &Shape,
+    steps: usize,
+    gradient_checkpointing: bool,
+    deepspeed: Option<Value>,
+    ranks: usize,
+) -> std::result::Result<Value, crate::train::TrainError> {
+    use crate::dist::comm::{run_ranks, Communicator, SingleRank};
+    use std::sync::Arc;
+    let cfg = shape.config.clone();
+    let ranks = ranks.max(1);
+    let rows = random_ids(
+        shape.batch * ranks * (steps + 1),
+        shape.seq,
+        cfg.vocab_size,
+        1,
+    );
+    let tokens = rows.len() * shape.seq;
+    let ds = crate::data::Dataset {
+        input_ids: rows,
+        text_bytes: tokens * 4,
+        text_tokens: tokens,
+    };
+    let dir = tempfile::tempdir().map_err(|e| crate::train::TrainError::Io {
+        path: "(temp dir)".into(),
+        msg: e.to_string(),
+    })?;
+    let job =
+        |comm: Arc<dyn Communicator>| -> std::result::Result<Value, crate::train::TrainError> {
+            let model = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu)?;
+            let args = crate::train::TrainingArguments {
+                output_dir: dir.path().display().to_string(),
+                max_steps: (steps + 1) as i64,
+                per_device_train_batch_size: shape.batch,
+                learning_rate: 1e-4,
+                logging_steps: 1.0,
+                save_strategy: "no".into(),
+                gradient_checkpointing,
+                deepspeed: deepspeed.clone(),
+                ..Default::default()
+            };
+            let collator = crate::data::DataCollatorForLanguageModeling {
+                pad_token_id: Some(0),
+                mlm: false,
+                pad_to_multiple_of: None,
+                padding_side: crate::tokenizer::PaddingSide::Right,
+            };
+            let mut t = crate::train::Trainer::new_distributed(
+                model,
+                args,
+                collator,
+                ds.clone(),
+                None,
+                None,
+                comm,
+            )?;
+            t.verbose = false;
+            t.shuffle = false;
+            t.train()?;
+            let tps: Vec<f64> = t
+                .state
+                .log_history
+                .iter()
+                .filter_map(|e| e.get("tokens_per_second").and_then(Value::as_f64))
+                .skip(1)
+                .collect();
+            let memory = t.memory_report()?;
+            Ok(json!({
+                "tokens_per_second": median(tps),
+                "model_state_bytes_per_rank": memory,
+            }))
+        };
+    let mut r = if ranks == 1 {
+        job(Arc::new(SingleRank))?
+    } else {
+        run_ranks(ranks, |_, comm| job(comm))?.remove(0)
+    };
+    let o = r.as_object_mut().expect("object");
+    o.insert("implementation".into(), json!("companion Trainer (candle)"));
+    o.insert("bench".into(), json!("trainer"));
+    o.insert("shape".into(), json!(shape.name));
+    o.insert("batch_per_rank".into(), json!(shape.batch));
+    o.insert("seq".into(), json!(shape.seq));
+    o.insert("ranks".into(), json!(ranks));
+    o.insert(
+        "gradient_checkpointing".into(),
+        json!(gradient_checkpointing),
+    );
+    o.insert("threads".into(), json!(rayon::current_num_threads()));
+    o.insert("peak_rss_mib".into(), json!(peak_rss_mib()));
+    Ok(r)
+}

@@ -28,3 +28,4 @@ pub use model::GPT2LMHeadModel;
 // Re-exported so notebook cells can name tensors without their own `:dep`.
 pub use candle_core;
 pub use candle_nn;
+pub use serde_json;

@@ -188,6 +188,27 @@ enum BenchCmd {
     Train(BenchModelCmd),
     /// Greedy generation of 128 tokens from an 8-token prompt: tokens/s.
     Generate(BenchModelCmd),
+    /// The whole Trainer step (ZeRO engine, clipping, logging): tokens/s, peak
+    /// memory, model-state bytes per rank.
+    Trainer(BenchTrainerCmd),
+}
+
+#[derive(Args)]
+struct BenchTrainerCmd {
+    #[arg(long, default_value = "small")]
+    shape: String,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// A ds_config.json (ZeRO stage, offload).
+    #[arg(long)]
+    deepspeed: Option<PathBuf>,
+    /// CPU ranks (threads); more than one needs --deepspeed.
+    #[arg(long, default_value_t = 1)]
+    num_ranks: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -243,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
         Command::Bench(BenchCmd::Train(c)) => bench_model(c, true),
         Command::Bench(BenchCmd::Generate(c)) => bench_model(c, false),
+        Command::Bench(BenchCmd::Trainer(c)) => bench_trainer(c),
     }
 }
 
@@ -487,6 +509,22 @@ fn generate_cmd(c: GenerateCmd) -> Result<()> {
             secs,
             new_ids.len() as f64 / secs.max(1e-9)
         );
+    }
+    Ok(())
+}
+
+fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
+    let shape = companion::bench::shape(&c.shape)
+        .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
+    let ds = c
+        .deepspeed
+        .as_ref()
+        .map(|p| serde_json::Value::String(p.display().to_string()));
+    let v = companion::bench::trainer(&shape, c.steps, c.gradient_checkpointing, ds, c.num_ranks)?;
+    if c.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(())
 }

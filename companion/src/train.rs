@@ -242,9 +242,6 @@ impl TrainingArguments {
         if self.fp16 {
             v.push("fp16 (CPU training is fp32 here)".into());
         }
-        if self.gradient_checkpointing {
-            v.push("gradient_checkpointing".into());
-        }
         v
     }
 
@@ -451,7 +448,8 @@ impl Trainer {
             ),
             None => (0, true, false),
         };
-        let engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?;
+        let mut engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?;
+        engine.gradient_checkpointing = args.gradient_checkpointing;
         if stage == 3 {
             // The rank now holds only its partition (inside the engine).
             model = model.partitioned();

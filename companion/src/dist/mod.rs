@@ -229,6 +229,43 @@ pub fn estimate_table(
     crate::display::Table(rows)
 }
 
+/// Measured per-rank model-state bytes (from `Trainer::memory_report`) next
+/// to the paper's fp32 formula (4Ψ weights + 4Ψ gradients + 8Ψ Adam, with
+/// stage s dividing the last s terms by N).
+pub fn measured_table(
+    reports: &[Vec<zero::ModelStateBytes>],
+    params: usize,
+) -> crate::display::Table {
+    let kb = |b: usize| format!("{:.1} kB", b as f64 / 1e3);
+    let mut rows = vec![vec![
+        "ZeRO".to_string(),
+        "rank".into(),
+        "weights".into(),
+        "gradients".into(),
+        "Adam moments".into(),
+        "total (measured)".into(),
+        "paper".into(),
+    ]];
+    for report in reports {
+        for m in report {
+            let n = m.world_size.max(1) as f64;
+            let p = params as f64;
+            let div = |from: u8| if m.stage >= from { n } else { 1.0 };
+            let paper = 4.0 * p / div(3) + 4.0 * p / div(2) + 8.0 * p / div(1);
+            rows.push(vec![
+                format!("stage {}", m.stage),
+                format!("{}/{}", m.rank, m.world_size),
+                kb(m.params),
+                kb(m.grads),
+                kb(m.optimizer_states),
+                kb(m.total()),
+                kb(paper as usize),
+            ]);
+        }
+    }
+    crate::display::Table(rows)
+}
+
 /// A table of the paper's per-stage memory for several GPU counts, in GB.
 pub fn paper_table(params: f64, gpu_counts: &[usize]) -> crate::display::Table {
     let mut rows = vec![vec![

@@ -143,6 +143,10 @@ pub struct ZeroEngine {
     pub adam: AdamWParams,
     /// Optimizer steps taken (Adam's `t`).
     pub step: u64,
+    /// Recompute each block in the backward pass instead of keeping its
+    /// activations (`TrainingArguments.gradient_checkpointing`); stage 3
+    /// always works this way.
+    pub gradient_checkpointing: bool,
     device: Device,
     /// Stage 3 only: this rank's slice of the fp32 weights, the only copy.
     params: Vec<f32>,
@@ -219,6 +223,7 @@ impl ZeroEngine {
             comm,
             adam,
             step: 0,
+            gradient_checkpointing: false,
             device,
             params,
             grads,
@@ -247,8 +252,8 @@ impl ZeroEngine {
         mask: Option<&[Vec<u32>]>,
         n_items: f64,
     ) -> Result<f64> {
-        if self.stage == 3 {
-            return self.micro_step_stage3(model, ids, labels, mask, n_items);
+        if self.stage == 3 || self.gradient_checkpointing {
+            return self.micro_step_blockwise(model, ids, labels, mask, n_items);
         }
         let logits = model.forward(ids, mask, None)?;
         let (sum, _) = causal_lm_loss_sum(&logits, labels)?;
@@ -277,8 +282,12 @@ impl ZeroEngine {
         Ok(lv)
     }
 
-    /// Stage 3: block by block, holding one block's weights at a time.
-    fn micro_step_stage3(
+    /// Block by block (stage 3, or `gradient_checkpointing`): the forward
+    /// pass keeps only each block's input; the backward pass recomputes each
+    /// block from it with the same dropout masks and differentiates it alone.
+    /// Under stage 3 each block's weights are gathered for the moment they
+    /// are used, so no rank ever holds the whole model.
+    fn micro_step_blockwise(
         &mut self,
         model: &GPT2LMHeadModel,
         ids: &Tensor,
@@ -291,18 +300,18 @@ impl ZeroEngine {
         let block_idx = |l: usize| -> Vec<usize> { blocks[l].clone() };
         // Forward: keep each block's input and the dropout generator's state.
         let mut states = vec![model.dropout_state()];
-        let p = self.gather(&emb)?;
+        let p = self.fetch(model, &emb)?;
         let mut xs = vec![model.embed_with(&tensors(&p), ids, mask)?];
         drop(p);
         for l in 0..cfg.n_layer {
             states.push(model.dropout_state());
-            let p = self.gather(&block_idx(l))?;
+            let p = self.fetch(model, &block_idx(l))?;
             let x = model.block_with(l, &tensors(&p), &xs[l], mask)?;
             xs.push(x);
         }
         let after = model.dropout_state();
         // Head and loss, with gradients for ln_f, wte and the last activation.
-        let p = self.gather_vars(&head)?;
+        let p = self.fetch_vars(model, &head)?;
         let x_last = Var::from_tensor(&xs[cfg.n_layer])?;
         let logits = model.head_with(&var_tensors(&p), x_last.as_tensor())?;
         let (sum, _) = causal_lm_loss_sum(&logits, labels)?;
@@ -312,7 +321,7 @@ impl ZeroEngine {
             return Ok(lv);
         }
         let g = loss.backward()?;
-        self.reduce_scatter_grads(&head, &p, &g)?;
+        self.accumulate(&head, &p, &g)?;
         let mut gy = g
             .get(x_last.as_tensor())
             .ok_or_else(|| TrainError::Args("no gradient reached the last block".into()))?
@@ -322,11 +331,11 @@ impl ZeroEngine {
         for l in (0..cfg.n_layer).rev() {
             model.set_dropout_state(states[l + 1].clone());
             let idx = block_idx(l);
-            let p = self.gather_vars(&idx)?;
+            let p = self.fetch_vars(model, &idx)?;
             let x_in = Var::from_tensor(&xs[l])?;
             let y = model.block_with(l, &var_tensors(&p), x_in.as_tensor(), mask)?;
             let g = (y * &gy)?.sum_all()?.backward()?;
-            self.reduce_scatter_grads(&idx, &p, &g)?;
+            self.accumulate(&idx, &p, &g)?;
             gy = g
                 .get(x_in.as_tensor())
                 .ok_or_else(|| TrainError::Args(format!("no gradient reached block {l}")))?
@@ -334,12 +343,54 @@ impl ZeroEngine {
             xs.truncate(l + 1);
         }
         model.set_dropout_state(states[0].clone());
-        let p = self.gather_vars(&emb)?;
+        let p = self.fetch_vars(model, &emb)?;
         let x0 = model.embed_with(&var_tensors(&p), ids, mask)?;
         let g = (x0 * &gy)?.sum_all()?.backward()?;
-        self.reduce_scatter_grads(&emb, &p, &g)?;
+        self.accumulate(&emb, &p, &g)?;
         model.set_dropout_state(after);
         Ok(lv)
+    }
+
+    /// Weights `idx` for a forward pass without gradients: gathered from
+    /// their owners (stage 3) or the model's own, detached.
+    fn fetch(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<(String, Tensor)>> {
+        if self.stage == 3 {
+            return self.gather(idx);
+        }
+        let params = model.named_parameters();
+        Ok(idx
+            .iter()
+            .map(|&i| (params[i].0.clone(), params[i].1.as_detached_tensor()))
+            .collect())
+    }
+
+    /// Weights `idx` as Vars whose gradients backward records.
+    fn fetch_vars(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<(String, Var)>> {
+        if self.stage == 3 {
+            return self.gather_vars(idx);
+        }
+        let params = model.named_parameters();
+        Ok(idx.iter().map(|&i| params[i].clone()).collect())
+    }
+
+    /// Add the gradients of `vars` (parameters `idx`) to this rank's buffer:
+    /// reduce-scattered into its partition (stages 2–3) or whole (0–1).
+    fn accumulate(
+        &mut self,
+        idx: &[usize],
+        vars: &[(String, Var)],
+        g: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        if self.stage >= 2 {
+            return self.reduce_scatter_grads(idx, vars, g);
+        }
+        for (&i, (_, v)) in idx.iter().zip(vars) {
+            if let Some(t) = g.get(v.as_tensor()) {
+                let x: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                add_into(&mut self.grads[self.layout.range(i)], &x);
+            }
+        }
+        Ok(())
     }
 
     /// Logits without gradients (evaluation): under stage 3, gathering one
