@@ -265,8 +265,9 @@ GPU がなくても、DeepSpeed と同じ `ds_config.json` でステージ 0〜3
 4 ステージとも損失は同じになります (同じグローバルバッチを 4 つに分けて計算しているだけなので)。
 """),
     code("""
-use companion::data::{DataCollatorForLanguageModeling, Dataset, Packing};
+use companion::data::{DataCollatorForLanguageModeling, Packing};
 use companion::dist::comm::{run_ranks, Communicator};
+use companion::{GPT2Config, GPT2LMHeadModel};
 use companion::train::{TrainError, Trainer, TrainingArguments};
 use companion::tokenizer::{self, TrainArgs};
 use std::path::Path;
@@ -278,7 +279,7 @@ let docs = companion::corpus::read_file(valid, "text")?;
 let mut tok = tokenizer::train(&TrainArgs { vocab_size: 1000, ..TrainArgs::default() }, docs.iter())?;
 tok.set_special_token(companion::tokenizer::SpecialRole::Pad, "<eos>")?;
 let ds = companion::data::tokenize_and_pack(&tok, &docs, Packing::Group { block_size: 64 }, 1000, tok.eos_token_id(), false)?;
-let small = GPT2Config { vocab_size: tok.len(), n_layer: 2, n_embd: 64, n_head: 2, n_positions: 64, n_ctx: 64, ..GPT2Config::default() };
+let small = GPT2Config { vocab_size: tok.len(), n_layer: 2, n_embd: 64, n_head: 2, n_positions: 64, n_ctx: Some(64), ..GPT2Config::default() };
 println!("{} blocks of 64 tokens, model of {} parameters", ds.len(), small.num_parameters());
 """),
     code("""

@@ -755,3 +755,184 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
         assert!(!e.contains("step 1/"), "{extra:?} started training: {e}");
     }
 }
+
+#[test]
+fn loss_scaler_equals_deepspeeds() {
+    use companion::dist::config::Fp16Config;
+    use companion::dist::loss_scaler::LossScaler;
+    let fx = read_json(&fixture("ds_loss_scaler.json"));
+    for case in fx.as_array().unwrap() {
+        let mut s = LossScaler::from_config(&Fp16Config {
+            enabled: true,
+            loss_scale: 0.0,
+            initial_scale_power: case["initial_scale_power"].as_u64().unwrap() as u32,
+            loss_scale_window: case["loss_scale_window"].as_u64().unwrap() as usize,
+            hysteresis: case["hysteresis"].as_u64().unwrap() as usize,
+            consecutive_hysteresis: case["consecutive_hysteresis"].as_bool().unwrap(),
+            min_loss_scale: case["min_loss_scale"].as_f64().unwrap(),
+        });
+        let pattern = case["overflows"].as_str().unwrap();
+        let mut scales = Vec::new();
+        for ch in pattern.chars() {
+            scales.push(s.cur_scale);
+            let msg = s.update(ch == 'x');
+            assert_eq!(msg.is_some(), ch == 'x');
+        }
+        let want: Vec<f64> = serde_json::from_value(case["scales"].clone()).unwrap();
+        assert_eq!(scales, want, "{case}");
+    }
+}
+
+fn mp_config(stage: u8, fp16: Value) -> Value {
+    let mut c = ds_config(stage, false);
+    c["fp16"] = fp16;
+    c
+}
+
+fn run_with(
+    world: usize,
+    ds: Value,
+    steps: i64,
+    lr_constant: bool,
+    faults: companion::train::FaultInjection,
+) -> (Vec<companion::train::LogEntry>, Vec<(String, Tensor)>) {
+    let dir = tempfile::tempdir().unwrap();
+    run_ranks(
+        world,
+        |_, comm: Arc<dyn Communicator>| -> Result<_, TrainError> {
+            let mut a = args(dir.path(), ACCUM, Some(ds.clone()));
+            // HF insists that the config's precision agrees with the arguments.
+            a.bf16 = ds["bf16"]["enabled"] == true;
+            a.fp16 = ds["fp16"]["enabled"] == true;
+            a.max_steps = steps;
+            if lr_constant {
+                a.lr_scheduler_type = "constant".into();
+            }
+            let mut t =
+                Trainer::new_distributed(model(), a, collator(), dataset(), None, None, comm)?;
+            t.verbose = false;
+            t.faults = faults;
+            t.train()?;
+            let w = t
+                .full_model()?
+                .named_parameters()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
+            Ok((t.state.log_history.clone(), w))
+        },
+    )
+    .unwrap()
+    .remove(0)
+}
+
+#[test]
+fn bf16_mixed_precision_trains_alike_on_every_stage() {
+    let want = reference(1);
+    let bf16 = |stage: u8, world: usize| {
+        let mut c = ds_config(stage, stage > 0);
+        c["bf16"] = json!({"enabled": true});
+        let (logs, w) = run_with(world, c, STEPS as i64, false, Default::default());
+        let losses: Vec<f64> = logs
+            .iter()
+            .filter_map(|e| e.get("loss").and_then(Value::as_f64))
+            .collect();
+        (losses, w)
+    };
+    let (base, base_w) = bf16(0, 1);
+    // bf16 (8 bits of mantissa) follows fp32 closely, not exactly.
+    for (a, b) in base.iter().zip(&want.losses) {
+        assert!((a - b).abs() < 0.02 * b, "bf16 loss {a} vs fp32 {b}");
+    }
+    // The saved weights are the fp32 masters, not bf16-rounded copies.
+    let rounded = base_w.iter().all(|(_, t)| {
+        let back = t
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        max_abs_diff(&back, t) == 0.0
+    });
+    assert!(!rounded, "full_model() returned bf16-rounded weights");
+    // The same global batch on 2 ranks (each accumulating half of it).
+    let two = |stage: u8| {
+        let mut c = ds_config(stage, stage > 0);
+        c["bf16"] = json!({"enabled": true});
+        let dir = tempfile::tempdir().unwrap();
+        run_ranks(
+            2,
+            |_, comm: Arc<dyn Communicator>| -> Result<Vec<f64>, TrainError> {
+                let mut a = args(dir.path(), 1, Some(c.clone()));
+                a.bf16 = true;
+                let mut t =
+                    Trainer::new_distributed(model(), a, collator(), dataset(), None, None, comm)?;
+                t.verbose = false;
+                t.train()?;
+                Ok(losses_and_norms(&t).0)
+            },
+        )
+        .unwrap()
+        .remove(0)
+    };
+    for stage in 0..=3u8 {
+        let l = two(stage);
+        for (a, b) in l.iter().zip(&base) {
+            assert!(
+                (a - b).abs() < 1e-3 * b,
+                "bf16 ZeRO-{stage} on 2 ranks: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fp16_overflow_skips_that_step_and_halves_the_scale() {
+    use companion::train::FaultInjection;
+    let fp16 =
+        json!({"enabled": true, "initial_scale_power": 4, "loss_scale_window": 2, "hysteresis": 1});
+    for (stage, world) in [(0u8, 1usize), (2, 2), (3, 2)] {
+        let inject = FaultInjection {
+            overflow_at_step: Some(2),
+            ..Default::default()
+        };
+        let (logs, after_skip) = run_with(world, mp_config(stage, fp16.clone()), 2, true, inject);
+        let (_, one_step) = run_with(
+            world,
+            mp_config(stage, fp16.clone()),
+            1,
+            true,
+            Default::default(),
+        );
+        // Step 2 was skipped: the weights are those after step 1.
+        for ((n, a), (_, b)) in after_skip.iter().zip(&one_step) {
+            assert_eq!(
+                max_abs_diff(a, b),
+                0.0,
+                "ZeRO-{stage}: {n} changed in the skipped step"
+            );
+        }
+        let scales: Vec<f64> = logs
+            .iter()
+            .filter_map(|e| e.get("loss_scale").and_then(Value::as_f64))
+            .collect();
+        assert_eq!(scales, vec![16.0, 16.0], "ZeRO-{stage}");
+        // Then 2^4 → 8 after the overflow, and back to 16 after
+        // loss_scale_window (2) clean steps.
+        let inject = FaultInjection {
+            overflow_at_step: Some(1),
+            ..Default::default()
+        };
+        let (logs, _) = run_with(world, mp_config(stage, fp16.clone()), 5, true, inject);
+        let scales: Vec<f64> = logs
+            .iter()
+            .filter_map(|e| e.get("loss_scale").and_then(Value::as_f64))
+            .collect();
+        assert_eq!(scales, vec![16.0, 8.0, 8.0, 8.0, 16.0], "ZeRO-{stage}");
+        // The skipped step has no finite norm (JSON null), the others do.
+        let norms: Vec<&Value> = logs.iter().filter_map(|e| e.get("grad_norm")).collect();
+        assert!(
+            norms[0].is_null() && norms[1..].iter().all(|n| n.is_f64()),
+            "{norms:?}"
+        );
+    }
+}

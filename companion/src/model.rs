@@ -805,6 +805,20 @@ impl GPT2LMHeadModel {
             .reshape((b, t, self.config.vocab_size))?)
     }
 
+    /// The same weights in `dtype` (`model.to(dtype)`), for mixed precision.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let tensors: HashMap<String, Tensor> = self
+            .named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let mut m =
+            Self::from_tensors(self.config.clone(), tensors, dtype, &self.device, "(model)")?;
+        m.training = self.training;
+        m.dropout.set_state(self.dropout.state());
+        Ok(m)
+    }
+
     /// A model whose parameters live elsewhere (ZeRO-3 partitions them over
     /// ranks): every parameter is an empty tensor, as DeepSpeed leaves
     /// `param.numel() == 0` placeholders. Only the `*_with` pieces run on it.

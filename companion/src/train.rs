@@ -15,7 +15,8 @@ use serde_json::{json, Map, Value};
 
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
 use crate::dist::comm::{Communicator, SingleRank};
-use crate::dist::config::{DeepSpeedConfig, OffloadDevice};
+use crate::dist::config::{DeepSpeedConfig, Fp16Config, OffloadDevice};
+use crate::dist::loss_scaler::LossScaler;
 use crate::dist::zero::{AdamWParams, ModelStateBytes, ZeroEngine};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
 use crate::tokenizer::AutoTokenizer;
@@ -235,13 +236,7 @@ impl TrainingArguments {
 
     /// Fields given that this Trainer accepts but does not act on.
     pub fn unused_fields(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.extra.keys().cloned().collect();
-        if self.bf16 {
-            v.push("bf16 (CPU training is fp32 here)".into());
-        }
-        if self.fp16 {
-            v.push("fp16 (CPU training is fp32 here)".into());
-        }
+        let v: Vec<String> = self.extra.keys().cloned().collect();
         v
     }
 
@@ -333,6 +328,8 @@ struct SchedulerState {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FaultInjection {
     pub fail_checkpoint_at_step: Option<usize>,
+    /// Make the gradients of this (1-based) step overflow, as fp16 can.
+    pub overflow_at_step: Option<usize>,
 }
 
 /// `Trainer(model, args, data_collator, train_dataset, eval_dataset, tokenizer)`.
@@ -418,14 +415,39 @@ impl Trainer {
                 "{world} ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
             )));
         }
-        if let Some(ds) = &deepspeed {
-            if ds.fp16.enabled || ds.bf16 {
-                return Err(TrainError::Args(format!(
-                    "{}: fp16/bf16 mixed precision is not implemented for ZeRO training yet; set \"enabled\": false (training runs in fp32)",
-                    if ds.fp16.enabled { "fp16.enabled" } else { "bf16.enabled" }
-                )));
-            }
+        // Mixed precision: the ds_config's fp16/bf16 blocks (after "auto"),
+        // else TrainingArguments.fp16/bf16.
+        let (half, fp16) = match &deepspeed {
+            Some(d) => (d.bf16 || d.fp16.enabled, d.fp16.enabled),
+            None => (args.bf16 || args.fp16, args.fp16),
+        };
+        if args.bf16 && args.fp16 {
+            return Err(TrainError::Args(
+                "bf16 and fp16 are both set; choose one".into(),
+            ));
         }
+        let dtype = match (half, fp16) {
+            (false, _) => DType::F32,
+            (true, true) => DType::F16,
+            (true, false) => DType::BF16,
+        };
+        let scaler = fp16.then(|| {
+            let c = match &deepspeed {
+                Some(d) => d.fp16.clone(),
+                // Without DeepSpeed: torch.amp.GradScaler's defaults (2^16,
+                // doubling every 2000 clean steps, halving on each overflow).
+                None => Fp16Config {
+                    enabled: true,
+                    loss_scale: 0.0,
+                    initial_scale_power: 16,
+                    loss_scale_window: 2000,
+                    hysteresis: 1,
+                    consecutive_hysteresis: false,
+                    min_loss_scale: 0.0,
+                },
+            };
+            LossScaler::from_config(&c)
+        });
         let adam = match deepspeed.as_ref().and_then(|d| d.optimizer.clone()) {
             Some(o) => AdamWParams {
                 beta1: o.betas.0,
@@ -448,8 +470,13 @@ impl Trainer {
             ),
             None => (0, true, false),
         };
-        let mut engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?;
+        let mut engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?
+            .with_precision(&model, dtype, scaler)?;
         engine.gradient_checkpointing = args.gradient_checkpointing;
+        if dtype != DType::F32 {
+            // The half-precision copy forward and backward run on.
+            model = model.to_dtype(dtype)?;
+        }
         if stage == 3 {
             // The rank now holds only its partition (inside the engine).
             model = model.partitioned();
@@ -811,13 +838,30 @@ impl Trainer {
             let step_loss = sum_ranks(local_loss)?;
             self.state.num_input_tokens_seen += step_tokens;
             tokens_since_log += step_tokens;
+            // Skipped (fp16 overflow) steps do not advance the schedule,
+            // as DeepSpeed does not step its scheduler then.
+            let sched_step = step - self.engine.skipped_steps;
             let lr = match self.deepspeed.as_ref().and_then(|d| d.scheduler.as_ref()) {
-                Some(s) => s.lr_at(step, base_lr),
-                None => lr_at(&self.args.lr_scheduler_type, base_lr, step, warmup, total),
+                Some(s) => s.lr_at(sched_step, base_lr),
+                None => lr_at(
+                    &self.args.lr_scheduler_type,
+                    base_lr,
+                    sched_step,
+                    warmup,
+                    total,
+                ),
             };
+            if self.faults.overflow_at_step == Some(step + 1) {
+                self.engine.poison_gradients();
+            }
+            let loss_scale = self.engine.loss_scaler.as_ref().map(|s| s.cur_scale);
             // Reduce, clip to the global norm (clip_grad_norm_), AdamW.
             let norm = self.engine.step(&self.model, lr, clip)?;
-            if !norm.is_finite() {
+            if self.engine.last_step_skipped {
+                if let (true, Some(m)) = (verbose, &self.engine.last_overflow_message) {
+                    bar.suspend(|| eprintln!("{m}"));
+                }
+            } else if !norm.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "the gradient norm became {norm} at step {}; training stopped and the last \
                      checkpoint is kept",
@@ -831,8 +875,8 @@ impl Trainer {
                     let a = self.engine.adam;
                     bar.suspend(|| {
                         eprintln!(
-                            "[Rank 0] step={}, skipped=0, lr=[{lr}], mom=[({}, {})]",
-                            self.state.global_step, a.beta1, a.beta2
+                            "[Rank 0] step={}, skipped={}, lr=[{lr}], mom=[({}, {})]",
+                            self.state.global_step, self.engine.skipped_steps, a.beta1, a.beta2
                         )
                     });
                 }
@@ -851,6 +895,10 @@ impl Trainer {
                 let mut e = LogEntry::new();
                 e.insert("loss".into(), num(log_loss / log_n as f64));
                 e.insert("grad_norm".into(), num(norm));
+                if let Some(sc) = loss_scale {
+                    // fp16: the scale this step used (DeepSpeed logs it).
+                    e.insert("loss_scale".into(), num(sc));
+                }
                 e.insert("learning_rate".into(), num(lr));
                 e.insert("epoch".into(), num(self.state.epoch));
                 e.insert("step".into(), json!(gs));
@@ -976,7 +1024,8 @@ impl Trainer {
             "optimizer.json".into(),
             crate::pyjson::dumps(&json!({"type": "AdamW", "step": self.engine.step, "lr": lr,
                 "betas": [a.beta1, a.beta2], "eps": a.eps, "weight_decay": a.weight_decay,
-                "zero_stage": self.engine.stage, "world_size": self.engine.world_size()}))
+                "zero_stage": self.engine.stage, "world_size": self.engine.world_size(),
+                "skipped_steps": self.engine.skipped_steps}))
             .into_bytes(),
         ));
         let total = self.state.max_steps;
@@ -1031,9 +1080,10 @@ impl Trainer {
         let dest = out.join(&name);
         let tmp = out.join(format!(".{name}.partial"));
         let rank0 = self.is_world_process_zero();
-        let full = match self.engine.stage {
-            3 => Some(self.full_model()?),
-            _ => None,
+        let full = if self.engine.stage == 3 || self.engine.mixed_precision() {
+            Some(self.full_model()?)
+        } else {
+            None
         };
         let shard_dir = tmp.join(format!("global_step{}", self.state.global_step));
         if rank0 {
@@ -1185,8 +1235,14 @@ impl Trainer {
             self.engine.set_moments_by_name(&named)?;
         }
         self.engine.step = o["step"].as_u64().unwrap_or(0);
+        self.engine.skipped_steps = o["skipped_steps"].as_u64().unwrap_or(0) as usize;
+        self.engine.load_full_params(&model)?;
+        let model = if self.engine.mixed_precision() {
+            model.to_dtype(self.engine.compute_dtype)?
+        } else {
+            model
+        };
         if self.engine.stage == 3 {
-            self.engine.load_full_params(&model)?;
             self.model = model.partitioned();
         } else {
             self.model = model;
@@ -1202,9 +1258,10 @@ impl Trainer {
     /// (config, weights, generation config, tokenizer). Every rank calls it;
     /// rank 0 writes (under ZeRO-3 after gathering the weights).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
-        let full = match self.engine.stage {
-            3 => Some(self.full_model()?),
-            _ => None,
+        let full = if self.engine.stage == 3 || self.engine.mixed_precision() {
+            Some(self.full_model()?)
+        } else {
+            None
         };
         if !self.is_world_process_zero() {
             return Ok(());

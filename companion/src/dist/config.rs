@@ -41,6 +41,7 @@ pub struct Fp16Config {
     pub initial_scale_power: u32,
     pub loss_scale_window: usize,
     pub hysteresis: usize,
+    pub consecutive_hysteresis: bool,
     pub min_loss_scale: f64,
 }
 
@@ -533,6 +534,8 @@ impl DeepSpeedConfig {
             initial_scale_power: uint(&f, "initial_scale_power", "fp16.")?.unwrap_or(16) as u32,
             loss_scale_window: uint(&f, "loss_scale_window", "fp16.")?.unwrap_or(1000),
             hysteresis: uint(&f, "hysteresis", "fp16.")?.unwrap_or(2),
+            consecutive_hysteresis: boolean(&f, "consecutive_hysteresis", "fp16.")?
+                .unwrap_or(false),
             min_loss_scale: float(&f, "min_loss_scale", "fp16.")?.unwrap_or(1.0),
         };
         let b = block("bf16")?;

@@ -10,6 +10,7 @@
 
 pub mod comm;
 pub mod config;
+pub mod loss_scaler;
 pub mod zero;
 
 use serde::Serialize;

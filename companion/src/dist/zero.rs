@@ -29,6 +29,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::comm::Communicator;
+use super::loss_scaler::LossScaler;
 use crate::model::{block_parameter_names, causal_lm_loss_sum, parameter_shapes, GPT2LMHeadModel};
 use crate::train::{decays, Result, TrainError};
 
@@ -147,6 +148,21 @@ pub struct ZeroEngine {
     /// activations (`TrainingArguments.gradient_checkpointing`); stage 3
     /// always works this way.
     pub gradient_checkpointing: bool,
+    /// The dtype forward and backward run in (F32, or BF16/F16 for mixed
+    /// precision, with fp32 master weights kept here).
+    pub compute_dtype: DType,
+    /// fp16: the loss scaler (DeepSpeed's DynamicLossScaler).
+    pub loss_scaler: Option<LossScaler>,
+    /// Steps skipped because their gradients overflowed (fp16).
+    pub skipped_steps: usize,
+    /// Whether the last `step` was skipped.
+    pub last_step_skipped: bool,
+    /// DeepSpeed's log line for the last overflow.
+    pub last_overflow_message: Option<String>,
+    poisoned: bool,
+    /// Mixed precision, stages 0–2: fp32 master weights of the owned
+    /// elements (stage 3's `params` already are its fp32 master).
+    master: Vec<f32>,
     device: Device,
     /// Stage 3 only: this rank's slice of the fp32 weights, the only copy.
     params: Vec<f32>,
@@ -224,6 +240,13 @@ impl ZeroEngine {
             adam,
             step: 0,
             gradient_checkpointing: false,
+            compute_dtype: DType::F32,
+            loss_scaler: None,
+            skipped_steps: 0,
+            last_step_skipped: false,
+            last_overflow_message: None,
+            poisoned: false,
+            master: vec![],
             device,
             params,
             grads,
@@ -231,6 +254,34 @@ impl ZeroEngine {
             owned,
             peak_gathered: 0,
         })
+    }
+
+    /// Mixed precision: forward/backward in `dtype` (the caller converts the
+    /// model afterwards), fp32 master weights from `model` (still fp32) kept
+    /// here, and for fp16 a loss scaler.
+    pub fn with_precision(
+        mut self,
+        model: &GPT2LMHeadModel,
+        dtype: DType,
+        loss_scaler: Option<LossScaler>,
+    ) -> Result<Self> {
+        self.compute_dtype = dtype;
+        self.loss_scaler = loss_scaler;
+        if dtype != DType::F32 && self.stage < 3 {
+            let valid = intersect(&self.owned, &(0..self.layout.numel));
+            self.master = flatten_params(model, &self.layout)?[valid].to_vec();
+        }
+        Ok(self)
+    }
+
+    /// Whether weights are computed in half precision with fp32 masters.
+    pub fn mixed_precision(&self) -> bool {
+        self.compute_dtype != DType::F32
+    }
+
+    /// Test hook: make this step's gradients overflow, as fp16 can.
+    pub fn poison_gradients(&mut self) {
+        self.poisoned = true;
     }
 
     pub fn rank(&self) -> usize {
@@ -262,7 +313,7 @@ impl ZeroEngine {
         if !lv.is_finite() {
             return Ok(lv);
         }
-        let g = loss.backward()?;
+        let g = (loss * self.scale())?.backward()?;
         let mut full = vec![0f32; self.layout.part * self.layout.world];
         for (i, (name, var)) in model.named_parameters().iter().enumerate() {
             debug_assert_eq!(&self.layout.names[i], name);
@@ -320,7 +371,7 @@ impl ZeroEngine {
         if !lv.is_finite() {
             return Ok(lv);
         }
-        let g = loss.backward()?;
+        let g = (loss * self.scale())?.backward()?;
         self.accumulate(&head, &p, &g)?;
         let mut gy = g
             .get(x_last.as_tensor())
@@ -391,6 +442,11 @@ impl ZeroEngine {
             }
         }
         Ok(())
+    }
+
+    /// The loss scale of this step (1 without fp16).
+    fn scale(&self) -> f64 {
+        self.loss_scaler.as_ref().map_or(1.0, |s| s.cur_scale)
     }
 
     /// Logits without gradients (evaluation): under stage 3, gathering one
@@ -542,12 +598,14 @@ impl ZeroEngine {
                 at += n;
             }
         }
-        let live: usize = out.iter().map(Vec::len).sum::<usize>() * 4;
+        let live: usize =
+            out.iter().map(Vec::len).sum::<usize>() * self.compute_dtype.size_in_bytes();
         self.peak_gathered = self.peak_gathered.max(live);
         idx.iter()
             .zip(out)
             .map(|(&i, data)| {
-                let t = Tensor::from_vec(data, self.layout.shapes[i].clone(), &self.device)?;
+                let t = Tensor::from_vec(data, self.layout.shapes[i].clone(), &self.device)?
+                    .to_dtype(self.compute_dtype)?;
                 Ok((self.layout.names[i].clone(), t))
             })
             .collect()
@@ -619,6 +677,28 @@ impl ZeroEngine {
         if self.stage <= 1 {
             self.comm.all_reduce_sum(&mut self.grads)?;
         }
+        self.last_step_skipped = false;
+        if self.poisoned {
+            self.grads[0] = f32::INFINITY;
+            self.poisoned = false;
+        }
+        if let Some(scaler) = self.loss_scaler.as_mut() {
+            // fp16: an overflow anywhere skips the step on every rank.
+            let bad = self.grads.par_iter().any(|x| !x.is_finite());
+            let any = self.comm.all_reduce_f64(if bad { 1.0 } else { 0.0 })? > 0.0;
+            let used = scaler.cur_scale;
+            self.last_overflow_message = scaler.update(any);
+            if any {
+                self.skipped_steps += 1;
+                self.last_step_skipped = true;
+                self.grads.iter_mut().for_each(|x| *x = 0.0);
+                return Ok(f64::INFINITY);
+            }
+            if used != 1.0 {
+                let inv = (1.0 / used) as f32;
+                self.grads.par_iter_mut().for_each(|x| *x *= inv);
+            }
+        }
         // Each rank's share of ‖g‖²: all of it when gradients are replicated.
         let local = match self.stage {
             0 | 1 => {
@@ -651,6 +731,7 @@ impl ZeroEngine {
         };
         let mut p_owned: Vec<f32> = match self.stage {
             3 => self.params[..valid.len()].to_vec(),
+            _ if self.mixed_precision() => self.master.clone(),
             _ => {
                 let flat = flatten_params(model, &self.layout)?;
                 flat[valid.clone()].to_vec()
@@ -658,6 +739,9 @@ impl ZeroEngine {
         };
         let g_owned = g_owned.to_vec();
         self.adamw(&mut p_owned, &g_owned, lr, valid.len())?;
+        if self.mixed_precision() && self.stage < 3 {
+            self.master.copy_from_slice(&p_owned);
+        }
         match self.stage {
             3 => self.params[..valid.len()].copy_from_slice(&p_owned),
             0 => set_params(model, &self.layout, &p_owned)?,
@@ -750,10 +834,12 @@ impl ZeroEngine {
                 .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
                 .sum()
         };
+        // Adam's moments, plus the fp32 master weights under mixed precision
+        // (the paper's K = 12 bytes: 4 master + 8 moments).
         let optimizer_states = match &self.moments {
             Moments::Host { m, v } => (m.len() + v.len()) * 4,
             Moments::Device { m, v, .. } => (m.elem_count() + v.elem_count()) * 4,
-        };
+        } + self.master.len() * 4;
         let mut offloaded = 0;
         if self.offload_optimizer {
             offloaded += optimizer_states;
@@ -780,6 +866,17 @@ impl ZeroEngine {
             let mut all = self.comm.all_gather(&self.params)?;
             all.truncate(self.layout.numel);
             all
+        } else if self.mixed_precision() {
+            // The fp32 masters, not the half-precision copy.
+            if self.stage == 0 {
+                self.master.clone()
+            } else {
+                let mut mine = self.master.clone();
+                mine.resize(self.layout.part, 0.0);
+                let mut all = self.comm.all_gather(&mine)?;
+                all.truncate(self.layout.numel);
+                all
+            }
         } else {
             flatten_params(model, &self.layout)?
         };
@@ -813,6 +910,16 @@ impl ZeroEngine {
                 Tensor::from_slice(&self.params, self.params.len(), &cpu)?,
             ));
         }
+        if !self.master.is_empty() {
+            out.push((
+                "fp32_master".into(),
+                Tensor::from_slice(&self.master, self.master.len(), &cpu)?,
+            ));
+        }
+        out.push((
+            "loss_scale".into(),
+            Tensor::new(&[self.scale() as f32], &cpu)?,
+        ));
         Ok(out)
     }
 
@@ -849,11 +956,22 @@ impl ZeroEngine {
         if self.stage == 3 {
             self.params = get("fp32_flat_partition", self.layout.part)?;
         }
+        if !self.master.is_empty() {
+            self.master = get("fp32_master", self.master.len())?;
+        }
+        if let (Some(sc), Some(t)) = (self.loss_scaler.as_mut(), t.get("loss_scale")) {
+            sc.cur_scale = t.flatten_all()?.to_vec1::<f32>()?[0] as f64;
+        }
         Ok(())
     }
 
-    /// Stage 3 after loading full weights (resume): take this rank's slice.
+    /// After loading full fp32 weights (resume): stage 3 takes this rank's
+    /// slice, mixed precision its fp32 masters.
     pub fn load_full_params(&mut self, model: &GPT2LMHeadModel) -> Result<()> {
+        if self.mixed_precision() && self.stage < 3 {
+            let valid = intersect(&self.owned, &(0..self.layout.numel));
+            self.master = flatten_params(model, &self.layout)?[valid].to_vec();
+        }
         if self.stage == 3 {
             let flat = flatten_params(model, &self.layout)?;
             let me = intersect(&self.layout.partition(self.rank()), &(0..self.layout.numel));
