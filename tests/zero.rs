@@ -192,12 +192,16 @@ fn assert_same(what: &str, got: &Run, want: &Run) {
             i + 1
         );
     }
+    assert_weights_close(what, &got.weights, &want.weights);
+}
+
+fn assert_weights_close(what: &str, got: &[(String, Tensor)], want: &[(String, Tensor)]) {
     // The attention key bias has an exactly-zero true gradient (softmax is
     // shift invariant): AdamW turns the rounding noise there into arbitrary
     // steps, whatever the summation order, so that slice is left out.
-    let c = model().config.n_embd;
     let (mut diff2, mut norm2) = (0f64, 0f64);
-    for ((n, a), (m, b)) in got.weights.iter().zip(&want.weights) {
+    for ((n, a), (m, b)) in got.iter().zip(want) {
+        let c = a.elem_count() / 3; // for c_attn.bias: [q | k | v]
         assert_eq!(n, m);
         let mut a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
         let mut b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
@@ -743,8 +747,19 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
             "--num-gpus needs a build with CUDA",
         ),
         (
-            vec!["--deepspeed", z2.to_str().unwrap(), "--backend", "mpi"],
-            "--backend mpi: this build has no mpi backend",
+            vec!["--deepspeed", z2.to_str().unwrap(), "--backend", "nccl"],
+            "--backend nccl: this build has no nccl backend",
+        ),
+        (
+            vec![
+                "--deepspeed",
+                z2.to_str().unwrap(),
+                "--backend",
+                "mpi",
+                "--num-ranks",
+                "2",
+            ],
+            "drop --num-ranks",
         ),
         (vec!["--num-ranks", "2"], "2 ranks need a DeepSpeed config"),
     ] {
@@ -935,4 +950,135 @@ fn fp16_overflow_skips_that_step_and_halves_the_scale() {
             "{norms:?}"
         );
     }
+}
+
+#[test]
+fn mpirun_processes_train_like_threads() {
+    let version = stdout(&companion(&["--version"], &[]));
+    let has_mpi = version.contains("(mpi)");
+    if std::env::var_os("COMPANION_REQUIRE_MPI").is_some() {
+        assert!(
+            has_mpi,
+            "COMPANION_REQUIRE_MPI is set but `companion --version` says {version}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let z3 = data("ds_config/zero3.json");
+    if !has_mpi {
+        // A build without the `mpi` feature says so before training.
+        let o = pretrain(
+            dir.path(),
+            "mpi",
+            &["--deepspeed", z3.to_str().unwrap(), "--backend", "mpi"],
+        );
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("this build has no mpi backend"),
+            "{}",
+            stderr(&o)
+        );
+        return;
+    }
+    // Two MPI processes against two threads: the same run.
+    let valid = data("corpus/validation.jsonl");
+    let cache = dir.path().join("cache");
+    let flags = |out: &str| -> Vec<String> {
+        [
+            "pretrain",
+            "--train-file",
+            valid.to_str().unwrap(),
+            "--no-validation",
+            "--tokenizer-vocab-size",
+            "300",
+            "--n-layer",
+            "2",
+            "--n-embd",
+            "32",
+            "--n-head",
+            "2",
+            "--n-positions",
+            "32",
+            "--block-size",
+            "32",
+            "--max-steps",
+            "3",
+            "--logging-steps",
+            "1",
+            "--save-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--dropout",
+            "0.1",
+            "--max-new-tokens",
+            "3",
+            "--json",
+            "--deepspeed",
+            z3.to_str().unwrap(),
+            "--output-dir",
+            &dir.path().join(out).display().to_string(),
+            "--save-model-dir",
+            &dir.path()
+                .join(format!("{out}_model"))
+                .display()
+                .to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut mpi_args = vec!["-np".to_string(), "2".into(), "--oversubscribe".into()];
+    mpi_args.push(companion_bin().display().to_string());
+    mpi_args.extend(flags("mpi"));
+    mpi_args.extend(["--backend".into(), "mpi".into()]);
+    let o = std::process::Command::new("mpirun")
+        .args(&mpi_args)
+        .current_dir(root())
+        .env("HF_DATASETS_CACHE", &cache)
+        // Containers often run as root, which OpenMPI refuses unless told.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("run mpirun (OpenMPI's launcher)");
+    assert!(o.status.success(), "mpirun failed: {}", stderr(&o));
+    let mpi: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(mpi["world_size"], 2);
+    let mut threads = flags("threads");
+    threads.extend(["--num-ranks".into(), "2".into()]);
+    let t: Vec<&str> = threads.iter().map(String::as_str).collect();
+    let o = companion(&t, &[("HF_DATASETS_CACHE", cache.to_str().unwrap())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let thr: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // The same arithmetic; only the rayon thread pools differ (each process
+    // has its own), which can change the last bit of a parallel sum.
+    let (a, b) = (
+        mpi["train_loss"].as_f64().unwrap(),
+        thr["train_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-6 * b, "mpirun {a} vs threads {b}");
+    let load = |p: &str| {
+        GPT2LMHeadModel::from_pretrained(
+            dir.path().join(p).to_str().unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let named = |m: GPT2LMHeadModel| -> Vec<(String, Tensor)> {
+        m.named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
+    };
+    assert_weights_close(
+        "mpirun vs threads",
+        &named(load("mpi_model")),
+        &named(load("threads_model")),
+    );
+    assert!(dir
+        .path()
+        .join("mpi/checkpoint-2/global_step2/zero_pp_rank_1_mp_rank_00_optim_states.safetensors")
+        .is_file());
 }

@@ -10,10 +10,16 @@ use serde_json::json;
 
 use companion::tokenizer::{self, AutoTokenizer, TokenizerKind, TrainArgs};
 
+/// `companion --version`, naming the optional backends built in.
+#[cfg(feature = "mpi")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (mpi)");
+#[cfg(not(feature = "mpi"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[derive(Parser)]
 #[command(
     name = "companion",
-    version,
+    version = VERSION,
     about = "The Rust companion to section 4.3 (Pretraining): tokenizers, GPT-2, training, generation"
 )]
 struct Cli {
@@ -624,20 +630,24 @@ fn pretrain_cmd(rest: &[String]) -> Result<()> {
                 opts.rank_device = companion::pretrain::RankDevice::Cuda;
             }
             "--backend" => match need(f, v)?.as_str() {
-                "threads" => {}
-                b @ ("mpi" | "nccl") => anyhow::bail!(
-                    "--backend {b}: this build has no {b} backend (ranks here are threads of one \
-                     process: use --num-ranks N on CPUs, --num-gpus N on one machine's GPUs)"
+                "threads" => opts.backend = companion::pretrain::Backend::Threads,
+                "mpi" => opts.backend = companion::pretrain::Backend::Mpi,
+                "nccl" => anyhow::bail!(
+                    "--backend nccl: this build has no nccl backend (ranks in one process: \
+                     --num-ranks N on CPUs, --num-gpus N on one machine's GPUs; several \
+                     processes: --backend mpi)"
                 ),
-                other => anyhow::bail!(
-                    "--backend {other}: expected `threads` (the only backend in this build)"
-                ),
+                other => anyhow::bail!("--backend {other}: expected `threads` or `mpi`"),
             },
             _ => args.set(f, v.as_deref())?,
         }
     }
     args.validate()?;
     let summary = companion::pretrain::run(&opts, args)?;
+    if summary.is_null() {
+        // An MPI rank other than 0: rank 0 reports.
+        return Ok(());
+    }
     if json_out {
         println!("{summary}");
     } else {

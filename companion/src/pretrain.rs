@@ -41,6 +41,17 @@ pub struct PretrainOptions {
     pub num_ranks: usize,
     /// Where each rank runs: the CPU, or GPU `cuda:rank` (`--num-gpus`).
     pub rank_device: RankDevice,
+    /// How ranks talk: threads of this process, or MPI processes.
+    pub backend: Backend,
+}
+
+/// The collective-communication backend (`--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Ranks are threads of this process (`--num-ranks`, `--num-gpus`).
+    Threads,
+    /// Ranks are the processes of `mpirun -np N` (the `mpi` feature).
+    Mpi,
 }
 
 /// The device of each in-process rank.
@@ -100,6 +111,7 @@ impl Default for PretrainOptions {
             max_new_tokens: 40,
             num_ranks: 1,
             rank_device: RankDevice::Cpu,
+            backend: Backend::Threads,
         }
     }
 }
@@ -188,6 +200,13 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         ))
         .into());
     }
+    // Under MPI every process runs this; rank 0 trains the tokenizer and
+    // tokenizes the corpus (filling the cache) while the others wait.
+    let mpi = mpi_rank(opts)?;
+    let rank0 = mpi.as_ref().is_none_or(|c| c.rank() == 0);
+    if !rank0 {
+        mpi.as_ref().expect("mpi").barrier()?;
+    }
     let tok = tokenizer_for(opts, &out.join("tokenizer"))?;
     let mut o = opts.overrides.clone();
     o.vocab_size = Some(tok.len());
@@ -222,18 +241,23 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         }
         None => None,
     };
-    eprintln!(
-        "model: {} layers, {} wide, {} heads, vocab {}, {:.2}M parameters; {} training blocks of {} tokens",
-        cfg.n_layer,
-        cfg.n_embd,
-        cfg.n_head,
-        cfg.vocab_size,
-        cfg.num_parameters() as f64 / 1e6,
-        train_ds.len(),
-        opts.block_size
-    );
-    for f in args.unused_fields() {
-        eprintln!("warning: TrainingArguments field accepted but not acted on: {f}");
+    if rank0 {
+        eprintln!(
+            "model: {} layers, {} wide, {} heads, vocab {}, {:.2}M parameters; {} training blocks of {} tokens",
+            cfg.n_layer,
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.vocab_size,
+            cfg.num_parameters() as f64 / 1e6,
+            train_ds.len(),
+            opts.block_size
+        );
+        for f in args.unused_fields() {
+            eprintln!("warning: TrainingArguments field accepted but not acted on: {f}");
+        }
+    }
+    if let (Some(c), true) = (&mpi, rank0) {
+        c.barrier()?;
     }
     let world = opts.num_ranks.max(1);
     if world > 1 || opts.rank_device != RankDevice::Cpu {
@@ -257,11 +281,44 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         )?;
         train_and_save(opts, trainer, &tok)
     };
+    if let Some(c) = mpi {
+        // One rank per process; only rank 0 reports.
+        return Ok(job(c)?.unwrap_or(Value::Null));
+    }
     if world == 1 {
         return Ok(job(Arc::new(SingleRank))?.expect("rank 0 reports"));
     }
     let mut out = run_ranks(world, |_, comm| job(comm))?;
     Ok(out.remove(0).expect("rank 0 reports"))
+}
+
+/// This process's MPI rank when `--backend mpi` asked for one.
+fn mpi_rank(opts: &PretrainOptions) -> Result<Option<Arc<dyn Communicator>>, PretrainError> {
+    if opts.backend != Backend::Mpi {
+        return Ok(None);
+    }
+    if opts.num_ranks > 1 {
+        return Err(crate::train::TrainError::Args(
+            "with --backend mpi the ranks are the processes `mpirun -np N` starts; drop --num-ranks"
+                .into(),
+        )
+        .into());
+    }
+    #[cfg(feature = "mpi")]
+    {
+        Ok(Some(Arc::new(
+            crate::dist::comm::mpi_backend::MpiRank::init()?,
+        )))
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        Err(crate::train::TrainError::Args(
+            "--backend mpi: this build has no mpi backend (rebuild with `--features mpi`, which needs \
+             an MPI library; ranks in one process: --num-ranks N on CPUs, --num-gpus N on GPUs)"
+                .into(),
+        )
+        .into())
+    }
 }
 
 /// Train, evaluate, save and sample on one rank (all ranks run it; rank 0

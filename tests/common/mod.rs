@@ -33,8 +33,12 @@ pub fn companion_bin() -> PathBuf {
     BUILD.call_once(|| {
         if !bin.exists() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut args = vec!["build", "-p", "companion", "--bin", "companion"];
+            if cfg!(feature = "mpi") {
+                args.extend(["--features", "mpi"]);
+            }
             let status = Command::new(cargo)
-                .args(["build", "-p", "companion", "--bin", "companion"])
+                .args(args)
                 .current_dir(root())
                 .status()
                 .expect("run cargo build");
