@@ -1,6 +1,9 @@
 //! Reading a corpus: JSONL (one `{"text": …}` document per line, the format
-//! `datasets` exports) or plain text (one example per line, as the `text`
-//! loader of `datasets` reads it). Errors name the file and the line.
+//! `datasets` exports), Parquet (`dataset.to_parquet`, the hub's dataset
+//! files) or plain text (one example per line, as the `text` loader of
+//! `datasets` reads it). Errors name the file and the line (or column).
+//! `hf://datasets/OWNER/NAME/PATH` names a file of a dataset repository on
+//! the hub (looked up in the Hugging Face cache first).
 
 use std::path::{Path, PathBuf};
 
@@ -24,11 +27,95 @@ pub enum CorpusError {
     Empty { paths: Vec<String> },
     #[error("no corpus files given")]
     NoFiles,
+    #[error("{path}: {msg}")]
+    Parquet { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
-/// Read the documents of one file: `.jsonl`/`.json` by `field`, anything else
-/// line by line. Empty documents are dropped.
+/// A corpus path as given: a local file, or `hf://datasets/OWNER/NAME/PATH`
+/// (optionally `NAME@REVISION`) resolved through the Hugging Face cache or
+/// the hub, as `huggingface_hub`'s file system names dataset files.
+pub fn resolve(spec: &str) -> Result<PathBuf, CorpusError> {
+    let Some(rest) = spec.strip_prefix("hf://datasets/") else {
+        return Ok(PathBuf::from(spec));
+    };
+    let parts: Vec<&str> = rest.splitn(3, '/').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        return Err(CorpusError::Io {
+            path: spec.into(),
+            msg: "expected hf://datasets/OWNER/NAME/PATH/TO/FILE".into(),
+        });
+    }
+    let id = format!("{}/{}", parts[0], parts[1]);
+    Ok(crate::hub::get_file_of(
+        &id,
+        parts[2],
+        crate::hub::RepoType::Dataset,
+    )?)
+}
+
+/// The string column `field` of a Parquet file, row by row.
+fn read_parquet(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let err = |msg: String| CorpusError::Parquet {
+        path: path.into(),
+        msg,
+    };
+    let file = std::fs::File::open(path).map_err(|e| CorpusError::Io {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| err(format!("not a Parquet file: {e}")))?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let names: Vec<String> = schema
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    if !names.iter().any(|n| n == field) {
+        return Err(err(format!(
+            "no column `{field}` (columns: {})",
+            names.join(", ")
+        )));
+    }
+    let mut docs = Vec::new();
+    for (i, row) in reader
+        .get_row_iter(None)
+        .map_err(|e| err(e.to_string()))?
+        .enumerate()
+    {
+        let row = row.map_err(|e| err(format!("row {i}: {e}")))?;
+        let value = row
+            .get_column_iter()
+            .find(|(n, _)| n.as_str() == field)
+            .map(|(_, v)| v);
+        match value {
+            Some(Field::Str(s)) => {
+                if !s.trim().is_empty() {
+                    docs.push(s.clone());
+                }
+            }
+            Some(Field::Null) | None => {}
+            Some(other) => {
+                return Err(err(format!(
+                    "row {i}: column `{field}` holds {other}, expected a string"
+                )))
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// Read the documents of one file: `.jsonl`/`.json` and `.parquet` by
+/// `field`, anything else line by line. Empty documents are dropped.
 pub fn read_file(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
+    if path.extension().and_then(|e| e.to_str()) == Some("parquet") {
+        return read_parquet(path, field);
+    }
     let bytes = std::fs::read(path).map_err(|e| CorpusError::Io {
         path: path.into(),
         msg: e.to_string(),

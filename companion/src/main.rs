@@ -68,7 +68,8 @@ enum TokenizerCmd {
 
 #[derive(Args)]
 struct TrainCmd {
-    /// Corpus files: `.jsonl` (one `{"text": …}` per line) or plain text (one example per line).
+    /// Corpus files: `.jsonl` (one `{"text": …}` per line), `.parquet`, or plain text (one
+    /// example per line); `hf://datasets/OWNER/NAME/PATH` for a file of a hub dataset.
     #[arg(long, num_args = 1.., required = true)]
     corpus: Vec<PathBuf>,
     /// `bpe` (ByteLevelBPETokenizer) or `unigram` (SentencePiece).
@@ -285,7 +286,12 @@ fn train_args(model: &str, vocab_size: usize) -> Result<TrainArgs> {
 }
 
 fn tokenizer_train(c: TrainCmd) -> Result<()> {
-    let docs = companion::corpus::read_files(&c.corpus, &c.text_field)?;
+    let corpus = c
+        .corpus
+        .iter()
+        .map(|p| companion::corpus::resolve(&p.to_string_lossy()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let docs = companion::corpus::read_files(&corpus, &c.text_field)?;
     let mut args = train_args(&c.model, c.vocab_size)?;
     // tokenizers' BPE trainer ends its progress bar with a newline on stdout.
     args.show_progress &= !c.json;

@@ -192,6 +192,13 @@ pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer
 
 /// Run the chapter; returns a JSON summary (also printed by the CLI).
 pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, PretrainError> {
+    // `hf://datasets/…` files come from the Hugging Face cache or the hub.
+    let mut resolved = opts.clone();
+    resolved.train_file = crate::corpus::resolve(&opts.train_file.to_string_lossy())?;
+    if let Some(v) = &opts.validation_file {
+        resolved.validation_file = Some(crate::corpus::resolve(&v.to_string_lossy())?);
+    }
+    let opts = &resolved;
     let out = PathBuf::from(&args.output_dir);
     if out.exists() && !out.is_dir() {
         return Err(crate::train::TrainError::Args(format!(
