@@ -399,25 +399,7 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
         assert!(model.join(f).exists(), "{f}");
     }
     // The saved model folder loads in Python transformers with our logits.
-    let m = GPT2LMHeadModel::from_pretrained(model.to_str().unwrap(), DType::F32, &Device::Cpu)
-        .unwrap();
-    let ids = vec![vec![1u32, 5, 9, 100, 200]];
-    let ours = m
-        .forward(
-            &candle_core::Tensor::new(ids.clone(), &Device::Cpu).unwrap(),
-            None,
-            None,
-        )
-        .unwrap();
-    let py = run_python(
-        "check_model_roundtrip.py",
-        &[
-            model.to_str().unwrap(),
-            &serde_json::to_string(&ids).unwrap(),
-        ],
-    );
-    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(py["logits"].clone()).unwrap();
-    let d = max_diff(&ours, &theirs, None);
+    let d = logits_diff_with_transformers(&model);
     assert!(d < 1e-4, "{d}");
     // A second run reuses the tokenizer and the tokenized cache, and bad flags fail.
     let bad = companion(&["pretrain", "--no-such-flag", "1"], &[]);

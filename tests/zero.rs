@@ -617,12 +617,11 @@ fn auto_values_resolve_like_transformers() {
     }
 }
 
-/// `companion pretrain` on the shipped validation split, tiny and short.
-fn pretrain(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::process::Output {
+/// `companion pretrain` flags for a tiny, short run on the shipped
+/// validation split, writing `DIR/NAME` and `DIR/NAME_model`.
+fn pretrain_flags(dir: &std::path::Path, name: &str) -> Vec<String> {
     let valid = data("corpus/validation.jsonl");
-    let out = dir.join(name);
-    let model = dir.join(format!("{name}_model"));
-    let mut a: Vec<&str> = vec![
+    let mut a: Vec<String> = [
         "pretrain",
         "--train-file",
         valid.to_str().unwrap(),
@@ -654,9 +653,23 @@ fn pretrain(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::process::
         "--max-new-tokens",
         "3",
         "--json",
-    ];
-    let (o, m) = (out.display().to_string(), model.display().to_string());
-    a.extend(["--output-dir", &o, "--save-model-dir", &m]);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "--output-dir".into(),
+        dir.join(name).display().to_string(),
+        "--save-model-dir".into(),
+        dir.join(format!("{name}_model")).display().to_string(),
+    ]);
+    a
+}
+
+/// Run `companion pretrain` with those flags and `extra`.
+fn pretrain(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::process::Output {
+    let flags = pretrain_flags(dir, name);
+    let mut a: Vec<&str> = flags.iter().map(String::as_str).collect();
     a.extend(extra);
     let cache = dir.join("cache").display().to_string();
     companion(&a, &[("HF_DATASETS_CACHE", &cache)])
@@ -707,22 +720,8 @@ fn pretrain_cli_on_cpu_ranks_equals_one_rank_and_saves_an_hf_model() {
         assert!(ck.join(f).is_file(), "{f}");
     }
     // The saved model loads in Python transformers and gives our logits.
-    let model_dir = dir.path().join("zero3_model");
-    let m = GPT2LMHeadModel::from_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu)
-        .unwrap();
-    let ids = vec![vec![1u32, 5, 9, 100, 200]];
-    let ours = m
-        .forward(&Tensor::new(ids.clone(), &Device::Cpu).unwrap(), None, None)
-        .unwrap();
-    let py = run_python(
-        "check_model_roundtrip.py",
-        &[
-            model_dir.to_str().unwrap(),
-            &serde_json::to_string(&ids).unwrap(),
-        ],
-    );
-    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(py["logits"].clone()).unwrap();
-    assert!(max_diff(&ours, &theirs, None) < 1e-4);
+    let d = logits_diff_with_transformers(&dir.path().join("zero3_model"));
+    assert!(d < 1e-4, "{d}");
 }
 
 #[test]
@@ -980,54 +979,11 @@ fn mpirun_processes_train_like_threads() {
         return;
     }
     // Two MPI processes against two threads: the same run.
-    let valid = data("corpus/validation.jsonl");
     let cache = dir.path().join("cache");
     let flags = |out: &str| -> Vec<String> {
-        [
-            "pretrain",
-            "--train-file",
-            valid.to_str().unwrap(),
-            "--no-validation",
-            "--tokenizer-vocab-size",
-            "300",
-            "--n-layer",
-            "2",
-            "--n-embd",
-            "32",
-            "--n-head",
-            "2",
-            "--n-positions",
-            "32",
-            "--block-size",
-            "32",
-            "--max-steps",
-            "3",
-            "--logging-steps",
-            "1",
-            "--save-steps",
-            "2",
-            "--per-device-train-batch-size",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--dropout",
-            "0.1",
-            "--max-new-tokens",
-            "3",
-            "--json",
-            "--deepspeed",
-            z3.to_str().unwrap(),
-            "--output-dir",
-            &dir.path().join(out).display().to_string(),
-            "--save-model-dir",
-            &dir.path()
-                .join(format!("{out}_model"))
-                .display()
-                .to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut f = pretrain_flags(dir.path(), out);
+        f.extend(["--deepspeed".into(), z3.display().to_string()]);
+        f
     };
     let mut mpi_args = vec!["-np".to_string(), "2".into(), "--oversubscribe".into()];
     mpi_args.push(companion_bin().display().to_string());

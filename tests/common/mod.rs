@@ -130,3 +130,29 @@ pub fn max_diff(
     }
     m
 }
+
+/// Largest difference between our logits and Python `transformers`' for a
+/// saved model folder (`check_model_roundtrip.py` loads it with
+/// `GPT2LMHeadModel.from_pretrained`).
+pub fn logits_diff_with_transformers(model_dir: &Path) -> f32 {
+    use candle_core::{DType, Device, Tensor};
+    let m = companion::GPT2LMHeadModel::from_pretrained(
+        model_dir.to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = vec![vec![1u32, 5, 9, 100, 200]];
+    let ours = m
+        .forward(&Tensor::new(ids.clone(), &Device::Cpu).unwrap(), None, None)
+        .unwrap();
+    let py = run_python(
+        "check_model_roundtrip.py",
+        &[
+            model_dir.to_str().unwrap(),
+            &serde_json::to_string(&ids).unwrap(),
+        ],
+    );
+    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(py["logits"].clone()).unwrap();
+    max_diff(&ours, &theirs, None)
+}

@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use super::comm::Communicator;
 use super::loss_scaler::LossScaler;
-use crate::model::{block_parameter_names, causal_lm_loss_sum, parameter_shapes, GPT2LMHeadModel};
+use crate::model::{causal_lm_loss_sum, parameter_shapes, GPT2LMHeadModel};
 use crate::train::{decays, Result, TrainError};
 
 /// Where each parameter sits in the flat buffer and which slice each rank owns.
@@ -307,13 +307,8 @@ impl ZeroEngine {
             return self.micro_step_blockwise(model, ids, labels, mask, n_items);
         }
         let logits = model.forward(ids, mask, None)?;
-        let (sum, _) = causal_lm_loss_sum(&logits, labels)?;
-        let loss = (sum / n_items)?;
-        let lv = loss.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Ok(lv);
-        }
-        let g = (loss * self.scale())?.backward()?;
+        let (lv, g) = self.loss_backward(&logits, labels, n_items)?;
+        let Some(g) = g else { return Ok(lv) };
         let mut full = vec![0f32; self.layout.part * self.layout.world];
         for (i, (name, var)) in model.named_parameters().iter().enumerate() {
             debug_assert_eq!(&self.layout.names[i], name);
@@ -347,7 +342,7 @@ impl ZeroEngine {
         n_items: f64,
     ) -> Result<f64> {
         let cfg = model.config.clone();
-        let (emb, blocks, head) = self.pieces(&cfg);
+        let (emb, blocks, head) = self.pieces();
         let block_idx = |l: usize| -> Vec<usize> { blocks[l].clone() };
         // Forward: keep each block's input and the dropout generator's state.
         let mut states = vec![model.dropout_state()];
@@ -365,13 +360,8 @@ impl ZeroEngine {
         let p = self.fetch_vars(model, &head)?;
         let x_last = Var::from_tensor(&xs[cfg.n_layer])?;
         let logits = model.head_with(&var_tensors(&p), x_last.as_tensor())?;
-        let (sum, _) = causal_lm_loss_sum(&logits, labels)?;
-        let loss = (sum / n_items)?;
-        let lv = loss.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Ok(lv);
-        }
-        let g = (loss * self.scale())?.backward()?;
+        let (lv, g) = self.loss_backward(&logits, labels, n_items)?;
+        let Some(g) = g else { return Ok(lv) };
         self.accumulate(&head, &p, &g)?;
         let mut gy = g
             .get(x_last.as_tensor())
@@ -444,6 +434,23 @@ impl ZeroEngine {
         Ok(())
     }
 
+    /// The loss over `n_items` label tokens and, when it is finite, the
+    /// gradients of the loss times the fp16 loss scale.
+    fn loss_backward(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        n_items: f64,
+    ) -> Result<(f64, Option<candle_core::backprop::GradStore>)> {
+        let (sum, _) = causal_lm_loss_sum(logits, labels)?;
+        let loss = (sum / n_items)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            return Ok((lv, None));
+        }
+        Ok((lv, Some((loss * self.scale())?.backward()?)))
+    }
+
     /// The loss scale of this step (1 without fp16).
     fn scale(&self) -> f64 {
         self.loss_scaler.as_ref().map_or(1.0, |s| s.cur_scale)
@@ -460,7 +467,7 @@ impl ZeroEngine {
         if self.stage != 3 {
             return Ok(model.for_inference().forward(ids, mask, None)?);
         }
-        let (emb, blocks, head) = self.pieces(&model.config);
+        let (emb, blocks, head) = self.pieces();
         let p = self.gather(&emb)?;
         let mut x = model.embed_with(&tensors(&p), ids, mask)?;
         drop(p);
@@ -476,7 +483,7 @@ impl ZeroEngine {
     /// batch this round, so the others are not left waiting.
     pub fn skip_forward(&mut self) -> Result<()> {
         if self.stage == 3 {
-            let (emb, blocks, head) = self.pieces_from_layout();
+            let (emb, blocks, head) = self.pieces();
             self.gather(&emb)?;
             for idx in &blocks {
                 self.gather(idx)?;
@@ -501,7 +508,7 @@ impl ZeroEngine {
                 self.comm.reduce_scatter_sum(&full, &counts)?;
             }
             3 => {
-                let (emb, blocks, head) = self.pieces_from_layout();
+                let (emb, blocks, head) = self.pieces();
                 self.gather(&emb)?;
                 for idx in &blocks {
                     self.gather(idx)?;
@@ -521,25 +528,7 @@ impl ZeroEngine {
     }
 
     /// Parameter indices of the embedding, of each block, and of the head.
-    fn pieces(&self, cfg: &crate::config::GPT2Config) -> (Vec<usize>, Vec<Vec<usize>>, Vec<usize>) {
-        let emb = self.indices(&["transformer.wte.weight", "transformer.wpe.weight"]);
-        let head = self.indices(&[
-            "transformer.wte.weight",
-            "transformer.ln_f.weight",
-            "transformer.ln_f.bias",
-        ]);
-        let blocks = (0..cfg.n_layer)
-            .map(|l| {
-                block_parameter_names(cfg, l)
-                    .iter()
-                    .map(|(n, _)| self.layout.index(n).expect("a parameter"))
-                    .collect()
-            })
-            .collect();
-        (emb, blocks, head)
-    }
-
-    fn pieces_from_layout(&self) -> (Vec<usize>, Vec<Vec<usize>>, Vec<usize>) {
+    fn pieces(&self) -> (Vec<usize>, Vec<Vec<usize>>, Vec<usize>) {
         let n_layer = self
             .layout
             .names
