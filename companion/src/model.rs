@@ -790,7 +790,18 @@ impl GPT2LMHeadModel {
         pos: &Tensor,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let tok = wte.index_select(&input_ids.flatten_all()?, 0)?;
+        let ids = input_ids.flatten_all()?;
+        if ids.elem_count() > 0 {
+            let max = ids.max(0)?.to_scalar::<u32>()?;
+            if max as usize >= self.config.vocab_size {
+                return Err(ModelError::Input(format!(
+                    "token id {max} is outside the vocabulary (vocab_size = {}); was the text \
+                     encoded with another tokenizer?",
+                    self.config.vocab_size
+                )));
+            }
+        }
+        let tok = wte.index_select(&ids, 0)?;
         let posv = wpe.index_select(pos, 0)?;
         let x = (tok + posv)?.reshape((b, t, self.config.n_embd))?;
         Ok(self.dropout(&x, self.config.embd_pdrop)?)
@@ -1027,5 +1038,26 @@ mod tests {
         let ids = Tensor::zeros((1, 33), DType::U32, &Device::Cpu).unwrap();
         let e = m.forward(&ids, None, None).err().unwrap().to_string();
         assert!(e.contains("n_positions"), "{e}");
+    }
+
+    #[test]
+    fn out_of_vocabulary_ids_are_an_error() {
+        let cfg = GPT2Config {
+            n_layer: 1,
+            n_embd: 8,
+            n_head: 2,
+            vocab_size: 10,
+            n_positions: 8,
+            ..Default::default()
+        };
+        let m = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[1u32, 10]], &Device::Cpu).unwrap();
+        let e = m.forward(&ids, None, None).unwrap_err().to_string();
+        assert!(
+            e.contains("token id 10 is outside the vocabulary (vocab_size = 10)"),
+            "{e}"
+        );
+        let ok = Tensor::new(&[[1u32, 9]], &Device::Cpu).unwrap();
+        assert!(m.forward(&ok, None, None).is_ok());
     }
 }
