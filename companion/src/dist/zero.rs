@@ -343,7 +343,6 @@ impl ZeroEngine {
     ) -> Result<f64> {
         let cfg = model.config.clone();
         let (emb, blocks, head) = self.pieces();
-        let block_idx = |l: usize| -> Vec<usize> { blocks[l].clone() };
         // Forward: keep each block's input and the dropout generator's state.
         let mut states = vec![model.dropout_state()];
         let p = self.fetch(model, &emb)?;
@@ -351,7 +350,7 @@ impl ZeroEngine {
         drop(p);
         for l in 0..cfg.n_layer {
             states.push(model.dropout_state());
-            let p = self.fetch(model, &block_idx(l))?;
+            let p = self.fetch(model, &blocks[l])?;
             let x = model.block_with(l, &tensors(&p), &xs[l], mask)?;
             xs.push(x);
         }
@@ -371,12 +370,12 @@ impl ZeroEngine {
         // Backward, block by block: gather, recompute, differentiate, scatter.
         for l in (0..cfg.n_layer).rev() {
             model.set_dropout_state(states[l + 1].clone());
-            let idx = block_idx(l);
-            let p = self.fetch_vars(model, &idx)?;
+            let idx = &blocks[l];
+            let p = self.fetch_vars(model, idx)?;
             let x_in = Var::from_tensor(&xs[l])?;
             let y = model.block_with(l, &var_tensors(&p), x_in.as_tensor(), mask)?;
             let g = (y * &gy)?.sum_all()?.backward()?;
-            self.accumulate(&idx, &p, &g)?;
+            self.accumulate(idx, &p, &g)?;
             gy = g
                 .get(x_in.as_tensor())
                 .ok_or_else(|| TrainError::Args(format!("no gradient reached block {l}")))?
@@ -508,12 +507,8 @@ impl ZeroEngine {
                 self.comm.reduce_scatter_sum(&full, &counts)?;
             }
             3 => {
+                self.skip_forward()?;
                 let (emb, blocks, head) = self.pieces();
-                self.gather(&emb)?;
-                for idx in &blocks {
-                    self.gather(idx)?;
-                }
-                self.gather(&head)?;
                 self.reduce_scatter_flat(&head, &zeros(self, &head))?;
                 for idx in blocks.iter().rev() {
                     self.gather(idx)?;
@@ -712,22 +707,27 @@ impl ZeroEngine {
         self.step += 1;
         let owned = self.owned.clone();
         let valid = intersect(&owned, &(0..self.layout.numel));
-        // The gradients and weights of the elements this rank updates.
-        let g_owned: &[f32] = match self.stage {
-            0 => &self.grads,
-            1 => &self.grads[valid.clone()],
-            _ => &self.grads[..valid.len()],
-        };
+        // The weights and gradients of the elements this rank updates. The
+        // gradient buffer is lent to AdamW (which needs `&mut self`), not copied.
         let mut p_owned: Vec<f32> = match self.stage {
             3 => self.params[..valid.len()].to_vec(),
             _ if self.mixed_precision() => self.master.clone(),
             _ => {
-                let flat = flatten_params(model, &self.layout)?;
-                flat[valid.clone()].to_vec()
+                let mut flat = flatten_params(model, &self.layout)?;
+                flat.truncate(valid.end);
+                flat.drain(..valid.start);
+                flat
             }
         };
-        let g_owned = g_owned.to_vec();
-        self.adamw(&mut p_owned, &g_owned, lr, valid.len())?;
+        let grads = std::mem::take(&mut self.grads);
+        let g_owned: &[f32] = match self.stage {
+            0 => &grads,
+            1 => &grads[valid.clone()],
+            _ => &grads[..valid.len()],
+        };
+        let updated = self.adamw(&mut p_owned, g_owned, lr, valid.len());
+        self.grads = grads;
+        updated?;
         if self.mixed_precision() && self.stage < 3 {
             self.master.copy_from_slice(&p_owned);
         }
