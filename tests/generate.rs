@@ -2,19 +2,14 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use companion::generate::GenerationConfig;
 use companion::model::{GPT2LMHeadModel, KvCache};
 use serde_json::Value;
 
 fn model() -> GPT2LMHeadModel {
-    GPT2LMHeadModel::from_pretrained(
-        fixture("tiny_gpt2").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    tiny_gpt2()
 }
 
 fn case(name: &str) -> Value {

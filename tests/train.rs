@@ -5,43 +5,18 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use companion::data::{DataCollatorForLanguageModeling, Dataset};
 use companion::model::GPT2LMHeadModel;
-use companion::tokenizer::PaddingSide;
 use companion::train::{lr_at, Trainer, TrainingArguments};
 use serde_json::Value;
 
 fn tiny_model(dropout: bool) -> GPT2LMHeadModel {
-    let mut m = GPT2LMHeadModel::from_pretrained(
-        fixture("tiny_gpt2").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut m = tiny_gpt2();
     if !dropout {
         m.config.attn_pdrop = 0.0;
         m.config.embd_pdrop = 0.0;
         m.config.resid_pdrop = 0.0;
     }
     m
-}
-
-fn collator() -> DataCollatorForLanguageModeling {
-    DataCollatorForLanguageModeling {
-        pad_token_id: Some(0),
-        mlm: false,
-        pad_to_multiple_of: None,
-        padding_side: PaddingSide::Right,
-    }
-}
-
-fn dataset(rows: Vec<Vec<u32>>) -> Dataset {
-    let tokens = rows.iter().map(Vec::len).sum();
-    Dataset {
-        input_ids: rows,
-        text_bytes: tokens * 4,
-        text_tokens: tokens,
-    }
 }
 
 #[test]
@@ -69,7 +44,7 @@ fn two_steps_equal_pytorch_and_hf_trainer() {
         tiny_model(false),
         args,
         collator(),
-        dataset(rows),
+        dataset_of(rows),
         None,
         None,
     )
@@ -179,7 +154,7 @@ fn small_run(out: &std::path::Path, max_steps: i64, dropout: bool) -> Trainer {
         tiny_model(dropout),
         args,
         collator(),
-        dataset(rows),
+        dataset_of(rows),
         None,
         None,
     )

@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use companion::data::{DataCollatorForLanguageModeling, Dataset};
+use companion::data::Dataset;
 use companion::dist::comm::{run_ranks, Communicator};
 use companion::dist::zero::ModelStateBytes;
 use companion::model::GPT2LMHeadModel;
-use companion::tokenizer::PaddingSide;
 use companion::train::{TrainError, Trainer, TrainingArguments};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -24,12 +23,7 @@ const STEPS: usize = 3;
 
 /// The tiny GPT-2 fixture, dropout on (stage 3 must replay the same masks).
 fn model() -> GPT2LMHeadModel {
-    GPT2LMHeadModel::from_pretrained(
-        fixture("tiny_gpt2").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    tiny_gpt2()
 }
 
 /// 32 rows of 6–16 tokens, so batches need padding and attention masks.
@@ -41,21 +35,7 @@ fn dataset() -> Dataset {
             (0..n).map(|_| rng.random_range(3..64)).collect()
         })
         .collect();
-    let tokens = rows.iter().map(Vec::len).sum();
-    Dataset {
-        input_ids: rows,
-        text_bytes: tokens * 4,
-        text_tokens: tokens,
-    }
-}
-
-fn collator() -> DataCollatorForLanguageModeling {
-    DataCollatorForLanguageModeling {
-        pad_token_id: Some(0),
-        mlm: false,
-        pad_to_multiple_of: None,
-        padding_side: PaddingSide::Right,
-    }
+    dataset_of(rows)
 }
 
 fn args(out: &std::path::Path, accum: usize, ds: Option<Value>) -> TrainingArguments {
@@ -337,13 +317,13 @@ fn zero3_never_gathers_the_whole_model() {
 #[test]
 fn bad_configs_fail_before_training() {
     let dir = tempfile::tempdir().unwrap();
-    let err = |ds: Value, world: usize| -> String {
+    let err = |ds: Option<Value>, world: usize| -> String {
         run_ranks(
             world,
             |_, comm: Arc<dyn Communicator>| -> Result<(), TrainError> {
                 Trainer::new_distributed(
                     model(),
-                    args(dir.path(), ACCUM, Some(ds.clone())),
+                    args(dir.path(), ACCUM, ds.clone()),
                     collator(),
                     dataset(),
                     None,
@@ -357,7 +337,9 @@ fn bad_configs_fail_before_training() {
         .to_string()
     };
     let m = err(
-        json!({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}),
+        Some(
+            json!({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}),
+        ),
         2,
     );
     assert!(
@@ -365,36 +347,20 @@ fn bad_configs_fail_before_training() {
         "{m}"
     );
     let mut c = ds_config(5, false);
-    let m = err(c.clone(), 1);
+    let m = err(Some(c.clone()), 1);
     assert!(
         m.contains("zero_optimization.stage: expected 0, 1, 2 or 3, got 5"),
         "{m}"
     );
     c["zero_optimization"] = json!({"stage": 2, "offload_optimizer": {"device": "nvme"}});
-    let m = err(c.clone(), 1);
+    let m = err(Some(c.clone()), 1);
     assert!(m.contains("nvme") && m.contains("not supported"), "{m}");
     c["zero_optimization"] = json!({"stage": 2});
     c["fp16"] = json!({"enabled": true});
-    let m = err(c, 1);
+    let m = err(Some(c), 1);
     assert!(m.contains("fp16.enabled"), "{m}");
     // Several ranks without a DeepSpeed config.
-    let m = run_ranks(
-        2,
-        |_, comm: Arc<dyn Communicator>| -> Result<(), TrainError> {
-            Trainer::new_distributed(
-                model(),
-                args(dir.path(), ACCUM, None),
-                collator(),
-                dataset(),
-                None,
-                None,
-                comm,
-            )?;
-            Ok(())
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let m = err(None, 2);
     assert!(m.contains("need a DeepSpeed config"), "{m}");
 }
 

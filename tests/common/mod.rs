@@ -156,3 +156,34 @@ pub fn logits_diff_with_transformers(model_dir: &Path) -> f32 {
     let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(py["logits"].clone()).unwrap();
     max_diff(&ours, &theirs, None)
 }
+
+/// The tiny GPT-2 fixture (2 layers, 16 wide, vocab 64, dropout 0.1) made by
+/// `make_tiny_gpt2.py`.
+pub fn tiny_gpt2() -> companion::GPT2LMHeadModel {
+    companion::GPT2LMHeadModel::from_pretrained(
+        fixture("tiny_gpt2").to_str().unwrap(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// `DataCollatorForLanguageModeling(mlm=False)` padding right with id 0.
+pub fn collator() -> companion::data::DataCollatorForLanguageModeling {
+    companion::data::DataCollatorForLanguageModeling {
+        pad_token_id: Some(0),
+        mlm: false,
+        pad_to_multiple_of: None,
+        padding_side: companion::tokenizer::PaddingSide::Right,
+    }
+}
+
+/// A dataset of token rows (4 text bytes per token, for bits per byte).
+pub fn dataset_of(rows: Vec<Vec<u32>>) -> companion::data::Dataset {
+    let tokens = rows.iter().map(Vec::len).sum();
+    companion::data::Dataset {
+        input_ids: rows,
+        text_bytes: tokens * 4,
+        text_tokens: tokens,
+    }
+}
