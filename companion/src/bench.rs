@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Optimizer;
 use rand::Rng;
 use serde_json::{json, Value};
 
@@ -85,46 +84,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Forward + backward + AdamW step, timed per step (median after a warm-up).
-pub fn train(shape: &Shape, steps: usize) -> Result<Value> {
+/// Forward + backward + AdamW step as the Trainer runs it (the ZeRO
+/// engine, stage 0 on one rank), timed per step (median after a warm-up).
+/// `autograd` runs candle's autograd instead of the fused CPU kernels.
+pub fn train(
+    shape: &Shape,
+    steps: usize,
+    autograd: bool,
+) -> std::result::Result<Value, crate::train::TrainError> {
+    use crate::dist::comm::SingleRank;
+    use crate::dist::zero::{AdamWParams, ZeroEngine};
     let cfg = &shape.config;
     let mut model = GPT2LMHeadModel::new(cfg, 0, &Device::Cpu)?;
     model.set_training(true);
-    let vars: Vec<_> = model
-        .named_parameters()
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect();
-    let mut opt = candle_nn::AdamW::new(
-        vars,
-        candle_nn::ParamsAdamW {
-            lr: 1e-4,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
+    let adam = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut engine = ZeroEngine::new(
+        &model,
+        0,
+        false,
+        false,
+        adam,
+        std::sync::Arc::new(SingleRank),
     )?;
+    engine.fused_kernels = !autograd;
     let ids = Tensor::new(
         random_ids(shape.batch, shape.seq, cfg.vocab_size, 1),
         &Device::Cpu,
     )?;
     let labels = ids.to_dtype(DType::I64)?;
-    let (mut times, mut fwd, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
+    let n_items = (shape.batch * (shape.seq - 1)) as f64;
+    let (mut times, mut fwd_bwd) = (Vec::new(), Vec::new());
     for step in 0..steps + 1 {
         let t = Instant::now();
-        let out = model.forward_with_labels(&ids, None, &labels)?;
-        let loss = out.loss.expect("labels given");
-        let t_fwd = t.elapsed().as_secs_f64();
-        let grads = loss.backward()?;
-        let t_bwd = t.elapsed().as_secs_f64();
-        opt.step(&grads)?;
+        engine.micro_step(&model, &ids, &labels, None, n_items)?;
+        let t_fb = t.elapsed().as_secs_f64();
+        engine.step(&model, 1e-4, 1.0)?;
         if step > 0 {
             times.push(t.elapsed().as_secs_f64());
-            fwd.push(t_fwd);
-            bwd.push(t_bwd - t_fwd);
+            fwd_bwd.push(t_fb);
         }
     }
     let step_s = median(times);
-    let (fwd_s, bwd_s) = (median(fwd), median(bwd));
+    let fb_s = median(fwd_bwd);
     let tokens = (shape.batch * shape.seq) as f64;
     let n = cfg.num_parameters() as f64;
     // 6N per token plus attention's 12·L·T·C (PaLM appendix B).
@@ -132,7 +138,7 @@ pub fn train(shape: &Shape, steps: usize) -> Result<Value> {
     let achieved = flops_per_token * tokens / step_s / 1e9;
     let peak = gemm_gflops(1024)?;
     Ok(json!({
-        "implementation": "companion (candle)",
+        "implementation": if autograd { "companion (candle autograd)" } else { "companion (fused CPU kernels)" },
         "bench": "train",
         "shape": shape.name,
         "batch": shape.batch,
@@ -140,9 +146,8 @@ pub fn train(shape: &Shape, steps: usize) -> Result<Value> {
         "parameters": cfg.num_parameters(),
         "threads": rayon::current_num_threads(),
         "step_seconds": step_s,
-        "forward_seconds": fwd_s,
-        "backward_seconds": bwd_s,
-        "optimizer_seconds": step_s - fwd_s - bwd_s,
+        "forward_backward_seconds": fb_s,
+        "optimizer_seconds": step_s - fb_s,
         "tokens_per_second": tokens / step_s,
         "model_gflops": achieved,
         "gemm_peak_gflops": peak,

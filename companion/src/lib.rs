@@ -9,6 +9,7 @@ pub mod dist;
 pub mod generate;
 pub mod hub;
 pub mod io;
+pub mod kernels;
 pub mod sentencepiece;
 pub mod tokenizer;
 pub mod train;

@@ -226,6 +226,9 @@ struct BenchModelCmd {
     /// Timed steps (train) or new tokens (generate).
     #[arg(long)]
     steps: Option<usize>,
+    /// train: candle's autograd instead of the fused CPU kernels, to compare.
+    #[arg(long)]
+    autograd: bool,
     #[arg(long)]
     json: bool,
 }
@@ -545,7 +548,7 @@ fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
     let shape = companion::bench::shape(&c.shape)
         .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
     let v = if train {
-        companion::bench::train(&shape, c.steps.unwrap_or(5))?
+        companion::bench::train(&shape, c.steps.unwrap_or(5), c.autograd)?
     } else {
         companion::bench::generate(&shape, c.steps.unwrap_or(128))?
     };
