@@ -361,10 +361,17 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
         "checkpoint-2/optimizer.safetensors",
         "checkpoint-3/trainer_state.json",
         "loss.svg",
+        "loss.png",
         "tokenizer/tokenizer.json",
     ] {
         assert!(out.join(f).exists(), "{f}");
     }
+    // A real 640×420 PNG (signature, then the IHDR chunk's width and height).
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 640);
+    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 420);
     for f in [
         "config.json",
         "model.safetensors",

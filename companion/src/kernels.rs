@@ -64,6 +64,13 @@ struct SharedMut(*mut f32);
 // SAFETY: every task writes a region no other task touches (one attention
 // head of one sequence), and the buffer outlives the parallel loop.
 unsafe impl Send for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `SharedMut`).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 unsafe impl Sync for SharedMut {}
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
@@ -224,10 +231,12 @@ macro_rules! vectorised {
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
@@ -1106,6 +1115,382 @@ impl Workspace {
         }
         Ok(loss)
     }
+}
+
+// ------------------------------------------------------------- inference
+
+/// Keys and values of earlier positions for [`forward_cached`]: per layer
+/// `[B, H, capacity, head_dim]`, so each head's keys are contiguous; the
+/// capacity doubles when full, so a token costs the same at any position.
+#[derive(Clone, Default)]
+pub struct KvBuffers {
+    rows: usize,
+    len: usize,
+    cap: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl KvBuffers {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Room for `total` positions of `rows` sequences, keeping what is held.
+    fn reserve(&mut self, rows: usize, total: usize, n_layer: usize, h: usize, hd: usize) {
+        if total <= self.cap {
+            return;
+        }
+        let cap = total.max(2 * self.cap).max(64);
+        let grow = |old: &[f32]| {
+            let mut new = vec![0f32; rows * h * cap * hd];
+            for bh in 0..rows * h {
+                let n = self.len * hd;
+                new[bh * cap * hd..bh * cap * hd + n]
+                    .copy_from_slice(&old[bh * self.cap * hd..bh * self.cap * hd + n]);
+            }
+            new
+        };
+        self.k = (0..n_layer)
+            .map(|l| grow(self.k.get(l).map_or(&[][..], |v| v)))
+            .collect();
+        self.v = (0..n_layer)
+            .map(|l| grow(self.v.get(l).map_or(&[][..], |v| v)))
+            .collect();
+        self.rows = rows;
+        self.cap = cap;
+    }
+}
+
+/// Run `f` on blocks `0..n`: on all threads when the work (multiply-adds)
+/// is large, on this thread when waking the others would cost more than
+/// it saves (one token through a small model).
+fn for_blocks(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
+    if work >= 1 << 12 {
+        (0..n).into_par_iter().for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
+/// `y[m×n] = x[m×k] · w[k×n] + bias`: the matrix multiply for large `m`
+/// (a prompt), and for a few rows (one new token each) a loop that streams
+/// `w` once, split over column blocks, since then reading the weights is
+/// all the work.
+fn linear(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+    if m > 4 {
+        fill_bias(y, bias);
+        matmul(y, (x, k, 1), (w, n, 1), m, n, k, true);
+        return;
+    }
+    const NB: usize = 128;
+    let out = SharedMut(y.as_mut_ptr());
+    assert!(y.len() >= m * n && x.len() >= m * k && w.len() >= k * n);
+    for_blocks(n.div_ceil(NB), m * k * n, |blk| {
+        let (c0, c1) = (blk * NB, ((blk + 1) * NB).min(n));
+        let mut acc = [0f32; 4 * NB];
+        for r in 0..m {
+            acc[r * NB..r * NB + c1 - c0].copy_from_slice(&bias[c0..c1]);
+        }
+        rows_times_block(&mut acc, x, w, m, k, n, c0, c1);
+        for r in 0..m {
+            // SAFETY: columns c0..c1 of each row belong to this task alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r * n + c0), c1 - c0) };
+            dst.copy_from_slice(&acc[r * NB..r * NB + c1 - c0]);
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rows_times_block_body(
+    acc: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    c1: usize,
+) {
+    const NB: usize = 128;
+    let width = c1 - c0;
+    // Four rows of `w` per pass: four multiply-adds per load and store of
+    // the accumulators.
+    let k4 = k - k % 4;
+    for kk in (0..k4).step_by(4) {
+        let row = |i: usize| &w[(kk + i) * n + c0..(kk + i) * n + c1];
+        let (w0, w1, w2, w3) = (row(0), row(1), row(2), row(3));
+        for r in 0..m {
+            let xa = &x[r * k + kk..r * k + kk + 4];
+            let dst = &mut acc[r * NB..r * NB + width];
+            for j in 0..width {
+                dst[j] += xa[0] * w0[j] + xa[1] * w1[j] + xa[2] * w2[j] + xa[3] * w3[j];
+            }
+        }
+    }
+    for kk in k4..k {
+        let wr = &w[kk * n + c0..kk * n + c1];
+        for r in 0..m {
+            let a = x[r * k + kk];
+            let dst = &mut acc[r * NB..r * NB + width];
+            for (d, &wv) in dst.iter_mut().zip(wr) {
+                *d += a * wv;
+            }
+        }
+    }
+}
+
+vectorised! {
+    /// `acc[r][..] += Σ_k x[r][k] · w[k][c0..c1]` for the `m` rows.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_times_block(acc: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize, c1: usize) = rows_times_block_body
+}
+
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    // Sixteen running sums, so the loop vectorises (a single float sum
+    // must keep its order and cannot).
+    let mut s = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            s[i] += x[i] * y[i];
+        }
+    }
+    let mut t: f32 = s.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        t += x * y;
+    }
+    t
+}
+
+vectorised! {
+    /// `Σ a·b`.
+    fn dot(a: &[f32], b: &[f32]) -> f32 = dot_body
+}
+
+#[inline(always)]
+fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+vectorised! {
+    /// `y += a·x`.
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) = axpy_body
+}
+
+/// The logits `[m, V]` of `x` `[m, C]` through the tied head `wte` `[V, C]`:
+/// a matrix multiply for many rows, dot products over vocabulary blocks
+/// for a few.
+fn lm_head(logits: &mut [f32], x: &[f32], wte: &[f32], m: usize, c: usize, v: usize) {
+    if m > 4 {
+        matmul(logits, (x, c, 1), (wte, 1, c), m, v, c, false);
+        return;
+    }
+    const VB: usize = 512;
+    let out = SharedMut(logits.as_mut_ptr());
+    assert!(logits.len() >= m * v && wte.len() >= v * c);
+    for_blocks(v.div_ceil(VB), m * v * c, |blk| {
+        for tok in blk * VB..((blk + 1) * VB).min(v) {
+            let row = &wte[tok * c..(tok + 1) * c];
+            for r in 0..m {
+                let d = dot(&x[r * c..(r + 1) * c], row);
+                // SAFETY: logit (r, tok) is written by this task only.
+                unsafe { *out.ptr().add(r * v + tok) = d };
+            }
+        }
+    });
+}
+
+/// Inference with a cache, as [`GPT2LMHeadModel::forward`] with a
+/// `KvCache` computes it (the same masking and positions): `ids` are the new
+/// tokens `[B][t]`, `mask` covers past and new positions. Returns the
+/// logits `[B·t, V]`. fp32 on the CPU (see [`supported`]), eval mode.
+pub fn forward_cached(
+    model: &GPT2LMHeadModel,
+    ids: &[Vec<u32>],
+    mask: Option<&[Vec<u32>]>,
+    cache: &mut KvBuffers,
+) -> Result<Vec<f32>> {
+    let cfg = &model.config;
+    let (c, h, v, nl) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer);
+    let f = cfg.n_inner.unwrap_or(4 * c);
+    let hd = c / h;
+    let b = ids.len();
+    let t = ids.first().map_or(0, |r| r.len());
+    if b == 0 || t == 0 || ids.iter().any(|r| r.len() != t) {
+        return Err(ModelError::Input(
+            "input_ids must be a non-empty [B, T] batch".into(),
+        ));
+    }
+    if !cache.is_empty() && cache.rows != b {
+        return Err(ModelError::Input(format!(
+            "the cache holds {} sequences, the input has {b}",
+            cache.rows
+        )));
+    }
+    if let Some(&max) = ids.iter().flatten().max() {
+        if max as usize >= v {
+            return Err(ModelError::Input(format!(
+                "token id {max} is outside the vocabulary (vocab_size = {v}); was the text                  encoded with another tokenizer?"
+            )));
+        }
+    }
+    let past = cache.len;
+    let total = past + t;
+    cache.reserve(b, total, nl, h, hd);
+    let cap = cache.cap;
+    let eps = cfg.layer_norm_epsilon as f32;
+    let pos = positions(b, t, past, mask);
+    let idx = Index::new(
+        &model
+            .named_parameters()
+            .into_iter()
+            .map(|p| p.0)
+            .collect::<Vec<_>>(),
+        nl,
+    )?;
+    with_params(model, |w| {
+        let bt = b * t;
+        let mut x = vec![0f32; bt * c];
+        for (r, row) in x.chunks_mut(c).enumerate() {
+            let (tok, p) = (ids[r / t][r % t] as usize, pos[r] as usize);
+            let (te, pe) = (
+                &w[idx.wte][tok * c..(tok + 1) * c],
+                &w[idx.wpe][p * c..(p + 1) * c],
+            );
+            row.iter_mut()
+                .zip(te.iter().zip(pe))
+                .for_each(|(x, (a, b))| *x = a + b);
+        }
+        let (mut hbuf, mut mean, mut rstd) = (vec![0f32; bt * c], vec![0f32; bt], vec![0f32; bt]);
+        let mut qkv = vec![0f32; bt * 3 * c];
+        let mut atty = vec![0f32; bt * c];
+        let mut o = vec![0f32; bt * c];
+        let (mut fc, mut fc_act) = (vec![0f32; bt * f], vec![0f32; bt * f]);
+        for l in 0..nl {
+            let bi = &idx.blocks[l];
+            layer_norm(
+                &x,
+                w[bi.ln1.0],
+                w[bi.ln1.1],
+                eps,
+                &mut hbuf,
+                &mut mean,
+                &mut rstd,
+            );
+            linear(&mut qkv, &hbuf, w[bi.attn.0], w[bi.attn.1], bt, c, 3 * c);
+            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
+            for r in 0..bt {
+                let (bb, i) = (r / t, r % t);
+                for hh in 0..h {
+                    let at = ((bb * h + hh) * cap + past + i) * hd;
+                    let src = r * 3 * c + hh * hd;
+                    kc[at..at + hd].copy_from_slice(&qkv[src + c..src + c + hd]);
+                    vc[at..at + hd].copy_from_slice(&qkv[src + 2 * c..src + 2 * c + hd]);
+                }
+            }
+            let mut scale = 1.0f64;
+            if cfg.scale_attn_weights {
+                scale /= (hd as f64).sqrt();
+            }
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (l + 1) as f64;
+            }
+            let scale = scale as f32;
+            let (kc, vc) = (&cache.k[l], &cache.v[l]);
+            let out = SharedMut(atty.as_mut_ptr());
+            let qkv = &qkv;
+            for_blocks(b * h, b * h * t * total * hd, |bh| {
+                let (bb, hh) = (bh / h, bh % h);
+                let keys = &kc[bh * cap * hd..(bh * cap + total) * hd];
+                let vals = &vc[bh * cap * hd..(bh * cap + total) * hd];
+                let mut p = vec![0f32; total];
+                let mut y = vec![0f32; hd];
+                for i in 0..t {
+                    let q = &qkv[(bb * t + i) * 3 * c + hh * hd..][..hd];
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        let allowed = j <= past + i && mask.is_none_or(|mk| mk[bb][j] == 1);
+                        *pj = if allowed {
+                            dot(q, &keys[j * hd..(j + 1) * hd]) * scale
+                        } else {
+                            MASKED
+                        };
+                        m = m.max(*pj);
+                    }
+                    let inv = 1.0 / exp_shifted(&mut p, m);
+                    y.fill(0.0);
+                    for (j, &pj) in p.iter().enumerate() {
+                        if pj != 0.0 {
+                            axpy(&mut y, pj * inv, &vals[j * hd..(j + 1) * hd]);
+                        }
+                    }
+                    // SAFETY: head hh of row (bb, i) is written by this task only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.ptr().add((bb * t + i) * c + hh * hd),
+                            hd,
+                        )
+                    };
+                    dst.copy_from_slice(&y);
+                }
+            });
+            linear(
+                &mut o,
+                &atty,
+                w[bi.attn_proj.0],
+                w[bi.attn_proj.1],
+                bt,
+                c,
+                c,
+            );
+            add_dropped(&mut x, &o, None);
+            layer_norm(
+                &x,
+                w[bi.ln2.0],
+                w[bi.ln2.1],
+                eps,
+                &mut hbuf,
+                &mut mean,
+                &mut rstd,
+            );
+            linear(&mut fc, &hbuf, w[bi.fc.0], w[bi.fc.1], bt, c, f);
+            gelu(&fc, &mut fc_act);
+            linear(
+                &mut o,
+                &fc_act,
+                w[bi.mlp_proj.0],
+                w[bi.mlp_proj.1],
+                bt,
+                f,
+                c,
+            );
+            add_dropped(&mut x, &o, None);
+        }
+        layer_norm(
+            &x,
+            w[idx.lnf.0],
+            w[idx.lnf.1],
+            eps,
+            &mut hbuf,
+            &mut mean,
+            &mut rstd,
+        );
+        let mut logits = vec![0f32; bt * v];
+        lm_head(&mut logits, &hbuf, w[idx.wte], bt, c, v);
+        cache.len = total;
+        Ok(logits)
+    })
 }
 
 /// Two disjoint mutable ranges of one buffer.

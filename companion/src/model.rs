@@ -232,6 +232,11 @@ impl Conv1D {
 #[derive(Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// The fused CPU kernels' cache (fp32 CPU models in eval mode).
+    fused: Option<crate::kernels::KvBuffers>,
+    /// Keep to candle's ops even where the fused kernels apply (tests
+    /// compare the two).
+    pub autograd_path: bool,
 }
 
 #[derive(Clone)]
@@ -279,11 +284,16 @@ impl KvCache {
     pub fn new(n_layer: usize) -> Self {
         KvCache {
             layers: vec![None; n_layer],
+            fused: None,
+            autograd_path: false,
         }
     }
 
     /// How many positions the cache holds.
     pub fn len(&self) -> usize {
+        if let Some(f) = &self.fused {
+            return f.len();
+        }
         self.layers
             .first()
             .and_then(|l| l.as_ref())
@@ -819,6 +829,31 @@ impl GPT2LMHeadModel {
                 )));
             }
         }
+        if let Some(c) = cache.as_deref_mut() {
+            // Inference with a cache on the CPU (generate): the fused kernels.
+            let fresh = c.is_empty() && c.layers.iter().all(Option::is_none);
+            if !self.training
+                && !c.autograd_path
+                && crate::kernels::supported(self)
+                && (fresh || c.fused.is_some())
+            {
+                let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
+                let fused = c.fused.get_or_insert_with(Default::default);
+                let logits = crate::kernels::forward_cached(self, &ids, attention_mask, fused)?;
+                return Ok(Tensor::from_vec(
+                    logits,
+                    (b, t, self.config.vocab_size),
+                    &self.device,
+                )?);
+            }
+            if c.fused.is_some() {
+                return Err(ModelError::Input(
+                    "this KvCache was filled by the fused CPU kernels; continue in eval mode \
+                     with the same fp32 CPU model, or start a new cache"
+                        .into(),
+                ));
+            }
+        }
         let pos = positions(b, t, past, attention_mask);
         let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
         let mut x = self.embed(&self.wte, &self.wpe, input_ids, &pos)?;
@@ -1063,10 +1098,18 @@ mod tests {
 
     #[test]
     fn kv_cache_matches_full_forward() {
+        // The fused kernels' cache, and candle's.
+        for autograd_path in [false, true] {
+            let mut cache = KvCache::new(2);
+            cache.autograd_path = autograd_path;
+            cached_equals_full(cache);
+        }
+    }
+
+    fn cached_equals_full(mut cache: KvCache) {
         let m = GPT2LMHeadModel::new(&tiny(), 1, &Device::Cpu).unwrap();
         let ids = Tensor::new(&[[1u32, 5, 7, 9, 2, 8]], &Device::Cpu).unwrap();
         let full = m.forward(&ids, None, None).unwrap();
-        let mut cache = KvCache::new(2);
         let a = m
             .forward(&ids.narrow(1, 0, 4).unwrap(), None, Some(&mut cache))
             .unwrap();

@@ -1,11 +1,25 @@
-//! The loss and learning-rate curves of a training run as SVG (plotters),
-//! written beside the checkpoints and shown inline in the notebooks.
+//! The loss and learning-rate curves of a training run as SVG and PNG
+//! (plotters), written beside the checkpoints and shown inline in the
+//! notebooks. Text is drawn with a small font shipped in the crate
+//! (`assets/plot-sans.ttf`, DejaVu Sans cut to ASCII), so a PNG renders the
+//! same on a machine without system fonts.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 
 use crate::train::TrainerState;
+
+/// Make the shipped font plotters' "sans-serif" (once per process).
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let font = include_bytes!("../assets/plot-sans.ttf");
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, font).is_err() {
+            panic!("the shipped font assets/plot-sans.ttf does not parse");
+        }
+    });
+}
 
 fn series(state: &TrainerState, key: &str) -> Vec<(f64, f64)> {
     state
@@ -42,7 +56,8 @@ where
     let mut c = ChartBuilder::on(&top)
         .caption("loss", ("sans-serif", 16))
         .margin(8)
-        .x_label_area_size(24)
+        .margin_right(24)
+        .x_label_area_size(34)
         .y_label_area_size(48)
         .build_cartesian_2d(0f64..max_step, lo..hi)
         .map_err(|e| e.to_string())?;
@@ -66,7 +81,8 @@ where
     let mut c = ChartBuilder::on(&bottom)
         .caption("learning rate", ("sans-serif", 16))
         .margin(8)
-        .x_label_area_size(24)
+        .margin_right(24)
+        .x_label_area_size(34)
         .y_label_area_size(48)
         .build_cartesian_2d(0f64..max_step, 0f64..lr_hi)
         .map_err(|e| e.to_string())?;
@@ -81,17 +97,34 @@ where
 
 /// The curves as an SVG document.
 pub fn loss_plot_svg(state: &TrainerState) -> Result<String, String> {
+    register_font();
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (640, 420)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         draw(root, state)?;
     }
     Ok(svg)
 }
 
-/// Write `loss.svg` into `dir` (atomically).
+/// Size of the plots in pixels.
+const SIZE: (u32, u32) = (640, 420);
+
+/// Write the curves as a PNG file at `path`.
+pub fn loss_plot_png(state: &TrainerState, path: &Path) -> Result<(), String> {
+    register_font();
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    draw(root, state)
+}
+
+/// Write `loss.svg` and `loss.png` into `dir`, each atomically (a finished
+/// file is renamed over the old one).
 pub fn save_loss_plot(state: &TrainerState, dir: &Path) -> Result<(), String> {
     let svg = loss_plot_svg(state)?;
     crate::io::write_file_atomically(&dir.join("loss.svg"), svg.as_bytes())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    // The encoder picks the format from the extension, so the partial file
+    // ends in .png too.
+    let partial = dir.join(".loss.partial.png");
+    loss_plot_png(state, &partial)?;
+    std::fs::rename(&partial, dir.join("loss.png")).map_err(|e| format!("{}: {e}", dir.display()))
 }

@@ -122,7 +122,7 @@ impl Default for PretrainOptions {
 pub fn default_training_args() -> TrainingArguments {
     TrainingArguments {
         output_dir: "output".into(),
-        max_steps: 100,
+        max_steps: 500,
         per_device_train_batch_size: 8,
         per_device_eval_batch_size: 8,
         learning_rate: 3e-3,
@@ -379,7 +379,7 @@ fn train_and_save(
         })?;
     if let Err(e) = crate::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir))
     {
-        eprintln!("warning: could not draw loss.svg: {e}");
+        eprintln!("warning: could not draw the loss plot: {e}");
     }
     let gen = GenerationConfig {
         max_new_tokens: Some(opts.max_new_tokens),
