@@ -713,7 +713,7 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
         ),
         (
             vec!["--deepspeed", z2.to_str().unwrap(), "--backend", "nccl"],
-            "--backend nccl: this build has no nccl backend",
+            "--backend nccl needs a build with the nccl feature",
         ),
         (
             vec![

@@ -641,12 +641,8 @@ fn pretrain_cmd(rest: &[String]) -> Result<()> {
             "--backend" => match need(f, v)?.as_str() {
                 "threads" => opts.backend = companion::pretrain::Backend::Threads,
                 "mpi" => opts.backend = companion::pretrain::Backend::Mpi,
-                "nccl" => anyhow::bail!(
-                    "--backend nccl: this build has no nccl backend (ranks in one process: \
-                     --num-ranks N on CPUs, --num-gpus N on one machine's GPUs; several \
-                     processes: --backend mpi)"
-                ),
-                other => anyhow::bail!("--backend {other}: expected `threads` or `mpi`"),
+                "nccl" => opts.backend = companion::pretrain::Backend::Nccl,
+                other => anyhow::bail!("--backend {other}: expected `threads`, `mpi` or `nccl`"),
             },
             _ => args.set(f, v.as_deref())?,
         }

@@ -52,6 +52,9 @@ pub enum Backend {
     Threads,
     /// Ranks are the processes of `mpirun -np N` (the `mpi` feature).
     Mpi,
+    /// Ranks are threads of this process, one per GPU, exchanging through
+    /// NCCL (`--num-gpus N`, the `nccl` feature).
+    Nccl,
 }
 
 /// The device of each in-process rank.
@@ -210,6 +213,7 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     // Under MPI every process runs this; rank 0 trains the tokenizer and
     // tokenizes the corpus (filling the cache) while the others wait.
     let mpi = mpi_rank(opts)?;
+    check_nccl(opts)?;
     let rank0 = mpi.as_ref().is_none_or(|c| c.rank() == 0);
     if !rank0 {
         mpi.as_ref().expect("mpi").barrier()?;
@@ -295,8 +299,57 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     if world == 1 {
         return Ok(job(Arc::new(SingleRank))?.expect("rank 0 reports"));
     }
+    if opts.backend == Backend::Nccl {
+        return nccl_ranks(opts, world, &job);
+    }
     let mut out = run_ranks(world, |_, comm| job(comm))?;
     Ok(out.remove(0).expect("rank 0 reports"))
+}
+
+/// `--backend nccl` needs GPU ranks and a build that has NCCL; say so
+/// before any work.
+fn check_nccl(opts: &PretrainOptions) -> Result<(), PretrainError> {
+    if opts.backend != Backend::Nccl {
+        return Ok(());
+    }
+    if !cfg!(feature = "nccl") {
+        return Err(crate::train::TrainError::Args(
+            "--backend nccl needs a build with the nccl feature \
+             (`cargo build --release --features nccl`, CUDA toolkit and libnccl installed); \
+             without it, --num-gpus ranks exchange through host memory (--backend threads)"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `world` GPU ranks in this process, joined through NCCL.
+fn nccl_ranks(
+    opts: &PretrainOptions,
+    world: usize,
+    job: &(dyn Fn(Arc<dyn Communicator>) -> Result<Option<Value>, PretrainError> + Sync),
+) -> Result<Value, PretrainError> {
+    #[cfg(feature = "nccl")]
+    {
+        use crate::dist::comm::nccl_backend::{new_id, NcclRank};
+        use crate::dist::comm::{run_ranks_with, CommError};
+        let id = new_id()?;
+        let make = |r: usize| -> Result<Arc<dyn Communicator>, CommError> {
+            let dev = opts
+                .rank_device
+                .device(r)
+                .map_err(|e| CommError::Transport(e.to_string()))?;
+            Ok(Arc::new(NcclRank::new(&dev, r, world, id)?))
+        };
+        let mut out = run_ranks_with(world, make, |_| {}, |_, comm| job(comm))?;
+        Ok(out.remove(0).expect("rank 0 reports"))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = (opts, world, job);
+        unreachable!("check_nccl refuses --backend nccl without the feature")
+    }
 }
 
 /// This process's MPI rank when `--backend mpi` asked for one.
