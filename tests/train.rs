@@ -383,6 +383,47 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
     // The saved model folder loads in Python transformers with our logits.
     let d = logits_diff_with_transformers(&model);
     assert!(d < 1e-4, "{d}");
+    // `companion eval` on the saved folder reproduces the held-out figures
+    // pretrain reported after training (same blocks, same weights).
+    let e = companion(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            valid.to_str().unwrap(),
+            "--max-samples",
+            "4",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(e.status.success(), "{}", stderr(&e));
+    let ev: Value = serde_json::from_str(&stdout(&e)).unwrap();
+    for k in ["eval_loss", "bits_per_byte"] {
+        let (got, want) = (ev[k].as_f64().unwrap(), v["after"][k].as_f64().unwrap());
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "{k}: eval {got}, pretrain {want}"
+        );
+    }
+    assert_eq!(ev["blocks"], 4);
+    let missing = companion(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "no/such.jsonl",
+        ],
+        &[],
+    );
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("no/such.jsonl"),
+        "{}",
+        stderr(&missing)
+    );
     // A second run reuses the tokenizer and the tokenized cache, and bad flags fail.
     let bad = companion(&["pretrain", "--no-such-flag", "1"], &[]);
     assert!(!bad.status.success());

@@ -48,6 +48,9 @@ enum Command {
     Config(ConfigCmd),
     /// Generate text with a model folder or hub id (4.3.5).
     Generate(GenerateCmd),
+    /// Held-out loss, perplexity and bits per byte of a model on a corpus
+    /// (`trainer.evaluate()` on a file), packed as `pretrain` packs it.
+    Eval(EvalCmd),
     /// Model-state memory per GPU and per CPU for ZeRO-2/3 with and without
     /// offload, as DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` print it.
     ZeroEstimate(ZeroEstimateCmd),
@@ -174,6 +177,29 @@ struct GenerateCmd {
 }
 
 #[derive(Args)]
+struct EvalCmd {
+    /// A model folder (config.json, model.safetensors, tokenizer files) or hub id.
+    #[arg(long)]
+    model: String,
+    /// Text, JSONL or Parquet file (or `hf://datasets/OWNER/NAME/PATH`).
+    #[arg(long)]
+    data: String,
+    /// The JSONL/Parquet field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Tokens per block (run_clm's `group_texts`); default the model's n_positions.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Evaluate only the first N blocks.
+    #[arg(long)]
+    max_samples: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct ZeroEstimateCmd {
     /// A preset (`gpt2`, `gpt2-xl`, …), model folder or hub id (only its config is read).
     #[arg(long, default_value = "gpt2")]
@@ -271,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ZeroEstimate(c) => zero_estimate_cmd(c),
         Command::Pretrain { rest } => pretrain_cmd(&rest),
         Command::Generate(c) => generate_cmd(c),
+        Command::Eval(c) => eval_cmd(c),
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
         Command::Bench(BenchCmd::Train(c)) => bench_model(c, true),
         Command::Bench(BenchCmd::Generate(c)) => bench_model(c, false),
@@ -444,6 +471,72 @@ fn config_cmd(c: ConfigCmd) -> Result<()> {
             );
         }
         eprintln!("parameters: {}", cfg.num_parameters());
+    }
+    Ok(())
+}
+
+fn eval_cmd(c: EvalCmd) -> Result<()> {
+    use companion::data::{DataCollatorForLanguageModeling, Packing};
+    let device = candle_core::Device::Cpu;
+    let model =
+        companion::GPT2LMHeadModel::from_pretrained(&c.model, candle_core::DType::F32, &device)
+            .with_context(|| format!("loading the model `{}`", c.model))?;
+    let mut tok = AutoTokenizer::from_pretrained(&c.model)
+        .with_context(|| format!("loading the tokenizer of `{}`", c.model))?;
+    if tok.pad_token_id().is_none() {
+        if let Some(eos) = tok.eos_token().map(str::to_string) {
+            tok.set_special_token(companion::tokenizer::SpecialRole::Pad, &eos)?;
+        }
+    }
+    let block_size = c.block_size.unwrap_or(model.config.n_positions);
+    if block_size == 0 || block_size > model.config.n_positions {
+        anyhow::bail!(
+            "--block-size {block_size}: expected 1..={} (the model's n_positions)",
+            model.config.n_positions
+        );
+    }
+    let path = companion::corpus::resolve(&c.data)?;
+    let mut ds = companion::data::load_tokenized(
+        &path,
+        &c.text_field,
+        &tok,
+        Packing::Group { block_size },
+        tok.eos_token_id(),
+    )?;
+    if let Some(n) = c.max_samples {
+        ds.input_ids.truncate(n);
+    }
+    if ds.is_empty() {
+        anyhow::bail!(
+            "{}: no block of {block_size} tokens to evaluate (the text is shorter; try a smaller --block-size)",
+            path.display()
+        );
+    }
+    let collator = DataCollatorForLanguageModeling::new(&tok, false);
+    let m = companion::train::evaluate_model(&model, &ds, &collator, c.batch_size)?;
+    if c.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": c.model,
+                "data": path.display().to_string(),
+                "block_size": block_size,
+                "blocks": ds.len(),
+                "eval_loss": m.eval_loss,
+                "perplexity": m.perplexity,
+                "bits_per_byte": m.bits_per_byte,
+                "tokens": m.tokens,
+            })
+        );
+    } else {
+        println!(
+            "eval_loss {:.4}, perplexity {:.2}, bits/byte {:.3} over {} tokens ({} blocks of {block_size})",
+            m.eval_loss,
+            m.perplexity,
+            m.bits_per_byte,
+            m.tokens,
+            ds.len()
+        );
     }
     Ok(())
 }

@@ -370,6 +370,51 @@ pub struct EvalMetrics {
     pub tokens: usize,
 }
 
+impl EvalMetrics {
+    /// From a loss summed over `count` label tokens of a dataset with
+    /// `bytes_per_token` bytes of text per token.
+    pub fn from_sum(sum: f64, count: usize, bytes_per_token: f64) -> Self {
+        let loss = sum / count.max(1) as f64;
+        EvalMetrics {
+            eval_loss: loss,
+            perplexity: loss.exp(),
+            bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
+            tokens: count,
+        }
+    }
+}
+
+/// Held-out loss of `model` on `ds` in one process, batches of `batch_size`
+/// (what `companion eval` runs; the Trainer's own evaluation also handles
+/// ranks and ZeRO-3).
+pub fn evaluate_model(
+    model: &GPT2LMHeadModel,
+    ds: &Dataset,
+    collator: &DataCollatorForLanguageModeling,
+    batch_size: usize,
+) -> Result<EvalMetrics> {
+    if batch_size == 0 {
+        return Err(TrainError::Args(
+            "the evaluation batch size must be at least 1".into(),
+        ));
+    }
+    let model = model.for_inference();
+    let dev = model.device().clone();
+    let (mut sum, mut count) = (0f64, 0usize);
+    for rows in ds.input_ids.chunks(batch_size) {
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let b = collator.collate(&refs)?;
+        let ids = Tensor::new(b.input_ids.clone(), &dev)?;
+        let labels = Tensor::new(b.labels.clone(), &dev)?;
+        let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
+        let logits = model.forward(&ids, mask, None)?;
+        let (s, n) = causal_lm_loss_sum(&logits, &labels)?;
+        sum += s.to_scalar::<f32>()? as f64;
+        count += n;
+    }
+    Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
+}
+
 fn num(x: f64) -> Value {
     json!(x)
 }
@@ -636,13 +681,7 @@ impl Trainer {
         let sum = reduce(sum)?;
         let count = reduce(count as f64)? as usize;
         self.model.set_training(was);
-        let loss = sum / count.max(1) as f64;
-        Ok(EvalMetrics {
-            eval_loss: loss,
-            perplexity: loss.exp(),
-            bits_per_byte: loss / std::f64::consts::LN_2 / ds.bytes_per_token(),
-            tokens: count,
-        })
+        Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
     }
 
     /// `trainer.evaluate()` on the eval dataset; logged into `log_history`.
