@@ -738,7 +738,6 @@ impl Workspace {
         let cfg = &model.config;
         let (c, h, v) = (cfg.n_embd, cfg.n_head, cfg.vocab_size);
         let f = cfg.n_inner.unwrap_or(4 * c);
-        let hd = c / h;
         let bt = b * t;
         let eps = cfg.layer_norm_epsilon as f32;
         let training = model.is_training();
@@ -784,36 +783,20 @@ impl Workspace {
                 &mut a.ln1_mean,
                 &mut a.ln1_rstd,
             );
-            fill_bias(&mut a.qkv, w[bi.attn.1]);
-            matmul(
-                &mut a.qkv,
-                (&a.ln1, c, 1),
-                (w[bi.attn.0], 3 * c, 1),
-                bt,
-                3 * c,
-                c,
-                true,
-            );
-            let mut scale = 1.0f64;
-            if cfg.scale_attn_weights {
-                scale /= (hd as f64).sqrt();
-            }
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f64;
-            }
+            linear(&mut a.qkv, &a.ln1, w[bi.attn.0], w[bi.attn.1], bt, c, 3 * c);
+            let scale = attn_scale(cfg, l);
             if p_att > 0.0 {
                 model.dropout_fill(&mut a.att_d, p_att);
             }
-            attention_forward(a, mask, t, c, h, scale as f32);
-            fill_bias(&mut self.tmp, w[bi.attn_proj.1]);
-            matmul(
+            attention_forward(a, mask, t, c, h, scale);
+            linear(
                 &mut self.tmp,
-                (&a.atty, c, 1),
-                (w[bi.attn_proj.0], c, 1),
+                &a.atty,
+                w[bi.attn_proj.0],
+                w[bi.attn_proj.1],
                 bt,
                 c,
                 c,
-                true,
             );
             if p_res > 0.0 {
                 model.dropout_fill(&mut a.attn_mask, p_res);
@@ -833,26 +816,14 @@ impl Workspace {
                 &mut a.ln2_mean,
                 &mut a.ln2_rstd,
             );
-            fill_bias(&mut a.fc, w[bi.fc.1]);
-            matmul(
+            mlp_forward(
+                &a.ln2,
                 &mut a.fc,
-                (&a.ln2, c, 1),
-                (w[bi.fc.0], f, 1),
-                bt,
-                f,
-                c,
-                true,
-            );
-            gelu(&a.fc, &mut a.fc_act);
-            fill_bias(&mut self.tmp, w[bi.mlp_proj.1]);
-            matmul(
+                &mut a.fc_act,
                 &mut self.tmp,
-                (&a.fc_act, f, 1),
-                (w[bi.mlp_proj.0], c, 1),
-                bt,
-                c,
-                f,
-                true,
+                w,
+                bi,
+                (bt, c, f),
             );
             if p_res > 0.0 {
                 model.dropout_fill(&mut a.mlp_mask, p_res);
@@ -937,19 +908,17 @@ impl Workspace {
             true,
         );
         self.dres.fill(0.0);
-        {
-            let (gw, gb) = two_mut(grads, g(idx.lnf.0), g(idx.lnf.1));
-            layer_norm_backward(
-                &mut self.dres,
-                gw,
-                gb,
-                &self.dln,
-                x_last,
-                w[idx.lnf.0],
-                &self.lnf_mean,
-                &self.lnf_rstd,
-            );
-        }
+        let (gw, gb) = two_mut(grads, g(idx.lnf.0), g(idx.lnf.1));
+        layer_norm_backward(
+            &mut self.dres,
+            gw,
+            gb,
+            &self.dln,
+            x_last,
+            w[idx.lnf.0],
+            &self.lnf_mean,
+            &self.lnf_rstd,
+        );
         for l in (0..cfg.n_layer).rev() {
             let bi = &idx.blocks[l];
             let a = &self.layers[l];
@@ -960,131 +929,73 @@ impl Workspace {
                 &self.dres,
                 (p_res > 0.0).then_some(&a.mlp_mask[..]),
             );
-            matmul(
-                &mut grads[g(bi.mlp_proj.0)],
-                (&a.fc_act, 1, f),
-                (&self.dtmp, c, 1),
-                f,
-                c,
-                bt,
-                true,
-            );
-            bias_grad(&mut grads[g(bi.mlp_proj.1)], &self.dtmp);
-            matmul(
+            linear_backward(
                 &mut self.dfc,
-                (&self.dtmp, c, 1),
-                (w[bi.mlp_proj.0], 1, c),
-                bt,
-                f,
-                c,
-                false,
+                grads,
+                (g(bi.mlp_proj.0), g(bi.mlp_proj.1)),
+                (&a.fc_act, w[bi.mlp_proj.0], &self.dtmp),
+                (bt, f, c),
             );
             gelu_backward(&mut self.dfc, &a.fc);
-            matmul(
-                &mut grads[g(bi.fc.0)],
-                (&a.ln2, 1, c),
-                (&self.dfc, f, 1),
-                c,
-                f,
-                bt,
-                true,
-            );
-            bias_grad(&mut grads[g(bi.fc.1)], &self.dfc);
-            matmul(
+            linear_backward(
                 &mut self.dln,
-                (&self.dfc, f, 1),
-                (w[bi.fc.0], 1, f),
-                bt,
-                c,
-                f,
-                false,
+                grads,
+                (g(bi.fc.0), g(bi.fc.1)),
+                (&a.ln2, w[bi.fc.0], &self.dfc),
+                (bt, c, f),
             );
-            {
-                let (gw, gb) = two_mut(grads, g(bi.ln2.0), g(bi.ln2.1));
-                layer_norm_backward(
-                    &mut self.dres,
-                    gw,
-                    gb,
-                    &self.dln,
-                    &a.x2,
-                    w[bi.ln2.0],
-                    &a.ln2_mean,
-                    &a.ln2_rstd,
-                );
-            }
+            let (gw, gb) = two_mut(grads, g(bi.ln2.0), g(bi.ln2.1));
+            layer_norm_backward(
+                &mut self.dres,
+                gw,
+                gb,
+                &self.dln,
+                &a.x2,
+                w[bi.ln2.0],
+                &a.ln2_mean,
+                &a.ln2_rstd,
+            );
             // Attention branch: x2 = x + dropout(attn(ln_1(x))·W_proj + b).
             mul_mask(
                 &mut self.dtmp,
                 &self.dres,
                 (p_res > 0.0).then_some(&a.attn_mask[..]),
             );
-            matmul(
-                &mut grads[g(bi.attn_proj.0)],
-                (&a.atty, 1, c),
-                (&self.dtmp, c, 1),
-                c,
-                c,
-                bt,
-                true,
-            );
-            bias_grad(&mut grads[g(bi.attn_proj.1)], &self.dtmp);
-            matmul(
+            linear_backward(
                 &mut self.dln,
-                (&self.dtmp, c, 1),
-                (w[bi.attn_proj.0], 1, c),
-                bt,
-                c,
-                c,
-                false,
+                grads,
+                (g(bi.attn_proj.0), g(bi.attn_proj.1)),
+                (&a.atty, w[bi.attn_proj.0], &self.dtmp),
+                (bt, c, c),
             );
-            let mut scale = 1.0f64;
-            if cfg.scale_attn_weights {
-                scale /= (hd as f64).sqrt();
-            }
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f64;
-            }
+            let scale = attn_scale(cfg, l);
             attention_backward(
                 a,
                 &self.dln,
                 &mut self.dqkv,
                 &mut self.datt,
                 (b, t, c, h),
-                scale as f32,
+                scale,
                 (p_att > 0.0).then(|| (1.0 / (1.0 - p_att)) as f32),
             );
-            matmul(
-                &mut grads[g(bi.attn.0)],
-                (&a.ln1, 1, c),
-                (&self.dqkv, 3 * c, 1),
-                c,
-                3 * c,
-                bt,
-                true,
-            );
-            bias_grad(&mut grads[g(bi.attn.1)], &self.dqkv);
-            matmul(
+            linear_backward(
                 &mut self.dln,
-                (&self.dqkv, 3 * c, 1),
-                (w[bi.attn.0], 1, 3 * c),
-                bt,
-                c,
-                3 * c,
-                false,
+                grads,
+                (g(bi.attn.0), g(bi.attn.1)),
+                (&a.ln1, w[bi.attn.0], &self.dqkv),
+                (bt, c, 3 * c),
             );
-            {
-                let (gw, gb) = two_mut(grads, g(bi.ln1.0), g(bi.ln1.1));
-                layer_norm_backward(
-                    &mut self.dres,
-                    gw,
-                    gb,
-                    &self.dln,
-                    x_in,
-                    w[bi.ln1.0],
-                    &a.ln1_mean,
-                    &a.ln1_rstd,
-                );
-            }
+            let (gw, gb) = two_mut(grads, g(bi.ln1.0), g(bi.ln1.1));
+            layer_norm_backward(
+                &mut self.dres,
+                gw,
+                gb,
+                &self.dln,
+                x_in,
+                w[bi.ln1.0],
+                &a.ln1_mean,
+                &a.ln1_rstd,
+            );
         }
         // Embeddings: scatter-add into the rows of wte and wpe (tied wte
         // already holds the head's gradient).
@@ -1399,14 +1310,7 @@ pub fn forward_cached(
                     vc[at..at + hd].copy_from_slice(&qkv[src + 2 * c..src + 2 * c + hd]);
                 }
             }
-            let mut scale = 1.0f64;
-            if cfg.scale_attn_weights {
-                scale /= (hd as f64).sqrt();
-            }
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f64;
-            }
-            let scale = scale as f32;
+            let scale = attn_scale(cfg, l);
             let (kc, vc) = (&cache.k[l], &cache.v[l]);
             let out = SharedMut(atty.as_mut_ptr());
             let qkv = &qkv;
@@ -1464,17 +1368,7 @@ pub fn forward_cached(
                 &mut mean,
                 &mut rstd,
             );
-            linear(&mut fc, &hbuf, w[bi.fc.0], w[bi.fc.1], bt, c, f);
-            gelu(&fc, &mut fc_act);
-            linear(
-                &mut o,
-                &fc_act,
-                w[bi.mlp_proj.0],
-                w[bi.mlp_proj.1],
-                bt,
-                f,
-                c,
-            );
+            mlp_forward(&hbuf, &mut fc, &mut fc_act, &mut o, w, bi, (bt, c, f));
             add_dropped(&mut x, &o, None);
         }
         layer_norm(
@@ -1491,6 +1385,50 @@ pub fn forward_cached(
         cache.len = total;
         Ok(logits)
     })
+}
+
+/// The MLP after `ln_2`: `out = gelu(h·W_fc + b)·W_proj + b`, keeping the
+/// activation's input and output (the backward pass needs both).
+fn mlp_forward(
+    h: &[f32],
+    fc: &mut [f32],
+    fc_act: &mut [f32],
+    out: &mut [f32],
+    w: &[&[f32]],
+    bi: &BlockIdx,
+    (rows, c, f): (usize, usize, usize),
+) {
+    linear(fc, h, w[bi.fc.0], w[bi.fc.1], rows, c, f);
+    gelu(fc, fc_act);
+    linear(out, fc_act, w[bi.mlp_proj.0], w[bi.mlp_proj.1], rows, f, c);
+}
+
+/// GPT-2's attention score scale for layer `l`.
+fn attn_scale(cfg: &crate::config::GPT2Config, l: usize) -> f32 {
+    let mut scale = 1.0f64;
+    if cfg.scale_attn_weights {
+        scale /= ((cfg.n_embd / cfg.n_head) as f64).sqrt();
+    }
+    if cfg.scale_attn_by_inverse_layer_idx {
+        scale /= (l + 1) as f64;
+    }
+    scale as f32
+}
+
+/// Backward of `y = x·w + b` (`x` `[rows, k]`, `w` `[k, n]`), given `dy`:
+/// `dw += xᵀ·dy` and `db += Σ dy` into `grads` at `(gw, gb)`, and
+/// `dx = dy·wᵀ` (overwritten).
+fn linear_backward(
+    dx: &mut [f32],
+    grads: &mut [f32],
+    (gw, gb): (Range<usize>, Range<usize>),
+    (x, w, dy): (&[f32], &[f32], &[f32]),
+    (rows, k, n): (usize, usize, usize),
+) {
+    let (dw, db) = two_mut(grads, gw, gb);
+    matmul(dw, (x, 1, k), (dy, n, 1), k, n, rows, true);
+    bias_grad(db, dy);
+    matmul(dx, (dy, n, 1), (w, 1, n), rows, k, n, false);
 }
 
 /// Two disjoint mutable ranges of one buffer.
