@@ -12,7 +12,7 @@ The recipe (the defaults of `companion pretrain`):
   * GPT2LMHeadModel: n_layer 4, n_embd 256, n_head 4, n_positions 256,
     vocab_size = len(tokenizer), dropout 0 everywhere, HF init, seed 42
   * torch.optim.AdamW with HF Trainer's two parameter groups (no weight decay
-    for biases and LayerNorm weights), lr 3e-3, weight_decay 0.1, betas
+    for biases and LayerNorm weights), lr 1e-3, weight_decay 0.1, betas
     0.9/0.999, eps 1e-8; clip_grad_norm_ 1.0; get_cosine_schedule_with_warmup
     with warmup_ratio 0.05 (ceil); batch 8; the data order a seeded shuffle
   * logging every 10 steps (stderr), evaluation every 50 steps (and before and
@@ -131,7 +131,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--max-eval-samples", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
