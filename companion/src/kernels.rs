@@ -1,4 +1,5 @@
-//! GPT-2's training step on the CPU written out by hand, as llm.c does in C.
+//! GPT-2's training step, and its inference with a KV cache, on the CPU,
+//! written out by hand as llm.c does in C.
 //!
 //! candle's autograd spends most of a CPU training step outside the matrix
 //! products: a fresh tensor per primitive, each gradient summed into a new
@@ -16,7 +17,8 @@
 //! same order) and loss. fp32 on the CPU with a tanh-GELU activation (the
 //! GPT-2 default) runs here; other devices, dtypes and activations, ZeRO-3
 //! and gradient checkpointing keep the autograd path, and the tests check
-//! that both give the same loss and gradients.
+//! that both give the same loss and gradients. [`forward_cached`] is the
+//! inference counterpart that `generate` uses.
 
 use std::ops::Range;
 
