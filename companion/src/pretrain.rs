@@ -323,6 +323,13 @@ fn check_nccl(opts: &PretrainOptions) -> Result<(), PretrainError> {
         )
         .into());
     }
+    if opts.rank_device != RankDevice::Cuda {
+        return Err(crate::train::TrainError::Args(
+            "--backend nccl runs GPU ranks: use --num-gpus N (CPU ranks use --backend threads)"
+                .into(),
+        )
+        .into());
+    }
     Ok(())
 }
 
