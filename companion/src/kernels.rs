@@ -26,10 +26,13 @@ use candle_core::{CpuStorage, DType, Device, Storage};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::model::{positions, Activation, GPT2LMHeadModel, ModelError, Result, IGNORE_INDEX};
+use crate::model::{
+    check_label, check_length, check_mask, check_token_ids, positions, Activation, GPT2LMHeadModel,
+    ModelError, Result, IGNORE_INDEX,
+};
 
-/// Masked attention scores, as [`crate::ops::masked_softmax`] sets them.
-const MASKED: f32 = -1e9;
+// Masked attention scores get what `ops::masked_softmax` gives them.
+use crate::ops::{ln_row, ln_row_grad_wb, ln_row_grad_x, ln_row_stats, MASKED};
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 /// Row chunks for the reductions over rows (bias and layer-norm gradients):
 /// a fixed number, so the sums are the same whatever the thread count.
@@ -321,14 +324,8 @@ fn layer_norm(
         .zip(x.par_chunks(c))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .for_each(|((y, x), (m, r))| {
-            let n = c as f32;
-            let mu = x.iter().sum::<f32>() / n;
-            let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / n;
-            let rs = 1.0 / (var + eps).sqrt();
-            for i in 0..c {
-                y[i] = (x[i] - mu) * rs * w[i] + b[i];
-            }
-            (*m, *r) = (mu, rs);
+            (*m, *r) = ln_row_stats(x, eps);
+            ln_row(y, x, w, b, (*m, *r));
         });
 }
 
@@ -380,28 +377,11 @@ fn layer_norm_backward(
     dx.par_chunks_mut(c)
         .zip(g.par_chunks(c).zip(x.par_chunks(c)))
         .zip(mean.par_iter().zip(rstd.par_iter()))
-        .for_each(|((dx, (g, x)), (&mu, &rs))| {
-            let (mut m1, mut m2) = (0f32, 0f32);
-            for i in 0..c {
-                let gw = g[i] * w[i];
-                m1 += gw;
-                m2 += gw * (x[i] - mu) * rs;
-            }
-            m1 /= c as f32;
-            m2 /= c as f32;
-            for i in 0..c {
-                let xhat = (x[i] - mu) * rs;
-                dx[i] += rs * (g[i] * w[i] - m1 - xhat * m2);
-            }
-        });
+        .for_each(|((dx, (g, x)), (&mu, &rs))| ln_row_grad_x(dx, g, x, w, (mu, rs)));
     let sums = reduce_rows(x.len() / c, 2 * c, |r, acc| {
         for row in r {
             let (g, x) = (&g[row * c..(row + 1) * c], &x[row * c..(row + 1) * c]);
-            let (mu, rs) = (mean[row], rstd[row]);
-            for i in 0..c {
-                acc[i] += g[i] * (x[i] - mu) * rs;
-                acc[c + i] += g[i];
-            }
+            ln_row_grad_wb(acc, g, x, (mean[row], rstd[row]));
         }
     });
     dw.iter_mut().zip(&sums[..c]).for_each(|(d, s)| *d += s);
@@ -579,41 +559,17 @@ fn validate(model: &GPT2LMHeadModel, batch: &Batch) -> Result<(usize, usize)> {
             "input_ids must be a non-empty [B, T] batch of equal rows, got {b} rows"
         )));
     }
-    if t > cfg.n_positions {
-        return Err(ModelError::Input(format!(
-            "sequence of {t} tokens is longer than n_positions = {} (the model's position table)",
-            cfg.n_positions
-        )));
-    }
-    if let Some(&max) = batch.ids.iter().flatten().max() {
-        if max as usize >= cfg.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token id {max} is outside the vocabulary (vocab_size = {}); was the text \
-                 encoded with another tokenizer?",
-                cfg.vocab_size
-            )));
-        }
-    }
+    check_length(t, cfg.n_positions)?;
+    check_token_ids(batch.ids.iter().flatten().copied().max(), cfg.vocab_size)?;
     if batch.labels.len() != b || batch.labels.iter().any(|r| r.len() != t) {
         return Err(ModelError::Input(format!(
             "labels must have shape [{b}, {t}] like input_ids"
         )));
     }
     for &l in batch.labels.iter().flat_map(|r| &r[1..]) {
-        if l != IGNORE_INDEX && (l < 0 || l as usize >= cfg.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "label {l} is outside the vocabulary (0..{}) and is not -100",
-                cfg.vocab_size
-            )));
-        }
+        check_label(l, cfg.vocab_size)?;
     }
-    if let Some(m) = batch.mask {
-        if m.len() != b || m.iter().any(|r| r.len() != t) {
-            return Err(ModelError::Input(format!(
-                "attention_mask must be {b} rows of {t} (past + new tokens)"
-            )));
-        }
-    }
+    check_mask(batch.mask, b, t)?;
     Ok((b, t))
 }
 
@@ -1251,13 +1207,7 @@ pub fn forward_cached(
             cache.rows
         )));
     }
-    if let Some(&max) = ids.iter().flatten().max() {
-        if max as usize >= v {
-            return Err(ModelError::Input(format!(
-                "token id {max} is outside the vocabulary (vocab_size = {v}); was the text                  encoded with another tokenizer?"
-            )));
-        }
-    }
+    check_token_ids(ids.iter().flatten().copied().max(), v)?;
     let past = cache.len;
     let total = past + t;
     cache.reserve(b, total, nl, h, hd);

@@ -387,6 +387,50 @@ pub struct GPT2LMHeadModel {
     dropout: Dropout,
 }
 
+/// Input checks shared by the candle forward pass, the loss and the fused
+/// kernels, so all three refuse the same input with the same words.
+pub(crate) fn check_length(tokens: usize, n_positions: usize) -> Result<()> {
+    if tokens > n_positions {
+        return Err(ModelError::Input(format!(
+            "sequence of {tokens} tokens is longer than n_positions = {n_positions} (the model's position table)"
+        )));
+    }
+    Ok(())
+}
+
+/// `max_id`, the largest token id of a batch, must index the vocabulary.
+pub(crate) fn check_token_ids(max_id: Option<u32>, vocab_size: usize) -> Result<()> {
+    match max_id {
+        Some(max) if max as usize >= vocab_size => Err(ModelError::Input(format!(
+            "token id {max} is outside the vocabulary (vocab_size = {vocab_size}); was the text \
+             encoded with another tokenizer?"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A label is -100 or a token id.
+pub(crate) fn check_label(l: i64, vocab_size: usize) -> Result<()> {
+    if l != IGNORE_INDEX && (l < 0 || l as usize >= vocab_size) {
+        return Err(ModelError::Input(format!(
+            "label {l} is outside the vocabulary (0..{vocab_size}) and is not -100"
+        )));
+    }
+    Ok(())
+}
+
+/// `attention_mask` must be `rows` rows of `total` (past + new) positions.
+pub(crate) fn check_mask(mask: Option<&[Vec<u32>]>, rows: usize, total: usize) -> Result<()> {
+    if let Some(m) = mask {
+        if m.len() != rows || m.iter().any(|r| r.len() != total) {
+            return Err(ModelError::Input(format!(
+                "attention_mask must be {rows} rows of {total} (past + new tokens)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Position ids: arange, or the running count of real tokens when a mask is
 /// given (padding gets 1, as HF's generate fills it).
 pub(crate) fn positions(
@@ -816,19 +860,8 @@ impl GPT2LMHeadModel {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let total = past + t;
-        if total > self.config.n_positions {
-            return Err(ModelError::Input(format!(
-                "sequence of {total} tokens is longer than n_positions = {} (the model's position table)",
-                self.config.n_positions
-            )));
-        }
-        if let Some(m) = attention_mask {
-            if m.len() != b || m.iter().any(|r| r.len() != total) {
-                return Err(ModelError::Input(format!(
-                    "attention_mask must be {b} rows of {total} (past + new tokens)"
-                )));
-            }
-        }
+        check_length(total, self.config.n_positions)?;
+        check_mask(attention_mask, b, total)?;
         if let Some(c) = cache.as_deref_mut() {
             // Inference with a cache on the CPU (generate): the fused kernels.
             let fresh = c.is_empty() && c.layers.iter().all(Option::is_none);
@@ -879,16 +912,12 @@ impl GPT2LMHeadModel {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.flatten_all()?;
-        if ids.elem_count() > 0 {
-            let max = ids.max(0)?.to_scalar::<u32>()?;
-            if max as usize >= self.config.vocab_size {
-                return Err(ModelError::Input(format!(
-                    "token id {max} is outside the vocabulary (vocab_size = {}); was the text \
-                     encoded with another tokenizer?",
-                    self.config.vocab_size
-                )));
-            }
-        }
+        let max = if ids.elem_count() > 0 {
+            Some(ids.max(0)?.to_scalar::<u32>()?)
+        } else {
+            None
+        };
+        check_token_ids(max, self.config.vocab_size)?;
         let tok = wte.index_select(&ids, 0)?;
         let posv = wpe.index_select(pos, 0)?;
         let x = (tok + posv)?.reshape((b, t, self.config.n_embd))?;
@@ -956,12 +985,7 @@ impl GPT2LMHeadModel {
         attention_mask: Option<&[Vec<u32>]>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if t > self.config.n_positions {
-            return Err(ModelError::Input(format!(
-                "sequence of {t} tokens is longer than n_positions = {}",
-                self.config.n_positions
-            )));
-        }
+        check_length(t, self.config.n_positions)?;
         let pos = positions(b, t, 0, attention_mask);
         let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
         let get = |n: &str| piece(params, n);
@@ -1045,15 +1069,10 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     let lab: Vec<i64> = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
     let mut count = 0usize;
     for &l in &lab {
-        if l == IGNORE_INDEX {
-            continue;
+        check_label(l, v)?;
+        if l != IGNORE_INDEX {
+            count += 1;
         }
-        if l < 0 || l as usize >= v {
-            return Err(ModelError::Input(format!(
-                "label {l} is outside the vocabulary (0..{v}) and is not -100"
-            )));
-        }
-        count += 1;
     }
     let sum = crate::ops::cross_entropy_sum(&logits, lab)?;
     Ok((sum, count))

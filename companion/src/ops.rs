@@ -34,11 +34,52 @@ struct LayerNorm {
     eps: f32,
 }
 
-fn ln_row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+/// A row's mean and reciprocal standard deviation.
+pub(crate) fn ln_row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// One row: `y = (x − mean)·rstd·w + b`.
+pub(crate) fn ln_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], (mean, rstd): (f32, f32)) {
+    for i in 0..w.len() {
+        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+/// One row of the input gradient, added into `dx`:
+/// `rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`.
+pub(crate) fn ln_row_grad_x(
+    dx: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (mean, rstd): (f32, f32),
+) {
+    let c = w.len();
+    let (mut m1, mut m2) = (0f32, 0f32);
+    for i in 0..c {
+        let gw = g[i] * w[i];
+        m1 += gw;
+        m2 += gw * (x[i] - mean) * rstd;
+    }
+    m1 /= c as f32;
+    m2 /= c as f32;
+    for i in 0..c {
+        let xhat = (x[i] - mean) * rstd;
+        dx[i] += rstd * (g[i] * w[i] - m1 - xhat * m2);
+    }
+}
+
+/// One row's share of `[dw; db] = [Σ g·x̂; Σ g]`, added into `acc` (`2C`).
+pub(crate) fn ln_row_grad_wb(acc: &mut [f32], g: &[f32], x: &[f32], (mean, rstd): (f32, f32)) {
+    let c = g.len();
+    for i in 0..c {
+        acc[i] += g[i] * (x[i] - mean) * rstd;
+        acc[c + i] += g[i];
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -60,12 +101,9 @@ impl CustomOp3 for LayerNorm {
         let b = f32_slice(s3, l3, "layer_norm bias")?;
         let c = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
-            let (mean, rstd) = ln_row_stats(x, self.eps);
-            for i in 0..c {
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-            }
-        });
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(y, x)| ln_row(y, x, w, b, ln_row_stats(x, self.eps)));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -110,21 +148,7 @@ impl CustomOp3 for LayerNormGradX {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(c)
             .zip(x.par_chunks(c).zip(g.par_chunks(c)))
-            .for_each(|(dx, (x, g))| {
-                let (mean, rstd) = ln_row_stats(x, self.eps);
-                let (mut m1, mut m2) = (0f32, 0f32);
-                for i in 0..c {
-                    let gw = g[i] * w[i];
-                    m1 += gw;
-                    m2 += gw * (x[i] - mean) * rstd;
-                }
-                m1 /= c as f32;
-                m2 /= c as f32;
-                for i in 0..c {
-                    let xhat = (x[i] - mean) * rstd;
-                    dx[i] = rstd * (g[i] * w[i] - m1 - xhat * m2);
-                }
-            });
+            .for_each(|(dx, (x, g))| ln_row_grad_x(dx, g, x, w, ln_row_stats(x, self.eps)));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -159,11 +183,7 @@ impl CustomOp2 for LayerNormGradWB {
                 let mut acc = vec![0f32; 2 * c];
                 for r in start..(start + chunk).min(rows) {
                     let (x, g) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                    let (mean, rstd) = ln_row_stats(x, self.eps);
-                    for i in 0..c {
-                        acc[i] += g[i] * (x[i] - mean) * rstd;
-                        acc[c + i] += g[i];
-                    }
+                    ln_row_grad_wb(&mut acc, g, x, ln_row_stats(x, self.eps));
                 }
                 acc
             })
@@ -236,7 +256,8 @@ struct MaskedSoftmax {
     key_mask: Option<Arc<Vec<Vec<u32>>>>,
 }
 
-const MASKED: f32 = -1e9;
+/// The score a masked (future or padding) key gets before the softmax.
+pub(crate) const MASKED: f32 = -1e9;
 
 impl CustomOp1 for MaskedSoftmax {
     fn name(&self) -> &'static str {
