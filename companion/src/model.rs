@@ -864,11 +864,12 @@ impl GPT2LMHeadModel {
         check_mask(attention_mask, b, total)?;
         if let Some(c) = cache.as_deref_mut() {
             // Inference with a cache on the CPU (generate): the fused kernels.
-            let fresh = c.is_empty() && c.layers.iter().all(Option::is_none);
+            // Not if candle's path has already filled this cache.
+            let candle_filled = c.layers.iter().any(Option::is_some);
             if !self.training
                 && !c.autograd_path
+                && !candle_filled
                 && crate::kernels::supported(self)
-                && (fresh || c.fused.is_some())
             {
                 let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
                 let fused = c.fused.get_or_insert_with(Default::default);

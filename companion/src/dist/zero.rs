@@ -326,14 +326,21 @@ impl ZeroEngine {
             }
         }
         if self.stage == 2 {
-            let counts = vec![self.layout.part; self.layout.world];
-            let mine = self.comm.reduce_scatter_sum(&full, &counts)?;
-            add_into(&mut self.grads, &mine);
+            self.add_reduce_scattered(&full)?;
         } else {
             full.truncate(self.layout.numel);
             add_into(&mut self.grads, &full);
         }
         Ok(lv)
+    }
+
+    /// Stage 2: sum a whole-model gradient buffer over the ranks and add
+    /// this rank's partition of the sum to its gradients.
+    fn add_reduce_scattered(&mut self, full: &[f32]) -> Result<()> {
+        let counts = vec![self.layout.part; self.layout.world];
+        let mine = self.comm.reduce_scatter_sum(full, &counts)?;
+        add_into(&mut self.grads, &mine);
+        Ok(())
     }
 
     /// [`micro_step`](Self::micro_step) through the fused CPU kernels: the
@@ -363,9 +370,7 @@ impl ZeroEngine {
             let mut full = vec![0f32; self.layout.part * self.layout.world];
             let loss = ws.forward_backward(model, &batch, &mut full, &ranges, scale);
             if loss.as_ref().is_ok_and(|l| l.is_finite()) {
-                let counts = vec![self.layout.part; self.layout.world];
-                let mine = self.comm.reduce_scatter_sum(&full, &counts)?;
-                add_into(&mut self.grads, &mine);
+                self.add_reduce_scattered(&full)?;
             }
             loss
         } else {
@@ -550,8 +555,7 @@ impl ZeroEngine {
         match self.stage {
             2 => {
                 let full = vec![0f32; self.layout.part * self.layout.world];
-                let counts = vec![self.layout.part; self.layout.world];
-                self.comm.reduce_scatter_sum(&full, &counts)?;
+                self.add_reduce_scattered(&full)?;
             }
             3 => {
                 self.skip_forward()?;
@@ -802,13 +806,18 @@ impl ZeroEngine {
         Ok(norm)
     }
 
+    /// Adam's bias corrections at this step: `√(1 − β₂ᵗ)` and the step size
+    /// `lr / (1 − β₁ᵗ)`.
+    fn bias_corrections(&self, lr: f64) -> (f64, f64) {
+        let t = self.step as i32;
+        let a = self.adam;
+        ((1.0 - a.beta2.powi(t)).sqrt(), lr / (1.0 - a.beta1.powi(t)))
+    }
+
     /// AdamW on this rank's elements (`torch.optim.AdamW`'s arithmetic).
     fn adamw(&mut self, p: &mut [f32], g: &[f32], lr: f64, n: usize) -> Result<()> {
         let a = self.adam;
-        let t = self.step as i32;
-        let bc1 = 1.0 - a.beta1.powi(t);
-        let bc2_sqrt = (1.0 - a.beta2.powi(t)).sqrt();
-        let step_size = lr / bc1;
+        let (bc2_sqrt, step_size) = self.bias_corrections(lr);
         match &mut self.moments {
             Moments::Host { m, v } => {
                 let (m, v) = (&mut m[..n], &mut v[..n]);
@@ -857,11 +866,8 @@ impl ZeroEngine {
     /// candle in-place op per parameter), with no flat copy of the model
     /// taken out and written back.
     fn adamw_in_place(&mut self, model: &GPT2LMHeadModel, lr: f64) -> Result<()> {
-        let a = self.adam;
-        let t = self.step as i32;
-        let bc2_sqrt = (1.0 - a.beta2.powi(t)).sqrt();
-        let step_size = lr / (1.0 - a.beta1.powi(t));
-        let with = adamw_consts(a, lr, bc2_sqrt, step_size);
+        let (bc2_sqrt, step_size) = self.bias_corrections(lr);
+        let with = adamw_consts(self.adam, lr, bc2_sqrt, step_size);
         let Moments::Host { m, v } = &mut self.moments else {
             return Err(TrainError::Args("in-place AdamW needs host moments".into()));
         };
