@@ -404,15 +404,27 @@ pub fn evaluate_model(
     for rows in ds.input_ids.chunks(batch_size) {
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let b = collator.collate(&refs)?;
-        let ids = Tensor::new(b.input_ids.clone(), &dev)?;
-        let labels = Tensor::new(b.labels.clone(), &dev)?;
-        let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
-        let logits = model.forward(&ids, mask, None)?;
-        let (s, n) = causal_lm_loss_sum(&logits, &labels)?;
-        sum += s.to_scalar::<f32>()? as f64;
+        let (s, n) = batch_loss_sum(&b, &dev, |ids, mask| Ok(model.forward(ids, mask, None)?))?;
+        sum += s;
         count += n;
     }
     Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
+}
+
+/// The summed loss and label-token count of one collated batch, with the
+/// logits `forward` gives for its input ids and attention mask (none when
+/// nothing is padded).
+fn batch_loss_sum(
+    b: &Batch,
+    dev: &Device,
+    forward: impl FnOnce(&Tensor, Option<&[Vec<u32>]>) -> Result<Tensor>,
+) -> Result<(f64, usize)> {
+    let ids = Tensor::new(b.input_ids.clone(), dev)?;
+    let labels = Tensor::new(b.labels.clone(), dev)?;
+    let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
+    let logits = forward(&ids, mask)?;
+    let (s, n) = causal_lm_loss_sum(&logits, &labels)?;
+    Ok((s.to_scalar::<f32>()? as f64, n))
 }
 
 fn num(x: f64) -> Value {
@@ -669,11 +681,10 @@ impl Trainer {
             let start = i * bs;
             let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
             let b = self.batch_of(ds, &idx)?;
-            let (ids, labels) = self.tensors(&b)?;
-            let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
-            let logits = self.engine.forward(&self.model, &ids, mask)?;
-            let (s, n) = causal_lm_loss_sum(&logits, &labels)?;
-            sum += s.to_scalar::<f32>()? as f64;
+            let dev = self.model.device().clone();
+            let (engine, model) = (&mut self.engine, &self.model);
+            let (s, n) = batch_loss_sum(&b, &dev, |ids, mask| engine.forward(model, ids, mask))?;
+            sum += s;
             count += n;
         }
         let comm = self.engine.comm.clone();
