@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `companion pretrain` beside the same recipe in PyTorch transformers, with the
-# same tokenizer and the same wall-clock training time:
+# same tokenizer, the same recipe (ours reports it in its JSON) and the same
+# wall-clock training time:
 #   1. target/release/companion pretrain --output-dir <tmp>/ours
 #        --save-model-dir <tmp>/ours_model --json [extra flags]
 #   2. bench/pretrain_pytorch.py --seconds <our train_runtime>
-#        --tokenizer <tmp>/ours/tokenizer
+#        --tokenizer <tmp>/ours/tokenizer <our recipe as flags>
 # then prints both held-out results (loss, perplexity, bits per byte) side by
 # side. Extra arguments go to `companion pretrain` (e.g. --max-steps 20).
 #
@@ -32,12 +33,50 @@ else
 fi
 
 echo "== companion pretrain ($(nproc) cores)" >&2
+start=$SECONDS
 "$BIN" pretrain --output-dir "$tmp/ours" --save-model-dir "$tmp/ours_model" --json "$@" \
     | tee "$tmp/ours.json"
+echo "companion pretrain took $((SECONDS - start)) s in all (tokenizer, data, training, evaluation, saving, generation)" >&2
 secs=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["train_runtime"])' "$tmp/ours.json")
 
-echo "== pytorch transformers, --seconds $secs" >&2
-"$PY" bench/pretrain_pytorch.py --seconds "$secs" --tokenizer "$tmp/ours/tokenizer" \
+# The recipe ours ran with (its JSON "recipe"), as flags of the PyTorch script.
+recipe=$("$PY" - "$tmp/ours.json" <<'PYEOF'
+import json, sys
+
+r = json.load(open(sys.argv[1]))["recipe"]
+unsupported = []
+if r["lr_scheduler_type"] != "cosine":
+    unsupported.append(f"lr_scheduler_type {r['lr_scheduler_type']}")
+if r["gradient_accumulation_steps"] != 1:
+    unsupported.append(f"gradient_accumulation_steps {r['gradient_accumulation_steps']}")
+if r["warmup_steps"]:
+    unsupported.append(f"warmup_steps {r['warmup_steps']} (use warmup_ratio)")
+if any(r["dropout"]):
+    unsupported.append(f"dropout {r['dropout']}")
+if r["eval_steps"] is not None and r["eval_steps"] < 1:
+    unsupported.append(f"eval_steps {r['eval_steps']} (a ratio)")
+if unsupported:
+    sys.exit("bench/pretrain_pytorch.py does not run: " + ", ".join(unsupported))
+flags = {
+    "n-layer": r["n_layer"], "n-embd": r["n_embd"], "n-head": r["n_head"],
+    "n-positions": r["n_positions"], "block-size": r["block_size"],
+    "batch-size": r["per_device_train_batch_size"],
+    "learning-rate": r["learning_rate"], "weight-decay": r["weight_decay"],
+    "adam-beta1": r["adam_beta1"], "adam-beta2": r["adam_beta2"],
+    "max-grad-norm": r["max_grad_norm"], "warmup-ratio": r["warmup_ratio"],
+    "seed": r["seed"],
+}
+if r["max_eval_samples"] is not None:
+    flags["max-eval-samples"] = r["max_eval_samples"]
+if r["eval_steps"] is not None:
+    flags["eval-steps"] = int(r["eval_steps"])
+print(" ".join(f"--{k} {v}" for k, v in flags.items()))
+PYEOF
+)
+
+echo "== pytorch transformers, --seconds $secs $recipe" >&2
+# shellcheck disable=SC2086  # $recipe is a list of flags
+"$PY" bench/pretrain_pytorch.py --seconds "$secs" --tokenizer "$tmp/ours/tokenizer" $recipe \
     | tee "$tmp/pytorch.json"
 
 "$PY" - "$tmp/ours.json" "$tmp/pytorch.json" <<'PYEOF'
@@ -45,7 +84,8 @@ import json, sys
 
 ours = json.load(open(sys.argv[1]))
 pt = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-tokens = 8 * 256  # per step: batch 8 x block 256
+r = ours["recipe"]
+tokens = r["per_device_train_batch_size"] * r["block_size"] * r["gradient_accumulation_steps"]
 rows = [
     ("companion", ours["global_step"], ours["train_runtime"],
      ours["global_step"] * tokens / ours["train_runtime"], ours["before"], ours["after"]),

@@ -8,15 +8,18 @@ The recipe (the defaults of `companion pretrain`):
     (validation: data/corpus/validation.jsonl); empty documents dropped
   * each document tokenized (`tokenizer(texts)`), the eos id appended, then
     run_clm's `group_texts` per map batch of 1000 documents into blocks of
-    256 tokens (the remainder of each map batch dropped)
-  * GPT2LMHeadModel: n_layer 4, n_embd 256, n_head 4, n_positions 256,
+    128 tokens (the remainder of each map batch dropped)
+  * GPT2LMHeadModel: n_layer 4, n_embd 128, n_head 2, n_positions 128,
     vocab_size = len(tokenizer), dropout 0 everywhere, HF init, seed 42
   * torch.optim.AdamW with HF Trainer's two parameter groups (no weight decay
-    for biases and LayerNorm weights), lr 1e-3, weight_decay 0.1, betas
+    for biases and LayerNorm weights), lr 2e-3, weight_decay 0.1, betas
     0.9/0.999, eps 1e-8; clip_grad_norm_ 1.0; get_cosine_schedule_with_warmup
-    with warmup_ratio 0.05 (ceil); batch 8; the data order a seeded shuffle
-  * logging every 10 steps (stderr), evaluation every 50 steps (and before and
-    after training) on the first 64 validation blocks (max_eval_samples 64)
+    with warmup_ratio 0.05 (ceil); batch 16; the data order a seeded shuffle
+  * logging every 10 steps (stderr), evaluation every 100 steps (and before
+    and after training) on the first 128 validation blocks (max_eval_samples)
+
+Each of these is a flag (`--n-embd`, `--block-size`, `--learning-rate`, ...);
+bench/pretrain.sh passes the recipe `companion pretrain` reports in its JSON.
 
 Held-out metrics: eval_loss = mean cross-entropy per predicted token over
 those blocks, perplexity = exp(eval_loss), bits_per_byte = eval_loss / ln 2 /
@@ -26,18 +29,18 @@ drops any remainder.
 
 Modes:
   --max-steps N   train exactly N optimiser steps
-  --seconds B     a wall-clock budget for training: three probe steps on a
+  --seconds B     a wall-clock budget for training: ten probe steps (--probe-steps) on a
                   throwaway copy of the model time one step (their median, as
                   the first step carries one-time set-up costs), max_steps =
                   floor(B / step time) sets the schedule, less the steps that
-                  the evaluations every 50 steps would cost (each timed as the
+                  the evaluations every eval_steps would cost (each timed as the
                   evaluation before training); then training runs from the
                   untouched initial model and stops at max_steps or when B
                   seconds of training have passed, whichever is first. (The
                   probe is not charged to B; its step times are reported.)
 
 `train_seconds` is the training loop's wall time, including the evaluations
-every 50 steps (as HF's train_runtime) but not the evaluations before and
+every eval_steps (as HF's train_runtime) but not the evaluations before and
 after. Prints one JSON line on stdout; logs go to stderr.
 
 Usage (from the repository root; paths are relative to the cwd):
@@ -126,17 +129,23 @@ def main():
     mode.add_argument("--max-steps", type=int, default=None)
     mode.add_argument("--seconds", type=float, default=None,
                       help="wall-clock training budget in seconds")
-    p.add_argument("--probe-steps", type=int, default=3, help="steps timed in --seconds mode")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--max-eval-samples", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--probe-steps", type=int, default=10, help="steps timed in --seconds mode")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--n-positions", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--max-eval-samples", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     a = p.parse_args()
@@ -148,8 +157,8 @@ def main():
         p.error("--seconds must be positive")
     if a.probe_steps < 1:
         p.error("--probe-steps must be at least 1")
-    if not 1 <= a.block_size <= 256:
-        p.error("--block-size must be between 1 and n_positions (256)")
+    if not 1 <= a.block_size <= a.n_positions:
+        p.error(f"--block-size must be between 1 and n_positions ({a.n_positions})")
 
     import torch
     import transformers
@@ -183,10 +192,10 @@ def main():
     transformers.set_seed(a.seed)
     cfg = GPT2Config(
         vocab_size=len(tok),
-        n_positions=256,
-        n_embd=256,
-        n_layer=4,
-        n_head=4,
+        n_positions=a.n_positions,
+        n_embd=a.n_embd,
+        n_layer=a.n_layer,
+        n_head=a.n_head,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -236,7 +245,7 @@ def main():
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": a.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=a.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+            lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=1e-8)
 
     # A seeded shuffle (HF: RandomSampler with a seeded generator), a fresh
     # permutation each epoch; the last partial batch kept.

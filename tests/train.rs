@@ -349,6 +349,23 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["global_step"], 3);
+    // The recipe it ran, which bench/pretrain.sh hands to PyTorch.
+    let r = &v["recipe"];
+    assert_eq!(
+        (
+            r["n_layer"].as_u64(),
+            r["n_embd"].as_u64(),
+            r["n_head"].as_u64()
+        ),
+        (Some(1), Some(32), Some(2))
+    );
+    assert_eq!(r["n_positions"], 64);
+    assert_eq!(r["block_size"], 64);
+    assert_eq!(r["per_device_train_batch_size"], 2);
+    assert_eq!(r["max_eval_samples"], 4);
+    assert_eq!(r["learning_rate"], 1e-3);
+    assert_eq!(r["lr_scheduler_type"], "cosine");
+    assert_eq!(r["dropout"], serde_json::json!([0.0, 0.0, 0.0]));
     assert!(
         v["before"]["bits_per_byte"].as_f64().unwrap()
             > v["after"]["bits_per_byte"].as_f64().unwrap()
