@@ -125,11 +125,12 @@ impl Default for PretrainOptions {
 /// model from scratch; 2e-3 with warmup and cosine decay does.) Chosen by
 /// held-out bits per byte after the same 4 minutes of training on the
 /// shipped corpus: a 4-layer, 128-wide model on blocks of 128 tokens ends at
-/// 1.70, where 4×256 ends at 1.84 (2.00 on 256-token blocks), 4×192 on
-/// 256-token blocks at 1.93 and 6×128 at 1.90. For 4×128, 256-token blocks
-/// cost 0.08, a learning rate of 3e-3 0.01 and adam_beta2 0.95 0.07; batch 8
-/// at 1.5e-3 ties batch 16. At this compute a small model that sees more
-/// tokens learns more than a wide one that sees fewer.
+/// 1.70; on the same blocks 6×128 ends at 1.90 and 4×256 at 1.84 (scored on
+/// the first 64 blocks only); on 256-token blocks 4×128 ends at 1.78, 4×192
+/// at 1.93 and 4×256 at 2.00. For 4×128, a learning rate of 3e-3 costs 0.01
+/// and adam_beta2 0.95 0.07; batch 8 at 1.5e-3 ties batch 16. At this
+/// compute a small model that sees more tokens learns more than a wide one
+/// that sees fewer.
 pub fn default_training_args() -> TrainingArguments {
     TrainingArguments {
         output_dir: "output".into(),
