@@ -53,8 +53,8 @@ if r["warmup_steps"]:
     unsupported.append(f"warmup_steps {r['warmup_steps']} (use warmup_ratio)")
 if any(r["dropout"]):
     unsupported.append(f"dropout {r['dropout']}")
-if r["eval_steps"] is not None and r["eval_steps"] < 1:
-    unsupported.append(f"eval_steps {r['eval_steps']} (a ratio)")
+if r["eval_strategy"] == "epoch":
+    unsupported.append("eval_strategy epoch")
 if unsupported:
     sys.exit("bench/pretrain_pytorch.py does not run: " + ", ".join(unsupported))
 flags = {
@@ -63,13 +63,12 @@ flags = {
     "batch-size": r["per_device_train_batch_size"],
     "learning-rate": r["learning_rate"], "weight-decay": r["weight_decay"],
     "adam-beta1": r["adam_beta1"], "adam-beta2": r["adam_beta2"],
+    "adam-epsilon": r["adam_epsilon"],
     "max-grad-norm": r["max_grad_norm"], "warmup-ratio": r["warmup_ratio"],
-    "seed": r["seed"],
+    "eval-steps": r["eval_steps"], "seed": r["seed"],
 }
 if r["max_eval_samples"] is not None:
     flags["max-eval-samples"] = r["max_eval_samples"]
-if r["eval_steps"] is not None:
-    flags["eval-steps"] = int(r["eval_steps"])
 print(" ".join(f"--{k} {v}" for k, v in flags.items()))
 PYEOF
 )

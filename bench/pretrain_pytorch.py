@@ -142,10 +142,11 @@ def main():
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--adam-beta1", type=float, default=0.9)
     p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--eval-steps", type=int, default=100, help="0: only before and after")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     a = p.parse_args()
@@ -245,7 +246,7 @@ def main():
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": a.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=1e-8)
+            lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
 
     # A seeded shuffle (HF: RandomSampler with a seeded generator), a fresh
     # permutation each epoch; the last partial batch kept.

@@ -365,6 +365,8 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
     assert_eq!(r["max_eval_samples"], 4);
     assert_eq!(r["learning_rate"], 1e-3);
     assert_eq!(r["lr_scheduler_type"], "cosine");
+    assert_eq!(r["eval_steps"], 2);
+    assert_eq!(r["adam_epsilon"], 1e-8);
     assert_eq!(r["dropout"], serde_json::json!([0.0, 0.0, 0.0]));
     assert!(
         v["before"]["bits_per_byte"].as_f64().unwrap()

@@ -398,8 +398,14 @@ fn mpi_rank(opts: &PretrainOptions) -> Result<Option<Arc<dyn Communicator>>, Pre
 }
 
 /// What a run trained with, in the JSON summary, so that the same recipe can
-/// be run elsewhere (bench/pretrain.sh passes it to PyTorch).
-fn recipe(opts: &PretrainOptions, cfg: &GPT2Config, args: &TrainingArguments) -> Value {
+/// be run elsewhere (bench/pretrain.sh passes it to PyTorch). `eval_steps` is
+/// the interval the Trainer resolved (0: no evaluation every N steps).
+fn recipe(
+    opts: &PretrainOptions,
+    cfg: &GPT2Config,
+    args: &TrainingArguments,
+    eval_steps: usize,
+) -> Value {
     json!({
         "n_layer": cfg.n_layer,
         "n_embd": cfg.n_embd,
@@ -420,7 +426,8 @@ fn recipe(opts: &PretrainOptions, cfg: &GPT2Config, args: &TrainingArguments) ->
         "lr_scheduler_type": args.lr_scheduler_type,
         "warmup_ratio": args.warmup_ratio,
         "warmup_steps": args.warmup_steps,
-        "eval_steps": args.eval_steps,
+        "eval_strategy": args.eval_strategy,
+        "eval_steps": eval_steps,
         "seed": args.seed,
     })
 }
@@ -500,6 +507,6 @@ fn train_and_save(
         "parameters": model.config.num_parameters(),
         "world_size": trainer.engine.world_size(),
         "zero_stage": trainer.engine.stage,
-        "recipe": recipe(opts, &model.config, &trainer.args),
+        "recipe": recipe(opts, &model.config, &trainer.args, trainer.state.eval_steps),
     })))
 }
