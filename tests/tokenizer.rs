@@ -538,3 +538,24 @@ fn bad_input_is_a_clear_error() {
         "nothing written after failures"
     );
 }
+
+#[test]
+fn bytes_to_unicode_is_gpt2s_byte_alphabet() {
+    let table = tokenizer::bytes_to_unicode();
+    // The same 256 characters as `tokenizers`' byte-level alphabet, one per byte.
+    let ours: std::collections::HashSet<char> = table.iter().copied().collect();
+    let theirs: std::collections::HashSet<char> =
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+            .into_iter()
+            .collect();
+    assert_eq!(ours.len(), 256);
+    assert_eq!(ours, theirs);
+    // And the entries Python's bytes_to_unicode gives (notebooks/fixtures).
+    let fx = read_json(&root().join("notebooks/fixtures/chapter.json"));
+    for (byte, ch) in fx["gpt2"]["byte_to_char"].as_object().unwrap() {
+        let b: usize = byte.parse().unwrap();
+        assert_eq!(table[b].to_string(), ch.as_str().unwrap(), "byte {b}");
+    }
+    // What GPT-2's tokenizer shows for a space and a newline.
+    assert_eq!(gpt2().tokenize(" \n").unwrap(), ["Ġ", "Ċ"]);
+}

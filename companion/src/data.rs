@@ -57,18 +57,44 @@ impl Dataset {
     }
 }
 
+/// How [`tokenize_and_pack`] runs `dataset.map(tokenize, batched=True)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    pub packing: Packing,
+    /// Documents per map batch (`batch_size=` of `dataset.map`; HF's default
+    /// is 1000). `group_texts` drops each batch's remainder.
+    pub batch_size: usize,
+    /// An id appended to every document, usually eos (run_clm adds it
+    /// through the tokenizer; GPT-2's does not, so we append it).
+    pub append_eos: Option<u32>,
+    /// A progress bar on stderr (when it is a terminal).
+    pub show_progress: bool,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            packing: Packing::Group { block_size: 1024 },
+            batch_size: 1000,
+            append_eos: None,
+            show_progress: false,
+        }
+    }
+}
+
 /// `dataset.map(lambda d: tokenizer(d["text"]), batched=True)` on all cores,
-/// `batch_size` documents per map batch (HF's default is 1000), then packed.
-/// With `eos`, an eos id follows every document (run_clm adds it through the
-/// tokenizer; GPT-2's does not, so we append it).
+/// then packed as `options.packing` says.
 pub fn tokenize_and_pack(
     tok: &AutoTokenizer,
     texts: &[String],
-    packing: Packing,
-    batch_size: usize,
-    eos: Option<u32>,
-    show_progress: bool,
+    options: &TokenizeOptions,
 ) -> Result<Dataset> {
+    let TokenizeOptions {
+        packing,
+        batch_size,
+        append_eos: eos,
+        show_progress,
+    } = *options;
     if batch_size == 0 {
         return Err(DataError::Invalid(
             "map batch_size must be at least 1".into(),
@@ -200,7 +226,13 @@ pub fn load_tokenized(
     if let Some(ds) = read_cache(&file) {
         return Ok(ds);
     }
-    let ds = tokenize_and_pack(tok, &texts, packing, 1000, eos, true)?;
+    let options = TokenizeOptions {
+        packing,
+        append_eos: eos,
+        show_progress: true,
+        ..TokenizeOptions::default()
+    };
+    let ds = tokenize_and_pack(tok, &texts, &options)?;
     // A cache that cannot be written only costs time next run.
     let _ = write_cache(&file, &ds);
     Ok(ds)
@@ -277,7 +309,9 @@ impl Batch {
     }
 }
 
-/// `DataCollatorForLanguageModeling(tokenizer, mlm=False)`: pad to the
+/// `DataCollatorForLanguageModeling(tokenizer, mlm=False)`, written
+/// `DataCollatorForLanguageModeling { mlm: false, ..DataCollatorForLanguageModeling::new(&tokenizer) }`
+/// or just `::new(&tokenizer)`: pad to the
 /// longest example (rounded up to `pad_to_multiple_of`) on the tokenizer's
 /// padding side; labels are the input ids with -100 where the input is the
 /// pad token (so with pad = eos, real eos tokens are not learned either, as
@@ -291,10 +325,13 @@ pub struct DataCollatorForLanguageModeling {
 }
 
 impl DataCollatorForLanguageModeling {
-    pub fn new(tok: &AutoTokenizer, mlm: bool) -> Self {
+    /// The causal-LM collator for `tok` (`mlm: false`; HF's own default is
+    /// `mlm=True`, masked-LM as BERT trains, which GPT-2 does not use and
+    /// `collate` refuses).
+    pub fn new(tok: &AutoTokenizer) -> Self {
         DataCollatorForLanguageModeling {
             pad_token_id: tok.pad_token_id(),
-            mlm,
+            mlm: false,
             pad_to_multiple_of: None,
             padding_side: tok.padding_side,
         }

@@ -4,7 +4,6 @@
 
 pub mod corpus;
 pub mod data;
-pub mod display;
 pub mod dist;
 pub mod generate;
 pub mod hub;
@@ -18,8 +17,8 @@ pub use tokenizer::AutoTokenizer;
 pub mod bench;
 pub mod config;
 pub mod model;
+pub mod notebook;
 pub mod ops;
-pub mod plot;
 pub mod pretrain;
 pub mod pyjson;
 
@@ -30,3 +29,22 @@ pub use model::GPT2LMHeadModel;
 pub use candle_core;
 pub use candle_nn;
 pub use serde_json;
+
+/// What the notebooks' cells use, in one `use companion::prelude::*;`: the
+/// chapter's classes by their transformers names, the notebook display
+/// types and checks, and candle's tensor types.
+pub mod prelude {
+    pub use crate::config::{ConfigOverrides, GPT2Config};
+    pub use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing, TokenizeOptions};
+    pub use crate::dist::comm::{run_ranks, Communicator};
+    pub use crate::generate::{GenerationConfig, TokenIds};
+    pub use crate::model::GPT2LMHeadModel;
+    pub use crate::notebook::{self, CheckFailed};
+    pub use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TokenizerKind, TrainArgs};
+    pub use crate::train::{EvalMetrics, Trainer, TrainingArguments};
+    pub use crate::{check, check_eq, corpus, data};
+    pub use candle_core::{DType, Device, Tensor};
+    pub use serde_json::json;
+    pub use std::path::Path;
+    pub use std::sync::Arc;
+}

@@ -512,7 +512,7 @@ fn eval_cmd(c: EvalCmd) -> Result<()> {
             path.display()
         );
     }
-    let collator = DataCollatorForLanguageModeling::new(&tok, false);
+    let collator = DataCollatorForLanguageModeling::new(&tok);
     let m = companion::train::evaluate_model(&model, &ds, &collator, c.batch_size)?;
     if c.json {
         println!(

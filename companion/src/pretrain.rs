@@ -289,7 +289,7 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     let job = |comm: Arc<dyn Communicator>| -> Result<Option<Value>, PretrainError> {
         let device = opts.rank_device.device(comm.rank())?;
         let model = GPT2LMHeadModel::new(&cfg, args.seed, &device)?;
-        let collator = DataCollatorForLanguageModeling::new(&tok, false);
+        let collator = DataCollatorForLanguageModeling::new(&tok);
         let trainer = Trainer::new_distributed(
             model,
             args.clone(),
@@ -481,7 +481,8 @@ fn train_and_save(
             path: state_file.display().to_string(),
             msg: e.to_string(),
         })?;
-    if let Err(e) = crate::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir))
+    if let Err(e) =
+        crate::notebook::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir))
     {
         eprintln!("warning: could not draw the loss plot: {e}");
     }

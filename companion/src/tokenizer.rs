@@ -77,9 +77,10 @@ pub struct BatchEncoding {
 }
 
 /// A tokenizer with its special-token roles, as `AutoTokenizer` gives one.
-#[derive(Clone)]
 pub struct AutoTokenizer {
     tokenizer: Tokenizer,
+    /// Which copy of this code last keyed the BPE cache (see [`CacheKey`]).
+    cache_key: CacheKey,
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
@@ -89,6 +90,65 @@ pub struct AutoTokenizer {
     pub padding_side: PaddingSide,
     /// Every other field of `tokenizer_config.json`, kept for `save_pretrained`.
     extra_config: Map<String, Value>,
+}
+
+impl Clone for AutoTokenizer {
+    fn clone(&self) -> Self {
+        AutoTokenizer {
+            tokenizer: self.tokenizer.clone(),
+            // The clone's BPE has a fresh cache id from whichever copy of
+            // `tokenizers` cloned it: key it again on first use.
+            cache_key: CacheKey::default(),
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+            pad_token: self.pad_token.clone(),
+            unk_token: self.unk_token.clone(),
+            model_max_length: self.model_max_length,
+            padding_side: self.padding_side,
+            extra_config: self.extra_config.clone(),
+        }
+    }
+}
+
+/// Keeps `tokenizers`' BPE cache correct when this crate is loaded more than
+/// once in one process, as the evcxr kernel does: every notebook cell is a
+/// shared library of its own, with its own copy of this code and of
+/// `tokenizers`. That crate caches BPE merges in a thread-local map keyed by
+/// a cache id drawn from a `static` counter, and each copy has its own
+/// counter and its own thread-local map. A tokenizer built in one cell and
+/// another built in a second cell can therefore carry the same id, and when a
+/// third cell tokenizes with both, the second reads the first one's cached
+/// merges: our BPE then spells GPT-2's token ids with its own vocabulary.
+///
+/// The fix: before a copy of this code encodes, it gives the tokenizer a new
+/// cache id from *its own* counter (`clear_cache`), unless it already did.
+/// All BPEs a copy encodes with then hold ids from one counter, which never
+/// repeats. The check is one atomic load per call; re-keying empties the
+/// cache once per copy (once per cell under evcxr, once per process
+/// elsewhere).
+#[derive(Debug, Default)]
+struct CacheKey(std::sync::atomic::AtomicUsize);
+
+/// One byte whose address tells the copies of this code apart.
+static THIS_COPY: u8 = 0;
+
+impl CacheKey {
+    fn this_copy() -> usize {
+        &THIS_COPY as *const u8 as usize
+    }
+
+    /// Re-key `tokenizer`'s BPE cache when another copy of this code (or
+    /// nobody) keyed it last.
+    fn ensure(&self, tokenizer: &Tokenizer) {
+        use std::sync::atomic::Ordering;
+        let me = Self::this_copy();
+        if self.0.load(Ordering::Acquire) != me {
+            if let ModelWrapper::BPE(bpe) = tokenizer.get_model() {
+                bpe.clear_cache();
+            }
+            self.0.store(me, Ordering::Release);
+        }
+    }
 }
 
 impl std::fmt::Debug for AutoTokenizer {
@@ -175,6 +235,7 @@ impl AutoTokenizer {
         let eot = has_eot.then(|| GPT2_ENDOFTEXT.to_string());
         AutoTokenizer {
             tokenizer,
+            cache_key: CacheKey::default(),
             bos_token: eot.clone(),
             eos_token: eot.clone(),
             unk_token: eot,
@@ -210,8 +271,10 @@ impl AutoTokenizer {
         self.extra_config = config;
     }
 
-    /// The wrapped `tokenizers::Tokenizer` (`tokenizer.backend_tokenizer`).
+    /// The wrapped `tokenizers::Tokenizer` (`tokenizer.backend_tokenizer`),
+    /// its BPE cache keyed for the calling copy of this code.
     pub fn backend(&self) -> &Tokenizer {
+        self.cache_key.ensure(&self.tokenizer);
         &self.tokenizer
     }
 
@@ -232,19 +295,19 @@ impl AutoTokenizer {
 
     /// `tokenizer.tokenize(text)`: token strings, no special tokens added.
     pub fn tokenize(&self, text: &str) -> Result<Vec<String>> {
-        let enc = self.tokenizer.encode(text, false).map_err(tk)?;
+        let enc = self.backend().encode(text, false).map_err(tk)?;
         Ok(enc.get_tokens().to_vec())
     }
 
     /// `tokenizer(text)["input_ids"]`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, true).map_err(tk)?;
+        let enc = self.backend().encode(text, true).map_err(tk)?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Ids with byte offsets into `text`, as `return_offsets_mapping=True` gives.
     pub fn encode_with_offsets(&self, text: &str) -> Result<IdsAndOffsets> {
-        let enc = self.tokenizer.encode(text, true).map_err(tk)?;
+        let enc = self.backend().encode(text, true).map_err(tk)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -257,7 +320,7 @@ impl AutoTokenizer {
         max_length: Option<usize>,
     ) -> Result<BatchEncoding> {
         let encs = self
-            .tokenizer
+            .backend()
             .encode_batch(texts.to_vec(), true)
             .map_err(tk)?;
         let mut input_ids: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
@@ -729,6 +792,33 @@ pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
     Ok(out)
 }
 
+/// GPT-2's byte → character table (`bytes_to_unicode` in transformers).
+/// Byte-level BPE learns merges over *strings*, and its vocabulary and
+/// `merges.txt` are text files with one space-separated pair per line, so
+/// every one of the 256 byte values needs a visible character of its own that
+/// is neither whitespace nor a control code: the 188 printable Latin-1 bytes
+/// stand for themselves and the other 68 (controls, space, DEL, NBSP, soft
+/// hyphen) take U+0100 onwards in order. Hence space (0x20) is `Ġ` (U+0120)
+/// and newline (0x0A) is `Ċ` (U+010A). `tokenizers` keeps this table private;
+/// a test checks this one against its alphabet and against Python's.
+pub fn bytes_to_unicode() -> [char; 256] {
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    let mut table = ['\0'; 256];
+    let mut next = 0x100;
+    for b in 0..256u32 {
+        let c = if printable(b) {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        table[b as usize] = char::from_u32(c).expect("below U+0200");
+    }
+    table
+}
+
 /// The token count of a model's tokenizer over `texts`, and the characters in
 /// them: tokens per character is how the chapter compares tokenizers.
 pub fn count_tokens<S: AsRef<str> + Sync>(
@@ -739,7 +829,7 @@ pub fn count_tokens<S: AsRef<str> + Sync>(
     texts
         .par_iter()
         .map(|t| {
-            let n = tok.tokenizer.encode(t.as_ref(), false).map_err(tk)?.len();
+            let n = tok.backend().encode(t.as_ref(), false).map_err(tk)?.len();
             Ok((n, t.as_ref().chars().count()))
         })
         .try_reduce(|| (0, 0), |a, b| Ok((a.0 + b.0, a.1 + b.1)))

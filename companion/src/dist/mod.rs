@@ -211,7 +211,7 @@ pub fn estimate_table(
     largest: u64,
     gpus_per_node: usize,
     nodes: usize,
-) -> crate::display::Table {
+) -> crate::notebook::Table {
     let gib = |b: u64| format!("{:.2} GB", b as f64 / (1u64 << 30) as f64);
     let mut rows = vec![vec![
         "ZeRO".to_string(),
@@ -227,7 +227,7 @@ pub fn estimate_table(
             gib(r.cpu_bytes),
         ]);
     }
-    crate::display::Table(rows)
+    crate::notebook::Table(rows)
 }
 
 /// Measured per-rank model-state bytes (from `Trainer::memory_report`) next
@@ -236,7 +236,7 @@ pub fn estimate_table(
 pub fn measured_table(
     reports: &[Vec<zero::ModelStateBytes>],
     params: usize,
-) -> crate::display::Table {
+) -> crate::notebook::Table {
     let kb = |b: usize| format!("{:.1} kB", b as f64 / 1e3);
     let mut rows = vec![vec![
         "ZeRO".to_string(),
@@ -264,11 +264,11 @@ pub fn measured_table(
             ]);
         }
     }
-    crate::display::Table(rows)
+    crate::notebook::Table(rows)
 }
 
 /// A table of the paper's per-stage memory for several GPU counts, in GB.
-pub fn paper_table(params: f64, gpu_counts: &[usize]) -> crate::display::Table {
+pub fn paper_table(params: f64, gpu_counts: &[usize]) -> crate::notebook::Table {
     let mut rows = vec![vec![
         "GPUs".to_string(),
         "baseline (DDP)".into(),
@@ -285,7 +285,7 @@ pub fn paper_table(params: f64, gpu_counts: &[usize]) -> crate::display::Table {
         );
         rows.push(r);
     }
-    crate::display::Table(rows)
+    crate::notebook::Table(rows)
 }
 
 #[cfg(test)]

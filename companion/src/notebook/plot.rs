@@ -14,18 +14,20 @@ use crate::train::TrainerState;
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let font = include_bytes!("../assets/plot-sans.ttf");
+        let font = include_bytes!("../../assets/plot-sans.ttf");
         if plotters::style::register_font("sans-serif", FontStyle::Normal, font).is_err() {
             panic!("the shipped font assets/plot-sans.ttf does not parse");
         }
     });
 }
 
-fn series(state: &TrainerState, key: &str) -> Vec<(f64, f64)> {
+/// `(step, value)` of every log entry that has `key`. Steps are whole
+/// numbers, so the x axis is an integer axis and its ticks are too.
+fn series(state: &TrainerState, key: &str) -> Vec<(i64, f64)> {
     state
         .log_history
         .iter()
-        .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?)))
+        .filter_map(|e| Some((e.get("step")?.as_i64()?, e.get(key)?.as_f64()?)))
         .collect()
 }
 
@@ -41,7 +43,7 @@ where
     let loss = series(state, "loss");
     let eval = series(state, "eval_loss");
     let lr = series(state, "learning_rate");
-    let max_step = state.global_step.max(1) as f64;
+    let max_step = state.global_step.max(1) as i64;
     let all: Vec<f64> = loss.iter().chain(&eval).map(|p| p.1).collect();
     let (lo, hi) = all
         .iter()
@@ -59,7 +61,7 @@ where
         .margin_right(24)
         .x_label_area_size(34)
         .y_label_area_size(48)
-        .build_cartesian_2d(0f64..max_step, lo..hi)
+        .build_cartesian_2d(0..max_step, lo..hi)
         .map_err(|e| e.to_string())?;
     c.configure_mesh()
         .x_desc("step")
@@ -84,7 +86,7 @@ where
         .margin_right(24)
         .x_label_area_size(34)
         .y_label_area_size(48)
-        .build_cartesian_2d(0f64..max_step, 0f64..lr_hi)
+        .build_cartesian_2d(0..max_step, 0f64..lr_hi)
         .map_err(|e| e.to_string())?;
     c.configure_mesh()
         .x_desc("step")
