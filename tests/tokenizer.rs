@@ -559,3 +559,17 @@ fn bytes_to_unicode_is_gpt2s_byte_alphabet() {
     // What GPT-2's tokenizer shows for a space and a newline.
     assert_eq!(gpt2().tokenize(" \n").unwrap(), ["Ġ", "Ċ"]);
 }
+
+#[test]
+fn token_bytes_inverts_the_byte_alphabet() {
+    assert_eq!(tokenizer::token_bytes("Ġthe").unwrap(), b" the");
+    assert_eq!(tokenizer::token_bytes("Ċ").unwrap(), b"\n");
+    // 事 is E4 BA 8B in UTF-8; GPT-2 splits it as "äº" + "ĭ".
+    let toks = gpt2().tokenize("事").unwrap();
+    let bytes: Vec<u8> = toks
+        .iter()
+        .flat_map(|t| tokenizer::token_bytes(t).unwrap())
+        .collect();
+    assert_eq!(bytes, "事".as_bytes());
+    assert_eq!(tokenizer::token_bytes("▁the"), None);
+}

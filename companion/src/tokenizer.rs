@@ -819,6 +819,17 @@ pub fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
+/// The bytes a byte-level token stands for (`Ġthe` → ` the`), through the
+/// inverse of [`bytes_to_unicode`]; `None` when a character of `token` is
+/// not in the byte alphabet (a SentencePiece piece such as `▁the`).
+pub fn token_bytes(token: &str) -> Option<Vec<u8>> {
+    let table = bytes_to_unicode();
+    token
+        .chars()
+        .map(|c| table.iter().position(|&t| t == c).map(|b| b as u8))
+        .collect()
+}
+
 /// The token count of a model's tokenizer over `texts`, and the characters in
 /// them: tokens per character is how the chapter compares tokenizers.
 pub fn count_tokens<S: AsRef<str> + Sync>(
