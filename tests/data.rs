@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use companion::corpus::read_file;
+use companion::data::corpus::read_file;
 
 #[test]
 fn parquet_reads_like_jsonl() {

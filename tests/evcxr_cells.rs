@@ -134,7 +134,7 @@ fn tokenizers_made_in_different_cells_keep_their_own_tokens() {
     // this test's own copy of the code.
     let gpt2 =
         AutoTokenizer::from_pretrained(&common::data("pretrained/gpt2").to_string_lossy()).unwrap();
-    let docs = companion::corpus::read_file(&corpus, "text").unwrap();
+    let docs = companion::data::corpus::read_file(&corpus, "text").unwrap();
     let trained = tokenizer::train(
         &TrainArgs {
             vocab_size: 2000,

@@ -278,7 +278,7 @@ impl GPT2Config {
 
     /// `config.to_json_string()`: sorted keys, indent 2, Python's float format.
     pub fn to_json_string(&self) -> String {
-        crate::pyjson::dumps(&self.to_value()) + "\n"
+        crate::hf_json::dumps(&self.to_value()) + "\n"
     }
 
     /// `config.save_pretrained(dir)` (atomic).
@@ -286,7 +286,10 @@ impl GPT2Config {
         let mut c = self.clone();
         c.architectures
             .get_or_insert_with(|| vec!["GPT2LMHeadModel".into()]);
-        crate::io::write_files_atomically(dir, &[("config.json", c.to_json_string().as_bytes())])
+        crate::atomic_write::write_files_atomically(
+            dir,
+            &[("config.json", c.to_json_string().as_bytes())],
+        )
     }
 }
 

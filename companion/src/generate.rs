@@ -110,12 +110,12 @@ impl GenerationConfig {
     }
 
     pub fn to_json_string(&self) -> String {
-        crate::pyjson::dumps(&serde_json::to_value(self).expect("serialises")) + "\n"
+        crate::hf_json::dumps(&serde_json::to_value(self).expect("serialises")) + "\n"
     }
 
     /// Write `generation_config.json` into `dir` (atomically).
     pub fn save_pretrained(&self, dir: &Path) -> std::io::Result<()> {
-        crate::io::write_files_atomically(
+        crate::atomic_write::write_files_atomically(
             dir,
             &[("generation_config.json", self.to_json_string().as_bytes())],
         )

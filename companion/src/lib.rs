@@ -2,25 +2,23 @@
 //! textbook: the chapter's journey from corpus to tokenizer to GPT-2 to
 //! training to generation, one module per concept.
 
-pub mod corpus;
+pub mod atomic_write;
 pub mod data;
 pub mod dist;
 pub mod generate;
 pub mod hub;
-pub mod io;
 pub mod kernels;
-pub mod sentencepiece;
 pub mod tokenizer;
 pub mod train;
 
 pub use tokenizer::AutoTokenizer;
 pub mod bench;
 pub mod config;
+pub mod hf_json;
 pub mod model;
 pub mod notebook;
 pub mod ops;
 pub mod pretrain;
-pub mod pyjson;
 
 pub use config::GPT2Config;
 pub use model::GPT2LMHeadModel;
@@ -35,6 +33,7 @@ pub use serde_json;
 /// types and checks, and candle's tensor types.
 pub mod prelude {
     pub use crate::config::{ConfigOverrides, GPT2Config};
+    pub use crate::data::{self, corpus};
     pub use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing, TokenizeOptions};
     pub use crate::dist::comm::{run_ranks, Communicator};
     pub use crate::generate::{GenerationConfig, TokenIds};
@@ -42,7 +41,7 @@ pub mod prelude {
     pub use crate::notebook::{self, CheckFailed};
     pub use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TokenizerKind, TrainArgs};
     pub use crate::train::{EvalMetrics, Trainer, TrainingArguments};
-    pub use crate::{check, check_eq, corpus, data};
+    pub use crate::{check, check_eq};
     pub use candle_core::{DType, Device, Tensor};
     pub use serde_json::json;
     pub use std::path::Path;

@@ -319,9 +319,9 @@ fn tokenizer_train(c: TrainCmd) -> Result<()> {
     let corpus = c
         .corpus
         .iter()
-        .map(|p| companion::corpus::resolve(&p.to_string_lossy()))
+        .map(|p| companion::data::corpus::resolve(&p.to_string_lossy()))
         .collect::<Result<Vec<_>, _>>()?;
-    let docs = companion::corpus::read_files(&corpus, &c.text_field)?;
+    let docs = companion::data::corpus::read_files(&corpus, &c.text_field)?;
     let mut args = train_args(&c.model, c.vocab_size)?;
     // tokenizers' BPE trainer ends its progress bar with a newline on stdout.
     args.show_progress &= !c.json;
@@ -384,7 +384,7 @@ fn tokenizer_show(c: ShowCmd) -> Result<()> {
 }
 
 fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
-    let docs = companion::corpus::read_files(&c.corpus, "text")?;
+    let docs = companion::data::corpus::read_files(&c.corpus, "text")?;
     let bytes: usize = docs.iter().map(String::len).sum();
     let mut args = train_args(&c.model, c.vocab_size)?;
     args.show_progress = false;
@@ -495,7 +495,7 @@ fn eval_cmd(c: EvalCmd) -> Result<()> {
             model.config.n_positions
         );
     }
-    let path = companion::corpus::resolve(&c.data)?;
+    let path = companion::data::corpus::resolve(&c.data)?;
     let mut ds = companion::data::load_tokenized(
         &path,
         &c.text_field,

@@ -795,7 +795,7 @@ impl GPT2LMHeadModel {
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let files = self.pretrained_files()?;
         let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-        crate::io::write_files_atomically(dir, &refs).map_err(|e| ModelError::File {
+        crate::atomic_write::write_files_atomically(dir, &refs).map_err(|e| ModelError::File {
             file: dir.display().to_string(),
             msg: e.to_string(),
         })
@@ -1047,8 +1047,7 @@ impl GPT2LMHeadModel {
     }
 }
 
-/// The label HF's loss ignores.
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::data::IGNORE_INDEX;
 
 /// Shifted cross-entropy summed over the tokens whose label is not -100,
 /// and their count: logits `[B, T, V]` predict labels `[B, T]` (i64) one

@@ -165,7 +165,7 @@ pub enum PretrainError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Corpus(#[from] crate::corpus::CorpusError),
+    Corpus(#[from] crate::data::corpus::CorpusError),
     #[error(transparent)]
     Comm(#[from] crate::dist::comm::CommError),
 }
@@ -183,7 +183,7 @@ pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer
             opts.tokenizer_vocab_size,
             opts.train_file.display()
         );
-        let docs = crate::corpus::read_files(&[&opts.train_file], &opts.text_field)?;
+        let docs = crate::data::corpus::read_files(&[&opts.train_file], &opts.text_field)?;
         let args = TrainArgs {
             vocab_size: opts.tokenizer_vocab_size,
             show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -206,9 +206,9 @@ pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer
 pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, PretrainError> {
     // `hf://datasets/…` files come from the Hugging Face cache or the hub.
     let mut resolved = opts.clone();
-    resolved.train_file = crate::corpus::resolve(&opts.train_file.to_string_lossy())?;
+    resolved.train_file = crate::data::corpus::resolve(&opts.train_file.to_string_lossy())?;
     if let Some(v) = &opts.validation_file {
-        resolved.validation_file = Some(crate::corpus::resolve(&v.to_string_lossy())?);
+        resolved.validation_file = Some(crate::data::corpus::resolve(&v.to_string_lossy())?);
     }
     let opts = &resolved;
     let out = PathBuf::from(&args.output_dir);
@@ -476,11 +476,14 @@ fn train_and_save(
     }
     // trainer.save_state(): the final state beside the checkpoints.
     let state_file = Path::new(&trainer.args.output_dir).join("trainer_state.json");
-    crate::io::write_file_atomically(&state_file, trainer.state.to_json_string().as_bytes())
-        .map_err(|e| crate::train::TrainError::Io {
-            path: state_file.display().to_string(),
-            msg: e.to_string(),
-        })?;
+    crate::atomic_write::write_file_atomically(
+        &state_file,
+        trainer.state.to_json_string().as_bytes(),
+    )
+    .map_err(|e| crate::train::TrainError::Io {
+        path: state_file.display().to_string(),
+        msg: e.to_string(),
+    })?;
     if let Err(e) =
         crate::notebook::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir))
     {

@@ -310,7 +310,7 @@ pub struct TrainerState {
 
 impl TrainerState {
     pub fn to_json_string(&self) -> String {
-        crate::pyjson::dumps(&serde_json::to_value(self).expect("serialises")) + "\n"
+        crate::hf_json::dumps(&serde_json::to_value(self).expect("serialises")) + "\n"
     }
 }
 
@@ -1072,7 +1072,7 @@ impl Trainer {
             .map_or(self.args.learning_rate, |o| o.lr);
         files.push((
             "optimizer.json".into(),
-            crate::pyjson::dumps(&json!({"type": "AdamW", "step": self.engine.step, "lr": lr,
+            crate::hf_json::dumps(&json!({"type": "AdamW", "step": self.engine.step, "lr": lr,
                 "betas": [a.beta1, a.beta2], "eps": a.eps, "weight_decay": a.weight_decay,
                 "zero_stage": self.engine.stage, "world_size": self.engine.world_size(),
                 "skipped_steps": self.engine.skipped_steps}))
@@ -1092,7 +1092,7 @@ impl Trainer {
         ));
         files.push((
             "rng_state.json".into(),
-            crate::pyjson::dumps(&json!({"seed": self.args.seed, "global_step": self.state.global_step,
+            crate::hf_json::dumps(&json!({"seed": self.args.seed, "global_step": self.state.global_step,
                 "note": "data order and dropout are functions of (seed, step), so this is all the RNG state"}))
             .into_bytes(),
         ));
@@ -1102,7 +1102,7 @@ impl Trainer {
         ));
         files.push((
             "training_args.json".into(),
-            crate::pyjson::dumps(&serde_json::to_value(&self.args).expect("json")).into_bytes(),
+            crate::hf_json::dumps(&serde_json::to_value(&self.args).expect("json")).into_bytes(),
         ));
         if let Some(tok) = &self.tokenizer {
             let tf = tok

@@ -96,7 +96,7 @@ pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
 
 /// Documents of a JSONL corpus file.
 pub fn docs(p: &Path) -> Vec<String> {
-    companion::corpus::read_file(p, "text").expect("corpus")
+    companion::data::corpus::read_file(p, "text").expect("corpus")
 }
 
 /// Largest absolute elementwise difference of two tensors of one shape.

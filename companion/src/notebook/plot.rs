@@ -122,7 +122,7 @@ pub fn loss_plot_png(state: &TrainerState, path: &Path) -> Result<(), String> {
 /// file is renamed over the old one).
 pub fn save_loss_plot(state: &TrainerState, dir: &Path) -> Result<(), String> {
     let svg = loss_plot_svg(state)?;
-    crate::io::write_file_atomically(&dir.join("loss.svg"), svg.as_bytes())
+    crate::atomic_write::write_file_atomically(&dir.join("loss.svg"), svg.as_bytes())
         .map_err(|e| e.to_string())?;
     // The encoder picks the format from the extension, so the partial file
     // ends in .png too.

@@ -57,7 +57,7 @@ pub unsafe extern "C" fn cell_train_bpe(
     let run = || -> Option<AutoTokenizer> {
         // SAFETY: see the module doc.
         let path = unsafe { text(corpus) };
-        let docs = companion::corpus::read_file(Path::new(&path), "text").ok()?;
+        let docs = companion::data::corpus::read_file(Path::new(&path), "text").ok()?;
         let args = TrainArgs {
             vocab_size,
             ..TrainArgs::default()

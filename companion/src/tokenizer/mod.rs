@@ -7,22 +7,24 @@
 //! `transformers`' `PreTrainedTokenizerFast` adds on top: special-token roles
 //! (bos/eos/pad/unk), padding, `tokenizer_config.json`, and `save_pretrained`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
-use tokenizers::models::TrainerWrapper;
-use tokenizers::normalizers::{Precompiled, Replace, Sequence, Strip, NFKC};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::{
     AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
     PreTokenizerWrapper, Tokenizer, TokenizerImpl,
 };
 
 use crate::hub;
+
+mod byte_level;
+mod sentencepiece;
+mod train;
+
+pub use byte_level::{bytes_to_unicode, token_bytes};
+pub use sentencepiece::from_sentencepiece_model;
+pub use train::{byte_level_bpe, sentencepiece_unigram, train, TokenizerKind, TrainArgs};
 
 /// The concrete `tokenizers` pipeline type behind `Tokenizer`.
 type Pipeline = TokenizerImpl<
@@ -496,7 +498,7 @@ impl AutoTokenizer {
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let files = self.pretrained_files()?;
         let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-        crate::io::write_files_atomically(dir, &refs).map_err(|e| TokenizerError::Io {
+        crate::atomic_write::write_files_atomically(dir, &refs).map_err(|e| TokenizerError::Io {
             path: dir.into(),
             msg: e.to_string(),
         })
@@ -532,302 +534,6 @@ pub enum SpecialRole {
     Eos,
     Pad,
     Unk,
-}
-
-/// Which model to train: `ByteLevelBPETokenizer` or SentencePiece's unigram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenizerKind {
-    Bpe,
-    Unigram,
-}
-
-impl std::str::FromStr for TokenizerKind {
-    type Err = TokenizerError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "bpe" | "byte-level-bpe" => Ok(Self::Bpe),
-            "unigram" | "sentencepiece" => Ok(Self::Unigram),
-            _ => Err(TokenizerError::Invalid(format!(
-                "unknown tokenizer model `{s}`: expected `bpe` or `unigram`"
-            ))),
-        }
-    }
-}
-
-/// Settings for [`train`]; the defaults are the chapter's.
-#[derive(Debug, Clone)]
-pub struct TrainArgs {
-    pub kind: TokenizerKind,
-    /// Size of the learned vocabulary (the chapter: 30000).
-    pub vocab_size: usize,
-    /// `min_frequency` of `train_from_iterator` (BPE only; default 2).
-    pub min_frequency: u64,
-    /// Added after training, so their ids follow the learned vocabulary:
-    /// bos, eos, pad in that order.
-    pub special_tokens: Vec<String>,
-    pub show_progress: bool,
-}
-
-impl Default for TrainArgs {
-    fn default() -> Self {
-        TrainArgs {
-            kind: TokenizerKind::Bpe,
-            vocab_size: 30000,
-            min_frequency: 2,
-            special_tokens: vec!["<bos>".into(), "<eos>".into(), "<pad>".into()],
-            show_progress: false,
-        }
-    }
-}
-
-/// `ByteLevelBPETokenizer()`: no normalizer, byte-level pre-tokenizer without
-/// a prefix space, byte-level decoder and post-processor.
-pub fn byte_level_bpe() -> Tokenizer {
-    let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::BPE(BPE::default()));
-    t.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-        false, true, true,
-    ))));
-    t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
-    t.with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(
-        false, false, true,
-    ))));
-    Tokenizer::from(t)
-}
-
-/// `SentencePieceUnigramTokenizer()`: SentencePiece's normalisation (NFKC,
-/// runs of spaces folded), `▁` for spaces with one prepended, unigram model.
-pub fn sentencepiece_unigram() -> Tokenizer {
-    let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::Unigram(Unigram::default()));
-    let folds = Replace::new(
-        tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()),
-        " ",
-    )
-    .expect("valid regex");
-    t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(vec![
-        NormalizerWrapper::Nmt(tokenizers::normalizers::Nmt),
-        NormalizerWrapper::NFKC(NFKC),
-        NormalizerWrapper::Replace(folds),
-    ]))))
-    .expect("normalizer");
-    let meta = Metaspace::new(METASPACE, PrependScheme::Always, true);
-    t.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(meta.clone())));
-    t.with_decoder(Some(DecoderWrapper::Metaspace(meta)));
-    Tokenizer::from(t)
-}
-
-/// Train a tokenizer on `texts` (one document each, as
-/// `train_from_iterator(dataset["text"])`), on all cores.
-pub fn train<I, S>(args: &TrainArgs, texts: I) -> Result<AutoTokenizer>
-where
-    I: Iterator<Item = S> + Send,
-    S: AsRef<str> + Send,
-{
-    let n_special = args.special_tokens.len();
-    let mut tokenizer = match args.kind {
-        TokenizerKind::Bpe => {
-            let alphabet = ByteLevel::alphabet();
-            if args.vocab_size <= alphabet.len() {
-                return Err(TokenizerError::Invalid(format!(
-                    "vocab_size {} is too small: byte-level BPE needs more than its {}-symbol \
-                     byte alphabet (the {} special tokens are added on top)",
-                    args.vocab_size,
-                    alphabet.len(),
-                    n_special
-                )));
-            }
-            let trainer = BpeTrainerBuilder::new()
-                .vocab_size(args.vocab_size)
-                .min_frequency(args.min_frequency)
-                .show_progress(args.show_progress)
-                .initial_alphabet(alphabet.into_iter().collect::<HashSet<char>>())
-                .build();
-            let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-            let mut t = byte_level_bpe();
-            t.train(&mut trainer, texts).map_err(tk)?;
-            t
-        }
-        TokenizerKind::Unigram => {
-            if args.vocab_size < 2 {
-                return Err(TokenizerError::Invalid(format!(
-                    "vocab_size {} is too small for a unigram model (it needs <unk> and pieces)",
-                    args.vocab_size
-                )));
-            }
-            let trainer = UnigramTrainerBuilder::default()
-                .vocab_size(args.vocab_size as u32)
-                .show_progress(args.show_progress)
-                .special_tokens(vec![AddedToken::from("<unk>", true)])
-                .unk_token(Some("<unk>".into()))
-                .build()
-                .map_err(tk)?;
-            let mut trainer = TrainerWrapper::UnigramTrainer(trainer);
-            let mut t = sentencepiece_unigram();
-            t.train(&mut trainer, texts).map_err(tk)?;
-            t
-        }
-    };
-    let learned = tokenizer.get_vocab_size(false);
-    if learned == 0 || (args.kind == TokenizerKind::Unigram && learned <= 1) {
-        return Err(TokenizerError::Invalid(
-            "the corpus holds no text to train on".into(),
-        ));
-    }
-    if args.kind == TokenizerKind::Unigram && learned < args.vocab_size / 2 {
-        // The unigram trainer silently stops short when the corpus has too few
-        // distinct pieces; say so rather than hand back a tiny vocabulary.
-        eprintln!(
-            "warning: the corpus only supports {learned} unigram pieces (asked for {})",
-            args.vocab_size
-        );
-    }
-    let specials: Vec<AddedToken> = args
-        .special_tokens
-        .iter()
-        .map(|s| AddedToken::from(s.as_str(), true))
-        .collect();
-    tokenizer.add_special_tokens(specials).map_err(tk)?;
-    let mut out = AutoTokenizer::from_tokenizer(tokenizer);
-    if args.kind == TokenizerKind::Unigram {
-        out.unk_token = Some("<unk>".into());
-    }
-    // bos, eos, pad in the order given (the chapter's three).
-    for (role, tok) in [SpecialRole::Bos, SpecialRole::Eos, SpecialRole::Pad]
-        .into_iter()
-        .zip(&args.special_tokens)
-    {
-        out.set_special_token(role, tok)?;
-    }
-    Ok(out)
-}
-
-/// Load a SentencePiece `.model` file (what `spm.SentencePieceTrainer.Train`
-/// writes) and convert it as `transformers`' `SpmConverter` does.
-pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
-    let bytes = std::fs::read(path).map_err(|e| TokenizerError::Io {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
-    let corrupt = |msg: String| TokenizerError::Corrupt {
-        path: path.into(),
-        msg,
-    };
-    let proto = crate::sentencepiece::ModelProto::decode_bytes(&bytes)
-        .map_err(|e| corrupt(format!("not a SentencePiece model: {e}")))?;
-    if proto.pieces.is_empty() {
-        return Err(corrupt("the model has no pieces".into()));
-    }
-    let trainer = proto.trainer_spec.clone().unwrap_or_default();
-    let model_type = trainer.model_type.unwrap_or(1);
-    if model_type != 1 {
-        return Err(corrupt(format!(
-            "model_type {model_type} is not supported: only unigram (1) models convert"
-        )));
-    }
-    let vocab: Vec<(String, f64)> = proto
-        .pieces
-        .iter()
-        .map(|p| {
-            (
-                p.piece.clone().unwrap_or_default(),
-                p.score.unwrap_or(0.0) as f64,
-            )
-        })
-        .collect();
-    let unk_id = trainer.unk_id.unwrap_or(0).max(0) as usize;
-    let byte_fallback = trainer.byte_fallback.unwrap_or(false);
-    let model =
-        Unigram::from(vocab, Some(unk_id), byte_fallback).map_err(|e| corrupt(e.to_string()))?;
-    let mut t: Pipeline = TokenizerImpl::new(ModelWrapper::Unigram(model));
-    let norm = proto.normalizer_spec.clone().unwrap_or_default();
-    let mut normalizers = Vec::new();
-    let charsmap = norm.precompiled_charsmap.clone().unwrap_or_default();
-    if !charsmap.is_empty() {
-        let pre = Precompiled::from(&charsmap)
-            .map_err(|e| corrupt(format!("precompiled_charsmap: {e}")))?;
-        normalizers.push(NormalizerWrapper::Precompiled(pre));
-    }
-    if norm.remove_extra_whitespaces.unwrap_or(true) {
-        normalizers.push(NormalizerWrapper::StripNormalizer(Strip::new(false, true)));
-        normalizers.push(NormalizerWrapper::Replace(
-            Replace::new(
-                tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()),
-                "▁",
-            )
-            .expect("valid regex"),
-        ));
-    }
-    t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(
-        normalizers,
-    ))))
-    .map_err(tk)?;
-    let scheme = if norm.add_dummy_prefix.unwrap_or(true) {
-        PrependScheme::Always
-    } else {
-        PrependScheme::Never
-    };
-    let meta = Metaspace::new(METASPACE, scheme, true);
-    t.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(meta.clone())));
-    t.with_decoder(Some(DecoderWrapper::Metaspace(meta)));
-    // Control and user-defined pieces are special tokens in transformers.
-    let specials: Vec<AddedToken> = proto
-        .pieces
-        .iter()
-        .filter(|p| matches!(p.r#type, Some(2) | Some(3)))
-        .map(|p| AddedToken::from(p.piece.clone().unwrap_or_default(), true))
-        .collect();
-    t.add_special_tokens(specials).map_err(tk)?;
-    let mut out = AutoTokenizer::from_tokenizer(Tokenizer::from(t));
-    let piece = |id: Option<i32>| -> Option<String> {
-        let id = id?;
-        (id >= 0)
-            .then(|| proto.pieces.get(id as usize))
-            .flatten()
-            .and_then(|p| p.piece.clone())
-    };
-    out.unk_token = piece(Some(trainer.unk_id.unwrap_or(0)));
-    out.bos_token = piece(Some(trainer.bos_id.unwrap_or(1)));
-    out.eos_token = piece(Some(trainer.eos_id.unwrap_or(2)));
-    out.pad_token = piece(Some(trainer.pad_id.unwrap_or(-1)));
-    Ok(out)
-}
-
-/// GPT-2's byte → character table (`bytes_to_unicode` in transformers).
-/// Byte-level BPE learns merges over *strings*, and its vocabulary and
-/// `merges.txt` are text files with one space-separated pair per line, so
-/// every one of the 256 byte values needs a visible character of its own that
-/// is neither whitespace nor a control code: the 188 printable Latin-1 bytes
-/// stand for themselves and the other 68 (controls, space, DEL, NBSP, soft
-/// hyphen) take U+0100 onwards in order. Hence space (0x20) is `Ġ` (U+0120)
-/// and newline (0x0A) is `Ċ` (U+010A). `tokenizers` keeps this table private;
-/// a test checks this one against its alphabet and against Python's.
-pub fn bytes_to_unicode() -> [char; 256] {
-    let printable = |b: u32| {
-        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
-    let mut table = ['\0'; 256];
-    let mut next = 0x100;
-    for b in 0..256u32 {
-        let c = if printable(b) {
-            b
-        } else {
-            next += 1;
-            next - 1
-        };
-        table[b as usize] = char::from_u32(c).expect("below U+0200");
-    }
-    table
-}
-
-/// The bytes a byte-level token stands for (`Ġthe` → ` the`), through the
-/// inverse of [`bytes_to_unicode`]; `None` when a character of `token` is
-/// not in the byte alphabet (a SentencePiece piece such as `▁the`).
-pub fn token_bytes(token: &str) -> Option<Vec<u8>> {
-    let table = bytes_to_unicode();
-    token
-        .chars()
-        .map(|c| table.iter().position(|&t| t == c).map(|b| b as u8))
-        .collect()
 }
 
 /// The token count of a model's tokenizer over `texts`, and the characters in

@@ -1,0 +1,166 @@
+//! `dataset.map(lambda d: tokenizer(d["text"]), batched=True)` and
+//! run_clm's `group_texts`: documents become fixed-length blocks.
+
+use rayon::prelude::*;
+
+use super::{DataError, Result};
+use crate::tokenizer::AutoTokenizer;
+
+/// How texts become training examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// One example per document, truncated to `max_length` (the chapter's way).
+    Truncate { max_length: usize },
+    /// run_clm's `group_texts`: documents joined with eos, cut into blocks of
+    /// `block_size`, the remainder of each map batch dropped.
+    Group { block_size: usize },
+}
+
+/// A tokenized dataset: one `input_ids` row per example.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dataset {
+    pub input_ids: Vec<Vec<u32>>,
+    /// UTF-8 bytes of the text the examples came from (for bits per byte).
+    pub text_bytes: usize,
+    /// Tokens before packing dropped any (for bits per byte).
+    pub text_tokens: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// Bytes of text per token, to turn nats per token into bits per byte.
+    pub fn bytes_per_token(&self) -> f64 {
+        self.text_bytes as f64 / self.text_tokens.max(1) as f64
+    }
+}
+
+/// How [`tokenize_and_pack`] runs `dataset.map(tokenize, batched=True)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    pub packing: Packing,
+    /// Documents per map batch (`batch_size=` of `dataset.map`; HF's default
+    /// is 1000). `group_texts` drops each batch's remainder.
+    pub batch_size: usize,
+    /// An id appended to every document, usually eos (run_clm adds it
+    /// through the tokenizer; GPT-2's does not, so we append it).
+    pub append_eos: Option<u32>,
+    /// A progress bar on stderr (when it is a terminal).
+    pub show_progress: bool,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            packing: Packing::Group { block_size: 1024 },
+            batch_size: 1000,
+            append_eos: None,
+            show_progress: false,
+        }
+    }
+}
+
+/// `dataset.map(lambda d: tokenizer(d["text"]), batched=True)` on all cores,
+/// then packed as `options.packing` says.
+pub fn tokenize_and_pack(
+    tok: &AutoTokenizer,
+    texts: &[String],
+    options: &TokenizeOptions,
+) -> Result<Dataset> {
+    let TokenizeOptions {
+        packing,
+        batch_size,
+        append_eos: eos,
+        show_progress,
+    } = *options;
+    if batch_size == 0 {
+        return Err(DataError::Invalid(
+            "map batch_size must be at least 1".into(),
+        ));
+    }
+    let bar = progress(texts.len() as u64, "tokenizing", show_progress);
+    let batches: Vec<Vec<Vec<u32>>> = texts
+        .par_chunks(batch_size)
+        .map(|chunk| {
+            let mut out = Vec::with_capacity(chunk.len());
+            for t in chunk {
+                let mut ids = tok.encode(t)?;
+                if let Some(e) = eos {
+                    ids.push(e);
+                }
+                out.push(ids);
+            }
+            bar.inc(chunk.len() as u64);
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    let text_tokens = batches.iter().flatten().map(Vec::len).sum();
+    let text_bytes = texts.iter().map(String::len).sum();
+    let input_ids = match packing {
+        Packing::Truncate { max_length } => batches
+            .into_iter()
+            .flatten()
+            .map(|mut ids| {
+                ids.truncate(max_length);
+                ids
+            })
+            .filter(|ids| !ids.is_empty())
+            .collect(),
+        Packing::Group { block_size } => {
+            if block_size == 0 {
+                return Err(DataError::Invalid("block_size must be at least 1".into()));
+            }
+            batches
+                .iter()
+                .flat_map(|b| group_texts(b, block_size))
+                .collect()
+        }
+    };
+    Ok(Dataset {
+        input_ids,
+        text_bytes,
+        text_tokens,
+    })
+}
+
+/// run_clm's `group_texts` on one map batch: concatenate, drop the
+/// remainder, split into `block_size` chunks.
+pub fn group_texts(examples: &[Vec<u32>], block_size: usize) -> Vec<Vec<u32>> {
+    let all: Vec<u32> = examples.iter().flatten().copied().collect();
+    let total = (all.len() / block_size) * block_size;
+    all[..total]
+        .chunks(block_size)
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+fn progress(len: u64, msg: &'static str, show: bool) -> indicatif::ProgressBar {
+    if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} [{elapsed}<{eta}]")
+            .expect("template"),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_texts_drops_the_remainder() {
+        let g = group_texts(&[vec![1, 2, 3], vec![4, 5], vec![6, 7, 8]], 3);
+        assert_eq!(g, vec![vec![1, 2, 3], vec![4, 5, 6]]);
+    }
+}
