@@ -280,3 +280,72 @@ fn original_gpt2_names_load() {
     let b = reference.forward(&ids, None, None).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
+
+#[test]
+fn an_untied_head_matches_transformers_and_round_trips() {
+    let fx = read_json(&fixture("tiny_gpt2_untied.json"));
+    let model = load("tiny_gpt2_untied");
+    assert!(!model.config.tie_word_embeddings);
+    let n = fx["num_parameters"].as_u64().unwrap() as usize;
+    assert_eq!(model.num_parameters(), n, "lm_head counted as a parameter");
+    assert_eq!(model.config.num_parameters(), n);
+    let ids = ids_tensor(&fx["ids"]);
+    let logits = model.forward(&ids, None, None).unwrap();
+    let d = max_diff(&logits, &logits3(&fx["logits"]), None);
+    assert!(d < 1e-4, "logits differ from transformers' by {d}");
+    let labels = ids.to_dtype(DType::I64).unwrap();
+    let loss: f32 = model
+        .forward_with_labels(&ids, None, &labels)
+        .unwrap()
+        .loss
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!((loss as f64 - fx["loss"].as_f64().unwrap()).abs() < 1e-5);
+
+    // generate(max_new_tokens=12, do_sample=False, repetition_penalty=1.1), token for token.
+    let g = &fx["generate"];
+    let cfg = companion::generate::GenerationConfig {
+        max_new_tokens: Some(g["max_new_tokens"].as_u64().unwrap() as usize),
+        repetition_penalty: g["repetition_penalty"].as_f64().unwrap(),
+        pad_token_id: Some(0),
+        ..companion::generate::GenerationConfig::from_model_config(&model.config)
+    };
+    let prompt: Vec<Vec<u32>> = serde_json::from_value(fx["ids"].clone()).unwrap();
+    let want: Vec<Vec<u32>> = serde_json::from_value(g["sequences"].clone()).unwrap();
+    assert_eq!(model.generate(&prompt, None, &cfg).unwrap().sequences, want);
+
+    // save_pretrained writes lm_head.weight; transformers and we read it back.
+    let dir = tempfile::tempdir().unwrap();
+    model.save_pretrained(dir.path()).unwrap();
+    let st =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(st.contains_key("lm_head.weight"), "an untied head is saved");
+    let py = run_python(
+        "check_model_roundtrip.py",
+        &[dir.path().to_str().unwrap(), &fx["ids"].to_string()],
+    );
+    let d = max_diff(&logits, &logits3(&py["logits"]), None);
+    assert!(
+        d < 1e-4,
+        "transformers' logits for our saved copy differ by {d}"
+    );
+    let back =
+        GPT2LMHeadModel::from_pretrained(dir.path().to_str().unwrap(), DType::F32, &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        max_abs_diff(&logits, &back.forward(&ids, None, None).unwrap()),
+        0.0
+    );
+}
+
+#[test]
+fn cross_attention_is_refused_by_name() {
+    let mut cfg = tiny_config();
+    cfg.add_cross_attention = true;
+    let e = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("add_cross_attention"), "{e}");
+}

@@ -26,6 +26,12 @@ fn model() -> GPT2LMHeadModel {
     tiny_gpt2()
 }
 
+/// A tiny GPT-2 fixture folder by name (`tiny_gpt2`, `tiny_gpt2_untied`).
+fn fixture_model(name: &str) -> GPT2LMHeadModel {
+    GPT2LMHeadModel::from_pretrained(fixture(name).to_str().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap()
+}
+
 /// 32 rows of 6–16 tokens, so batches need padding and attention masks.
 fn dataset() -> Dataset {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -94,9 +100,13 @@ fn losses_and_norms(t: &Trainer) -> (Vec<f64>, Vec<f64>) {
 
 /// One rank, no DeepSpeed, accumulating the whole global batch.
 fn reference(world: usize) -> Run {
+    reference_of(model(), world)
+}
+
+fn reference_of(model: GPT2LMHeadModel, world: usize) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(
-        model(),
+        model,
         args(dir.path(), ACCUM * world, None),
         collator(),
         dataset(),
@@ -126,14 +136,25 @@ fn zero_run(world: usize, stage: u8, offload: bool) -> Run {
 }
 
 fn zero_run_with(world: usize, stage: u8, offload: bool, checkpointing: bool) -> Run {
+    zero_run_of("tiny_gpt2", world, stage, offload, checkpointing)
+}
+
+fn zero_run_of(name: &str, world: usize, stage: u8, offload: bool, checkpointing: bool) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let out = run_ranks(
         world,
         |_, comm: Arc<dyn Communicator>| -> Result<Run, TrainError> {
             let mut a = args(dir.path(), ACCUM, Some(ds_config(stage, offload)));
             a.gradient_checkpointing = checkpointing;
-            let mut t =
-                Trainer::new_distributed(model(), a, collator(), dataset(), None, None, comm)?;
+            let mut t = Trainer::new_distributed(
+                fixture_model(name),
+                a,
+                collator(),
+                dataset(),
+                None,
+                None,
+                comm,
+            )?;
             t.verbose = false;
             let memory = t.memory_report()?;
             t.train()?;
@@ -227,6 +248,39 @@ fn every_stage_and_offload_equals_one_rank() {
             }
         }
     }
+}
+
+#[test]
+fn an_untied_head_trains_alike_on_every_path() {
+    // The fused kernels (one rank), ZeRO-2 on two ranks, and ZeRO-3's
+    // block-wise recomputation (candle's autograd) on two ranks.
+    let want = reference_of(fixture_model("tiny_gpt2_untied"), 2);
+    for (stage, what) in [(2, "ZeRO-2, 2 ranks"), (3, "ZeRO-3, 2 ranks")] {
+        let got = zero_run_of("tiny_gpt2_untied", 2, stage, false, false);
+        assert_same(what, &got, &want);
+    }
+    // The head is trained as a parameter of its own.
+    let before = fixture_model("tiny_gpt2_untied");
+    let get = |w: &[(String, Tensor)], n: &str| {
+        w.iter()
+            .find(|(m, _)| m == n)
+            .map(|(_, t)| t.clone())
+            .unwrap()
+    };
+    let start: Vec<(String, Tensor)> = before
+        .named_parameters()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    for name in ["lm_head.weight", "transformer.wte.weight"] {
+        let moved = max_abs_diff(&get(&want.weights, name), &get(&start, name));
+        assert!(moved > 0.0, "{name} did not train");
+    }
+    let head_vs_wte = max_abs_diff(
+        &get(&want.weights, "lm_head.weight"),
+        &get(&want.weights, "transformer.wte.weight"),
+    );
+    assert!(head_vs_wte > 0.1, "lm_head stays its own matrix");
 }
 
 #[test]

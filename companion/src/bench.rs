@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rand::Rng;
 use serde_json::{json, Value};
 
 use crate::config::GPT2Config;
@@ -69,13 +68,9 @@ pub fn gemm_gflops(n: usize) -> Result<f64> {
 }
 
 fn random_ids(rows: usize, cols: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = crate::model::rng(seed);
+    let mut rng = crate::rng::SeededRng::new(seed);
     (0..rows)
-        .map(|_| {
-            (0..cols)
-                .map(|_| rng.random_range(0..vocab as u32))
-                .collect()
-        })
+        .map(|_| (0..cols).map(|_| rng.below(vocab as u64) as u32).collect())
         .collect()
 }
 

@@ -227,14 +227,21 @@ impl GPT2Config {
                 self.n_embd, self.n_head
             ));
         }
+        if self.add_cross_attention {
+            return bad(
+                "add_cross_attention: true (a GPT-2 decoder with cross-attention to an encoder) \
+                 is not supported: this crate builds the decoder-only GPT2LMHeadModel"
+                    .into(),
+            );
+        }
         if self.n_layer == 0 || self.vocab_size == 0 || self.n_positions == 0 {
             return bad("n_layer, vocab_size and n_positions must be positive".into());
         }
-        if crate::model::Activation::parse(&self.activation_function).is_none() {
+        if Activation::parse(&self.activation_function).is_none() {
             return bad(format!(
                 "activation_function `{}` is not one GPT-2 accepts ({})",
                 self.activation_function,
-                crate::model::Activation::NAMES.join(", ")
+                Activation::NAMES.join(", ")
             ));
         }
         for (name, p) in [
@@ -254,11 +261,27 @@ impl GPT2Config {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
 
-    /// The number of parameters (`model.num_parameters()`, tied lm_head counted once).
+    /// GPT-2's attention score scale for layer `l`: 1/√head_dim when
+    /// `scale_attn_weights`, and a further 1/(l + 1) when
+    /// `scale_attn_by_inverse_layer_idx`.
+    pub fn attn_scale(&self, l: usize) -> f32 {
+        let mut scale = 1.0f64;
+        if self.scale_attn_weights {
+            scale /= (self.head_dim() as f64).sqrt();
+        }
+        if self.scale_attn_by_inverse_layer_idx {
+            scale /= (l + 1) as f64;
+        }
+        scale as f32
+    }
+
+    /// The number of parameters (`model.num_parameters()`: a tied lm_head
+    /// is `wte` and counted once).
     pub fn num_parameters(&self) -> usize {
         let (c, v, p, i, l) = (
             self.n_embd,
@@ -268,7 +291,8 @@ impl GPT2Config {
             self.n_layer,
         );
         let block = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * i + i) + (i * c + c);
-        v * c + p * c + l * block + 2 * c
+        let head = if self.tie_word_embeddings { 0 } else { v * c };
+        v * c + p * c + l * block + 2 * c + head
     }
 
     /// The JSON object `config.json` holds.
@@ -297,6 +321,51 @@ impl GPT2Config {
 impl std::fmt::Display for GPT2Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GPT2Config {}", self.to_json_string())
+    }
+}
+
+/// The activations `GPT2Config.activation_function` may name (HF's `ACT2FN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+    Relu,
+    Silu,
+    Tanh,
+    Sigmoid,
+    QuickGelu,
+    Linear,
+}
+
+impl Activation {
+    pub const NAMES: &'static [&'static str] = &[
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "gelu",
+        "relu",
+        "silu",
+        "swish",
+        "tanh",
+        "sigmoid",
+        "quick_gelu",
+        "linear",
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "gelu" => Self::Gelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            "tanh" => Self::Tanh,
+            "sigmoid" => Self::Sigmoid,
+            "quick_gelu" => Self::QuickGelu,
+            "linear" => Self::Linear,
+            _ => return None,
+        })
     }
 }
 

@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
+use crate::rng::SeededRng;
 use candle_core::{DType, Tensor};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{GPT2LMHeadModel, KvCache, ModelError, Result};
@@ -254,9 +254,9 @@ fn argmax(scores: &[f32]) -> u32 {
     best as u32
 }
 
-fn sample(scores: &[f32], rng: &mut impl Rng) -> u32 {
+fn sample(scores: &[f32], rng: &mut SeededRng) -> u32 {
     let probs = softmax(scores);
-    let r: f64 = rng.random();
+    let r = rng.uniform();
     let mut cum = 0.0;
     let mut last_ok = 0;
     for (i, p) in probs.iter().enumerate() {
@@ -278,7 +278,7 @@ fn next_token(
     new_tokens: usize,
     cfg: &GenerationConfig,
     eos: &[u32],
-    rng: &mut impl Rng,
+    rng: &mut SeededRng,
 ) -> (u32, Vec<f32>) {
     let mut s = logits.to_vec();
     apply_repetition_penalty(&mut s, ids, cfg.repetition_penalty);
@@ -381,7 +381,7 @@ impl GPT2LMHeadModel {
             )));
         }
         let rows = seqs.len();
-        let mut rng = crate::model::rng(cfg.seed.unwrap_or(0));
+        let mut rng = SeededRng::new(cfg.seed.unwrap_or(0));
         let mut cache = KvCache::new(self.config.n_layer);
         let mut unfinished = vec![true; rows];
         let mut out = GenerateOutput {

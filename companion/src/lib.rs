@@ -7,18 +7,18 @@ pub mod data;
 pub mod dist;
 pub mod generate;
 pub mod hub;
-pub mod kernels;
 pub mod tokenizer;
 pub mod train;
 
 pub use tokenizer::AutoTokenizer;
 pub mod bench;
 pub mod config;
+pub mod cpu;
 pub mod hf_json;
 pub mod model;
 pub mod notebook;
-pub mod ops;
 pub mod pretrain;
+pub mod rng;
 
 pub use config::GPT2Config;
 pub use model::GPT2LMHeadModel;

@@ -1,7 +1,5 @@
 //! Batches of example indices for each rank and step.
 
-use rand::seq::SliceRandom;
-
 use super::{DataError, Result};
 
 /// Batches of example indices: a seeded permutation per epoch (seed + epoch),
@@ -54,8 +52,7 @@ impl DataLoader {
     fn order(&self, epoch: usize) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.len).collect();
         if self.shuffle {
-            let mut rng = crate::model::rng(self.seed.wrapping_add(epoch as u64));
-            idx.shuffle(&mut rng);
+            crate::rng::SeededRng::new(self.seed.wrapping_add(epoch as u64)).shuffle(&mut idx);
         }
         idx
     }

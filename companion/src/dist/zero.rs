@@ -178,7 +178,7 @@ pub struct ZeroEngine {
     /// without gradient checkpointing). On by default; tests turn it off to
     /// compare the two.
     pub fused_kernels: bool,
-    workspace: Option<crate::kernels::Workspace>,
+    workspace: Option<crate::cpu::Workspace>,
 }
 
 impl ZeroEngine {
@@ -311,7 +311,7 @@ impl ZeroEngine {
         if self.stage == 3 || self.gradient_checkpointing {
             return self.micro_step_blockwise(model, ids, labels, mask, n_items);
         }
-        if self.fused_kernels && !self.mixed_precision() && crate::kernels::supported(model) {
+        if self.fused_kernels && !self.mixed_precision() && model.fused_kernels_apply() {
             return self.micro_step_fused(model, ids, labels, mask, n_items);
         }
         let logits = model.forward(ids, mask, None)?;
@@ -356,7 +356,7 @@ impl ZeroEngine {
     ) -> Result<f64> {
         let ids: Vec<Vec<u32>> = ids.to_vec2()?;
         let labels: Vec<Vec<i64>> = labels.to_vec2()?;
-        let batch = crate::kernels::Batch {
+        let batch = crate::cpu::Batch {
             ids: &ids,
             labels: &labels,
             mask,
@@ -366,15 +366,24 @@ impl ZeroEngine {
             .collect();
         let scale = (self.scale() / n_items) as f32;
         let mut ws = self.workspace.take().unwrap_or_default();
+        let dropout = model
+            .training_dropout()
+            .map(|d| d as &dyn crate::cpu::DropoutMasks);
+        let cfg = &model.config;
         let loss = if self.stage == 2 {
             let mut full = vec![0f32; self.layout.part * self.layout.world];
-            let loss = ws.forward_backward(model, &batch, &mut full, &ranges, scale);
+            let loss = model.with_fp32_weights(|w| {
+                Ok(ws.forward_backward(cfg, w, &batch, dropout, &mut full, &ranges, scale)?)
+            });
             if loss.as_ref().is_ok_and(|l| l.is_finite()) {
                 self.add_reduce_scattered(&full)?;
             }
             loss
         } else {
-            ws.forward_backward(model, &batch, &mut self.grads, &ranges, scale)
+            let grads = &mut self.grads;
+            model.with_fp32_weights(|w| {
+                Ok(ws.forward_backward(cfg, w, &batch, dropout, grads, &ranges, scale)?)
+            })
         };
         self.workspace = Some(ws);
         Ok(loss? / n_items)
@@ -582,11 +591,13 @@ impl ZeroEngine {
             .filter(|n| n.ends_with(".ln_1.weight"))
             .count();
         let emb = self.indices(&["transformer.wte.weight", "transformer.wpe.weight"]);
-        let head = self.indices(&[
-            "transformer.wte.weight",
-            "transformer.ln_f.weight",
-            "transformer.ln_f.bias",
-        ]);
+        // The head is `lm_head.weight` when the model has one (untied), else `wte`.
+        let head_w = if self.layout.index("lm_head.weight").is_some() {
+            "lm_head.weight"
+        } else {
+            "transformer.wte.weight"
+        };
+        let head = self.indices(&[head_w, "transformer.ln_f.weight", "transformer.ln_f.bias"]);
         let blocks = (0..n_layer)
             .map(|l| {
                 let p = format!("transformer.h.{l}.");

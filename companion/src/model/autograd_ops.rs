@@ -1,9 +1,9 @@
-//! Fused CPU kernels, each forward beside its backward (as in llm.c):
-//! layer norm, softmax over the last dimension, GELU (tanh form) and
-//! cross-entropy. candle's own fused layer norm and softmax have no
-//! backward; the composite versions allocate a temporary per primitive.
-//! These are candle custom ops whose `bwd` calls a second fused kernel.
-//! Other devices and dtypes fall back to differentiable composite ops.
+//! candle custom ops with a backward for the layers whose candle versions
+//! have none (fused `layer_norm`, `softmax_last_dim`) or build a temporary
+//! per primitive: layer norm, the masked attention softmax, GELU (tanh form)
+//! and cross-entropy. On fp32 CPU tensors each forward and backward calls
+//! the one implementation of that math in [`crate::cpu::layers`]; other
+//! devices and dtypes fall back to differentiable composite ops.
 
 use std::sync::Arc;
 
@@ -11,6 +11,11 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
+
+use crate::cpu::layers::{
+    cross_entropy_backward, cross_entropy_loss, gelu, gelu_backward, layer_norm_grad_wb, ln_row,
+    ln_row_grad_x, ln_row_stats, masked_softmax_row, softmax_backward_row, MASKED,
+};
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let v = match s {
@@ -32,54 +37,6 @@ fn fast(t: &Tensor) -> bool {
 /// y = (x − mean) / sqrt(var + eps) · w + b over the last dimension.
 struct LayerNorm {
     eps: f32,
-}
-
-/// A row's mean and reciprocal standard deviation.
-pub(crate) fn ln_row_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-/// One row: `y = (x − mean)·rstd·w + b`.
-pub(crate) fn ln_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], (mean, rstd): (f32, f32)) {
-    for i in 0..w.len() {
-        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-    }
-}
-
-/// One row of the input gradient, added into `dx`:
-/// `rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`.
-pub(crate) fn ln_row_grad_x(
-    dx: &mut [f32],
-    g: &[f32],
-    x: &[f32],
-    w: &[f32],
-    (mean, rstd): (f32, f32),
-) {
-    let c = w.len();
-    let (mut m1, mut m2) = (0f32, 0f32);
-    for i in 0..c {
-        let gw = g[i] * w[i];
-        m1 += gw;
-        m2 += gw * (x[i] - mean) * rstd;
-    }
-    m1 /= c as f32;
-    m2 /= c as f32;
-    for i in 0..c {
-        let xhat = (x[i] - mean) * rstd;
-        dx[i] += rstd * (g[i] * w[i] - m1 - xhat * m2);
-    }
-}
-
-/// One row's share of `[dw; db] = [Σ g·x̂; Σ g]`, added into `acc` (`2C`).
-pub(crate) fn ln_row_grad_wb(acc: &mut [f32], g: &[f32], x: &[f32], (mean, rstd): (f32, f32)) {
-    let c = g.len();
-    for i in 0..c {
-        acc[i] += g[i] * (x[i] - mean) * rstd;
-        acc[c + i] += g[i];
-    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -173,25 +130,7 @@ impl CustomOp2 for LayerNormGradWB {
         let x = f32_slice(s1, l1, "layer_norm grad x")?;
         let g = f32_slice(s2, l2, "layer_norm grad g")?;
         let c = *l1.dims().last().expect("rank ≥ 1");
-        let rows = x.len() / c;
-        let chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
-        let parts: Vec<Vec<f32>> = (0..rows)
-            .step_by(chunk)
-            .collect::<Vec<_>>()
-            .par_iter()
-            .map(|&start| {
-                let mut acc = vec![0f32; 2 * c];
-                for r in start..(start + chunk).min(rows) {
-                    let (x, g) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                    ln_row_grad_wb(&mut acc, g, x, ln_row_stats(x, self.eps));
-                }
-                acc
-            })
-            .collect();
-        let mut out = vec![0f32; 2 * c];
-        for p in parts {
-            out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
-        }
+        let out = layer_norm_grad_wb(g, x, c, |r| ln_row_stats(&x[r * c..(r + 1) * c], self.eps));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
@@ -231,15 +170,10 @@ impl CustomOp2 for SoftmaxGrad {
         let y = f32_slice(s1, l1, "softmax grad y")?;
         let g = f32_slice(s2, l2, "softmax grad g")?;
         let c = *l1.dims().last().expect("rank ≥ 1");
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = g.to_vec();
         dx.par_chunks_mut(c)
-            .zip(y.par_chunks(c).zip(g.par_chunks(c)))
-            .for_each(|(dx, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                for i in 0..c {
-                    dx[i] = y[i] * (g[i] - dot);
-                }
-            });
+            .zip(y.par_chunks(c))
+            .for_each(|(dx, y)| softmax_backward_row(dx, y, 1.0));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -256,9 +190,6 @@ struct MaskedSoftmax {
     key_mask: Option<Arc<Vec<Vec<u32>>>>,
 }
 
-/// The score a masked (future or padding) key gets before the softmax.
-pub(crate) const MASKED: f32 = -1e9;
-
 impl CustomOp1 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "companion-masked-softmax"
@@ -268,34 +199,13 @@ impl CustomOp1 for MaskedSoftmax {
         let x = f32_slice(s, l, "masked softmax")?;
         let dims = l.dims();
         let (h, t, sk) = (dims[1], dims[2], dims[3]);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(sk)
-            .zip(x.par_chunks(sk))
-            .enumerate()
-            .for_each(|(row, (y, x))| {
-                let i = row % t;
-                let b = row / (t * h);
-                let allowed = |j: usize| {
-                    j <= self.past + i && self.key_mask.as_ref().is_none_or(|m| m[b][j] == 1)
-                };
-                let mut m = f32::NEG_INFINITY;
-                for j in 0..sk {
-                    let v = if allowed(j) {
-                        x[j] * self.scale
-                    } else {
-                        MASKED
-                    };
-                    y[j] = v;
-                    m = m.max(v);
-                }
-                let mut z = 0f32;
-                for v in y.iter_mut() {
-                    *v = (*v - m).exp();
-                    z += *v;
-                }
-                let inv = 1.0 / z;
-                y.iter_mut().for_each(|v| *v *= inv);
+        let mut y = x.to_vec();
+        y.par_chunks_mut(sk).enumerate().for_each(|(row, y)| {
+            let (i, b) = (row % t, row / (t * h));
+            masked_softmax_row(y, self.scale, |j| {
+                j <= self.past + i && self.key_mask.as_ref().is_none_or(|m| m[b][j] == 1)
             });
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -344,8 +254,6 @@ pub fn masked_softmax(
 
 // ---------------------------------------------------------------------- GELU
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-
 /// HF's `gelu_new`: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 struct GeluTanh;
 
@@ -357,14 +265,7 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(y, x)| {
-                for i in 0..x.len() {
-                    let v = x[i];
-                    y[i] = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh());
-                }
-            });
+        gelu(x, &mut y);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -389,18 +290,8 @@ impl CustomOp2 for GeluTanhGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "gelu grad x")?;
         let g = f32_slice(s2, l2, "gelu grad g")?;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-            .for_each(|(dx, (x, g))| {
-                for i in 0..x.len() {
-                    let v = x[i];
-                    let u = SQRT_2_OVER_PI * (v + 0.044715 * v * v * v);
-                    let t = u.tanh();
-                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * v * v);
-                    dx[i] = g[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-                }
-            });
+        let mut dx = g.to_vec();
+        gelu_backward(&mut dx, x);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -436,9 +327,7 @@ impl CustomOp1 for CrossEntropySum {
                 if t < 0 {
                     return 0.0;
                 }
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let z: f32 = row.iter().map(|&a| (a - m).exp()).sum();
-                (m + z.ln() - row[t as usize]) as f64
+                cross_entropy_loss(row, t as usize)
             })
             .sum();
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
@@ -465,22 +354,15 @@ impl CustomOp1 for CrossEntropyGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "cross_entropy grad")?;
         let v = *l.dims().last().expect("rank 2");
-        let mut d = vec![0f32; x.len()];
+        let mut d = x.to_vec();
         d.par_chunks_mut(v)
-            .zip(x.par_chunks(v).zip(self.targets.par_iter()))
-            .for_each(|(d, (row, &t))| {
+            .zip(self.targets.par_iter())
+            .for_each(|(d, &t)| {
                 if t < 0 {
-                    return;
+                    d.fill(0.0);
+                } else {
+                    cross_entropy_backward(d, t as usize, 1.0);
                 }
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0f32;
-                for i in 0..v {
-                    d[i] = (row[i] - m).exp();
-                    z += d[i];
-                }
-                let inv = 1.0 / z;
-                d.iter_mut().for_each(|a| *a *= inv);
-                d[t as usize] -= 1.0;
             });
         Ok((CpuStorage::F32(d), l.shape().clone()))
     }

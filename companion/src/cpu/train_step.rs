@@ -1,0 +1,394 @@
+//! The fused training step: GPT-2's forward and backward pass over the
+//! buffers of a [`Workspace`], gradients added straight into a flat buffer
+//! (the ZeRO engine's), every layer's backward in reverse order of its
+//! forward.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::attention::{attention_backward, attention_forward};
+use super::gemm::{linear, linear_backward, matmul, two_mut};
+use super::inputs::{
+    check_label, check_length, check_mask, check_token_ids, positions, InputError,
+};
+use super::layers::{
+    add_dropped, cross_entropy_backward, gelu_backward, layer_norm, layer_norm_backward,
+    mlp_forward, mul_mask,
+};
+use super::workspace::{Index, Workspace};
+use super::{supports, DropoutMasks, Weights};
+use crate::config::GPT2Config;
+use crate::data::IGNORE_INDEX;
+
+/// One micro-batch: `ids` and `labels` `[B][T]`, `mask` (1 = token) or none.
+pub struct Batch<'a> {
+    pub ids: &'a [Vec<u32>],
+    pub labels: &'a [Vec<i64>],
+    pub mask: Option<&'a [Vec<u32>]>,
+}
+
+/// Check the batch the way the model and the loss do, with their messages.
+fn validate(cfg: &GPT2Config, batch: &Batch) -> Result<(usize, usize), InputError> {
+    let b = batch.ids.len();
+    let t = batch.ids.first().map_or(0, |r| r.len());
+    if b == 0 || t == 0 || batch.ids.iter().any(|r| r.len() != t) {
+        return Err(InputError(format!(
+            "input_ids must be a non-empty [B, T] batch of equal rows, got {b} rows"
+        )));
+    }
+    check_length(t, cfg.n_positions)?;
+    check_token_ids(batch.ids.iter().flatten().copied().max(), cfg.vocab_size)?;
+    if batch.labels.len() != b || batch.labels.iter().any(|r| r.len() != t) {
+        return Err(InputError(format!(
+            "labels must have shape [{b}, {t}] like input_ids"
+        )));
+    }
+    for &l in batch.labels.iter().flat_map(|r| &r[1..]) {
+        check_label(l, cfg.vocab_size)?;
+    }
+    check_mask(batch.mask, b, t)?;
+    Ok((b, t))
+}
+
+impl Workspace {
+    /// Forward and backward of one micro-batch. Returns the summed
+    /// cross-entropy over the label tokens (as `model::causal_lm_loss_sum`);
+    /// when it is finite, adds `grad_scale ×` its gradient into `grads`,
+    /// where weight `i` of `weights` owns `grads[ranges[i]]`. With
+    /// `dropout`, the model is in training mode and draws its masks there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward(
+        &mut self,
+        cfg: &GPT2Config,
+        weights: &Weights,
+        batch: &Batch,
+        dropout: Option<&dyn DropoutMasks>,
+        grads: &mut [f32],
+        ranges: &[Range<usize>],
+        grad_scale: f32,
+    ) -> Result<f64, InputError> {
+        if !supports(cfg) {
+            return Err(InputError(
+                "the fused CPU kernels need gelu_new (GPT-2's activation)".into(),
+            ));
+        }
+        let (b, t) = validate(cfg, batch)?;
+        if ranges.len() != weights.names.len() || ranges.iter().any(|r| r.end > grads.len()) {
+            return Err(InputError(
+                "gradient ranges do not match the model's parameters".into(),
+            ));
+        }
+        let idx = Index::new(weights.names, cfg.n_layer)?;
+        self.run(
+            cfg,
+            &idx,
+            weights.values,
+            batch,
+            dropout,
+            (b, t),
+            grads,
+            ranges,
+            grad_scale,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        cfg: &GPT2Config,
+        idx: &Index,
+        w: &[&[f32]],
+        batch: &Batch,
+        dropout: Option<&dyn DropoutMasks>,
+        (b, t): (usize, usize),
+        grads: &mut [f32],
+        ranges: &[Range<usize>],
+        grad_scale: f32,
+    ) -> Result<f64, InputError> {
+        let (c, h, v) = (cfg.n_embd, cfg.n_head, cfg.vocab_size);
+        let f = cfg.inner_dim();
+        let bt = b * t;
+        let eps = cfg.layer_norm_epsilon as f32;
+        let p = |p: f64| if dropout.is_some() { p } else { 0.0 };
+        let (p_emb, p_att, p_res) = (p(cfg.embd_pdrop), p(cfg.attn_pdrop), p(cfg.resid_pdrop));
+        let fill = |out: &mut [f32], p: f64| {
+            if let Some(d) = dropout {
+                d.fill_mask(out, p)
+            }
+        };
+        self.allocate(cfg, b, t, [p_emb > 0.0, p_att > 0.0, p_res > 0.0]);
+        let mask = batch.mask;
+        let pos = positions(b, t, 0, mask);
+        let ids: Vec<u32> = batch.ids.iter().flatten().copied().collect();
+
+        // ---- forward
+        // Embeddings, then dropout.
+        {
+            let (wte, wpe) = (w[idx.wte], w[idx.wpe]);
+            let x = &mut self.res[0];
+            x.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+                let (tok, p) = (ids[r] as usize, pos[r] as usize);
+                let (te, pe) = (&wte[tok * c..(tok + 1) * c], &wpe[p * c..(p + 1) * c]);
+                for i in 0..c {
+                    row[i] = te[i] + pe[i];
+                }
+            });
+            if p_emb > 0.0 {
+                fill(&mut self.emb_mask, p_emb);
+                let m = &self.emb_mask;
+                x.par_chunks_mut(4096)
+                    .zip(m.par_chunks(4096))
+                    .for_each(|(x, m)| x.iter_mut().zip(m).for_each(|(x, m)| *x *= m));
+            }
+        }
+        for l in 0..cfg.n_layer {
+            let bi = &idx.blocks[l];
+            let (head, rest) = self.res.split_at_mut(l + 1);
+            let (x_in, x_out) = (&head[l], &mut rest[0]);
+            let a = &mut self.layers[l];
+            layer_norm(
+                x_in,
+                w[bi.ln1.0],
+                w[bi.ln1.1],
+                eps,
+                &mut a.ln1,
+                &mut a.ln1_mean,
+                &mut a.ln1_rstd,
+            );
+            linear(&mut a.qkv, &a.ln1, w[bi.attn.0], w[bi.attn.1], bt, c, 3 * c);
+            let scale = cfg.attn_scale(l);
+            if p_att > 0.0 {
+                fill(&mut a.att_d, p_att);
+            }
+            attention_forward(a, mask, t, c, h, scale);
+            linear(
+                &mut self.tmp,
+                &a.atty,
+                w[bi.attn_proj.0],
+                w[bi.attn_proj.1],
+                bt,
+                c,
+                c,
+            );
+            if p_res > 0.0 {
+                fill(&mut a.attn_mask, p_res);
+            }
+            a.x2.copy_from_slice(x_in);
+            add_dropped(
+                &mut a.x2,
+                &self.tmp,
+                (p_res > 0.0).then_some(&a.attn_mask[..]),
+            );
+            layer_norm(
+                &a.x2,
+                w[bi.ln2.0],
+                w[bi.ln2.1],
+                eps,
+                &mut a.ln2,
+                &mut a.ln2_mean,
+                &mut a.ln2_rstd,
+            );
+            mlp_forward(
+                &a.ln2,
+                &mut a.fc,
+                &mut a.fc_act,
+                &mut self.tmp,
+                bi.mlp_weights(w),
+                (bt, c, f),
+            );
+            if p_res > 0.0 {
+                fill(&mut a.mlp_mask, p_res);
+            }
+            x_out.copy_from_slice(&a.x2);
+            add_dropped(x_out, &self.tmp, (p_res > 0.0).then_some(&a.mlp_mask[..]));
+        }
+        let x_last = &self.res[cfg.n_layer];
+        layer_norm(
+            x_last,
+            w[idx.lnf.0],
+            w[idx.lnf.1],
+            eps,
+            &mut self.lnf,
+            &mut self.lnf_mean,
+            &mut self.lnf_rstd,
+        );
+        let head = w[idx.head];
+        matmul(
+            &mut self.logits,
+            (&self.lnf, c, 1),
+            (head, 1, c),
+            bt,
+            v,
+            c,
+            false,
+        );
+
+        // ---- loss, and its gradient in place of the logits
+        let targets: Vec<i64> = (0..bt)
+            .map(|r| {
+                let (row, i) = (r / t, r % t);
+                if i + 1 < t {
+                    batch.labels[row][i + 1]
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        let loss: f64 = self
+            .logits
+            .par_chunks_mut(v)
+            .zip(targets.par_iter())
+            .map(|(row, &tg)| {
+                if tg < 0 {
+                    row.fill(0.0);
+                    return 0.0;
+                }
+                cross_entropy_backward(row, tg as usize, grad_scale)
+            })
+            .sum();
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+
+        // ---- backward
+        let g = |i: usize| ranges[i].clone();
+        // Head: logits = ln_f(x) · headᵀ (head = wte when tied).
+        matmul(
+            &mut self.dln,
+            (&self.logits, v, 1),
+            (head, c, 1),
+            bt,
+            c,
+            v,
+            false,
+        );
+        matmul(
+            &mut grads[g(idx.head)],
+            (&self.logits, 1, v),
+            (&self.lnf, c, 1),
+            v,
+            c,
+            bt,
+            true,
+        );
+        self.dres.fill(0.0);
+        let (gw, gb) = two_mut(grads, g(idx.lnf.0), g(idx.lnf.1));
+        layer_norm_backward(
+            &mut self.dres,
+            gw,
+            gb,
+            &self.dln,
+            x_last,
+            w[idx.lnf.0],
+            &self.lnf_mean,
+            &self.lnf_rstd,
+        );
+        for l in (0..cfg.n_layer).rev() {
+            let bi = &idx.blocks[l];
+            let a = &self.layers[l];
+            let x_in = &self.res[l];
+            // MLP branch: x_out = x2 + dropout(gelu(ln_2(x2)·W_fc + b)·W_proj + b).
+            mul_mask(
+                &mut self.dtmp,
+                &self.dres,
+                (p_res > 0.0).then_some(&a.mlp_mask[..]),
+            );
+            linear_backward(
+                &mut self.dfc,
+                grads,
+                (g(bi.mlp_proj.0), g(bi.mlp_proj.1)),
+                (&a.fc_act, w[bi.mlp_proj.0], &self.dtmp),
+                (bt, f, c),
+            );
+            gelu_backward(&mut self.dfc, &a.fc);
+            linear_backward(
+                &mut self.dln,
+                grads,
+                (g(bi.fc.0), g(bi.fc.1)),
+                (&a.ln2, w[bi.fc.0], &self.dfc),
+                (bt, c, f),
+            );
+            let (gw, gb) = two_mut(grads, g(bi.ln2.0), g(bi.ln2.1));
+            layer_norm_backward(
+                &mut self.dres,
+                gw,
+                gb,
+                &self.dln,
+                &a.x2,
+                w[bi.ln2.0],
+                &a.ln2_mean,
+                &a.ln2_rstd,
+            );
+            // Attention branch: x2 = x + dropout(attn(ln_1(x))·W_proj + b).
+            mul_mask(
+                &mut self.dtmp,
+                &self.dres,
+                (p_res > 0.0).then_some(&a.attn_mask[..]),
+            );
+            linear_backward(
+                &mut self.dln,
+                grads,
+                (g(bi.attn_proj.0), g(bi.attn_proj.1)),
+                (&a.atty, w[bi.attn_proj.0], &self.dtmp),
+                (bt, c, c),
+            );
+            let scale = cfg.attn_scale(l);
+            attention_backward(
+                a,
+                &self.dln,
+                &mut self.dqkv,
+                &mut self.datt,
+                (b, t, c, h),
+                scale,
+                (p_att > 0.0).then(|| (1.0 / (1.0 - p_att)) as f32),
+            );
+            linear_backward(
+                &mut self.dln,
+                grads,
+                (g(bi.attn.0), g(bi.attn.1)),
+                (&a.ln1, w[bi.attn.0], &self.dqkv),
+                (bt, c, 3 * c),
+            );
+            let (gw, gb) = two_mut(grads, g(bi.ln1.0), g(bi.ln1.1));
+            layer_norm_backward(
+                &mut self.dres,
+                gw,
+                gb,
+                &self.dln,
+                x_in,
+                w[bi.ln1.0],
+                &a.ln1_mean,
+                &a.ln1_rstd,
+            );
+        }
+        // Embeddings: scatter-add into the rows of wte and wpe (tied wte
+        // already holds the head's gradient).
+        mul_mask(
+            &mut self.dtmp,
+            &self.dres,
+            (p_emb > 0.0).then_some(&self.emb_mask[..]),
+        );
+        {
+            let gte = &mut grads[g(idx.wte)];
+            for (r, d) in self.dtmp.chunks(c).enumerate() {
+                let tok = ids[r] as usize;
+                gte[tok * c..(tok + 1) * c]
+                    .iter_mut()
+                    .zip(d)
+                    .for_each(|(a, d)| *a += d);
+            }
+        }
+        {
+            let gpe = &mut grads[g(idx.wpe)];
+            for (r, d) in self.dtmp.chunks(c).enumerate() {
+                let p = pos[r] as usize;
+                gpe[p * c..(p + 1) * c]
+                    .iter_mut()
+                    .zip(d)
+                    .for_each(|(a, d)| *a += d);
+            }
+        }
+        Ok(loss)
+    }
+}

@@ -1,0 +1,184 @@
+//! The buffers of the fused training step: every activation the backward
+//! pass needs, sized for one batch shape and reused from step to step (a
+//! fresh allocation per step costs page faults on every touch).
+
+use super::inputs::InputError;
+use crate::config::GPT2Config;
+
+/// One block's saved activations.
+#[derive(Default)]
+pub(crate) struct LayerActs {
+    pub(crate) ln1: Vec<f32>,
+    pub(crate) ln1_mean: Vec<f32>,
+    pub(crate) ln1_rstd: Vec<f32>,
+    /// `[B·T, 3C]`: queries, keys, values.
+    pub(crate) qkv: Vec<f32>,
+    /// `[B, H, T, T]` attention probabilities, and after dropout (empty
+    /// without attention dropout).
+    pub(crate) att: Vec<f32>,
+    pub(crate) att_d: Vec<f32>,
+    /// `[B·T, C]` heads' outputs before `c_proj`.
+    pub(crate) atty: Vec<f32>,
+    pub(crate) attn_mask: Vec<f32>,
+    /// The residual stream after attention: input of `ln_2`.
+    pub(crate) x2: Vec<f32>,
+    pub(crate) ln2: Vec<f32>,
+    pub(crate) ln2_mean: Vec<f32>,
+    pub(crate) ln2_rstd: Vec<f32>,
+    /// `[B·T, inner]` before and after the activation.
+    pub(crate) fc: Vec<f32>,
+    pub(crate) fc_act: Vec<f32>,
+    pub(crate) mlp_mask: Vec<f32>,
+}
+
+/// Activation and gradient buffers for one batch shape, reused from step to
+/// step (a fresh allocation per step costs page faults on every touch).
+#[derive(Default)]
+pub struct Workspace {
+    pub(crate) shape: (usize, usize),
+    /// The residual stream entering each block, and leaving the last.
+    pub(crate) res: Vec<Vec<f32>>,
+    pub(crate) layers: Vec<LayerActs>,
+    pub(crate) emb_mask: Vec<f32>,
+    pub(crate) lnf: Vec<f32>,
+    pub(crate) lnf_mean: Vec<f32>,
+    pub(crate) lnf_rstd: Vec<f32>,
+    /// `[B·T, V]` logits, overwritten by their gradient.
+    pub(crate) logits: Vec<f32>,
+    pub(crate) tmp: Vec<f32>,
+    pub(crate) dres: Vec<f32>,
+    pub(crate) dtmp: Vec<f32>,
+    pub(crate) dln: Vec<f32>,
+    pub(crate) dqkv: Vec<f32>,
+    pub(crate) dfc: Vec<f32>,
+    pub(crate) datt: Vec<f32>,
+}
+
+/// Resize `v` to `n` zeros, reusing its allocation.
+pub(crate) fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// The parameters of one block, as indices into `named_parameters`.
+pub(crate) struct BlockIdx {
+    pub(crate) ln1: (usize, usize),
+    pub(crate) attn: (usize, usize),
+    pub(crate) attn_proj: (usize, usize),
+    pub(crate) ln2: (usize, usize),
+    pub(crate) fc: (usize, usize),
+    pub(crate) mlp_proj: (usize, usize),
+}
+
+/// Parameter indices by role.
+pub(crate) struct Index {
+    pub(crate) wte: usize,
+    pub(crate) wpe: usize,
+    /// The output head: `lm_head.weight` when the model has one (untied),
+    /// else `wte`.
+    pub(crate) head: usize,
+    pub(crate) blocks: Vec<BlockIdx>,
+    pub(crate) lnf: (usize, usize),
+}
+
+impl BlockIdx {
+    /// `(W_fc, b_fc, W_proj, b_proj)` of this block's MLP.
+    pub(crate) fn mlp_weights<'a>(
+        &self,
+        w: &[&'a [f32]],
+    ) -> (&'a [f32], &'a [f32], &'a [f32], &'a [f32]) {
+        (
+            w[self.fc.0],
+            w[self.fc.1],
+            w[self.mlp_proj.0],
+            w[self.mlp_proj.1],
+        )
+    }
+}
+
+impl Index {
+    pub(crate) fn new(names: &[String], n_layer: usize) -> Result<Self, InputError> {
+        let find = |n: &str| {
+            names
+                .iter()
+                .position(|m| m == n)
+                .ok_or_else(|| InputError(format!("the model has no parameter `{n}`")))
+        };
+        let wb = |p: &str| -> Result<(usize, usize), InputError> {
+            Ok((find(&format!("{p}.weight"))?, find(&format!("{p}.bias"))?))
+        };
+        let blocks = (0..n_layer)
+            .map(|l| {
+                let p = format!("transformer.h.{l}");
+                Ok(BlockIdx {
+                    ln1: wb(&format!("{p}.ln_1"))?,
+                    attn: wb(&format!("{p}.attn.c_attn"))?,
+                    attn_proj: wb(&format!("{p}.attn.c_proj"))?,
+                    ln2: wb(&format!("{p}.ln_2"))?,
+                    fc: wb(&format!("{p}.mlp.c_fc"))?,
+                    mlp_proj: wb(&format!("{p}.mlp.c_proj"))?,
+                })
+            })
+            .collect::<Result<_, InputError>>()?;
+        let wte = find("transformer.wte.weight")?;
+        Ok(Index {
+            head: find("lm_head.weight").unwrap_or(wte),
+            wte,
+            wpe: find("transformer.wpe.weight")?,
+            blocks,
+            lnf: wb("transformer.ln_f")?,
+        })
+    }
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn allocate(&mut self, cfg: &GPT2Config, b: usize, t: usize, drop: [bool; 3]) {
+        let (c, h, l) = (cfg.n_embd, cfg.n_head, cfg.n_layer);
+        let f = cfg.inner_dim();
+        let bt = b * t;
+        let [emb, att, resid] = drop;
+        let sized = |on: bool, n: usize| if on { n } else { 0 };
+        if self.shape != (b, t) || self.layers.len() != l {
+            *self = Workspace::default();
+            self.shape = (b, t);
+        }
+        self.res.resize_with(l + 1, Vec::new);
+        for r in &mut self.res {
+            zeroed(r, bt * c);
+        }
+        self.layers.resize_with(l, LayerActs::default);
+        for a in &mut self.layers {
+            zeroed(&mut a.ln1, bt * c);
+            zeroed(&mut a.ln1_mean, bt);
+            zeroed(&mut a.ln1_rstd, bt);
+            zeroed(&mut a.qkv, bt * 3 * c);
+            zeroed(&mut a.att, b * h * t * t);
+            zeroed(&mut a.att_d, sized(att, b * h * t * t));
+            zeroed(&mut a.atty, bt * c);
+            zeroed(&mut a.attn_mask, sized(resid, bt * c));
+            zeroed(&mut a.x2, bt * c);
+            zeroed(&mut a.ln2, bt * c);
+            zeroed(&mut a.ln2_mean, bt);
+            zeroed(&mut a.ln2_rstd, bt);
+            zeroed(&mut a.fc, bt * f);
+            zeroed(&mut a.fc_act, bt * f);
+            zeroed(&mut a.mlp_mask, sized(resid, bt * c));
+        }
+        zeroed(&mut self.emb_mask, sized(emb, bt * c));
+        zeroed(&mut self.lnf, bt * c);
+        zeroed(&mut self.lnf_mean, bt);
+        zeroed(&mut self.lnf_rstd, bt);
+        zeroed(&mut self.logits, bt * cfg.vocab_size);
+        zeroed(&mut self.tmp, bt * c);
+        zeroed(&mut self.dres, bt * c);
+        zeroed(&mut self.dtmp, bt * c);
+        zeroed(&mut self.dln, bt * c);
+        zeroed(&mut self.dqkv, bt * 3 * c);
+        zeroed(&mut self.dfc, bt * f);
+        zeroed(&mut self.datt, b * h * t * t);
+    }
+}

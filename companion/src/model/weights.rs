@@ -1,0 +1,374 @@
+//! The weights of `GPT2LMHeadModel` by HF's names (the single source of
+//! truth for loading and saving): shapes, HF's initialisation,
+//! `from_pretrained`, `save_pretrained`, dtype and partitioned copies.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::dropout::Dropout;
+use super::gpt2::{build_block, build_ln, GPT2LMHeadModel};
+use super::{ModelError, Result};
+use crate::config::GPT2Config;
+use crate::hub;
+use crate::rng::SeededRng;
+
+pub(crate) fn piece(params: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    params
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ModelError::MissingTensor {
+            file: "(parameters passed to a forward piece)".into(),
+            name: name.into(),
+        })
+}
+
+/// The parameters of block `l`, with their shapes, in `named_parameters` order.
+pub fn block_parameter_names(cfg: &GPT2Config, l: usize) -> Vec<(String, Vec<usize>)> {
+    let p = format!("transformer.h.{l}.");
+    parameter_shapes(cfg)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(&p))
+        .collect()
+}
+
+/// HF's parameter names and shapes for a config, in the order
+/// `model.named_parameters()` lists them: `lm_head.weight` only when the
+/// head is not tied to `wte` (`tie_word_embeddings: false`).
+pub fn parameter_shapes(cfg: &GPT2Config) -> Vec<(String, Vec<usize>)> {
+    let (c, i) = (cfg.n_embd, cfg.inner_dim());
+    let mut v = vec![
+        (
+            "transformer.wte.weight".to_string(),
+            vec![cfg.vocab_size, c],
+        ),
+        (
+            "transformer.wpe.weight".to_string(),
+            vec![cfg.n_positions, c],
+        ),
+    ];
+    for l in 0..cfg.n_layer {
+        let p = |s: &str| format!("transformer.h.{l}.{s}");
+        v.extend([
+            (p("ln_1.weight"), vec![c]),
+            (p("ln_1.bias"), vec![c]),
+            (p("attn.c_attn.weight"), vec![c, 3 * c]),
+            (p("attn.c_attn.bias"), vec![3 * c]),
+            (p("attn.c_proj.weight"), vec![c, c]),
+            (p("attn.c_proj.bias"), vec![c]),
+            (p("ln_2.weight"), vec![c]),
+            (p("ln_2.bias"), vec![c]),
+            (p("mlp.c_fc.weight"), vec![c, i]),
+            (p("mlp.c_fc.bias"), vec![i]),
+            (p("mlp.c_proj.weight"), vec![i, c]),
+            (p("mlp.c_proj.bias"), vec![c]),
+        ]);
+    }
+    v.push(("transformer.ln_f.weight".into(), vec![c]));
+    v.push(("transformer.ln_f.bias".into(), vec![c]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![cfg.vocab_size, c]));
+    }
+    v
+}
+
+/// HF's `_init_weights` for GPT-2: normal(0, initializer_range) for
+/// embeddings, Conv1D weights and an untied `lm_head`, `c_proj` weights scaled by 1/sqrt(2·n_layer),
+/// zero biases, LayerNorm weight 1.
+fn init_value(cfg: &GPT2Config, name: &str, shape: &[usize], rng: &mut SeededRng) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if name.contains(".ln_") || name.starts_with("transformer.ln_f") {
+        return vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n];
+    }
+    if name.ends_with("bias") {
+        return vec![0.0; n];
+    }
+    let mut std = cfg.initializer_range;
+    if name.ends_with("c_proj.weight") {
+        std /= (2.0 * cfg.n_layer as f64).sqrt();
+    }
+    (0..n).map(|_| rng.normal(std) as f32).collect()
+}
+
+impl GPT2LMHeadModel {
+    /// `GPT2LMHeadModel(config)`: a fresh model with HF's initialisation, seeded.
+    pub fn new(config: &GPT2Config, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let mut rng = SeededRng::new(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(config) {
+            let data = init_value(config, &name, &shape, &mut rng);
+            tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        }
+        Self::from_tensors(config.clone(), tensors, DType::F32, device, "(new model)")
+    }
+
+    /// Build from named tensors, checking that every parameter is there with
+    /// the shape the config implies.
+    pub fn from_tensors(
+        config: GPT2Config,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        file: &str,
+    ) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap");
+            for (name, shape) in parameter_shapes(&config) {
+                let t = tensors
+                    .remove(&name)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        file: file.into(),
+                        name: name.clone(),
+                    })?;
+                if t.dims() != shape.as_slice() {
+                    return Err(ModelError::WrongShape {
+                        file: file.into(),
+                        name,
+                        found: t.dims().to_vec(),
+                        expected: shape,
+                    });
+                }
+                let t = t.to_device(device)?.to_dtype(dtype)?;
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        Ok(Self::assemble(config, varmap, dtype, device, false))
+    }
+
+    /// Build the modules over the parameters of `varmap`. With `detached`,
+    /// the modules see the same storage without the autograd flag, so a
+    /// forward pass records no graph (what `torch.no_grad()` gives).
+    pub(crate) fn assemble(
+        config: GPT2Config,
+        varmap: VarMap,
+        dtype: DType,
+        device: &Device,
+        detached: bool,
+    ) -> Self {
+        let get = |n: &str| -> Tensor {
+            let t = varmap.data().lock().expect("varmap")[n].as_tensor().clone();
+            if detached {
+                t.detach()
+            } else {
+                t
+            }
+        };
+        let blocks = (0..config.n_layer)
+            .map(|l| build_block(&config, l, &get))
+            .collect();
+        GPT2LMHeadModel {
+            lm_head: (!config.tie_word_embeddings).then(|| get("lm_head.weight")),
+            wte: get("transformer.wte.weight"),
+            wpe: get("transformer.wpe.weight"),
+            ln_f: build_ln(&config, "transformer.ln_f", &get),
+            blocks,
+            varmap,
+            config,
+            device: device.clone(),
+            dtype,
+            training: false,
+            dropout: Dropout::new(0),
+        }
+    }
+
+    /// `GPT2LMHeadModel.from_pretrained(id_or_dir)`: `config.json` and
+    /// `model.safetensors` (or a sharded `model.safetensors.index.json`),
+    /// from a folder, the HF cache or the hub. Original GPT-2 checkpoints
+    /// without the `transformer.` prefix and with `attn.bias` buffers load too.
+    pub fn from_pretrained(id_or_dir: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let config = GPT2Config::from_file(&hub::get_file(id_or_dir, "config.json")?)?;
+        let mut files = Vec::new();
+        if let Some(index) = hub::get_optional(id_or_dir, "model.safetensors.index.json") {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::File {
+                file: index.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::File {
+                    file: index.display().to_string(),
+                    msg: format!("not a safetensors index: {e}"),
+                })?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| ModelError::File {
+                    file: index.display().to_string(),
+                    msg: "no `weight_map` object".into(),
+                })?;
+            let mut shards: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                files.push(hub::get_file(id_or_dir, s)?);
+            }
+        } else {
+            files.push(hub::get_file(id_or_dir, "model.safetensors")?);
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            let loaded =
+                candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::File {
+                    file: f.display().to_string(),
+                    msg: format!("not a valid safetensors file: {e}"),
+                })?;
+            for (name, t) in loaded {
+                if name.ends_with(".attn.bias")
+                    || name.ends_with(".attn.masked_bias")
+                    || (name == "lm_head.weight" && config.tie_word_embeddings)
+                {
+                    continue; // causal-mask buffers and the tied head
+                }
+                let name = if name.starts_with("transformer.") || name == "lm_head.weight" {
+                    name
+                } else {
+                    format!("transformer.{name}")
+                };
+                tensors.insert(name, t.to_dtype(DType::F32)?);
+            }
+        }
+        let label = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self::from_tensors(config, tensors, dtype, device, &label)
+    }
+
+    /// The parameters by HF name, in `named_parameters()` order.
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap");
+        parameter_shapes(&self.config)
+            .into_iter()
+            .map(|(n, _)| {
+                let v = data[&n].clone();
+                (n, v)
+            })
+            .collect()
+    }
+
+    /// `model.num_parameters()`.
+    pub fn num_parameters(&self) -> usize {
+        self.named_parameters()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// The tensors `save_pretrained` writes, as f32 safetensors bytes.
+    pub fn state_dict_bytes(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (n, v) in self.named_parameters() {
+            tensors.push((
+                n,
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+            ));
+        }
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta)).map_err(
+            |e| ModelError::File {
+                file: "model.safetensors".into(),
+                msg: e.to_string(),
+            },
+        )
+    }
+
+    /// `model.save_pretrained(dir)`: `config.json` and `model.safetensors` in
+    /// HF's layout (`lm_head.weight` stored only when untied), both written
+    /// atomically.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let files = self.pretrained_files()?;
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        crate::atomic_write::write_files_atomically(dir, &refs).map_err(|e| ModelError::File {
+            file: dir.display().to_string(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// The files `save_pretrained` writes, by name (checkpoints write them too).
+    pub fn pretrained_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mut config = self.config.clone();
+        config.architectures = Some(vec!["GPT2LMHeadModel".into()]);
+        Ok(vec![
+            ("model.safetensors", self.state_dict_bytes()?),
+            ("config.json", config.to_json_string().into_bytes()),
+        ])
+    }
+
+    /// The same weights in `dtype` (`model.to(dtype)`), for mixed precision.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let tensors: HashMap<String, Tensor> = self
+            .named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let mut m =
+            Self::from_tensors(self.config.clone(), tensors, dtype, &self.device, "(model)")?;
+        m.training = self.training;
+        m.dropout.set_state(self.dropout.state());
+        Ok(m)
+    }
+
+    /// A model whose parameters live elsewhere (ZeRO-3 partitions them over
+    /// ranks): every parameter is an empty tensor, as DeepSpeed leaves
+    /// `param.numel() == 0` placeholders. Only the `*_with` pieces run on it.
+    pub fn partitioned(&self) -> Self {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap");
+            for (name, _) in parameter_shapes(&self.config) {
+                let empty = Var::zeros(0, self.dtype, &self.device).expect("an empty tensor");
+                data.insert(name, empty);
+            }
+        }
+        let mut m = Self::assemble(self.config.clone(), varmap, self.dtype, &self.device, false);
+        m.training = self.training;
+        m.dropout.set_state(self.dropout.state());
+        m
+    }
+
+    /// Borrow every weight's fp32 storage as slices, with their names, for
+    /// the fused CPU kernels (which never see the model itself).
+    pub fn with_fp32_weights<R>(
+        &self,
+        f: impl FnOnce(&crate::cpu::Weights) -> Result<R>,
+    ) -> Result<R> {
+        let params = self.named_parameters();
+        let guards: Vec<_> = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().storage_and_layout())
+            .collect();
+        let mut slices = Vec::with_capacity(params.len());
+        for ((name, _), (storage, layout)) in params.iter().zip(&guards) {
+            let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+                return Err(ModelError::Input(format!(
+                    "{name}: expected fp32 on the CPU"
+                )));
+            };
+            let Some((a, z)) = layout.contiguous_offsets() else {
+                return Err(ModelError::Input(format!(
+                    "{name}: expected a contiguous tensor"
+                )));
+            };
+            slices.push(&v[a..z]);
+        }
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        f(&crate::cpu::Weights {
+            names: &names,
+            values: &slices,
+        })
+    }
+
+    /// Whether the fused CPU kernels run this model: fp32 weights on the
+    /// CPU and GPT-2's tanh GELU.
+    pub fn fused_kernels_apply(&self) -> bool {
+        matches!(self.device, Device::Cpu)
+            && self.dtype == DType::F32
+            && crate::cpu::supports(&self.config)
+    }
+}
