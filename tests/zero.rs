@@ -10,10 +10,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use companion::data::Dataset;
-use companion::dist::comm::{run_ranks, Communicator};
-use companion::dist::zero::ModelStateBytes;
 use companion::model::GPT2LMHeadModel;
 use companion::train::{TrainError, Trainer, TrainingArguments};
+use companion::zero::comm::{run_ranks, Communicator};
+use companion::zero::ModelStateBytes;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -491,7 +491,7 @@ fn estimates_equal_deepspeeds() {
     let cfg = companion::GPT2Config::preset("gpt2").unwrap();
     let (params, largest) = (
         cfg.num_parameters() as u64,
-        companion::dist::largest_layer(&cfg),
+        companion::zero::memory::largest_layer(&cfg),
     );
     assert_eq!(params, fx["total_params"].as_u64().unwrap());
     assert_eq!(largest, fx["largest_layer_params"].as_u64().unwrap());
@@ -500,7 +500,7 @@ fn estimates_equal_deepspeeds() {
             case["gpus_per_node"].as_u64().unwrap() as usize,
             case["nodes"].as_u64().unwrap() as usize,
         );
-        let ours = companion::dist::deepspeed_estimates(params, largest, g, n);
+        let ours = companion::zero::memory::deepspeed_estimates(params, largest, g, n);
         let theirs: Vec<&Value> = case["zero2"]
             .as_array()
             .unwrap()
@@ -532,7 +532,7 @@ fn estimates_equal_deepspeeds() {
         )
         .replace("OffloadDeviceEnum.cpu", "cpu ");
         assert_eq!(
-            companion::dist::estimate_text(params, largest, g, n),
+            companion::zero::memory::estimate_text(params, largest, g, n),
             printed
         );
     }
@@ -555,7 +555,7 @@ fn estimates_equal_deepspeeds() {
 
 #[test]
 fn schedules_equal_deepspeeds() {
-    use companion::dist::config::DeepSpeedConfig;
+    use companion::zero::ds_config::DeepSpeedConfig;
     let fx = read_json(&fixture("ds_schedules.json"));
     for case in fx.as_array().unwrap() {
         let cfg = json!({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -570,7 +570,7 @@ fn schedules_equal_deepspeeds() {
             learning_rate: lr,
             ..Default::default()
         };
-        let c = DeepSpeedConfig::from_value(cfg, "case", &a, 1, 16).unwrap();
+        let c = DeepSpeedConfig::from_value(cfg, "case", &a.deepspeed_values(), 1, 16).unwrap();
         let s = c.scheduler.unwrap();
         for (step, want) in case["lrs"].as_array().unwrap().iter().enumerate() {
             let want = want.as_f64().unwrap();
@@ -586,12 +586,18 @@ fn schedules_equal_deepspeeds() {
 
 #[test]
 fn auto_values_resolve_like_transformers() {
-    use companion::dist::config::{json_eq, DeepSpeedConfig};
+    use companion::zero::ds_config::{json_eq, DeepSpeedConfig};
     let fx = read_json(&fixture("ds_auto.json"));
     let a = TrainingArguments::from_value(fx["training_args"].clone()).unwrap();
     let hidden = fx["hidden_size"].as_u64().unwrap() as usize;
-    let mut c =
-        DeepSpeedConfig::from_value(fx["ds_config"].clone(), "ds_auto", &a, 1, hidden).unwrap();
+    let mut c = DeepSpeedConfig::from_value(
+        fx["ds_config"].clone(),
+        "ds_auto",
+        &a.deepspeed_values(),
+        1,
+        hidden,
+    )
+    .unwrap();
     c.finalize(a.num_warmup_steps(100), 100);
     assert!(
         json_eq(&c.resolved, &fx["resolved"]),
@@ -606,8 +612,13 @@ fn auto_values_resolve_like_transformers() {
     let files = ex["configs"].as_object().unwrap();
     assert_eq!(files.len(), 6);
     for (name, want) in files {
-        let c =
-            DeepSpeedConfig::from_file(&data(&format!("ds_config/{name}")), &a, 1, hidden).unwrap();
+        let c = DeepSpeedConfig::from_file(
+            &data(&format!("ds_config/{name}")),
+            &a.deepspeed_values(),
+            1,
+            hidden,
+        )
+        .unwrap();
         assert!(
             json_eq(&c.resolved, &want["resolved"]),
             "{name}: ours {}\nHF's {}",
@@ -632,7 +643,7 @@ fn auto_values_resolve_like_transformers() {
             c.gradient_clipping,
             d["gradient_clipping"].as_f64().unwrap()
         );
-        let off = c.zero.offload_optimizer == companion::dist::config::OffloadDevice::Cpu;
+        let off = c.zero.offload_optimizer == companion::zero::ds_config::OffloadDevice::Cpu;
         assert_eq!(off, d["offload_optimizer"] == "cpu", "{name}");
     }
 }
@@ -792,8 +803,8 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
 
 #[test]
 fn loss_scaler_equals_deepspeeds() {
-    use companion::dist::config::Fp16Config;
-    use companion::dist::loss_scaler::LossScaler;
+    use companion::zero::ds_config::Fp16Config;
+    use companion::zero::precision::LossScaler;
     let fx = read_json(&fixture("ds_loss_scaler.json"));
     for case in fx.as_array().unwrap() {
         let mut s = LossScaler::from_config(&Fp16Config {

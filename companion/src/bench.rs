@@ -87,8 +87,9 @@ pub fn train(
     steps: usize,
     autograd: bool,
 ) -> std::result::Result<Value, crate::train::TrainError> {
-    use crate::dist::comm::SingleRank;
-    use crate::dist::zero::{AdamWParams, ZeroEngine};
+    use crate::optim::AdamWParams;
+    use crate::zero::comm::SingleRank;
+    use crate::zero::ZeroEngine;
     let cfg = &shape.config;
     let mut model = GPT2LMHeadModel::new(cfg, 0, &Device::Cpu)?;
     model.set_training(true);
@@ -202,7 +203,7 @@ pub fn trainer(
     deepspeed: Option<Value>,
     ranks: usize,
 ) -> std::result::Result<Value, crate::train::TrainError> {
-    use crate::dist::comm::{run_ranks, Communicator, SingleRank};
+    use crate::zero::comm::{run_ranks, Communicator, SingleRank};
     use std::sync::Arc;
     let cfg = shape.config.clone();
     let ranks = ranks.max(1);

@@ -4,7 +4,6 @@
 
 pub mod atomic_write;
 pub mod data;
-pub mod dist;
 pub mod generate;
 pub mod hub;
 pub mod tokenizer;
@@ -17,8 +16,10 @@ pub mod cpu;
 pub mod hf_json;
 pub mod model;
 pub mod notebook;
+pub mod optim;
 pub mod pretrain;
 pub mod rng;
+pub mod zero;
 
 pub use config::GPT2Config;
 pub use model::GPT2LMHeadModel;
@@ -35,12 +36,12 @@ pub mod prelude {
     pub use crate::config::{ConfigOverrides, GPT2Config};
     pub use crate::data::{self, corpus};
     pub use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing, TokenizeOptions};
-    pub use crate::dist::comm::{run_ranks, Communicator};
     pub use crate::generate::{GenerationConfig, TokenIds};
     pub use crate::model::GPT2LMHeadModel;
     pub use crate::notebook::{self, CheckFailed};
     pub use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TokenizerKind, TrainArgs};
     pub use crate::train::{EvalMetrics, Trainer, TrainingArguments};
+    pub use crate::zero::comm::{run_ranks, Communicator};
     pub use crate::{check, check_eq};
     pub use candle_core::{DType, Device, Tensor};
     pub use serde_json::json;

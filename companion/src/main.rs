@@ -429,9 +429,10 @@ fn zero_estimate_cmd(c: ZeroEstimateCmd) -> Result<()> {
     let cfg = companion::GPT2Config::from_pretrained(&c.model)
         .with_context(|| format!("reading the config of `{}`", c.model))?;
     let params = cfg.num_parameters() as u64;
-    let largest = companion::dist::largest_layer(&cfg);
+    let largest = companion::zero::memory::largest_layer(&cfg);
     if c.json {
-        let rows = companion::dist::deepspeed_estimates(params, largest, c.num_gpus, c.num_nodes);
+        let rows =
+            companion::zero::memory::deepspeed_estimates(params, largest, c.num_gpus, c.num_nodes);
         println!(
             "{}",
             json!({"total_params": params, "largest_layer_params": largest,
@@ -440,7 +441,7 @@ fn zero_estimate_cmd(c: ZeroEstimateCmd) -> Result<()> {
     } else {
         print!(
             "{}",
-            companion::dist::estimate_text(params, largest, c.num_gpus, c.num_nodes)
+            companion::zero::memory::estimate_text(params, largest, c.num_gpus, c.num_nodes)
         );
     }
     Ok(())

@@ -10,11 +10,11 @@ use serde_json::{json, Value};
 
 use crate::config::{ConfigOverrides, GPT2Config};
 use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing};
-use crate::dist::comm::{run_ranks, Communicator, SingleRank};
 use crate::generate::GenerationConfig;
 use crate::model::GPT2LMHeadModel;
 use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
 use crate::train::{Trainer, TrainingArguments};
+use crate::zero::comm::{run_ranks, Communicator, SingleRank};
 
 /// What `companion pretrain` needs besides `TrainingArguments`.
 #[derive(Debug, Clone)]
@@ -167,7 +167,7 @@ pub enum PretrainError {
     #[error(transparent)]
     Corpus(#[from] crate::data::corpus::CorpusError),
     #[error(transparent)]
-    Comm(#[from] crate::dist::comm::CommError),
+    Comm(#[from] crate::zero::comm::CommError),
 }
 
 /// The tokenizer: given, reused from `dir`, or trained on the corpus.
@@ -348,8 +348,8 @@ fn nccl_ranks(
 ) -> Result<Value, PretrainError> {
     #[cfg(feature = "nccl")]
     {
-        use crate::dist::comm::nccl_backend::{new_id, NcclRank};
-        use crate::dist::comm::{run_ranks_with, CommError};
+        use crate::zero::comm::nccl::{new_id, NcclRank};
+        use crate::zero::comm::{run_ranks_with, CommError};
         let id = new_id()?;
         let make = |r: usize| -> Result<Arc<dyn Communicator>, CommError> {
             let dev = opts
@@ -382,9 +382,7 @@ fn mpi_rank(opts: &PretrainOptions) -> Result<Option<Arc<dyn Communicator>>, Pre
     }
     #[cfg(feature = "mpi")]
     {
-        Ok(Some(Arc::new(
-            crate::dist::comm::mpi_backend::MpiRank::init()?,
-        )))
+        Ok(Some(Arc::new(crate::zero::comm::mpi::MpiRank::init()?)))
     }
     #[cfg(not(feature = "mpi"))]
     {

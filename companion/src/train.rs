@@ -14,12 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
-use crate::dist::comm::{Communicator, SingleRank};
-use crate::dist::config::{DeepSpeedConfig, Fp16Config, OffloadDevice};
-use crate::dist::loss_scaler::LossScaler;
-use crate::dist::zero::{AdamWParams, ModelStateBytes, ZeroEngine};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
+use crate::optim::AdamWParams;
 use crate::tokenizer::AutoTokenizer;
+use crate::zero::comm::{Communicator, SingleRank};
+use crate::zero::ds_config::{DeepSpeedConfig, Fp16Config, OffloadDevice};
+use crate::zero::precision::LossScaler;
+use crate::zero::{ModelStateBytes, ZeroEngine};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -36,7 +37,9 @@ pub enum TrainError {
     #[error("{0}")]
     NonFinite(String),
     #[error(transparent)]
-    Comm(#[from] crate::dist::comm::CommError),
+    Comm(#[from] crate::zero::comm::CommError),
+    #[error(transparent)]
+    Zero(#[from] crate::zero::ZeroError),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
@@ -235,6 +238,22 @@ impl TrainingArguments {
     }
 
     /// Fields given that this Trainer accepts but does not act on.
+    /// The values HF's DeepSpeed integration fills a ds_config's `"auto"` from.
+    pub fn deepspeed_values(&self) -> crate::zero::HfTrainingValues {
+        crate::zero::HfTrainingValues {
+            per_device_train_batch_size: self.per_device_train_batch_size,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            learning_rate: self.learning_rate,
+            max_grad_norm: self.max_grad_norm,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+            fp16: self.fp16,
+            bf16: self.bf16,
+        }
+    }
+
     pub fn unused_fields(&self) -> Vec<String> {
         let v: Vec<String> = self.extra.keys().cloned().collect();
         v
@@ -465,8 +484,13 @@ impl Trainer {
     ) -> Result<Self> {
         args.validate()?;
         let world = comm.world_size();
-        let deepspeed = DeepSpeedConfig::from_args(&args, world, model.config.n_embd)
-            .map_err(|e| TrainError::Args(e.to_string()))?;
+        let deepspeed = DeepSpeedConfig::from_args(
+            args.deepspeed.as_ref(),
+            &args.deepspeed_values(),
+            world,
+            model.config.n_embd,
+        )
+        .map_err(|e| TrainError::Args(e.to_string()))?;
         if world > 1 && deepspeed.is_none() {
             return Err(TrainError::Args(format!(
                 "{world} ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
@@ -683,7 +707,8 @@ impl Trainer {
             let b = self.batch_of(ds, &idx)?;
             let dev = self.model.device().clone();
             let (engine, model) = (&mut self.engine, &self.model);
-            let (s, n) = batch_loss_sum(&b, &dev, |ids, mask| engine.forward(model, ids, mask))?;
+            let (s, n) =
+                batch_loss_sum(&b, &dev, |ids, mask| Ok(engine.forward(model, ids, mask)?))?;
             sum += s;
             count += n;
         }

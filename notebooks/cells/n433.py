@@ -28,7 +28,7 @@ let gpt2 = GPT2Config::preset("gpt2").unwrap();
 let params = gpt2.num_parameters() as f64;
 println!("gpt2: {} parameters", gpt2.num_parameters());
 check_eq!(gpt2.num_parameters(), 124439808, "GPT2LMHeadModel.from_pretrained(\\"gpt2\\").num_parameters()");
-companion::dist::paper_table(params, &[1, 2, 4, 8, 64])
+notebook::zero_paper_table(params, &[1, 2, 4, 8, 64])
 """),
     md("""
 ### 論文の例: 7.5B パラメータを 64 GPU で
@@ -36,10 +36,10 @@ companion::dist::paper_table(params, &[1, 2, 4, 8, 64])
 """),
     code("""
 let paper_gb = [120.0, 31.4, 16.6, 1.9];
-for (row, want) in companion::dist::zero_paper(7.5e9, 64).iter().zip(paper_gb) {
+for (row, want) in companion::zero::memory::zero_paper(7.5e9, 64).iter().zip(paper_gb) {
     check!((row.bytes_per_gpu / 1e9 - want).abs() < 0.05, "stage {}: {} GB, the paper prints {want}", row.stage, row.bytes_per_gpu / 1e9);
 }
-companion::dist::paper_table(7.5e9, &[64])
+notebook::zero_paper_table(7.5e9, &[64])
 """),
     md("""
 ### オフロードを使う場合: DeepSpeed の見積もり関数
@@ -56,17 +56,17 @@ estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=8, num_n
 ```
 """),
     code("""
-let largest = companion::dist::largest_layer(&gpt2);
+let largest = companion::zero::memory::largest_layer(&gpt2);
 println!("largest layer (wte): {} parameters", largest);
 let ds = notebook::Fixture::from_file(Path::new("../tests/fixtures/zero_estimates.json"))?;
 check_eq!(largest, ds.at::<u64>("/largest_layer_params")?, "largest layer (DeepSpeed)");
-let ours = companion::dist::deepspeed_estimates(gpt2.num_parameters() as u64, largest, 8, 1);
+let ours = companion::zero::memory::deepspeed_estimates(gpt2.num_parameters() as u64, largest, 8, 1);
 let theirs: Vec<companion::serde_json::Value> = [ds.at::<Vec<_>>("/cases/0/zero2")?, ds.at::<Vec<_>>("/cases/0/zero3")?].concat();
 check_eq!(ours.len(), theirs.len(), "rows");
 for (o, t) in ours.iter().zip(&theirs) {
     check_eq!((o.gpu_bytes, o.cpu_bytes), (t["gpu"].as_u64().unwrap(), t["cpu"].as_u64().unwrap()), "{} (DeepSpeed)", o.options());
 }
-companion::dist::estimate_table(gpt2.num_parameters() as u64, largest, 8, 1)
+notebook::zero_estimate_table(gpt2.num_parameters() as u64, largest, 8, 1)
 """),
     md("""
 ### CPU の「ランク」で ZeRO を実際に動かす
@@ -96,7 +96,7 @@ for stage in 0..=3 {
         "train_batch_size": "auto", "gradient_clipping": "auto",
         "zero_optimization": { "stage": stage }
     });
-    let out = run_ranks(4, |_, comm: Arc<dyn Communicator>| -> Result<(Vec<companion::dist::zero::ModelStateBytes>, f64), companion::train::TrainError> {
+    let out = run_ranks(4, |_, comm: Arc<dyn Communicator>| -> Result<(Vec<companion::zero::ModelStateBytes>, f64), companion::train::TrainError> {
         let args = TrainingArguments {
             output_dir: "zero_demo".into(), max_steps: 2, per_device_train_batch_size: 2,
             learning_rate: 1e-3, logging_steps: 1.0, save_strategy: "no".into(),
@@ -126,7 +126,7 @@ for m in reports.iter().flatten() {
     let want = (4 * part(3), 4 * part(2), 8 * part(1));
     check_eq!((m.params, m.grads, m.optimizer_states), want, "stage {} rank {}: bytes of weights, gradients, Adam", m.stage, m.rank);
 }
-companion::dist::measured_table(&reports, small.num_parameters())
+notebook::zero_measured_table(&reports, small.num_parameters())
 """),
     md("""
 ステージが上がるごとに、各ランクの持つ量が 1/4 になっていく項が増えます (ステージ 1: Adam の状態、

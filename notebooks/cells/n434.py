@@ -248,7 +248,7 @@ for m in &memory {
     check_eq!((m.params, m.grads, m.optimizer_states), (4 * p, 4 * part, 8 * part), "rank {}: weights, gradients, Adam bytes", m.rank);
     check_eq!(m.offloaded_to_host, m.optimizer_states, "rank {}: the optimizer states are offloaded", m.rank);
 }
-companion::dist::measured_table(&[memory.clone()], p)
+notebook::zero_measured_table(&[memory.clone()], p)
 """),
     md("""
 ### 損失, パープレキシティ, bits per byte

@@ -232,6 +232,83 @@ impl Table {
     }
 }
 
+// -------------------------------------------------------- ZeRO's memory
+
+/// The estimates as a notebook table (GiB, as DeepSpeed prints them).
+pub fn zero_estimate_table(params: u64, largest: u64, gpus_per_node: usize, nodes: usize) -> Table {
+    let gib = |b: u64| format!("{:.2} GB", b as f64 / (1u64 << 30) as f64);
+    let mut rows = vec![vec![
+        "ZeRO".to_string(),
+        "options".into(),
+        "per GPU".into(),
+        "per CPU (node)".into(),
+    ]];
+    for r in crate::zero::memory::deepspeed_estimates(params, largest, gpus_per_node, nodes) {
+        rows.push(vec![
+            format!("stage {}", r.stage),
+            r.options().replace("cpu ", "cpu"),
+            gib(r.gpu_bytes),
+            gib(r.cpu_bytes),
+        ]);
+    }
+    Table(rows)
+}
+
+/// Measured per-rank model-state bytes (from `Trainer::memory_report`) next
+/// to the paper's fp32 formula (4Ψ weights + 4Ψ gradients + 8Ψ Adam, with
+/// stage s dividing the last s terms by N).
+pub fn zero_measured_table(reports: &[Vec<crate::zero::ModelStateBytes>], params: usize) -> Table {
+    let kb = |b: usize| format!("{:.1} kB", b as f64 / 1e3);
+    let mut rows = vec![vec![
+        "ZeRO".to_string(),
+        "rank".into(),
+        "weights".into(),
+        "gradients".into(),
+        "Adam moments".into(),
+        "total (measured)".into(),
+        "paper".into(),
+    ]];
+    for report in reports {
+        for m in report {
+            let n = m.world_size.max(1) as f64;
+            let p = params as f64;
+            let div = |from: u8| if m.stage >= from { n } else { 1.0 };
+            let paper = 4.0 * p / div(3) + 4.0 * p / div(2) + 8.0 * p / div(1);
+            rows.push(vec![
+                format!("stage {}", m.stage),
+                format!("{}/{}", m.rank, m.world_size),
+                kb(m.params),
+                kb(m.grads),
+                kb(m.optimizer_states),
+                kb(m.total()),
+                kb(paper as usize),
+            ]);
+        }
+    }
+    Table(rows)
+}
+
+/// A table of the paper's per-stage memory for several GPU counts, in GB.
+pub fn zero_paper_table(params: f64, gpu_counts: &[usize]) -> Table {
+    let mut rows = vec![vec![
+        "GPUs".to_string(),
+        "baseline (DDP)".into(),
+        "ZeRO-1".into(),
+        "ZeRO-2".into(),
+        "ZeRO-3".into(),
+    ]];
+    for &n in gpu_counts {
+        let mut r = vec![n.to_string()];
+        r.extend(
+            crate::zero::memory::zero_paper(params, n)
+                .iter()
+                .map(|m| format!("{:.2} GB", m.bytes_per_gpu / 1e9)),
+        );
+        rows.push(r);
+    }
+    Table(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! (after `hysteresis` overflows), and it doubles again after
 //! `loss_scale_window` clean steps. `loss_scale > 0` fixes it instead.
 
-use super::config::Fp16Config;
+use super::ds_config::Fp16Config;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossScaler {

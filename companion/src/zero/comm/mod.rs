@@ -1,13 +1,22 @@
 //! Collective communication between ranks: the five operations ZeRO needs
 //! (all-reduce, reduce-scatter, all-gather, broadcast, barrier), over a
-//! [`Communicator`] with one backend per transport. Here: a single rank
-//! ([`SingleRank`]) and ranks as threads of one process sharing memory
-//! ([`InProcessGroup`]), each with its own model replica and device.
+//! [`Communicator`] with one backend per transport: a single rank
+//! ([`SingleRank`]), ranks as threads of one process sharing memory
+//! ([`threads`]), MPI processes ([`mpi`], the `mpi` feature) and NCCL on
+//! GPUs ([`nccl`], the `nccl` feature).
 //!
 //! Every reduction adds the ranks' contributions in rank order, so all ranks
 //! get bit-identical results and a run is reproducible.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod threads;
+
+pub use threads::InProcessGroup;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommError {
@@ -127,7 +136,7 @@ pub trait Communicator: Send + Sync {
     }
 }
 
-fn check_same_len(all: &[Arc<Vec<f32>>]) -> Result<()> {
+pub(crate) fn check_same_len(all: &[Arc<Vec<f32>>]) -> Result<()> {
     if all.iter().any(|v| v.len() != all[0].len()) {
         let lens: Vec<usize> = all.iter().map(|v| v.len()).collect();
         return Err(CommError::Size(format!(
@@ -152,105 +161,6 @@ impl Communicator for SingleRank {
         Ok(Arc::new(vec![Arc::new(send)]))
     }
     fn abort(&self, _why: &str) {}
-}
-
-#[derive(Default)]
-struct Round {
-    generation: u64,
-    arrived: usize,
-    slots: Vec<Option<Arc<Vec<f32>>>>,
-    published: Option<Gathered>,
-    aborted: Option<String>,
-}
-
-/// Ranks as threads of one process: an exchange is a rendezvous on shared
-/// memory (no copies beyond the sender's buffer). Make one group with
-/// [`InProcessGroup::new`] and hand [`InProcessGroup::rank`] to each thread.
-pub struct InProcessGroup {
-    world: usize,
-    round: Mutex<Round>,
-    cv: Condvar,
-}
-
-impl InProcessGroup {
-    pub fn new(world: usize) -> Arc<Self> {
-        assert!(world >= 1, "a group has at least one rank");
-        Arc::new(InProcessGroup {
-            world,
-            round: Mutex::new(Round {
-                slots: vec![None; world],
-                ..Round::default()
-            }),
-            cv: Condvar::new(),
-        })
-    }
-
-    /// The communicator rank `rank` uses.
-    pub fn rank(self: &Arc<Self>, rank: usize) -> InProcessRank {
-        assert!(rank < self.world);
-        InProcessRank {
-            group: self.clone(),
-            rank,
-        }
-    }
-}
-
-/// One thread's handle on an [`InProcessGroup`].
-pub struct InProcessRank {
-    group: Arc<InProcessGroup>,
-    rank: usize,
-}
-
-impl Communicator for InProcessRank {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.group.world
-    }
-    fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
-        let g = &self.group;
-        let mut r = g.round.lock().unwrap_or_else(|e| e.into_inner());
-        let aborted = |r: &Round| {
-            r.aborted.clone().map(|why| CommError::Aborted {
-                rank: self.rank,
-                why,
-            })
-        };
-        if let Some(e) = aborted(&r) {
-            return Err(e);
-        }
-        r.slots[self.rank] = Some(Arc::new(send));
-        r.arrived += 1;
-        if r.arrived == g.world {
-            let all: Vec<Arc<Vec<f32>>> = r
-                .slots
-                .iter_mut()
-                .map(|s| s.take().expect("every rank sent"))
-                .collect();
-            let all = Arc::new(all);
-            r.published = Some(all.clone());
-            r.arrived = 0;
-            r.generation += 1;
-            g.cv.notify_all();
-            return Ok(all);
-        }
-        let gen = r.generation;
-        while r.generation == gen {
-            if let Some(e) = aborted(&r) {
-                return Err(e);
-            }
-            r = g.cv.wait(r).unwrap_or_else(|e| e.into_inner());
-        }
-        Ok(r.published.clone().expect("published with the generation"))
-    }
-    fn abort(&self, why: &str) {
-        let mut r = self.group.round.lock().unwrap_or_else(|e| e.into_inner());
-        if r.aborted.is_none() {
-            r.aborted = Some(format!("rank {}: {why}", self.rank));
-        }
-        self.group.cv.notify_all();
-    }
 }
 
 /// Run `f(rank, communicator)` on `world` threads and collect the results in
@@ -448,238 +358,5 @@ mod tests {
         let seen =
             run_ranks::<usize, CommError, _>(2, |_, _| Ok(rayon::current_num_threads())).unwrap();
         assert_eq!(seen, vec![per_rank, per_rank]);
-    }
-}
-
-/// Ranks as MPI processes (`mpirun -np N …`, one rank per process, on one
-/// machine or several): the exchange is `MPI_Allgather` of the sizes, then
-/// `MPI_Allgatherv` of the data. Built with the `mpi` feature.
-#[cfg(feature = "mpi")]
-pub mod mpi_backend {
-    use super::{CommError, Communicator, Gathered, Result};
-    use mpi::collective::CommunicatorCollectives;
-    use mpi::datatype::PartitionMut;
-    use mpi::topology::Communicator as MpiCommunicator;
-    use std::sync::Arc;
-
-    /// This process's rank in `MPI_COMM_WORLD`; dropping it finalises MPI.
-    pub struct MpiRank {
-        world: mpi::topology::SimpleCommunicator,
-        // Declared last: dropped (MPI_Finalize) after the communicator.
-        _universe: mpi::environment::Universe,
-    }
-
-    // Collectives are only ever called from the thread that owns the
-    // Trainer (MPI_THREAD_FUNNELED); the handles themselves are plain ids.
-    unsafe impl Send for MpiRank {}
-    unsafe impl Sync for MpiRank {}
-
-    impl MpiRank {
-        /// `MPI_Init`; fails when MPI is already initialised.
-        pub fn init() -> std::result::Result<Self, CommError> {
-            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
-                .ok_or_else(|| CommError::Size("MPI was already initialised".into()))?;
-            Ok(MpiRank {
-                world: universe.world(),
-                _universe: universe,
-            })
-        }
-    }
-
-    impl Communicator for MpiRank {
-        fn rank(&self) -> usize {
-            MpiCommunicator::rank(&self.world) as usize
-        }
-        fn world_size(&self) -> usize {
-            MpiCommunicator::size(&self.world) as usize
-        }
-        fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
-            let n = self.world_size();
-            let mut counts = vec![0i32; n];
-            self.world
-                .all_gather_into(&(send.len() as i32), &mut counts[..]);
-            let displs: Vec<i32> = counts
-                .iter()
-                .scan(0, |acc, &c| {
-                    let d = *acc;
-                    *acc += c;
-                    Some(d)
-                })
-                .collect();
-            let total: usize = counts.iter().map(|&c| c as usize).sum();
-            let mut buf = vec![0f32; total];
-            {
-                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-                self.world.all_gather_varcount_into(&send[..], &mut part);
-            }
-            let all = counts
-                .iter()
-                .zip(&displs)
-                .map(|(&c, &d)| Arc::new(buf[d as usize..(d + c) as usize].to_vec()))
-                .collect();
-            Ok(Arc::new(all))
-        }
-        fn abort(&self, why: &str) {
-            eprintln!("rank {}: {why}; aborting the MPI job", self.rank());
-            MpiCommunicator::abort(&self.world, 1);
-        }
-    }
-}
-
-/// Ranks on NVIDIA GPUs, one thread of this process per GPU, talking
-/// through NCCL (`--num-gpus N --backend nccl`). Buffers go to the rank's
-/// GPU, through the NCCL collective, and back: all-reduce and
-/// reduce-scatter are NCCL's own; the general exchange is an all-gather of
-/// the sizes, then of the buffers padded to the largest. Built with the
-/// `nccl` feature (which implies `cuda`).
-#[cfg(feature = "nccl")]
-pub mod nccl_backend {
-    use super::{CommError, Communicator, Gathered, Result};
-    use cudarc::driver::CudaStream;
-    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
-    use std::sync::{Arc, Mutex};
-
-    fn err(what: &str, e: impl std::fmt::Debug) -> CommError {
-        CommError::Transport(format!("NCCL {what}: {e:?}"))
-    }
-
-    /// The unique id rank 0 makes and every rank joins with.
-    pub fn new_id() -> Result<Id> {
-        Id::new().map_err(|e| err("id", e))
-    }
-
-    /// One rank's NCCL communicator on its GPU.
-    pub struct NcclRank {
-        comm: Mutex<Comm>,
-        stream: Arc<CudaStream>,
-        rank: usize,
-        world: usize,
-    }
-
-    // SAFETY: an NCCL communicator may be used from any thread as long as
-    // calls on it do not overlap; the mutex serialises them.
-    unsafe impl Send for NcclRank {}
-    unsafe impl Sync for NcclRank {}
-
-    impl NcclRank {
-        /// Join the group `id` names as `rank` of `world`, on `device`
-        /// (`cuda:rank`). Every rank must call this at the same time.
-        pub fn new(
-            device: &candle_core::Device,
-            rank: usize,
-            world: usize,
-            id: Id,
-        ) -> Result<Self> {
-            let candle_core::Device::Cuda(d) = device else {
-                return Err(CommError::Transport(format!(
-                    "NCCL rank {rank} needs a CUDA device, got {device:?}"
-                )));
-            };
-            let stream = d.cuda_stream();
-            let comm =
-                Comm::from_rank(stream.clone(), rank, world, id).map_err(|e| err("init", e))?;
-            Ok(NcclRank {
-                comm: Mutex::new(comm),
-                stream,
-                rank,
-                world,
-            })
-        }
-
-        /// All-gather of equal-length buffers, on the host side.
-        fn gather_equal<T>(&self, send: &[T]) -> Result<Vec<T>>
-        where
-            T: cudarc::driver::DeviceRepr
-                + cudarc::driver::ValidAsZeroBits
-                + cudarc::nccl::safe::NcclType
-                + Clone
-                + Default,
-        {
-            let s = &self.stream;
-            let src = s.clone_htod(send).map_err(|e| err("upload", e))?;
-            let mut dst = s
-                .alloc_zeros::<T>(send.len() * self.world)
-                .map_err(|e| err("alloc", e))?;
-            self.comm
-                .lock()
-                .expect("nccl comm")
-                .all_gather(&src, &mut dst)
-                .map_err(|e| err("all_gather", e))?;
-            s.clone_dtoh(&dst).map_err(|e| err("download", e))
-        }
-    }
-
-    impl Communicator for NcclRank {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-
-        fn world_size(&self) -> usize {
-            self.world
-        }
-
-        fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
-            let lens = self.gather_equal(&[send.len() as u64])?;
-            let max = lens.iter().copied().max().unwrap_or(0) as usize;
-            let mut padded = send;
-            padded.resize(max, 0.0);
-            let all = self.gather_equal(&padded)?;
-            Ok(Arc::new(
-                lens.iter()
-                    .enumerate()
-                    .map(|(r, &n)| Arc::new(all[r * max..r * max + n as usize].to_vec()))
-                    .collect(),
-            ))
-        }
-
-        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-            if self.world == 1 {
-                return Ok(());
-            }
-            let s = &self.stream;
-            let mut dev = s.clone_htod(&*buf).map_err(|e| err("upload", e))?;
-            self.comm
-                .lock()
-                .expect("nccl comm")
-                .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
-                .map_err(|e| err("all_reduce", e))?;
-            s.memcpy_dtoh(&dev, buf).map_err(|e| err("download", e))
-        }
-
-        fn reduce_scatter_sum(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
-            let equal = counts.len() == self.world
-                && counts.iter().all(|&c| c == counts[0])
-                && counts.iter().sum::<usize>() == send.len();
-            if !equal || self.world == 1 {
-                // Uneven chunks: the general path over `exchange`.
-                let all = self.exchange(send.to_vec())?;
-                let start: usize = counts[..self.rank.min(counts.len())].iter().sum();
-                let n = counts.get(self.rank).copied().unwrap_or(0);
-                let mut out = vec![0f32; n];
-                for other in all.iter() {
-                    out.iter_mut()
-                        .zip(&other[start..start + n])
-                        .for_each(|(a, b)| *a += b);
-                }
-                return Ok(out);
-            }
-            let s = &self.stream;
-            let src = s.clone_htod(send).map_err(|e| err("upload", e))?;
-            let mut dst = s
-                .alloc_zeros::<f32>(counts[0])
-                .map_err(|e| err("alloc", e))?;
-            self.comm
-                .lock()
-                .expect("nccl comm")
-                .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
-                .map_err(|e| err("reduce_scatter", e))?;
-            s.clone_dtoh(&dst).map_err(|e| err("download", e))
-        }
-
-        fn abort(&self, why: &str) {
-            // NCCL has no way to wake peers blocked in a collective short of
-            // aborting the communicator, which dropping it does.
-            eprintln!("rank {}: {why}", self.rank);
-        }
     }
 }

@@ -1,6 +1,8 @@
-//! `ds_config.json` in DeepSpeed's own schema, with `"auto"` filled from
-//! `TrainingArguments` the way transformers' DeepSpeed integration fills it
-//! (`HfTrainerDeepSpeedConfig`), and DeepSpeed's batch-size arithmetic.
+//! `ds_config.json` in DeepSpeed's own schema, with `"auto"` filled from the
+//! TrainingArguments values the way transformers' DeepSpeed integration
+//! fills it (`HfTrainerDeepSpeedConfig`), and DeepSpeed's batch-size
+//! arithmetic. The engine takes only the values it needs
+//! ([`HfTrainingValues`]), not the TrainingArguments.
 //!
 //! Keys we accept but do not act on (bucket sizes, `pin_memory`, …: they tune
 //! GPU overlap that ranks here do not need) are listed in
@@ -8,7 +10,23 @@
 
 use serde_json::{Map, Value};
 
-use crate::train::TrainingArguments;
+pub use crate::optim::SchedulerConfig;
+
+/// The `TrainingArguments` values that HF's DeepSpeed integration fills
+/// `"auto"` from, and checks other values against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfTrainingValues {
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    pub fp16: bool,
+    pub bf16: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DsConfigError {
@@ -52,109 +70,6 @@ pub struct OptimizerConfig {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
-}
-
-/// The `scheduler` block: DeepSpeed's warmup schedules.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SchedulerConfig {
-    WarmupLR {
-        min_lr: f64,
-        max_lr: f64,
-        warmup_num_steps: usize,
-        log_warmup: bool,
-    },
-    WarmupDecayLR {
-        min_lr: f64,
-        max_lr: f64,
-        warmup_num_steps: usize,
-        total_num_steps: usize,
-        log_warmup: bool,
-    },
-    WarmupCosineLR {
-        total_num_steps: usize,
-        warmup_min_ratio: f64,
-        warmup_num_steps: usize,
-        cos_min_ratio: f64,
-        log_warmup: bool,
-    },
-}
-
-impl SchedulerConfig {
-    /// The learning rate DeepSpeed uses for optimizer step `step` (0-based):
-    /// the scheduler starts at iteration -1 and steps after each update.
-    /// `base_lr` is the optimizer's lr (WarmupCosineLR scales it).
-    pub fn lr_at(&self, step: usize, base_lr: f64) -> f64 {
-        let it = step as i64 - 1;
-        let warm = |w: usize, log: bool| -> f64 {
-            let w = w.max(2) as f64;
-            if log {
-                ((it + 1) as f64).ln() / w.ln()
-            } else {
-                it as f64 / w
-            }
-        };
-        match *self {
-            SchedulerConfig::WarmupLR {
-                min_lr,
-                max_lr,
-                warmup_num_steps,
-                log_warmup,
-            } => {
-                if it < 0 {
-                    return min_lr;
-                }
-                let g = if (it as usize) < warmup_num_steps.max(2) {
-                    warm(warmup_num_steps, log_warmup)
-                } else {
-                    1.0
-                };
-                min_lr + (max_lr - min_lr) * g
-            }
-            SchedulerConfig::WarmupDecayLR {
-                min_lr,
-                max_lr,
-                warmup_num_steps,
-                total_num_steps,
-                log_warmup,
-            } => {
-                if it < 0 {
-                    return min_lr;
-                }
-                let w = warmup_num_steps.max(2);
-                let g = if (it as usize) < w {
-                    warm(warmup_num_steps, log_warmup)
-                } else {
-                    ((total_num_steps as f64 - it as f64)
-                        / (total_num_steps as f64 - w as f64).max(1.0))
-                    .max(0.0)
-                };
-                min_lr + (max_lr - min_lr) * g
-            }
-            SchedulerConfig::WarmupCosineLR {
-                total_num_steps,
-                warmup_min_ratio,
-                warmup_num_steps,
-                cos_min_ratio,
-                log_warmup,
-            } => {
-                if it < 0 {
-                    return 0.0;
-                }
-                let w = warmup_num_steps.max(2);
-                let ratio = if (it as usize) < w {
-                    warmup_min_ratio + warm(warmup_num_steps, log_warmup) * (1.0 - warmup_min_ratio)
-                } else {
-                    let real = (it as f64) - w as f64 + 1.0;
-                    let total = (total_num_steps as f64 - w as f64).max(1.0);
-                    // Clamped: past the end the ratio stays at cos_min_ratio.
-                    let progress = (real / total).min(1.0);
-                    let c = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
-                    (cos_min_ratio + (1.0 - cos_min_ratio) * c).max(0.0)
-                };
-                base_lr * ratio
-            }
-        }
-    }
 }
 
 /// A parsed, "auto"-resolved `ds_config.json`.
@@ -203,7 +118,7 @@ impl DeepSpeedConfig {
     /// `hidden_size` fills the bucket-size "auto"s as HF does.
     pub fn from_file(
         path: &std::path::Path,
-        args: &TrainingArguments,
+        args: &HfTrainingValues,
         world_size: usize,
         hidden_size: usize,
     ) -> Result<Self> {
@@ -221,11 +136,12 @@ impl DeepSpeedConfig {
 
     /// `args.deepspeed` as given: a path to a JSON file, or the dict itself.
     pub fn from_args(
-        args: &TrainingArguments,
+        deepspeed: Option<&Value>,
+        args: &HfTrainingValues,
         world_size: usize,
         hidden_size: usize,
     ) -> Result<Option<Self>> {
-        match &args.deepspeed {
+        match deepspeed {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(p)) => {
                 Self::from_file(std::path::Path::new(p), args, world_size, hidden_size).map(Some)
@@ -244,7 +160,7 @@ impl DeepSpeedConfig {
     pub fn from_value(
         mut v: Value,
         file: &str,
-        args: &TrainingArguments,
+        args: &HfTrainingValues,
         world_size: usize,
         hidden_size: usize,
     ) -> Result<Self> {
@@ -790,12 +706,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn args() -> TrainingArguments {
-        TrainingArguments {
+    /// TrainingArguments' defaults, with batch 4, accumulation 2, lr 1e-3.
+    fn args() -> HfTrainingValues {
+        HfTrainingValues {
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 2,
             learning_rate: 1e-3,
-            ..Default::default()
+            max_grad_norm: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+            fp16: false,
+            bf16: false,
         }
     }
 

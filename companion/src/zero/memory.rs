@@ -1,19 +1,35 @@
-//! 4.3.3: what ZeRO saves. Model-state memory per GPU for each ZeRO stage,
-//! from the ZeRO paper's formulas (mixed-precision Adam: 2 bytes of fp16
-//! parameters, 2 of fp16 gradients and K = 12 of fp32 master weights and
-//! Adam moments per parameter), and DeepSpeed's
-//! `estimate_zero2/3_model_states_mem_needs` for offload (checked against
-//! DeepSpeed's own output in tests/zero.rs).
-//!
-//! The training side: [`config`] reads `ds_config.json`, [`comm`] moves
-//! tensors between ranks, [`zero`] partitions model states by stage.
-
-pub mod comm;
-pub mod config;
-pub mod loss_scaler;
-pub mod zero;
+//! What ZeRO saves (4.3.3): the bytes each rank really holds, measured
+//! ([`ModelStateBytes`]); model-state memory per GPU for each stage from the
+//! ZeRO paper's formulas (mixed-precision Adam: 2 bytes of fp16 parameters,
+//! 2 of fp16 gradients and K = 12 of fp32 master weights and Adam moments
+//! per parameter); and DeepSpeed's `estimate_zero2/3_model_states_mem_needs`
+//! for offload (checked against DeepSpeed's own output in tests/zero.rs).
 
 use serde::Serialize;
+
+/// Bytes of model state one rank really holds, measured from its buffers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ModelStateBytes {
+    pub rank: usize,
+    pub stage: u8,
+    pub world_size: usize,
+    /// fp32 weights kept between steps (the whole model, or a partition).
+    pub params: usize,
+    /// Gradient accumulation buffer.
+    pub grads: usize,
+    /// Adam's exp_avg and exp_avg_sq.
+    pub optimizer_states: usize,
+    /// How much of the above lives in host memory because of offload.
+    pub offloaded_to_host: usize,
+    /// Stage 3: the most gathered (full) weights alive at once.
+    pub peak_gathered_params: usize,
+}
+
+impl ModelStateBytes {
+    pub fn total(&self) -> usize {
+        self.params + self.grads + self.optimizer_states
+    }
+}
 
 /// Bytes of optimizer state per parameter for mixed-precision Adam.
 pub const ADAM_K: f64 = 12.0;
@@ -203,89 +219,6 @@ pub fn estimate_text(params: u64, largest: u64, gpus_per_node: usize, nodes: usi
         }
     }
     out
-}
-
-/// The estimates as a notebook table (GiB, as DeepSpeed prints them).
-pub fn estimate_table(
-    params: u64,
-    largest: u64,
-    gpus_per_node: usize,
-    nodes: usize,
-) -> crate::notebook::Table {
-    let gib = |b: u64| format!("{:.2} GB", b as f64 / (1u64 << 30) as f64);
-    let mut rows = vec![vec![
-        "ZeRO".to_string(),
-        "options".into(),
-        "per GPU".into(),
-        "per CPU (node)".into(),
-    ]];
-    for r in deepspeed_estimates(params, largest, gpus_per_node, nodes) {
-        rows.push(vec![
-            format!("stage {}", r.stage),
-            r.options().replace("cpu ", "cpu"),
-            gib(r.gpu_bytes),
-            gib(r.cpu_bytes),
-        ]);
-    }
-    crate::notebook::Table(rows)
-}
-
-/// Measured per-rank model-state bytes (from `Trainer::memory_report`) next
-/// to the paper's fp32 formula (4Ψ weights + 4Ψ gradients + 8Ψ Adam, with
-/// stage s dividing the last s terms by N).
-pub fn measured_table(
-    reports: &[Vec<zero::ModelStateBytes>],
-    params: usize,
-) -> crate::notebook::Table {
-    let kb = |b: usize| format!("{:.1} kB", b as f64 / 1e3);
-    let mut rows = vec![vec![
-        "ZeRO".to_string(),
-        "rank".into(),
-        "weights".into(),
-        "gradients".into(),
-        "Adam moments".into(),
-        "total (measured)".into(),
-        "paper".into(),
-    ]];
-    for report in reports {
-        for m in report {
-            let n = m.world_size.max(1) as f64;
-            let p = params as f64;
-            let div = |from: u8| if m.stage >= from { n } else { 1.0 };
-            let paper = 4.0 * p / div(3) + 4.0 * p / div(2) + 8.0 * p / div(1);
-            rows.push(vec![
-                format!("stage {}", m.stage),
-                format!("{}/{}", m.rank, m.world_size),
-                kb(m.params),
-                kb(m.grads),
-                kb(m.optimizer_states),
-                kb(m.total()),
-                kb(paper as usize),
-            ]);
-        }
-    }
-    crate::notebook::Table(rows)
-}
-
-/// A table of the paper's per-stage memory for several GPU counts, in GB.
-pub fn paper_table(params: f64, gpu_counts: &[usize]) -> crate::notebook::Table {
-    let mut rows = vec![vec![
-        "GPUs".to_string(),
-        "baseline (DDP)".into(),
-        "ZeRO-1".into(),
-        "ZeRO-2".into(),
-        "ZeRO-3".into(),
-    ]];
-    for &n in gpu_counts {
-        let mut r = vec![n.to_string()];
-        r.extend(
-            zero_paper(params, n)
-                .iter()
-                .map(|m| format!("{:.2} GB", m.bytes_per_gpu / 1e9)),
-        );
-        rows.push(r);
-    }
-    crate::notebook::Table(rows)
 }
 
 #[cfg(test)]

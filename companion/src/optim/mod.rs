@@ -1,0 +1,8 @@
+//! The optimiser and its schedule: AdamW with HF's parameter groups, and
+//! the learning-rate schedules of transformers and DeepSpeed.
+
+pub mod adamw;
+pub mod schedules;
+
+pub use adamw::{AdamWParams, Moments};
+pub use schedules::{lr_at, SchedulerConfig};

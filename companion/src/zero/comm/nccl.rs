@@ -1,0 +1,149 @@
+//! Ranks on NVIDIA GPUs, one thread of this process per GPU, talking
+//! through NCCL (`--num-gpus N --backend nccl`). Buffers go to the rank's
+//! GPU, through the NCCL collective, and back: all-reduce and
+//! reduce-scatter are NCCL's own; the general exchange is an all-gather of
+//! the sizes, then of the buffers padded to the largest. Built with the
+//! `nccl` feature (which implies `cuda`).
+
+use super::{CommError, Communicator, Gathered, Result};
+use cudarc::driver::CudaStream;
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use std::sync::{Arc, Mutex};
+
+fn err(what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError::Transport(format!("NCCL {what}: {e:?}"))
+}
+
+/// The unique id rank 0 makes and every rank joins with.
+pub fn new_id() -> Result<Id> {
+    Id::new().map_err(|e| err("id", e))
+}
+
+/// One rank's NCCL communicator on its GPU.
+pub struct NcclRank {
+    comm: Mutex<Comm>,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as
+// calls on it do not overlap; the mutex serialises them.
+unsafe impl Send for NcclRank {}
+unsafe impl Sync for NcclRank {}
+
+impl NcclRank {
+    /// Join the group `id` names as `rank` of `world`, on `device`
+    /// (`cuda:rank`). Every rank must call this at the same time.
+    pub fn new(device: &candle_core::Device, rank: usize, world: usize, id: Id) -> Result<Self> {
+        let candle_core::Device::Cuda(d) = device else {
+            return Err(CommError::Transport(format!(
+                "NCCL rank {rank} needs a CUDA device, got {device:?}"
+            )));
+        };
+        let stream = d.cuda_stream();
+        let comm = Comm::from_rank(stream.clone(), rank, world, id).map_err(|e| err("init", e))?;
+        Ok(NcclRank {
+            comm: Mutex::new(comm),
+            stream,
+            rank,
+            world,
+        })
+    }
+
+    /// All-gather of equal-length buffers, on the host side.
+    fn gather_equal<T>(&self, send: &[T]) -> Result<Vec<T>>
+    where
+        T: cudarc::driver::DeviceRepr
+            + cudarc::driver::ValidAsZeroBits
+            + cudarc::nccl::safe::NcclType
+            + Clone
+            + Default,
+    {
+        let s = &self.stream;
+        let src = s.clone_htod(send).map_err(|e| err("upload", e))?;
+        let mut dst = s
+            .alloc_zeros::<T>(send.len() * self.world)
+            .map_err(|e| err("alloc", e))?;
+        self.comm
+            .lock()
+            .expect("nccl comm")
+            .all_gather(&src, &mut dst)
+            .map_err(|e| err("all_gather", e))?;
+        s.clone_dtoh(&dst).map_err(|e| err("download", e))
+    }
+}
+
+impl Communicator for NcclRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
+        let lens = self.gather_equal(&[send.len() as u64])?;
+        let max = lens.iter().copied().max().unwrap_or(0) as usize;
+        let mut padded = send;
+        padded.resize(max, 0.0);
+        let all = self.gather_equal(&padded)?;
+        Ok(Arc::new(
+            lens.iter()
+                .enumerate()
+                .map(|(r, &n)| Arc::new(all[r * max..r * max + n as usize].to_vec()))
+                .collect(),
+        ))
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let s = &self.stream;
+        let mut dev = s.clone_htod(&*buf).map_err(|e| err("upload", e))?;
+        self.comm
+            .lock()
+            .expect("nccl comm")
+            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
+            .map_err(|e| err("all_reduce", e))?;
+        s.memcpy_dtoh(&dev, buf).map_err(|e| err("download", e))
+    }
+
+    fn reduce_scatter_sum(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        let equal = counts.len() == self.world
+            && counts.iter().all(|&c| c == counts[0])
+            && counts.iter().sum::<usize>() == send.len();
+        if !equal || self.world == 1 {
+            // Uneven chunks: the general path over `exchange`.
+            let all = self.exchange(send.to_vec())?;
+            let start: usize = counts[..self.rank.min(counts.len())].iter().sum();
+            let n = counts.get(self.rank).copied().unwrap_or(0);
+            let mut out = vec![0f32; n];
+            for other in all.iter() {
+                out.iter_mut()
+                    .zip(&other[start..start + n])
+                    .for_each(|(a, b)| *a += b);
+            }
+            return Ok(out);
+        }
+        let s = &self.stream;
+        let src = s.clone_htod(send).map_err(|e| err("upload", e))?;
+        let mut dst = s
+            .alloc_zeros::<f32>(counts[0])
+            .map_err(|e| err("alloc", e))?;
+        self.comm
+            .lock()
+            .expect("nccl comm")
+            .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|e| err("reduce_scatter", e))?;
+        s.clone_dtoh(&dst).map_err(|e| err("download", e))
+    }
+
+    fn abort(&self, why: &str) {
+        // NCCL has no way to wake peers blocked in a collective short of
+        // aborting the communicator, which dropping it does.
+        eprintln!("rank {}: {why}", self.rank);
+    }
+}

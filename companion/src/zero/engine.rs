@@ -1,0 +1,465 @@
+//! One rank's ZeRO engine: partitioned model states, the micro-step
+//! (fused CPU kernels, candle's autograd, or block by block), and the
+//! optimiser step with clipping and the weights' all-gather.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::comm::Communicator;
+use super::layout::{
+    add_into, decay_segments, device_moments, flatten_params, intersect, set_params, sum_sq,
+    FlatLayout,
+};
+use super::memory::ModelStateBytes;
+use super::precision::LossScaler;
+use super::{Result, ZeroError};
+use crate::model::GPT2LMHeadModel;
+use crate::optim::adamw::{self, AdamWParams, Moments};
+
+/// One rank's ZeRO state and its training step.
+pub struct ZeroEngine {
+    pub stage: u8,
+    pub offload_optimizer: bool,
+    pub offload_param: bool,
+    pub layout: FlatLayout,
+    pub comm: Arc<dyn Communicator>,
+    pub adam: AdamWParams,
+    /// Optimizer steps taken (Adam's `t`).
+    pub step: u64,
+    /// Recompute each block in the backward pass instead of keeping its
+    /// activations (`TrainingArguments.gradient_checkpointing`); stage 3
+    /// always works this way.
+    pub gradient_checkpointing: bool,
+    /// The dtype forward and backward run in (F32, or BF16/F16 for mixed
+    /// precision, with fp32 master weights kept here).
+    pub compute_dtype: DType,
+    /// fp16: the loss scaler (DeepSpeed's DynamicLossScaler).
+    pub loss_scaler: Option<LossScaler>,
+    /// Steps skipped because their gradients overflowed (fp16).
+    pub skipped_steps: usize,
+    /// Whether the last `step` was skipped.
+    pub last_step_skipped: bool,
+    /// DeepSpeed's log line for the last overflow.
+    pub last_overflow_message: Option<String>,
+    pub(super) poisoned: bool,
+    /// Mixed precision, stages 0–2: fp32 master weights of the owned
+    /// elements (stage 3's `params` already are its fp32 master).
+    pub(super) master: Vec<f32>,
+    pub(super) device: Device,
+    /// Stage 3 only: this rank's slice of the fp32 weights, the only copy.
+    pub(super) params: Vec<f32>,
+    /// Accumulated gradients: the whole flat buffer (stages 0–1) or this
+    /// rank's partition (2–3).
+    pub(super) grads: Vec<f32>,
+    pub(super) moments: Moments,
+    /// Flat range the moments cover (everything for stage 0).
+    pub(super) owned: Range<usize>,
+    pub(super) peak_gathered: usize,
+    /// Train fp32 CPU models through the hand-written kernels
+    /// ([`crate::cpu`]) instead of candle's autograd (stages 0–2
+    /// without gradient checkpointing). On by default; tests turn it off to
+    /// compare the two.
+    pub fused_kernels: bool,
+    pub(super) workspace: Option<crate::cpu::Workspace>,
+}
+
+impl ZeroEngine {
+    /// Partition `model` for this rank. Stage 3 copies this rank's slice of
+    /// the weights out of it; the caller then swaps the model for
+    /// [`GPT2LMHeadModel::partitioned`].
+    pub fn new(
+        model: &GPT2LMHeadModel,
+        stage: u8,
+        offload_optimizer: bool,
+        offload_param: bool,
+        adam: AdamWParams,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        if stage > 3 {
+            return Err(ZeroError::Args(format!(
+                "ZeRO stage must be 0, 1, 2 or 3, got {stage}"
+            )));
+        }
+        let layout = FlatLayout::new(&model.config, comm.world_size());
+        let rank = comm.rank();
+        let owned = if stage == 0 {
+            0..layout.numel
+        } else {
+            layout.partition(rank)
+        };
+        let device = model.device().clone();
+        let params = if stage == 3 {
+            let flat = flatten_params(model, &layout)?;
+            let mut p = vec![0f32; layout.part];
+            let r = intersect(&owned, &(0..layout.numel));
+            p[..r.len()].copy_from_slice(&flat[r]);
+            p
+        } else {
+            vec![]
+        };
+        let grads = vec![
+            0f32;
+            if stage >= 2 {
+                layout.part
+            } else {
+                layout.numel
+            }
+        ];
+        // Offloaded, or on CPU ranks (where the device is host memory): the
+        // parallel loop, which updates in place instead of allocating a
+        // tensor per operation.
+        let moments = if offload_optimizer || device.is_cpu() {
+            Moments::Host {
+                m: vec![0.0; owned.len()],
+                v: vec![0.0; owned.len()],
+            }
+        } else {
+            device_moments(&layout, &owned, &device)?
+        };
+        Ok(ZeroEngine {
+            stage,
+            offload_optimizer,
+            offload_param,
+            layout,
+            comm,
+            adam,
+            step: 0,
+            gradient_checkpointing: false,
+            compute_dtype: DType::F32,
+            loss_scaler: None,
+            skipped_steps: 0,
+            last_step_skipped: false,
+            last_overflow_message: None,
+            poisoned: false,
+            master: vec![],
+            device,
+            params,
+            grads,
+            moments,
+            owned,
+            peak_gathered: 0,
+            fused_kernels: true,
+            workspace: None,
+        })
+    }
+
+    /// Mixed precision: forward/backward in `dtype` (the caller converts the
+    /// model afterwards), fp32 master weights from `model` (still fp32) kept
+    /// here, and for fp16 a loss scaler.
+    pub fn with_precision(
+        mut self,
+        model: &GPT2LMHeadModel,
+        dtype: DType,
+        loss_scaler: Option<LossScaler>,
+    ) -> Result<Self> {
+        self.compute_dtype = dtype;
+        self.loss_scaler = loss_scaler;
+        if dtype != DType::F32 && self.stage < 3 {
+            let valid = intersect(&self.owned, &(0..self.layout.numel));
+            self.master = flatten_params(model, &self.layout)?[valid].to_vec();
+        }
+        Ok(self)
+    }
+
+    /// Whether weights are computed in half precision with fp32 masters.
+    pub fn mixed_precision(&self) -> bool {
+        self.compute_dtype != DType::F32
+    }
+
+    /// Test hook: make this step's gradients overflow, as fp16 can.
+    pub fn poison_gradients(&mut self) {
+        self.poisoned = true;
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Forward and backward of one micro-batch, its loss scaled by
+    /// `1 / n_items` (the label tokens of the whole global batch), gradients
+    /// accumulated by stage. Returns the scaled loss.
+    pub fn micro_step(
+        &mut self,
+        model: &GPT2LMHeadModel,
+        ids: &Tensor,
+        labels: &Tensor,
+        mask: Option<&[Vec<u32>]>,
+        n_items: f64,
+    ) -> Result<f64> {
+        if self.stage == 3 || self.gradient_checkpointing {
+            return self.micro_step_blockwise(model, ids, labels, mask, n_items);
+        }
+        if self.fused_kernels && !self.mixed_precision() && model.fused_kernels_apply() {
+            return self.micro_step_fused(model, ids, labels, mask, n_items);
+        }
+        let logits = model.forward(ids, mask, None)?;
+        let (lv, g) = self.loss_backward(&logits, labels, n_items)?;
+        let Some(g) = g else { return Ok(lv) };
+        let mut full = vec![0f32; self.layout.part * self.layout.world];
+        for (i, (name, var)) in model.named_parameters().iter().enumerate() {
+            debug_assert_eq!(&self.layout.names[i], name);
+            if let Some(t) = g.get(var.as_tensor()) {
+                let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                full[self.layout.range(i)].copy_from_slice(&v);
+            }
+        }
+        if self.stage == 2 {
+            self.add_reduce_scattered(&full)?;
+        } else {
+            full.truncate(self.layout.numel);
+            add_into(&mut self.grads, &full);
+        }
+        Ok(lv)
+    }
+
+    /// Stage 2: sum a whole-model gradient buffer over the ranks and add
+    /// this rank's partition of the sum to its gradients.
+    pub(super) fn add_reduce_scattered(&mut self, full: &[f32]) -> Result<()> {
+        let counts = vec![self.layout.part; self.layout.world];
+        let mine = self.comm.reduce_scatter_sum(full, &counts)?;
+        add_into(&mut self.grads, &mine);
+        Ok(())
+    }
+
+    /// [`micro_step`](Self::micro_step) through the fused CPU kernels: the
+    /// gradients land in the flat buffer directly (stages 0–1) or in a full
+    /// buffer that is then reduce-scattered (stage 2).
+    fn micro_step_fused(
+        &mut self,
+        model: &GPT2LMHeadModel,
+        ids: &Tensor,
+        labels: &Tensor,
+        mask: Option<&[Vec<u32>]>,
+        n_items: f64,
+    ) -> Result<f64> {
+        let ids: Vec<Vec<u32>> = ids.to_vec2()?;
+        let labels: Vec<Vec<i64>> = labels.to_vec2()?;
+        let batch = crate::cpu::Batch {
+            ids: &ids,
+            labels: &labels,
+            mask,
+        };
+        let ranges: Vec<Range<usize>> = (0..self.layout.names.len())
+            .map(|i| self.layout.range(i))
+            .collect();
+        let scale = (self.scale() / n_items) as f32;
+        let mut ws = self.workspace.take().unwrap_or_default();
+        let dropout = model
+            .training_dropout()
+            .map(|d| d as &dyn crate::cpu::DropoutMasks);
+        let cfg = &model.config;
+        let loss = if self.stage == 2 {
+            let mut full = vec![0f32; self.layout.part * self.layout.world];
+            let loss = model.with_fp32_weights(|w| {
+                Ok(ws.forward_backward(cfg, w, &batch, dropout, &mut full, &ranges, scale)?)
+            });
+            if loss.as_ref().is_ok_and(|l| l.is_finite()) {
+                self.add_reduce_scattered(&full)?;
+            }
+            loss
+        } else {
+            let grads = &mut self.grads;
+            model.with_fp32_weights(|w| {
+                Ok(ws.forward_backward(cfg, w, &batch, dropout, grads, &ranges, scale)?)
+            })
+        };
+        self.workspace = Some(ws);
+        Ok(loss? / n_items)
+    }
+
+    /// After the last micro-batch: reduce the gradients (stages 0–1), take
+    /// the global norm, clip to `max_grad_norm`, update this rank's
+    /// elements with AdamW at `lr`, and share the new weights (stages 1–2).
+    /// Returns the gradient norm before clipping.
+    pub fn step(&mut self, model: &GPT2LMHeadModel, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        if self.stage <= 1 {
+            self.comm.all_reduce_sum(&mut self.grads)?;
+        }
+        self.last_step_skipped = false;
+        if self.poisoned {
+            self.grads[0] = f32::INFINITY;
+            self.poisoned = false;
+        }
+        if let Some(scaler) = self.loss_scaler.as_mut() {
+            // fp16: an overflow anywhere skips the step on every rank.
+            let bad = self.grads.par_iter().any(|x| !x.is_finite());
+            let any = self.comm.all_reduce_f64(if bad { 1.0 } else { 0.0 })? > 0.0;
+            let used = scaler.cur_scale;
+            self.last_overflow_message = scaler.update(any);
+            if any {
+                self.skipped_steps += 1;
+                self.last_step_skipped = true;
+                self.grads.iter_mut().for_each(|x| *x = 0.0);
+                return Ok(f64::INFINITY);
+            }
+            if used != 1.0 {
+                let inv = (1.0 / used) as f32;
+                self.grads.par_iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        // Each rank's share of ‖g‖²: all of it when gradients are replicated.
+        let local = match self.stage {
+            0 | 1 => {
+                if self.rank() == 0 {
+                    sum_sq(&self.grads)
+                } else {
+                    0.0
+                }
+            }
+            _ => sum_sq(&self.grads),
+        };
+        let norm = self.comm.all_reduce_f64(local)?.sqrt();
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        if max_grad_norm > 0.0 {
+            let coef = (max_grad_norm / (norm + 1e-6)).min(1.0) as f32;
+            if coef < 1.0 {
+                self.grads.par_iter_mut().for_each(|x| *x *= coef);
+            }
+        }
+        self.step += 1;
+        if self.stage == 0
+            && !self.mixed_precision()
+            && matches!(self.moments, Moments::Host { .. })
+            && model.device().is_cpu()
+        {
+            let Moments::Host { m, v } = &mut self.moments else {
+                unreachable!("matched above")
+            };
+            let ranges: Vec<_> = (0..self.layout.names.len())
+                .map(|i| self.layout.range(i))
+                .collect();
+            adamw::update_in_place(self.adam, self.step, model, &self.grads, &ranges, m, v, lr)?;
+            self.grads.iter_mut().for_each(|x| *x = 0.0);
+            return Ok(norm);
+        }
+        let owned = self.owned.clone();
+        let valid = intersect(&owned, &(0..self.layout.numel));
+        // The weights and gradients of the elements this rank updates. The
+        // gradient buffer is lent to AdamW (which needs `&mut self`), not copied.
+        let mut p_owned: Vec<f32> = match self.stage {
+            3 => self.params[..valid.len()].to_vec(),
+            _ if self.mixed_precision() => self.master.clone(),
+            _ => {
+                let mut flat = flatten_params(model, &self.layout)?;
+                flat.truncate(valid.end);
+                flat.drain(..valid.start);
+                flat
+            }
+        };
+        let grads = std::mem::take(&mut self.grads);
+        let g_owned: &[f32] = match self.stage {
+            0 => &grads,
+            1 => &grads[valid.clone()],
+            _ => &grads[..valid.len()],
+        };
+        let segments = decay_segments(&self.layout, &self.owned);
+        let updated = adamw::update(
+            self.adam,
+            self.step,
+            &mut self.moments,
+            &mut p_owned,
+            g_owned,
+            lr,
+            valid.len(),
+            &segments,
+            &self.device,
+        );
+        self.grads = grads;
+        updated?;
+        if self.mixed_precision() && self.stage < 3 {
+            self.master.copy_from_slice(&p_owned);
+        }
+        match self.stage {
+            3 => self.params[..valid.len()].copy_from_slice(&p_owned),
+            0 => set_params(model, &self.layout, &p_owned)?,
+            _ => {
+                let mut mine = p_owned;
+                mine.resize(self.layout.part, 0.0);
+                let mut all = self.comm.all_gather(&mine)?;
+                all.truncate(self.layout.numel);
+                set_params(model, &self.layout, &all)?;
+            }
+        }
+        self.grads.iter_mut().for_each(|x| *x = 0.0);
+        Ok(norm)
+    }
+
+    /// What this rank keeps between steps, measured from its buffers.
+    pub fn memory(&self, model: &GPT2LMHeadModel) -> ModelStateBytes {
+        let params = if self.stage == 3 {
+            self.params.len() * 4
+        } else {
+            model
+                .named_parameters()
+                .iter()
+                .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+                .sum()
+        };
+        // Adam's moments, plus the fp32 master weights under mixed precision
+        // (the paper's K = 12 bytes: 4 master + 8 moments).
+        let optimizer_states = match &self.moments {
+            Moments::Host { m, v } => (m.len() + v.len()) * 4,
+            Moments::Device { m, v, .. } => (m.elem_count() + v.elem_count()) * 4,
+        } + self.master.len() * 4;
+        let mut offloaded = 0;
+        if self.offload_optimizer {
+            offloaded += optimizer_states;
+        }
+        if self.offload_param && self.stage == 3 {
+            offloaded += params;
+        }
+        ModelStateBytes {
+            rank: self.rank(),
+            stage: self.stage,
+            world_size: self.world_size(),
+            params,
+            grads: self.grads.len() * 4,
+            optimizer_states,
+            offloaded_to_host: offloaded,
+            peak_gathered_params: self.peak_gathered,
+        }
+    }
+
+    /// Every weight by name, gathered from all ranks (a collective: every
+    /// rank calls it). What DeepSpeed's `zero_to_fp32` consolidates.
+    pub fn full_state_dict(&self, model: &GPT2LMHeadModel) -> Result<HashMap<String, Tensor>> {
+        let flat = if self.stage == 3 {
+            let mut all = self.comm.all_gather(&self.params)?;
+            all.truncate(self.layout.numel);
+            all
+        } else if self.mixed_precision() {
+            // The fp32 masters, not the half-precision copy.
+            if self.stage == 0 {
+                self.master.clone()
+            } else {
+                let mut mine = self.master.clone();
+                mine.resize(self.layout.part, 0.0);
+                let mut all = self.comm.all_gather(&mine)?;
+                all.truncate(self.layout.numel);
+                all
+            }
+        } else {
+            flatten_params(model, &self.layout)?
+        };
+        let mut out = HashMap::new();
+        for i in 0..self.layout.names.len() {
+            let t = Tensor::from_slice(
+                &flat[self.layout.range(i)],
+                self.layout.shapes[i].clone(),
+                &Device::Cpu,
+            )?;
+            out.insert(self.layout.names[i].clone(), t);
+        }
+        Ok(out)
+    }
+}

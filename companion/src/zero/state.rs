@@ -1,0 +1,162 @@
+//! What a ZeRO rank saves in a checkpoint and loads back: its shard of the
+//! weights and Adam moments, by parameter name.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use super::engine::ZeroEngine;
+use super::layout::{flatten_params, intersect};
+use super::{Result, ZeroError};
+use crate::model::GPT2LMHeadModel;
+use crate::optim::adamw::Moments;
+
+/// A parameter's name with its `exp_avg` and `exp_avg_sq`.
+pub type NamedMoments = (String, Vec<f32>, Vec<f32>);
+
+impl ZeroEngine {
+    /// This rank's optimizer shard: Adam moments over its flat range, and
+    /// (stage 3) its weights. With `full_state_dict` it is a checkpoint.
+    pub fn shard(&self) -> Result<Vec<(String, Tensor)>> {
+        let cpu = Device::Cpu;
+        let (m, v) = match &self.moments {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, m.len(), &cpu)?,
+                Tensor::from_slice(v, v.len(), &cpu)?,
+            ),
+            Moments::Device { m, v, .. } => (m.to_device(&cpu)?, v.to_device(&cpu)?),
+        };
+        let mut out = vec![("exp_avg".to_string(), m), ("exp_avg_sq".to_string(), v)];
+        if self.stage == 3 {
+            out.push((
+                "fp32_flat_partition".into(),
+                Tensor::from_slice(&self.params, self.params.len(), &cpu)?,
+            ));
+        }
+        if !self.master.is_empty() {
+            out.push((
+                "fp32_master".into(),
+                Tensor::from_slice(&self.master, self.master.len(), &cpu)?,
+            ));
+        }
+        out.push((
+            "loss_scale".into(),
+            Tensor::new(&[self.scale() as f32], &cpu)?,
+        ));
+        Ok(out)
+    }
+
+    /// Restore a shard written by [`ZeroEngine::shard`] (same stage and world size).
+    pub fn load_shard(&mut self, t: &HashMap<String, Tensor>, file: &str) -> Result<()> {
+        let get = |k: &str, n: usize| -> Result<Vec<f32>> {
+            let x = t.get(k).ok_or_else(|| ZeroError::Io {
+                path: file.into(),
+                msg: format!("no tensor `{k}` (was it written by another stage?)"),
+            })?;
+            if x.elem_count() != n {
+                return Err(ZeroError::Io {
+                    path: file.into(),
+                    msg: format!(
+                        "`{k}` has {} elements, expected {n}: resume with the world size and ZeRO stage that wrote it",
+                        x.elem_count()
+                    ),
+                });
+            }
+            Ok(x.flatten_all()?.to_vec1()?)
+        };
+        let n = self.owned.len();
+        let (m, v) = (get("exp_avg", n)?, get("exp_avg_sq", n)?);
+        match &mut self.moments {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m;
+                *hv = v;
+            }
+            Moments::Device { m: dm, v: dv, .. } => {
+                *dm = Tensor::from_vec(m, n, &self.device)?;
+                *dv = Tensor::from_vec(v, n, &self.device)?;
+            }
+        }
+        if self.stage == 3 {
+            self.params = get("fp32_flat_partition", self.layout.part)?;
+        }
+        if !self.master.is_empty() {
+            self.master = get("fp32_master", self.master.len())?;
+        }
+        if let (Some(sc), Some(t)) = (self.loss_scaler.as_mut(), t.get("loss_scale")) {
+            sc.cur_scale = t.flatten_all()?.to_vec1::<f32>()?[0] as f64;
+        }
+        Ok(())
+    }
+
+    /// After loading full fp32 weights (resume): stage 3 takes this rank's
+    /// slice, mixed precision its fp32 masters.
+    pub fn load_full_params(&mut self, model: &GPT2LMHeadModel) -> Result<()> {
+        if self.mixed_precision() && self.stage < 3 {
+            let valid = intersect(&self.owned, &(0..self.layout.numel));
+            self.master = flatten_params(model, &self.layout)?[valid].to_vec();
+        }
+        if self.stage == 3 {
+            let flat = flatten_params(model, &self.layout)?;
+            let me = intersect(&self.layout.partition(self.rank()), &(0..self.layout.numel));
+            self.params = vec![0.0; self.layout.part];
+            self.params[..me.len()].copy_from_slice(&flat[me]);
+        }
+        Ok(())
+    }
+
+    /// Adam moments by parameter name for a stage-0 engine (the whole model):
+    /// the `optimizer.safetensors` of a checkpoint without DeepSpeed.
+    pub fn moments_by_name(&self) -> Result<Vec<NamedMoments>> {
+        let (m, v): (Vec<f32>, Vec<f32>) = match &self.moments {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device { m, v, .. } => (m.to_vec1()?, v.to_vec1()?),
+        };
+        if self.owned != (0..self.layout.numel) {
+            return Err(ZeroError::Args(
+                "moments_by_name needs the whole model's moments (stage 0)".into(),
+            ));
+        }
+        Ok((0..self.layout.names.len())
+            .map(|i| {
+                let r = self.layout.range(i);
+                (
+                    self.layout.names[i].clone(),
+                    m[r.clone()].to_vec(),
+                    v[r].to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// Set a stage-0 engine's moments from `optimizer.safetensors` tensors.
+    pub fn set_moments_by_name(
+        &mut self,
+        named: &HashMap<String, (Vec<f32>, Vec<f32>)>,
+    ) -> Result<()> {
+        let n = self.layout.numel;
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        for (i, name) in self.layout.names.iter().enumerate() {
+            if let Some((a, b)) = named.get(name) {
+                let r = self.layout.range(i);
+                if a.len() != r.len() || b.len() != r.len() {
+                    return Err(ZeroError::Args(format!(
+                        "optimizer state for {name} has the wrong size"
+                    )));
+                }
+                m[r.clone()].copy_from_slice(a);
+                v[r].copy_from_slice(b);
+            }
+        }
+        match &mut self.moments {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m;
+                *hv = v;
+            }
+            Moments::Device { m: dm, v: dv, .. } => {
+                *dm = Tensor::from_vec(m, n, &self.device)?;
+                *dv = Tensor::from_vec(v, n, &self.device)?;
+            }
+        }
+        Ok(())
+    }
+}
