@@ -6,7 +6,8 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use companion::model::GPT2LMHeadModel;
-use companion::train::{lr_at, Trainer, TrainingArguments};
+use companion::optim::lr_at;
+use companion::train::{Trainer, TrainingArguments};
 use serde_json::Value;
 
 fn tiny_model(dropout: bool) -> GPT2LMHeadModel {

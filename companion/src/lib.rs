@@ -10,14 +10,12 @@ pub mod tokenizer;
 pub mod train;
 
 pub use tokenizer::AutoTokenizer;
-pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod hf_json;
 pub mod model;
 pub mod notebook;
 pub mod optim;
-pub mod pretrain;
 pub mod rng;
 pub mod zero;
 

@@ -212,3 +212,18 @@ pub fn update_in_place(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::decays;
+
+    #[test]
+    fn no_decay_groups() {
+        assert!(decays("transformer.h.0.attn.c_attn.weight"));
+        assert!(decays("transformer.wte.weight"));
+        assert!(decays("lm_head.weight"));
+        assert!(!decays("transformer.h.0.attn.c_attn.bias"));
+        assert!(!decays("transformer.h.3.ln_1.weight"));
+        assert!(!decays("transformer.ln_f.weight"));
+    }
+}

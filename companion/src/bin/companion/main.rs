@@ -10,6 +10,9 @@ use serde_json::json;
 
 use companion::tokenizer::{self, AutoTokenizer, TokenizerKind, TrainArgs};
 
+mod bench;
+mod pretrain;
+
 /// `companion --version`, naming the optional backends built in.
 #[cfg(feature = "mpi")]
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (mpi)");
@@ -623,13 +626,13 @@ fn generate_cmd(c: GenerateCmd) -> Result<()> {
 }
 
 fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
-    let shape = companion::bench::shape(&c.shape)
+    let shape = bench::shape(&c.shape)
         .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
     let ds = c
         .deepspeed
         .as_ref()
         .map(|p| serde_json::Value::String(p.display().to_string()));
-    let v = companion::bench::trainer(&shape, c.steps, c.gradient_checkpointing, ds, c.num_ranks)?;
+    let v = bench::trainer(&shape, c.steps, c.gradient_checkpointing, ds, c.num_ranks)?;
     if c.json {
         println!("{v}");
     } else {
@@ -639,12 +642,12 @@ fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
 }
 
 fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
-    let shape = companion::bench::shape(&c.shape)
+    let shape = bench::shape(&c.shape)
         .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
     let v = if train {
-        companion::bench::train(&shape, c.steps.unwrap_or(5), c.autograd)?
+        bench::train(&shape, c.steps.unwrap_or(5), c.autograd)?
     } else {
-        companion::bench::generate(&shape, c.steps.unwrap_or(128))?
+        bench::generate(&shape, c.steps.unwrap_or(128))?
     };
     if c.json {
         println!("{v}");
@@ -655,8 +658,8 @@ fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
 }
 
 fn pretrain_cmd(rest: &[String]) -> Result<()> {
-    use companion::pretrain::{default_training_args, PretrainOptions};
     use companion::train::TrainingArguments;
+    use pretrain::{default_training_args, PretrainOptions};
     let mut opts = PretrainOptions::default();
     let mut json_out = false;
     // (flag, value) pairs: a flag takes the next word unless that is a flag.
@@ -730,19 +733,19 @@ fn pretrain_cmd(rest: &[String]) -> Result<()> {
             "--num-ranks" => opts.num_ranks = num(f, v)?,
             "--num-gpus" => {
                 opts.num_ranks = num(f, v)?;
-                opts.rank_device = companion::pretrain::RankDevice::Cuda;
+                opts.rank_device = pretrain::RankDevice::Cuda;
             }
             "--backend" => match need(f, v)?.as_str() {
-                "threads" => opts.backend = companion::pretrain::Backend::Threads,
-                "mpi" => opts.backend = companion::pretrain::Backend::Mpi,
-                "nccl" => opts.backend = companion::pretrain::Backend::Nccl,
+                "threads" => opts.backend = pretrain::Backend::Threads,
+                "mpi" => opts.backend = pretrain::Backend::Mpi,
+                "nccl" => opts.backend = pretrain::Backend::Nccl,
                 other => anyhow::bail!("--backend {other}: expected `threads`, `mpi` or `nccl`"),
             },
             _ => args.set(f, v.as_deref())?,
         }
     }
     args.validate()?;
-    let summary = companion::pretrain::run(&opts, args)?;
+    let summary = pretrain::run(&opts, args)?;
     if summary.is_null() {
         // An MPI rank other than 0: rank 0 reports.
         return Ok(());

@@ -7,9 +7,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::GPT2Config;
-use crate::generate::GenerationConfig;
-use crate::model::{GPT2LMHeadModel, Result};
+use companion::config::GPT2Config;
+use companion::generate::GenerationConfig;
+use companion::model::{GPT2LMHeadModel, Result};
 
 /// A benchmark shape: model config plus batch and sequence length.
 pub struct Shape {
@@ -68,7 +68,7 @@ pub fn gemm_gflops(n: usize) -> Result<f64> {
 }
 
 fn random_ids(rows: usize, cols: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = crate::rng::SeededRng::new(seed);
+    let mut rng = companion::rng::SeededRng::new(seed);
     (0..rows)
         .map(|_| (0..cols).map(|_| rng.below(vocab as u64) as u32).collect())
         .collect()
@@ -86,10 +86,10 @@ pub fn train(
     shape: &Shape,
     steps: usize,
     autograd: bool,
-) -> std::result::Result<Value, crate::train::TrainError> {
-    use crate::optim::AdamWParams;
-    use crate::zero::comm::SingleRank;
-    use crate::zero::ZeroEngine;
+) -> std::result::Result<Value, companion::train::TrainError> {
+    use companion::optim::AdamWParams;
+    use companion::zero::comm::SingleRank;
+    use companion::zero::ZeroEngine;
     let cfg = &shape.config;
     let mut model = GPT2LMHeadModel::new(cfg, 0, &Device::Cpu)?;
     model.set_training(true);
@@ -202,8 +202,8 @@ pub fn trainer(
     gradient_checkpointing: bool,
     deepspeed: Option<Value>,
     ranks: usize,
-) -> std::result::Result<Value, crate::train::TrainError> {
-    use crate::zero::comm::{run_ranks, Communicator, SingleRank};
+) -> std::result::Result<Value, companion::train::TrainError> {
+    use companion::zero::comm::{run_ranks, Communicator, SingleRank};
     use std::sync::Arc;
     let cfg = shape.config.clone();
     let ranks = ranks.max(1);
@@ -214,19 +214,19 @@ pub fn trainer(
         1,
     );
     let tokens = rows.len() * shape.seq;
-    let ds = crate::data::Dataset {
+    let ds = companion::data::Dataset {
         input_ids: rows,
         text_bytes: tokens * 4,
         text_tokens: tokens,
     };
-    let dir = tempfile::tempdir().map_err(|e| crate::train::TrainError::Io {
+    let dir = tempfile::tempdir().map_err(|e| companion::train::TrainError::Io {
         path: "(temp dir)".into(),
         msg: e.to_string(),
     })?;
     let job =
-        |comm: Arc<dyn Communicator>| -> std::result::Result<Value, crate::train::TrainError> {
+        |comm: Arc<dyn Communicator>| -> std::result::Result<Value, companion::train::TrainError> {
             let model = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu)?;
-            let args = crate::train::TrainingArguments {
+            let args = companion::train::TrainingArguments {
                 output_dir: dir.path().display().to_string(),
                 max_steps: (steps + 1) as i64,
                 per_device_train_batch_size: shape.batch,
@@ -237,13 +237,13 @@ pub fn trainer(
                 deepspeed: deepspeed.clone(),
                 ..Default::default()
             };
-            let collator = crate::data::DataCollatorForLanguageModeling {
+            let collator = companion::data::DataCollatorForLanguageModeling {
                 pad_token_id: Some(0),
                 mlm: false,
                 pad_to_multiple_of: None,
-                padding_side: crate::tokenizer::PaddingSide::Right,
+                padding_side: companion::tokenizer::PaddingSide::Right,
             };
-            let mut t = crate::train::Trainer::new_distributed(
+            let mut t = companion::train::Trainer::new_distributed(
                 model,
                 args,
                 collator,

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use candle_core::Device;
 use serde_json::{json, Value};
 
-use crate::config::{ConfigOverrides, GPT2Config};
-use crate::data::{DataCollatorForLanguageModeling, Dataset, Packing};
-use crate::generate::GenerationConfig;
-use crate::model::GPT2LMHeadModel;
-use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
-use crate::train::{Trainer, TrainingArguments};
-use crate::zero::comm::{run_ranks, Communicator, SingleRank};
+use companion::config::{ConfigOverrides, GPT2Config};
+use companion::data::{DataCollatorForLanguageModeling, Dataset, Packing};
+use companion::generate::GenerationConfig;
+use companion::model::GPT2LMHeadModel;
+use companion::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
+use companion::train::{Trainer, TrainingArguments};
+use companion::zero::comm::{run_ranks, Communicator, SingleRank};
 
 /// What `companion pretrain` needs besides `TrainingArguments`.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ impl RankDevice {
             RankDevice::Cpu => Ok(Device::Cpu),
             RankDevice::Cuda => {
                 if !candle_core::utils::cuda_is_available() {
-                    return Err(crate::train::TrainError::Args(
+                    return Err(companion::train::TrainError::Args(
                         "--num-gpus needs a build with CUDA (`cargo build --release --features cuda`); \
                          use --num-ranks N for CPU ranks"
                             .into(),
@@ -79,7 +79,7 @@ impl RankDevice {
                     .into());
                 }
                 Device::new_cuda(rank).map_err(|e| {
-                    crate::train::TrainError::Args(format!(
+                    companion::train::TrainError::Args(format!(
                         "rank {rank} has no GPU cuda:{rank} (more ranks than GPUs?): {e}"
                     ))
                     .into()
@@ -155,19 +155,19 @@ pub fn default_training_args() -> TrainingArguments {
 #[derive(Debug, thiserror::Error)]
 pub enum PretrainError {
     #[error(transparent)]
-    Train(#[from] crate::train::TrainError),
+    Train(#[from] companion::train::TrainError),
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] companion::data::DataError),
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    Tokenizer(#[from] companion::tokenizer::TokenizerError),
     #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
+    Model(#[from] companion::model::ModelError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] companion::config::ConfigError),
     #[error(transparent)]
-    Corpus(#[from] crate::data::corpus::CorpusError),
+    Corpus(#[from] companion::data::corpus::CorpusError),
     #[error(transparent)]
-    Comm(#[from] crate::zero::comm::CommError),
+    Comm(#[from] companion::zero::comm::CommError),
 }
 
 /// The tokenizer: given, reused from `dir`, or trained on the corpus.
@@ -183,7 +183,7 @@ pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer
             opts.tokenizer_vocab_size,
             opts.train_file.display()
         );
-        let docs = crate::data::corpus::read_files(&[&opts.train_file], &opts.text_field)?;
+        let docs = companion::data::corpus::read_files(&[&opts.train_file], &opts.text_field)?;
         let args = TrainArgs {
             vocab_size: opts.tokenizer_vocab_size,
             show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -206,14 +206,14 @@ pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer
 pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, PretrainError> {
     // `hf://datasets/…` files come from the Hugging Face cache or the hub.
     let mut resolved = opts.clone();
-    resolved.train_file = crate::data::corpus::resolve(&opts.train_file.to_string_lossy())?;
+    resolved.train_file = companion::data::corpus::resolve(&opts.train_file.to_string_lossy())?;
     if let Some(v) = &opts.validation_file {
-        resolved.validation_file = Some(crate::data::corpus::resolve(&v.to_string_lossy())?);
+        resolved.validation_file = Some(companion::data::corpus::resolve(&v.to_string_lossy())?);
     }
     let opts = &resolved;
     let out = PathBuf::from(&args.output_dir);
     if out.exists() && !out.is_dir() {
-        return Err(crate::train::TrainError::Args(format!(
+        return Err(companion::train::TrainError::Args(format!(
             "output_dir {} exists and is not a folder",
             out.display()
         ))
@@ -239,7 +239,7 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         cfg.resid_pdrop = p;
     }
     if opts.block_size > cfg.n_positions {
-        return Err(crate::train::TrainError::Args(format!(
+        return Err(companion::train::TrainError::Args(format!(
             "block_size {} is longer than n_positions {}",
             opts.block_size, cfg.n_positions
         ))
@@ -250,10 +250,10 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         block_size: opts.block_size,
     };
     let train_ds =
-        crate::data::load_tokenized(&opts.train_file, &opts.text_field, &tok, packing, eos)?;
+        companion::data::load_tokenized(&opts.train_file, &opts.text_field, &tok, packing, eos)?;
     let eval_ds: Option<Dataset> = match &opts.validation_file {
         Some(v) => {
-            let mut ds = crate::data::load_tokenized(v, &opts.text_field, &tok, packing, eos)?;
+            let mut ds = companion::data::load_tokenized(v, &opts.text_field, &tok, packing, eos)?;
             if let Some(n) = opts.max_eval_samples {
                 ds.input_ids.truncate(n);
             }
@@ -322,7 +322,7 @@ fn check_nccl(opts: &PretrainOptions) -> Result<(), PretrainError> {
         return Ok(());
     }
     if !cfg!(feature = "nccl") {
-        return Err(crate::train::TrainError::Args(
+        return Err(companion::train::TrainError::Args(
             "--backend nccl needs a build with the nccl feature \
              (`cargo build --release --features nccl`, CUDA toolkit and libnccl installed); \
              without it, --num-gpus ranks exchange through host memory (--backend threads)"
@@ -331,7 +331,7 @@ fn check_nccl(opts: &PretrainOptions) -> Result<(), PretrainError> {
         .into());
     }
     if opts.rank_device != RankDevice::Cuda {
-        return Err(crate::train::TrainError::Args(
+        return Err(companion::train::TrainError::Args(
             "--backend nccl runs GPU ranks: use --num-gpus N (CPU ranks use --backend threads)"
                 .into(),
         )
@@ -348,8 +348,8 @@ fn nccl_ranks(
 ) -> Result<Value, PretrainError> {
     #[cfg(feature = "nccl")]
     {
-        use crate::zero::comm::nccl::{new_id, NcclRank};
-        use crate::zero::comm::{run_ranks_with, CommError};
+        use companion::zero::comm::nccl::{new_id, NcclRank};
+        use companion::zero::comm::{run_ranks_with, CommError};
         let id = new_id()?;
         let make = |r: usize| -> Result<Arc<dyn Communicator>, CommError> {
             let dev = opts
@@ -374,7 +374,7 @@ fn mpi_rank(opts: &PretrainOptions) -> Result<Option<Arc<dyn Communicator>>, Pre
         return Ok(None);
     }
     if opts.num_ranks > 1 {
-        return Err(crate::train::TrainError::Args(
+        return Err(companion::train::TrainError::Args(
             "with --backend mpi the ranks are the processes `mpirun -np N` starts; drop --num-ranks"
                 .into(),
         )
@@ -382,11 +382,11 @@ fn mpi_rank(opts: &PretrainOptions) -> Result<Option<Arc<dyn Communicator>>, Pre
     }
     #[cfg(feature = "mpi")]
     {
-        Ok(Some(Arc::new(crate::zero::comm::mpi::MpiRank::init()?)))
+        Ok(Some(Arc::new(companion::zero::comm::mpi::MpiRank::init()?)))
     }
     #[cfg(not(feature = "mpi"))]
     {
-        Err(crate::train::TrainError::Args(
+        Err(companion::train::TrainError::Args(
             "--backend mpi: this build has no mpi backend (rebuild with `--features mpi`, which needs \
              an MPI library; ranks in one process: --num-ranks N on CPUs, --num-gpus N on GPUs)"
                 .into(),
@@ -474,24 +474,25 @@ fn train_and_save(
     }
     // trainer.save_state(): the final state beside the checkpoints.
     let state_file = Path::new(&trainer.args.output_dir).join("trainer_state.json");
-    crate::atomic_write::write_file_atomically(
+    companion::atomic_write::write_file_atomically(
         &state_file,
         trainer.state.to_json_string().as_bytes(),
     )
-    .map_err(|e| crate::train::TrainError::Io {
+    .map_err(|e| companion::train::TrainError::Io {
         path: state_file.display().to_string(),
         msg: e.to_string(),
     })?;
-    if let Err(e) =
-        crate::notebook::plot::save_loss_plot(&trainer.state, Path::new(&trainer.args.output_dir))
-    {
+    if let Err(e) = companion::notebook::plot::save_loss_plot(
+        &trainer.state,
+        Path::new(&trainer.args.output_dir),
+    ) {
         eprintln!("warning: could not draw the loss plot: {e}");
     }
     let gen = GenerationConfig {
         max_new_tokens: Some(opts.max_new_tokens),
         repetition_penalty: 1.1,
         pad_token_id: tok.eos_token_id(),
-        eos_token_id: tok.eos_token_id().map(crate::generate::TokenIds::One),
+        eos_token_id: tok.eos_token_id().map(companion::generate::TokenIds::One),
         ..Default::default()
     };
     let ids = tok.encode(&opts.prompt)?;

@@ -1,0 +1,146 @@
+//! Evaluation: held-out loss per token, perplexity and bits per byte
+//! (`trainer.evaluate()`, and `companion eval` on a saved model).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use serde_json::json;
+
+use super::state::LogEntry;
+use super::trainer::{num, Trainer};
+use super::{Result, TrainError};
+use crate::data::{Batch, DataCollatorForLanguageModeling, Dataset};
+use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
+
+/// Evaluation result: mean loss per token, perplexity, bits per byte.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalMetrics {
+    pub eval_loss: f64,
+    pub perplexity: f64,
+    pub bits_per_byte: f64,
+    pub tokens: usize,
+}
+
+impl EvalMetrics {
+    /// From a loss summed over `count` label tokens of a dataset with
+    /// `bytes_per_token` bytes of text per token.
+    pub fn from_sum(sum: f64, count: usize, bytes_per_token: f64) -> Self {
+        let loss = sum / count.max(1) as f64;
+        EvalMetrics {
+            eval_loss: loss,
+            perplexity: loss.exp(),
+            bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
+            tokens: count,
+        }
+    }
+}
+
+/// Held-out loss of `model` on `ds` in one process, batches of `batch_size`
+/// (what `companion eval` runs; the Trainer's own evaluation also handles
+/// ranks and ZeRO-3).
+pub fn evaluate_model(
+    model: &GPT2LMHeadModel,
+    ds: &Dataset,
+    collator: &DataCollatorForLanguageModeling,
+    batch_size: usize,
+) -> Result<EvalMetrics> {
+    if batch_size == 0 {
+        return Err(TrainError::Args(
+            "the evaluation batch size must be at least 1".into(),
+        ));
+    }
+    let model = model.for_inference();
+    let dev = model.device().clone();
+    let (mut sum, mut count) = (0f64, 0usize);
+    for rows in ds.input_ids.chunks(batch_size) {
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let b = collator.collate(&refs)?;
+        let (s, n) = batch_loss_sum(&b, &dev, |ids, mask| Ok(model.forward(ids, mask, None)?))?;
+        sum += s;
+        count += n;
+    }
+    Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
+}
+
+/// The summed loss and label-token count of one collated batch, with the
+/// logits `forward` gives for its input ids and attention mask (none when
+/// nothing is padded).
+fn batch_loss_sum(
+    b: &Batch,
+    dev: &Device,
+    forward: impl FnOnce(&Tensor, Option<&[Vec<u32>]>) -> Result<Tensor>,
+) -> Result<(f64, usize)> {
+    let ids = Tensor::new(b.input_ids.clone(), dev)?;
+    let labels = Tensor::new(b.labels.clone(), dev)?;
+    let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
+    let logits = forward(&ids, mask)?;
+    let (s, n) = causal_lm_loss_sum(&logits, &labels)?;
+    Ok((s.to_scalar::<f32>()? as f64, n))
+}
+
+impl Trainer {
+    /// Mean loss per counted token over `ds`, perplexity and bits per byte.
+    pub fn evaluate_dataset(&mut self, ds: &Dataset) -> Result<EvalMetrics> {
+        let was = self.model.is_training();
+        self.model.set_training(false);
+        let bs = self.args.per_device_eval_batch_size;
+        // Batches are dealt to ranks in turn; every rank makes the same
+        // number of passes (ZeRO-3 gathers weights in each).
+        let (rank, world) = (self.engine.rank(), self.engine.world_size());
+        let n_batches = ds.len().div_ceil(bs);
+        let (mut sum, mut count) = (0f64, 0usize);
+        for i in (0..n_batches.div_ceil(world)).map(|j| j * world + rank) {
+            if i >= n_batches {
+                self.engine.skip_forward()?;
+                continue;
+            }
+            let start = i * bs;
+            let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
+            let b = self.batch_of(ds, &idx)?;
+            let dev = self.model.device().clone();
+            let (engine, model) = (&mut self.engine, &self.model);
+            let (s, n) =
+                batch_loss_sum(&b, &dev, |ids, mask| Ok(engine.forward(model, ids, mask)?))?;
+            sum += s;
+            count += n;
+        }
+        let comm = self.engine.comm.clone();
+        let reduce = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
+        let sum = reduce(sum)?;
+        let count = reduce(count as f64)? as usize;
+        self.model.set_training(was);
+        Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
+    }
+
+    /// `trainer.evaluate()` on the eval dataset; logged into `log_history`.
+    pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
+        let Some(ds) = self.eval_dataset.clone() else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let m = self.evaluate_dataset(&ds)?;
+        let secs = t.elapsed().as_secs_f64();
+        let mut e = LogEntry::new();
+        e.insert("eval_loss".into(), num(m.eval_loss));
+        e.insert("eval_perplexity".into(), num(m.perplexity));
+        e.insert("eval_bits_per_byte".into(), num(m.bits_per_byte));
+        e.insert("eval_runtime".into(), num(secs));
+        e.insert(
+            "eval_samples_per_second".into(),
+            num(ds.len() as f64 / secs),
+        );
+        let steps = ds.len().div_ceil(self.args.per_device_eval_batch_size);
+        e.insert("eval_steps_per_second".into(), num(steps as f64 / secs));
+        e.insert("epoch".into(), num(self.state.epoch));
+        e.insert("step".into(), json!(self.state.global_step));
+        if self.verbose && self.is_world_process_zero() {
+            eprintln!(
+                "step {}: eval_loss {:.4}, perplexity {:.2}, bits/byte {:.3}",
+                self.state.global_step, m.eval_loss, m.perplexity, m.bits_per_byte
+            );
+        }
+        self.state.log_history.push(e);
+        Ok(Some(m))
+    }
+}

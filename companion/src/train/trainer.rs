@@ -1,0 +1,689 @@
+//! `Trainer(model, args, data_collator, train_dataset, eval_dataset,
+//! processing_class)`: every optimizer step goes through the ZeRO engine
+//! (plain AdamW on one rank without DeepSpeed), with gradient accumulation,
+//! clipping, HF's schedules, logging into `log_history`, evaluation and
+//! checkpoints at their intervals.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+
+use super::args::TrainingArguments;
+use super::checkpoint::latest_checkpoint;
+use super::state::{LogEntry, TrainerState};
+use super::{Result, TrainError};
+use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
+use crate::model::GPT2LMHeadModel;
+use crate::optim::{lr_at, AdamWParams};
+use crate::tokenizer::AutoTokenizer;
+use crate::zero::comm::{Communicator, SingleRank};
+use crate::zero::ds_config::{DeepSpeedConfig, Fp16Config, OffloadDevice};
+use crate::zero::precision::LossScaler;
+use crate::zero::{ModelStateBytes, ZeroEngine};
+
+/// Hooks for tests: fail halfway through writing the checkpoint of step N;
+/// make the gradients of a step overflow.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultInjection {
+    pub fail_checkpoint_at_step: Option<usize>,
+    /// Make the gradients of this (1-based) step overflow, as fp16 can.
+    pub overflow_at_step: Option<usize>,
+}
+
+/// `Trainer(model, args, data_collator, train_dataset, eval_dataset, tokenizer)`.
+pub struct Trainer {
+    pub model: GPT2LMHeadModel,
+    pub args: TrainingArguments,
+    pub collator: DataCollatorForLanguageModeling,
+    pub train_dataset: Dataset,
+    pub eval_dataset: Option<Dataset>,
+    pub tokenizer: Option<AutoTokenizer>,
+    pub state: TrainerState,
+    /// `args.deepspeed`, parsed and resolved ("auto" filled).
+    pub deepspeed: Option<DeepSpeedConfig>,
+    /// The optimizer and its ZeRO partitioning (stage 0 on one rank without
+    /// DeepSpeed: plain AdamW).
+    pub engine: ZeroEngine,
+    pub faults: FaultInjection,
+    /// Print log lines to stderr (the notebooks turn this off).
+    pub verbose: bool,
+    /// Shuffle the training examples each epoch (seeded); tests turn it off.
+    pub shuffle: bool,
+}
+
+/// What `train()` returns (`TrainOutput`).
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    pub global_step: usize,
+    pub training_loss: f64,
+    pub metrics: LogEntry,
+}
+
+pub(crate) fn num(x: f64) -> Value {
+    json!(x)
+}
+
+fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
+}
+
+/// Logging, evaluation and saving intervals in steps (0: never).
+struct Intervals {
+    logging: usize,
+    eval: usize,
+    save: usize,
+}
+
+/// What one optimizer step did.
+struct StepReport {
+    /// The summed (scaled) loss of the global batch.
+    loss: f64,
+    norm: f64,
+    lr: f64,
+    loss_scale: Option<f64>,
+    /// Tokens of the global batch.
+    tokens: usize,
+}
+
+/// The steps since the last log line.
+struct LogWindow {
+    loss: f64,
+    steps: usize,
+    tokens: usize,
+    since: Instant,
+}
+
+impl LogWindow {
+    fn new() -> Self {
+        LogWindow {
+            loss: 0.0,
+            steps: 0,
+            tokens: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, s: &StepReport) {
+        self.loss += s.loss;
+        self.steps += 1;
+        self.tokens += s.tokens;
+    }
+}
+
+impl Trainer {
+    pub fn new(
+        model: GPT2LMHeadModel,
+        args: TrainingArguments,
+        collator: DataCollatorForLanguageModeling,
+        train_dataset: Dataset,
+        eval_dataset: Option<Dataset>,
+        tokenizer: Option<AutoTokenizer>,
+    ) -> Result<Self> {
+        Self::new_distributed(
+            model,
+            args,
+            collator,
+            train_dataset,
+            eval_dataset,
+            tokenizer,
+            Arc::new(SingleRank),
+        )
+    }
+
+    /// The Trainer of one rank of `comm`'s group: every rank builds one with
+    /// the same arguments and calls `train()`; rank 0 logs and writes the
+    /// shared files. `args.deepspeed` picks the ZeRO stage and offload.
+    pub fn new_distributed(
+        mut model: GPT2LMHeadModel,
+        args: TrainingArguments,
+        collator: DataCollatorForLanguageModeling,
+        train_dataset: Dataset,
+        eval_dataset: Option<Dataset>,
+        tokenizer: Option<AutoTokenizer>,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        args.validate()?;
+        let world = comm.world_size();
+        let deepspeed = DeepSpeedConfig::from_args(
+            args.deepspeed.as_ref(),
+            &args.deepspeed_values(),
+            world,
+            model.config.n_embd,
+        )
+        .map_err(|e| TrainError::Args(e.to_string()))?;
+        if world > 1 && deepspeed.is_none() {
+            return Err(TrainError::Args(format!(
+                "{world} ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
+            )));
+        }
+        // Mixed precision: the ds_config's fp16/bf16 blocks (after "auto"),
+        // else TrainingArguments.fp16/bf16.
+        let (half, fp16) = match &deepspeed {
+            Some(d) => (d.bf16 || d.fp16.enabled, d.fp16.enabled),
+            None => (args.bf16 || args.fp16, args.fp16),
+        };
+        if args.bf16 && args.fp16 {
+            return Err(TrainError::Args(
+                "bf16 and fp16 are both set; choose one".into(),
+            ));
+        }
+        let dtype = match (half, fp16) {
+            (false, _) => DType::F32,
+            (true, true) => DType::F16,
+            (true, false) => DType::BF16,
+        };
+        let scaler = fp16.then(|| {
+            let c = match &deepspeed {
+                Some(d) => d.fp16.clone(),
+                // Without DeepSpeed: torch.amp.GradScaler's defaults (2^16,
+                // doubling every 2000 clean steps, halving on each overflow).
+                None => Fp16Config {
+                    enabled: true,
+                    loss_scale: 0.0,
+                    initial_scale_power: 16,
+                    loss_scale_window: 2000,
+                    hysteresis: 1,
+                    consecutive_hysteresis: false,
+                    min_loss_scale: 0.0,
+                },
+            };
+            LossScaler::from_config(&c)
+        });
+        let adam = match deepspeed.as_ref().and_then(|d| d.optimizer.clone()) {
+            Some(o) => AdamWParams {
+                beta1: o.betas.0,
+                beta2: o.betas.1,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            },
+            None => AdamWParams {
+                beta1: args.adam_beta1,
+                beta2: args.adam_beta2,
+                eps: args.adam_epsilon,
+                weight_decay: args.weight_decay,
+            },
+        };
+        let (stage, off_opt, off_par) = match &deepspeed {
+            Some(d) => (
+                d.zero.stage,
+                d.zero.offload_optimizer == OffloadDevice::Cpu,
+                d.zero.offload_param == OffloadDevice::Cpu,
+            ),
+            None => (0, true, false),
+        };
+        let mut engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?
+            .with_precision(&model, dtype, scaler)?;
+        engine.gradient_checkpointing = args.gradient_checkpointing;
+        if dtype != DType::F32 {
+            // The half-precision copy forward and backward run on.
+            model = model.to_dtype(dtype)?;
+        }
+        if stage == 3 {
+            // The rank now holds only its partition (inside the engine).
+            model = model.partitioned();
+        }
+        let rank0 = engine.rank() == 0;
+        Ok(Trainer {
+            model,
+            collator,
+            train_dataset,
+            eval_dataset,
+            tokenizer,
+            state: TrainerState {
+                epoch: 0.0,
+                global_step: 0,
+                max_steps: 0,
+                logging_steps: 0,
+                eval_steps: 0,
+                save_steps: 0,
+                train_batch_size: args.per_device_train_batch_size,
+                num_train_epochs: args.num_train_epochs.ceil() as usize,
+                num_input_tokens_seen: 0,
+                total_flos: 0.0,
+                log_history: vec![],
+                best_metric: None,
+                best_global_step: None,
+                best_model_checkpoint: None,
+                is_local_process_zero: rank0,
+                is_world_process_zero: rank0,
+                is_hyper_param_search: false,
+                trial_name: None,
+                trial_params: None,
+                stateful_callbacks: json!({}),
+            },
+            deepspeed,
+            engine,
+            args,
+            faults: FaultInjection::default(),
+            verbose: true,
+            shuffle: true,
+        })
+    }
+
+    /// Rank 0 of the group (it logs and writes shared files).
+    pub fn is_world_process_zero(&self) -> bool {
+        self.engine.rank() == 0
+    }
+
+    /// Every rank's model-state bytes, measured (a collective: all ranks call it).
+    pub fn memory_report(&self) -> Result<Vec<ModelStateBytes>> {
+        let m = self.engine.memory(&self.model);
+        let row = [
+            m.params as f64,
+            m.grads as f64,
+            m.optimizer_states as f64,
+            m.offloaded_to_host as f64,
+            m.peak_gathered_params as f64,
+        ];
+        let mut out = Vec::new();
+        for r in 0..self.engine.world_size() {
+            let mut v = [0f64; 5];
+            for (k, x) in row.iter().enumerate() {
+                v[k] = self
+                    .engine
+                    .comm
+                    .all_reduce_f64(if r == m.rank { *x } else { 0.0 })?;
+            }
+            out.push(ModelStateBytes {
+                rank: r,
+                stage: m.stage,
+                world_size: m.world_size,
+                params: v[0] as usize,
+                grads: v[1] as usize,
+                optimizer_states: v[2] as usize,
+                offloaded_to_host: v[3] as usize,
+                peak_gathered_params: v[4] as usize,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The whole model with its current weights (a collective under ZeRO-3,
+    /// which gathers them from every rank).
+    pub fn full_model(&self) -> Result<GPT2LMHeadModel> {
+        let t = self.engine.full_state_dict(&self.model)?;
+        Ok(GPT2LMHeadModel::from_tensors(
+            self.model.config.clone(),
+            t,
+            DType::F32,
+            self.model.device(),
+            "(ZeRO-3 partitions)",
+        )?)
+    }
+
+    pub(crate) fn loader(&self) -> Result<DataLoader> {
+        let mut l = DataLoader::new(
+            self.train_dataset.len(),
+            self.args.per_device_train_batch_size,
+            self.shuffle,
+            self.args.seed,
+        )?;
+        l.drop_last = self.args.dataloader_drop_last;
+        l.rank = self.engine.rank();
+        l.world_size = self.engine.world_size();
+        Ok(l)
+    }
+
+    /// Total optimiser steps (HF: max_steps, else epochs × updates per epoch).
+    pub fn total_steps(&self) -> Result<usize> {
+        if self.args.max_steps > 0 {
+            return Ok(self.args.max_steps as usize);
+        }
+        let per_epoch =
+            (self.loader()?.batches_per_epoch() / self.args.gradient_accumulation_steps).max(1);
+        Ok((self.args.num_train_epochs * per_epoch as f64).ceil() as usize)
+    }
+
+    pub(crate) fn batch_of(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
+        let ex: Vec<&[u32]> = idx.iter().map(|&i| ds.input_ids[i].as_slice()).collect();
+        Ok(self.collator.collate(&ex)?)
+    }
+
+    pub(crate) fn tensors(&self, b: &Batch) -> Result<(Tensor, Tensor)> {
+        let dev = self.model.device();
+        Ok((
+            Tensor::new(b.input_ids.clone(), dev)?,
+            Tensor::new(b.labels.clone(), dev)?,
+        ))
+    }
+
+    /// `trainer.train(resume_from_checkpoint=…)`: `None` uses
+    /// `args.resume_from_checkpoint`; `"latest"` or `"true"` picks the last
+    /// `checkpoint-N` in `output_dir`.
+    pub fn train(&mut self) -> Result<TrainOutput> {
+        let total = self.total_steps()?;
+        let every = self.intervals(total);
+        self.state.max_steps = total;
+        self.state.logging_steps = every.logging;
+        self.state.eval_steps = every.eval;
+        self.state.save_steps = every.save;
+        self.resume()?;
+        let loader = self.loader()?;
+        let warmup = self.args.num_warmup_steps(total);
+        if let Some(ds) = self.deepspeed.as_mut() {
+            ds.finalize(warmup, total);
+        }
+        let verbose = self.verbose && self.is_world_process_zero();
+        self.report_memory(verbose)?;
+        let bar = if verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            indicatif::ProgressBar::new(total as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_position(self.state.global_step as u64);
+        let per_epoch = loader.batches_per_epoch() as f64;
+        let accum = self.args.gradient_accumulation_steps;
+        let n_params = self.engine.layout.numel;
+        let (start, start_step) = (Instant::now(), self.state.global_step);
+        let mut window = LogWindow::new();
+        let mut total_loss = 0f64;
+        self.model.set_training(true);
+        while self.state.global_step < total {
+            let step = self.optimizer_step(&loader, warmup, total)?;
+            if self.engine.last_step_skipped {
+                if let (true, Some(m)) = (verbose, &self.engine.last_overflow_message) {
+                    bar.suspend(|| eprintln!("{m}"));
+                }
+            } else if !step.norm.is_finite() {
+                return Err(TrainError::NonFinite(format!(
+                    "the gradient norm became {} at step {}; training stopped and the last \
+                     checkpoint is kept",
+                    step.norm,
+                    self.state.global_step + 1
+                )));
+            }
+            self.state.global_step += 1;
+            self.state.epoch = (self.state.global_step * accum) as f64 / per_epoch;
+            if let Some(ds) = &self.deepspeed {
+                if verbose && self.state.global_step.is_multiple_of(ds.steps_per_print) {
+                    let a = self.engine.adam;
+                    bar.suspend(|| {
+                        eprintln!(
+                            "[Rank 0] step={}, skipped={}, lr=[{}], mom=[({}, {})]",
+                            self.state.global_step,
+                            self.engine.skipped_steps,
+                            step.lr,
+                            a.beta1,
+                            a.beta2
+                        )
+                    });
+                }
+            }
+            self.state.total_flos += 6.0 * n_params as f64 * step.tokens as f64;
+            window.add(&step);
+            total_loss += step.loss;
+            bar.inc(1);
+            let gs = self.state.global_step;
+            let log_now = (every.logging > 0 && gs.is_multiple_of(every.logging))
+                || (gs == 1 && self.args.logging_first_step)
+                || gs == total;
+            if log_now && window.steps > 0 {
+                let e = self.log_entry(&step, &mut window);
+                if verbose {
+                    let line = format!(
+                        "step {gs}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {:.2}, {:.0} tokens/s",
+                        e["loss"].as_f64().unwrap_or(f64::NAN),
+                        step.lr,
+                        step.norm,
+                        self.state.epoch,
+                        e["tokens_per_second"].as_f64().unwrap_or(0.0)
+                    );
+                    bar.suspend(|| eprintln!("{line}"));
+                }
+                self.state.log_history.push(e);
+            }
+            if every.eval > 0 && gs.is_multiple_of(every.eval) && gs != total {
+                bar.suspend(|| self.evaluate())?;
+            }
+            if every.save > 0 && gs.is_multiple_of(every.save) {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        self.model.set_training(false);
+        if self.args.eval_strategy != "no" {
+            self.evaluate()?;
+        }
+        let steps_done = (self.state.global_step - start_step).max(1);
+        let train_loss = total_loss / steps_done as f64;
+        let m = self.train_metrics(start.elapsed().as_secs_f64(), steps_done, train_loss);
+        self.state.log_history.push(m.clone());
+        if self.args.save_strategy != "no"
+            && !self.state.global_step.is_multiple_of(every.save.max(1))
+        {
+            self.save_checkpoint()?;
+        }
+        Ok(TrainOutput {
+            global_step: self.state.global_step,
+            training_loss: train_loss,
+            metrics: m,
+        })
+    }
+
+    /// Logging, evaluation and saving intervals for `total` steps (0: never).
+    fn intervals(&self, total: usize) -> Intervals {
+        let a = &self.args;
+        let every = |strategy: &str, steps: f64| match strategy {
+            "steps" => a.resolve_steps(steps, total).max(1),
+            _ => 0,
+        };
+        Intervals {
+            logging: every(&a.logging_strategy, a.logging_steps),
+            eval: every(&a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)),
+            save: every(&a.save_strategy, a.save_steps),
+        }
+    }
+
+    /// `resume_from_checkpoint`: load the checkpoint it names (or the latest).
+    fn resume(&mut self) -> Result<()> {
+        let out_dir = PathBuf::from(&self.args.output_dir);
+        if out_dir.exists() && !out_dir.is_dir() {
+            return Err(TrainError::Args(format!(
+                "output_dir {} exists and is not a folder",
+                out_dir.display()
+            )));
+        }
+        let Some(r) = self.args.resume_from_checkpoint.clone() else {
+            return Ok(());
+        };
+        let ckpt = if r == "latest" || r == "true" {
+            latest_checkpoint(&out_dir).ok_or_else(|| {
+                TrainError::Args(format!(
+                    "no checkpoint-N folder in {} to resume from",
+                    out_dir.display()
+                ))
+            })?
+        } else {
+            PathBuf::from(r)
+        };
+        self.load_checkpoint(&ckpt)?;
+        if self.verbose && self.is_world_process_zero() {
+            eprintln!(
+                "resumed from {} at step {}",
+                ckpt.display(),
+                self.state.global_step
+            );
+        }
+        Ok(())
+    }
+
+    /// Under DeepSpeed, the config's warnings and each rank's model-state bytes.
+    fn report_memory(&self, verbose: bool) -> Result<()> {
+        let memory = self.memory_report()?;
+        let Some(ds) = self.deepspeed.as_ref().filter(|_| verbose) else {
+            return Ok(());
+        };
+        for w in &ds.warnings {
+            eprintln!("deepspeed: {w}");
+        }
+        for m in &memory {
+            eprintln!(
+                "[rank {}] ZeRO-{} model states: params {}, grads {}, optimizer {} ({} offloaded to host)",
+                m.rank,
+                m.stage,
+                human_bytes(m.params),
+                human_bytes(m.grads),
+                human_bytes(m.optimizer_states),
+                human_bytes(m.offloaded_to_host)
+            );
+        }
+        Ok(())
+    }
+
+    /// One optimizer step: this rank's micro-batches of the global batch,
+    /// forward and backward through the engine, the learning rate of the
+    /// schedule, and the engine's step (reduce, clip, AdamW).
+    fn optimizer_step(
+        &mut self,
+        loader: &DataLoader,
+        warmup: usize,
+        total: usize,
+    ) -> Result<StepReport> {
+        let step = self.state.global_step;
+        let accum = self.args.gradient_accumulation_steps;
+        let (world, rank) = (self.engine.world_size(), self.engine.rank());
+        let comm = self.engine.comm.clone();
+        let sum_ranks = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
+        // This rank's micro-batches of this update and the label-token count
+        // of the whole global batch: every rank's loss is divided by it, so
+        // the summed gradients equal one rank's on all of it.
+        let batches: Vec<Option<Batch>> = (0..accum)
+            .map(|k| {
+                let idx = loader.batch(step * accum + k);
+                if idx.is_empty() {
+                    Ok(None)
+                } else {
+                    self.batch_of(&self.train_dataset, &idx).map(Some)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let local_items: usize = batches.iter().flatten().map(Batch::num_label_tokens).sum();
+        let n_items = sum_ranks(local_items as f64)?.max(1.0);
+        let local_tokens: usize = batches
+            .iter()
+            .flatten()
+            .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
+            .sum();
+        let tokens = sum_ranks(local_tokens as f64)? as usize;
+        let mut local_loss = 0f64;
+        for (k, b) in batches.iter().enumerate() {
+            let Some(b) = b else {
+                self.engine.skip_micro_step(&self.model)?;
+                continue;
+            };
+            // Dropout is seeded by the micro-batch's place in the global
+            // order, so N ranks draw what one rank would.
+            let global_micro = ((step * accum + k) * world + rank) as u64;
+            self.model
+                .seed_dropout(self.args.seed ^ global_micro.wrapping_mul(0x9E3779B97F4A7C15));
+            let (ids, labels) = self.tensors(b)?;
+            let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
+            let lv = self
+                .engine
+                .micro_step(&self.model, &ids, &labels, mask, n_items)?;
+            if !lv.is_finite() {
+                return Err(TrainError::NonFinite(format!(
+                    "the loss became {lv} at step {}; training stopped and the last checkpoint \
+                     is kept (lower the learning_rate or check the data)",
+                    step + 1
+                )));
+            }
+            local_loss += lv;
+        }
+        let loss = sum_ranks(local_loss)?;
+        self.state.num_input_tokens_seen += tokens;
+        // Skipped (fp16 overflow) steps do not advance the schedule, as
+        // DeepSpeed does not step its scheduler then.
+        let sched_step = step - self.engine.skipped_steps;
+        let base_lr = self.base_lr();
+        let lr = match self.deepspeed.as_ref().and_then(|d| d.scheduler.as_ref()) {
+            Some(s) => s.lr_at(sched_step, base_lr),
+            None => lr_at(
+                &self.args.lr_scheduler_type,
+                base_lr,
+                sched_step,
+                warmup,
+                total,
+            ),
+        };
+        if self.faults.overflow_at_step == Some(step + 1) {
+            self.engine.poison_gradients();
+        }
+        let loss_scale = self.engine.loss_scaler.as_ref().map(|s| s.cur_scale);
+        let clip = self
+            .deepspeed
+            .as_ref()
+            .map_or(self.args.max_grad_norm, |d| d.gradient_clipping);
+        let norm = self.engine.step(&self.model, lr, clip)?;
+        Ok(StepReport {
+            loss,
+            norm,
+            lr,
+            loss_scale,
+            tokens,
+        })
+    }
+
+    /// The learning rate the schedule scales: the ds_config optimizer's, or
+    /// `learning_rate`.
+    pub(crate) fn base_lr(&self) -> f64 {
+        self.deepspeed
+            .as_ref()
+            .and_then(|d| d.optimizer.as_ref())
+            .map_or(self.args.learning_rate, |o| o.lr)
+    }
+
+    /// The `log_history` entry for the steps of `window` (then emptied),
+    /// ending with `step`.
+    fn log_entry(&self, step: &StepReport, window: &mut LogWindow) -> LogEntry {
+        let secs = window.since.elapsed().as_secs_f64();
+        let mut e = LogEntry::new();
+        e.insert("loss".into(), num(window.loss / window.steps as f64));
+        e.insert("grad_norm".into(), num(step.norm));
+        if let Some(sc) = step.loss_scale {
+            // fp16: the scale this step used (DeepSpeed logs it).
+            e.insert("loss_scale".into(), num(sc));
+        }
+        e.insert("learning_rate".into(), num(step.lr));
+        e.insert("epoch".into(), num(self.state.epoch));
+        e.insert("step".into(), json!(self.state.global_step));
+        e.insert(
+            "tokens_per_second".into(),
+            num(window.tokens as f64 / secs.max(1e-9)),
+        );
+        *window = LogWindow::new();
+        e
+    }
+
+    /// The final `log_history` entry of `train()`.
+    fn train_metrics(&self, secs: f64, steps_done: usize, train_loss: f64) -> LogEntry {
+        let samples = steps_done
+            * self.args.gradient_accumulation_steps
+            * self.args.per_device_train_batch_size;
+        let mut m = LogEntry::new();
+        m.insert("train_runtime".into(), num(secs));
+        m.insert(
+            "train_samples_per_second".into(),
+            num(samples as f64 / secs),
+        );
+        m.insert(
+            "train_steps_per_second".into(),
+            num(steps_done as f64 / secs),
+        );
+        m.insert("total_flos".into(), num(self.state.total_flos));
+        m.insert("train_loss".into(), num(train_loss));
+        m.insert("epoch".into(), num(self.state.epoch));
+        m.insert("step".into(), json!(self.state.global_step));
+        m
+    }
+}
