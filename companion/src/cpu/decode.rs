@@ -6,8 +6,8 @@ use super::gemm::{for_blocks, linear, lm_head, SharedMut};
 use super::inputs::{check_token_ids, positions, InputError};
 use super::layers::{add_dropped, layer_norm, masked_softmax_row, mlp_forward};
 use super::simd::{axpy, dot};
+use super::weights::Weights;
 use super::workspace::Index;
-use super::Weights;
 use crate::config::GPT2Config;
 
 /// Keys and values of earlier positions for [`forward_cached`]: per layer

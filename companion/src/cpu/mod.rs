@@ -15,8 +15,6 @@
 //! `causal_lm_loss_sum` (masking, positions, dropout masks, loss), which the
 //! model's tests check on loss and every gradient.
 
-use crate::config::{Activation, GPT2Config};
-
 /// Define `$name` to run `$body` compiled for AVX-512 or AVX2+FMA when the
 /// CPU has them (chosen at run time, so one binary runs everywhere), and
 /// for the baseline otherwise. The bodies are plain loops; only the target
@@ -60,28 +58,11 @@ pub mod inputs;
 pub mod layers;
 pub mod simd;
 pub mod train_step;
+pub mod weights;
 pub mod workspace;
 
 pub use decode::{forward_cached, KvBuffers};
 pub use inputs::InputError;
 pub use train_step::Batch;
+pub use weights::{supports, DropoutMasks, Weights};
 pub use workspace::Workspace;
-
-/// Whether these kernels compute a model of `cfg` (fp32 on the CPU is the
-/// caller's to check): GPT-2's tanh-form GELU (`gelu_new`).
-pub fn supports(cfg: &GPT2Config) -> bool {
-    Activation::parse(&cfg.activation_function) == Some(Activation::GeluTanh)
-}
-
-/// A model's weights as fp32 slices, with their HF names, in
-/// `named_parameters` order.
-pub struct Weights<'a> {
-    pub names: &'a [String],
-    pub values: &'a [&'a [f32]],
-}
-
-/// Where the training step draws its dropout masks: each element 0 or
-/// 1/(1 − p), in a fixed order, so that the autograd path draws the same.
-pub trait DropoutMasks {
-    fn fill_mask(&self, out: &mut [f32], p: f64);
-}

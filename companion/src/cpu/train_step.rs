@@ -16,8 +16,8 @@ use super::layers::{
     add_dropped, cross_entropy_backward, gelu_backward, layer_norm, layer_norm_backward,
     mlp_forward, mul_mask,
 };
+use super::weights::{supports, DropoutMasks, Weights};
 use super::workspace::{Index, Workspace};
-use super::{supports, DropoutMasks, Weights};
 use crate::config::GPT2Config;
 use crate::data::IGNORE_INDEX;
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::dataset::{tokenize_and_pack, Dataset, Packing, TokenizeOptions};
-use super::Result;
+use super::error::Result;
 use crate::tokenizer::AutoTokenizer;
 
 /// input: keyed by the corpus bytes, the tokenizer file and the settings.

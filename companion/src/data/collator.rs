@@ -1,7 +1,7 @@
 //! `DataCollatorForLanguageModeling(tokenizer, mlm=False)`: examples of
 //! different lengths become one padded batch with labels.
 
-use super::{DataError, Result};
+use super::error::{DataError, Result};
 use crate::tokenizer::{AutoTokenizer, PaddingSide};
 
 /// The label of a position the loss does not count (PyTorch's

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{DataError, Result};
+use super::error::{DataError, Result};
 use crate::tokenizer::AutoTokenizer;
 
 /// How texts become training examples.

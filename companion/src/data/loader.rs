@@ -1,6 +1,6 @@
 //! Batches of example indices for each rank and step.
 
-use super::{DataError, Result};
+use super::error::{DataError, Result};
 
 /// Batches of example indices: a seeded permutation per epoch (seed + epoch),
 /// `drop_last`, and the rank's share of each global batch for data

@@ -9,19 +9,10 @@ pub mod corpus;
 pub mod dataset;
 pub mod loader;
 
+mod error;
+
 pub use cache::{cache_dir, load_tokenized};
 pub use collator::{Batch, DataCollatorForLanguageModeling, IGNORE_INDEX};
 pub use dataset::{group_texts, tokenize_and_pack, Dataset, Packing, TokenizeOptions};
+pub use error::{DataError, Result};
 pub use loader::DataLoader;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    #[error(transparent)]
-    Corpus(#[from] crate::data::corpus::CorpusError),
-    #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-pub type Result<T> = std::result::Result<T, DataError>;

@@ -14,11 +14,10 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 
 use super::dropout::{Dropout, DropoutState};
+use super::error::{ModelError, Result};
 use super::kv_cache::{KvCache, LayerCache};
 use super::loss::causal_lm_loss_sum;
-use super::weights::block_parameter_names;
-use super::weights::piece;
-use super::{ModelError, Result};
+use super::names::{block_parameter_names, piece};
 use crate::config::{Activation, GPT2Config};
 use crate::cpu::inputs::{check_length, check_mask, check_token_ids, positions};
 

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::{ModelError, Result};
+use super::error::{ModelError, Result};
 use crate::cpu::inputs::check_label;
 use crate::data::IGNORE_INDEX;
 

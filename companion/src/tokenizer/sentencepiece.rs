@@ -11,7 +11,7 @@ use tokenizers::{
     TokenizerImpl,
 };
 
-use super::{tk, AutoTokenizer, Pipeline, Result, TokenizerError, METASPACE};
+use super::auto::{tk, AutoTokenizer, Pipeline, Result, TokenizerError, METASPACE};
 
 /// Load a SentencePiece `.model` file (what `spm.SentencePieceTrainer.Train`
 /// writes) and convert it as `transformers`' `SpmConverter` does.

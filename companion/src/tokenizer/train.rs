@@ -15,7 +15,7 @@ use tokenizers::{
     PreTokenizerWrapper, Tokenizer, TokenizerImpl,
 };
 
-use super::{tk, AutoTokenizer, Pipeline, Result, SpecialRole, TokenizerError, METASPACE};
+use super::auto::{tk, AutoTokenizer, Pipeline, Result, SpecialRole, TokenizerError, METASPACE};
 
 /// Which model to train: `ByteLevelBPETokenizer` or SentencePiece's unigram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{io_err, Result, TrainError};
+use super::error::{io_err, Result, TrainError};
 
 /// `transformers.TrainingArguments`: HF's field names and defaults. Fields we
 /// accept but do not act on are kept in `extra` and listed by

@@ -8,12 +8,45 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use super::error::{io_err, Result, TrainError};
 use super::state::{SchedulerState, TrainerState};
 use super::trainer::Trainer;
-use super::{io_err, Result, TrainError};
 use crate::model::GPT2LMHeadModel;
 
 impl Trainer {
+    /// `resume_from_checkpoint`: load the checkpoint it names (or the latest).
+    pub(crate) fn resume(&mut self) -> Result<()> {
+        let out_dir = PathBuf::from(&self.args.output_dir);
+        if out_dir.exists() && !out_dir.is_dir() {
+            return Err(TrainError::Args(format!(
+                "output_dir {} exists and is not a folder",
+                out_dir.display()
+            )));
+        }
+        let Some(r) = self.args.resume_from_checkpoint.clone() else {
+            return Ok(());
+        };
+        let ckpt = if r == "latest" || r == "true" {
+            latest_checkpoint(&out_dir).ok_or_else(|| {
+                TrainError::Args(format!(
+                    "no checkpoint-N folder in {} to resume from",
+                    out_dir.display()
+                ))
+            })?
+        } else {
+            PathBuf::from(r)
+        };
+        self.load_checkpoint(&ckpt)?;
+        if self.verbose && self.is_world_process_zero() {
+            eprintln!(
+                "resumed from {} at step {}",
+                ckpt.display(),
+                self.state.global_step
+            );
+        }
+        Ok(())
+    }
+
     /// Files of a checkpoint folder (HF's, with safetensors/JSON for the
     /// PyTorch pickles: optimizer.safetensors + optimizer.json = optimizer.pt,
     /// scheduler.json = scheduler.pt, rng_state.json = rng_state.pth,

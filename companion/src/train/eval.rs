@@ -7,9 +7,9 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 use serde_json::json;
 
+use super::error::{Result, TrainError};
 use super::state::LogEntry;
 use super::trainer::{num, Trainer};
-use super::{Result, TrainError};
 use crate::data::{Batch, DataCollatorForLanguageModeling, Dataset};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
 

@@ -4,7 +4,6 @@
 //! clipping, HF's schedules, logging into `log_history`, evaluation and
 //! checkpoints at their intervals.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,9 +11,8 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use super::args::TrainingArguments;
-use super::checkpoint::latest_checkpoint;
+use super::error::{Result, TrainError};
 use super::state::{LogEntry, TrainerState};
-use super::{Result, TrainError};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::{lr_at, AdamWParams};
@@ -482,39 +480,6 @@ impl Trainer {
             eval: every(&a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)),
             save: every(&a.save_strategy, a.save_steps),
         }
-    }
-
-    /// `resume_from_checkpoint`: load the checkpoint it names (or the latest).
-    fn resume(&mut self) -> Result<()> {
-        let out_dir = PathBuf::from(&self.args.output_dir);
-        if out_dir.exists() && !out_dir.is_dir() {
-            return Err(TrainError::Args(format!(
-                "output_dir {} exists and is not a folder",
-                out_dir.display()
-            )));
-        }
-        let Some(r) = self.args.resume_from_checkpoint.clone() else {
-            return Ok(());
-        };
-        let ckpt = if r == "latest" || r == "true" {
-            latest_checkpoint(&out_dir).ok_or_else(|| {
-                TrainError::Args(format!(
-                    "no checkpoint-N folder in {} to resume from",
-                    out_dir.display()
-                ))
-            })?
-        } else {
-            PathBuf::from(r)
-        };
-        self.load_checkpoint(&ckpt)?;
-        if self.verbose && self.is_world_process_zero() {
-            eprintln!(
-                "resumed from {} at step {}",
-                ckpt.display(),
-                self.state.global_step
-            );
-        }
-        Ok(())
     }
 
     /// Under DeepSpeed, the config's warnings and each rank's model-state bytes.

@@ -6,8 +6,8 @@
 use candle_core::{DType, Tensor, Var};
 
 use super::engine::ZeroEngine;
+use super::error::{Result, ZeroError};
 use super::layout::{add_into, intersect, tensors, var_tensors};
-use super::{Result, ZeroError};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
 
 impl ZeroEngine {

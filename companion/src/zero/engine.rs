@@ -10,13 +10,13 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::comm::Communicator;
+use super::error::{Result, ZeroError};
 use super::layout::{
     add_into, decay_segments, device_moments, flatten_params, intersect, set_params, sum_sq,
     FlatLayout,
 };
 use super::memory::ModelStateBytes;
 use super::precision::LossScaler;
-use super::{Result, ZeroError};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::{self, AdamWParams, Moments};
 

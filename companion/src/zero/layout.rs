@@ -8,7 +8,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use super::{Result, ZeroError};
+use super::error::{Result, ZeroError};
 use crate::model::{parameter_shapes, GPT2LMHeadModel};
 use crate::optim::adamw::decays;
 use crate::optim::adamw::Moments;

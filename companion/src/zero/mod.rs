@@ -24,6 +24,7 @@ pub mod blockwise;
 pub mod comm;
 pub mod ds_config;
 pub mod engine;
+mod error;
 pub mod layout;
 pub mod memory;
 pub mod precision;
@@ -31,29 +32,10 @@ pub mod state;
 
 pub use ds_config::{DeepSpeedConfig, DsConfigError, HfTrainingValues};
 pub use engine::ZeroEngine;
+pub use error::{Result, ZeroError};
 pub use layout::FlatLayout;
 pub use memory::ModelStateBytes;
 pub use state::NamedMoments;
-
-/// What can go wrong in the ZeRO engine.
-#[derive(Debug, thiserror::Error)]
-pub enum ZeroError {
-    #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Comm(#[from] comm::CommError),
-    #[error(transparent)]
-    DsConfig(#[from] DsConfigError),
-    /// A setting or state the engine cannot run with.
-    #[error("{0}")]
-    Args(String),
-    #[error("{path}: {msg}")]
-    Io { path: String, msg: String },
-}
-
-pub type Result<T> = std::result::Result<T, ZeroError>;
 
 #[cfg(test)]
 mod tests {

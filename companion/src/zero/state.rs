@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 
 use super::engine::ZeroEngine;
+use super::error::{Result, ZeroError};
 use super::layout::{flatten_params, intersect};
-use super::{Result, ZeroError};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::Moments;
 

@@ -2,7 +2,7 @@
 //! machine or several): the exchange is `MPI_Allgather` of the sizes, then
 //! `MPI_Allgatherv` of the data. Built with the `mpi` feature.
 
-use super::{CommError, Communicator, Gathered, Result};
+use super::communicator::{CommError, Communicator, Gathered, Result};
 use mpi::collective::CommunicatorCollectives;
 use mpi::datatype::PartitionMut;
 use mpi::topology::Communicator as MpiCommunicator;

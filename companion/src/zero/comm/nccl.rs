@@ -5,7 +5,7 @@
 //! the sizes, then of the buffers padded to the largest. Built with the
 //! `nccl` feature (which implies `cuda`).
 
-use super::{CommError, Communicator, Gathered, Result};
+use super::communicator::{CommError, Communicator, Gathered, Result};
 use cudarc::driver::CudaStream;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::{CommError, Communicator, Gathered, Result};
+use super::communicator::{CommError, Communicator, Gathered, Result};
 
 #[derive(Default)]
 struct Round {
