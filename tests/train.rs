@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use companion::model::GPT2LMHeadModel;
-use companion::optim::lr_at;
+use companion::optim::{lr_at, SchedulerType};
 use companion::train::{Trainer, TrainingArguments};
 use serde_json::Value;
 
@@ -121,10 +121,11 @@ fn schedules_equal_hf() {
     let fx = read_json(&fixture("lr_schedules.json"));
     for case in fx["cases"].as_array().unwrap() {
         let kind = case["name"].as_str().unwrap();
+        let sched: SchedulerType = serde_json::from_value(case["name"].clone()).unwrap();
         let warmup = case["num_warmup_steps"].as_u64().unwrap() as usize;
         let total = case["num_training_steps"].as_u64().unwrap() as usize;
         for (step, want) in case["lrs"].as_array().unwrap().iter().enumerate() {
-            let ours = lr_at(kind, 1.0, step, warmup, total);
+            let ours = lr_at(sched, 1.0, step, warmup, total);
             let want = want.as_f64().unwrap();
             assert!(
                 (ours - want).abs() < 1e-9,
@@ -145,7 +146,7 @@ fn small_run(out: &std::path::Path, max_steps: i64, dropout: bool) -> Trainer {
         gradient_accumulation_steps: 2,
         learning_rate: 1e-2,
         weight_decay: 0.1,
-        lr_scheduler_type: "cosine".into(),
+        lr_scheduler_type: SchedulerType::Cosine,
         warmup_steps: 2.0,
         logging_steps: 1.0,
         save_steps: 3.0,
@@ -447,7 +448,7 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
     // A second run reuses the tokenizer and the tokenized cache, and bad flags fail.
     let bad = companion(&["pretrain", "--no-such-flag", "1"], &[]);
     assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("no_such_flag"), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("--no-such-flag"), "{}", stderr(&bad));
     let bad = companion(
         &[
             "pretrain",
@@ -466,8 +467,8 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
     );
     let bad = companion(&["pretrain", "--lr-scheduler-type", "zigzag"], &[]);
     assert!(
-        stderr(&bad).contains("lr_scheduler_type"),
-        "{}",
+        stderr(&bad).contains("--lr-scheduler-type") && stderr(&bad).contains("cosine"),
+        "the flag and its possible values: {}",
         stderr(&bad)
     );
     let bad = companion(

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use companion::data::Dataset;
 use companion::model::GPT2LMHeadModel;
-use companion::train::{TrainError, Trainer, TrainingArguments};
+use companion::train::{IntervalStrategy, SchedulerType, TrainError, Trainer, TrainingArguments};
 use companion::zero::comm::{run_ranks, Communicator};
 use companion::zero::ModelStateBytes;
 use rand::{Rng, SeedableRng};
@@ -56,7 +56,7 @@ fn args(out: &std::path::Path, accum: usize, ds: Option<Value>) -> TrainingArgum
         max_grad_norm: 0.5,
         warmup_steps: 1.0,
         logging_steps: 1.0,
-        save_strategy: "no".into(),
+        save_strategy: IntervalStrategy::No,
         deepspeed: ds,
         ..Default::default()
     }
@@ -428,7 +428,7 @@ fn zero_checkpoints_resume_and_load_as_plain_hf_folders() {
             2,
             |_, comm: Arc<dyn Communicator>| -> Result<Vec<(String, Tensor)>, TrainError> {
                 let mut a = args(dir.path(), ACCUM, Some(ds_config(3, true)));
-                a.save_strategy = "steps".into();
+                a.save_strategy = IntervalStrategy::Steps;
                 a.save_steps = 2.0;
                 a.resume_from_checkpoint = resume.clone();
                 let mut t =
@@ -851,7 +851,7 @@ fn run_with(
             a.fp16 = ds["fp16"]["enabled"] == true;
             a.max_steps = steps;
             if lr_constant {
-                a.lr_scheduler_type = "constant".into();
+                a.lr_scheduler_type = SchedulerType::Constant;
             }
             let mut t =
                 Trainer::new_distributed(model(), a, collator(), dataset(), None, None, comm)?;

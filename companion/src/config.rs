@@ -106,7 +106,7 @@ impl Default for GPT2Config {
 }
 
 /// Overrides as keyword arguments of `AutoConfig.from_pretrained(…, **kwargs)`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigOverrides {
     pub vocab_size: Option<usize>,
     pub n_ctx: Option<usize>,

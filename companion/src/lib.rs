@@ -38,7 +38,9 @@ pub mod prelude {
     pub use crate::model::GPT2LMHeadModel;
     pub use crate::notebook::{self, CheckFailed};
     pub use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TokenizerKind, TrainArgs};
-    pub use crate::train::{EvalMetrics, Trainer, TrainingArguments};
+    pub use crate::train::{
+        EvalMetrics, IntervalStrategy, OptimizerName, SchedulerType, Trainer, TrainingArguments,
+    };
     pub use crate::zero::comm::{run_ranks, Communicator};
     pub use crate::{check, check_eq};
     pub use candle_core::{DType, Device, Tensor};

@@ -99,7 +99,7 @@ for stage in 0..=3 {
     let out = run_ranks(4, |_, comm: Arc<dyn Communicator>| -> Result<(Vec<companion::zero::ModelStateBytes>, f64), companion::train::TrainError> {
         let args = TrainingArguments {
             output_dir: "zero_demo".into(), max_steps: 2, per_device_train_batch_size: 2,
-            learning_rate: 1e-3, logging_steps: 1.0, save_strategy: "no".into(),
+            learning_rate: 1e-3, logging_steps: 1.0, save_strategy: IntervalStrategy::No,
             deepspeed: Some(ds_config.clone()), ..Default::default()
         };
         let model = GPT2LMHeadModel::new(&small, 42, &Device::Cpu).unwrap();

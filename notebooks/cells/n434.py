@@ -198,18 +198,18 @@ let training_args = TrainingArguments {
     max_steps: 2000,                      // 書籍: num_train_epochs。2000 ステップ × 16 ブロック ≈ 2.3 エポック
     per_device_train_batch_size: 8,       // ランクあたり 8 ブロック × 2 ランク = 1 ステップ 16 ブロック
     per_device_eval_batch_size: 8,
-    logging_strategy: "steps".into(),
+    logging_strategy: IntervalStrategy::Steps,
     logging_steps: 10.0,
     logging_first_step: true,
-    save_strategy: "steps".into(),
+    save_strategy: IntervalStrategy::Steps,
     save_steps: 500.0,
     save_total_limit: Some(1),
     learning_rate: 2e-3,                  // 書籍: 1e-6 (小さすぎる)。2e-3 + ウォームアップ + コサイン減衰
-    lr_scheduler_type: "cosine".into(),
+    lr_scheduler_type: SchedulerType::Cosine,
     weight_decay: 0.1,
     warmup_steps: 0.05,                   // 書籍: warmup_ratio (transformers 5 では 1 未満の warmup_steps が割合)
-    optim: "adamw_torch".into(),
-    eval_strategy: "steps".into(),        // 書籍にはない: 100 ステップごとに検証データの損失を測る
+    optim: OptimizerName::AdamwTorch,
+    eval_strategy: IntervalStrategy::Steps,        // 書籍にはない: 100 ステップごとに検証データの損失を測る
     eval_steps: Some(100.0),
     seed: 42,
     deepspeed: Some(json!("ds_config.json")), // 書籍: ds_config="./ds_config.json"

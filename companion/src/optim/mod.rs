@@ -5,4 +5,4 @@ pub mod adamw;
 pub mod schedules;
 
 pub use adamw::{AdamWParams, Moments};
-pub use schedules::{lr_at, SchedulerConfig};
+pub use schedules::{lr_at, SchedulerConfig, SchedulerType};

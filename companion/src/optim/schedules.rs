@@ -2,20 +2,33 @@
 //! cosine, constant, constant with warmup) and DeepSpeed's `WarmupLR`,
 //! `WarmupDecayLR` and `WarmupCosineLR` (a ds_config `scheduler` block).
 
+use serde::{Deserialize, Serialize};
+
+/// The learning-rate schedule (`lr_scheduler_type`, HF's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum SchedulerType {
+    Linear,
+    Cosine,
+    Constant,
+    ConstantWithWarmup,
+}
+
 /// HF's schedules (`get_scheduler`): the learning rate after `step` updates.
-pub fn lr_at(kind: &str, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+pub fn lr_at(kind: SchedulerType, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
     let s = step as f64;
     let w = warmup as f64;
-    if step < warmup && kind != "constant" {
+    if step < warmup && kind != SchedulerType::Constant {
         return base * s / w.max(1.0);
     }
     match kind {
-        "linear" => base * ((total as f64 - s) / (total as f64 - w).max(1.0)).max(0.0),
-        "cosine" => {
+        SchedulerType::Linear => base * ((total as f64 - s) / (total as f64 - w).max(1.0)).max(0.0),
+        SchedulerType::Cosine => {
             let progress = (s - w) / (total as f64 - w).max(1.0);
             base * (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
         }
-        _ => base,
+        SchedulerType::Constant | SchedulerType::ConstantWithWarmup => base,
     }
 }
 

@@ -1,54 +1,156 @@
-//! `transformers.TrainingArguments`: HF's field names and defaults.
+//! `transformers.TrainingArguments`: HF's field names and defaults, as
+//! serde fields (`training_args.json`, checkpoints) and as command-line flags
+//! (clap, in kebab case), layered the way `HfArgumentParser` layers them:
+//! defaults, then a JSON file of fields, then the flags given.
 
 use std::path::Path;
 
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{io_err, Result, TrainError};
+pub use crate::optim::SchedulerType;
 
-/// `transformers.TrainingArguments`: HF's field names and defaults. Fields we
-/// accept but do not act on are kept in `extra` and listed by
-/// [`TrainingArguments::unused_fields`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// When to log, evaluate or save (`IntervalStrategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum IntervalStrategy {
+    No,
+    Steps,
+    /// Accepted for compatibility; runs here log, evaluate and save by steps
+    /// only, so an epoch strategy acts like `no`.
+    Epoch,
+}
+
+/// The optimiser (`optim`): the names transformers gives torch's AdamW,
+/// which all compute the same update here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum OptimizerName {
+    AdamwTorch,
+    AdamwTorchFused,
+    AdamwHf,
+    Adamw,
+}
+
+/// `--deepspeed ds_config.json`: the path, as HF keeps it (a dict in Python
+/// or in `--args` JSON works too).
+fn ds_config_path(s: &str) -> std::result::Result<Value, String> {
+    Ok(Value::String(s.to_string()))
+}
+
+/// `transformers.TrainingArguments`: HF's field names and defaults. Fields
+/// of transformers' TrainingArguments that this Trainer does not act on are
+/// accepted in JSON, kept in `extra` and listed by
+/// [`TrainingArguments::unused_fields`]; any other key is refused, as
+/// `HfArgumentParser` refuses it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default)]
+#[command(
+    next_help_heading = "TrainingArguments (transformers' names; --args FILE.json sets any of them, flags win)"
+)]
 pub struct TrainingArguments {
+    /// Where checkpoints, trainer_state.json and the loss plot go.
+    #[arg(long, value_name = "DIR", default_value = "trainer_output")]
     pub output_dir: String,
+    /// transformers 4.x; accepted and not needed (checkpoint folders never clash).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub overwrite_output_dir: bool,
+    /// Epochs to train when max_steps is not positive.
+    #[arg(long, default_value_t = 3.0)]
     pub num_train_epochs: f64,
+    /// Optimizer steps to train; when positive it overrides num_train_epochs.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,
+    /// Examples per rank per micro-batch.
+    #[arg(long, default_value_t = 8)]
     pub per_device_train_batch_size: usize,
+    /// Examples per rank per evaluation batch.
+    #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
+    /// Micro-batches summed into one optimizer step.
+    #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// AdamW's peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
     pub learning_rate: f64,
+    /// AdamW's decoupled weight decay (not on biases and LayerNorm weights).
+    #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
     pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    pub lr_scheduler_type: String,
-    /// transformers 4.x; 5.x folds it into `warmup_steps` < 1. Both work.
+    /// The learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value_t = SchedulerType::Linear)]
+    pub lr_scheduler_type: SchedulerType,
+    /// transformers 4.x: warmup as a ratio of the steps (5.x: warmup_steps below 1).
+    #[arg(long, default_value_t = 0.0)]
     pub warmup_ratio: f64,
-    /// Steps, or a ratio of the total when in [0, 1).
+    /// Warmup steps, or a ratio of the total steps when below 1.
+    #[arg(long, default_value_t = 0.0)]
     pub warmup_steps: f64,
-    pub logging_strategy: String,
-    /// Steps, or a ratio of the total when < 1.
+    /// When to log the training loss.
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::Steps)]
+    pub logging_strategy: IntervalStrategy,
+    /// Steps between log entries, or a ratio of the total when below 1.
+    #[arg(long, default_value_t = 500.0)]
     pub logging_steps: f64,
+    /// Log the first step too.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub logging_first_step: bool,
-    pub save_strategy: String,
+    /// When to write checkpoint-N folders.
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::Steps)]
+    pub save_strategy: IntervalStrategy,
+    /// Steps between checkpoints, or a ratio of the total when below 1.
+    #[arg(long, default_value_t = 500.0)]
     pub save_steps: f64,
+    /// Keep only the newest N checkpoints (unset: keep all).
+    #[arg(long)]
     pub save_total_limit: Option<usize>,
+    /// When to evaluate on the validation set.
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::No, alias = "evaluation-strategy")]
     #[serde(alias = "evaluation_strategy")]
-    pub eval_strategy: String,
+    pub eval_strategy: IntervalStrategy,
+    /// Steps between evaluations (unset: logging_steps).
+    #[arg(long)]
     pub eval_steps: Option<f64>,
+    /// Seeds initialisation, shuffling and dropout.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// bf16 mixed precision (fp32 master weights).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub bf16: bool,
+    /// fp16 mixed precision with dynamic loss scaling.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub fp16: bool,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub gradient_checkpointing: bool,
+    /// A checkpoint-N folder to resume from, or `latest`.
+    #[arg(long, value_name = "DIR|latest")]
     pub resume_from_checkpoint: Option<String>,
+    /// A DeepSpeed config (ds_config.json): ZeRO stage, offload, precision.
+    #[arg(long, value_name = "DS_CONFIG.json", value_parser = ds_config_path)]
     pub deepspeed: Option<Value>,
-    pub optim: String,
+    /// The optimiser.
+    #[arg(long, value_enum, default_value_t = OptimizerName::AdamwTorch)]
+    pub optim: OptimizerName,
+    /// Drop the last incomplete batch of each epoch.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub dataloader_drop_last: bool,
+    /// Fields of transformers' TrainingArguments given in JSON that this
+    /// Trainer does not act on.
+    #[arg(skip)]
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -69,16 +171,16 @@ impl Default for TrainingArguments {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
-            lr_scheduler_type: "linear".into(),
+            lr_scheduler_type: SchedulerType::Linear,
             warmup_ratio: 0.0,
             warmup_steps: 0.0,
-            logging_strategy: "steps".into(),
+            logging_strategy: IntervalStrategy::Steps,
             logging_steps: 500.0,
             logging_first_step: false,
-            save_strategy: "steps".into(),
+            save_strategy: IntervalStrategy::Steps,
             save_steps: 500.0,
             save_total_limit: None,
-            eval_strategy: "no".into(),
+            eval_strategy: IntervalStrategy::No,
             eval_steps: None,
             seed: 42,
             bf16: false,
@@ -86,63 +188,210 @@ impl Default for TrainingArguments {
             gradient_checkpointing: false,
             resume_from_checkpoint: None,
             deepspeed: None,
-            optim: "adamw_torch".into(),
+            optim: OptimizerName::AdamwTorch,
             dataloader_drop_last: false,
             extra: Map::new(),
         }
     }
 }
 
-/// The optimiser names HF accepts that are all plain AdamW on a CPU.
-pub const ADAMW_NAMES: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
-/// The schedules we implement (HF's names).
-pub const SCHEDULERS: &[&str] = &["linear", "cosine", "constant", "constant_with_warmup"];
+/// Every field of transformers 5.24's `TrainingArguments` (its dataclass
+/// fields, `tests/fixtures/training_arguments_fields.json`), and the
+/// transformers 4.x fields the chapter's listings use.
+pub const HF_FIELDS: &[&str] = &[
+    "output_dir",
+    "per_device_train_batch_size",
+    "num_train_epochs",
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "optim",
+    "optim_args",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "optim_target_modules",
+    "gradient_accumulation_steps",
+    "average_tokens_across_devices",
+    "max_grad_norm",
+    "label_smoothing_factor",
+    "bf16",
+    "fp16",
+    "bf16_full_eval",
+    "fp16_full_eval",
+    "tf32",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+    "torch_compile",
+    "torch_compile_backend",
+    "torch_compile_mode",
+    "use_liger_kernel",
+    "liger_kernel_config",
+    "use_cache",
+    "neftune_noise_alpha",
+    "torch_empty_cache_steps",
+    "auto_find_batch_size",
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "log_on_each_node",
+    "logging_nan_inf_filter",
+    "include_num_input_tokens_seen",
+    "log_level",
+    "log_level_replica",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "project",
+    "trackio_space_id",
+    "trackio_bucket_id",
+    "trackio_static_space_id",
+    "eval_strategy",
+    "eval_steps",
+    "eval_delay",
+    "per_device_eval_batch_size",
+    "prediction_loss_only",
+    "eval_on_start",
+    "eval_do_concat_batches",
+    "eval_use_gather_object",
+    "eval_accumulation_steps",
+    "include_for_metrics",
+    "batch_eval_metrics",
+    "save_only_model",
+    "save_strategy",
+    "save_steps",
+    "save_on_each_node",
+    "save_total_limit",
+    "enable_jit_checkpoint",
+    "push_to_hub",
+    "hub_token",
+    "hub_private_repo",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_always_push",
+    "hub_revision",
+    "load_best_model_at_end",
+    "metric_for_best_model",
+    "greater_is_better",
+    "ignore_data_skip",
+    "restore_callback_states_from_checkpoint",
+    "full_determinism",
+    "seed",
+    "data_seed",
+    "use_cpu",
+    "accelerator_config",
+    "parallelism_config",
+    "dataloader_drop_last",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "dataloader_in_order",
+    "remove_unused_columns",
+    "label_names",
+    "train_sampling_strategy",
+    "length_column_name",
+    "ddp_find_unused_parameters",
+    "ddp_bucket_cap_mb",
+    "ddp_broadcast_buffers",
+    "ddp_static_graph",
+    "ddp_backend",
+    "ddp_timeout",
+    "fsdp",
+    "fsdp_config",
+    "deepspeed",
+    "debug",
+    "skip_memory_metrics",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "resume_from_checkpoint",
+    "local_rank",
+];
+
+/// transformers 4.x fields accepted besides [`HF_FIELDS`].
+pub const HF4_FIELDS: &[&str] = &[
+    "overwrite_output_dir",
+    "warmup_ratio",
+    "evaluation_strategy",
+];
 
 impl TrainingArguments {
-    /// Read a JSON file of TrainingArguments fields.
+    /// Read a JSON file of TrainingArguments fields over the defaults.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Io {
-            path: path.display().to_string(),
-            msg: format!("not JSON: {e}"),
-        })?;
-        Self::from_value(v).map_err(|e| TrainError::Io {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        })
+        let mut v = serde_json::to_value(Self::default()).expect("serialises");
+        merge_json_file(&mut v, path)?;
+        Self::from_json(v, &path.display().to_string())
     }
 
+    /// Fields from a JSON object (the defaults fill the rest); `what` names
+    /// where they came from in errors.
     pub fn from_value(v: Value) -> Result<Self> {
-        let a: Self = serde_json::from_value(v)
-            .map_err(|e| TrainError::Args(format!("TrainingArguments: {e}")))?;
+        let mut base = serde_json::to_value(Self::default()).expect("serialises");
+        merge_fields(&mut base, v, "TrainingArguments")?;
+        Self::from_json(base, "TrainingArguments")
+    }
+
+    fn from_json(v: Value, what: &str) -> Result<Self> {
+        let a = Self::deserialize_fields(v, what)?;
         a.validate()?;
         Ok(a)
     }
 
-    /// Set a field from a command-line flag (`--max-steps 10`): kebab case
-    /// becomes the HF name, the value is JSON if it parses as JSON, else a string.
-    pub fn set(&mut self, flag: &str, value: Option<&str>) -> Result<()> {
-        let key = flag.trim_start_matches("--").replace('-', "_");
-        let mut v = serde_json::to_value(&*self).expect("serialises");
-        let known =
-            v.as_object().is_some_and(|o| o.contains_key(&key)) || key == "evaluation_strategy";
-        if !known {
-            return Err(TrainError::Args(format!(
-                "unknown TrainingArguments field `{key}` (from {flag})"
-            )));
+    /// The fields of `v` as TrainingArguments, an error naming the field
+    /// and `what` (the file or the command line) when a value has the wrong type.
+    fn deserialize_fields(v: Value, what: &str) -> Result<Self> {
+        serde_path_to_error::deserialize(v)
+            .map_err(|e| TrainError::Args(format!("{what}: field `{}`: {}", e.path(), e.inner())))
+    }
+
+    /// `HfArgumentParser`'s layering for a command line: `base` (the
+    /// defaults), then the fields of `args_file` (`--args FILE.json`), then
+    /// every flag given on the command line (`matches`, of a command that
+    /// [`Args::augment_args`] extended with these fields).
+    pub fn from_layers(
+        base: &Self,
+        args_file: Option<&Path>,
+        matches: &ArgMatches,
+    ) -> Result<Self> {
+        let mut v = serde_json::to_value(base).expect("serialises");
+        if let Some(f) = args_file {
+            merge_json_file(&mut v, f)?;
+            Self::deserialize_fields(v.clone(), &f.display().to_string())?;
         }
-        let val = match value {
-            None => Value::Bool(true),
-            Some(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string())),
-        };
-        let key = if key == "evaluation_strategy" {
-            "eval_strategy".into()
-        } else {
-            key
-        };
-        v[&key] = val;
-        *self = serde_json::from_value(v).map_err(|e| TrainError::Args(format!("{flag}: {e}")))?;
-        Ok(())
+        let flags = Self::from_arg_matches(matches).map_err(|e| TrainError::Args(e.to_string()))?;
+        let flags = serde_json::to_value(flags).expect("serialises");
+        for (key, value) in flags.as_object().expect("an object") {
+            let given = matches.try_get_raw(key).ok().flatten().is_some()
+                && matches.value_source(key) == Some(ValueSource::CommandLine);
+            if given {
+                v[key] = value.clone();
+            }
+        }
+        Self::from_json(v, "the command line")
+    }
+
+    /// `command` (a subcommand extended with these flags) with the defaults
+    /// its help shows and its unset flags take set to `defaults`.
+    pub fn with_defaults(mut command: clap::Command, defaults: &Self) -> clap::Command {
+        let v = serde_json::to_value(defaults).expect("serialises");
+        for (key, value) in v.as_object().expect("an object") {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Null => continue,
+                other => other.to_string(),
+            };
+            if command.get_arguments().any(|a| a.get_id() == key.as_str()) {
+                command = command.mut_arg(key.as_str(), |a| a.default_value(text));
+            }
+        }
+        command
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -156,31 +405,6 @@ impl TrainingArguments {
         if self.gradient_accumulation_steps == 0 {
             return bad("gradient_accumulation_steps must be at least 1".into());
         }
-        if !SCHEDULERS.contains(&self.lr_scheduler_type.as_str()) {
-            return bad(format!(
-                "unknown lr_scheduler_type `{}`: expected one of {}",
-                self.lr_scheduler_type,
-                SCHEDULERS.join(", ")
-            ));
-        }
-        if !ADAMW_NAMES.contains(&self.optim.as_str()) {
-            return bad(format!(
-                "unknown or unsupported optim `{}`: expected one of {}",
-                self.optim,
-                ADAMW_NAMES.join(", ")
-            ));
-        }
-        for (name, s) in [
-            ("logging_strategy", &self.logging_strategy),
-            ("save_strategy", &self.save_strategy),
-            ("eval_strategy", &self.eval_strategy),
-        ] {
-            if !["no", "steps", "epoch"].contains(&s.as_str()) {
-                return bad(format!(
-                    "{name} must be `no`, `steps` or `epoch`, got `{s}`"
-                ));
-            }
-        }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
         }
@@ -190,10 +414,17 @@ impl TrainingArguments {
                 self.learning_rate
             ));
         }
+        for k in self.extra.keys() {
+            if !HF_FIELDS.contains(&k.as_str()) && !HF4_FIELDS.contains(&k.as_str()) {
+                return bad(format!(
+                    "unknown TrainingArguments field `{k}`: it is not a field of transformers' \
+                     TrainingArguments"
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// Fields given that this Trainer accepts but does not act on.
     /// The values HF's DeepSpeed integration fills a ds_config's `"auto"` from.
     pub fn deepspeed_values(&self) -> crate::zero::HfTrainingValues {
         crate::zero::HfTrainingValues {
@@ -210,9 +441,10 @@ impl TrainingArguments {
         }
     }
 
+    /// Fields of transformers' TrainingArguments given that this Trainer
+    /// accepts but does not act on.
     pub fn unused_fields(&self) -> Vec<String> {
-        let v: Vec<String> = self.extra.keys().cloned().collect();
-        v
+        self.extra.keys().cloned().collect()
     }
 
     pub(crate) fn resolve_steps(&self, x: f64, total: usize) -> usize {
@@ -233,36 +465,113 @@ impl TrainingArguments {
     }
 }
 
+/// Read `path`, a JSON object of TrainingArguments fields, into `v`.
+fn merge_json_file(v: &mut Value, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let fields: Value = serde_json::from_str(&text).map_err(|e| TrainError::Io {
+        path: path.display().to_string(),
+        msg: format!("not JSON: {e}"),
+    })?;
+    merge_fields(v, fields, &path.display().to_string())
+}
+
+/// Set the keys of `fields` (a JSON object) in `v`, refusing keys that are
+/// not TrainingArguments fields.
+fn merge_fields(v: &mut Value, fields: Value, what: &str) -> Result<()> {
+    let Value::Object(fields) = fields else {
+        return Err(TrainError::Args(format!(
+            "{what}: expected a JSON object of TrainingArguments fields"
+        )));
+    };
+    for (k, val) in fields {
+        if !HF_FIELDS.contains(&k.as_str()) && !HF4_FIELDS.contains(&k.as_str()) {
+            return Err(TrainError::Args(format!(
+                "{what}: unknown TrainingArguments field `{k}` (not a field of transformers' TrainingArguments)"
+            )));
+        }
+        let k = if k == "evaluation_strategy" {
+            "eval_strategy".to_string()
+        } else {
+            k
+        };
+        v[k] = val;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainingArguments,
+    }
+
+    fn parse(flags: &[&str], base: &TrainingArguments) -> Result<TrainingArguments> {
+        let cmd = TrainingArguments::with_defaults(Cli::command(), base);
+        let m = cmd
+            .try_get_matches_from(std::iter::once("x").chain(flags.iter().copied()))
+            .map_err(|e| TrainError::Args(e.to_string()))?;
+        TrainingArguments::from_layers(base, None, &m)
+    }
 
     #[test]
-    fn flags_set_fields_by_hf_name() {
-        let mut a = TrainingArguments::default();
-        a.set("--max-steps", Some("10")).unwrap();
-        a.set("--learning-rate", Some("3e-3")).unwrap();
-        a.set("--lr-scheduler-type", Some("cosine")).unwrap();
-        a.set("--logging-first-step", None).unwrap();
-        a.set("--evaluation-strategy", Some("steps")).unwrap();
-        assert_eq!((a.max_steps, a.learning_rate), (10, 3e-3));
-        assert_eq!(a.lr_scheduler_type, "cosine");
+    fn flags_set_fields_by_hf_name_over_the_base() {
+        let base = TrainingArguments {
+            max_steps: 2000,
+            ..Default::default()
+        };
+        let a = parse(
+            &[
+                "--learning-rate",
+                "3e-3",
+                "--lr-scheduler-type",
+                "cosine",
+                "--logging-first-step",
+                "--evaluation-strategy",
+                "steps",
+            ],
+            &base,
+        )
+        .unwrap();
+        assert_eq!((a.max_steps, a.learning_rate), (2000, 3e-3));
+        assert_eq!(a.lr_scheduler_type, SchedulerType::Cosine);
         assert!(a.logging_first_step);
-        assert_eq!(a.eval_strategy, "steps");
-        assert!(a.set("--no-such-field", Some("1")).is_err());
-        let mut b = a.clone();
-        b.lr_scheduler_type = "exotic".into();
-        assert!(b
-            .validate()
+        assert_eq!(a.eval_strategy, IntervalStrategy::Steps);
+        assert!(parse(&["--no-such-field", "1"], &base).is_err());
+        let e = parse(&["--lr-scheduler-type", "exotic"], &base)
             .unwrap_err()
-            .to_string()
-            .contains("lr_scheduler_type"));
-        b = a.clone();
-        b.optim = "sgd".into();
-        assert!(b.validate().unwrap_err().to_string().contains("optim"));
-        b = a;
-        b.per_device_train_batch_size = 0;
-        assert!(b.validate().is_err());
+            .to_string();
+        assert!(
+            e.contains("lr-scheduler-type") && e.contains("cosine"),
+            "{e}"
+        );
+        let e = parse(&["--max-steps", "ten"], &base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--max-steps"), "{e}");
+        assert!(parse(&["--per-device-train-batch-size", "0"], &base).is_err());
+    }
+
+    #[test]
+    fn json_fields_are_checked_by_name_and_type() {
+        let e = TrainingArguments::from_value(serde_json::json!({"max_steps": "ten"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`max_steps`") && e.contains("i64"), "{e}");
+        let e = TrainingArguments::from_value(serde_json::json!({"max_stepz": 3}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown TrainingArguments field `max_stepz`"),
+            "{e}"
+        );
+        // A transformers field this Trainer does not act on: kept, listed.
+        let a = TrainingArguments::from_value(serde_json::json!({"report_to": "none"})).unwrap();
+        assert_eq!(a.unused_fields(), ["report_to"]);
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl Trainer {
         ));
         let total = self.state.max_steps;
         let sched = SchedulerState {
-            kind: self.args.lr_scheduler_type.clone(),
+            kind: self.args.lr_scheduler_type,
             base_lr: self.args.learning_rate,
             warmup_steps: self.args.num_warmup_steps(total),
             total_steps: total,

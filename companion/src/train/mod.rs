@@ -10,7 +10,7 @@ pub mod eval;
 pub mod state;
 pub mod trainer;
 
-pub use args::{TrainingArguments, ADAMW_NAMES, SCHEDULERS};
+pub use args::{IntervalStrategy, OptimizerName, SchedulerType, TrainingArguments};
 pub use checkpoint::{latest_checkpoint, list_checkpoints};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate_model, EvalMetrics};

@@ -41,7 +41,7 @@ impl TrainerState {
 /// The learning-rate schedule state saved as `scheduler.json` (HF: scheduler.pt).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SchedulerState {
-    pub(crate) kind: String,
+    pub(crate) kind: crate::optim::SchedulerType,
     pub(crate) base_lr: f64,
     pub(crate) warmup_steps: usize,
     pub(crate) total_steps: usize,

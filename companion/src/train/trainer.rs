@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use super::args::TrainingArguments;
+use super::args::{IntervalStrategy, TrainingArguments};
 use super::error::{Result, TrainError};
 use super::state::{LogEntry, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
@@ -449,14 +449,14 @@ impl Trainer {
         }
         bar.finish_and_clear();
         self.model.set_training(false);
-        if self.args.eval_strategy != "no" {
+        if self.args.eval_strategy != IntervalStrategy::No {
             self.evaluate()?;
         }
         let steps_done = (self.state.global_step - start_step).max(1);
         let train_loss = total_loss / steps_done as f64;
         let m = self.train_metrics(start.elapsed().as_secs_f64(), steps_done, train_loss);
         self.state.log_history.push(m.clone());
-        if self.args.save_strategy != "no"
+        if self.args.save_strategy != IntervalStrategy::No
             && !self.state.global_step.is_multiple_of(every.save.max(1))
         {
             self.save_checkpoint()?;
@@ -471,14 +471,14 @@ impl Trainer {
     /// Logging, evaluation and saving intervals for `total` steps (0: never).
     fn intervals(&self, total: usize) -> Intervals {
         let a = &self.args;
-        let every = |strategy: &str, steps: f64| match strategy {
-            "steps" => a.resolve_steps(steps, total).max(1),
-            _ => 0,
+        let every = |strategy: IntervalStrategy, steps: f64| match strategy {
+            IntervalStrategy::Steps => a.resolve_steps(steps, total).max(1),
+            IntervalStrategy::No | IntervalStrategy::Epoch => 0,
         };
         Intervals {
-            logging: every(&a.logging_strategy, a.logging_steps),
-            eval: every(&a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)),
-            save: every(&a.save_strategy, a.save_steps),
+            logging: every(a.logging_strategy, a.logging_steps),
+            eval: every(a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)),
+            save: every(a.save_strategy, a.save_steps),
         }
     }
 
@@ -574,7 +574,7 @@ impl Trainer {
         let lr = match self.deepspeed.as_ref().and_then(|d| d.scheduler.as_ref()) {
             Some(s) => s.lr_at(sched_step, base_lr),
             None => lr_at(
-                &self.args.lr_scheduler_type,
+                self.args.lr_scheduler_type,
                 base_lr,
                 sched_step,
                 warmup,

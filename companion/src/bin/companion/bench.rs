@@ -232,7 +232,7 @@ pub fn trainer(
                 per_device_train_batch_size: shape.batch,
                 learning_rate: 1e-4,
                 logging_steps: 1.0,
-                save_strategy: "no".into(),
+                save_strategy: companion::train::IntervalStrategy::No,
                 gradient_checkpointing,
                 deepspeed: deepspeed.clone(),
                 ..Default::default()

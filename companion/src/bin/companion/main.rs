@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use companion::train::TrainingArguments;
 use serde_json::json;
 
 use companion::tokenizer::{self, AutoTokenizer, TokenizerKind, TrainArgs};
@@ -38,15 +39,9 @@ enum Command {
     /// The chapter end to end: tokenizer, model, Trainer, save_model, a generation.
     /// Every TrainingArguments field is a flag (`--max-steps 10`, `--learning-rate 3e-3`, …);
     /// `--args training_args.json` loads a set (flags win). `--deepspeed ds_config.json`
-    /// with `--num-ranks N` (CPU ranks) or `--num-gpus N` trains with ZeRO.
-    Pretrain {
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "FLAGS"
-        )]
-        rest: Vec<String>,
-    },
+    /// with `--num-ranks N` (CPU ranks) or `--num-gpus N` trains with ZeRO. The defaults
+    /// shown are the main job's.
+    Pretrain(Box<PretrainCmd>),
     /// Print a GPT-2 config (`AutoConfig.from_pretrained(..., **overrides)`).
     Config(ConfigCmd),
     /// Generate text with a model folder or hub id (4.3.5).
@@ -60,6 +55,20 @@ enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct PretrainCmd {
+    /// A JSON file of TrainingArguments fields (`training_args.json`); flags given win.
+    #[arg(long, value_name = "FILE.json")]
+    args: Option<PathBuf>,
+    /// Print the run's summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    opts: pretrain::PretrainFlags,
+    #[command(flatten)]
+    training: TrainingArguments,
 }
 
 #[derive(Subcommand)]
@@ -274,9 +283,21 @@ struct BenchTokenizerCmd {
     json: bool,
 }
 
+/// The command line, with `pretrain`'s TrainingArguments defaults set to the
+/// main job's recipe (so `--help` shows what a run uses).
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("pretrain", |c| {
+        TrainingArguments::with_defaults(c, &pretrain::default_training_args())
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -285,7 +306,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.command {
         Command::Tokenizer(TokenizerCmd::Train(c)) => tokenizer_train(c),
         Command::Tokenizer(TokenizerCmd::Show(c)) => tokenizer_show(c),
@@ -298,7 +319,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Config(c) => config_cmd(c),
         Command::ZeroEstimate(c) => zero_estimate_cmd(c),
-        Command::Pretrain { rest } => pretrain_cmd(&rest),
+        Command::Pretrain(c) => pretrain_cmd(
+            *c,
+            matches
+                .subcommand_matches("pretrain")
+                .expect("the pretrain subcommand"),
+        ),
         Command::Generate(c) => generate_cmd(c),
         Command::Eval(c) => eval_cmd(c),
         Command::Bench(BenchCmd::Tokenizer(c)) => bench_tokenizer(c),
@@ -657,94 +683,14 @@ fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
     Ok(())
 }
 
-fn pretrain_cmd(rest: &[String]) -> Result<()> {
-    use companion::train::TrainingArguments;
-    use pretrain::{default_training_args, PretrainOptions};
-    let mut opts = PretrainOptions::default();
-    let mut json_out = false;
-    // (flag, value) pairs: a flag takes the next word unless that is a flag.
-    let mut pairs: Vec<(String, Option<String>)> = Vec::new();
-    let mut i = 0;
-    while i < rest.len() {
-        let flag = &rest[i];
-        if !flag.starts_with("--") {
-            anyhow::bail!("unexpected argument `{flag}`: flags look like `--max-steps 10`");
-        }
-        let (flag, inline) = match flag.split_once('=') {
-            Some((f, v)) => (f.to_string(), Some(v.to_string())),
-            None => (flag.clone(), None),
-        };
-        let value = if inline.is_some() {
-            inline
-        } else if i + 1 < rest.len() && !rest[i + 1].starts_with("--") {
-            i += 1;
-            Some(rest[i].clone())
-        } else {
-            None
-        };
-        pairs.push((flag, value));
-        i += 1;
-    }
-    let mut base = serde_json::to_value(default_training_args())?;
-    if let Some((_, Some(file))) = pairs.iter().find(|(f, _)| f == "--args") {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{file}: not JSON"))?;
-        let obj = v
-            .as_object()
-            .with_context(|| format!("{file}: expected a JSON object"))?;
-        for (k, val) in obj {
-            base[k] = val.clone();
-        }
-    }
-    let mut args = TrainingArguments::from_value(base).context("TrainingArguments")?;
-    let need = |f: &str, v: &Option<String>| -> Result<String> {
-        v.clone().with_context(|| format!("{f} needs a value"))
-    };
-    let num = |f: &str, v: &Option<String>| -> Result<usize> {
-        need(f, v)?
-            .parse()
-            .with_context(|| format!("{f} expects a whole number"))
-    };
-    for (f, v) in &pairs {
-        match f.as_str() {
-            "--args" => {}
-            "--json" => json_out = true,
-            "--deepspeed" => args.deepspeed = Some(serde_json::Value::String(need(f, v)?)),
-            "--train-file" => opts.train_file = need(f, v)?.into(),
-            "--validation-file" => opts.validation_file = Some(need(f, v)?.into()),
-            "--no-validation" => opts.validation_file = None,
-            "--text-field" => opts.text_field = need(f, v)?,
-            "--tokenizer" => opts.tokenizer = Some(need(f, v)?),
-            "--tokenizer-vocab-size" => opts.tokenizer_vocab_size = num(f, v)?,
-            "--config-from" => opts.config_from = need(f, v)?,
-            "--n-layer" => opts.overrides.n_layer = Some(num(f, v)?),
-            "--n-embd" => opts.overrides.n_embd = Some(num(f, v)?),
-            "--n-head" => opts.overrides.n_head = Some(num(f, v)?),
-            "--n-positions" => opts.overrides.n_positions = Some(num(f, v)?),
-            "--block-size" => opts.block_size = num(f, v)?,
-            "--dropout" => {
-                opts.dropout = Some(need(f, v)?.parse().context("--dropout expects a number")?)
-            }
-            "--max-eval-samples" => opts.max_eval_samples = Some(num(f, v)?),
-            "--save-model-dir" => opts.save_model_dir = need(f, v)?.into(),
-            "--prompt" => opts.prompt = need(f, v)?,
-            "--max-new-tokens" => opts.max_new_tokens = num(f, v)?,
-            "--num-ranks" => opts.num_ranks = num(f, v)?,
-            "--num-gpus" => {
-                opts.num_ranks = num(f, v)?;
-                opts.rank_device = pretrain::RankDevice::Cuda;
-            }
-            "--backend" => match need(f, v)?.as_str() {
-                "threads" => opts.backend = pretrain::Backend::Threads,
-                "mpi" => opts.backend = pretrain::Backend::Mpi,
-                "nccl" => opts.backend = pretrain::Backend::Nccl,
-                other => anyhow::bail!("--backend {other}: expected `threads`, `mpi` or `nccl`"),
-            },
-            _ => args.set(f, v.as_deref())?,
-        }
-    }
-    args.validate()?;
+fn pretrain_cmd(c: PretrainCmd, matches: &clap::ArgMatches) -> Result<()> {
+    let json_out = c.json;
+    let opts = c.opts.into_options();
+    let args = TrainingArguments::from_layers(
+        &pretrain::default_training_args(),
+        c.args.as_deref(),
+        matches,
+    )?;
     let summary = pretrain::run(&opts, args)?;
     if summary.is_null() {
         // An MPI rank other than 0: rank 0 reports.

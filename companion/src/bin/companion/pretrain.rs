@@ -13,11 +13,11 @@ use companion::data::{DataCollatorForLanguageModeling, Dataset, Packing};
 use companion::generate::GenerationConfig;
 use companion::model::GPT2LMHeadModel;
 use companion::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
-use companion::train::{Trainer, TrainingArguments};
+use companion::train::{IntervalStrategy, SchedulerType, Trainer, TrainingArguments};
 use companion::zero::comm::{run_ranks, Communicator, SingleRank};
 
 /// What `companion pretrain` needs besides `TrainingArguments`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PretrainOptions {
     pub train_file: PathBuf,
     pub validation_file: Option<PathBuf>,
@@ -45,8 +45,115 @@ pub struct PretrainOptions {
     pub backend: Backend,
 }
 
+/// `companion pretrain`'s own flags (TrainingArguments are flattened beside
+/// them); the defaults are the main job's, [`PretrainOptions::default`].
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Data, model and run")]
+pub struct PretrainFlags {
+    /// The training corpus: JSONL (`{"text": …}` per line), Parquet, plain text, or
+    /// `hf://datasets/OWNER/NAME/PATH` (a file of a hub dataset).
+    #[arg(long, value_name = "PATH", default_value = "data/corpus/train.jsonl")]
+    pub train_file: PathBuf,
+    /// The held-out corpus for evaluation (before and after training).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "data/corpus/validation.jsonl"
+    )]
+    pub validation_file: PathBuf,
+    /// Train without held-out data.
+    #[arg(long, conflicts_with = "validation_file")]
+    pub no_validation: bool,
+    /// The field of each JSONL / Parquet row that holds the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// A tokenizer folder or hub id; without it a byte-level BPE is trained
+    /// (or reused from output_dir/tokenizer).
+    #[arg(long, value_name = "DIR|ID")]
+    pub tokenizer: Option<String>,
+    /// The vocabulary of the tokenizer trained when --tokenizer is not given.
+    #[arg(long, default_value_t = 8192)]
+    pub tokenizer_vocab_size: usize,
+    /// The config to start from (a preset such as `gpt2`, a folder or a hub id).
+    #[arg(long, default_value = "gpt2")]
+    pub config_from: String,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    pub n_layer: usize,
+    /// Width of the hidden states.
+    #[arg(long, default_value_t = 128)]
+    pub n_embd: usize,
+    /// Attention heads (n_embd must be a multiple).
+    #[arg(long, default_value_t = 2)]
+    pub n_head: usize,
+    /// Positions of the model (the longest input; also stored as n_ctx).
+    #[arg(long, default_value_t = 128)]
+    pub n_positions: usize,
+    /// Dropout of embeddings, attention and residuals (gpt2's config has 0.1).
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Tokens per training example (run_clm's block_size).
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    /// Evaluate on the first N held-out blocks.
+    #[arg(long, default_value_t = 128)]
+    pub max_eval_samples: usize,
+    /// Where the trained model goes (`trainer.save_model(...)`).
+    #[arg(long, value_name = "DIR", default_value = "pretrained_model")]
+    pub save_model_dir: PathBuf,
+    /// The prompt of the generation printed at the end.
+    #[arg(long, default_value = "Hi, how are you?")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 40)]
+    pub max_new_tokens: usize,
+    /// Data-parallel ranks as threads of this process, on the CPU.
+    #[arg(long, default_value_t = 1, conflicts_with = "num_gpus")]
+    pub num_ranks: usize,
+    /// Data-parallel ranks, one per GPU (a build with --features cuda).
+    #[arg(long)]
+    pub num_gpus: Option<usize>,
+    /// How ranks exchange: threads of this process, MPI processes
+    /// (`mpirun -np N`, --features mpi), or NCCL between GPUs (--features nccl).
+    #[arg(long, value_enum, default_value_t = Backend::Threads)]
+    pub backend: Backend,
+}
+
+impl PretrainFlags {
+    pub fn into_options(self) -> PretrainOptions {
+        PretrainOptions {
+            train_file: self.train_file,
+            validation_file: (!self.no_validation).then_some(self.validation_file),
+            text_field: self.text_field,
+            tokenizer: self.tokenizer,
+            tokenizer_vocab_size: self.tokenizer_vocab_size,
+            config_from: self.config_from,
+            overrides: ConfigOverrides {
+                n_layer: Some(self.n_layer),
+                n_embd: Some(self.n_embd),
+                n_head: Some(self.n_head),
+                n_positions: Some(self.n_positions),
+                n_ctx: Some(self.n_positions),
+                ..Default::default()
+            },
+            dropout: Some(self.dropout),
+            block_size: self.block_size,
+            max_eval_samples: Some(self.max_eval_samples),
+            save_model_dir: self.save_model_dir,
+            prompt: self.prompt,
+            max_new_tokens: self.max_new_tokens,
+            num_ranks: self.num_gpus.unwrap_or(self.num_ranks),
+            rank_device: if self.num_gpus.is_some() {
+                RankDevice::Cuda
+            } else {
+                RankDevice::Cpu
+            },
+            backend: self.backend,
+        }
+    }
+}
+
 /// The collective-communication backend (`--backend`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
     /// Ranks are threads of this process (`--num-ranks`, `--num-gpus`).
     Threads,
@@ -139,11 +246,11 @@ pub fn default_training_args() -> TrainingArguments {
         per_device_eval_batch_size: 16,
         learning_rate: 2e-3,
         weight_decay: 0.1,
-        lr_scheduler_type: "cosine".into(),
+        lr_scheduler_type: SchedulerType::Cosine,
         warmup_ratio: 0.05,
         logging_steps: 10.0,
         logging_first_step: true,
-        eval_strategy: "steps".into(),
+        eval_strategy: IntervalStrategy::Steps,
         eval_steps: Some(100.0),
         save_steps: 100.0,
         save_total_limit: Some(2),
@@ -512,4 +619,26 @@ fn train_and_save(
         "zero_stage": trainer.engine.stage,
         "recipe": recipe(opts, &model.config, &trainer.args, trainer.state.eval_steps),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        f: PretrainFlags,
+    }
+
+    #[test]
+    fn the_flags_default_to_the_main_job() {
+        let given = Flags::parse_from(["pretrain"]).f.into_options();
+        assert_eq!(given, PretrainOptions::default());
+        let gpus = Flags::parse_from(["pretrain", "--num-gpus", "2", "--no-validation"]).f;
+        let o = gpus.into_options();
+        assert_eq!((o.num_ranks, o.rank_device), (2, RankDevice::Cuda));
+        assert_eq!(o.validation_file, None);
+    }
 }
