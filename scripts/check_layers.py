@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parent.parent / "companion" / "src"
 # The data flow, first to last; a module may import only from earlier ones
 # (and from itself). `generate` comes before the training modules because
 # `save_model` writes the model's `generation_config.json`.
-ORDER = ["hub", "atomic_write", "hf_json", "rng", "tokenizer", "data", "config", "cpu",
+ORDER = ["atomic_write", "hub", "hf_json", "rng", "sysmem", "tokenizer", "data", "config", "cpu",
          "model", "generate", "optim", "zero", "train", "notebook"]
 
 

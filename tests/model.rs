@@ -233,8 +233,13 @@ fn bad_checkpoints_are_clear_errors() {
         cfg.replace("\"n_embd\": 16", "\"n_embd\": 32"),
     )
     .unwrap();
+    // Twice the width is more parameters than the file holds: refused
+    // before any tensor is read.
     let e = load_err(d.path());
-    assert!(e.contains("shape"), "{e}");
+    assert!(
+        e.contains("config.json implies 28544 parameters, more than these weights files"),
+        "{e}"
+    );
 
     // n_embd not divisible by n_head.
     std::fs::write(
@@ -247,11 +252,10 @@ fn bad_checkpoints_are_clear_errors() {
 
     // A corrupt safetensors file.
     let d = tampered(|_| {});
-    std::fs::write(
-        d.path().join("model.safetensors"),
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json",
-    )
-    .unwrap();
+    // (as long as real weights, so the size check passes and the parser speaks)
+    let mut bytes = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json".to_vec();
+    bytes.resize(64 * 1024, 0);
+    std::fs::write(d.path().join("model.safetensors"), bytes).unwrap();
     let e = load_err(d.path());
     assert!(
         e.contains("model.safetensors") && e.contains("not a valid safetensors"),

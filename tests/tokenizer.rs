@@ -573,3 +573,25 @@ fn token_bytes_inverts_the_byte_alphabet() {
     assert_eq!(bytes, "事".as_bytes());
     assert_eq!(tokenizer::token_bytes("▁the"), None);
 }
+
+/// A document encoded in pieces (bounded memory) gives the ids of the
+/// whole document, for GPT-2's byte-level BPE and a SentencePiece model.
+#[test]
+fn long_documents_encoded_in_pieces_give_the_same_ids() {
+    let text: String =
+        companion::data::corpus::read_files(&[&data("corpus/validation.jsonl")], "text")
+            .unwrap()
+            .join("\n\n");
+    let text = &text[..text
+        .char_indices()
+        .nth(20_000)
+        .map_or(text.len(), |(i, _)| i)];
+    let spm = tokenizer::from_sentencepiece_model(&fixture("spm_small.model")).unwrap();
+    for (name, tok) in [("gpt2", gpt2()), ("sentencepiece", spm)] {
+        let whole = tok.encode(text).unwrap();
+        for piece in [64, 1000] {
+            let pieces = tok.encode_long(text, piece).unwrap();
+            assert_eq!(pieces, whole, "{name}, pieces of {piece} bytes");
+        }
+    }
+}

@@ -1,10 +1,36 @@
 //! Writing files so that a crash or a full disk never leaves a half-written
 //! checkpoint, tokenizer or model folder: every file is written to a
 //! temporary file in the same folder first and renamed into place only when
-//! all of them were written completely.
+//! all of them were written completely. Files get the usual `0666 & !umask`
+//! mode (what Python's `open` gives), not the temporary file's 0600.
 
 use std::io::Write;
 use std::path::Path;
+
+/// A temporary-file builder in `dir` whose file is created with mode 0666,
+/// which the kernel narrows by the process's umask, as `open(…, "w")` does.
+fn staging_file(dir: &Path, name: &str) -> std::io::Result<tempfile::NamedTempFile> {
+    let prefix = format!(".{name}.");
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    b.tempfile_in(dir)
+}
+
+/// Check before any work that files can be created in `dir` (made if
+/// missing): a read-only or full output folder is found at the start of a
+/// run, not at its first save.
+pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut f = staging_file(dir, "write-probe")?;
+    f.write_all(b"probe")?;
+    f.as_file().sync_all()?;
+    f.close()
+}
 
 /// Write `files` (name, bytes) into `dir`, creating it if needed. Other files
 /// already in `dir` are kept, as `save_pretrained` does.
@@ -12,10 +38,7 @@ pub fn write_files_atomically(dir: &Path, files: &[(&str, &[u8])]) -> std::io::R
     std::fs::create_dir_all(dir)?;
     let mut staged = Vec::with_capacity(files.len());
     for (name, bytes) in files {
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(dir)?;
+        let mut tmp = staging_file(dir, name)?;
         tmp.write_all(bytes)?;
         tmp.as_file().sync_all()?;
         staged.push((tmp, dir.join(name)));
@@ -62,6 +85,41 @@ mod tests {
         );
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_get_the_umask_mode_not_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        write_file_atomically(&dir.path().join("a.json"), b"{}").unwrap();
+        let mode = std::fs::metadata(dir.path().join("a.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        // What a plain create gives under this process's umask.
+        std::fs::write(dir.path().join("plain"), b"").unwrap();
+        let plain = std::fs::metadata(dir.path().join("plain"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, plain, "mode {mode:o}, a plain create gives {plain:o}");
+        assert_ne!(mode, 0o600, "test needs a umask other than 077");
+    }
+
+    #[test]
+    fn probe_finds_a_folder_that_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        probe_writable(&dir.path().join("new")).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("new")).unwrap().count(),
+            0
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(probe_writable(&file).is_err());
     }
 
     #[test]

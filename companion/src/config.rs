@@ -237,6 +237,17 @@ impl GPT2Config {
         if self.n_layer == 0 || self.vocab_size == 0 || self.n_positions == 0 {
             return bad("n_layer, vocab_size and n_positions must be positive".into());
         }
+        // Four bytes a parameter (fp32) must fit in a u64 byte count.
+        match self.checked_num_parameters() {
+            Some(n) if n.checked_mul(4).is_some() => {}
+            _ => {
+                return bad(format!(
+                    "n_layer {}, n_embd {}, n_positions {}, vocab_size {}, n_inner {:?} imply \
+                     more parameters than this machine can count",
+                    self.n_layer, self.n_embd, self.n_positions, self.vocab_size, self.n_inner
+                ))
+            }
+        }
         if Activation::parse(&self.activation_function).is_none() {
             return bad(format!(
                 "activation_function `{}` is not one GPT-2 accepts ({})",
@@ -282,17 +293,39 @@ impl GPT2Config {
 
     /// The number of parameters (`model.num_parameters()`: a tied lm_head
     /// is `wte` and counted once).
+    /// (`usize::MAX` when the count overflows: [`GPT2Config::validate`]
+    /// refuses such configs.)
     pub fn num_parameters(&self) -> usize {
-        let (c, v, p, i, l) = (
-            self.n_embd,
-            self.vocab_size,
-            self.n_positions,
-            self.inner_dim(),
-            self.n_layer,
-        );
-        let block = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * i + i) + (i * c + c);
-        let head = if self.tie_word_embeddings { 0 } else { v * c };
-        v * c + p * c + l * block + 2 * c + head
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// The parameter count in overflow-checked arithmetic (`None`: more
+    /// than a `usize` holds).
+    pub fn checked_num_parameters(&self) -> Option<usize> {
+        let (c, v, p, l) = (self.n_embd, self.vocab_size, self.n_positions, self.n_layer);
+        let i = match self.n_inner {
+            Some(i) => i,
+            None => c.checked_mul(4)?,
+        };
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        // ln_1 + ln_2, c_attn, c_proj, c_fc, mlp c_proj (weights and biases)
+        let block = [
+            mul(4, c)?,
+            mul(mul(3, c)?, c)?.checked_add(mul(3, c)?)?,
+            mul(c, c)?.checked_add(c)?,
+            mul(c, i)?.checked_add(i)?,
+            mul(i, c)?.checked_add(c)?,
+        ]
+        .into_iter()
+        .try_fold(0usize, |a, b| a.checked_add(b))?;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            mul(v, c)?
+        };
+        [mul(v, c)?, mul(p, c)?, mul(l, block)?, mul(2, c)?, head]
+            .into_iter()
+            .try_fold(0usize, |a, b| a.checked_add(b))
     }
 
     /// The JSON object `config.json` holds.

@@ -17,6 +17,7 @@ pub mod model;
 pub mod notebook;
 pub mod optim;
 pub mod rng;
+pub mod sysmem;
 pub mod zero;
 
 pub use config::GPT2Config;

@@ -187,3 +187,61 @@ pub fn dataset_of(rows: Vec<Vec<u32>>) -> companion::data::Dataset {
         text_tokens: tokens,
     }
 }
+
+/// `companion pretrain` flags for a tiny, short run on the shipped
+/// validation split, writing `DIR/NAME` and `DIR/NAME_model`.
+pub fn pretrain_flags(dir: &std::path::Path, name: &str) -> Vec<String> {
+    let valid = data("corpus/validation.jsonl");
+    let mut a: Vec<String> = [
+        "pretrain",
+        "--train-file",
+        valid.to_str().unwrap(),
+        "--no-validation",
+        "--tokenizer-vocab-size",
+        "300",
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--n-positions",
+        "32",
+        "--block-size",
+        "32",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--dropout",
+        "0.1",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "--output-dir".into(),
+        dir.join(name).display().to_string(),
+        "--save-model-dir".into(),
+        dir.join(format!("{name}_model")).display().to_string(),
+    ]);
+    a
+}
+
+/// Run `companion pretrain` with those flags and `extra`.
+pub fn pretrain(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::process::Output {
+    let flags = pretrain_flags(dir, name);
+    let mut a: Vec<&str> = flags.iter().map(String::as_str).collect();
+    a.extend(extra);
+    let cache = dir.join("cache").display().to_string();
+    companion(&a, &[("HF_DATASETS_CACHE", &cache)])
+}

@@ -66,6 +66,10 @@ impl Default for TokenizeOptions {
     }
 }
 
+/// Documents longer than this are tokenized in pieces (same ids, bounded
+/// memory: see [`AutoTokenizer::encode_long`]).
+const PIECE_BYTES: usize = 1 << 20;
+
 /// `dataset.map(lambda d: tokenizer(d["text"]), batched=True)` on all cores,
 /// then packed as `options.packing` says.
 pub fn tokenize_and_pack(
@@ -90,7 +94,7 @@ pub fn tokenize_and_pack(
         .map(|chunk| {
             let mut out = Vec::with_capacity(chunk.len());
             for t in chunk {
-                let mut ids = tok.encode(t)?;
+                let mut ids = tok.encode_long(t, PIECE_BYTES)?;
                 if let Some(e) = eos {
                     ids.push(e);
                 }

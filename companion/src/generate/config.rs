@@ -102,8 +102,17 @@ impl GenerationConfig {
         }
     }
 
+    /// The JSON `save_pretrained` writes: only the fields that differ from
+    /// the defaults, as transformers' `to_json_string(use_diff=True)` does
+    /// (writing `"max_length": 20` beside a `max_new_tokens` makes
+    /// transformers warn that both are set).
     pub fn to_json_string(&self) -> String {
-        crate::hf_json::dumps(&serde_json::to_value(self).expect("serialises")) + "\n"
+        let default = serde_json::to_value(GenerationConfig::default()).expect("serialises");
+        let mut v = serde_json::to_value(self).expect("serialises");
+        if let (Some(obj), Some(d)) = (v.as_object_mut(), default.as_object()) {
+            obj.retain(|k, x| d.get(k) != Some(x));
+        }
+        crate::hf_json::dumps(&v) + "\n"
     }
 
     /// Write `generation_config.json` into `dir` (atomically).
@@ -116,18 +125,19 @@ impl GenerationConfig {
 
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Input(m));
-        if self.do_sample && self.temperature <= 0.0 {
+        // Written so that NaN fails every check.
+        if !(self.temperature.is_finite() && (self.temperature > 0.0 || !self.do_sample)) {
             return bad(format!(
-                "temperature must be > 0 when sampling, got {}",
+                "temperature must be a finite number (> 0 when sampling), got {}",
                 self.temperature
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
-        if self.repetition_penalty <= 0.0 {
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad(format!(
-                "repetition_penalty must be > 0, got {}",
+                "repetition_penalty must be a finite number > 0, got {}",
                 self.repetition_penalty
             ));
         }
@@ -141,5 +151,50 @@ impl GenerationConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_json_holds_only_what_differs_from_the_defaults() {
+        let mut g = GenerationConfig {
+            bos_token_id: Some(0),
+            eos_token_id: Some(TokenIds::One(0)),
+            ..Default::default()
+        };
+        g.max_new_tokens = Some(40);
+        let v: serde_json::Value = serde_json::from_str(&g.to_json_string()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["bos_token_id", "eos_token_id", "max_new_tokens"]);
+        let back: GenerationConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, g);
+    }
+
+    #[test]
+    fn nan_settings_are_refused() {
+        for g in [
+            GenerationConfig {
+                temperature: f64::NAN,
+                ..Default::default()
+            },
+            GenerationConfig {
+                temperature: f64::NAN,
+                do_sample: true,
+                ..Default::default()
+            },
+            GenerationConfig {
+                repetition_penalty: f64::NAN,
+                ..Default::default()
+            },
+            GenerationConfig {
+                top_p: f64::NAN,
+                ..Default::default()
+            },
+        ] {
+            assert!(g.validate().is_err(), "{g:?}");
+        }
     }
 }

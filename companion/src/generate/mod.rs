@@ -98,7 +98,7 @@ impl GPT2LMHeadModel {
             ));
         }
         let max_len = match cfg.max_new_tokens {
-            Some(n) => width + n,
+            Some(n) => width.saturating_add(n),
             None => cfg.max_length,
         };
         if max_len > self.config.n_positions {

@@ -34,10 +34,25 @@ fn init_value(cfg: &GPT2Config, name: &str, shape: &[usize], rng: &mut SeededRng
     (0..n).map(|_| rng.normal(std) as f32).collect()
 }
 
+/// Refuse a model this machine cannot hold: its fp32 weights plus as much
+/// again while they are built.
+fn check_memory(config: &GPT2Config, file: &str) -> Result<()> {
+    let bytes = (config.num_parameters() as u64).saturating_mul(8);
+    crate::sysmem::check_fits(
+        bytes,
+        &format!("a model of {} parameters", config.num_parameters()),
+    )
+    .map_err(|msg| ModelError::File {
+        file: file.to_string(),
+        msg,
+    })
+}
+
 impl GPT2LMHeadModel {
     /// `GPT2LMHeadModel(config)`: a fresh model with HF's initialisation, seeded.
     pub fn new(config: &GPT2Config, seed: u64, device: &Device) -> Result<Self> {
         config.validate()?;
+        check_memory(config, "(new model)")?;
         let mut rng = SeededRng::new(seed);
         let mut tensors = HashMap::new();
         for (name, shape) in parameter_shapes(config) {
@@ -141,7 +156,25 @@ impl GPT2LMHeadModel {
                     file: index.display().to_string(),
                     msg: "no `weight_map` object".into(),
                 })?;
-            let mut shards: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
+            let mut shards: Vec<&str> = Vec::new();
+            for (tensor, s) in map {
+                // transformers requires shards to be files of the model
+                // folder: nothing here may point elsewhere.
+                match s.as_str() {
+                    Some(s) if !s.contains(['/', '\\']) && crate::hub::is_inside(s) => {
+                        shards.push(s)
+                    }
+                    _ => {
+                        return Err(ModelError::File {
+                            file: index.display().to_string(),
+                            msg: format!(
+                                "weight_map sends `{tensor}` to {s}, which is not a file name \
+                                 in the model folder"
+                            ),
+                        })
+                    }
+                }
+            }
             shards.sort();
             shards.dedup();
             for s in shards {
@@ -150,6 +183,29 @@ impl GPT2LMHeadModel {
         } else {
             files.push(hub::get_file(id_or_dir, "model.safetensors")?);
         }
+        // Sizes before any allocation: a config that does not match its
+        // weights (say `"n_layer": 1000000000`) is refused here.
+        let on_disk: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let label = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let params = config.num_parameters() as u64;
+        // Two bytes a parameter is the smallest dtype a checkpoint holds.
+        if params.saturating_mul(2) > on_disk {
+            return Err(ModelError::File {
+                file: label,
+                msg: format!(
+                    "config.json implies {params} parameters, more than these weights files \
+                     ({on_disk} bytes) can hold"
+                ),
+            });
+        }
+        check_memory(&config, &label)?;
         let mut tensors = HashMap::new();
         for f in &files {
             let loaded =
@@ -169,14 +225,20 @@ impl GPT2LMHeadModel {
                 } else {
                     format!("transformer.{name}")
                 };
-                tensors.insert(name, t.to_dtype(DType::F32)?);
+                let t = t.to_dtype(DType::F32)?;
+                if t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .any(|x| !x.is_finite())
+                {
+                    return Err(ModelError::File {
+                        file: f.display().to_string(),
+                        msg: format!("tensor `{name}` holds NaN or infinite values"),
+                    });
+                }
+                tensors.insert(name, t);
             }
         }
-        let label = files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
         Self::from_tensors(config, tensors, dtype, device, &label)
     }
 

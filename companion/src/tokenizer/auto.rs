@@ -175,6 +175,23 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// Where to end a piece of `text` of at most about `limit` bytes: before a
+/// space with a non-space on each side, searching forward from `limit`;
+/// the whole text when there is no such place.
+fn safe_cut(text: &str, limit: usize) -> usize {
+    let b = text.as_bytes();
+    if b.len() <= limit {
+        return b.len();
+    }
+    let ok = |i: usize| {
+        b[i] == b' '
+            && i + 1 < b.len()
+            && !(b[i - 1] as char).is_ascii_whitespace()
+            && !(b[i + 1] as char).is_ascii_whitespace()
+    };
+    (limit.max(1)..b.len()).find(|&i| ok(i)).unwrap_or(b.len())
+}
+
 impl AutoTokenizer {
     /// `AutoTokenizer.from_pretrained(id_or_dir)`: `tokenizer.json` plus the
     /// roles in `tokenizer_config.json` / `special_tokens_map.json`.
@@ -291,6 +308,32 @@ impl AutoTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.backend().encode(text, true).map_err(tk)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`AutoTokenizer::encode`] for a document of any length in bounded
+    /// memory: a long text is encoded in pieces of about `piece_bytes`,
+    /// cut just before a space that follows a non-space and precedes one
+    /// (GPT-2's and SentencePiece's pre-tokenizers split there anyway, so
+    /// the ids are the same), instead of holding one `Encoding` (offsets,
+    /// token strings, masks: ~200 bytes a token) for all of it. Tokenizers
+    /// whose post-processor adds tokens are encoded whole.
+    pub fn encode_long(&self, text: &str, piece_bytes: usize) -> Result<Vec<u32>> {
+        let adds = self
+            .backend()
+            .get_post_processor()
+            .is_some_and(|p| tokenizers::PostProcessor::added_tokens(p, false) > 0);
+        if text.len() <= piece_bytes || adds {
+            return self.encode(text);
+        }
+        let mut ids = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let cut = safe_cut(rest, piece_bytes);
+            let enc = self.backend().encode(&rest[..cut], false).map_err(tk)?;
+            ids.extend_from_slice(enc.get_ids());
+            rest = &rest[cut..];
+        }
+        Ok(ids)
     }
 
     /// Ids with byte offsets into `text`, as `return_offsets_mapping=True` gives.

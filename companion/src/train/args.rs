@@ -371,6 +371,20 @@ impl TrainingArguments {
             let given = matches.try_get_raw(key).ok().flatten().is_some()
                 && matches.value_source(key) == Some(ValueSource::CommandLine);
             if given {
+                if value.is_null() {
+                    // Only a float that JSON cannot hold (NaN, inf) gets here.
+                    let raw = matches
+                        .get_raw(key)
+                        .into_iter()
+                        .flatten()
+                        .map(|r| r.to_string_lossy().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    return Err(TrainError::Args(format!(
+                        "--{} {raw}: expected a finite number",
+                        key.replace('_', "-")
+                    )));
+                }
                 v[key] = value.clone();
             }
         }
@@ -408,10 +422,28 @@ impl TrainingArguments {
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
         }
-        if self.learning_rate < 0.0 || !self.learning_rate.is_finite() {
+        // Each check is written so that NaN fails it.
+        let in_range = |name: &str, x: f64, lo: f64, hi: f64, hi_open: bool| -> Result<()> {
+            let ok = x >= lo && if hi_open { x < hi } else { x <= hi };
+            if ok {
+                return Ok(());
+            }
+            let close = if hi_open { ")" } else { "]" };
+            Err(TrainError::Args(format!(
+                "{name} must be in [{lo}, {hi}{close}, got {x}"
+            )))
+        };
+        in_range("learning_rate", self.learning_rate, 0.0, f64::MAX, false)?;
+        in_range("adam_beta1", self.adam_beta1, 0.0, 1.0, true)?;
+        in_range("adam_beta2", self.adam_beta2, 0.0, 1.0, true)?;
+        in_range("adam_epsilon", self.adam_epsilon, 0.0, f64::MAX, false)?;
+        in_range("weight_decay", self.weight_decay, 0.0, f64::MAX, false)?;
+        in_range("max_grad_norm", self.max_grad_norm, 0.0, f64::MAX, false)?;
+        in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, false)?;
+        if !self.num_train_epochs.is_finite() {
             return bad(format!(
-                "learning_rate must be ≥ 0, got {}",
-                self.learning_rate
+                "num_train_epochs must be finite, got {}",
+                self.num_train_epochs
             ));
         }
         for k in self.extra.keys() {

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::error::{io_err, Result, TrainError};
+use super::output_dir::{kept_checkpoint, latest_checkpoint, list_checkpoints};
 use super::state::{SchedulerState, TrainerState};
 use super::trainer::Trainer;
 use crate::model::GPT2LMHeadModel;
@@ -157,16 +158,19 @@ impl Trainer {
     /// weights, so the folder also loads as a plain HF model.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = PathBuf::from(&self.args.output_dir);
-        let name = format!("checkpoint-{}", self.state.global_step);
+        let step = self.state.global_step;
+        let name = format!("checkpoint-{step}");
         let dest = out.join(&name);
-        let tmp = out.join(format!(".{name}.partial"));
+        // Named per run, so a partial folder is never another run's.
+        let tmp = out.join(format!(".{name}.partial-{}", self.run_tag()?));
         let rank0 = self.is_world_process_zero();
         let full = if self.engine.stage == 3 || self.engine.mixed_precision() {
             Some(self.full_model()?)
         } else {
             None
         };
-        let shard_dir = tmp.join(format!("global_step{}", self.state.global_step));
+        self.refuse_non_finite(full.as_ref(), &out)?;
+        let shard_dir = tmp.join(format!("global_step{step}"));
         if rank0 {
             std::fs::create_dir_all(&out).map_err(io_err(&out))?;
             if tmp.exists() {
@@ -187,23 +191,19 @@ impl Trainer {
                     self.engine.rank()
                 ));
                 let shard = self.engine.shard()?;
-                let meta: HashMap<String, String> = [
-                    ("zero_stage".to_string(), self.engine.stage.to_string()),
-                    (
-                        "world_size".to_string(),
-                        self.engine.world_size().to_string(),
-                    ),
-                    ("rank".to_string(), self.engine.rank().to_string()),
-                    ("step".to_string(), self.engine.step.to_string()),
-                ]
-                .into();
+                // One metadata key: safetensors writes a map's keys in hash
+                // order, and a checkpoint's bytes must not change between
+                // identical runs.
+                let info = json!({"zero_stage": self.engine.stage, "world_size": self.engine.world_size(),
+                    "rank": self.engine.rank(), "step": self.engine.step});
+                let meta: HashMap<String, String> = [("zero".to_string(), info.to_string())].into();
                 let bytes =
                     safetensors::serialize(shard.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
                         .map_err(|e| TrainError::Io {
                             path: f.display().to_string(),
                             msg: e.to_string(),
                         })?;
-                std::fs::write(&f, bytes).map_err(io_err(&f))?;
+                write_synced(&f, &bytes)?;
             }
             Ok(())
         })();
@@ -217,25 +217,24 @@ impl Trainer {
                 let model = full.as_ref().unwrap_or(&self.model);
                 let files = self.checkpoint_files(model)?;
                 for (i, (f, bytes)) in files.iter().enumerate() {
-                    if self.faults.fail_checkpoint_at_step == Some(self.state.global_step)
-                        && i == files.len() / 2
-                    {
+                    if self.faults.fail_checkpoint_at_step == Some(step) && i == files.len() / 2 {
                         return Err(TrainError::Io {
                             path: tmp.join(f).display().to_string(),
                             msg: "injected failure while writing the checkpoint".into(),
                         });
                     }
-                    std::fs::write(tmp.join(f), bytes).map_err(io_err(&tmp.join(f)))?;
+                    write_synced(&tmp.join(f), bytes)?;
                 }
                 if dest.exists() {
-                    std::fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+                    remove_dir_safely(&dest)?;
                 }
                 std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-                if let Some(limit) = self.args.save_total_limit {
+                // transformers deletes nothing when the limit is ≤ 0.
+                if let Some(limit) = self.args.save_total_limit.filter(|&l| l > 0) {
                     let mut ckpts = list_checkpoints(&out);
-                    while ckpts.len() > limit.max(1) {
+                    while ckpts.len() > limit {
                         let (_, p) = ckpts.remove(0);
-                        std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+                        remove_dir_safely(&p)?;
                     }
                 }
                 Ok(())
@@ -248,6 +247,37 @@ impl Trainer {
         }
         self.barrier()?;
         Ok(dest)
+    }
+
+    /// A checkpoint whose weights or optimizer state hold a NaN or an
+    /// infinity is never written (every rank checks its own state; rank 0
+    /// also the weights it would save): resuming from it could only fail
+    /// again, and rotation would delete the last good one.
+    fn refuse_non_finite(&self, full: Option<&GPT2LMHeadModel>, out: &Path) -> Result<()> {
+        let mut bad = !self.engine.state_is_finite()?;
+        if self.is_world_process_zero() && !bad {
+            let model = full.unwrap_or(&self.model);
+            for (_, v) in model.named_parameters() {
+                let t = v.as_tensor().flatten_all()?.to_dtype(DType::F32)?;
+                if t.to_vec1::<f32>()?.iter().any(|x| !x.is_finite()) {
+                    bad = true;
+                    break;
+                }
+            }
+        }
+        let bad_ranks = self
+            .engine
+            .comm
+            .all_reduce_f64(if bad { 1.0 } else { 0.0 })?;
+        if bad_ranks == 0.0 {
+            return Ok(());
+        }
+        let kept = kept_checkpoint(&out.to_string_lossy());
+        Err(TrainError::NonFinite(format!(
+            "the weights or optimizer state are not finite (NaN or infinity) at step {}: \
+             checkpoint-{} was not written and {kept} (lower the learning_rate)",
+            self.state.global_step, self.state.global_step
+        )))
     }
 
     /// Restore model, optimizer, scheduler position and trainer state (every
@@ -274,6 +304,24 @@ impl Trainer {
                 msg: e.to_string(),
             })?;
         let (stage, world) = (self.engine.stage as u64, self.engine.world_size() as u64);
+        let by_deepspeed = dir.join("latest").is_file();
+        if by_deepspeed != self.deepspeed.is_some() {
+            return Err(TrainError::Args(if by_deepspeed {
+                format!(
+                    "{} was written by a DeepSpeed run (ZeRO stage {}, {} ranks): resume it with \
+                     the same --deepspeed ds_config.json",
+                    dir.display(),
+                    o["zero_stage"].as_u64().unwrap_or(0),
+                    o["world_size"].as_u64().unwrap_or(1)
+                )
+            } else {
+                format!(
+                    "{} was written without DeepSpeed (optimizer.safetensors): resume it without \
+                     --deepspeed, or start a new run",
+                    dir.display()
+                )
+            }));
+        }
         let saved_stage = o["zero_stage"].as_u64().unwrap_or(0);
         let saved_world = o["world_size"].as_u64().unwrap_or(1);
         if self.deepspeed.is_some() && (saved_stage != stage || saved_world != world) {
@@ -348,37 +396,54 @@ impl Trainer {
             return Ok(());
         }
         let model = full.as_ref().unwrap_or(&self.model);
-        model.save_pretrained(dir)?;
+        let mut files: Vec<(String, Vec<u8>)> = model
+            .pretrained_files()?
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), b))
+            .collect();
         let mut gen = crate::generate::GenerationConfig::from_model_config(&model.config);
         if gen.pad_token_id.is_none() {
             gen.pad_token_id = self.tokenizer.as_ref().and_then(|t| t.pad_token_id());
         }
-        gen.save_pretrained(dir).map_err(io_err(dir))?;
+        files.push((
+            "generation_config.json".into(),
+            gen.to_json_string().into_bytes(),
+        ));
         if let Some(tok) = &self.tokenizer {
-            tok.save_pretrained(dir)
+            let tf = tok
+                .pretrained_files()
                 .map_err(|e| TrainError::Args(e.to_string()))?;
+            files.extend(tf.into_iter().map(|(n, b)| (n.to_string(), b)));
         }
-        Ok(())
+        // One batch: every file is staged (and synced) before any is renamed
+        // in, so a full disk never leaves new weights beside an old tokenizer.
+        let refs: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        crate::atomic_write::write_files_atomically(dir, &refs).map_err(io_err(dir))
     }
 }
 
-/// `checkpoint-N` folders of `dir`, oldest first.
-pub fn list_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
-    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().is_dir().then(|| (n, e.path()))
-        })
-        .collect();
-    v.sort();
-    v
+/// Write a file and flush it to disk before the folder holding it is
+/// renamed into place.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
 }
 
-/// The newest complete checkpoint (`get_last_checkpoint`).
-pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    list_checkpoints(dir).pop().map(|(_, p)| p)
+/// Delete a checkpoint folder by first renaming it aside (one atomic step),
+/// so a crash while deleting never leaves a half-deleted `checkpoint-N`
+/// that looks complete; the aside folder is removed at the next start.
+fn remove_dir_safely(dir: &Path) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string());
+    let aside = dir.with_file_name(format!(
+        ".{}.deleting-{}",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::rename(dir, &aside).map_err(io_err(dir))?;
+    std::fs::remove_dir_all(&aside).map_err(io_err(&aside))
 }

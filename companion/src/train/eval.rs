@@ -8,8 +8,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::error::{Result, TrainError};
+use super::logging::num;
 use super::state::LogEntry;
-use super::trainer::{num, Trainer};
+use super::trainer::Trainer;
 use crate::data::{Batch, DataCollatorForLanguageModeling, Dataset};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
 
@@ -24,15 +25,23 @@ pub struct EvalMetrics {
 
 impl EvalMetrics {
     /// From a loss summed over `count` label tokens of a dataset with
-    /// `bytes_per_token` bytes of text per token.
-    pub fn from_sum(sum: f64, count: usize, bytes_per_token: f64) -> Self {
-        let loss = sum / count.max(1) as f64;
-        EvalMetrics {
+    /// `bytes_per_token` bytes of text per token. Zero tokens is an error,
+    /// not a perfect score: a figure from no data would be a lie.
+    pub fn from_sum(sum: f64, count: usize, bytes_per_token: f64, examples: usize) -> Result<Self> {
+        if count == 0 {
+            return Err(TrainError::Args(format!(
+                "the evaluation set has no tokens to predict ({examples} examples): the \
+                 validation data is empty or shorter than one block, or max_eval_samples is 0; \
+                 give more held-out text or evaluate with --no-validation / eval_strategy no"
+            )));
+        }
+        let loss = sum / count as f64;
+        Ok(EvalMetrics {
             eval_loss: loss,
             perplexity: loss.exp(),
             bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
             tokens: count,
-        }
+        })
     }
 }
 
@@ -60,7 +69,7 @@ pub fn evaluate_model(
         sum += s;
         count += n;
     }
-    Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
+    EvalMetrics::from_sum(sum, count, ds.bytes_per_token(), ds.len())
 }
 
 /// The summed loss and label-token count of one collated batch, with the
@@ -110,7 +119,7 @@ impl Trainer {
         let sum = reduce(sum)?;
         let count = reduce(count as f64)? as usize;
         self.model.set_training(was);
-        Ok(EvalMetrics::from_sum(sum, count, ds.bytes_per_token()))
+        EvalMetrics::from_sum(sum, count, ds.bytes_per_token(), ds.len())
     }
 
     /// `trainer.evaluate()` on the eval dataset; logged into `log_history`.

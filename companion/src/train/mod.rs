@@ -7,12 +7,16 @@ pub mod args;
 pub mod checkpoint;
 mod error;
 pub mod eval;
+pub mod lock;
+mod logging;
+pub mod output_dir;
 pub mod state;
 pub mod trainer;
 
 pub use args::{IntervalStrategy, OptimizerName, SchedulerType, TrainingArguments};
-pub use checkpoint::{latest_checkpoint, list_checkpoints};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate_model, EvalMetrics};
+pub use lock::OutputDirLock;
+pub use output_dir::{latest_checkpoint, list_checkpoints};
 pub use state::{LogEntry, TrainerState};
 pub use trainer::{FaultInjection, TrainOutput, Trainer};

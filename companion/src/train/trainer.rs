@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::args::{IntervalStrategy, TrainingArguments};
 use super::error::{Result, TrainError};
+use super::logging::{log_entry, train_metrics, LogWindow, StepReport};
 use super::state::{LogEntry, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
 use crate::model::GPT2LMHeadModel;
@@ -50,6 +51,8 @@ pub struct Trainer {
     pub verbose: bool,
     /// Shuffle the training examples each epoch (seeded); tests turn it off.
     pub shuffle: bool,
+    /// Rank 0's process id once known (names partial checkpoint folders).
+    pub(crate) run_tag: u64,
 }
 
 /// What `train()` returns (`TrainOutput`).
@@ -58,10 +61,6 @@ pub struct TrainOutput {
     pub global_step: usize,
     pub training_loss: f64,
     pub metrics: LogEntry,
-}
-
-pub(crate) fn num(x: f64) -> Value {
-    json!(x)
 }
 
 fn human_bytes(b: usize) -> String {
@@ -80,42 +79,6 @@ struct Intervals {
     logging: usize,
     eval: usize,
     save: usize,
-}
-
-/// What one optimizer step did.
-struct StepReport {
-    /// The summed (scaled) loss of the global batch.
-    loss: f64,
-    norm: f64,
-    lr: f64,
-    loss_scale: Option<f64>,
-    /// Tokens of the global batch.
-    tokens: usize,
-}
-
-/// The steps since the last log line.
-struct LogWindow {
-    loss: f64,
-    steps: usize,
-    tokens: usize,
-    since: Instant,
-}
-
-impl LogWindow {
-    fn new() -> Self {
-        LogWindow {
-            loss: 0.0,
-            steps: 0,
-            tokens: 0,
-            since: Instant::now(),
-        }
-    }
-
-    fn add(&mut self, s: &StepReport) {
-        self.loss += s.loss;
-        self.steps += 1;
-        self.tokens += s.tokens;
-    }
 }
 
 impl Trainer {
@@ -265,6 +228,7 @@ impl Trainer {
             faults: FaultInjection::default(),
             verbose: true,
             shuffle: true,
+            run_tag: 0,
         })
     }
 
@@ -359,6 +323,11 @@ impl Trainer {
     /// `args.resume_from_checkpoint`; `"latest"` or `"true"` picks the last
     /// `checkpoint-N` in `output_dir`.
     pub fn train(&mut self) -> Result<TrainOutput> {
+        let _guard = self.hold_output_dir()?;
+        self.train_locked()
+    }
+
+    fn train_locked(&mut self) -> Result<TrainOutput> {
         let total = self.total_steps()?;
         let every = self.intervals(total);
         self.state.max_steps = total;
@@ -394,10 +363,10 @@ impl Trainer {
                 }
             } else if !step.norm.is_finite() {
                 return Err(TrainError::NonFinite(format!(
-                    "the gradient norm became {} at step {}; training stopped and the last \
-                     checkpoint is kept",
+                    "the gradient norm became {} at step {}; training stopped and {}",
                     step.norm,
-                    self.state.global_step + 1
+                    self.state.global_step + 1,
+                    super::output_dir::kept_checkpoint(&self.args.output_dir)
                 )));
             }
             self.state.global_step += 1;
@@ -426,7 +395,7 @@ impl Trainer {
                 || (gs == 1 && self.args.logging_first_step)
                 || gs == total;
             if log_now && window.steps > 0 {
-                let e = self.log_entry(&step, &mut window);
+                let e = log_entry(&self.state, &step, &mut window);
                 if verbose {
                     let line = format!(
                         "step {gs}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {:.2}, {:.0} tokens/s",
@@ -454,7 +423,13 @@ impl Trainer {
         }
         let steps_done = (self.state.global_step - start_step).max(1);
         let train_loss = total_loss / steps_done as f64;
-        let m = self.train_metrics(start.elapsed().as_secs_f64(), steps_done, train_loss);
+        let m = train_metrics(
+            &self.args,
+            &self.state,
+            start.elapsed().as_secs_f64(),
+            steps_done,
+            train_loss,
+        );
         self.state.log_history.push(m.clone());
         if self.args.save_strategy != IntervalStrategy::No
             && !self.state.global_step.is_multiple_of(every.save.max(1))
@@ -558,9 +533,10 @@ impl Trainer {
                 .micro_step(&self.model, &ids, &labels, mask, n_items)?;
             if !lv.is_finite() {
                 return Err(TrainError::NonFinite(format!(
-                    "the loss became {lv} at step {}; training stopped and the last checkpoint \
-                     is kept (lower the learning_rate or check the data)",
-                    step + 1
+                    "the loss became {lv} at step {}; training stopped and {} (lower the \
+                     learning_rate or check the data)",
+                    step + 1,
+                    super::output_dir::kept_checkpoint(&self.args.output_dir)
                 )));
             }
             local_loss += lv;
@@ -606,49 +582,5 @@ impl Trainer {
             .as_ref()
             .and_then(|d| d.optimizer.as_ref())
             .map_or(self.args.learning_rate, |o| o.lr)
-    }
-
-    /// The `log_history` entry for the steps of `window` (then emptied),
-    /// ending with `step`.
-    fn log_entry(&self, step: &StepReport, window: &mut LogWindow) -> LogEntry {
-        let secs = window.since.elapsed().as_secs_f64();
-        let mut e = LogEntry::new();
-        e.insert("loss".into(), num(window.loss / window.steps as f64));
-        e.insert("grad_norm".into(), num(step.norm));
-        if let Some(sc) = step.loss_scale {
-            // fp16: the scale this step used (DeepSpeed logs it).
-            e.insert("loss_scale".into(), num(sc));
-        }
-        e.insert("learning_rate".into(), num(step.lr));
-        e.insert("epoch".into(), num(self.state.epoch));
-        e.insert("step".into(), json!(self.state.global_step));
-        e.insert(
-            "tokens_per_second".into(),
-            num(window.tokens as f64 / secs.max(1e-9)),
-        );
-        *window = LogWindow::new();
-        e
-    }
-
-    /// The final `log_history` entry of `train()`.
-    fn train_metrics(&self, secs: f64, steps_done: usize, train_loss: f64) -> LogEntry {
-        let samples = steps_done
-            * self.args.gradient_accumulation_steps
-            * self.args.per_device_train_batch_size;
-        let mut m = LogEntry::new();
-        m.insert("train_runtime".into(), num(secs));
-        m.insert(
-            "train_samples_per_second".into(),
-            num(samples as f64 / secs),
-        );
-        m.insert(
-            "train_steps_per_second".into(),
-            num(steps_done as f64 / secs),
-        );
-        m.insert("total_flos".into(), num(self.state.total_flos));
-        m.insert("train_loss".into(), num(train_loss));
-        m.insert("epoch".into(), num(self.state.epoch));
-        m.insert("step".into(), json!(self.state.global_step));
-        m
     }
 }

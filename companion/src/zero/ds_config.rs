@@ -10,23 +10,8 @@
 
 use serde_json::{Map, Value};
 
+pub use super::hf_auto::{json_eq, HfTrainingValues};
 pub use crate::optim::SchedulerConfig;
-
-/// The `TrainingArguments` values that HF's DeepSpeed integration fills
-/// `"auto"` from, and checks other values against.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HfTrainingValues {
-    pub per_device_train_batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    pub learning_rate: f64,
-    pub max_grad_norm: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    pub weight_decay: f64,
-    pub fp16: bool,
-    pub bf16: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DsConfigError {
@@ -131,6 +116,10 @@ impl DeepSpeedConfig {
             file: file.clone(),
             msg: format!("not JSON: {e}"),
         })?;
+        super::ds_schema::refuse_duplicate_keys(&text).map_err(|msg| DsConfigError::Invalid {
+            file: file.clone(),
+            msg,
+        })?;
         Self::from_value(v, &file, args, world_size, hidden_size)
     }
 
@@ -172,131 +161,11 @@ impl DeepSpeedConfig {
             return Err(err("expected a JSON object at the top level".into()));
         }
         let world = world_size.max(1);
-        // HF's fill_match: "auto" takes the TrainingArguments value; any other
-        // value must agree with it.
-        let mut mismatches = Vec::new();
+        super::hf_auto::fill_auto(&mut v, args, world, hidden_size).map_err(err)?;
         let micro = args.per_device_train_batch_size;
         let accum = args.gradient_accumulation_steps;
-        let mut fill = |v: &mut Value, key: &str, hf: Value, hf_name: &str, must_match: bool| {
-            let mut cur = &mut *v;
-            let parts: Vec<&str> = key.split('.').collect();
-            for p in &parts[..parts.len() - 1] {
-                match cur.get_mut(*p) {
-                    Some(next) if next.is_object() => cur = next,
-                    _ => return,
-                }
-            }
-            let last = parts[parts.len() - 1];
-            let Some(slot) = cur.get_mut(last) else {
-                return;
-            };
-            if slot == "auto" {
-                *slot = hf;
-            } else if must_match && !json_eq(slot, &hf) {
-                mismatches.push(format!("- ds {key}={slot} vs hf {hf_name}={hf}"));
-            }
-        };
-        let lr = args.learning_rate;
-        fill(
-            &mut v,
-            "train_micro_batch_size_per_gpu",
-            micro.into(),
-            "per_device_train_batch_size",
-            true,
-        );
-        fill(
-            &mut v,
-            "gradient_accumulation_steps",
-            accum.into(),
-            "gradient_accumulation_steps",
-            true,
-        );
-        fill(
-            &mut v,
-            "train_batch_size",
-            (micro * accum * world).into(),
-            "train_batch_size (world × micro × accumulation)",
-            true,
-        );
-        fill(
-            &mut v,
-            "gradient_clipping",
-            args.max_grad_norm.into(),
-            "max_grad_norm",
-            true,
-        );
-        fill(
-            &mut v,
-            "optimizer.params.lr",
-            lr.into(),
-            "learning_rate",
-            true,
-        );
-        fill(
-            &mut v,
-            "optimizer.params.betas",
-            serde_json::json!([args.adam_beta1, args.adam_beta2]),
-            "adam_beta1+adam_beta2",
-            true,
-        );
-        fill(
-            &mut v,
-            "optimizer.params.eps",
-            args.adam_epsilon.into(),
-            "adam_epsilon",
-            true,
-        );
-        fill(
-            &mut v,
-            "optimizer.params.weight_decay",
-            args.weight_decay.into(),
-            "weight_decay",
-            true,
-        );
-        fill(
-            &mut v,
-            "scheduler.params.warmup_min_lr",
-            0.0.into(),
-            "(0)",
-            false,
-        );
-        fill(
-            &mut v,
-            "scheduler.params.warmup_max_lr",
-            lr.into(),
-            "learning_rate",
-            true,
-        );
-        fill(&mut v, "fp16.enabled", args.fp16.into(), "fp16", true);
-        fill(&mut v, "bf16.enabled", args.bf16.into(), "bf16", true);
-        let h2 = hidden_size * hidden_size;
-        fill(
-            &mut v,
-            "zero_optimization.reduce_bucket_size",
-            h2.into(),
-            "hidden_size²",
-            false,
-        );
-        fill(
-            &mut v,
-            "zero_optimization.stage3_prefetch_bucket_size",
-            ((0.9 * h2 as f64) as usize).into(),
-            "0.9 × hidden_size²",
-            false,
-        );
-        fill(
-            &mut v,
-            "zero_optimization.stage3_param_persistence_threshold",
-            (10 * hidden_size).into(),
-            "10 × hidden_size",
-            false,
-        );
-        if !mismatches.is_empty() {
-            return Err(err(format!(
-                "these DeepSpeed config values contradict TrainingArguments (set them to \"auto\" to take the TrainingArguments value):\n{}",
-                mismatches.join("\n")
-            )));
-        }
+        // DeepSpeed's own checks of its blocks, on the values it would see.
+        super::ds_schema::validate(&mut v).map_err(err)?;
         let obj = v.as_object().expect("checked").clone();
         let mut warnings = Vec::new();
         let uint = |o: &Map<String, Value>, k: &str, ctx: &str| -> Result<Option<usize>> {
@@ -438,7 +307,8 @@ impl DeepSpeedConfig {
                 k if ACCEPTED_ZERO_KEYS.contains(&k) => warnings.push(format!(
                     "zero_optimization.{k}: accepted, not acted on (it tunes GPU communication overlap and buffers)"
                 )),
-                k => warnings.push(format!("zero_optimization.{k}: unknown key, ignored")),
+                // ds_schema refused keys DeepSpeed does not know.
+                k => warnings.push(format!("zero_optimization.{k}: accepted, not acted on")),
             }
         }
 
@@ -447,7 +317,15 @@ impl DeepSpeedConfig {
         let fp16 = Fp16Config {
             enabled: boolean(&f, "enabled", "fp16.")?.unwrap_or(false),
             loss_scale: float(&f, "loss_scale", "fp16.")?.unwrap_or(0.0),
-            initial_scale_power: uint(&f, "initial_scale_power", "fp16.")?.unwrap_or(16) as u32,
+            initial_scale_power: match uint(&f, "initial_scale_power", "fp16.")?.unwrap_or(16) {
+                // 2^N must be a finite fp32 loss scale.
+                p @ 0..=127 => p as u32,
+                p => {
+                    return Err(err(format!(
+                        "fp16.initial_scale_power: the loss scale 2^{p} is not a finite number (give 0 to 127)"
+                    )))
+                }
+            },
             loss_scale_window: uint(&f, "loss_scale_window", "fp16.")?.unwrap_or(1000),
             hysteresis: uint(&f, "hysteresis", "fp16.")?.unwrap_or(2),
             consecutive_hysteresis: boolean(&f, "consecutive_hysteresis", "fp16.")?
@@ -685,170 +563,6 @@ impl DeepSpeedConfig {
     }
 }
 
-/// Numbers compare by value (1 == 1.0), as Python's `!=` does.
-pub fn json_eq(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
-        }
-        _ => a == b,
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    /// TrainingArguments' defaults, with batch 4, accumulation 2, lr 1e-3.
-    fn args() -> HfTrainingValues {
-        HfTrainingValues {
-            per_device_train_batch_size: 4,
-            gradient_accumulation_steps: 2,
-            learning_rate: 1e-3,
-            max_grad_norm: 1.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            weight_decay: 0.0,
-            fp16: false,
-            bf16: false,
-        }
-    }
-
-    #[test]
-    fn auto_is_filled_from_training_arguments() {
-        let v = json!({
-            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-            "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "overlap_comm": true},
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto"}},
-            "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}
-        });
-        let mut c = DeepSpeedConfig::from_value(v, "ds.json", &args(), 2, 64).unwrap();
-        assert_eq!(
-            (
-                c.train_batch_size,
-                c.train_micro_batch_size_per_gpu,
-                c.gradient_accumulation_steps
-            ),
-            (16, 4, 2)
-        );
-        assert_eq!(c.zero.stage, 2);
-        assert_eq!(
-            c.resolved["zero_optimization"]["reduce_bucket_size"],
-            json!(4096)
-        );
-        assert_eq!(c.optimizer.as_ref().unwrap().lr, 1e-3);
-        c.finalize(10, 100);
-        assert_eq!(
-            c.scheduler,
-            Some(SchedulerConfig::WarmupDecayLR {
-                min_lr: 0.0,
-                max_lr: 1e-3,
-                warmup_num_steps: 10,
-                total_num_steps: 100,
-                log_warmup: true
-            })
-        );
-        assert!(
-            c.warnings.iter().any(|w| w.contains("overlap_comm")),
-            "{:?}",
-            c.warnings
-        );
-    }
-
-    #[test]
-    fn contradictions_and_bad_values_are_named() {
-        let e = |v: Value, world| {
-            DeepSpeedConfig::from_value(v, "ds.json", &args(), world, 64)
-                .unwrap_err()
-                .to_string()
-        };
-        let m = e(
-            json!({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}),
-            2,
-        );
-        assert!(
-            m.contains("train_batch_size") && m.contains("hf train_batch_size"),
-            "{m}"
-        );
-        let m = e(
-            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": 0.5}),
-            1,
-        );
-        assert!(
-            m.contains("gradient_clipping=0.5 vs hf max_grad_norm=1.0"),
-            "{m}"
-        );
-        let m = e(
-            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 4}}),
-            1,
-        );
-        assert!(
-            m.contains("zero_optimization.stage: expected 0, 1, 2 or 3, got 4"),
-            "{m}"
-        );
-        let m = e(
-            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}),
-            1,
-        );
-        assert!(
-            m.contains("\"nvme\" (ZeRO-Infinity) is not supported"),
-            "{m}"
-        );
-        let m = e(
-            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}),
-            1,
-        );
-        assert!(m.contains("offload_param needs stage 3"), "{m}");
-        let m = e(
-            json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "optimizer": {"type": "Lamb"}}),
-            1,
-        );
-        assert!(m.contains("optimizer.type"), "{m}");
-        // Two of three given: the third is inferred, then checked.
-        let c = DeepSpeedConfig::from_value(
-            json!({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4}),
-            "ds.json",
-            &args(),
-            3,
-            64,
-        )
-        .unwrap();
-        assert_eq!(c.gradient_accumulation_steps, 2);
-    }
-
-    #[test]
-    fn deepspeed_warmup_schedules() {
-        // WarmupLR, log warmup over 10 steps from 0 to 1e-3: the first step
-        // uses warmup_min_lr (the scheduler starts at iteration -1).
-        let s = SchedulerConfig::WarmupLR {
-            min_lr: 0.0,
-            max_lr: 1e-3,
-            warmup_num_steps: 10,
-            log_warmup: true,
-        };
-        assert_eq!(s.lr_at(0, 0.0), 0.0);
-        assert_eq!(s.lr_at(1, 0.0), 0.0);
-        assert!((s.lr_at(5, 0.0) - 1e-3 * (5f64).ln() / (10f64).ln()).abs() < 1e-15);
-        assert_eq!(s.lr_at(50, 0.0), 1e-3);
-        let d = SchedulerConfig::WarmupDecayLR {
-            min_lr: 0.0,
-            max_lr: 1.0,
-            warmup_num_steps: 4,
-            total_num_steps: 12,
-            log_warmup: false,
-        };
-        assert_eq!(d.lr_at(3, 0.0), 0.5);
-        assert_eq!(d.lr_at(9, 0.0), 0.5);
-        assert_eq!(d.lr_at(13, 0.0), 0.0);
-    }
-}
+#[path = "ds_config_tests.rs"]
+mod tests;

@@ -23,8 +23,10 @@
 pub mod blockwise;
 pub mod comm;
 pub mod ds_config;
+pub mod ds_schema;
 pub mod engine;
 mod error;
+mod hf_auto;
 pub mod layout;
 pub mod memory;
 pub mod precision;

@@ -46,6 +46,21 @@ impl ZeroEngine {
         Ok(out)
     }
 
+    /// Whether every number this rank keeps (its weights, fp32 master copy
+    /// and Adam moments) is finite: a checkpoint of anything else would
+    /// poison every run resumed from it.
+    pub fn state_is_finite(&self) -> Result<bool> {
+        let finite = |x: &[f32]| x.iter().all(|v| v.is_finite());
+        let moments = match &self.moments {
+            Moments::Host { m, v } => finite(m) && finite(v),
+            Moments::Device { m, v, .. } => {
+                finite(&m.flatten_all()?.to_vec1::<f32>()?)
+                    && finite(&v.flatten_all()?.to_vec1::<f32>()?)
+            }
+        };
+        Ok(moments && finite(&self.params) && finite(&self.master))
+    }
+
     /// Restore a shard written by [`ZeroEngine::shard`] (same stage and world size).
     pub fn load_shard(&mut self, t: &HashMap<String, Tensor>, file: &str) -> Result<()> {
         let get = |k: &str, n: usize| -> Result<Vec<f32>> {

@@ -16,6 +16,8 @@ use companion::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
 use companion::train::{IntervalStrategy, SchedulerType, Trainer, TrainingArguments};
 use companion::zero::comm::{run_ranks, Communicator, SingleRank};
 
+use crate::preflight::{args_error, check_before_work, check_nccl, mpi_rank};
+
 /// What `companion pretrain` needs besides `TrainingArguments`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PretrainOptions {
@@ -319,18 +321,17 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     }
     let opts = &resolved;
     let out = PathBuf::from(&args.output_dir);
-    if out.exists() && !out.is_dir() {
-        return Err(companion::train::TrainError::Args(format!(
-            "output_dir {} exists and is not a folder",
-            out.display()
-        ))
-        .into());
-    }
+    check_before_work(opts, &args, &out)?;
     // Under MPI every process runs this; rank 0 trains the tokenizer and
     // tokenizes the corpus (filling the cache) while the others wait.
     let mpi = mpi_rank(opts)?;
     check_nccl(opts)?;
     let rank0 = mpi.as_ref().is_none_or(|c| c.rank() == 0);
+    // One run per output_dir, from the tokenizer it writes there to the
+    // end (rank 0 holds it; under MPI a refused rank 0 ends the job).
+    let _lock = rank0
+        .then(|| companion::train::OutputDirLock::acquire(&out))
+        .transpose()?;
     if !rank0 {
         mpi.as_ref().expect("mpi").barrier()?;
     }
@@ -352,6 +353,17 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         ))
         .into());
     }
+    // The final generation must fit the model: say so before training.
+    let prompt_len = tok.encode(&opts.prompt)?.len().max(1);
+    if prompt_len.saturating_add(opts.max_new_tokens) > cfg.n_positions {
+        return Err(args_error(format!(
+            "--prompt ({prompt_len} tokens) plus --max-new-tokens {} is more than n_positions {} \
+             of the model: ask for at most {} new tokens",
+            opts.max_new_tokens,
+            cfg.n_positions,
+            cfg.n_positions.saturating_sub(prompt_len)
+        )));
+    }
     let eos = tok.eos_token_id();
     let packing = Packing::Group {
         block_size: opts.block_size,
@@ -363,6 +375,16 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
             let mut ds = companion::data::load_tokenized(v, &opts.text_field, &tok, packing, eos)?;
             if let Some(n) = opts.max_eval_samples {
                 ds.input_ids.truncate(n);
+            }
+            if ds.input_ids.iter().all(|b| b.len() < 2) {
+                return Err(args_error(format!(
+                    "{}: no held-out block to evaluate on ({} blocks of {} tokens after \
+                     --max-eval-samples): give more validation text, a larger \
+                     --max-eval-samples, or --no-validation",
+                    v.display(),
+                    ds.input_ids.len(),
+                    opts.block_size
+                )));
             }
             Some(ds)
         }
@@ -422,31 +444,6 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     Ok(out.remove(0).expect("rank 0 reports"))
 }
 
-/// `--backend nccl` needs GPU ranks and a build that has NCCL; say so
-/// before any work.
-fn check_nccl(opts: &PretrainOptions) -> Result<(), PretrainError> {
-    if opts.backend != Backend::Nccl {
-        return Ok(());
-    }
-    if !cfg!(feature = "nccl") {
-        return Err(companion::train::TrainError::Args(
-            "--backend nccl needs a build with the nccl feature \
-             (`cargo build --release --features nccl`, CUDA toolkit and libnccl installed); \
-             without it, --num-gpus ranks exchange through host memory (--backend threads)"
-                .into(),
-        )
-        .into());
-    }
-    if opts.rank_device != RankDevice::Cuda {
-        return Err(companion::train::TrainError::Args(
-            "--backend nccl runs GPU ranks: use --num-gpus N (CPU ranks use --backend threads)"
-                .into(),
-        )
-        .into());
-    }
-    Ok(())
-}
-
 /// `world` GPU ranks in this process, joined through NCCL.
 fn nccl_ranks(
     opts: &PretrainOptions,
@@ -472,33 +469,6 @@ fn nccl_ranks(
     {
         let _ = (opts, world, job);
         unreachable!("check_nccl refuses --backend nccl without the feature")
-    }
-}
-
-/// This process's MPI rank when `--backend mpi` asked for one.
-fn mpi_rank(opts: &PretrainOptions) -> Result<Option<Arc<dyn Communicator>>, PretrainError> {
-    if opts.backend != Backend::Mpi {
-        return Ok(None);
-    }
-    if opts.num_ranks > 1 {
-        return Err(companion::train::TrainError::Args(
-            "with --backend mpi the ranks are the processes `mpirun -np N` starts; drop --num-ranks"
-                .into(),
-        )
-        .into());
-    }
-    #[cfg(feature = "mpi")]
-    {
-        Ok(Some(Arc::new(companion::zero::comm::mpi::MpiRank::init()?)))
-    }
-    #[cfg(not(feature = "mpi"))]
-    {
-        Err(companion::train::TrainError::Args(
-            "--backend mpi: this build has no mpi backend (rebuild with `--features mpi`, which needs \
-             an MPI library; ranks in one process: --num-ranks N on CPUs, --num-gpus N on GPUs)"
-                .into(),
-        )
-        .into())
     }
 }
 

@@ -58,6 +58,16 @@ where
     E: Send + From<CommError> + std::fmt::Display,
     F: Fn(usize, Arc<dyn Communicator>) -> std::result::Result<T, E> + Sync,
 {
+    let limit = max_ranks_in_process();
+    if world == 0 || world > limit {
+        return Err(CommError::Transport(format!(
+            "{world} ranks: a group in one process needs 1 to {limit} ranks here (each rank is \
+             a thread with its share of the {} cores; more ranks than that only wait on each \
+             other; across machines use MPI)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ))
+        .into());
+    }
     const NONE: usize = usize::MAX;
     let first_failure = std::sync::atomic::AtomicUsize::new(NONE);
     let claim = |r: usize| {
@@ -129,6 +139,14 @@ where
     }
     let i = errors.iter().position(|(r, _)| *r == root).unwrap_or(0);
     Err(errors.swap_remove(i).1)
+}
+
+/// The most ranks one process runs as threads: 8 a core, at least 64 (the
+/// tests run more ranks than cores on purpose; thousands would exhaust
+/// the process's threads).
+pub fn max_ranks_in_process() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (8 * cores).max(64)
 }
 
 /// Runs its closure when dropped during a panic.

@@ -3,10 +3,14 @@
 //! Order: an existing local folder → the Hugging Face cache
 //! (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`;
 //! `models--gpt2/refs/main` → `snapshots/<rev>/`) → a download with `hf-hub`
-//! unless `HF_HUB_OFFLINE=1`. A miss is one error naming the id, the file and
-//! every place looked.
+//! unless `HF_HUB_OFFLINE=1` ([`download`], with timeouts, from `HF_ENDPOINT`).
+//! A miss is one error naming the id, the file and every place looked.
+//! Nothing a file or a server says can make us read outside the folder or
+//! the cache: ids, file names and `refs/` contents must be plain names.
 
-use std::path::{Path, PathBuf};
+pub mod download;
+
+use std::path::{Component, Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType as HubRepoType};
 
@@ -92,7 +96,48 @@ pub fn get_optional(id: &str, file: &str) -> Option<PathBuf> {
     find(id, file, RepoType::Model, &mut Vec::new())
 }
 
+/// A hub repo id as the hub allows them: `name` or `owner/name`, each part
+/// letters, digits, `-`, `_`, `.`, without `--` or `..`, not starting or
+/// ending with `-` or `.` (an optional `@revision` is split off first).
+pub fn is_repo_id(id: &str) -> bool {
+    let (name, rev) = match id.split_once('@') {
+        Some((n, r)) => (n, Some(r)),
+        None => (id, None),
+    };
+    if rev.is_some_and(|r| !is_inside(r)) {
+        return false;
+    }
+    let parts: Vec<&str> = name.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 96
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !p.contains("--")
+                && !p.contains("..")
+                && !p.starts_with(['-', '.'])
+                && !p.ends_with(['-', '.'])
+        })
+}
+
+/// A file name inside a repository or folder: relative, only plain
+/// components (no `..`, no root).
+pub fn is_inside(file: &str) -> bool {
+    !file.is_empty()
+        && !file.contains('\\')
+        && Path::new(file)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
 fn find(id: &str, file: &str, repo_type: RepoType, looked: &mut Vec<String>) -> Option<PathBuf> {
+    if !is_inside(file) {
+        looked.push(format!(
+            "`{file}` is not a file name inside the repository (no `..`, no absolute path)"
+        ));
+        return None;
+    }
     let local = Path::new(id);
     if local.is_dir() {
         let p = local.join(file);
@@ -104,9 +149,30 @@ fn find(id: &str, file: &str, repo_type: RepoType, looked: &mut Vec<String>) -> 
         return None;
     }
     looked.push(format!("no local folder named `{id}`"));
+    if !is_repo_id(id) {
+        // A path that does not exist is not sent to the hub as an id.
+        looked.push(format!(
+            "`{id}` is not a hub repo id either (`name` or `owner/name`)"
+        ));
+        return None;
+    }
     let dir = cache_dir();
     let repo = hub_repo(id, repo_type);
     let cache = Cache::new(dir.clone());
+    let repo_dir = dir.join(repo.folder_name());
+    // `refs/<revision>` names a snapshot folder: a plain commit name only.
+    let refs = repo_dir.join("refs").join(repo.revision());
+    let ref_ok = match std::fs::read_to_string(&refs) {
+        Ok(commit) => download::is_plain_name(commit.trim()),
+        Err(_) => true,
+    };
+    if !ref_ok {
+        looked.push(format!(
+            "{} does not hold a commit name (it must not be a path)",
+            refs.display()
+        ));
+        return None;
+    }
     if let Some(p) = cache.repo(repo.clone()).get(file) {
         return Some(p);
     }
@@ -120,13 +186,11 @@ fn find(id: &str, file: &str, repo_type: RepoType, looked: &mut Vec<String>) -> 
         looked.push("no download: HF_HUB_OFFLINE is set".to_string());
         return None;
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_progress(false)
-        .build();
-    match api.and_then(|api| api.repo(repo).get(file)) {
+    let ep = download::Endpoint::from_env(cache.token());
+    match download::download(&ep, &repo.url(), repo.revision(), file, &repo_dir) {
         Ok(p) => Some(p),
         Err(e) => {
-            looked.push(format!("download from the hub failed: {e}"));
+            looked.push(format!("download from {} failed: {e}", ep.url));
             None
         }
     }
@@ -148,5 +212,33 @@ mod tests {
         let err = get_file(id, "model.safetensors").unwrap_err().to_string();
         assert!(err.contains("model.safetensors"), "{err}");
         assert!(err.contains("local folder"), "{err}");
+        let err = get_file(id, "../config.json").unwrap_err().to_string();
+        assert!(err.contains("not a file name inside"), "{err}");
+    }
+
+    #[test]
+    fn repo_ids_are_told_from_paths() {
+        for id in [
+            "gpt2",
+            "openai-community/gpt2",
+            "rinna/japanese-gpt2-small@main",
+            "a.b_c",
+        ] {
+            assert!(is_repo_id(id), "{id}");
+        }
+        for id in [
+            "/tmp/x", "./model", "../m", "a/b/c", "~/m", "a--b", "a/..", "", "C:\\m",
+        ] {
+            assert!(!is_repo_id(id), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_missing_path_is_not_sent_to_the_hub() {
+        let err = get_file("/no/such/folder", "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a hub repo id"), "{err}");
+        assert!(!err.contains("download"), "{err}");
     }
 }

@@ -1,0 +1,149 @@
+//! `companion bench …` on the command line: the flags of each benchmark
+//! and how its figures are printed (the measuring is in [`crate::bench`]).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use companion::tokenizer;
+use serde_json::json;
+
+use crate::bench;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Tokenizer training time and encoding throughput on a corpus.
+    Tokenizer(BenchTokenizerCmd),
+    /// Forward + backward + AdamW step: tokens/s, MFU, peak memory.
+    Train(BenchModelCmd),
+    /// Greedy generation of 128 tokens from an 8-token prompt: tokens/s.
+    Generate(BenchModelCmd),
+    /// The whole Trainer step (ZeRO engine, clipping, logging): tokens/s, peak
+    /// memory, model-state bytes per rank.
+    Trainer(BenchTrainerCmd),
+}
+
+#[derive(Args)]
+pub struct BenchTrainerCmd {
+    #[arg(long, default_value = "small")]
+    shape: String,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// A ds_config.json (ZeRO stage, offload).
+    #[arg(long)]
+    deepspeed: Option<PathBuf>,
+    /// CPU ranks (threads); more than one needs --deepspeed.
+    #[arg(long, default_value_t = 1)]
+    num_ranks: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchModelCmd {
+    /// `small` (4 layers, 256 wide, vocab 8192, 8×256 tokens) or `gpt2` (124M, 1×512).
+    #[arg(long, default_value = "small")]
+    shape: String,
+    /// Timed steps (train) or new tokens (generate).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// train: candle's autograd instead of the fused CPU kernels, to compare.
+    #[arg(long)]
+    autograd: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchTokenizerCmd {
+    #[arg(long, num_args = 1.., required = true)]
+    corpus: Vec<PathBuf>,
+    #[arg(long, default_value = "bpe")]
+    model: String,
+    #[arg(long, default_value_t = 30000)]
+    vocab_size: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(c: BenchCmd) -> Result<()> {
+    match c {
+        BenchCmd::Tokenizer(c) => bench_tokenizer(c),
+        BenchCmd::Train(c) => bench_model(c, true),
+        BenchCmd::Generate(c) => bench_model(c, false),
+        BenchCmd::Trainer(c) => bench_trainer(c),
+    }
+}
+
+fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
+    let docs = companion::data::corpus::read_files(&c.corpus, "text")?;
+    let bytes: usize = docs.iter().map(String::len).sum();
+    let mut args = crate::train_args(&c.model, c.vocab_size)?;
+    args.show_progress = false;
+    let t0 = std::time::Instant::now();
+    let tok = tokenizer::train(&args, docs.iter())?;
+    let train_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let (tokens, _) = tokenizer::count_tokens(&tok, &docs)?;
+    let encode_s = t1.elapsed().as_secs_f64();
+    let mb_s = bytes as f64 / 1e6 / encode_s;
+    let out = json!({
+        "implementation": "companion (Rust)",
+        "model": c.model,
+        "vocab_size": c.vocab_size,
+        "corpus_bytes": bytes,
+        "threads": rayon::current_num_threads(),
+        "train_seconds": train_s,
+        "encode_seconds": encode_s,
+        "encode_mb_per_s": mb_s,
+        "tokens": tokens,
+    });
+    if c.json {
+        println!("{out}");
+    } else {
+        println!(
+            "companion {}: train {:.2} s, encode {:.2} MB/s ({} tokens, {} bytes, {} threads)",
+            c.model,
+            train_s,
+            mb_s,
+            tokens,
+            bytes,
+            rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}
+
+fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
+    let shape = bench::shape(&c.shape)
+        .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
+    let ds = c
+        .deepspeed
+        .as_ref()
+        .map(|p| serde_json::Value::String(p.display().to_string()));
+    let v = bench::trainer(&shape, c.steps, c.gradient_checkpointing, ds, c.num_ranks)?;
+    if c.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(())
+}
+
+fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
+    let shape = bench::shape(&c.shape)
+        .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
+    let v = if train {
+        bench::train(&shape, c.steps.unwrap_or(5), c.autograd)?
+    } else {
+        bench::generate(&shape, c.steps.unwrap_or(128))?
+    };
+    if c.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,579 @@
+//! The bad-input suite: what a user can hand `companion` by mistake or by
+//! malice (model files, configs, tokenizers, corpora, ds_configs, flags,
+//! crashes during save, concurrency, hub stalls, path traversal), run as
+//! the user meets it, through the program. Every case must end in a clear
+//! error naming what is wrong, a non-zero exit that is not a crash (no
+//! abort, no panic), and no damage to what was there before.
+//! (`ds_config` verdicts against DeepSpeed's own are in tests/zero.rs, the
+//! kill -9 campaign in tests/crash.rs.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A small trained model folder (config, weights, generation config,
+/// tokenizer), made once for the cases that need one.
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let o = pretrain(&dir, "base", &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        dir.join("base_model")
+    })
+}
+
+/// A copy of the model folder to damage.
+fn model_copy(into: &Path) -> PathBuf {
+    let d = into.join("model");
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(model_dir()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    d
+}
+
+/// The run failed as an error, not a crash: exit status 1 (an abort is
+/// 134, a panic 101), and stderr says `want`.
+fn refused(o: &Output, want: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "exit {:?}: {err}", o.status);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(want), "wanted `{want}` in: {err}");
+}
+
+/// The tiny run of `pretrain_flags` with `extra` flags replacing the ones
+/// it sets (`--flag value` or `--flag=value`).
+fn pretrain_with(dir: &Path, name: &str, extra: &[&str]) -> Output {
+    let mut a = pretrain_flags(dir, name);
+    let mut i = 0;
+    while i < extra.len() {
+        let flag = extra[i];
+        let value = extra
+            .get(i + 1)
+            .filter(|v| !flag.contains('=') && !v.starts_with("--"));
+        if flag == "--validation-file" {
+            a.retain(|x| x != "--no-validation");
+        }
+        match (a.iter().position(|x| x == flag), value) {
+            (Some(p), Some(v)) => a[p + 1] = v.to_string(),
+            (_, v) => {
+                a.push(flag.to_string());
+                a.extend(v.map(|v| v.to_string()));
+            }
+        }
+        i += if value.is_some() { 2 } else { 1 };
+    }
+    let cache = dir.join("cache").display().to_string();
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    companion(&a, &[("HF_DATASETS_CACHE", &cache)])
+}
+
+fn checkpoints(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    v.sort();
+    v
+}
+
+// ---- concurrency ----------------------------------------------------------
+
+#[test]
+fn a_second_run_into_a_held_output_dir_is_refused_and_a_finished_one_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    // Another process holds the folder (this test process, through the
+    // lock file as a run takes it).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(out.join(".companion.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(out.join(".companion.lock"), "process 4242 on elsewhere").unwrap();
+    let o = pretrain_with(dir.path(), "run", &[]);
+    refused(&o, "is in use by another run (process 4242 on elsewhere");
+    assert!(checkpoints(&out).is_empty());
+    drop(lock);
+    let o = pretrain_with(dir.path(), "run", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Released at exit: the next run starts.
+    let o = pretrain_with(dir.path(), "run", &["--max-steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+// ---- memory bombs ---------------------------------------------------------
+
+#[test]
+fn configs_asking_for_more_memory_than_exists_are_errors_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, want) in [
+        (
+            vec!["--n-layer", "100000", "--n-embd", "1024", "--n-head", "8"],
+            "available",
+        ),
+        (vec!["--n-positions", "1000000000000"], "available"),
+        (vec!["--n-embd", "1000000", "--n-head", "1"], "available"),
+    ] {
+        let o = pretrain_with(dir.path(), "bomb", &flags);
+        refused(&o, want);
+    }
+    let o = companion(
+        &[
+            "config",
+            "--from",
+            "gpt2",
+            "--n-embd",
+            "4294967296",
+            "--n-head",
+            "16",
+        ],
+        &[],
+    );
+    refused(&o, "more parameters than this machine can count");
+    // A config.json that does not match its weights: refused before a
+    // single tensor is read, in moments.
+    let d = model_copy(dir.path());
+    let mut c: Value = read_json(&d.join("config.json"));
+    c["n_layer"] = 1_000_000_000.into();
+    std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+    let valid = data("corpus/validation.jsonl");
+    let t = Instant::now();
+    let o = companion(
+        &[
+            "eval",
+            "--model",
+            d.to_str().unwrap(),
+            "--data",
+            valid.to_str().unwrap(),
+        ],
+        &[],
+    );
+    refused(&o, "more than these weights files");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
+// ---- non-finite training --------------------------------------------------
+
+#[test]
+fn a_diverging_run_never_writes_a_non_finite_checkpoint_and_keeps_the_last_finite_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nan");
+    let o = pretrain_with(
+        dir.path(),
+        "nan",
+        &[
+            "--learning-rate",
+            "1e300",
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "1",
+            "--max-steps",
+            "10",
+            "--eval-strategy",
+            "no",
+        ],
+    );
+    refused(&o, "not finite");
+    // What is left is finite (the first step's learning rate is 0 under
+    // warmup, so checkpoint-1 is good), and the message names it.
+    for c in checkpoints(&out) {
+        let t = candle_core::safetensors::load(
+            out.join(&c).join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for (name, w) in t {
+            let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{c}: {name}");
+        }
+        assert!(
+            stderr(&o).contains(&format!("{c}, is kept")),
+            "{}",
+            stderr(&o)
+        );
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+    // Two good steps, then the same run resumed with a learning rate that
+    // blows up: checkpoint-2 survives rotation and is named.
+    let o = pretrain_with(
+        dir.path(),
+        "nan",
+        &[
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "1",
+            "--max-steps",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = pretrain_with(
+        dir.path(),
+        "nan",
+        &[
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "1",
+            "--max-steps",
+            "6",
+            "--learning-rate",
+            "1e300",
+            "--resume-from-checkpoint",
+            "latest",
+        ],
+    );
+    refused(&o, "checkpoint-2");
+    assert_eq!(checkpoints(&out), ["checkpoint-2"]);
+    let o = pretrain_with(
+        dir.path(),
+        "nan",
+        &[
+            "--save-steps",
+            "1",
+            "--max-steps",
+            "3",
+            "--resume-from-checkpoint",
+            "latest",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "the kept checkpoint resumes: {}",
+        stderr(&o)
+    );
+}
+
+// ---- the hub --------------------------------------------------------------
+
+/// `companion ARGS` with a hub at `endpoint`, an empty cache and online.
+fn with_hub(args: &[&str], endpoint: &str, cache: &Path) -> (Output, Duration) {
+    let mut cmd = Command::new(companion_bin());
+    cmd.args(args)
+        .current_dir(root())
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HUB_CACHE", cache)
+        .env("HF_HUB_ETAG_TIMEOUT", "1")
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "1");
+    let t = Instant::now();
+    let o = cmd.output().unwrap();
+    (o, t.elapsed())
+}
+
+#[test]
+fn a_hub_that_never_answers_times_out_naming_the_id_and_the_endpoint() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", server.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in server.incoming() {
+            held.push(s); // accept, never answer
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let (o, took) = with_hub(
+        &[
+            "tokenizer",
+            "show",
+            "--tokenizer",
+            "someone/unknown-id",
+            "--text",
+            "x",
+        ],
+        &endpoint,
+        cache.path(),
+    );
+    refused(&o, "someone/unknown-id");
+    refused(&o, &endpoint);
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    // A path that does not exist is not sent to the hub as an id.
+    let (o, _) = with_hub(
+        &[
+            "tokenizer",
+            "show",
+            "--tokenizer",
+            "/no/such/folder",
+            "--text",
+            "x",
+        ],
+        &endpoint,
+        cache.path(),
+    );
+    refused(&o, "not a hub repo id");
+    assert!(!stderr(&o).contains("download"), "{}", stderr(&o));
+}
+
+// ---- path traversal -------------------------------------------------------
+
+#[test]
+fn a_sharded_index_pointing_outside_the_model_folder_is_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let valid = data("corpus/validation.jsonl");
+    for target in [
+        "../elsewhere.safetensors",
+        "/etc/passwd",
+        "sub/model.safetensors",
+    ] {
+        let d = model_copy(&dir.path().join(target.replace('/', "_")));
+        std::fs::rename(
+            d.join("model.safetensors"),
+            d.join("../elsewhere.safetensors"),
+        )
+        .unwrap();
+        let index =
+            serde_json::json!({"metadata": {}, "weight_map": {"transformer.wte.weight": target}});
+        std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let o = companion(
+            &[
+                "eval",
+                "--model",
+                d.to_str().unwrap(),
+                "--data",
+                valid.to_str().unwrap(),
+            ],
+            &[],
+        );
+        refused(&o, "not a file name in the model folder");
+    }
+}
+
+#[test]
+fn a_cache_ref_holding_a_path_does_not_leave_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--someone--m");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "../../../outside").unwrap();
+    let outside = cache.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(model_dir().join("config.json"), outside.join("config.json")).unwrap();
+    let o = companion(
+        &["config", "--from", "someone/m"],
+        &[
+            ("HF_HUB_CACHE", cache.path().to_str().unwrap()),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    refused(&o, "does not hold a commit name");
+}
+
+// ---- checkpoints and saves ------------------------------------------------
+
+#[test]
+fn save_total_limit_zero_deletes_nothing_and_saved_files_have_the_umask_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pretrain_with(
+        dir.path(),
+        "keep",
+        &[
+            "--save-steps",
+            "1",
+            "--max-steps",
+            "3",
+            "--save-total-limit",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        checkpoints(&dir.path().join("keep")),
+        ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        std::fs::write(dir.path().join("plain"), "").unwrap();
+        let plain = mode(&dir.path().join("plain"));
+        for f in [
+            "keep_model/config.json",
+            "keep_model/model.safetensors",
+            "keep_model/tokenizer.json",
+            "keep/trainer_state.json",
+            "keep/tokenizer/tokenizer.json",
+        ] {
+            assert_eq!(mode(&dir.path().join(f)), plain, "{f}");
+        }
+    }
+    // generation_config.json holds only what differs from the defaults
+    // (no `max_length` for transformers to warn about).
+    let g = read_json(&dir.path().join("keep_model/generation_config.json"));
+    assert!(g.get("max_length").is_none(), "{g}");
+    assert!(g.get("eos_token_id").is_some(), "{g}");
+}
+
+#[test]
+fn resuming_a_deepspeed_checkpoint_without_deepspeed_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let z2 = data("ds_config/zero2.json");
+    let o = pretrain_with(dir.path(), "ds", &["--deepspeed", z2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = pretrain_with(
+        dir.path(),
+        "ds",
+        &["--resume-from-checkpoint", "latest", "--max-steps", "4"],
+    );
+    refused(&o, "was written by a DeepSpeed run");
+}
+
+// ---- settings checked before any work -------------------------------------
+
+#[test]
+fn settings_that_would_fail_after_training_fail_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a_file");
+    std::fs::write(&file, "x").unwrap();
+    let valid = data("corpus/validation.jsonl");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--learning-rate", "nan"],
+            "--learning-rate nan: expected a finite number",
+        ),
+        (vec!["--max-new-tokens", "1000000000"], "--max-new-tokens"),
+        (
+            vec!["--save-model-dir", file.to_str().unwrap()],
+            "is not a folder",
+        ),
+        (vec!["--num-ranks", "0"], "give 1 to"),
+        (vec!["--num-ranks", "100000"], "give 1 to"),
+        (vec!["--adam-beta2", "2"], "adam_beta2 must be in [0, 1)"),
+        (vec!["--warmup-ratio=-5"], "warmup_ratio must be in [0, 1]"),
+        (vec!["--adam-epsilon=-1"], "adam_epsilon must be in"),
+        (
+            vec![
+                "--validation-file",
+                valid.to_str().unwrap(),
+                "--max-eval-samples",
+                "0",
+            ],
+            "no held-out block",
+        ),
+    ];
+    for (extra, want) in cases {
+        let o = pretrain_with(dir.path(), "early", &extra);
+        refused(&o, want);
+        assert!(!stderr(&o).contains("step 1/"), "{extra:?} trained first");
+    }
+    assert!(!dir.path().join("early_model").exists());
+}
+
+#[test]
+fn training_arguments_files_name_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (json, want) in [
+        (r#"{"max_steps": "ten"}"#, "max_steps"),
+        (r#"{"no_such_field": 1}"#, "no_such_field"),
+    ] {
+        let f = dir.path().join("args.json");
+        std::fs::write(&f, json).unwrap();
+        let o = pretrain_with(dir.path(), "args", &["--args", f.to_str().unwrap()]);
+        refused(&o, want);
+        refused(&o, "args.json");
+    }
+}
+
+// ---- generation and weights -----------------------------------------------
+
+#[test]
+fn nan_generation_settings_and_nan_weights_are_refused() {
+    let m = model_dir().to_str().unwrap();
+    for flags in [
+        ["--temperature", "nan"],
+        ["--repetition-penalty", "nan"],
+        ["--top-p", "nan"],
+    ] {
+        let mut a = vec!["generate", "--model", m, "--prompt", "The"];
+        a.extend(flags);
+        let o = companion(&a, &[]);
+        refused(
+            &o,
+            flags[0].trim_start_matches("--").replace('-', "_").as_str(),
+        );
+    }
+    // A weights file with a NaN in it: named at load.
+    let dir = tempfile::tempdir().unwrap();
+    let d = model_copy(dir.path());
+    let f = d.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    let w = t.get("transformer.wpe.weight").unwrap();
+    let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    v[3] = f32::NAN;
+    let bad = candle_core::Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu).unwrap();
+    t.insert("transformer.wpe.weight".into(), bad);
+    candle_core::safetensors::save(&t, &f).unwrap();
+    let o = companion(
+        &[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "The",
+        ],
+        &[],
+    );
+    refused(&o, "tensor `transformer.wpe.weight` holds NaN");
+}
+
+#[test]
+fn an_empty_prompt_counts_only_the_new_tokens() {
+    let m = model_dir().to_str().unwrap();
+    let o = companion(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["new_tokens"], 5, "{v}");
+}
+
+// ---- corpora --------------------------------------------------------------
+
+#[test]
+fn corpora_that_are_not_corpora_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, "{\"text\": \"a\"}\n{not json\n").unwrap();
+    let wrong_field = dir.path().join("field.jsonl");
+    std::fs::write(&wrong_field, "{\"body\": \"a\"}\n").unwrap();
+    for (f, want) in [
+        (&broken, "broken.jsonl"),
+        (&wrong_field, "field.jsonl"),
+        (&empty, "empty.jsonl"),
+    ] {
+        let mut a = pretrain_flags(dir.path(), "corpus");
+        let i = a.iter().position(|x| x == "--train-file").unwrap();
+        a[i + 1] = f.display().to_string();
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = companion(&a, &[]);
+        refused(&o, want);
+    }
+}
