@@ -116,6 +116,26 @@ fn campaign(label: &str, extra: &[&str], seed: u64) {
         got == want,
         "{label}: after {kills} kills and resumes the final weights differ from the straight run's"
     );
+    // The last checkpoint, every file of it (optimizer state, ZeRO shards,
+    // trainer state aside from timings), is byte for byte the straight run's.
+    let last = format!("checkpoint-{STEPS}");
+    for f in ["model.safetensors", "optimizer.json", "scheduler.json"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..2).map(|r| {
+            format!("global_step{STEPS}/zero_pp_rank_{r}_mp_rank_00_optim_states.safetensors")
+        }))
+        .chain(std::iter::once("optimizer.safetensors".to_string()))
+    {
+        let a = dir.path().join("straight").join(&last).join(&f);
+        let b = out.join(&last).join(&f);
+        if a.exists() || b.exists() {
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{label}: {last}/{f} differs between the straight and the killed run"
+            );
+        }
+    }
     assert!(
         kills >= 3,
         "{label}: only {kills} of {KILLS} kills landed before the run ended ({full:?})"

@@ -821,3 +821,31 @@ fn mpirun_processes_train_like_threads() {
         .join("mpi/checkpoint-2/global_step2/zero_pp_rank_1_mp_rank_00_optim_states.safetensors")
         .is_file());
 }
+
+/// ZeRO-3's sums do not depend on how many threads a rank has: 1 and 2
+/// rayon threads per rank give the same bits (on 1 rank and on 2).
+#[test]
+fn zero3_gives_the_same_bits_with_one_and_two_threads_per_rank() {
+    let in_pool = |threads: usize, world: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| zero_run(world, 3, true))
+    };
+    for world in [1, 2] {
+        let one = in_pool(world, world);
+        let two = in_pool(2 * world, world);
+        assert_eq!(one.losses, two.losses, "{world} ranks: losses");
+        for ((n, a), (_, b)) in one.weights.iter().zip(&two.weights) {
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.flatten_all().unwrap().to_vec1().unwrap(),
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{world} ranks: {n} differs between 1 and 2 threads per rank"
+            );
+        }
+    }
+}

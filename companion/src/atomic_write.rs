@@ -87,6 +87,31 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
     }
 
+    /// A batch that fails while staging (what a full disk does) replaces
+    /// nothing: the old folder is whole, with no temporary files left.
+    #[test]
+    fn a_batch_that_fails_to_stage_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        write_files_atomically(
+            dir.path(),
+            &[("model.safetensors", b"old"), ("tokenizer.json", b"old")],
+        )
+        .unwrap();
+        // The second file cannot be staged (its folder does not exist).
+        let err = write_files_atomically(
+            dir.path(),
+            &[
+                ("model.safetensors", b"new"),
+                ("no/such/tokenizer.json", b"new"),
+            ],
+        );
+        assert!(err.is_err());
+        for f in ["model.safetensors", "tokenizer.json"] {
+            assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), b"old", "{f}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
     #[cfg(unix)]
     #[test]
     fn files_get_the_umask_mode_not_0600() {

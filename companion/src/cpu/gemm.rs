@@ -36,10 +36,16 @@ impl SharedMut {
     }
 }
 
+// SAFETY: as for Send: tasks share the pointer, each writes only its own
+// disjoint region, and no task reads another's region while it is written.
 unsafe impl Sync for SharedMut {}
 
+// SAFETY: a `Mat` is a read-only view; the matrices it points into are
+// borrowed for the whole parallel loop and nobody writes them meanwhile.
 unsafe impl Send for Mat {}
 
+// SAFETY: as for Send: shared read-only access to memory that outlives
+// every task.
 unsafe impl Sync for Mat {}
 
 /// Index one past the last element an `rows × cols` view with strides reads.

@@ -25,6 +25,7 @@ use crate::zero::{ModelStateBytes, ZeroEngine};
 
 /// Hooks for tests: fail halfway through writing the checkpoint of step N;
 /// make the gradients of a step overflow.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FaultInjection {
     pub fail_checkpoint_at_step: Option<usize>,
@@ -46,6 +47,7 @@ pub struct Trainer {
     /// The optimizer and its ZeRO partitioning (stage 0 on one rank without
     /// DeepSpeed: plain AdamW).
     pub engine: ZeroEngine,
+    #[doc(hidden)]
     pub faults: FaultInjection,
     /// Print log lines to stderr (the notebooks turn this off).
     pub verbose: bool,

@@ -63,6 +63,7 @@ pub struct ZeroEngine {
     /// ([`crate::cpu`]) instead of candle's autograd (stages 0–2
     /// without gradient checkpointing). On by default; tests turn it off to
     /// compare the two.
+    #[doc(hidden)]
     pub fused_kernels: bool,
     pub(super) workspace: Option<crate::cpu::Workspace>,
 }
@@ -171,6 +172,7 @@ impl ZeroEngine {
     }
 
     /// Test hook: make this step's gradients overflow, as fp16 can.
+    #[doc(hidden)]
     pub fn poison_gradients(&mut self) {
         self.poisoned = true;
     }

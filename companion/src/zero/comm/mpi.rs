@@ -6,27 +6,37 @@ use super::communicator::{CommError, Communicator, Gathered, Result};
 use mpi::collective::CommunicatorCollectives;
 use mpi::datatype::PartitionMut;
 use mpi::topology::Communicator as MpiCommunicator;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// This process's rank in `MPI_COMM_WORLD`; dropping it finalises MPI.
 pub struct MpiRank {
-    world: mpi::topology::SimpleCommunicator,
+    /// Every MPI call goes through this lock (MPI_THREAD_SERIALIZED).
+    world: Mutex<mpi::topology::SimpleCommunicator>,
+    rank: usize,
+    size: usize,
     // Declared last: dropped (MPI_Finalize) after the communicator.
     _universe: mpi::environment::Universe,
 }
 
-// Collectives are only ever called from the thread that owns the
-// Trainer (MPI_THREAD_FUNNELED); the handles themselves are plain ids.
+// SAFETY: an MPI communicator handle is a process-wide id that any thread
+// may use as long as no two calls overlap, which is what
+// MPI_THREAD_SERIALIZED (asked for in `init`) promises; every call takes
+// the `world` mutex, so calls never overlap whichever thread makes them.
+// The universe is touched only when the MpiRank is dropped (MPI_Finalize).
 unsafe impl Send for MpiRank {}
+// SAFETY: as above: shared references reach MPI only through the mutex.
 unsafe impl Sync for MpiRank {}
 
 impl MpiRank {
     /// `MPI_Init`; fails when MPI is already initialised.
     pub fn init() -> std::result::Result<Self, CommError> {
-        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or_else(|| CommError::Size("MPI was already initialised".into()))?;
+        let world = universe.world();
         Ok(MpiRank {
-            world: universe.world(),
+            rank: MpiCommunicator::rank(&world) as usize,
+            size: MpiCommunicator::size(&world) as usize,
+            world: Mutex::new(world),
             _universe: universe,
         })
     }
@@ -34,16 +44,16 @@ impl MpiRank {
 
 impl Communicator for MpiRank {
     fn rank(&self) -> usize {
-        MpiCommunicator::rank(&self.world) as usize
+        self.rank
     }
     fn world_size(&self) -> usize {
-        MpiCommunicator::size(&self.world) as usize
+        self.size
     }
     fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
         let n = self.world_size();
+        let world = self.world.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts = vec![0i32; n];
-        self.world
-            .all_gather_into(&(send.len() as i32), &mut counts[..]);
+        world.all_gather_into(&(send.len() as i32), &mut counts[..]);
         let displs: Vec<i32> = counts
             .iter()
             .scan(0, |acc, &c| {
@@ -56,7 +66,7 @@ impl Communicator for MpiRank {
         let mut buf = vec![0f32; total];
         {
             let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            self.world.all_gather_varcount_into(&send[..], &mut part);
+            world.all_gather_varcount_into(&send[..], &mut part);
         }
         let all = counts
             .iter()
@@ -67,6 +77,11 @@ impl Communicator for MpiRank {
     }
     fn abort(&self, why: &str) {
         eprintln!("rank {}: {why}; aborting the MPI job", self.rank());
-        MpiCommunicator::abort(&self.world, 1);
+        match self.world.try_lock() {
+            Ok(world) => MpiCommunicator::abort(&*world, 1),
+            // Another call is under way on this process: leaving with an
+            // error makes mpirun end the whole job just the same.
+            Err(_) => std::process::exit(1),
+        }
     }
 }
