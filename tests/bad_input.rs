@@ -76,6 +76,21 @@ fn pretrain_with(dir: &Path, name: &str, extra: &[&str]) -> Output {
     companion(&a, &[("HF_DATASETS_CACHE", &cache)])
 }
 
+/// `companion eval` of model folder `d` on the shipped validation split.
+fn eval_on(d: &Path) -> Output {
+    let valid = data("corpus/validation.jsonl");
+    companion(
+        &[
+            "eval",
+            "--model",
+            d.to_str().unwrap(),
+            "--data",
+            valid.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 fn checkpoints(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
@@ -152,18 +167,8 @@ fn configs_asking_for_more_memory_than_exists_are_errors_not_aborts() {
     let mut c: Value = read_json(&d.join("config.json"));
     c["n_layer"] = 1_000_000_000.into();
     std::fs::write(d.join("config.json"), c.to_string()).unwrap();
-    let valid = data("corpus/validation.jsonl");
     let t = Instant::now();
-    let o = companion(
-        &[
-            "eval",
-            "--model",
-            d.to_str().unwrap(),
-            "--data",
-            valid.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = eval_on(&d);
     refused(&o, "more than these weights files");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
@@ -212,34 +217,22 @@ fn a_diverging_run_never_writes_a_non_finite_checkpoint_and_keeps_the_last_finit
     std::fs::remove_dir_all(&out).unwrap();
     // Two good steps, then the same run resumed with a learning rate that
     // blows up: checkpoint-2 survives rotation and is named.
-    let o = pretrain_with(
-        dir.path(),
-        "nan",
-        &[
-            "--save-steps",
-            "1",
-            "--save-total-limit",
-            "1",
-            "--max-steps",
-            "2",
-        ],
-    );
+    let keep_one = |more: &[&'static str]| -> Vec<&'static str> {
+        [&["--save-steps", "1", "--save-total-limit", "1"][..], more].concat()
+    };
+    let o = pretrain_with(dir.path(), "nan", &keep_one(&["--max-steps", "2"]));
     assert!(o.status.success(), "{}", stderr(&o));
     let o = pretrain_with(
         dir.path(),
         "nan",
-        &[
-            "--save-steps",
-            "1",
-            "--save-total-limit",
-            "1",
+        &keep_one(&[
             "--max-steps",
             "6",
             "--learning-rate",
             "1e300",
             "--resume-from-checkpoint",
             "latest",
-        ],
+        ]),
     );
     refused(&o, "checkpoint-2");
     assert_eq!(checkpoints(&out), ["checkpoint-2"]);
@@ -327,7 +320,6 @@ fn a_hub_that_never_answers_times_out_naming_the_id_and_the_endpoint() {
 #[test]
 fn a_sharded_index_pointing_outside_the_model_folder_is_refused_before_reading() {
     let dir = tempfile::tempdir().unwrap();
-    let valid = data("corpus/validation.jsonl");
     for target in [
         "../elsewhere.safetensors",
         "/etc/passwd",
@@ -342,16 +334,7 @@ fn a_sharded_index_pointing_outside_the_model_folder_is_refused_before_reading()
         let index =
             serde_json::json!({"metadata": {}, "weight_map": {"transformer.wte.weight": target}});
         std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
-        let o = companion(
-            &[
-                "eval",
-                "--model",
-                d.to_str().unwrap(),
-                "--data",
-                valid.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let o = eval_on(&d);
         refused(&o, "not a file name in the model folder");
     }
 }

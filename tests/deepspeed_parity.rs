@@ -200,13 +200,30 @@ fn loss_scaler_equals_deepspeeds() {
     }
 }
 
+/// TrainingArguments' defaults with batch 2 (the verdict files' micro
+/// batch), no accumulation, and the precision a case turns on.
+fn hf_values(fp16: bool, bf16: bool) -> companion::zero::HfTrainingValues {
+    companion::zero::HfTrainingValues {
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 1,
+        learning_rate: 1e-3,
+        max_grad_norm: 1.0,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_epsilon: 1e-8,
+        weight_decay: 0.0,
+        fp16,
+        bf16,
+    }
+}
+
 /// Our ds_config verdicts equal DeepSpeed's on the same files
 /// (tests/fixtures/ds_verdicts.json, from make_ds_verdict_fixtures.py),
 /// except where we are stricter on purpose: values DeepSpeed only trips
 /// over later (a loss scale of 2^4294967312, a gradient clipping of "big").
 #[test]
 fn ds_config_verdicts_equal_deepspeeds() {
-    use companion::zero::{DeepSpeedConfig, HfTrainingValues};
+    use companion::zero::DeepSpeedConfig;
     const STRICTER: &[&str] = &[
         "initial_scale_power_huge",
         "initial_scale_power_negative",
@@ -219,18 +236,10 @@ fn ds_config_verdicts_equal_deepspeeds() {
         let text = case["text"].as_str().unwrap();
         let path = dir.path().join(format!("{name}.json"));
         std::fs::write(&path, text).unwrap();
-        let args = HfTrainingValues {
-            per_device_train_batch_size: 2,
-            gradient_accumulation_steps: 1,
-            learning_rate: 1e-3,
-            max_grad_norm: 1.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            weight_decay: 0.0,
-            fp16: text.contains(r#""fp16": {"enabled": true"#),
-            bf16: text.contains(r#""bf16": {"enabled": true"#),
-        };
+        let args = hf_values(
+            text.contains(r#""fp16": {"enabled": true"#),
+            text.contains(r#""bf16": {"enabled": true"#),
+        );
         let ours = DeepSpeedConfig::from_file(&path, &args, 1, 64);
         let deepspeed_accepts = case["accepts"].as_bool().unwrap();
         if STRICTER.contains(&name.as_str()) {
@@ -272,18 +281,7 @@ fn ds_config_verdicts_equal_deepspeeds() {
         ("initial_scale_power_huge", "fp16.initial_scale_power"),
     ] {
         let path = dir.path().join(format!("{name}.json"));
-        let args = HfTrainingValues {
-            per_device_train_batch_size: 2,
-            gradient_accumulation_steps: 1,
-            learning_rate: 1e-3,
-            max_grad_norm: 1.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            weight_decay: 0.0,
-            fp16: name.starts_with("initial"),
-            bf16: false,
-        };
+        let args = hf_values(name.starts_with("initial"), false);
         let msg = DeepSpeedConfig::from_file(&path, &args, 1, 64)
             .unwrap_err()
             .to_string();

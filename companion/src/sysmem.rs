@@ -18,22 +18,22 @@ pub fn check_fits(bytes: u64, what: &str) -> Result<(), String> {
     match available_bytes() {
         Some(avail) if bytes > avail => Err(format!(
             "{what} needs {} but this machine has {} available",
-            human(bytes),
-            human(avail)
+            human_bytes(bytes),
+            human_bytes(avail)
         )),
         _ => Ok(()),
     }
 }
 
-fn human(b: u64) -> String {
+/// Bytes as people read them (TB, GB, MB with two decimals, else kB).
+pub fn human_bytes(b: u64) -> String {
     let b = b as f64;
-    if b >= 1e12 {
-        format!("{:.1} TB", b / 1e12)
-    } else if b >= 1e9 {
-        format!("{:.1} GB", b / 1e9)
-    } else {
-        format!("{:.1} MB", b / 1e6)
+    for (unit, scale) in [("TB", 1e12), ("GB", 1e9), ("MB", 1e6)] {
+        if b >= scale {
+            return format!("{:.2} {unit}", b / scale);
+        }
     }
+    format!("{:.1} kB", b / 1e3)
 }
 
 #[cfg(test)]
@@ -46,7 +46,7 @@ mod tests {
             return; // not Linux: nothing is measured, so nothing is refused
         }
         let err = check_fits(1 << 50, "the model").unwrap_err();
-        assert!(err.starts_with("the model needs 1125.9 TB"), "{err}");
+        assert!(err.starts_with("the model needs 1125.90 TB"), "{err}");
         check_fits(1, "a byte").unwrap();
     }
 }

@@ -66,14 +66,7 @@ pub struct TrainOutput {
 }
 
 fn human_bytes(b: usize) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else {
-        format!("{:.1} kB", b / 1e3)
-    }
+    crate::sysmem::human_bytes(b as u64)
 }
 
 /// Logging, evaluation and saving intervals in steps (0: never).

@@ -58,12 +58,8 @@ pub struct BenchModelCmd {
 
 #[derive(Args)]
 pub struct BenchTokenizerCmd {
-    #[arg(long, num_args = 1.., required = true)]
-    corpus: Vec<PathBuf>,
-    #[arg(long, default_value = "bpe")]
-    model: String,
-    #[arg(long, default_value_t = 30000)]
-    vocab_size: usize,
+    #[command(flatten)]
+    training: crate::TokenizerTraining,
     #[arg(long)]
     json: bool,
 }
@@ -78,9 +74,14 @@ pub fn run(c: BenchCmd) -> Result<()> {
 }
 
 fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
-    let docs = companion::data::corpus::read_files(&c.corpus, "text")?;
+    let crate::TokenizerTraining {
+        corpus,
+        model,
+        vocab_size,
+    } = &c.training;
+    let docs = companion::data::corpus::read_files(corpus, "text")?;
     let bytes: usize = docs.iter().map(String::len).sum();
-    let mut args = crate::train_args(&c.model, c.vocab_size)?;
+    let mut args = crate::train_args(model, *vocab_size)?;
     args.show_progress = false;
     let t0 = std::time::Instant::now();
     let tok = tokenizer::train(&args, docs.iter())?;
@@ -91,8 +92,8 @@ fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
     let mb_s = bytes as f64 / 1e6 / encode_s;
     let out = json!({
         "implementation": "companion (Rust)",
-        "model": c.model,
-        "vocab_size": c.vocab_size,
+        "model": model,
+        "vocab_size": vocab_size,
         "corpus_bytes": bytes,
         "threads": rayon::current_num_threads(),
         "train_seconds": train_s,
@@ -105,7 +106,7 @@ fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {
     } else {
         println!(
             "companion {}: train {:.2} s, encode {:.2} MB/s ({} tokens, {} bytes, {} threads)",
-            c.model,
+            model,
             train_s,
             mb_s,
             tokens,

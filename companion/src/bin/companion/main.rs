@@ -83,17 +83,24 @@ enum TokenizerCmd {
     Convert(ConvertCmd),
 }
 
+/// What a tokenizer is trained on and how (`tokenizer train`, `bench tokenizer`).
 #[derive(Args)]
-struct TrainCmd {
+pub struct TokenizerTraining {
     /// Corpus files: `.jsonl` (one `{"text": …}` per line), `.parquet`, or plain text (one
     /// example per line); `hf://datasets/OWNER/NAME/PATH` for a file of a hub dataset.
     #[arg(long, num_args = 1.., required = true)]
-    corpus: Vec<PathBuf>,
+    pub corpus: Vec<PathBuf>,
     /// `bpe` (ByteLevelBPETokenizer) or `unigram` (SentencePiece).
     #[arg(long, default_value = "bpe")]
-    model: String,
+    pub model: String,
     #[arg(long, default_value_t = 30000)]
-    vocab_size: usize,
+    pub vocab_size: usize,
+}
+
+#[derive(Args)]
+struct TrainCmd {
+    #[command(flatten)]
+    training: TokenizerTraining,
     /// BPE: merges need a pair seen at least this often.
     #[arg(long, default_value_t = 2)]
     min_frequency: u64,
@@ -287,12 +294,13 @@ fn train_args(model: &str, vocab_size: usize) -> Result<TrainArgs> {
 
 fn tokenizer_train(c: TrainCmd) -> Result<()> {
     let corpus = c
+        .training
         .corpus
         .iter()
         .map(|p| companion::data::corpus::resolve(&p.to_string_lossy()))
         .collect::<Result<Vec<_>, _>>()?;
     let docs = companion::data::corpus::read_files(&corpus, &c.text_field)?;
-    let mut args = train_args(&c.model, c.vocab_size)?;
+    let mut args = train_args(&c.training.model, c.training.vocab_size)?;
     // tokenizers' BPE trainer ends its progress bar with a newline on stdout.
     args.show_progress &= !c.json;
     args.min_frequency = c.min_frequency;
