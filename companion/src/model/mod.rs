@@ -19,6 +19,7 @@ pub use gpt2::{CausalLMOutput, GPT2LMHeadModel};
 pub use kv_cache::KvCache;
 pub use loss::causal_lm_loss_sum;
 pub use names::{block_parameter_names, parameter_shapes};
+pub use weights::all_finite;
 
 #[cfg(test)]
 mod tests;

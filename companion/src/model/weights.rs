@@ -34,6 +34,13 @@ fn init_value(cfg: &GPT2Config, name: &str, shape: &[usize], rng: &mut SeededRng
     (0..n).map(|_| rng.normal(std) as f32).collect()
 }
 
+/// Whether every element of `t` is finite (no NaN, no infinity): checked on
+/// weights read from disk and on the state a checkpoint would save.
+pub fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(v.iter().all(|x| x.is_finite()))
+}
+
 /// Refuse a model this machine cannot hold: its fp32 weights plus as much
 /// again while they are built.
 fn check_memory(config: &GPT2Config, file: &str) -> Result<()> {

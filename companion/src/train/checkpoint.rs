@@ -17,13 +17,8 @@ use crate::model::GPT2LMHeadModel;
 impl Trainer {
     /// `resume_from_checkpoint`: load the checkpoint it names (or the latest).
     pub(crate) fn resume(&mut self) -> Result<()> {
+        // (An output_dir that is a file was refused when train() took its lock.)
         let out_dir = PathBuf::from(&self.args.output_dir);
-        if out_dir.exists() && !out_dir.is_dir() {
-            return Err(TrainError::Args(format!(
-                "output_dir {} exists and is not a folder",
-                out_dir.display()
-            )));
-        }
         let Some(r) = self.args.resume_from_checkpoint.clone() else {
             return Ok(());
         };
@@ -258,8 +253,7 @@ impl Trainer {
         if self.is_world_process_zero() && !bad {
             let model = full.unwrap_or(&self.model);
             for (_, v) in model.named_parameters() {
-                let t = v.as_tensor().flatten_all()?.to_dtype(DType::F32)?;
-                if t.to_vec1::<f32>()?.iter().any(|x| !x.is_finite()) {
+                if !crate::model::all_finite(v.as_tensor())? {
                     bad = true;
                     break;
                 }

@@ -54,8 +54,7 @@ impl ZeroEngine {
         let moments = match &self.moments {
             Moments::Host { m, v } => finite(m) && finite(v),
             Moments::Device { m, v, .. } => {
-                finite(&m.flatten_all()?.to_vec1::<f32>()?)
-                    && finite(&v.flatten_all()?.to_vec1::<f32>()?)
+                crate::model::all_finite(m)? && crate::model::all_finite(v)?
             }
         };
         Ok(moments && finite(&self.params) && finite(&self.master))
