@@ -295,6 +295,13 @@ impl GPT2Config {
     /// is `wte` and counted once).
     /// (`usize::MAX` when the count overflows: [`GPT2Config::validate`]
     /// refuses such configs.)
+    /// Training FLOPs per token at sequence length `seq`: 6N for the
+    /// weights' forward and backward, plus attention's 12·L·T·C (PaLM,
+    /// appendix B). What MFU divides by the machine's peak.
+    pub fn train_flops_per_token(&self, seq: usize) -> f64 {
+        6.0 * self.num_parameters() as f64 + 12.0 * (self.n_layer * seq * self.n_embd) as f64
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.checked_num_parameters().unwrap_or(usize::MAX)
     }

@@ -1,6 +1,7 @@
-//! How much memory this machine can give, checked before a large
-//! allocation, so that a config asking for terabytes is an error naming the
-//! size instead of an abort inside the allocator.
+//! What this machine can give: memory, checked before a large allocation
+//! (so that a config asking for terabytes is an error naming the size
+//! instead of an abort inside the allocator), the memory this process has
+//! used at most, and the matrix-multiply rate MFU is measured against.
 
 /// Bytes the kernel says can be allocated without swapping (`MemAvailable`
 /// of `/proc/meminfo`); `None` where that is not known (then nothing is
@@ -34,6 +35,33 @@ pub fn human_bytes(b: u64) -> String {
         }
     }
     format!("{:.1} kB", b / 1e3)
+}
+
+/// Peak resident memory of this process (`VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The fp32 matrix-multiply rate of `device` through candle (GFLOP/s), an
+/// `n`×`n` product timed five times after a warm-up: the peak MFU is
+/// measured against (what this machine's GEMM reaches, not a datasheet).
+pub fn gemm_gflops(device: &candle_core::Device, n: usize) -> candle_core::Result<f64> {
+    use candle_core::Tensor;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    let reps = 5;
+    let t = std::time::Instant::now();
+    let mut c = a.matmul(&b)?;
+    for _ in 1..reps {
+        c = a.matmul(&b)?;
+    }
+    // Reading a value waits for a GPU to finish.
+    c.sum_all()?.to_scalar::<f32>()?;
+    Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 
 #[cfg(test)]

@@ -185,6 +185,7 @@ pub fn dataset_of(rows: Vec<Vec<u32>>) -> companion::data::Dataset {
         input_ids: rows,
         text_bytes: tokens * 4,
         text_tokens: tokens,
+        shards: None,
     }
 }
 

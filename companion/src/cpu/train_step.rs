@@ -235,7 +235,9 @@ impl Workspace {
                 }
             })
             .collect();
-        let loss: f64 = self
+        // Row losses collected, then summed in order: rayon's `sum` would
+        // round differently from run to run.
+        let row_losses: Vec<f64> = self
             .logits
             .par_chunks_mut(v)
             .zip(targets.par_iter())
@@ -246,7 +248,8 @@ impl Workspace {
                 }
                 cross_entropy_backward(row, tg as usize, grad_scale)
             })
-            .sum();
+            .collect();
+        let loss: f64 = row_losses.iter().sum();
         if !loss.is_finite() {
             return Ok(loss);
         }

@@ -1,7 +1,8 @@
-//! Reading a corpus: JSONL (one `{"text": …}` document per line, the format
-//! `datasets` exports), Parquet (`dataset.to_parquet`, the hub's dataset
-//! files) or plain text (one example per line, as the `text` loader of
-//! `datasets` reads it). Errors name the file and the line (or column).
+//! Reading a corpus as a stream of documents: JSONL (one `{"text": …}`
+//! document per line, the format `datasets` exports), Parquet
+//! (`dataset.to_parquet`, the hub's dataset files), a `datasets.save_to_disk`
+//! folder (Arrow), or plain text (one example per line, as the `text` loader
+//! of `datasets` reads it). Errors name the file and the line (or column).
 //! `hf://datasets/OWNER/NAME/PATH` names a file of a dataset repository on
 //! the hub (looked up in the Hugging Face cache first).
 
@@ -29,6 +30,9 @@ pub enum CorpusError {
     NoFiles,
     #[error("{path}: {msg}")]
     Parquet { path: PathBuf, msg: String },
+    /// A `datasets.save_to_disk` folder that cannot be read as one.
+    #[error("{path}: {msg}")]
+    Arrow { path: PathBuf, msg: String },
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
 }
@@ -55,108 +59,126 @@ pub fn resolve(spec: &str) -> Result<PathBuf, CorpusError> {
     )?)
 }
 
-/// The string column `field` of a Parquet file, row by row.
-fn read_parquet(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    use parquet::record::Field;
-    let err = |msg: String| CorpusError::Parquet {
-        path: path.into(),
-        msg,
-    };
-    let file = std::fs::File::open(path).map_err(|e| CorpusError::Io {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| err(format!("not a Parquet file: {e}")))?;
-    let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let names: Vec<String> = schema
-        .root_schema()
-        .get_fields()
-        .iter()
-        .map(|f| f.name().to_string())
-        .collect();
-    if !names.iter().any(|n| n == field) {
-        return Err(err(format!(
-            "no column `{field}` (columns: {})",
-            names.join(", ")
-        )));
-    }
-    let mut docs = Vec::new();
-    for (i, row) in reader
-        .get_row_iter(None)
-        .map_err(|e| err(e.to_string()))?
-        .enumerate()
-    {
-        let row = row.map_err(|e| err(format!("row {i}: {e}")))?;
-        let value = row
-            .get_column_iter()
-            .find(|(n, _)| n.as_str() == field)
-            .map(|(_, v)| v);
-        match value {
-            Some(Field::Str(s)) => {
-                if !s.trim().is_empty() {
-                    docs.push(s.clone());
-                }
-            }
-            Some(Field::Null) | None => {}
-            Some(other) => {
-                return Err(err(format!(
-                    "row {i}: column `{field}` holds {other}, expected a string"
-                )))
-            }
-        }
-    }
-    Ok(docs)
+/// The documents of one corpus file or folder, read as a stream: one
+/// document in memory at a time (a record batch for Arrow), whatever the
+/// corpus size. Empty documents are skipped.
+pub type Documents = Box<dyn Iterator<Item = Result<String, CorpusError>> + Send>;
+
+/// Which split of a `DatasetDict` folder to read (a plain file or a
+/// `Dataset` folder has only one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Validation,
 }
 
-/// Read the documents of one file: `.jsonl`/`.json` and `.parquet` by
-/// `field`, anything else line by line. Empty documents are dropped.
-pub fn read_file(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
-    if path.extension().and_then(|e| e.to_str()) == Some("parquet") {
-        return read_parquet(path, field);
-    }
-    let bytes = std::fs::read(path).map_err(|e| CorpusError::Io {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
-    let jsonl = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("jsonl") | Some("json")
-    );
-    let mut docs = Vec::new();
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line_no = i + 1;
-        let line = std::str::from_utf8(raw).map_err(|e| CorpusError::NotUtf8 {
-            path: path.into(),
-            line: line_no,
-            byte: e.valid_up_to(),
-        })?;
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if jsonl {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let bad = |msg: String| CorpusError::BadLine {
-                path: path.into(),
-                line: line_no,
-                msg,
-            };
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| bad(format!("not a JSON object: {e}")))?;
-            let text = v
-                .get(field)
-                .ok_or_else(|| bad(format!("no `{field}` field")))?
-                .as_str()
-                .ok_or_else(|| bad(format!("the `{field}` field is not a string")))?;
-            if !text.is_empty() {
-                docs.push(text.to_string());
-            }
-        } else if !line.is_empty() {
-            docs.push(line.to_string());
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
         }
     }
-    Ok(docs)
+}
+
+/// Stream the documents of `path`: a `datasets.save_to_disk` folder (see
+/// [`super::arrow_folder`]), `.parquet` by column `field`, `.jsonl`/`.json`
+/// by field `field`, anything else line by line.
+pub fn documents(path: &Path, field: &str, split: Split) -> Result<Documents, CorpusError> {
+    if path.is_dir() {
+        return super::arrow_folder::documents(path, field, split);
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => super::parquet_file::documents(path, field),
+        Some("jsonl") | Some("json") => lines(path, Some(field.to_string())),
+        _ => lines(path, None),
+    }
+}
+
+/// The files `documents(path, …)` reads, in order (for fingerprints and
+/// progress).
+pub fn source_files(path: &Path, split: Split) -> Result<Vec<PathBuf>, CorpusError> {
+    if path.is_dir() {
+        super::arrow_folder::data_files(path, split)
+    } else {
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
+pub(crate) fn io_error(path: &Path, e: impl std::fmt::Display) -> CorpusError {
+    CorpusError::Io {
+        path: path.into(),
+        msg: e.to_string(),
+    }
+}
+
+/// A line-per-document file: JSON objects (`json_field`) or plain text.
+fn lines(path: &Path, json_field: Option<String>) -> Result<Documents, CorpusError> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let path = path.to_path_buf();
+    let mut raw = Vec::new();
+    let mut line_no = 0usize;
+    let next = move || -> Option<Result<String, CorpusError>> {
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(Err(io_error(&path, e))),
+            }
+            line_no += 1;
+            let doc = parse_line(&path, line_no, &raw, json_field.as_deref());
+            match doc {
+                Ok(Some(d)) => return Some(Ok(d)),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    };
+    Ok(Box::new(std::iter::from_fn(next).fuse()))
+}
+
+/// One line: its document, or `None` for an empty line/document.
+fn parse_line(
+    path: &Path,
+    line_no: usize,
+    raw: &[u8],
+    json_field: Option<&str>,
+) -> Result<Option<String>, CorpusError> {
+    let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let line = std::str::from_utf8(raw).map_err(|e| CorpusError::NotUtf8 {
+        path: path.into(),
+        line: line_no,
+        byte: e.valid_up_to(),
+    })?;
+    let Some(field) = json_field else {
+        return Ok((!line.is_empty()).then(|| line.to_string()));
+    };
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let bad = |msg: String| CorpusError::BadLine {
+        path: path.into(),
+        line: line_no,
+        msg,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad(format!("not a JSON object: {e}")))?;
+    let text = v
+        .get(field)
+        .ok_or_else(|| bad(format!("no `{field}` field")))?
+        .as_str()
+        .ok_or_else(|| bad(format!("the `{field}` field is not a string")))?;
+    Ok((!text.is_empty()).then(|| text.to_string()))
+}
+
+/// Read the documents of one file or `datasets` folder (its train split)
+/// into memory. Empty documents are dropped.
+pub fn read_file(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
+    documents(path, field, Split::Train)?.collect()
 }
 
 /// Read every file; an error if none holds any text.

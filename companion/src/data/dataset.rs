@@ -1,7 +1,11 @@
 //! `dataset.map(lambda d: tokenizer(d["text"]), batched=True)` and
 //! run_clm's `group_texts`: documents become fixed-length blocks.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
+
+use super::shards::TokenShards;
 
 use super::error::{DataError, Result};
 use crate::tokenizer::AutoTokenizer;
@@ -16,7 +20,10 @@ pub enum Packing {
     Group { block_size: usize },
 }
 
-/// A tokenized dataset: one `input_ids` row per example.
+/// A tokenized dataset: one `input_ids` row per example, in memory (what
+/// [`tokenize_and_pack`] makes, the notebooks' way), or fixed-size blocks
+/// read in place from token shards on disk (what [`super::prepare`]
+/// makes, for corpora of any size); then `input_ids` is empty.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Dataset {
     pub input_ids: Vec<Vec<u32>>,
@@ -24,15 +31,51 @@ pub struct Dataset {
     pub text_bytes: usize,
     /// Tokens before packing dropped any (for bits per byte).
     pub text_tokens: usize,
+    /// The memory-mapped blocks, when the dataset lives on disk.
+    pub shards: Option<TokenShards>,
 }
 
 impl Dataset {
+    /// A dataset of the blocks in `shards`.
+    pub fn from_shards(shards: TokenShards) -> Self {
+        Dataset {
+            input_ids: Vec::new(),
+            text_bytes: shards.meta.text_bytes,
+            text_tokens: shards.meta.text_tokens,
+            shards: Some(shards),
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.input_ids.len()
+        match &self.shards {
+            Some(s) => s.len(),
+            None => self.input_ids.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.input_ids.is_empty()
+        self.len() == 0
+    }
+
+    /// Example `i`'s ids.
+    pub fn example(&self, i: usize) -> Cow<'_, [u32]> {
+        match &self.shards {
+            Some(s) => s.block(i),
+            None => Cow::Borrowed(&self.input_ids[i]),
+        }
+    }
+
+    /// The ids of examples `idx`, for the collator.
+    pub fn examples(&self, idx: &[usize]) -> Vec<Cow<'_, [u32]>> {
+        idx.iter().map(|&i| self.example(i)).collect()
+    }
+
+    /// Keep the first `n` examples (`max_eval_samples`).
+    pub fn truncate(&mut self, n: usize) {
+        match &mut self.shards {
+            Some(s) => *s = s.truncated(n),
+            None => self.input_ids.truncate(n),
+        }
     }
 
     /// Bytes of text per token, to turn nats per token into bits per byte.
@@ -68,7 +111,7 @@ impl Default for TokenizeOptions {
 
 /// Documents longer than this are tokenized in pieces (same ids, bounded
 /// memory: see [`AutoTokenizer::encode_long`]).
-const PIECE_BYTES: usize = 1 << 20;
+pub(crate) const PIECE_BYTES: usize = 1 << 20;
 
 /// `dataset.map(lambda d: tokenizer(d["text"]), batched=True)` on all cores,
 /// then packed as `options.packing` says.
@@ -131,18 +174,28 @@ pub fn tokenize_and_pack(
         input_ids,
         text_bytes,
         text_tokens,
+        shards: None,
     })
 }
 
 /// run_clm's `group_texts` on one map batch: concatenate, drop the
 /// remainder, split into `block_size` chunks.
 pub fn group_texts(examples: &[Vec<u32>], block_size: usize) -> Vec<Vec<u32>> {
-    let all: Vec<u32> = examples.iter().flatten().copied().collect();
-    let total = (all.len() / block_size) * block_size;
-    all[..total]
+    group_flat(examples, block_size)
         .chunks(block_size)
         .map(<[u32]>::to_vec)
         .collect()
+}
+
+/// `group_texts` as one flat run of whole blocks (what shards store).
+pub fn group_flat(examples: &[Vec<u32>], block_size: usize) -> Vec<u32> {
+    let total: usize = examples.iter().map(Vec::len).sum();
+    let mut all = Vec::with_capacity(total / block_size * block_size);
+    for e in examples {
+        let room = total / block_size * block_size - all.len();
+        all.extend_from_slice(&e[..e.len().min(room)]);
+    }
+    all
 }
 
 fn progress(len: u64, msg: &'static str, show: bool) -> indicatif::ProgressBar {

@@ -1,11 +1,15 @@
 //! Batches of example indices for each rank and step.
 
+use std::sync::{Arc, Mutex};
+
 use super::error::{DataError, Result};
 
 /// Batches of example indices: a seeded permutation per epoch (seed + epoch),
 /// `drop_last`, and the rank's share of each global batch for data
 /// parallelism. The sequence is a pure function of (seed, epoch, position),
-/// so a resumed run sees exactly the batches an uninterrupted one would.
+/// so a resumed run sees exactly the batches an uninterrupted one would,
+/// and resuming costs one permutation whatever the step: nothing is
+/// replayed or skipped through.
 #[derive(Debug, Clone)]
 pub struct DataLoader {
     pub len: usize,
@@ -15,6 +19,8 @@ pub struct DataLoader {
     pub seed: u64,
     pub rank: usize,
     pub world_size: usize,
+    /// The last epoch's order, computed once per epoch, not per batch.
+    order_cache: Arc<Mutex<Option<(usize, Arc<Vec<usize>>)>>>,
 }
 
 impl DataLoader {
@@ -35,6 +41,7 @@ impl DataLoader {
             seed,
             rank: 0,
             world_size: 1,
+            order_cache: Arc::default(),
         })
     }
 
@@ -49,18 +56,31 @@ impl DataLoader {
         }
     }
 
-    fn order(&self, epoch: usize) -> Vec<usize> {
+    fn order(&self, epoch: usize) -> Arc<Vec<usize>> {
+        let mut cache = self.order_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((e, order)) = cache.as_ref() {
+            if *e == epoch {
+                return order.clone();
+            }
+        }
         let mut idx: Vec<usize> = (0..self.len).collect();
         if self.shuffle {
             crate::rng::SeededRng::new(self.seed.wrapping_add(epoch as u64)).shuffle(&mut idx);
         }
-        idx
+        let order = Arc::new(idx);
+        *cache = Some((epoch, order.clone()));
+        order
+    }
+
+    /// Where global batch `n` is: (epoch, batch within the epoch).
+    pub fn position(&self, n: usize) -> (usize, usize) {
+        let per = self.batches_per_epoch();
+        (n / per, n % per)
     }
 
     /// This rank's example indices of global batch `n` (counting across epochs).
     pub fn batch(&self, n: usize) -> Vec<usize> {
-        let per = self.batches_per_epoch();
-        let (epoch, k) = (n / per, n % per);
+        let (epoch, k) = self.position(n);
         let order = self.order(epoch);
         let global = self.batch_size * self.world_size;
         let start = k * global;

@@ -320,7 +320,9 @@ impl CustomOp1 for CrossEntropySum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "cross_entropy")?;
         let v = *l.dims().last().expect("rank 2");
-        let total: f64 = x
+        // Row losses collected, then summed in order: rayon's `sum` would
+        // round differently from run to run.
+        let rows: Vec<f64> = x
             .par_chunks(v)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
@@ -329,7 +331,8 @@ impl CustomOp1 for CrossEntropySum {
                 }
                 cross_entropy_loss(row, t as usize)
             })
-            .sum();
+            .collect();
+        let total: f64 = rows.iter().sum();
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 

@@ -148,6 +148,20 @@ pub struct TrainingArguments {
     /// Drop the last incomplete batch of each epoch.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub dataloader_drop_last: bool,
+    /// Where the logs also go: `tensorboard` (event files under
+    /// logging_dir; `all` means the same) or `none` (transformers 5's default).
+    #[arg(
+        long,
+        value_name = "tensorboard|none",
+        value_delimiter = ',',
+        default_value = "none"
+    )]
+    #[serde(deserialize_with = "string_or_list")]
+    pub report_to: Vec<String>,
+    /// TensorBoard's folder (default: output_dir/runs/<date>_<host>, as
+    /// transformers names it; TENSORBOARD_LOGGING_DIR also sets it).
+    #[arg(long, value_name = "DIR")]
+    pub logging_dir: Option<String>,
     /// Fields of transformers' TrainingArguments given in JSON that this
     /// Trainer does not act on.
     #[arg(skip)]
@@ -190,137 +204,14 @@ impl Default for TrainingArguments {
             deepspeed: None,
             optim: OptimizerName::AdamwTorch,
             dataloader_drop_last: false,
+            report_to: vec!["none".into()],
+            logging_dir: None,
             extra: Map::new(),
         }
     }
 }
 
-/// Every field of transformers 5.24's `TrainingArguments` (its dataclass
-/// fields, `tests/fixtures/training_arguments_fields.json`), and the
-/// transformers 4.x fields the chapter's listings use.
-pub const HF_FIELDS: &[&str] = &[
-    "output_dir",
-    "per_device_train_batch_size",
-    "num_train_epochs",
-    "max_steps",
-    "learning_rate",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "optim",
-    "optim_args",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "optim_target_modules",
-    "gradient_accumulation_steps",
-    "average_tokens_across_devices",
-    "max_grad_norm",
-    "label_smoothing_factor",
-    "bf16",
-    "fp16",
-    "bf16_full_eval",
-    "fp16_full_eval",
-    "tf32",
-    "activation_checkpointing",
-    "activation_checkpointing_kwargs",
-    "gradient_checkpointing",
-    "gradient_checkpointing_kwargs",
-    "torch_compile",
-    "torch_compile_backend",
-    "torch_compile_mode",
-    "use_liger_kernel",
-    "liger_kernel_config",
-    "use_cache",
-    "neftune_noise_alpha",
-    "torch_empty_cache_steps",
-    "auto_find_batch_size",
-    "logging_strategy",
-    "logging_steps",
-    "logging_first_step",
-    "log_on_each_node",
-    "logging_nan_inf_filter",
-    "include_num_input_tokens_seen",
-    "log_level",
-    "log_level_replica",
-    "disable_tqdm",
-    "report_to",
-    "run_name",
-    "project",
-    "trackio_space_id",
-    "trackio_bucket_id",
-    "trackio_static_space_id",
-    "eval_strategy",
-    "eval_steps",
-    "eval_delay",
-    "per_device_eval_batch_size",
-    "prediction_loss_only",
-    "eval_on_start",
-    "eval_do_concat_batches",
-    "eval_use_gather_object",
-    "eval_accumulation_steps",
-    "include_for_metrics",
-    "batch_eval_metrics",
-    "save_only_model",
-    "save_strategy",
-    "save_steps",
-    "save_on_each_node",
-    "save_total_limit",
-    "enable_jit_checkpoint",
-    "push_to_hub",
-    "hub_token",
-    "hub_private_repo",
-    "hub_model_id",
-    "hub_strategy",
-    "hub_always_push",
-    "hub_revision",
-    "load_best_model_at_end",
-    "metric_for_best_model",
-    "greater_is_better",
-    "ignore_data_skip",
-    "restore_callback_states_from_checkpoint",
-    "full_determinism",
-    "seed",
-    "data_seed",
-    "use_cpu",
-    "accelerator_config",
-    "parallelism_config",
-    "dataloader_drop_last",
-    "dataloader_num_workers",
-    "dataloader_pin_memory",
-    "dataloader_persistent_workers",
-    "dataloader_prefetch_factor",
-    "dataloader_multiprocessing_context",
-    "dataloader_in_order",
-    "remove_unused_columns",
-    "label_names",
-    "train_sampling_strategy",
-    "length_column_name",
-    "ddp_find_unused_parameters",
-    "ddp_bucket_cap_mb",
-    "ddp_broadcast_buffers",
-    "ddp_static_graph",
-    "ddp_backend",
-    "ddp_timeout",
-    "fsdp",
-    "fsdp_config",
-    "deepspeed",
-    "debug",
-    "skip_memory_metrics",
-    "do_train",
-    "do_eval",
-    "do_predict",
-    "resume_from_checkpoint",
-    "local_rank",
-];
-
-/// transformers 4.x fields accepted besides [`HF_FIELDS`].
-pub const HF4_FIELDS: &[&str] = &[
-    "overwrite_output_dir",
-    "warmup_ratio",
-    "evaluation_strategy",
-];
+use super::hf_fields::{HF4_FIELDS, HF_FIELDS};
 
 impl TrainingArguments {
     /// Read a JSON file of TrainingArguments fields over the defaults.
@@ -446,6 +337,7 @@ impl TrainingArguments {
                 self.num_train_epochs
             ));
         }
+        self.reports_to_tensorboard()?;
         for k in self.extra.keys() {
             if !HF_FIELDS.contains(&k.as_str()) && !HF4_FIELDS.contains(&k.as_str()) {
                 return bad(format!(
@@ -455,6 +347,24 @@ impl TrainingArguments {
             }
         }
         Ok(())
+    }
+
+    /// Whether `report_to` asks for TensorBoard; other integrations are
+    /// refused by name rather than silently not reported to.
+    pub fn reports_to_tensorboard(&self) -> Result<bool> {
+        let mut tb = false;
+        for r in &self.report_to {
+            match r.as_str() {
+                "tensorboard" | "all" => tb = true,
+                "none" => {}
+                other => {
+                    return Err(TrainError::Args(format!(
+                        "report_to `{other}`: this Trainer reports to `tensorboard` or `none`"
+                    )))
+                }
+            }
+        }
+        Ok(tb)
     }
 
     /// The values HF's DeepSpeed integration fills a ds_config's `"auto"` from.
@@ -602,8 +512,8 @@ mod tests {
             "{e}"
         );
         // A transformers field this Trainer does not act on: kept, listed.
-        let a = TrainingArguments::from_value(serde_json::json!({"report_to": "none"})).unwrap();
-        assert_eq!(a.unused_fields(), ["report_to"]);
+        let a = TrainingArguments::from_value(serde_json::json!({"run_name": "x"})).unwrap();
+        assert_eq!(a.unused_fields(), ["run_name"]);
     }
 
     #[test]
@@ -618,4 +528,21 @@ mod tests {
         a.warmup_steps = 7.0;
         assert_eq!(a.num_warmup_steps(100), 7);
     }
+}
+
+/// `report_to` as transformers takes it: a string or a list of strings.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => vec!["none".into()],
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }

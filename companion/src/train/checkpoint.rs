@@ -117,10 +117,16 @@ impl Trainer {
             "scheduler.json".into(),
             serde_json::to_vec_pretty(&sched).expect("json"),
         ));
+        let loader = self.loader()?;
+        let (epoch, batch) =
+            loader.position(self.state.global_step * self.args.gradient_accumulation_steps);
         files.push((
             "rng_state.json".into(),
             crate::hf_json::dumps(&json!({"seed": self.args.seed, "global_step": self.state.global_step,
-                "note": "data order and dropout are functions of (seed, step), so this is all the RNG state"}))
+                "data_loader": {"epoch": epoch, "batch_in_epoch": batch,
+                    "batches_per_epoch": loader.batches_per_epoch(), "num_examples": loader.len,
+                    "shuffle": loader.shuffle, "world_size": loader.world_size},
+                "note": "data order and dropout are functions of (seed, step): resuming seeks to data_loader's place"}))
             .into_bytes(),
         ));
         files.push((
@@ -297,6 +303,7 @@ impl Trainer {
                 path: oj.display().to_string(),
                 msg: e.to_string(),
             })?;
+        self.check_data_loader(dir)?;
         let (stage, world) = (self.engine.stage as u64, self.engine.world_size() as u64);
         let by_deepspeed = dir.join("latest").is_file();
         if by_deepspeed != self.deepspeed.is_some() {
@@ -374,6 +381,38 @@ impl Trainer {
         let rank0 = self.is_world_process_zero();
         self.state.is_local_process_zero = rank0;
         self.state.is_world_process_zero = rank0;
+        Ok(())
+    }
+
+    /// The loader a checkpoint recorded must be this run's: the same
+    /// examples in the same order, or resuming would silently train on
+    /// other data than the uninterrupted run (older checkpoints say nothing
+    /// and are taken as they are).
+    fn check_data_loader(&self, dir: &Path) -> Result<()> {
+        let f = dir.join("rng_state.json");
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            return Ok(());
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Io {
+            path: f.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let Some(saved) = v.get("data_loader") else {
+            return Ok(());
+        };
+        let l = self.loader()?;
+        let now = json!({"num_examples": l.len, "shuffle": l.shuffle, "world_size": l.world_size});
+        for key in ["num_examples", "shuffle", "world_size"] {
+            if saved.get(key) != now.get(key) {
+                return Err(TrainError::Args(format!(
+                    "{}: the checkpoint's data loader had {key} = {}, this run's has {}: resume \
+                     with the same training data, block size and number of ranks",
+                    f.display(),
+                    saved.get(key).unwrap_or(&Value::Null),
+                    now[key]
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -62,8 +62,10 @@ pub fn evaluate_model(
     let model = model.for_inference();
     let dev = model.device().clone();
     let (mut sum, mut count) = (0f64, 0usize);
-    for rows in ds.input_ids.chunks(batch_size) {
-        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for rows in idx.chunks(batch_size) {
+        let examples = ds.examples(rows);
+        let refs: Vec<&[u32]> = examples.iter().map(|e| &**e).collect();
         let b = collator.collate(&refs)?;
         let (s, n) = batch_loss_sum(&b, &dev, |ids, mask| Ok(model.forward(ids, mask, None)?))?;
         sum += s;

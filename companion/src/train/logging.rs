@@ -1,6 +1,7 @@
 //! What the Trainer logs: one `log_history` entry per logging interval
-//! (loss, grad norm, learning rate, tokens/s) and the final metrics of
-//! `train()`, with HF's keys.
+//! (loss, grad norm, learning rate, with HF's keys, and the figures people
+//! training models watch: non-padding tokens/s, MFU and ETA), the final
+//! metrics of `train()`, and the copy of each entry TensorBoard reads.
 
 use std::time::Instant;
 
@@ -8,6 +9,16 @@ use serde_json::json;
 
 use super::args::TrainingArguments;
 use super::state::{LogEntry, TrainerState};
+
+/// `1h02m`, `3m05s`, `12s`: an ETA for a log line.
+pub(crate) fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
 
 /// A number for `log_history` (JSON).
 pub(crate) fn num(x: f64) -> serde_json::Value {
@@ -23,6 +34,55 @@ pub(super) struct StepReport {
     pub(super) loss_scale: Option<f64>,
     /// Tokens of the global batch.
     pub(super) tokens: usize,
+    /// Its tokens that are not padding (transformers'
+    /// `include_num_input_tokens_seen="non_padding"`).
+    pub(super) real_tokens: usize,
+    /// Its model FLOPs ([`crate::config::GPT2Config::train_flops_per_token`]).
+    pub(super) flops: f64,
+}
+
+/// What MFU and ETA are measured against: the machine's matrix-multiply
+/// peak (measured once per process and device, printed at the start) and
+/// the start of this `train()`.
+pub(super) struct Live {
+    /// FLOP/s of every device the ranks use (CPU ranks share one machine).
+    pub(super) peak_flops: f64,
+    pub(super) start: Instant,
+    pub(super) start_step: usize,
+    pub(super) total: usize,
+}
+
+impl Live {
+    pub(super) fn start(
+        device: &candle_core::Device,
+        devices: usize,
+        start_step: usize,
+        total: usize,
+    ) -> Self {
+        static PEAK: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+        let key = format!("{device:?}");
+        let mut known = PEAK.lock().unwrap_or_else(|p| p.into_inner());
+        let gflops = match known.iter().find(|(k, _)| *k == key) {
+            Some((_, g)) => *g,
+            None => {
+                let g = crate::sysmem::gemm_gflops(device, 1024).unwrap_or(f64::NAN);
+                known.push((key, g));
+                g
+            }
+        };
+        Live {
+            peak_flops: gflops * 1e9 * devices as f64,
+            start: Instant::now(),
+            start_step,
+            total,
+        }
+    }
+
+    /// Seconds left at `step`, from the mean step time of this run.
+    pub(super) fn eta_seconds(&self, step: usize) -> f64 {
+        let done = step.saturating_sub(self.start_step).max(1) as f64;
+        self.start.elapsed().as_secs_f64() / done * self.total.saturating_sub(step) as f64
+    }
 }
 
 /// The steps since the last log line.
@@ -30,6 +90,8 @@ pub(super) struct LogWindow {
     pub(super) loss: f64,
     pub(super) steps: usize,
     pub(super) tokens: usize,
+    pub(super) real_tokens: usize,
+    pub(super) flops: f64,
     pub(super) since: Instant,
 }
 
@@ -39,6 +101,8 @@ impl LogWindow {
             loss: 0.0,
             steps: 0,
             tokens: 0,
+            real_tokens: 0,
+            flops: 0.0,
             since: Instant::now(),
         }
     }
@@ -47,6 +111,8 @@ impl LogWindow {
         self.loss += s.loss;
         self.steps += 1;
         self.tokens += s.tokens;
+        self.real_tokens += s.real_tokens;
+        self.flops += s.flops;
     }
 }
 
@@ -56,6 +122,7 @@ pub(super) fn log_entry(
     state: &TrainerState,
     step: &StepReport,
     window: &mut LogWindow,
+    live: &Live,
 ) -> LogEntry {
     let secs = window.since.elapsed().as_secs_f64();
     let mut e = LogEntry::new();
@@ -68,9 +135,21 @@ pub(super) fn log_entry(
     e.insert("learning_rate".into(), num(step.lr));
     e.insert("epoch".into(), num(state.epoch));
     e.insert("step".into(), json!(state.global_step));
+    let secs = secs.max(1e-9);
     e.insert(
         "tokens_per_second".into(),
-        num(window.tokens as f64 / secs.max(1e-9)),
+        num(window.real_tokens as f64 / secs),
+    );
+    e.insert(
+        "num_input_tokens_seen".into(),
+        json!(state.num_input_tokens_seen),
+    );
+    if live.peak_flops.is_finite() && live.peak_flops > 0.0 {
+        e.insert("mfu".into(), num(window.flops / secs / live.peak_flops));
+    }
+    e.insert(
+        "eta_seconds".into(),
+        num(live.eta_seconds(state.global_step)),
     );
     *window = LogWindow::new();
     e
@@ -100,4 +179,52 @@ pub(super) fn train_metrics(
     m.insert("epoch".into(), num(state.epoch));
     m.insert("step".into(), json!(state.global_step));
     m
+}
+
+/// Where log entries go besides `log_history`: TensorBoard, when
+/// `report_to` asks for it (rank 0 only).
+pub(super) struct Sinks {
+    tensorboard: Option<super::tensorboard::SummaryWriter>,
+    /// `log_history` entries already written.
+    written: usize,
+}
+
+impl Sinks {
+    pub(super) fn open(
+        args: &TrainingArguments,
+        rank0: bool,
+        written: usize,
+    ) -> super::error::Result<Self> {
+        let tensorboard = if rank0 && args.reports_to_tensorboard()? {
+            let dir = match (&args.logging_dir, std::env::var("TENSORBOARD_LOGGING_DIR")) {
+                (Some(d), _) => std::path::PathBuf::from(d),
+                (None, Ok(d)) if !d.is_empty() => d.into(),
+                _ => super::tensorboard::default_logdir(std::path::Path::new(&args.output_dir)),
+            };
+            Some(super::tensorboard::SummaryWriter::new(&dir)?)
+        } else {
+            None
+        };
+        Ok(Sinks {
+            tensorboard,
+            written,
+        })
+    }
+
+    /// The TensorBoard event file, if one is written.
+    pub(super) fn event_file(&self) -> Option<&std::path::Path> {
+        self.tensorboard.as_ref().map(|w| w.path())
+    }
+
+    /// Write the entries of `history` not written yet.
+    pub(super) fn write_new(&mut self, history: &[LogEntry]) -> super::error::Result<()> {
+        if let Some(tb) = self.tensorboard.as_mut() {
+            for e in &history[self.written.min(history.len())..] {
+                let step = e.get("step").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
+                tb.add_log(e, step)?;
+            }
+        }
+        self.written = history.len();
+        Ok(())
+    }
 }

@@ -7,10 +7,12 @@ pub mod args;
 pub mod checkpoint;
 mod error;
 pub mod eval;
+mod hf_fields;
 pub mod lock;
 mod logging;
 pub mod output_dir;
 pub mod state;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use args::{IntervalStrategy, OptimizerName, SchedulerType, TrainingArguments};

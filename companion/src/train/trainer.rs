@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::args::{IntervalStrategy, TrainingArguments};
 use super::error::{Result, TrainError};
-use super::logging::{log_entry, train_metrics, LogWindow, StepReport};
+use super::logging::{log_entry, train_metrics, Live, LogWindow, Sinks, StepReport};
 use super::state::{LogEntry, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
 use crate::model::GPT2LMHeadModel;
@@ -55,6 +55,10 @@ pub struct Trainer {
     pub shuffle: bool,
     /// Rank 0's process id once known (names partial checkpoint folders).
     pub(crate) run_tag: u64,
+    /// Micro-batches this rank has collated (a resumed run reads only the
+    /// steps it trains: tests check no batch is replayed to get there).
+    #[doc(hidden)]
+    pub batches_read: usize,
 }
 
 /// What `train()` returns (`TrainOutput`).
@@ -224,6 +228,7 @@ impl Trainer {
             verbose: true,
             shuffle: true,
             run_tag: 0,
+            batches_read: 0,
         })
     }
 
@@ -302,8 +307,9 @@ impl Trainer {
     }
 
     pub(crate) fn batch_of(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
-        let ex: Vec<&[u32]> = idx.iter().map(|&i| ds.input_ids[i].as_slice()).collect();
-        Ok(self.collator.collate(&ex)?)
+        let examples = ds.examples(idx);
+        let refs: Vec<&[u32]> = examples.iter().map(|e| &**e).collect();
+        Ok(self.collator.collate(&refs)?)
     }
 
     pub(crate) fn tensors(&self, b: &Batch) -> Result<(Tensor, Tensor)> {
@@ -347,6 +353,29 @@ impl Trainer {
         let accum = self.args.gradient_accumulation_steps;
         let n_params = self.engine.layout.numel;
         let (start, start_step) = (Instant::now(), self.state.global_step);
+        let devices = if self.model.device().is_cpu() {
+            1
+        } else {
+            self.engine.world_size()
+        };
+        let live = Live::start(self.model.device(), devices, start_step, total);
+        let mut sinks = Sinks::open(
+            &self.args,
+            self.is_world_process_zero(),
+            self.state.log_history.len(),
+        )?;
+        if verbose {
+            let tb = sinks
+                .event_file()
+                .map(|p| format!("; TensorBoard: {}", p.display()))
+                .unwrap_or_default();
+            bar.suspend(|| {
+                eprintln!(
+                    "MFU is measured against this machine's fp32 GEMM peak, {:.1} GFLOP/s{tb}",
+                    live.peak_flops / 1e9
+                )
+            });
+        }
         let mut window = LogWindow::new();
         let mut total_loss = 0f64;
         self.model.set_training(true);
@@ -390,15 +419,17 @@ impl Trainer {
                 || (gs == 1 && self.args.logging_first_step)
                 || gs == total;
             if log_now && window.steps > 0 {
-                let e = log_entry(&self.state, &step, &mut window);
+                let e = log_entry(&self.state, &step, &mut window, &live);
                 if verbose {
                     let line = format!(
-                        "step {gs}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {:.2}, {:.0} tokens/s",
+                        "step {gs}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {:.2}, {:.0} tokens/s, MFU {:.1}%, ETA {}",
                         e["loss"].as_f64().unwrap_or(f64::NAN),
                         step.lr,
                         step.norm,
                         self.state.epoch,
-                        e["tokens_per_second"].as_f64().unwrap_or(0.0)
+                        e["tokens_per_second"].as_f64().unwrap_or(0.0),
+                        100.0 * e.get("mfu").and_then(|m| m.as_f64()).unwrap_or(f64::NAN),
+                        super::logging::duration(e["eta_seconds"].as_f64().unwrap_or(0.0))
                     );
                     bar.suspend(|| eprintln!("{line}"));
                 }
@@ -410,6 +441,7 @@ impl Trainer {
             if every.save > 0 && gs.is_multiple_of(every.save) {
                 self.save_checkpoint()?;
             }
+            sinks.write_new(&self.state.log_history)?;
         }
         bar.finish_and_clear();
         self.model.set_training(false);
@@ -426,6 +458,7 @@ impl Trainer {
             train_loss,
         );
         self.state.log_history.push(m.clone());
+        sinks.write_new(&self.state.log_history)?;
         if self.args.save_strategy != IntervalStrategy::No
             && !self.state.global_step.is_multiple_of(every.save.max(1))
         {
@@ -502,6 +535,7 @@ impl Trainer {
                 }
             })
             .collect::<Result<_>>()?;
+        self.batches_read += batches.iter().flatten().count();
         let local_items: usize = batches.iter().flatten().map(Batch::num_label_tokens).sum();
         let n_items = sum_ranks(local_items as f64)?.max(1.0);
         let local_tokens: usize = batches
@@ -510,6 +544,27 @@ impl Trainer {
             .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
             .sum();
         let tokens = sum_ranks(local_tokens as f64)? as usize;
+        let local_real: usize = batches
+            .iter()
+            .flatten()
+            .map(|b| {
+                b.attention_mask
+                    .iter()
+                    .flatten()
+                    .filter(|&&m| m == 1)
+                    .count()
+            })
+            .sum();
+        let local_flops: f64 = batches
+            .iter()
+            .flatten()
+            .map(|b| {
+                let t = b.input_ids.first().map_or(0, Vec::len);
+                (b.input_ids.len() * t) as f64 * self.model.config.train_flops_per_token(t)
+            })
+            .sum();
+        let real_tokens = sum_ranks(local_real as f64)? as usize;
+        let flops = sum_ranks(local_flops)?;
         let mut local_loss = 0f64;
         for (k, b) in batches.iter().enumerate() {
             let Some(b) = b else {
@@ -567,6 +622,8 @@ impl Trainer {
             lr,
             loss_scale,
             tokens,
+            real_tokens,
+            flops,
         })
     }
 

@@ -85,8 +85,15 @@ pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
         .for_each(|(a, b)| *a += b);
 }
 
+/// Σx² in f64, in fixed chunks summed in order: rayon's own `sum` splits
+/// where work stealing happens to, so its rounding (and through clipping,
+/// the weights) would change from run to run.
 pub(crate) fn sum_sq(x: &[f32]) -> f64 {
-    x.par_iter().map(|v| (*v as f64) * (*v as f64)).sum()
+    let parts: Vec<f64> = x
+        .par_chunks(1 << 16)
+        .map(|c| c.iter().map(|v| (*v as f64) * (*v as f64)).sum())
+        .collect();
+    parts.iter().sum()
 }
 
 /// The model's weights laid end to end, fp32.

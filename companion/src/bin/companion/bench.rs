@@ -46,25 +46,11 @@ pub fn shape(name: &str) -> Option<Shape> {
     }
 }
 
-/// Peak resident memory of this process (`VmHWM`), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+pub use companion::sysmem::peak_rss_mib;
 
 /// fp32 GEMM rate of this machine through candle (GFLOP/s), for MFU.
 pub fn gemm_gflops(n: usize) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let _ = a.matmul(&b)?;
-    let reps = 5;
-    let t = Instant::now();
-    for _ in 0..reps {
-        let _ = a.matmul(&b)?;
-    }
-    Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9)
+    Ok(companion::sysmem::gemm_gflops(&Device::Cpu, n)?)
 }
 
 fn random_ids(rows: usize, cols: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -128,9 +114,7 @@ pub fn train(
     let step_s = median(times);
     let fb_s = median(fwd_bwd);
     let tokens = (shape.batch * shape.seq) as f64;
-    let n = cfg.num_parameters() as f64;
-    // 6N per token plus attention's 12·L·T·C (PaLM appendix B).
-    let flops_per_token = 6.0 * n + 12.0 * (cfg.n_layer * shape.seq * cfg.n_embd) as f64;
+    let flops_per_token = cfg.train_flops_per_token(shape.seq);
     let achieved = flops_per_token * tokens / step_s / 1e9;
     let peak = gemm_gflops(1024)?;
     Ok(json!({
@@ -218,6 +202,7 @@ pub fn trainer(
         input_ids: rows,
         text_bytes: tokens * 4,
         text_tokens: tokens,
+        shards: None,
     };
     let dir = tempfile::tempdir().map_err(|e| companion::train::TrainError::Io {
         path: "(temp dir)".into(),

@@ -21,6 +21,25 @@ pub enum BenchCmd {
     /// The whole Trainer step (ZeRO engine, clipping, logging): tokens/s, peak
     /// memory, model-state bytes per rank.
     Trainer(BenchTrainerCmd),
+    /// Streaming preparation of a corpus into token shards (tokenize +
+    /// group_texts + write): seconds, MB/s, peak RSS.
+    Data(BenchDataCmd),
+}
+
+#[derive(Args)]
+pub struct BenchDataCmd {
+    /// The corpus (JSONL, text, Parquet or a `datasets` folder).
+    #[arg(long)]
+    corpus: PathBuf,
+    /// A tokenizer folder or hub id.
+    #[arg(long, default_value = "data/pretrained/gpt2")]
+    tokenizer: String,
+    #[arg(long, default_value_t = 1024)]
+    block_size: usize,
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -70,7 +89,49 @@ pub fn run(c: BenchCmd) -> Result<()> {
         BenchCmd::Train(c) => bench_model(c, true),
         BenchCmd::Generate(c) => bench_model(c, false),
         BenchCmd::Trainer(c) => bench_trainer(c),
+        BenchCmd::Data(c) => bench_data(c),
     }
+}
+
+/// Prepares into a fresh cache folder, so the figures are a full build.
+fn bench_data(c: BenchDataCmd) -> Result<()> {
+    let tok = tokenizer::AutoTokenizer::from_pretrained(&c.tokenizer)
+        .with_context(|| format!("loading the tokenizer `{}`", c.tokenizer))?;
+    let cache = tempfile::tempdir()?;
+    let options = companion::data::PrepareOptions {
+        block_size: c.block_size,
+        append_eos: tok.eos_token_id(),
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..Default::default()
+    };
+    let split = companion::data::corpus::Split::Train;
+    let t0 = std::time::Instant::now();
+    let p = companion::data::prepare(&c.corpus, &c.text_field, split, &tok, &options)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let meta = &p.dataset.shards.as_ref().expect("prepared on disk").meta;
+    let file_bytes: u64 = companion::data::corpus::source_files(&c.corpus, split)?
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let out = json!({
+        "implementation": "companion (Rust)",
+        "corpus": c.corpus.display().to_string(),
+        "corpus_bytes": file_bytes,
+        "threads": rayon::current_num_threads(),
+        "seconds": secs,
+        "mb_per_s": file_bytes as f64 / 1e6 / secs,
+        "peak_rss_mib": companion::sysmem::peak_rss_mib(),
+        "documents": meta.documents,
+        "text_tokens": meta.text_tokens,
+        "blocks": meta.blocks,
+        "block_size": c.block_size,
+    });
+    if c.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
 }
 
 fn bench_tokenizer(c: BenchTokenizerCmd) -> Result<()> {

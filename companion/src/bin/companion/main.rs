@@ -416,7 +416,7 @@ fn config_cmd(c: ConfigCmd) -> Result<()> {
 }
 
 fn eval_cmd(c: EvalCmd) -> Result<()> {
-    use companion::data::{DataCollatorForLanguageModeling, Packing};
+    use companion::data::DataCollatorForLanguageModeling;
     let device = candle_core::Device::Cpu;
     let model =
         companion::GPT2LMHeadModel::from_pretrained(&c.model, candle_core::DType::F32, &device)
@@ -436,15 +436,16 @@ fn eval_cmd(c: EvalCmd) -> Result<()> {
         );
     }
     let path = companion::data::corpus::resolve(&c.data)?;
-    let mut ds = companion::data::load_tokenized(
-        &path,
-        &c.text_field,
-        &tok,
-        Packing::Group { block_size },
-        tok.eos_token_id(),
-    )?;
+    let options = companion::data::PrepareOptions {
+        block_size,
+        append_eos: tok.eos_token_id(),
+        show_progress: true,
+        ..Default::default()
+    };
+    let split = companion::data::corpus::Split::Validation;
+    let mut ds = companion::data::prepare(&path, &c.text_field, split, &tok, &options)?.dataset;
     if let Some(n) = c.max_samples {
-        ds.input_ids.truncate(n);
+        ds.truncate(n);
     }
     if ds.is_empty() {
         anyhow::bail!(

@@ -9,7 +9,8 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use companion::config::{ConfigOverrides, GPT2Config};
-use companion::data::{DataCollatorForLanguageModeling, Dataset, Packing};
+use companion::data::corpus::Split;
+use companion::data::{DataCollatorForLanguageModeling, Dataset, PrepareOptions};
 use companion::generate::GenerationConfig;
 use companion::model::GPT2LMHeadModel;
 use companion::tokenizer::{self, AutoTokenizer, SpecialRole, TrainArgs};
@@ -364,25 +365,34 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
             cfg.n_positions.saturating_sub(prompt_len)
         )));
     }
-    let eos = tok.eos_token_id();
-    let packing = Packing::Group {
-        block_size: opts.block_size,
+    let prepare = |path: &Path, split: Split| -> Result<Dataset, PretrainError> {
+        let options = PrepareOptions {
+            block_size: opts.block_size,
+            append_eos: tok.eos_token_id(),
+            show_progress: rank0,
+            ..PrepareOptions::default()
+        };
+        let p = companion::data::prepare(path, &opts.text_field, split, &tok, &options)?;
+        if rank0 {
+            let how = if p.built { "prepared" } else { "reusing" };
+            eprintln!("{how} {} ({} blocks)", p.dir.display(), p.dataset.len());
+        }
+        Ok(p.dataset)
     };
-    let train_ds =
-        companion::data::load_tokenized(&opts.train_file, &opts.text_field, &tok, packing, eos)?;
+    let train_ds = prepare(&opts.train_file, Split::Train)?;
     let eval_ds: Option<Dataset> = match &opts.validation_file {
         Some(v) => {
-            let mut ds = companion::data::load_tokenized(v, &opts.text_field, &tok, packing, eos)?;
+            let mut ds = prepare(v, Split::Validation)?;
             if let Some(n) = opts.max_eval_samples {
-                ds.input_ids.truncate(n);
+                ds.truncate(n);
             }
-            if ds.input_ids.iter().all(|b| b.len() < 2) {
+            if (0..ds.len()).all(|i| ds.example(i).len() < 2) {
                 return Err(args_error(format!(
                     "{}: no held-out block to evaluate on ({} blocks of {} tokens after \
                      --max-eval-samples): give more validation text, a larger \
                      --max-eval-samples, or --no-validation",
                     v.display(),
-                    ds.input_ids.len(),
+                    ds.len(),
                     opts.block_size
                 )));
             }
