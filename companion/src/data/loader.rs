@@ -4,6 +4,9 @@ use std::sync::{Arc, Mutex};
 
 use super::error::{DataError, Result};
 
+/// An epoch and its order of example indices.
+type EpochOrder = Option<(usize, Arc<Vec<usize>>)>;
+
 /// Batches of example indices: a seeded permutation per epoch (seed + epoch),
 /// `drop_last`, and the rank's share of each global batch for data
 /// parallelism. The sequence is a pure function of (seed, epoch, position),
@@ -20,7 +23,7 @@ pub struct DataLoader {
     pub rank: usize,
     pub world_size: usize,
     /// The last epoch's order, computed once per epoch, not per batch.
-    order_cache: Arc<Mutex<Option<(usize, Arc<Vec<usize>>)>>>,
+    order_cache: Arc<Mutex<EpochOrder>>,
 }
 
 impl DataLoader {

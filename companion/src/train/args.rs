@@ -441,6 +441,23 @@ fn merge_fields(v: &mut Value, fields: Value, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// `report_to` as transformers takes it: a string or a list of strings.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => vec!["none".into()],
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,21 +545,4 @@ mod tests {
         a.warmup_steps = 7.0;
         assert_eq!(a.num_warmup_steps(100), 7);
     }
-}
-
-/// `report_to` as transformers takes it: a string or a list of strings.
-fn string_or_list<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match Option::<OneOrMany>::deserialize(d)? {
-        None => vec!["none".into()],
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
-    })
 }

@@ -303,7 +303,6 @@ impl Trainer {
                 path: oj.display().to_string(),
                 msg: e.to_string(),
             })?;
-        self.check_data_loader(dir)?;
         let (stage, world) = (self.engine.stage as u64, self.engine.world_size() as u64);
         let by_deepspeed = dir.join("latest").is_file();
         if by_deepspeed != self.deepspeed.is_some() {
@@ -333,6 +332,7 @@ impl Trainer {
                 ),
             });
         }
+        self.check_data_loader(dir)?;
         if self.deepspeed.is_some() {
             let latest = dir.join("latest");
             let tag = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
