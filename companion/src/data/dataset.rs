@@ -189,13 +189,42 @@ pub fn group_texts(examples: &[Vec<u32>], block_size: usize) -> Vec<Vec<u32>> {
 
 /// `group_texts` as one flat run of whole blocks (what shards store).
 pub fn group_flat(examples: &[Vec<u32>], block_size: usize) -> Vec<u32> {
-    let total: usize = examples.iter().map(Vec::len).sum();
-    let mut all = Vec::with_capacity(total / block_size * block_size);
+    let mut g = GroupStream::new(block_size);
+    let mut out = Vec::new();
     for e in examples {
-        let room = total / block_size * block_size - all.len();
-        all.extend_from_slice(&e[..e.len().min(room)]);
+        g.push(e, &mut out);
     }
-    all
+    out
+}
+
+/// `group_texts` one example at a time: whole blocks come out as soon as
+/// they are full; [`GroupStream::end_batch`] drops the remainder, as
+/// `group_texts` does at the end of each map batch.
+#[derive(Debug, Clone)]
+pub struct GroupStream {
+    block_size: usize,
+    carry: Vec<u32>,
+}
+
+impl GroupStream {
+    pub fn new(block_size: usize) -> Self {
+        GroupStream {
+            block_size,
+            carry: Vec::with_capacity(block_size),
+        }
+    }
+
+    /// Add an example's ids; append the blocks they complete to `out`.
+    pub fn push(&mut self, ids: &[u32], out: &mut Vec<u32>) {
+        self.carry.extend_from_slice(ids);
+        let whole = self.carry.len() / self.block_size * self.block_size;
+        out.extend(self.carry.drain(..whole));
+    }
+
+    /// The map batch ends: its remainder is dropped.
+    pub fn end_batch(&mut self) {
+        self.carry.clear();
+    }
 }
 
 fn progress(len: u64, msg: &'static str, show: bool) -> indicatif::ProgressBar {

@@ -16,7 +16,7 @@ pub mod shards;
 mod error;
 
 pub use collator::{Batch, DataCollatorForLanguageModeling, IGNORE_INDEX};
-pub use dataset::{group_texts, tokenize_and_pack, Dataset, Packing, TokenizeOptions};
+pub use dataset::{group_texts, tokenize_and_pack, Dataset, GroupStream, Packing, TokenizeOptions};
 pub use error::{DataError, Result};
 pub use loader::DataLoader;
 pub use prepare::{cache_dir, prepare, PrepareOptions, Prepared};

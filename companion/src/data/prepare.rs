@@ -1,8 +1,8 @@
 //! Streaming preparation: a corpus of any size becomes token shards on disk
 //! with memory that does not grow with it. Documents are read as a stream,
-//! gathered into `dataset.map(batched=True)` batches, tokenized on all
-//! cores a few batches at a time, packed by run_clm's `group_texts` batch
-//! by batch, and written in order. The result lives in `HF_DATASETS_CACHE`
+//! tokenized on all cores a window at a time, packed by run_clm's
+//! `group_texts` as a stream (its remainder dropped at the end of each
+//! `dataset.map(batched=True)` batch, as there), and written in order. The result lives in `HF_DATASETS_CACHE`
 //! under a key of the corpus bytes, the tokenizer and the packing, so a
 //! second run, rank or process opens it instead of tokenizing again; one
 //! process writes it while the others wait on a lock, as `datasets` does.
@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use twox_hash::XxHash3_64;
 
 use super::corpus::{self, Split};
-use super::dataset::{group_flat, Dataset, PIECE_BYTES};
+use super::dataset::{Dataset, GroupStream, PIECE_BYTES};
 use super::error::{DataError, Result};
 use super::shards::{ShardWriter, TokenShards};
 use crate::tokenizer::AutoTokenizer;
@@ -50,6 +50,9 @@ impl Default for PrepareOptions {
 
 /// A map batch ends at this much text even before `batch_size` documents.
 pub const BATCH_BYTES: usize = 16 << 20;
+
+/// Text tokenized at once, per thread.
+const WINDOW_BYTES_PER_THREAD: usize = 1 << 20;
 
 /// What [`prepare`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,13 +209,6 @@ fn cache_key(
     Ok(std::hash::Hasher::finish(&h))
 }
 
-/// One map batch's tokens grouped into whole blocks, and its counts.
-struct Packed {
-    blocks: Vec<u32>,
-    text_tokens: usize,
-    text_bytes: usize,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn write_shards(
     path: &Path,
@@ -228,47 +224,52 @@ fn write_shards(
     let mut writer = ShardWriter::new(tmp, o.block_size, tok.len())
         .map_err(|e| DataError::Invalid(e.to_string()))?;
     let bar = progress(total_bytes, o.show_progress);
-    // Batches in flight: enough to keep every core busy, few enough that
-    // memory stays a few batches' worth.
-    let in_flight = rayon::current_num_threads() * 2;
+    // Documents are tokenized a window at a time, in parallel, and then
+    // grouped in order as a stream: memory is one window, whatever the
+    // corpus or the map batch size.
+    let window_bytes = WINDOW_BYTES_PER_THREAD * rayon::current_num_threads();
+    let window_docs = 64 * rayon::current_num_threads();
+    let mut group = GroupStream::new(o.block_size);
+    let mut blocks = Vec::new();
     let (mut text_bytes, mut text_tokens, mut documents) = (0usize, 0usize, 0usize);
+    // Where the current map batch stands (group_texts drops its remainder).
+    let (mut batch_docs, mut batch_bytes) = (0usize, 0usize);
     loop {
-        let mut batches: Vec<Vec<String>> = Vec::with_capacity(in_flight);
-        while batches.len() < in_flight {
-            let mut batch = Vec::with_capacity(o.batch_size.min(4096));
-            let mut bytes = 0;
-            while batch.len() < o.batch_size && bytes < BATCH_BYTES {
-                match docs.next() {
-                    Some(d) => {
-                        let d = d?;
-                        bytes += d.len();
-                        batch.push(d);
-                    }
-                    None => break,
+        let mut window: Vec<String> = Vec::with_capacity(window_docs);
+        let mut bytes = 0;
+        while window.len() < window_docs && bytes < window_bytes {
+            match docs.next() {
+                Some(d) => {
+                    let d = d?;
+                    bytes += d.len();
+                    window.push(d);
                 }
+                None => break,
             }
-            if batch.is_empty() {
-                break;
-            }
-            batches.push(batch);
         }
-        if batches.is_empty() {
+        if window.is_empty() {
             break;
         }
-        documents += batches.iter().map(Vec::len).sum::<usize>();
-        let packed: Vec<Packed> = batches
+        let ids: Vec<Vec<u32>> = window
             .par_iter()
-            .map(|batch| pack_batch(tok, batch, o))
+            .map(|t| encode(tok, t, o.append_eos))
             .collect::<Result<_>>()?;
-        drop(batches);
-        for p in packed {
-            writer
-                .push_blocks(&p.blocks)
-                .map_err(|e| DataError::Invalid(e.to_string()))?;
-            text_bytes += p.text_bytes;
-            text_tokens += p.text_tokens;
-            bar.inc(p.text_bytes as u64);
+        for (doc, ids) in window.iter().zip(&ids) {
+            group.push(ids, &mut blocks);
+            text_tokens += ids.len();
+            (batch_docs, batch_bytes) = (batch_docs + 1, batch_bytes + doc.len());
+            if batch_docs == o.batch_size || batch_bytes >= BATCH_BYTES {
+                group.end_batch();
+                (batch_docs, batch_bytes) = (0, 0);
+            }
         }
+        documents += window.len();
+        text_bytes += bytes;
+        writer
+            .push_blocks(&blocks)
+            .map_err(|e| DataError::Invalid(e.to_string()))?;
+        blocks.clear();
+        bar.inc(bytes as u64);
     }
     bar.finish_and_clear();
     if text_bytes == 0 {
@@ -282,22 +283,11 @@ fn write_shards(
     Ok(())
 }
 
-/// Tokenize one map batch and group it (`group_texts`).
-fn pack_batch(tok: &AutoTokenizer, batch: &[String], o: &PrepareOptions) -> Result<Packed> {
-    let mut ids = Vec::with_capacity(batch.len());
-    for t in batch {
-        let mut x = tok.encode_long(t, PIECE_BYTES)?;
-        if let Some(e) = o.append_eos {
-            x.push(e);
-        }
-        ids.push(x);
-    }
-    let text_tokens = ids.iter().map(Vec::len).sum();
-    Ok(Packed {
-        blocks: group_flat(&ids, o.block_size),
-        text_tokens,
-        text_bytes: batch.iter().map(String::len).sum(),
-    })
+/// One document's ids, with eos appended when asked.
+fn encode(tok: &AutoTokenizer, text: &str, eos: Option<u32>) -> Result<Vec<u32>> {
+    let mut ids = tok.encode_long(text, PIECE_BYTES)?;
+    ids.extend(eos);
+    Ok(ids)
 }
 
 fn progress(total_bytes: u64, show: bool) -> indicatif::ProgressBar {

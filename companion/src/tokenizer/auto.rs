@@ -306,7 +306,8 @@ impl AutoTokenizer {
 
     /// `tokenizer(text)["input_ids"]`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.backend().encode(text, true).map_err(tk)?;
+        // encode_fast: the same ids, without tracking offsets.
+        let enc = self.backend().encode_fast(text, true).map_err(tk)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -329,7 +330,10 @@ impl AutoTokenizer {
         let mut rest = text;
         while !rest.is_empty() {
             let cut = safe_cut(rest, piece_bytes);
-            let enc = self.backend().encode(&rest[..cut], false).map_err(tk)?;
+            let enc = self
+                .backend()
+                .encode_fast(&rest[..cut], false)
+                .map_err(tk)?;
             ids.extend_from_slice(enc.get_ids());
             rest = &rest[cut..];
         }
