@@ -19,23 +19,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${COMPANION:-}" ]]; then
-    if [[ -x target/release/companion ]]; then
-        COMPANION=target/release/companion
-    else
-        COMPANION=target/debug/companion
-    fi
-fi
+source bench/companion_bin.sh
 PY=${PYTHON:-python3}
 CORPUS=${CORPUS:-data/corpus/train.jsonl}
 TOKENIZER=${TOKENIZER:-data/pretrained/gpt2}
 BLOCK=${BLOCK:-1024}
 SIZES=${SIZES:-1 10 100}
 PY_SIZES=${PY_SIZES:-1 10}
-if [[ ! -x "$COMPANION" ]]; then
-    echo "no companion binary at $COMPANION (build it, or set COMPANION)" >&2
-    exit 1
-fi
 WORK=${WORK:-$(mktemp -d)}
 results=$(mktemp)
 trap 'rm -f "$results"; [[ -z "${KEEP:-}" ]] && rm -rf "$WORK"/corpus-x*.jsonl' EXIT

@@ -19,22 +19,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${COMPANION:-}" ]]; then
-    if [[ -x target/release/companion ]]; then
-        COMPANION=target/release/companion
-    else
-        COMPANION=target/debug/companion
-    fi
-fi
+source bench/companion_bin.sh
 PY=${PYTHON:-python3}
 CORPUS=${CORPUS:-data/corpus/train.jsonl}
 VOCAB=${VOCAB:-30000}
 UNIGRAM_VOCAB=${UNIGRAM_VOCAB:-$VOCAB}
 
-if [[ ! -x "$COMPANION" ]]; then
-    echo "no companion binary at $COMPANION (build it, or set COMPANION)" >&2
-    exit 1
-fi
 
 # Percent of the CPUs busy over the next 3 seconds (from /proc/stat).
 cpu_busy() {

@@ -28,6 +28,23 @@ fn options(cache: &Path, block_size: usize, tok: &AutoTokenizer) -> PrepareOptio
     }
 }
 
+/// `path` prepared (train split, field `text`) in `cache` with blocks of `block_size`.
+fn prepared(
+    path: &Path,
+    tok: &AutoTokenizer,
+    cache: &Path,
+    block_size: usize,
+) -> companion::data::Prepared {
+    prepare(
+        path,
+        "text",
+        Split::Train,
+        tok,
+        &options(cache, block_size, tok),
+    )
+    .unwrap()
+}
+
 fn blocks(ds: &companion::data::Dataset) -> Vec<Vec<u32>> {
     (0..ds.len()).map(|i| ds.example(i).into_owned()).collect()
 }
@@ -229,14 +246,7 @@ fn mapped_run(out: &Path, cache: &Path, max_steps: i64) -> companion::train::Tra
     use companion::config::GPT2Config;
     use companion::train::{Trainer, TrainingArguments};
     let tok = gpt2();
-    let p = prepare(
-        &data("corpus/validation.jsonl"),
-        "text",
-        Split::Train,
-        &tok,
-        &options(cache, 32, &tok),
-    )
-    .unwrap();
+    let p = prepared(&data("corpus/validation.jsonl"), &tok, cache, 32);
     let cfg = GPT2Config {
         vocab_size: tok.len(),
         n_positions: 32,
@@ -247,8 +257,8 @@ fn mapped_run(out: &Path, cache: &Path, max_steps: i64) -> companion::train::Tra
     };
     let model = companion::GPT2LMHeadModel::new(&cfg, 1, &candle_core::Device::Cpu).unwrap();
     let args = TrainingArguments {
-        output_dir: out.display().to_string(),
         max_steps,
+        output_dir: out.display().to_string(),
         per_device_train_batch_size: 4,
         gradient_accumulation_steps: 2,
         learning_rate: 1e-3,
@@ -304,14 +314,7 @@ fn resuming_mid_epoch_on_mapped_shards_is_exact_and_replays_nothing() {
     // Resuming on other data is refused, naming what differs.
     let out = dir.path().join("b3");
     let tok = gpt2();
-    let small = prepare(
-        &fixture("corpus_small.jsonl"),
-        "text",
-        Split::Train,
-        &tok,
-        &options(&cache, 32, &tok),
-    )
-    .unwrap();
+    let small = prepared(&fixture("corpus_small.jsonl"), &tok, &cache, 32);
     let mut other = mapped_run(&out, &cache, 9);
     other.train_dataset = small.dataset;
     other.args.resume_from_checkpoint = Some(out.join("checkpoint-3").display().to_string());

@@ -11,7 +11,7 @@ use arrow_ipc::reader::StreamReader;
 use arrow_schema::DataType;
 use serde::Deserialize;
 
-use super::corpus::{io_error, CorpusError, Documents, Split};
+use super::documents::{io_error, CorpusError, Documents, Split};
 
 #[derive(Deserialize)]
 struct State {

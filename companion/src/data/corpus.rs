@@ -8,34 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, thiserror::Error)]
-pub enum CorpusError {
-    #[error("{path}: cannot read: {msg}")]
-    Io { path: PathBuf, msg: String },
-    #[error("{path}:{line}: not valid UTF-8 (byte {byte} of the line)")]
-    NotUtf8 {
-        path: PathBuf,
-        line: usize,
-        byte: usize,
-    },
-    #[error("{path}:{line}: {msg}")]
-    BadLine {
-        path: PathBuf,
-        line: usize,
-        msg: String,
-    },
-    #[error("{}: no text in the corpus (every document is empty)", paths.join(", "))]
-    Empty { paths: Vec<String> },
-    #[error("no corpus files given")]
-    NoFiles,
-    #[error("{path}: {msg}")]
-    Parquet { path: PathBuf, msg: String },
-    /// A `datasets.save_to_disk` folder that cannot be read as one.
-    #[error("{path}: {msg}")]
-    Arrow { path: PathBuf, msg: String },
-    #[error(transparent)]
-    Hub(#[from] crate::hub::HubError),
-}
+use super::documents::io_error;
+pub use super::documents::{CorpusError, Documents, Split};
 
 /// A corpus path as given: a local file, or `hf://datasets/OWNER/NAME/PATH`
 /// (optionally `NAME@REVISION`) resolved through the Hugging Face cache or
@@ -59,28 +33,6 @@ pub fn resolve(spec: &str) -> Result<PathBuf, CorpusError> {
     )?)
 }
 
-/// The documents of one corpus file or folder, read as a stream: one
-/// document in memory at a time (a record batch for Arrow), whatever the
-/// corpus size. Empty documents are skipped.
-pub type Documents = Box<dyn Iterator<Item = Result<String, CorpusError>> + Send>;
-
-/// Which split of a `DatasetDict` folder to read (a plain file or a
-/// `Dataset` folder has only one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Validation,
-}
-
-impl Split {
-    pub fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Validation => "validation",
-        }
-    }
-}
-
 /// Stream the documents of `path`: a `datasets.save_to_disk` folder (see
 /// [`super::arrow_folder`]), `.parquet` by column `field`, `.jsonl`/`.json`
 /// by field `field`, anything else line by line.
@@ -102,13 +54,6 @@ pub fn source_files(path: &Path, split: Split) -> Result<Vec<PathBuf>, CorpusErr
         super::arrow_folder::data_files(path, split)
     } else {
         Ok(vec![path.to_path_buf()])
-    }
-}
-
-pub(crate) fn io_error(path: &Path, e: impl std::fmt::Display) -> CorpusError {
-    CorpusError::Io {
-        path: path.into(),
-        msg: e.to_string(),
     }
 }
 

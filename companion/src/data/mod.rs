@@ -8,6 +8,7 @@ pub mod arrow_folder;
 pub mod collator;
 pub mod corpus;
 pub mod dataset;
+pub mod documents;
 pub mod loader;
 pub mod parquet_file;
 pub mod prepare;

@@ -7,7 +7,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::reader::RowIter;
 use parquet::record::Field;
 
-use super::corpus::{io_error, CorpusError, Documents};
+use super::documents::{io_error, CorpusError, Documents};
 
 /// The non-empty strings of column `field`, row by row.
 pub fn documents(path: &Path, field: &str) -> Result<Documents, CorpusError> {

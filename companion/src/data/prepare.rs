@@ -180,9 +180,9 @@ fn cache_key(
     let mut h = XxHash3_64::with_seed(0);
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
-        let mut file = std::fs::File::open(f).map_err(|e| corpus::io_error(f, e))?;
+        let mut file = std::fs::File::open(f).map_err(|e| super::documents::io_error(f, e))?;
         loop {
-            let n = file.read(&mut buf).map_err(|e| corpus::io_error(f, e))?;
+            let n = file.read(&mut buf).map_err(|e| super::documents::io_error(f, e))?;
             if n == 0 {
                 break;
             }

@@ -497,24 +497,19 @@ mod tests {
         assert!(e.contains("truncated"), "{e}");
         // An id outside the vocabulary behind a valid checksum.
         std::fs::write(&f, &good).unwrap();
+        let meta_file = d.path().join("meta.json");
         let mut meta: ShardsMeta =
-            serde_json::from_slice(&std::fs::read(d.path().join("meta.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(&meta_file).unwrap()).unwrap();
+        let write_meta =
+            |m: &ShardsMeta| std::fs::write(&meta_file, serde_json::to_vec(m).unwrap());
         meta.vocab_size = 10;
-        std::fs::write(
-            d.path().join("meta.json"),
-            serde_json::to_vec(&meta).unwrap(),
-        )
-        .unwrap();
+        write_meta(&meta).unwrap();
         let e = TokenShards::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("header does not match"), "{e}");
         // A shard name that leaves the folder.
         meta.vocab_size = 50257;
         meta.shards[0].file = "../x.bin".into();
-        std::fs::write(
-            d.path().join("meta.json"),
-            serde_json::to_vec(&meta).unwrap(),
-        )
-        .unwrap();
+        write_meta(&meta).unwrap();
         let e = TokenShards::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("not a file of this folder"), "{e}");
     }

@@ -85,6 +85,59 @@ impl Live {
     }
 }
 
+/// Tokens, non-padding tokens and model FLOPs of a rank's micro-batches.
+pub(super) struct BatchFigures {
+    pub(super) tokens: usize,
+    pub(super) real_tokens: usize,
+    pub(super) flops: f64,
+}
+
+impl BatchFigures {
+    pub(super) fn of(
+        batches: &[Option<crate::data::Batch>],
+        cfg: &crate::config::GPT2Config,
+    ) -> Self {
+        let mut f = BatchFigures {
+            tokens: 0,
+            real_tokens: 0,
+            flops: 0.0,
+        };
+        for b in batches.iter().flatten() {
+            let t = b.input_ids.first().map_or(0, Vec::len);
+            let n = b.input_ids.len() * t;
+            f.tokens += n;
+            f.real_tokens += b
+                .attention_mask
+                .iter()
+                .flatten()
+                .filter(|&&m| m == 1)
+                .count();
+            f.flops += n as f64 * cfg.train_flops_per_token(t);
+        }
+        f
+    }
+}
+
+/// The log line a printed run shows for entry `e`.
+pub(super) fn log_line(
+    e: &LogEntry,
+    step: usize,
+    total: usize,
+    s: &StepReport,
+    epoch: f64,
+) -> String {
+    let get = |k: &str| e.get(k).and_then(|v| v.as_f64());
+    format!(
+        "step {step}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {epoch:.2}, {:.0} tokens/s, MFU {:.1}%, ETA {}",
+        get("loss").unwrap_or(f64::NAN),
+        s.lr,
+        s.norm,
+        get("tokens_per_second").unwrap_or(0.0),
+        100.0 * get("mfu").unwrap_or(f64::NAN),
+        duration(get("eta_seconds").unwrap_or(0.0))
+    )
+}
+
 /// The steps since the last log line.
 pub(super) struct LogWindow {
     pub(super) loss: f64,
@@ -227,4 +280,18 @@ impl Sinks {
         self.written = history.len();
         Ok(())
     }
+}
+
+/// A rank's model-state bytes, as DeepSpeed's memory report gives them.
+pub(super) fn memory_line(m: &crate::zero::ModelStateBytes) -> String {
+    let h = |b: usize| crate::sysmem::human_bytes(b as u64);
+    format!(
+        "[rank {}] ZeRO-{} model states: params {}, grads {}, optimizer {} ({} offloaded to host)",
+        m.rank,
+        m.stage,
+        h(m.params),
+        h(m.grads),
+        h(m.optimizer_states),
+        h(m.offloaded_to_host)
+    )
 }

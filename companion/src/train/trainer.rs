@@ -69,10 +69,6 @@ pub struct TrainOutput {
     pub metrics: LogEntry,
 }
 
-fn human_bytes(b: usize) -> String {
-    crate::sysmem::human_bytes(b as u64)
-}
-
 /// Logging, evaluation and saving intervals in steps (0: never).
 struct Intervals {
     logging: usize,
@@ -353,29 +349,7 @@ impl Trainer {
         let accum = self.args.gradient_accumulation_steps;
         let n_params = self.engine.layout.numel;
         let (start, start_step) = (Instant::now(), self.state.global_step);
-        let devices = if self.model.device().is_cpu() {
-            1
-        } else {
-            self.engine.world_size()
-        };
-        let live = Live::start(self.model.device(), devices, start_step, total);
-        let mut sinks = Sinks::open(
-            &self.args,
-            self.is_world_process_zero(),
-            self.state.log_history.len(),
-        )?;
-        if verbose {
-            let tb = sinks
-                .event_file()
-                .map(|p| format!("; TensorBoard: {}", p.display()))
-                .unwrap_or_default();
-            bar.suspend(|| {
-                eprintln!(
-                    "MFU is measured against this machine's fp32 GEMM peak, {:.1} GFLOP/s{tb}",
-                    live.peak_flops / 1e9
-                )
-            });
-        }
+        let (live, mut sinks) = self.live_figures(start_step, total, verbose, &bar)?;
         let mut window = LogWindow::new();
         let mut total_loss = 0f64;
         self.model.set_training(true);
@@ -421,16 +395,7 @@ impl Trainer {
             if log_now && window.steps > 0 {
                 let e = log_entry(&self.state, &step, &mut window, &live);
                 if verbose {
-                    let line = format!(
-                        "step {gs}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, epoch {:.2}, {:.0} tokens/s, MFU {:.1}%, ETA {}",
-                        e["loss"].as_f64().unwrap_or(f64::NAN),
-                        step.lr,
-                        step.norm,
-                        self.state.epoch,
-                        e["tokens_per_second"].as_f64().unwrap_or(0.0),
-                        100.0 * e.get("mfu").and_then(|m| m.as_f64()).unwrap_or(f64::NAN),
-                        super::logging::duration(e["eta_seconds"].as_f64().unwrap_or(0.0))
-                    );
+                    let line = super::logging::log_line(&e, gs, total, &step, self.state.epoch);
                     bar.suspend(|| eprintln!("{line}"));
                 }
                 self.state.log_history.push(e);
@@ -471,6 +436,39 @@ impl Trainer {
         })
     }
 
+    /// MFU and ETA's reference, and TensorBoard's writer when asked for
+    /// (announced once on a printed run).
+    fn live_figures(
+        &self,
+        start_step: usize,
+        total: usize,
+        verbose: bool,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<(Live, Sinks)> {
+        let dev = self.model.device();
+        let devices = if dev.is_cpu() {
+            1
+        } else {
+            self.engine.world_size()
+        };
+        let live = Live::start(dev, devices, start_step, total);
+        let rank0 = self.is_world_process_zero();
+        let sinks = Sinks::open(&self.args, rank0, self.state.log_history.len())?;
+        if verbose {
+            let tb = sinks
+                .event_file()
+                .map(|p| format!("; TensorBoard: {}", p.display()))
+                .unwrap_or_default();
+            let peak = live.peak_flops / 1e9;
+            bar.suspend(|| {
+                eprintln!(
+                    "MFU is measured against this machine's fp32 GEMM peak, {peak:.1} GFLOP/s{tb}"
+                )
+            });
+        }
+        Ok((live, sinks))
+    }
+
     /// Logging, evaluation and saving intervals for `total` steps (0: never).
     fn intervals(&self, total: usize) -> Intervals {
         let a = &self.args;
@@ -495,15 +493,7 @@ impl Trainer {
             eprintln!("deepspeed: {w}");
         }
         for m in &memory {
-            eprintln!(
-                "[rank {}] ZeRO-{} model states: params {}, grads {}, optimizer {} ({} offloaded to host)",
-                m.rank,
-                m.stage,
-                human_bytes(m.params),
-                human_bytes(m.grads),
-                human_bytes(m.optimizer_states),
-                human_bytes(m.offloaded_to_host)
-            );
+            eprintln!("{}", super::logging::memory_line(m));
         }
         Ok(())
     }
@@ -538,33 +528,10 @@ impl Trainer {
         self.batches_read += batches.iter().flatten().count();
         let local_items: usize = batches.iter().flatten().map(Batch::num_label_tokens).sum();
         let n_items = sum_ranks(local_items as f64)?.max(1.0);
-        let local_tokens: usize = batches
-            .iter()
-            .flatten()
-            .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
-            .sum();
-        let tokens = sum_ranks(local_tokens as f64)? as usize;
-        let local_real: usize = batches
-            .iter()
-            .flatten()
-            .map(|b| {
-                b.attention_mask
-                    .iter()
-                    .flatten()
-                    .filter(|&&m| m == 1)
-                    .count()
-            })
-            .sum();
-        let local_flops: f64 = batches
-            .iter()
-            .flatten()
-            .map(|b| {
-                let t = b.input_ids.first().map_or(0, Vec::len);
-                (b.input_ids.len() * t) as f64 * self.model.config.train_flops_per_token(t)
-            })
-            .sum();
-        let real_tokens = sum_ranks(local_real as f64)? as usize;
-        let flops = sum_ranks(local_flops)?;
+        let local = super::logging::BatchFigures::of(&batches, &self.model.config);
+        let tokens = sum_ranks(local.tokens as f64)? as usize;
+        let real_tokens = sum_ranks(local.real_tokens as f64)? as usize;
+        let flops = sum_ranks(local.flops)?;
         let mut local_loss = 0f64;
         for (k, b) in batches.iter().enumerate() {
             let Some(b) = b else {
