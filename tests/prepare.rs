@@ -332,7 +332,18 @@ fn pretrain_trains_on_a_datasets_folder_and_tensorboard_reads_its_logs() {
     let mut flags = pretrain_flags(dir.path(), "tb");
     let at = flags.iter().position(|f| f == "--train-file").unwrap();
     flags[at + 1] = dict.display().to_string();
-    flags.extend(["--report-to".into(), "tensorboard".into()]);
+    // The DatasetDict's validation split, evaluated at step 2 and at the end.
+    flags.retain(|f| f != "--no-validation");
+    for f in [
+        "--validation-file",
+        dict.to_str().unwrap(),
+        "--eval-steps",
+        "2",
+        "--report-to",
+        "tensorboard",
+    ] {
+        flags.push(f.into());
+    }
     let cache = dir.path().join("cache").display().to_string();
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let o = companion(&args, &[("HF_DATASETS_CACHE", &cache)]);
@@ -377,6 +388,23 @@ fn pretrain_trains_on_a_datasets_folder_and_tensorboard_reads_its_logs() {
     }
     let mfu = tb["train/mfu"][0][1].as_f64().unwrap();
     assert!(mfu > 0.0 && mfu < 1.0, "MFU {mfu}");
-    // The final metrics are there too.
+    // The evaluations (held-out loss, perplexity, bits per byte), and the final metrics.
+    let evals: Vec<&Value> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("eval_loss").is_some())
+        .collect();
+    assert!(!evals.is_empty());
+    for key in ["loss", "perplexity", "bits_per_byte"] {
+        let series = tb[format!("eval/{key}")]
+            .as_array()
+            .unwrap_or_else(|| panic!("no eval/{key} in {tb}"));
+        assert_eq!(series[0][0], evals[0]["step"]);
+        assert_eq!(
+            series[0][1].as_f64().unwrap() as f32,
+            evals[0][format!("eval_{key}")].as_f64().unwrap() as f32
+        );
+    }
     assert!(tb.get("train/train_runtime").is_some(), "{tb}");
 }

@@ -182,7 +182,9 @@ fn cache_key(
     for f in files {
         let mut file = std::fs::File::open(f).map_err(|e| super::documents::io_error(f, e))?;
         loop {
-            let n = file.read(&mut buf).map_err(|e| super::documents::io_error(f, e))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| super::documents::io_error(f, e))?;
             if n == 0 {
                 break;
             }
