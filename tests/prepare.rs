@@ -115,8 +115,7 @@ fn the_cache_is_reused_only_for_the_same_corpus_tokenizer_and_packing() {
     )
     .unwrap();
     assert!(other_block.built && other_block.dir != changed.dir);
-    let tok2 = AutoTokenizer::from_pretrained(root().join("notebooks/tokenizer").to_str().unwrap())
-        .unwrap();
+    let tok2 = companion::tokenizer::from_sentencepiece_model(&fixture("spm_small.model")).unwrap();
     let o = options(cache.path(), 32, &tok2);
     let other_tok = prepare(&corpus, "text", Split::Train, &tok2, &o).unwrap();
     assert!(other_tok.built && other_tok.dir != changed.dir);
