@@ -9,6 +9,8 @@
 
 mod auto;
 mod byte_level;
+mod cache_key;
+mod fast_ids;
 mod sentencepiece;
 mod train;
 
@@ -18,4 +20,6 @@ pub use auto::{
 };
 pub use byte_level::{bytes_to_unicode, token_bytes};
 pub use sentencepiece::from_sentencepiece_model;
-pub use train::{byte_level_bpe, sentencepiece_unigram, train, TokenizerKind, TrainArgs};
+pub use train::{
+    byte_level_bpe, sentencepiece_unigram, train, train_stream, TokenizerKind, TrainArgs,
+};

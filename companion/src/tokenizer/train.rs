@@ -99,6 +99,26 @@ pub fn sentencepiece_unigram() -> Tokenizer {
     Tokenizer::from(t)
 }
 
+/// [`train`] on documents read as they come, so that a corpus of any size
+/// trains in the memory of its word counts, not of its text; the first
+/// error of the stream (a bad line, say) stops training and is returned.
+pub fn train_stream<I, E>(args: &TrainArgs, docs: I) -> std::result::Result<AutoTokenizer, E>
+where
+    I: Iterator<Item = std::result::Result<String, E>> + Send,
+    E: From<TokenizerError> + Send,
+{
+    let failed = std::sync::Mutex::new(None);
+    let texts = docs.map_while(|d| {
+        d.map_err(|e| *failed.lock().expect("not poisoned") = Some(e))
+            .ok()
+    });
+    let trained = train(args, texts);
+    if let Some(e) = failed.into_inner().expect("not poisoned") {
+        return Err(e);
+    }
+    Ok(trained?)
+}
+
 /// Train a tokenizer on `texts` (one document each, as
 /// `train_from_iterator(dataset["text"])`), on all cores.
 pub fn train<I, S>(args: &TrainArgs, texts: I) -> Result<AutoTokenizer>
