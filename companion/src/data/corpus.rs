@@ -126,24 +126,41 @@ pub fn read_file(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
     documents(path, field, Split::Train)?.collect()
 }
 
-/// Read every file; an error if none holds any text.
-pub fn read_files<P: AsRef<Path>>(paths: &[P], field: &str) -> Result<Vec<String>, CorpusError> {
+/// The documents of every file in turn, as one stream; its last item is
+/// [`CorpusError::Empty`] when none of them held any text. Each file is
+/// opened (and its format checked) before the first document is read.
+pub fn documents_of<P: AsRef<Path>>(paths: &[P], field: &str) -> Result<Documents, CorpusError> {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     if paths.is_empty() {
         return Err(CorpusError::NoFiles);
     }
-    let mut docs = Vec::new();
-    for p in paths {
-        docs.extend(read_file(p.as_ref(), field)?);
-    }
-    if docs.iter().all(|d| d.trim().is_empty()) {
-        return Err(CorpusError::Empty {
-            paths: paths
-                .iter()
-                .map(|p| p.as_ref().display().to_string())
-                .collect(),
-        });
-    }
-    Ok(docs)
+    let streams = paths
+        .iter()
+        .map(|p| documents(p.as_ref(), field, Split::Train))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = std::sync::Arc::new(AtomicBool::new(false));
+    let seen = text.clone();
+    let docs = streams.into_iter().flatten().inspect(move |d| {
+        if d.as_ref().is_ok_and(|t| !t.trim().is_empty()) {
+            seen.store(true, Relaxed);
+        }
+    });
+    let mut names = Some(
+        paths
+            .iter()
+            .map(|p| p.as_ref().display().to_string())
+            .collect(),
+    );
+    let empty = std::iter::from_fn(move || {
+        let paths = names.take()?;
+        (!text.load(Relaxed)).then_some(Err(CorpusError::Empty { paths }))
+    });
+    Ok(Box::new(docs.chain(empty)))
+}
+
+/// Read every file into memory; an error if none holds any text.
+pub fn read_files<P: AsRef<Path>>(paths: &[P], field: &str) -> Result<Vec<String>, CorpusError> {
+    documents_of(paths, field)?.collect()
 }
 
 #[cfg(test)]

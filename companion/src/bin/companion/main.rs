@@ -299,18 +299,23 @@ fn tokenizer_train(c: TrainCmd) -> Result<()> {
         .iter()
         .map(|p| companion::data::corpus::resolve(&p.to_string_lossy()))
         .collect::<Result<Vec<_>, _>>()?;
-    let docs = companion::data::corpus::read_files(&corpus, &c.text_field)?;
+    let docs = companion::data::corpus::documents_of(&corpus, &c.text_field)?;
     let mut args = train_args(&c.training.model, c.training.vocab_size)?;
     // tokenizers' BPE trainer ends its progress bar with a newline on stdout.
     args.show_progress &= !c.json;
     args.min_frequency = c.min_frequency;
     args.special_tokens = c.special_tokens.clone();
     let start = std::time::Instant::now();
-    let mut tok = tokenizer::train(&args, docs.iter())?;
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    let docs = docs
+        .inspect(|_| _ = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        .map(|d| d.map_err(anyhow::Error::from));
+    let mut tok = tokenizer::train_stream(&args, docs)?;
     let secs = start.elapsed().as_secs_f64();
     tok.model_max_length = c.model_max_length;
     tok.save_pretrained(&c.out)
         .with_context(|| format!("saving the tokenizer to {}", c.out.display()))?;
+    let documents = count.into_inner();
     let summary = json!({
         "out": c.out.display().to_string(),
         "model": tokenizer::model_name(&tok),
@@ -319,7 +324,7 @@ fn tokenizer_train(c: TrainCmd) -> Result<()> {
         "bos_token_id": tok.bos_token_id(),
         "eos_token_id": tok.eos_token_id(),
         "pad_token_id": tok.pad_token_id(),
-        "documents": docs.len(),
+        "documents": documents,
         "seconds": secs,
     });
     if c.json {
@@ -329,7 +334,7 @@ fn tokenizer_train(c: TrainCmd) -> Result<()> {
             "trained a {} tokenizer ({} tokens incl. specials) on {} documents in {:.1} s, saved to {}",
             tokenizer::model_name(&tok),
             tok.len(),
-            docs.len(),
+            documents,
             secs,
             c.out.display()
         );

@@ -293,13 +293,14 @@ pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer
             opts.tokenizer_vocab_size,
             opts.train_file.display()
         );
-        let docs = companion::data::corpus::read_files(&[&opts.train_file], &opts.text_field)?;
+        let docs = companion::data::corpus::documents_of(&[&opts.train_file], &opts.text_field)?;
         let args = TrainArgs {
             vocab_size: opts.tokenizer_vocab_size,
             show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ..TrainArgs::default()
         };
-        let tok = tokenizer::train(&args, docs.iter())?;
+        let docs = docs.map(|d| d.map_err(PretrainError::from));
+        let tok = tokenizer::train_stream(&args, docs)?;
         tok.save_pretrained(dir)?;
         tok
     };
