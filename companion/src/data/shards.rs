@@ -3,8 +3,10 @@
 //! tokens are: sizes, fingerprints, the shard list) and `tokens-NNNNN.bin`
 //! files, each a 64-byte header then its tokens, little-endian u16 when the
 //! vocabulary fits (else u32). Training reads blocks in place through a
-//! memory map: nothing is copied or loaded up front, and a rank touches only
-//! the pages of its own blocks.
+//! memory map: nothing is copied or loaded up front. Opening reads each
+//! shard once, through that map, to check it (xxh3 runs at memory speed, and
+//! the page cache is shared by every rank on a machine); training then
+//! reads only the blocks of its own rank.
 //!
 //! Header: magic `CMPTOKS\0`, version (u32), bytes per token (u32), block
 //! size (u64), tokens in the shard (u64), vocabulary size (u64), xxh3-64 of
@@ -12,7 +14,7 @@
 //! its size, header, checksum and every id check out.
 
 use std::borrow::Cow;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -264,8 +266,8 @@ impl PartialEq for TokenShards {
 impl TokenShards {
     /// Open a shard folder, checking `meta.json`, each shard's size and
     /// header, its checksum and that every id is inside the vocabulary
-    /// (one streaming pass; nothing is allocated from a size before the
-    /// file is known to hold it).
+    /// (one pass over the mapped file; nothing is allocated or mapped from
+    /// a size before the file is known to hold it).
     pub fn open(dir: &Path) -> Result<Self, ShardError> {
         let meta_path = dir.join("meta.json");
         let bytes = std::fs::read(&meta_path).map_err(io(&meta_path))?;
@@ -317,16 +319,24 @@ impl TokenShards {
                 ));
             }
             let path = dir.join(name);
-            check_shard(&path, &meta, s.tokens)?;
             let file = std::fs::File::open(&path).map_err(io(&path))?;
+            let len = file.metadata().map_err(io(&path))?.len();
+            let want = (HEADER + s.tokens * meta.bytes_per_token as usize) as u64;
+            if len != want {
+                return Err(bad(
+                    &path,
+                    format!("{len} bytes, expected {want} (the shard is truncated or damaged)"),
+                ));
+            }
             // SAFETY: the shard folder is ours and is never written after
             // meta.json exists (a rebuild makes a new folder and renames it);
             // a file changed under us anyway could give wrong ids, never
             // unsafety, since every read goes through bounds-checked slices.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
-            if map.len() != HEADER + s.tokens * meta.bytes_per_token as usize {
+            if map.len() as u64 != want {
                 return Err(bad(&path, "changed while it was being opened"));
             }
+            check_shard(&path, &map, &meta, s.tokens)?;
             maps.push(map);
             total += s.tokens / meta.block_size;
         }
@@ -371,34 +381,28 @@ impl TokenShards {
         let bpt = self.meta.bytes_per_token as usize;
         let n = self.meta.block_size;
         let bytes = &self.maps[shard][HEADER + k * n * bpt..HEADER + (k + 1) * n * bpt];
-        let ids = match bpt {
-            2 => bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-                .collect(),
-            _ => bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        };
+        let ids = ids_of(bytes, bpt).collect();
         Cow::Owned(ids)
     }
 }
 
-/// One shard's size, header, checksum and ids, read as a stream.
-fn check_shard(path: &Path, meta: &ShardsMeta, tokens: usize) -> Result<(), ShardError> {
-    let bpt = meta.bytes_per_token as usize;
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let len = f.metadata().map_err(io(path))?.len();
-    let want = (HEADER + tokens * bpt) as u64;
-    if len != want {
-        return Err(bad(
-            path,
-            format!("{len} bytes, expected {want} (the shard is truncated or damaged)"),
-        ));
-    }
-    let mut header = [0u8; HEADER];
-    f.read_exact(&mut header).map_err(io(path))?;
+/// The little-endian ids of `bytes`, `bpt` (2 or 4) bytes each.
+fn ids_of(bytes: &[u8], bpt: usize) -> impl Iterator<Item = u32> + '_ {
+    bytes.chunks_exact(bpt).map(move |c| match bpt {
+        2 => u16::from_le_bytes([c[0], c[1]]) as u32,
+        _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+    })
+}
+
+/// One mapped shard's header, checksum and ids (its size is checked
+/// before it is mapped): the pages read here are the ones training reads.
+fn check_shard(
+    path: &Path,
+    map: &[u8],
+    meta: &ShardsMeta,
+    tokens: usize,
+) -> Result<(), ShardError> {
+    let (header, body) = map.split_at(HEADER);
     let sum = u64::from_le_bytes(header[40..48].try_into().expect("8 bytes"));
     let expect = header_bytes(
         meta.bytes_per_token,
@@ -413,33 +417,14 @@ fn check_shard(path: &Path, meta: &ShardsMeta, tokens: usize) -> Result<(), Shar
             "its header does not match meta.json (not a shard of this folder)",
         ));
     }
-    let mut hash = XxHash3_64::with_seed(0);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = tokens * bpt;
-    let mut max_id = 0u32;
-    while left > 0 {
-        let n = left.min(buf.len());
-        f.read_exact(&mut buf[..n]).map_err(io(path))?;
-        std::hash::Hasher::write(&mut hash, &buf[..n]);
-        max_id = match bpt {
-            2 => buf[..n]
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-                .fold(max_id, u32::max),
-            _ => buf[..n]
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .fold(max_id, u32::max),
-        };
-        left -= n;
-    }
-    if std::hash::Hasher::finish(&hash) != sum {
+    if twox_hash::XxHash3_64::oneshot(body) != sum {
         return Err(bad(
             path,
             "its checksum does not match (the shard is damaged)",
         ));
     }
-    if tokens > 0 && max_id as usize >= meta.vocab_size {
+    let max_id = ids_of(body, meta.bytes_per_token as usize).max();
+    if let Some(max_id) = max_id.filter(|&m| m as usize >= meta.vocab_size) {
         return Err(bad(
             path,
             format!(
