@@ -41,7 +41,7 @@ corpus_x() { # corpus_x N: the corpus repeated N times
 echo "binary: $COMPANION; corpus: $CORPUS; tokenizer: $TOKENIZER; block $BLOCK; cores: $(nproc)" >&2
 for n in $SIZES; do
     f=$(corpus_x "$n")
-    echo "== companion ×$n ($(du -h "$f" | cut -f1))" >&2
+    echo "== companion ×$n ($(du -hL "$f" | cut -f1))" >&2
     "$COMPANION" bench data --corpus "$f" --tokenizer "$TOKENIZER" --block-size "$BLOCK" --json |
         sed "s/^{/{\"times\": $n, /" | tee -a "$results"
 done
