@@ -130,32 +130,32 @@ pub fn read_file(path: &Path, field: &str) -> Result<Vec<String>, CorpusError> {
 /// [`CorpusError::Empty`] when none of them held any text. Each file is
 /// opened (and its format checked) before the first document is read.
 pub fn documents_of<P: AsRef<Path>>(paths: &[P], field: &str) -> Result<Documents, CorpusError> {
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     if paths.is_empty() {
         return Err(CorpusError::NoFiles);
     }
-    let streams = paths
+    let mut docs = paths
         .iter()
         .map(|p| documents(p.as_ref(), field, Split::Train))
-        .collect::<Result<Vec<_>, _>>()?;
-    let text = std::sync::Arc::new(AtomicBool::new(false));
-    let seen = text.clone();
-    let docs = streams.into_iter().flatten().inspect(move |d| {
-        if d.as_ref().is_ok_and(|t| !t.trim().is_empty()) {
-            seen.store(true, Relaxed);
-        }
-    });
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten();
     let mut names = Some(
         paths
             .iter()
             .map(|p| p.as_ref().display().to_string())
             .collect(),
     );
-    let empty = std::iter::from_fn(move || {
-        let paths = names.take()?;
-        (!text.load(Relaxed)).then_some(Err(CorpusError::Empty { paths }))
-    });
-    Ok(Box::new(docs.chain(empty)))
+    let mut text = false;
+    Ok(Box::new(std::iter::from_fn(move || match docs.next() {
+        Some(d) => {
+            text |= d.as_ref().is_ok_and(|t| !t.trim().is_empty());
+            Some(d)
+        }
+        None => names
+            .take()
+            .filter(|_| !text)
+            .map(|paths| Err(CorpusError::Empty { paths })),
+    })))
 }
 
 /// Read every file into memory; an error if none holds any text.

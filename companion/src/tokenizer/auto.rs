@@ -11,7 +11,7 @@ use tokenizers::{
 };
 
 use super::cache_key::CacheKey;
-use super::fast_ids::ByteLevelIds;
+use super::fast_ids::{post_processor_adds, ByteLevelIds};
 use crate::hub;
 
 /// The concrete `tokenizers` pipeline type behind `Tokenizer`.
@@ -286,16 +286,13 @@ impl AutoTokenizer {
     /// (GPT-2's and SentencePiece's pre-tokenizers split there anyway, so
     /// the ids are the same), instead of holding one `Encoding` (offsets,
     /// token strings, masks: ~200 bytes a token) for all of it. Tokenizers
-    /// whose post-processor adds tokens are encoded whole.
+    /// whose post-processor adds tokens are encoded whole, and so is any
+    /// text the ids-only path takes (it holds no `Encoding`).
     pub fn encode_long(&self, text: &str, piece_bytes: usize) -> Result<Vec<u32>> {
-        let adds = self
-            .backend()
-            .get_post_processor()
-            .is_some_and(|p| tokenizers::PostProcessor::added_tokens(p, false) > 0);
         if let Some(ids) = self.fast_ids(text)? {
             return Ok(ids);
         }
-        if text.len() <= piece_bytes || adds {
+        if text.len() <= piece_bytes || post_processor_adds(self.backend()) {
             return self.encode(text);
         }
         let mut ids = Vec::new();
@@ -316,19 +313,23 @@ impl AutoTokenizer {
     /// pipeline (for the tests that compare it with `tokenizers`).
     #[doc(hidden)]
     pub fn has_fast_ids(&self) -> bool {
+        self.fast().is_some()
+    }
+
+    /// The ids-only path, built on first use (`None`: not this pipeline).
+    fn fast(&self) -> Option<&ByteLevelIds> {
         self.fast
             .get_or_init(|| ByteLevelIds::for_pipeline(&self.tokenizer))
-            .is_some()
+            .as_ref()
     }
 
     /// `text`'s ids through [`ByteLevelIds`] when it applies (GPT-2-style
     /// byte-level BPE, no added token in `text`): the same ids as
     /// `encode_fast`, at a fraction of its allocations.
     fn fast_ids(&self, text: &str) -> Result<Option<Vec<u32>>> {
-        let fast = self
-            .fast
-            .get_or_init(|| ByteLevelIds::for_pipeline(&self.tokenizer));
-        let Some(fast) = fast else { return Ok(None) };
+        let Some(fast) = self.fast() else {
+            return Ok(None);
+        };
         let mut ids = Vec::with_capacity(text.len() / 4);
         let model = self.backend().get_model();
         Ok(fast

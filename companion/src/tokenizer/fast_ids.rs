@@ -39,6 +39,12 @@ const CACHE_PIECES: usize = 1 << 16;
 /// Longer pieces (rare: runs of CJK or of symbols) are not remembered.
 const CACHE_PIECE_BYTES: usize = 48;
 
+/// Whether `t`'s post-processor adds tokens to a single text (a BOS, say).
+pub(crate) fn post_processor_adds(t: &Tokenizer) -> bool {
+    t.get_post_processor()
+        .is_some_and(|p| tokenizers::PostProcessor::added_tokens(p, false) > 0)
+}
+
 /// The fast path for one tokenizer; see the module doc.
 pub(crate) struct ByteLevelIds {
     split: SysRegex,
@@ -63,12 +69,9 @@ impl ByteLevelIds {
             Some(PreTokenizerWrapper::ByteLevel(b)) if !b.add_prefix_space && b.use_regex
         );
         let bpe = matches!(t.get_model(), ModelWrapper::BPE(m) if m.dropout.is_none());
-        let post_adds = t
-            .get_post_processor()
-            .is_some_and(|p| tokenizers::PostProcessor::added_tokens(p, false) > 0);
         if !byte_level
             || !bpe
-            || post_adds
+            || post_processor_adds(t)
             || t.get_normalizer().is_some()
             || t.get_truncation().is_some()
             || t.get_padding().is_some()
