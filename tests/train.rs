@@ -250,6 +250,76 @@ fn a_crash_while_checkpointing_keeps_the_previous_checkpoint() {
     assert_eq!(weights(&r), weights(&straight));
 }
 
+/// A callback that stops training (HF: `control.should_training_stop`)
+/// leaves the first steps of the full run: the same log entries, one
+/// evaluation at the step it stopped on (not a second, final one), and the
+/// weights of the full run's checkpoint at that step. The notebooks' quick
+/// mode relies on it.
+#[test]
+fn a_callback_stops_training_after_the_full_runs_first_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval_rows: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| (0..8).map(|j| 1 + (i * 5 + j) % 60).collect())
+        .collect();
+    let run = |name: &str, stop: Option<usize>| {
+        let mut t = small_run(&dir.path().join(name), 6, true);
+        t.eval_dataset = Some(dataset_of(eval_rows.clone()));
+        t.args.eval_strategy = companion::train::IntervalStrategy::Steps;
+        t.args.eval_steps = Some(3.0);
+        if let Some(k) = stop {
+            t.add_callback(companion::train::StopAtStep(k));
+        }
+        t.train().unwrap();
+        t
+    };
+    let full = run("full", None);
+    let quick = run("quick", Some(3));
+    assert_eq!(quick.state.global_step, 3);
+    assert_eq!(quick.state.max_steps, 6, "the schedule is the full run's");
+    let upto = |t: &Trainer, k: u64| -> Vec<Value> {
+        t.state
+            .log_history
+            .iter()
+            .filter(|e| !e.contains_key("train_runtime"))
+            .filter(|e| e["step"].as_u64().unwrap() <= k)
+            .map(|e| {
+                let mut e = e.clone();
+                e.retain(|k, _| {
+                    !k.ends_with("_runtime")
+                        && !k.ends_with("_per_second")
+                        && k != "mfu"
+                        && k != "eta_seconds"
+                });
+                Value::Object(e)
+            })
+            .collect()
+    };
+    assert_eq!(upto(&quick, 3), upto(&full, 3));
+    let evals = |t: &Trainer| {
+        t.state
+            .log_history
+            .iter()
+            .filter(|e| e.contains_key("eval_loss"))
+            .count()
+    };
+    assert_eq!(
+        (evals(&quick), evals(&full)),
+        (1, 2),
+        "one evaluation at step 3; the full run's at 3 and 6"
+    );
+    let at3 = companion::GPT2LMHeadModel::from_pretrained(
+        dir.path().join("full/checkpoint-3").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        weights(&quick),
+        at3.state_dict_bytes().unwrap(),
+        "the weights of the full run at step 3"
+    );
+}
+
 #[test]
 fn save_total_limit_keeps_the_newest() {
     let dir = tempfile::tempdir().unwrap();

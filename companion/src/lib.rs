@@ -40,7 +40,8 @@ pub mod prelude {
     pub use crate::notebook::{self, CheckFailed};
     pub use crate::tokenizer::{self, AutoTokenizer, SpecialRole, TokenizerKind, TrainArgs};
     pub use crate::train::{
-        EvalMetrics, IntervalStrategy, OptimizerName, SchedulerType, Trainer, TrainingArguments,
+        EvalMetrics, IntervalStrategy, OptimizerName, SchedulerType, StopAtStep, Trainer,
+        TrainerCallback, TrainingArguments,
     };
     pub use crate::zero::comm::{run_ranks, Communicator};
     pub use crate::{check, check_eq};

@@ -283,6 +283,16 @@ impl Sinks {
 }
 
 /// A rank's model-state bytes, as DeepSpeed's memory report gives them.
+/// Under DeepSpeed, the config's warnings and each rank's model-state bytes.
+pub(super) fn print_memory(warnings: &[String], memory: &[crate::zero::ModelStateBytes]) {
+    for w in warnings {
+        eprintln!("deepspeed: {w}");
+    }
+    for m in memory {
+        eprintln!("{}", memory_line(m));
+    }
+}
+
 pub(super) fn memory_line(m: &crate::zero::ModelStateBytes) -> String {
     let h = |b: usize| crate::sysmem::human_bytes(b as u64);
     format!(

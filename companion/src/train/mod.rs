@@ -4,6 +4,7 @@
 //! evaluation ([`eval`]) and `checkpoint-N/` folders ([`checkpoint`]).
 
 pub mod args;
+pub mod callback;
 pub mod checkpoint;
 mod error;
 pub mod eval;
@@ -16,9 +17,10 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use args::{IntervalStrategy, OptimizerName, SchedulerType, TrainingArguments};
+pub use callback::{StopAtStep, TrainerCallback, TrainerControl};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate_model, EvalMetrics};
 pub use lock::OutputDirLock;
 pub use output_dir::{latest_checkpoint, list_checkpoints};
-pub use state::{LogEntry, TrainerState};
-pub use trainer::{FaultInjection, TrainOutput, Trainer};
+pub use state::{LogEntry, TrainOutput, TrainerState};
+pub use trainer::{FaultInjection, Trainer};

@@ -38,6 +38,14 @@ impl TrainerState {
     }
 }
 
+/// What `train()` returns (`TrainOutput`).
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    pub global_step: usize,
+    pub training_loss: f64,
+    pub metrics: LogEntry,
+}
+
 /// The learning-rate schedule state saved as `scheduler.json` (HF: scheduler.pt).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SchedulerState {

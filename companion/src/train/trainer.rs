@@ -11,9 +11,10 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use super::args::{IntervalStrategy, TrainingArguments};
+use super::callback::TrainerCallback;
 use super::error::{Result, TrainError};
 use super::logging::{log_entry, train_metrics, Live, LogWindow, Sinks, StepReport};
-use super::state::{LogEntry, TrainerState};
+use super::state::{TrainOutput, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::{lr_at, AdamWParams};
@@ -59,14 +60,8 @@ pub struct Trainer {
     /// steps it trains: tests check no batch is replayed to get there).
     #[doc(hidden)]
     pub batches_read: usize,
-}
-
-/// What `train()` returns (`TrainOutput`).
-#[derive(Debug, Clone)]
-pub struct TrainOutput {
-    pub global_step: usize,
-    pub training_loss: f64,
-    pub metrics: LogEntry,
+    /// HF's `callbacks`: told after every step, they may stop training.
+    callbacks: Vec<Box<dyn TrainerCallback>>,
 }
 
 /// Logging, evaluation and saving intervals in steps (0: never).
@@ -225,7 +220,13 @@ impl Trainer {
             shuffle: true,
             run_tag: 0,
             batches_read: 0,
+            callbacks: Vec::new(),
         })
+    }
+
+    /// HF: `trainer.add_callback(callback)`.
+    pub fn add_callback(&mut self, callback: impl TrainerCallback + 'static) {
+        self.callbacks.push(Box::new(callback));
     }
 
     /// Rank 0 of the group (it logs and writes shared files).
@@ -338,7 +339,10 @@ impl Trainer {
             ds.finalize(warmup, total);
         }
         let verbose = self.verbose && self.is_world_process_zero();
-        self.report_memory(verbose)?;
+        let memory = self.memory_report()?;
+        if let Some(ds) = self.deepspeed.as_ref().filter(|_| verbose) {
+            super::logging::print_memory(&ds.warnings, &memory);
+        }
         let bar = if verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             indicatif::ProgressBar::new(total as u64)
         } else {
@@ -407,10 +411,17 @@ impl Trainer {
                 self.save_checkpoint()?;
             }
             sinks.write_new(&self.state.log_history)?;
+            if super::callback::on_step_end(&mut self.callbacks, &self.args, &self.state) {
+                break;
+            }
         }
         bar.finish_and_clear();
         self.model.set_training(false);
-        if self.args.eval_strategy != IntervalStrategy::No {
+        // The last step's evaluation, unless the loop just made it (a
+        // callback stopped training on an evaluation step).
+        let gs = self.state.global_step;
+        let evaluated = every.eval > 0 && gs.is_multiple_of(every.eval) && gs != total;
+        if self.args.eval_strategy != IntervalStrategy::No && !evaluated {
             self.evaluate()?;
         }
         let steps_done = (self.state.global_step - start_step).max(1);
@@ -481,21 +492,6 @@ impl Trainer {
             eval: every(a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)),
             save: every(a.save_strategy, a.save_steps),
         }
-    }
-
-    /// Under DeepSpeed, the config's warnings and each rank's model-state bytes.
-    fn report_memory(&self, verbose: bool) -> Result<()> {
-        let memory = self.memory_report()?;
-        let Some(ds) = self.deepspeed.as_ref().filter(|_| verbose) else {
-            return Ok(());
-        };
-        for w in &ds.warnings {
-            eprintln!("deepspeed: {w}");
-        }
-        for m in &memory {
-            eprintln!("{}", super::logging::memory_line(m));
-        }
-        Ok(())
     }
 
     /// One optimizer step: this rank's micro-batches of the global batch,

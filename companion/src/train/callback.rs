@@ -1,0 +1,53 @@
+//! HF's `TrainerCallback` / `TrainerControl`: code outside the loop that
+//! looks at the state after each optimizer step and may end training early
+//! (`control.should_training_stop`), as transformers' callbacks do. The loop
+//! itself keeps logging, evaluation and saving; this is the hook a user adds.
+
+use super::args::TrainingArguments;
+use super::state::TrainerState;
+
+/// What a callback asks of the loop (HF: `TrainerControl`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrainerControl {
+    /// End training after this step's logging, evaluation and saving.
+    pub should_training_stop: bool,
+}
+
+/// HF: `TrainerCallback.on_step_end(args, state, control)`, called on every
+/// rank after each optimizer step, once that step's logs, evaluation and
+/// checkpoint are done.
+pub trait TrainerCallback: Send {
+    fn on_step_end(
+        &mut self,
+        args: &TrainingArguments,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+    );
+}
+
+/// Stop after optimizer step `N`, keeping the schedule of the full run
+/// (`max_steps` still sets warmup and decay): the first `N` steps are those
+/// of the whole run. The notebooks' quick mode uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopAtStep(pub usize);
+
+impl TrainerCallback for StopAtStep {
+    fn on_step_end(&mut self, _: &TrainingArguments, state: &TrainerState, c: &mut TrainerControl) {
+        if state.global_step >= self.0 {
+            c.should_training_stop = true;
+        }
+    }
+}
+
+/// Tell every callback that a step ended; whether one asked to stop.
+pub(super) fn on_step_end(
+    callbacks: &mut [Box<dyn TrainerCallback>],
+    args: &TrainingArguments,
+    state: &TrainerState,
+) -> bool {
+    let mut control = TrainerControl::default();
+    for c in callbacks {
+        c.on_step_end(args, state, &mut control);
+    }
+    control.should_training_stop
+}
