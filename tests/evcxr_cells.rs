@@ -12,17 +12,21 @@ mod common;
 
 use std::ffi::{c_char, CStr, CString};
 use std::path::PathBuf;
-use std::process::Command;
 
 use companion::tokenizer::{self, AutoTokenizer, TrainArgs};
 
 /// Build the cell library (with the notebooks' features, which only this
-/// package selects) and return its path.
+/// package selects) and return its path. It takes this build's `mpi` too:
+/// then every dependency but `tokenizers` (its regex engine) resolves the
+/// same features as the workspace build, and cargo reuses them instead of
+/// compiling candle, arrow and the rest a second time.
 fn build_cell_library() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "-p", "evcxr-cells", "--message-format=json"])
-        .current_dir(common::root())
+    let mut args = vec!["build", "-p", "evcxr-cells", "--message-format=json"];
+    if cfg!(feature = "mpi") {
+        args.extend(["--features", "companion/mpi"]);
+    }
+    let out = common::cargo()
+        .args(args)
         .output()
         .expect("run cargo build -p evcxr-cells");
     assert!(

@@ -22,31 +22,77 @@ pub fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// The `companion` program beside this test binary; built once on first use
-/// when a plain `cargo test` has not built it (cargo builds a package's
-/// binaries only for that package's own integration tests).
-pub fn companion_bin() -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join(format!("companion{}", std::env::consts::EXE_SUFFIX));
-    BUILD.call_once(|| {
-        if !bin.exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut args = vec!["build", "-p", "companion", "--bin", "companion"];
-            if cfg!(feature = "mpi") {
-                args.extend(["--features", "mpi"]);
-            }
-            let status = Command::new(cargo)
-                .args(args)
-                .current_dir(root())
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building the companion binary failed");
+/// `cargo`, run from the workspace root without the variables cargo sets for
+/// a test process: build scripts that watch them (ring's watches
+/// `CARGO_MANIFEST_DIR`) would otherwise see a change and rebuild, with
+/// everything above them, what the test command has just built.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let set_for_tests = k.starts_with("CARGO_PKG_")
+            || matches!(
+                &*k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if set_for_tests {
+            cmd.env_remove(&*k);
         }
-    });
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
+    }
+    cmd.current_dir(root());
+    cmd
+}
+
+/// The `companion` program of this checkout, built by the same cargo
+/// selection as the tests (a no-op when the test command built it first).
+/// Asking cargo, rather than taking whatever `companion` lies in the target
+/// folder, matters because the test command shares one target folder
+/// between clones: the binary there may be another checkout's.
+pub fn companion_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test exe");
+        let release = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .is_some_and(|d| d.ends_with("release"));
+        let mut args = vec![
+            "build",
+            "--workspace",
+            "--exclude",
+            "evcxr-cells",
+            "--all-targets",
+        ];
+        args.push("--message-format=json-render-diagnostics");
+        if cfg!(feature = "mpi") {
+            args.extend(["--features", "mpi"]);
+        }
+        if release {
+            args.push("--release");
+        }
+        let out = cargo()
+            .args(&args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run cargo build");
+        assert!(out.status.success(), "building the companion binary failed");
+        let bin = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["kind"][0] == "bin")
+            .filter(|m| m["target"]["name"] == "companion" && m["profile"]["test"] == false)
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported the companion binary");
+        assert!(bin.exists(), "{} is missing", bin.display());
+        bin
+    })
+    .clone()
 }
 
 /// Run `companion ARGS` with extra environment variables.
