@@ -1,10 +1,12 @@
-# Sourced by the bench scripts: COMPANION, the binary measured (default
-# target/release/companion if built, else target/debug/companion).
+# Sourced by the bench scripts: COMPANION, the binary measured (default: the
+# release build if there is one, else the debug build, in CARGO_TARGET_DIR
+# when set, as ./scripts/test sets it, else target/).
 if [[ -z "${COMPANION:-}" ]]; then
-    if [[ -x target/release/companion ]]; then
-        COMPANION=target/release/companion
+    dir="${CARGO_TARGET_DIR:-target}"
+    if [[ -x "$dir/release/companion" ]]; then
+        COMPANION="$dir/release/companion"
     else
-        COMPANION=target/debug/companion
+        COMPANION="$dir/debug/companion"
     fi
 fi
 if [[ ! -x "$COMPANION" ]]; then
