@@ -71,6 +71,14 @@ struct Intervals {
     save: usize,
 }
 
+impl Intervals {
+    /// Whether the loop evaluates after `step` (the last step's evaluation
+    /// comes after the loop).
+    fn evaluates_after(&self, step: usize, total: usize) -> bool {
+        self.eval > 0 && step.is_multiple_of(self.eval) && step != total
+    }
+}
+
 impl Trainer {
     pub fn new(
         model: GPT2LMHeadModel,
@@ -404,7 +412,7 @@ impl Trainer {
                 }
                 self.state.log_history.push(e);
             }
-            if every.eval > 0 && gs.is_multiple_of(every.eval) && gs != total {
+            if every.evaluates_after(gs, total) {
                 bar.suspend(|| self.evaluate())?;
             }
             if every.save > 0 && gs.is_multiple_of(every.save) {
@@ -419,8 +427,7 @@ impl Trainer {
         self.model.set_training(false);
         // The last step's evaluation, unless the loop just made it (a
         // callback stopped training on an evaluation step).
-        let gs = self.state.global_step;
-        let evaluated = every.eval > 0 && gs.is_multiple_of(every.eval) && gs != total;
+        let evaluated = every.evaluates_after(self.state.global_step, total);
         if self.args.eval_strategy != IntervalStrategy::No && !evaluated {
             self.evaluate()?;
         }
