@@ -53,6 +53,8 @@ if r["warmup_steps"]:
     unsupported.append(f"warmup_steps {r['warmup_steps']} (use warmup_ratio)")
 if any(r["dropout"]):
     unsupported.append(f"dropout {r['dropout']}")
+if r.get("deepspeed_scheduler"):
+    unsupported.append("a ds_config scheduler")
 if r["eval_strategy"] == "epoch":
     unsupported.append("eval_strategy epoch")
 if unsupported:

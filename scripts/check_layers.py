@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Check the crate's layering: no import cycle between source files, and
 each top-level module imports only from modules before it in the data flow
-(README, "Layout"). Exits non-zero, naming the files, when either fails.
+(README, "Layout"); and no import cycle between the files of the
+`companion` binary (src/bin/companion). Exits non-zero, naming the files,
+when either fails.
 
     python3 scripts/check_layers.py
 
@@ -14,17 +16,18 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "companion" / "src"
+BIN = SRC / "bin" / "companion"
 # The data flow, first to last; a module may import only from earlier ones
 # (and from itself). `generate` comes before the training modules because
 # `save_model` writes the model's `generation_config.json`.
-ORDER = ["atomic_write", "hub", "hf_json", "rng", "sysmem", "tokenizer", "data", "config", "cpu",
+ORDER = ["atomic_write", "hub", "hf_json", "rng", "sysmem", "tokenizer", "data", "config", "params", "cpu",
          "model", "generate", "optim", "zero", "train", "notebook"]
 
 
-def module_of(path: Path) -> tuple:
-    rel = path.relative_to(SRC).with_suffix("")
+def module_of(path: Path, root: Path) -> tuple:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
-    if parts[-1] in ("mod", "lib"):
+    if parts[-1] in ("mod", "lib", "main"):
         parts = parts[:-1]
     return tuple(parts)
 
@@ -46,8 +49,9 @@ def strip_tests(text: str) -> str:
     return "".join(out)
 
 
-def main() -> int:
-    files = {module_of(p): p for p in SRC.rglob("*.rs") if "bin" not in p.relative_to(SRC).parts}
+def imports(root: Path, paths) -> tuple:
+    """Each module's file, and the modules each imports."""
+    files = {module_of(p, root): p for p in paths}
     mods = set(files)
 
     def resolve(path: tuple):
@@ -65,8 +69,7 @@ def main() -> int:
             if t and t != m:
                 edges[m].add(t)
         # super:: relative to this module (a mod.rs is its folder's module)
-        base = m if p.name != "mod.rs" and p.name != "lib.rs" else m
-        parent = base[:-1]
+        parent = m[:-1]
         refs = re.findall(r"\bsuper((?:::\w+)+)", text)
         refs += ["" for _ in re.findall(r"\bsuper::\{", text)]  # super::{a, b}: the parent
         for ref in refs:
@@ -75,12 +78,16 @@ def main() -> int:
                 edges[m].add(t)
         # A folder module's own children, named without a prefix
         # (`pub use child::Item;`, `child::f()`), and `self::child`.
-        if p.name in ("mod.rs", "lib.rs"):
+        if p.name in ("mod.rs", "lib.rs", "main.rs"):
             for child in re.findall(r"(?<![:\w])(\w+)::", text):
                 t = m + (child,)
                 if t in mods:
                     edges[m].add(t)
-    # Cycles: Tarjan's strongly connected components.
+    return files, edges
+
+
+def cycles(files: dict, edges: dict, root: Path) -> bool:
+    """Print every import cycle (Tarjan's strongly connected components)."""
     index, low, stack, on, sccs = {}, {}, [], set(), []
     counter = [0]
 
@@ -107,16 +114,21 @@ def main() -> int:
                 sccs.append(comp)
 
     sys.setrecursionlimit(10000)
-    for v in sorted(mods):
+    for v in sorted(edges):
         if v not in index:
             visit(v)
-    bad = False
     for comp in sccs:
-        bad = True
-        print("import cycle between:", ", ".join(str(files[c].relative_to(SRC)) for c in sorted(comp)))
+        print("import cycle between:", ", ".join(str(files[c].relative_to(root)) for c in sorted(comp)))
         for c in sorted(comp):
-            inside = sorted(str(files[t].relative_to(SRC)) for t in edges[c] if t in comp)
-            print(f"  {files[c].relative_to(SRC)} → {', '.join(inside)}")
+            inside = sorted(str(files[t].relative_to(root)) for t in edges[c] if t in comp)
+            print(f"  {files[c].relative_to(root)} → {', '.join(inside)}")
+    return bool(sccs)
+
+
+def main() -> int:
+    files, edges = imports(SRC, [p for p in SRC.rglob("*.rs") if "bin" not in p.relative_to(SRC).parts])
+    mods = set(files)
+    bad = cycles(files, edges, SRC)
     rank = {name: i for i, name in enumerate(ORDER)}
     for m, targets in sorted(edges.items()):
         if not m or m[0] not in rank:
@@ -133,7 +145,13 @@ def main() -> int:
     n_edges = sum(len(v) for v in edges.values())
     print(f"{len(mods)} modules, {n_edges} imports between them: "
           + ("layering violated" if bad else "no cycle, every import points back along the data flow"))
-    return 1 if bad else 0
+    # The binary: its own modules (`crate::` there is the binary) must not
+    # import each other in a circle either.
+    bfiles, bedges = imports(BIN, list(BIN.rglob("*.rs")))
+    bin_bad = cycles(bfiles, bedges, BIN)
+    print(f"binary: {len(bfiles)} modules, {sum(len(v) for v in bedges.values())} imports between them: "
+          + ("import cycle" if bin_bad else "no cycle"))
+    return 1 if bad or bin_bad else 0
 
 
 if __name__ == "__main__":

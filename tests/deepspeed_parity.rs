@@ -288,3 +288,52 @@ fn ds_config_verdicts_equal_deepspeeds() {
         assert!(msg.contains(want), "{name}: {msg}");
     }
 }
+
+/// Keys a ds_config leaves out take DeepSpeed's own defaults
+/// (tests/fixtures/ds_defaults.json, from make_ds_defaults_fixture.py):
+/// clipping, the progress line, stage, accumulation, offload, precision and
+/// the fp16 loss scaler's settings.
+#[test]
+fn absent_keys_take_deepspeeds_defaults() {
+    use companion::zero::ds_config::{json_eq, OffloadDevice};
+    use companion::zero::DeepSpeedConfig;
+    let v = read_json(&fixture("ds_defaults.json"));
+    let parse = |case: &Value, fp16: bool| {
+        let text: Value = serde_json::from_str(case["text"].as_str().unwrap()).unwrap();
+        DeepSpeedConfig::from_value(text, "case", &hf_values(fp16, false), 1, 64).unwrap()
+    };
+    let c = parse(&v["minimal"], false);
+    let minimal = json!({
+        "gradient_clipping": c.gradient_clipping,
+        "steps_per_print": c.steps_per_print,
+        "zero_optimization_stage": c.zero.stage,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "train_batch_size": c.train_batch_size,
+        "wall_clock_breakdown": c.wall_clock_breakdown,
+        "fp16_enabled": c.fp16.enabled,
+        "bf16_enabled": c.bf16,
+        "offload_optimizer": c.zero.offload_optimizer == OffloadDevice::Cpu,
+        "offload_param": c.zero.offload_param == OffloadDevice::Cpu,
+    });
+    let f = parse(&v["fp16"], true).fp16;
+    assert!(f.enabled);
+    let fp16 = json!({
+        "loss_scale": f.loss_scale,
+        "initial_scale_power": f.initial_scale_power,
+        "loss_scale_window": f.loss_scale_window,
+        "hysteresis": f.hysteresis,
+        "consecutive_hysteresis": f.consecutive_hysteresis,
+        "min_loss_scale": f.min_loss_scale,
+    });
+    for (case, ours) in [("minimal", minimal), ("fp16", fp16)] {
+        for (key, want) in v[case].as_object().unwrap() {
+            if key != "text" {
+                assert!(
+                    json_eq(&ours[key], want),
+                    "{case}.{key}: ours {}, DeepSpeed {want}",
+                    ours[key]
+                );
+            }
+        }
+    }
+}

@@ -16,6 +16,7 @@ pub mod hf_json;
 pub mod model;
 pub mod notebook;
 pub mod optim;
+pub mod params;
 pub mod rng;
 pub mod sysmem;
 pub mod zero;

@@ -6,8 +6,7 @@ use super::gemm::{for_blocks, linear, lm_head, SharedMut};
 use super::inputs::{check_token_ids, positions, InputError};
 use super::layers::{add_dropped, layer_norm, masked_softmax_row, mlp_forward};
 use super::simd::{axpy, dot};
-use super::weights::Weights;
-use super::workspace::Index;
+use super::weights::{mlp_weights, Weights};
 use crate::config::GPT2Config;
 
 /// Keys and values of earlier positions for [`forward_cached`]: per layer
@@ -92,7 +91,7 @@ pub fn forward_cached(
     let cap = cache.cap;
     let eps = cfg.layer_norm_epsilon as f32;
     let pos = positions(b, t, past, mask);
-    let idx = Index::new(weights.names, nl)?;
+    let idx = weights.index(cfg)?;
     let w = weights.values;
     {
         let bt = b * t;
@@ -116,14 +115,22 @@ pub fn forward_cached(
             let bi = &idx.blocks[l];
             layer_norm(
                 &x,
-                w[bi.ln1.0],
-                w[bi.ln1.1],
+                w[bi.ln_1.weight],
+                w[bi.ln_1.bias],
                 eps,
                 &mut hbuf,
                 &mut mean,
                 &mut rstd,
             );
-            linear(&mut qkv, &hbuf, w[bi.attn.0], w[bi.attn.1], bt, c, 3 * c);
+            linear(
+                &mut qkv,
+                &hbuf,
+                w[bi.c_attn.weight],
+                w[bi.c_attn.bias],
+                bt,
+                c,
+                3 * c,
+            );
             let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
             for r in 0..bt {
                 let (bb, i) = (r / t, r % t);
@@ -172,8 +179,8 @@ pub fn forward_cached(
             linear(
                 &mut o,
                 &atty,
-                w[bi.attn_proj.0],
-                w[bi.attn_proj.1],
+                w[bi.attn_c_proj.weight],
+                w[bi.attn_c_proj.bias],
                 bt,
                 c,
                 c,
@@ -181,8 +188,8 @@ pub fn forward_cached(
             add_dropped(&mut x, &o, None);
             layer_norm(
                 &x,
-                w[bi.ln2.0],
-                w[bi.ln2.1],
+                w[bi.ln_2.weight],
+                w[bi.ln_2.bias],
                 eps,
                 &mut hbuf,
                 &mut mean,
@@ -193,22 +200,22 @@ pub fn forward_cached(
                 &mut fc,
                 &mut fc_act,
                 &mut o,
-                bi.mlp_weights(w),
+                mlp_weights(bi, w),
                 (bt, c, f),
             );
             add_dropped(&mut x, &o, None);
         }
         layer_norm(
             &x,
-            w[idx.lnf.0],
-            w[idx.lnf.1],
+            w[idx.ln_f.weight],
+            w[idx.ln_f.bias],
             eps,
             &mut hbuf,
             &mut mean,
             &mut rstd,
         );
         let mut logits = vec![0f32; bt * v];
-        lm_head(&mut logits, &hbuf, w[idx.head], bt, c, v);
+        lm_head(&mut logits, &hbuf, w[idx.head()], bt, c, v);
         cache.len = total;
         Ok(logits)
     }

@@ -16,10 +16,11 @@ use super::layers::{
     add_dropped, cross_entropy_backward, gelu_backward, layer_norm, layer_norm_backward,
     mlp_forward, mul_mask,
 };
-use super::weights::{supports, DropoutMasks, Weights};
-use super::workspace::{Index, Workspace};
+use super::weights::{mlp_weights, supports, DropoutMasks, Weights};
+use super::workspace::Workspace;
 use crate::config::GPT2Config;
 use crate::data::IGNORE_INDEX;
+use crate::params::Gpt2Params;
 
 /// One micro-batch: `ids` and `labels` `[B][T]`, `mask` (1 = token) or none.
 pub struct Batch<'a> {
@@ -74,15 +75,15 @@ impl Workspace {
             ));
         }
         let (b, t) = validate(cfg, batch)?;
-        if ranges.len() != weights.names.len() || ranges.iter().any(|r| r.end > grads.len()) {
+        if ranges.len() != weights.params.len() || ranges.iter().any(|r| r.end > grads.len()) {
             return Err(InputError(
                 "gradient ranges do not match the model's parameters".into(),
             ));
         }
-        let idx = Index::new(weights.names, cfg.n_layer)?;
+        let idx = weights.index(cfg)?;
         self.run(
             cfg,
-            &idx,
+            idx,
             weights.values,
             batch,
             dropout,
@@ -97,7 +98,7 @@ impl Workspace {
     fn run(
         &mut self,
         cfg: &GPT2Config,
-        idx: &Index,
+        idx: &Gpt2Params,
         w: &[&[f32]],
         batch: &Batch,
         dropout: Option<&dyn DropoutMasks>,
@@ -149,14 +150,22 @@ impl Workspace {
             let a = &mut self.layers[l];
             layer_norm(
                 x_in,
-                w[bi.ln1.0],
-                w[bi.ln1.1],
+                w[bi.ln_1.weight],
+                w[bi.ln_1.bias],
                 eps,
                 &mut a.ln1,
                 &mut a.ln1_mean,
                 &mut a.ln1_rstd,
             );
-            linear(&mut a.qkv, &a.ln1, w[bi.attn.0], w[bi.attn.1], bt, c, 3 * c);
+            linear(
+                &mut a.qkv,
+                &a.ln1,
+                w[bi.c_attn.weight],
+                w[bi.c_attn.bias],
+                bt,
+                c,
+                3 * c,
+            );
             let scale = cfg.attn_scale(l);
             if p_att > 0.0 {
                 fill(&mut a.att_d, p_att);
@@ -165,8 +174,8 @@ impl Workspace {
             linear(
                 &mut self.tmp,
                 &a.atty,
-                w[bi.attn_proj.0],
-                w[bi.attn_proj.1],
+                w[bi.attn_c_proj.weight],
+                w[bi.attn_c_proj.bias],
                 bt,
                 c,
                 c,
@@ -182,8 +191,8 @@ impl Workspace {
             );
             layer_norm(
                 &a.x2,
-                w[bi.ln2.0],
-                w[bi.ln2.1],
+                w[bi.ln_2.weight],
+                w[bi.ln_2.bias],
                 eps,
                 &mut a.ln2,
                 &mut a.ln2_mean,
@@ -194,7 +203,7 @@ impl Workspace {
                 &mut a.fc,
                 &mut a.fc_act,
                 &mut self.tmp,
-                bi.mlp_weights(w),
+                mlp_weights(bi, w),
                 (bt, c, f),
             );
             if p_res > 0.0 {
@@ -206,14 +215,14 @@ impl Workspace {
         let x_last = &self.res[cfg.n_layer];
         layer_norm(
             x_last,
-            w[idx.lnf.0],
-            w[idx.lnf.1],
+            w[idx.ln_f.weight],
+            w[idx.ln_f.bias],
             eps,
             &mut self.lnf,
             &mut self.lnf_mean,
             &mut self.lnf_rstd,
         );
-        let head = w[idx.head];
+        let head = w[idx.head()];
         matmul(
             &mut self.logits,
             (&self.lnf, c, 1),
@@ -267,7 +276,7 @@ impl Workspace {
             false,
         );
         matmul(
-            &mut grads[g(idx.head)],
+            &mut grads[g(idx.head())],
             (&self.logits, 1, v),
             (&self.lnf, c, 1),
             v,
@@ -276,14 +285,14 @@ impl Workspace {
             true,
         );
         self.dres.fill(0.0);
-        let (gw, gb) = two_mut(grads, g(idx.lnf.0), g(idx.lnf.1));
+        let (gw, gb) = two_mut(grads, g(idx.ln_f.weight), g(idx.ln_f.bias));
         layer_norm_backward(
             &mut self.dres,
             gw,
             gb,
             &self.dln,
             x_last,
-            w[idx.lnf.0],
+            w[idx.ln_f.weight],
             &self.lnf_mean,
             &self.lnf_rstd,
         );
@@ -300,26 +309,26 @@ impl Workspace {
             linear_backward(
                 &mut self.dfc,
                 grads,
-                (g(bi.mlp_proj.0), g(bi.mlp_proj.1)),
-                (&a.fc_act, w[bi.mlp_proj.0], &self.dtmp),
+                (g(bi.mlp_c_proj.weight), g(bi.mlp_c_proj.bias)),
+                (&a.fc_act, w[bi.mlp_c_proj.weight], &self.dtmp),
                 (bt, f, c),
             );
             gelu_backward(&mut self.dfc, &a.fc);
             linear_backward(
                 &mut self.dln,
                 grads,
-                (g(bi.fc.0), g(bi.fc.1)),
-                (&a.ln2, w[bi.fc.0], &self.dfc),
+                (g(bi.c_fc.weight), g(bi.c_fc.bias)),
+                (&a.ln2, w[bi.c_fc.weight], &self.dfc),
                 (bt, c, f),
             );
-            let (gw, gb) = two_mut(grads, g(bi.ln2.0), g(bi.ln2.1));
+            let (gw, gb) = two_mut(grads, g(bi.ln_2.weight), g(bi.ln_2.bias));
             layer_norm_backward(
                 &mut self.dres,
                 gw,
                 gb,
                 &self.dln,
                 &a.x2,
-                w[bi.ln2.0],
+                w[bi.ln_2.weight],
                 &a.ln2_mean,
                 &a.ln2_rstd,
             );
@@ -332,8 +341,8 @@ impl Workspace {
             linear_backward(
                 &mut self.dln,
                 grads,
-                (g(bi.attn_proj.0), g(bi.attn_proj.1)),
-                (&a.atty, w[bi.attn_proj.0], &self.dtmp),
+                (g(bi.attn_c_proj.weight), g(bi.attn_c_proj.bias)),
+                (&a.atty, w[bi.attn_c_proj.weight], &self.dtmp),
                 (bt, c, c),
             );
             let scale = cfg.attn_scale(l);
@@ -349,18 +358,18 @@ impl Workspace {
             linear_backward(
                 &mut self.dln,
                 grads,
-                (g(bi.attn.0), g(bi.attn.1)),
-                (&a.ln1, w[bi.attn.0], &self.dqkv),
+                (g(bi.c_attn.weight), g(bi.c_attn.bias)),
+                (&a.ln1, w[bi.c_attn.weight], &self.dqkv),
                 (bt, c, 3 * c),
             );
-            let (gw, gb) = two_mut(grads, g(bi.ln1.0), g(bi.ln1.1));
+            let (gw, gb) = two_mut(grads, g(bi.ln_1.weight), g(bi.ln_1.bias));
             layer_norm_backward(
                 &mut self.dres,
                 gw,
                 gb,
                 &self.dln,
                 x_in,
-                w[bi.ln1.0],
+                w[bi.ln_1.weight],
                 &a.ln1_mean,
                 &a.ln1_rstd,
             );

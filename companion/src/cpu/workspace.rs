@@ -2,7 +2,6 @@
 //! pass needs, sized for one batch shape and reused from step to step (a
 //! fresh allocation per step costs page faults on every touch).
 
-use super::inputs::InputError;
 use crate::config::GPT2Config;
 
 /// One block's saved activations.
@@ -58,77 +57,6 @@ pub struct Workspace {
 pub(crate) fn zeroed(v: &mut Vec<f32>, n: usize) {
     v.clear();
     v.resize(n, 0.0);
-}
-
-/// The parameters of one block, as indices into `named_parameters`.
-pub(crate) struct BlockIdx {
-    pub(crate) ln1: (usize, usize),
-    pub(crate) attn: (usize, usize),
-    pub(crate) attn_proj: (usize, usize),
-    pub(crate) ln2: (usize, usize),
-    pub(crate) fc: (usize, usize),
-    pub(crate) mlp_proj: (usize, usize),
-}
-
-/// Parameter indices by role.
-pub(crate) struct Index {
-    pub(crate) wte: usize,
-    pub(crate) wpe: usize,
-    /// The output head: `lm_head.weight` when the model has one (untied),
-    /// else `wte`.
-    pub(crate) head: usize,
-    pub(crate) blocks: Vec<BlockIdx>,
-    pub(crate) lnf: (usize, usize),
-}
-
-impl BlockIdx {
-    /// `(W_fc, b_fc, W_proj, b_proj)` of this block's MLP.
-    pub(crate) fn mlp_weights<'a>(
-        &self,
-        w: &[&'a [f32]],
-    ) -> (&'a [f32], &'a [f32], &'a [f32], &'a [f32]) {
-        (
-            w[self.fc.0],
-            w[self.fc.1],
-            w[self.mlp_proj.0],
-            w[self.mlp_proj.1],
-        )
-    }
-}
-
-impl Index {
-    pub(crate) fn new(names: &[String], n_layer: usize) -> Result<Self, InputError> {
-        let find = |n: &str| {
-            names
-                .iter()
-                .position(|m| m == n)
-                .ok_or_else(|| InputError(format!("the model has no parameter `{n}`")))
-        };
-        let wb = |p: &str| -> Result<(usize, usize), InputError> {
-            Ok((find(&format!("{p}.weight"))?, find(&format!("{p}.bias"))?))
-        };
-        let blocks = (0..n_layer)
-            .map(|l| {
-                let p = format!("transformer.h.{l}");
-                Ok(BlockIdx {
-                    ln1: wb(&format!("{p}.ln_1"))?,
-                    attn: wb(&format!("{p}.attn.c_attn"))?,
-                    attn_proj: wb(&format!("{p}.attn.c_proj"))?,
-                    ln2: wb(&format!("{p}.ln_2"))?,
-                    fc: wb(&format!("{p}.mlp.c_fc"))?,
-                    mlp_proj: wb(&format!("{p}.mlp.c_proj"))?,
-                })
-            })
-            .collect::<Result<_, InputError>>()?;
-        let wte = find("transformer.wte.weight")?;
-        Ok(Index {
-            head: find("lm_head.weight").unwrap_or(wte),
-            wte,
-            wpe: find("transformer.wpe.weight")?,
-            blocks,
-            lnf: wb("transformer.ln_f")?,
-        })
-    }
 }
 
 impl Workspace {

@@ -6,11 +6,13 @@
 //! and a KV cache so that each new token costs one position.
 
 pub mod config;
+pub mod pipeline;
 pub mod processors;
 
 use candle_core::{DType, Tensor};
 
 pub use config::{GenerationConfig, TokenIds};
+pub use pipeline::{load_pretrained, PretrainedError};
 pub use processors::{apply_no_repeat_ngram, apply_repetition_penalty, apply_top_k, apply_top_p};
 
 use crate::model::{GPT2LMHeadModel, KvCache, ModelError, Result};

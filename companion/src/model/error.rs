@@ -23,6 +23,10 @@ pub enum ModelError {
     File { file: String, msg: String },
     #[error("{0}")]
     Input(String),
+    /// The store a gradient path reads weights from and hands gradients
+    /// to failed (a collective between ranks, for ZeRO).
+    #[error(transparent)]
+    Store(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

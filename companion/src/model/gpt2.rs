@@ -17,9 +17,9 @@ use super::dropout::{Dropout, DropoutState};
 use super::error::{ModelError, Result};
 use super::kv_cache::{KvCache, LayerCache};
 use super::loss::causal_lm_loss_sum;
-use super::names::{block_parameter_names, piece};
 use crate::config::{Activation, GPT2Config};
 use crate::cpu::inputs::{check_length, check_mask, check_token_ids, positions};
+use crate::params::{Affine, BlockParams, Gpt2Params};
 
 /// The activation on a candle tensor (`ACT2FN[name](x)`).
 fn activation(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -140,6 +140,8 @@ pub struct CausalLMOutput {
 /// GPT-2 with its language-modelling head.
 pub struct GPT2LMHeadModel {
     pub config: GPT2Config,
+    /// GPT-2's parameters for this config: names, shapes, roles.
+    pub params: Gpt2Params,
     /// Every trainable parameter by its HF name.
     pub varmap: VarMap,
     pub(crate) wte: Tensor,
@@ -154,37 +156,53 @@ pub struct GPT2LMHeadModel {
     pub(crate) dropout: Dropout,
 }
 
-pub(crate) fn build_ln(config: &GPT2Config, p: &str, get: &dyn Fn(&str) -> Tensor) -> LayerNorm {
+/// A layer norm over the tensors `get` returns for parameter indices.
+pub(crate) fn build_ln(config: &GPT2Config, p: Affine, get: &dyn Fn(usize) -> Tensor) -> LayerNorm {
     LayerNorm {
-        weight: get(&format!("{p}.weight")),
-        bias: get(&format!("{p}.bias")),
+        weight: get(p.weight),
+        bias: get(p.bias),
         eps: config.layer_norm_epsilon,
     }
 }
 
-/// Block `l` over the tensors `get` returns for its HF parameter names.
-pub(crate) fn build_block(config: &GPT2Config, l: usize, get: &dyn Fn(&str) -> Tensor) -> Block {
-    let p = format!("transformer.h.{l}");
-    let conv = |p: &str| Conv1D {
-        weight: get(&format!("{p}.weight")),
-        bias: get(&format!("{p}.bias")),
+/// Block `l` over the tensors `get` returns for its parameter indices.
+pub(crate) fn build_block(
+    config: &GPT2Config,
+    l: usize,
+    p: &BlockParams,
+    get: &dyn Fn(usize) -> Tensor,
+) -> Block {
+    let conv = |a: Affine| Conv1D {
+        weight: get(a.weight),
+        bias: get(a.bias),
     };
     Block {
-        ln_1: build_ln(config, &format!("{p}.ln_1"), get),
+        ln_1: build_ln(config, p.ln_1, get),
         attn: Attention {
-            c_attn: conv(&format!("{p}.attn.c_attn")),
-            c_proj: conv(&format!("{p}.attn.c_proj")),
+            c_attn: conv(p.c_attn),
+            c_proj: conv(p.attn_c_proj),
             n_head: config.n_head,
             head_dim: config.head_dim(),
             scale: config.attn_scale(l) as f64,
         },
-        ln_2: build_ln(config, &format!("{p}.ln_2"), get),
+        ln_2: build_ln(config, p.ln_2, get),
         mlp: Mlp {
-            c_fc: conv(&format!("{p}.mlp.c_fc")),
-            c_proj: conv(&format!("{p}.mlp.c_proj")),
+            c_fc: conv(p.c_fc),
+            c_proj: conv(p.mlp_c_proj),
             act: Activation::parse(&config.activation_function).expect("validated"),
         },
     }
+}
+
+/// Parameter `i` of `params` (passed by HF name to a forward piece).
+fn piece(p: &Gpt2Params, params: &HashMap<String, Tensor>, i: usize) -> Result<Tensor> {
+    params
+        .get(p.name(i))
+        .cloned()
+        .ok_or_else(|| ModelError::MissingTensor {
+            file: "(parameters passed to a forward piece)".into(),
+            name: p.name(i).into(),
+        })
 }
 
 impl Block {
@@ -368,10 +386,10 @@ impl GPT2LMHeadModel {
         check_length(t, self.config.n_positions)?;
         let pos = positions(b, t, 0, attention_mask);
         let pos = Tensor::from_vec(pos, (b * t,), &self.device)?;
-        let get = |n: &str| piece(params, n);
+        let p = &self.params;
         self.embed(
-            &get("transformer.wte.weight")?,
-            &get("transformer.wpe.weight")?,
+            &piece(p, params, p.wte)?,
+            &piece(p, params, p.wpe)?,
             input_ids,
             &pos,
         )
@@ -391,32 +409,31 @@ impl GPT2LMHeadModel {
                 self.config.n_layer
             )));
         }
-        for (name, _) in block_parameter_names(&self.config, l) {
-            piece(params, &name)?;
+        let p = &self.params;
+        let mut got = HashMap::new();
+        for i in p.block_piece(l) {
+            got.insert(i, piece(p, params, i)?);
         }
-        let block = build_block(&self.config, l, &|n: &str| params[n].clone());
+        let block = build_block(&self.config, l, &p.blocks[l], &|i| got[&i].clone());
         Ok(block.forward(x, attention_mask, None, self)?)
     }
 
     /// `ln_f` and the head (`transformer.ln_f.*`, and `lm_head.weight`, or
     /// `transformer.wte.weight` when tied): see [`Self::head_parameter`].
     pub fn head_with(&self, params: &HashMap<String, Tensor>, x: &Tensor) -> Result<Tensor> {
+        let p = &self.params;
         let ln_f = LayerNorm {
-            weight: piece(params, "transformer.ln_f.weight")?,
-            bias: piece(params, "transformer.ln_f.bias")?,
+            weight: piece(p, params, p.ln_f.weight)?,
+            bias: piece(p, params, p.ln_f.bias)?,
             eps: self.config.layer_norm_epsilon,
         };
-        self.head(&ln_f, &piece(params, self.head_parameter())?, x)
+        self.head(&ln_f, &piece(p, params, p.head())?, x)
     }
 
     /// The name of the output head's weight: `lm_head.weight`, or
     /// `transformer.wte.weight` when the head is tied to the embedding.
-    pub fn head_parameter(&self) -> &'static str {
-        if self.config.tie_word_embeddings {
-            "transformer.wte.weight"
-        } else {
-            "lm_head.weight"
-        }
+    pub fn head_parameter(&self) -> &str {
+        self.params.name(self.params.head())
     }
 
     /// Forward with labels: the loss is HF's shifted cross-entropy, ignoring

@@ -6,19 +6,20 @@ pub mod autograd_ops;
 pub mod dropout;
 mod error;
 pub mod gpt2;
+pub mod gradient;
 pub mod kv_cache;
 pub mod loss;
-pub mod names;
 pub mod weights;
 
 pub use crate::config::{Activation, GPT2Config};
 pub use crate::data::IGNORE_INDEX;
+pub use crate::params::{Gpt2Params, ParamSpec};
 pub use dropout::{Dropout, DropoutState};
 pub use error::{ModelError, Result};
 pub use gpt2::{CausalLMOutput, GPT2LMHeadModel};
+pub use gradient::{GradientPath, LocalStore, MicroBatch, ParamStore};
 pub use kv_cache::KvCache;
 pub use loss::causal_lm_loss_sum;
-pub use names::{block_parameter_names, parameter_shapes};
 pub use weights::all_finite;
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ fn out_of_vocabulary_ids_are_an_error() {
 
 // ------------------------------------------------ the fused training step
 
-fn config(inverse_layer: bool) -> GPT2Config {
+pub(super) fn config(inverse_layer: bool) -> GPT2Config {
     let mut c = GPT2Config::preset("gpt2").unwrap();
     c.n_layer = 2;
     c.n_embd = 32;
@@ -114,9 +114,9 @@ fn config(inverse_layer: bool) -> GPT2Config {
 
 /// A left-padded batch whose pads are labelled -100, one row of which
 /// starts with a pad and one row that is not padded.
-type Rows<T> = Vec<Vec<T>>;
+pub(super) type Rows<T> = Vec<Vec<T>>;
 
-fn batch() -> (Rows<u32>, Rows<i64>, Rows<u32>) {
+pub(super) fn batch() -> (Rows<u32>, Rows<i64>, Rows<u32>) {
     let ids: Vec<Vec<u32>> = vec![
         vec![0, 0, 0, 5, 17, 33, 2, 90, 11, 4, 8],
         vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 96],

@@ -11,27 +11,19 @@ use candle_nn::VarMap;
 use super::dropout::Dropout;
 use super::error::{ModelError, Result};
 use super::gpt2::{build_block, build_ln, GPT2LMHeadModel};
-use super::names::parameter_shapes;
 use crate::config::GPT2Config;
 use crate::hub;
+use crate::params::{Gpt2Params, Init, ParamSpec};
 use crate::rng::SeededRng;
 
-/// HF's `_init_weights` for GPT-2: normal(0, initializer_range) for
-/// embeddings, Conv1D weights and an untied `lm_head`, `c_proj` weights scaled by 1/sqrt(2·n_layer),
-/// zero biases, LayerNorm weight 1.
-fn init_value(cfg: &GPT2Config, name: &str, shape: &[usize], rng: &mut SeededRng) -> Vec<f32> {
-    let n: usize = shape.iter().product();
-    if name.contains(".ln_") || name.starts_with("transformer.ln_f") {
-        return vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n];
+/// HF's `_init_weights` for one parameter ([`Init`] says which).
+fn init_value(spec: &ParamSpec, rng: &mut SeededRng) -> Vec<f32> {
+    let n = spec.numel();
+    match spec.init {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+        Init::Normal { std } => (0..n).map(|_| rng.normal(std) as f32).collect(),
     }
-    if name.ends_with("bias") {
-        return vec![0.0; n];
-    }
-    let mut std = cfg.initializer_range;
-    if name.ends_with("c_proj.weight") {
-        std /= (2.0 * cfg.n_layer as f64).sqrt();
-    }
-    (0..n).map(|_| rng.normal(std) as f32).collect()
 }
 
 /// Whether every element of `t` is finite (no NaN, no infinity): checked on
@@ -62,9 +54,9 @@ impl GPT2LMHeadModel {
         check_memory(config, "(new model)")?;
         let mut rng = SeededRng::new(seed);
         let mut tensors = HashMap::new();
-        for (name, shape) in parameter_shapes(config) {
-            let data = init_value(config, &name, &shape, &mut rng);
-            tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        for spec in Gpt2Params::new(config).specs {
+            let data = init_value(&spec, &mut rng);
+            tensors.insert(spec.name, Tensor::from_vec(data, spec.shape, device)?);
         }
         Self::from_tensors(config.clone(), tensors, DType::F32, device, "(new model)")
     }
@@ -82,7 +74,7 @@ impl GPT2LMHeadModel {
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().expect("varmap");
-            for (name, shape) in parameter_shapes(&config) {
+            for ParamSpec { name, shape, .. } in Gpt2Params::new(&config).specs {
                 let t = tensors
                     .remove(&name)
                     .ok_or_else(|| ModelError::MissingTensor {
@@ -114,23 +106,30 @@ impl GPT2LMHeadModel {
         device: &Device,
         detached: bool,
     ) -> Self {
-        let get = |n: &str| -> Tensor {
-            let t = varmap.data().lock().expect("varmap")[n].as_tensor().clone();
+        let params = Gpt2Params::new(&config);
+        let get = |i: usize| -> Tensor {
+            let t = varmap.data().lock().expect("varmap")[params.name(i)]
+                .as_tensor()
+                .clone();
             if detached {
                 t.detach()
             } else {
                 t
             }
         };
-        let blocks = (0..config.n_layer)
-            .map(|l| build_block(&config, l, &get))
+        let blocks = params
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, p)| build_block(&config, l, p, &get))
             .collect();
         GPT2LMHeadModel {
-            lm_head: (!config.tie_word_embeddings).then(|| get("lm_head.weight")),
-            wte: get("transformer.wte.weight"),
-            wpe: get("transformer.wpe.weight"),
-            ln_f: build_ln(&config, "transformer.ln_f", &get),
+            lm_head: params.lm_head.map(get),
+            wte: get(params.wte),
+            wpe: get(params.wpe),
+            ln_f: build_ln(&config, params.ln_f, &get),
             blocks,
+            params,
             varmap,
             config,
             device: device.clone(),
@@ -252,12 +251,10 @@ impl GPT2LMHeadModel {
     /// The parameters by HF name, in `named_parameters()` order.
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().expect("varmap");
-        parameter_shapes(&self.config)
-            .into_iter()
-            .map(|(n, _)| {
-                let v = data[&n].clone();
-                (n, v)
-            })
+        self.params
+            .specs
+            .iter()
+            .map(|s| (s.name.clone(), data[&s.name].clone()))
             .collect()
     }
 
@@ -332,9 +329,9 @@ impl GPT2LMHeadModel {
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().expect("varmap");
-            for (name, _) in parameter_shapes(&self.config) {
+            for s in &self.params.specs {
                 let empty = Var::zeros(0, self.dtype, &self.device).expect("an empty tensor");
-                data.insert(name, empty);
+                data.insert(s.name.clone(), empty);
             }
         }
         let mut m = Self::assemble(self.config.clone(), varmap, self.dtype, &self.device, false);
@@ -368,9 +365,8 @@ impl GPT2LMHeadModel {
             };
             slices.push(&v[a..z]);
         }
-        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
         f(&crate::cpu::Weights {
-            names: &names,
+            params: &self.params,
             values: &slices,
         })
     }

@@ -116,11 +116,6 @@ impl candle_core::InplaceOp1 for InPlaceAdamW<'_> {
     }
 }
 
-/// HF Trainer's rule: no weight decay for biases and LayerNorm weights.
-pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains(".ln_"))
-}
-
 /// Adam's bias corrections at step `t`: `√(1 − β₂ᵗ)` and the step size
 /// `lr / (1 − β₁ᵗ)`.
 pub fn bias_corrections(a: AdamWParams, t: u64, lr: f64) -> (f64, f64) {
@@ -202,28 +197,14 @@ pub fn update_in_place(
 ) -> candle_core::Result<()> {
     let (bc2_sqrt, step_size) = bias_corrections(a, t, lr);
     let with = adamw_consts(a, lr, bc2_sqrt, step_size);
-    for ((name, var), r) in model.named_parameters().iter().zip(ranges) {
+    let params = model.named_parameters();
+    for (((_, var), spec), r) in params.iter().zip(&model.params.specs).zip(ranges) {
         let op = InPlaceAdamW {
             g: &grads[r.clone()],
             mv: std::sync::Mutex::new((&mut m[r.clone()], &mut v[r.clone()])),
-            step: with(decays(name)),
+            step: with(spec.decay),
         };
         var.as_tensor().inplace_op1(&op)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::decays;
-
-    #[test]
-    fn no_decay_groups() {
-        assert!(decays("transformer.h.0.attn.c_attn.weight"));
-        assert!(decays("transformer.wte.weight"));
-        assert!(decays("lm_head.weight"));
-        assert!(!decays("transformer.h.0.attn.c_attn.bias"));
-        assert!(!decays("transformer.h.3.ln_1.weight"));
-        assert!(!decays("transformer.ln_f.weight"));
-    }
 }

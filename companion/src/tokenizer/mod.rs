@@ -23,3 +23,16 @@ pub use sentencepiece::from_sentencepiece_model;
 pub use train::{
     byte_level_bpe, sentencepiece_unigram, train, train_stream, TokenizerKind, TrainArgs,
 };
+
+impl AutoTokenizer {
+    /// The chapter's `tokenizer.pad_token = tokenizer.eos_token`, when the
+    /// tokenizer has no pad token of its own (GPT-2's has none).
+    pub fn pad_with_eos(&mut self) -> Result<(), TokenizerError> {
+        if self.pad_token_id().is_none() {
+            if let Some(eos) = self.eos_token().map(str::to_string) {
+                self.set_special_token(SpecialRole::Pad, &eos)?;
+            }
+        }
+        Ok(())
+    }
+}

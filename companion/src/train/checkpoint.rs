@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::error::{io_err, Result, TrainError};
 use super::output_dir::{kept_checkpoint, latest_checkpoint, list_checkpoints};
-use super::state::{SchedulerState, TrainerState};
+use super::state::TrainerState;
 use super::trainer::Trainer;
 use crate::model::GPT2LMHeadModel;
 
@@ -59,7 +59,7 @@ impl Trainer {
             "generation_config.json".into(),
             gen.to_json_string().into_bytes(),
         ));
-        if self.deepspeed.is_none() {
+        if !self.plan.zero.is_deepspeed() {
             // Optimizer moments by parameter name.
             let mut tensors: Vec<(String, Tensor)> = Vec::new();
             for (name, m, v) in self.engine.moments_by_name()? {
@@ -92,27 +92,19 @@ impl Trainer {
             ));
         }
         let a = self.engine.adam;
-        let lr = self
-            .deepspeed
-            .as_ref()
-            .and_then(|d| d.optimizer.as_ref())
-            .map_or(self.args.learning_rate, |o| o.lr);
+        let lr = self.plan.learning_rate;
         files.push((
             "optimizer.json".into(),
             crate::hf_json::dumps(&json!({"type": "AdamW", "step": self.engine.step, "lr": lr,
                 "betas": [a.beta1, a.beta2], "eps": a.eps, "weight_decay": a.weight_decay,
-                "zero_stage": self.engine.stage, "world_size": self.engine.world_size(),
+                "zero_stage": self.engine.stage(), "world_size": self.engine.world_size(),
                 "skipped_steps": self.engine.skipped_steps}))
             .into_bytes(),
         ));
-        let total = self.state.max_steps;
-        let sched = SchedulerState {
-            kind: self.args.lr_scheduler_type,
-            base_lr: self.args.learning_rate,
-            warmup_steps: self.args.num_warmup_steps(total),
-            total_steps: total,
-            last_epoch: self.state.global_step,
-        };
+        let sched = self
+            .plan
+            .schedule
+            .state_json(self.plan.learning_rate, self.state.global_step);
         files.push((
             "scheduler.json".into(),
             serde_json::to_vec_pretty(&sched).expect("json"),
@@ -165,7 +157,7 @@ impl Trainer {
         // Named per run, so a partial folder is never another run's.
         let tmp = out.join(format!(".{name}.partial-{}", self.run_tag()?));
         let rank0 = self.is_world_process_zero();
-        let full = if self.engine.stage == 3 || self.engine.mixed_precision() {
+        let full = if self.engine.stage() == 3 || self.engine.mixed_precision() {
             Some(self.full_model()?)
         } else {
             None
@@ -177,7 +169,7 @@ impl Trainer {
             if tmp.exists() {
                 std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
             }
-            let d = if self.deepspeed.is_some() {
+            let d = if self.plan.zero.is_deepspeed() {
                 &shard_dir
             } else {
                 &tmp
@@ -186,7 +178,7 @@ impl Trainer {
         }
         self.barrier()?;
         let written = (|| -> Result<()> {
-            if self.deepspeed.is_some() {
+            if self.plan.zero.is_deepspeed() {
                 let f = shard_dir.join(format!(
                     "zero_pp_rank_{}_mp_rank_00_optim_states.safetensors",
                     self.engine.rank()
@@ -195,7 +187,7 @@ impl Trainer {
                 // One metadata key: safetensors writes a map's keys in hash
                 // order, and a checkpoint's bytes must not change between
                 // identical runs.
-                let info = json!({"zero_stage": self.engine.stage, "world_size": self.engine.world_size(),
+                let info = json!({"zero_stage": self.engine.stage(), "world_size": self.engine.world_size(),
                     "rank": self.engine.rank(), "step": self.engine.step});
                 let meta: HashMap<String, String> = [("zero".to_string(), info.to_string())].into();
                 let bytes =
@@ -303,9 +295,9 @@ impl Trainer {
                 path: oj.display().to_string(),
                 msg: e.to_string(),
             })?;
-        let (stage, world) = (self.engine.stage as u64, self.engine.world_size() as u64);
+        let (stage, world) = (self.engine.stage() as u64, self.engine.world_size() as u64);
         let by_deepspeed = dir.join("latest").is_file();
-        if by_deepspeed != self.deepspeed.is_some() {
+        if by_deepspeed != self.plan.zero.is_deepspeed() {
             return Err(TrainError::Args(if by_deepspeed {
                 format!(
                     "{} was written by a DeepSpeed run (ZeRO stage {}, {} ranks): resume it with \
@@ -324,7 +316,7 @@ impl Trainer {
         }
         let saved_stage = o["zero_stage"].as_u64().unwrap_or(0);
         let saved_world = o["world_size"].as_u64().unwrap_or(1);
-        if self.deepspeed.is_some() && (saved_stage != stage || saved_world != world) {
+        if self.plan.zero.is_deepspeed() && (saved_stage != stage || saved_world != world) {
             return Err(TrainError::Io {
                 path: oj.display().to_string(),
                 msg: format!(
@@ -333,7 +325,7 @@ impl Trainer {
             });
         }
         self.check_data_loader(dir)?;
-        if self.deepspeed.is_some() {
+        if self.plan.zero.is_deepspeed() {
             let latest = dir.join("latest");
             let tag = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
             let f = dir.join(tag.trim()).join(format!(
@@ -372,7 +364,7 @@ impl Trainer {
         } else {
             model
         };
-        if self.engine.stage == 3 {
+        if self.engine.stage() == 3 {
             self.model = model.partitioned();
         } else {
             self.model = model;
@@ -420,7 +412,7 @@ impl Trainer {
     /// (config, weights, generation config, tokenizer). Every rank calls it;
     /// rank 0 writes (under ZeRO-3 after gathering the weights).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
-        let full = if self.engine.stage == 3 || self.engine.mixed_precision() {
+        let full = if self.engine.stage() == 3 || self.engine.mixed_precision() {
             Some(self.full_model()?)
         } else {
             None

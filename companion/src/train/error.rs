@@ -20,6 +20,8 @@ pub enum TrainError {
     Comm(#[from] crate::zero::comm::CommError),
     #[error(transparent)]
     Zero(#[from] crate::zero::ZeroError),
+    #[error(transparent)]
+    DsConfig(#[from] crate::zero::DsConfigError),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

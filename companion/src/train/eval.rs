@@ -103,7 +103,7 @@ impl Trainer {
         let (mut sum, mut count) = (0f64, 0usize);
         for i in (0..n_batches.div_ceil(world)).map(|j| j * world + rank) {
             if i >= n_batches {
-                self.engine.skip_forward()?;
+                self.engine.skip_forward(&self.model)?;
                 continue;
             }
             let start = i * bs;

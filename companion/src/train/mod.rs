@@ -2,6 +2,11 @@
 //! ([`args`], `TrainingArguments` with HF's names and defaults), the state
 //! it logs ([`state`], `trainer_state.json`), the loop ([`trainer`]),
 //! evaluation ([`eval`]) and `checkpoint-N/` folders ([`checkpoint`]).
+//!
+//! Where things live: a run's **settings** are resolved once into a
+//! [`TrainPlan`] ([`plan`]: TrainingArguments + ds_config + ranks); its
+//! **gradients** come from the model's [`crate::model::GradientPath`]; its
+//! **state** (weights, moments, partitions) is the ZeRO engine's.
 
 pub mod args;
 pub mod callback;
@@ -12,6 +17,7 @@ mod hf_fields;
 pub mod lock;
 mod logging;
 pub mod output_dir;
+pub mod plan;
 pub mod state;
 pub mod tensorboard;
 pub mod trainer;
@@ -22,5 +28,6 @@ pub use error::{Result, TrainError};
 pub use eval::{evaluate_model, EvalMetrics};
 pub use lock::OutputDirLock;
 pub use output_dir::{latest_checkpoint, list_checkpoints};
+pub use plan::{Precision, Schedule, TrainPlan, ZeroStrategy};
 pub use state::{LogEntry, TrainOutput, TrainerState};
 pub use trainer::{FaultInjection, Trainer};

@@ -45,13 +45,3 @@ pub struct TrainOutput {
     pub training_loss: f64,
     pub metrics: LogEntry,
 }
-
-/// The learning-rate schedule state saved as `scheduler.json` (HF: scheduler.pt).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct SchedulerState {
-    pub(crate) kind: crate::optim::SchedulerType,
-    pub(crate) base_lr: f64,
-    pub(crate) warmup_steps: usize,
-    pub(crate) total_steps: usize,
-    pub(crate) last_epoch: usize,
-}

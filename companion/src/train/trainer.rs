@@ -14,13 +14,12 @@ use super::args::{IntervalStrategy, TrainingArguments};
 use super::callback::TrainerCallback;
 use super::error::{Result, TrainError};
 use super::logging::{log_entry, train_metrics, Live, LogWindow, Sinks, StepReport};
+use super::plan::{Precision, TrainPlan};
 use super::state::{TrainOutput, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
-use crate::model::GPT2LMHeadModel;
-use crate::optim::{lr_at, AdamWParams};
+use crate::model::{GPT2LMHeadModel, GradientPath, MicroBatch};
 use crate::tokenizer::AutoTokenizer;
 use crate::zero::comm::{Communicator, SingleRank};
-use crate::zero::ds_config::{DeepSpeedConfig, Fp16Config, OffloadDevice};
 use crate::zero::precision::LossScaler;
 use crate::zero::{ModelStateBytes, ZeroEngine};
 
@@ -43,11 +42,16 @@ pub struct Trainer {
     pub eval_dataset: Option<Dataset>,
     pub tokenizer: Option<AutoTokenizer>,
     pub state: TrainerState,
-    /// `args.deepspeed`, parsed and resolved ("auto" filled).
-    pub deepspeed: Option<DeepSpeedConfig>,
+    /// The run's settings, resolved from `args` and its ds_config when
+    /// built and again when `train()` starts (so changes to `args` in
+    /// between count, as in transformers).
+    pub plan: TrainPlan,
     /// The optimizer and its ZeRO partitioning (stage 0 on one rank without
     /// DeepSpeed: plain AdamW).
     pub engine: ZeroEngine,
+    /// How gradients are computed, chosen once: candle's autograd, the
+    /// fused CPU kernels, or block by block (ZeRO-3, gradient checkpointing).
+    pub gradient_path: GradientPath,
     #[doc(hidden)]
     pub faults: FaultInjection,
     /// Print log lines to stderr (the notebooks turn this off).
@@ -111,83 +115,24 @@ impl Trainer {
         tokenizer: Option<AutoTokenizer>,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        args.validate()?;
         let world = comm.world_size();
-        let deepspeed = DeepSpeedConfig::from_args(
-            args.deepspeed.as_ref(),
-            &args.deepspeed_values(),
-            world,
-            model.config.n_embd,
-        )
-        .map_err(|e| TrainError::Args(e.to_string()))?;
-        if world > 1 && deepspeed.is_none() {
-            return Err(TrainError::Args(format!(
-                "{world} ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
-            )));
-        }
-        // Mixed precision: the ds_config's fp16/bf16 blocks (after "auto"),
-        // else TrainingArguments.fp16/bf16.
-        let (half, fp16) = match &deepspeed {
-            Some(d) => (d.bf16 || d.fp16.enabled, d.fp16.enabled),
-            None => (args.bf16 || args.fp16, args.fp16),
+        let batches_per_epoch =
+            data_loader(&args, train_dataset.len(), comm.rank(), world, true)?.batches_per_epoch();
+        let plan = TrainPlan::resolve(&args, world, &model.config, batches_per_epoch)?;
+        let dtype = plan.precision.dtype();
+        let scaler = match &plan.precision {
+            Precision::Fp16 { scaler } => Some(LossScaler::from_config(scaler)),
+            _ => None,
         };
-        if args.bf16 && args.fp16 {
-            return Err(TrainError::Args(
-                "bf16 and fp16 are both set; choose one".into(),
-            ));
-        }
-        let dtype = match (half, fp16) {
-            (false, _) => DType::F32,
-            (true, true) => DType::F16,
-            (true, false) => DType::BF16,
-        };
-        let scaler = fp16.then(|| {
-            let c = match &deepspeed {
-                Some(d) => d.fp16.clone(),
-                // Without DeepSpeed: torch.amp.GradScaler's defaults (2^16,
-                // doubling every 2000 clean steps, halving on each overflow).
-                None => Fp16Config {
-                    enabled: true,
-                    loss_scale: 0.0,
-                    initial_scale_power: 16,
-                    loss_scale_window: 2000,
-                    hysteresis: 1,
-                    consecutive_hysteresis: false,
-                    min_loss_scale: 0.0,
-                },
-            };
-            LossScaler::from_config(&c)
-        });
-        let adam = match deepspeed.as_ref().and_then(|d| d.optimizer.clone()) {
-            Some(o) => AdamWParams {
-                beta1: o.betas.0,
-                beta2: o.betas.1,
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-            },
-            None => AdamWParams {
-                beta1: args.adam_beta1,
-                beta2: args.adam_beta2,
-                eps: args.adam_epsilon,
-                weight_decay: args.weight_decay,
-            },
-        };
-        let (stage, off_opt, off_par) = match &deepspeed {
-            Some(d) => (
-                d.zero.stage,
-                d.zero.offload_optimizer == OffloadDevice::Cpu,
-                d.zero.offload_param == OffloadDevice::Cpu,
-            ),
-            None => (0, true, false),
-        };
-        let mut engine = ZeroEngine::new(&model, stage, off_opt, off_par, adam, comm)?
+        let engine = ZeroEngine::new(&model, plan.zero, plan.adamw, comm)?
             .with_precision(&model, dtype, scaler)?;
-        engine.gradient_checkpointing = args.gradient_checkpointing;
+        let gradient_path =
+            GradientPath::choose(&model.config, model.device(), dtype, plan.recompute);
         if dtype != DType::F32 {
             // The half-precision copy forward and backward run on.
             model = model.to_dtype(dtype)?;
         }
-        if stage == 3 {
+        if plan.zero.stage() == 3 {
             // The rank now holds only its partition (inside the engine).
             model = model.partitioned();
         }
@@ -220,8 +165,9 @@ impl Trainer {
                 trial_params: None,
                 stateful_callbacks: json!({}),
             },
-            deepspeed,
+            plan,
             engine,
+            gradient_path,
             args,
             faults: FaultInjection::default(),
             verbose: true,
@@ -289,26 +235,44 @@ impl Trainer {
     }
 
     pub(crate) fn loader(&self) -> Result<DataLoader> {
-        let mut l = DataLoader::new(
+        data_loader(
+            &self.args,
             self.train_dataset.len(),
-            self.args.per_device_train_batch_size,
+            self.engine.rank(),
+            self.engine.world_size(),
             self.shuffle,
-            self.args.seed,
-        )?;
-        l.drop_last = self.args.dataloader_drop_last;
-        l.rank = self.engine.rank();
-        l.world_size = self.engine.world_size();
-        Ok(l)
+        )
+    }
+
+    /// The plan `args` (as they are now) give this Trainer.
+    pub fn resolve_plan(&self) -> Result<TrainPlan> {
+        TrainPlan::resolve(
+            &self.args,
+            self.engine.world_size(),
+            &self.model.config,
+            self.loader()?.batches_per_epoch(),
+        )
     }
 
     /// Total optimiser steps (HF: max_steps, else epochs × updates per epoch).
     pub fn total_steps(&self) -> Result<usize> {
-        if self.args.max_steps > 0 {
-            return Ok(self.args.max_steps as usize);
+        Ok(self.resolve_plan()?.batch.total_steps)
+    }
+
+    /// Take up changes made to `args` since the Trainer was built; those
+    /// that would move model states (stage, offload, precision, ranks) are
+    /// refused.
+    fn refresh_plan(&mut self) -> Result<()> {
+        let plan = self.resolve_plan()?;
+        if !plan.same_engine(&self.plan) {
+            return Err(TrainError::Args(
+                "the ZeRO stage, offload or precision changed after the Trainer was built;                  build a new Trainer"
+                    .into(),
+            ));
         }
-        let per_epoch =
-            (self.loader()?.batches_per_epoch() / self.args.gradient_accumulation_steps).max(1);
-        Ok((self.args.num_train_epochs * per_epoch as f64).ceil() as usize)
+        self.engine.adam = plan.adamw;
+        self.plan = plan;
+        Ok(())
     }
 
     pub(crate) fn batch_of(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
@@ -334,7 +298,8 @@ impl Trainer {
     }
 
     fn train_locked(&mut self) -> Result<TrainOutput> {
-        let total = self.total_steps()?;
+        self.refresh_plan()?;
+        let total = self.plan.batch.total_steps;
         let every = self.intervals(total);
         self.state.max_steps = total;
         self.state.logging_steps = every.logging;
@@ -342,13 +307,9 @@ impl Trainer {
         self.state.save_steps = every.save;
         self.resume()?;
         let loader = self.loader()?;
-        let warmup = self.args.num_warmup_steps(total);
-        if let Some(ds) = self.deepspeed.as_mut() {
-            ds.finalize(warmup, total);
-        }
         let verbose = self.verbose && self.is_world_process_zero();
         let memory = self.memory_report()?;
-        if let Some(ds) = self.deepspeed.as_ref().filter(|_| verbose) {
+        if let Some(ds) = self.plan.deepspeed.as_ref().filter(|_| verbose) {
             super::logging::print_memory(&ds.warnings, &memory);
         }
         let bar = if verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -366,7 +327,7 @@ impl Trainer {
         let mut total_loss = 0f64;
         self.model.set_training(true);
         while self.state.global_step < total {
-            let step = self.optimizer_step(&loader, warmup, total)?;
+            let step = self.optimizer_step(&loader)?;
             if self.engine.last_step_skipped {
                 if let (true, Some(m)) = (verbose, &self.engine.last_overflow_message) {
                     bar.suspend(|| eprintln!("{m}"));
@@ -381,8 +342,8 @@ impl Trainer {
             }
             self.state.global_step += 1;
             self.state.epoch = (self.state.global_step * accum) as f64 / per_epoch;
-            if let Some(ds) = &self.deepspeed {
-                if verbose && self.state.global_step.is_multiple_of(ds.steps_per_print) {
+            if let Some(every) = self.plan.steps_per_print {
+                if verbose && self.state.global_step.is_multiple_of(every) {
                     let a = self.engine.adam;
                     bar.suspend(|| {
                         eprintln!(
@@ -504,12 +465,7 @@ impl Trainer {
     /// One optimizer step: this rank's micro-batches of the global batch,
     /// forward and backward through the engine, the learning rate of the
     /// schedule, and the engine's step (reduce, clip, AdamW).
-    fn optimizer_step(
-        &mut self,
-        loader: &DataLoader,
-        warmup: usize,
-        total: usize,
-    ) -> Result<StepReport> {
+    fn optimizer_step(&mut self, loader: &DataLoader) -> Result<StepReport> {
         let step = self.state.global_step;
         let accum = self.args.gradient_accumulation_steps;
         let (world, rank) = (self.engine.world_size(), self.engine.rank());
@@ -538,7 +494,7 @@ impl Trainer {
         let mut local_loss = 0f64;
         for (k, b) in batches.iter().enumerate() {
             let Some(b) = b else {
-                self.engine.skip_micro_step(&self.model)?;
+                self.gradient_path.skip(&self.model, &mut self.engine)?;
                 continue;
             };
             // Dropout is seeded by the micro-batch's place in the global
@@ -548,9 +504,16 @@ impl Trainer {
                 .seed_dropout(self.args.seed ^ global_micro.wrapping_mul(0x9E3779B97F4A7C15));
             let (ids, labels) = self.tensors(b)?;
             let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
+            let batch = MicroBatch {
+                input_ids: &ids,
+                labels: &labels,
+                attention_mask: mask,
+                n_items,
+                loss_scale: self.engine.loss_scale(),
+            };
             let lv = self
-                .engine
-                .micro_step(&self.model, &ids, &labels, mask, n_items)?;
+                .gradient_path
+                .forward_backward(&self.model, &batch, &mut self.engine)?;
             if !lv.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "the loss became {lv} at step {}; training stopped and {} (lower the \
@@ -566,26 +529,15 @@ impl Trainer {
         // Skipped (fp16 overflow) steps do not advance the schedule, as
         // DeepSpeed does not step its scheduler then.
         let sched_step = step - self.engine.skipped_steps;
-        let base_lr = self.base_lr();
-        let lr = match self.deepspeed.as_ref().and_then(|d| d.scheduler.as_ref()) {
-            Some(s) => s.lr_at(sched_step, base_lr),
-            None => lr_at(
-                self.args.lr_scheduler_type,
-                base_lr,
-                sched_step,
-                warmup,
-                total,
-            ),
-        };
+        let lr = self
+            .plan
+            .schedule
+            .lr_at(sched_step, self.plan.learning_rate);
         if self.faults.overflow_at_step == Some(step + 1) {
             self.engine.poison_gradients();
         }
         let loss_scale = self.engine.loss_scaler.as_ref().map(|s| s.cur_scale);
-        let clip = self
-            .deepspeed
-            .as_ref()
-            .map_or(self.args.max_grad_norm, |d| d.gradient_clipping);
-        let norm = self.engine.step(&self.model, lr, clip)?;
+        let norm = self.engine.step(&self.model, lr, self.plan.max_grad_norm)?;
         Ok(StepReport {
             loss,
             norm,
@@ -596,13 +548,19 @@ impl Trainer {
             flops,
         })
     }
+}
 
-    /// The learning rate the schedule scales: the ds_config optimizer's, or
-    /// `learning_rate`.
-    pub(crate) fn base_lr(&self) -> f64 {
-        self.deepspeed
-            .as_ref()
-            .and_then(|d| d.optimizer.as_ref())
-            .map_or(self.args.learning_rate, |o| o.lr)
-    }
+/// Each rank's data loader over `len` training examples.
+fn data_loader(
+    args: &TrainingArguments,
+    len: usize,
+    rank: usize,
+    world: usize,
+    shuffle: bool,
+) -> Result<DataLoader> {
+    let mut l = DataLoader::new(len, args.per_device_train_batch_size, shuffle, args.seed)?;
+    l.drop_last = args.dataloader_drop_last;
+    l.rank = rank;
+    l.world_size = world;
+    Ok(l)
 }

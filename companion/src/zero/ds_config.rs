@@ -69,7 +69,8 @@ pub struct DeepSpeedConfig {
     pub bf16: bool,
     pub optimizer: Option<OptimizerConfig>,
     pub scheduler: Option<SchedulerConfig>,
-    pub steps_per_print: usize,
+    /// Print DeepSpeed's progress line every this many steps (absent: never).
+    pub steps_per_print: Option<usize>,
     pub wall_clock_breakdown: bool,
     /// Keys accepted but not acted on, each with why; print them once.
     pub warnings: Vec<String>,
@@ -461,7 +462,10 @@ impl DeepSpeedConfig {
             })
         };
 
-        let steps_per_print = uint(&obj, "steps_per_print", "")?.unwrap_or(10).max(1);
+        // DeepSpeed's defaults where a key is absent: no progress line
+        // (STEPS_PER_PRINT_DEFAULT = None), clipping at 1.0
+        // (GRADIENT_CLIPPING_DEFAULT); tests/fixtures/ds_defaults.json.
+        let steps_per_print = uint(&obj, "steps_per_print", "")?.map(|n| n.max(1));
         let wall_clock_breakdown = boolean(&obj, "wall_clock_breakdown", "")?.unwrap_or(false);
         let gradient_clipping = float(&obj, "gradient_clipping", "")?.unwrap_or(1.0);
         for k in obj.keys() {

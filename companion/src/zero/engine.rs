@@ -1,6 +1,8 @@
-//! One rank's ZeRO engine: partitioned model states, the micro-step
-//! (fused CPU kernels, candle's autograd, or block by block), and the
-//! optimiser step with clipping and the weights' all-gather.
+//! One rank's ZeRO engine: where the model states live (partitioned,
+//! offloaded, fp32 masters), how ranks exchange them, and the optimiser
+//! step with clipping and the weights' all-gather. Gradients come from a
+//! [`crate::model::GradientPath`] run against the engine as its
+//! [`crate::model::ParamStore`] (`store.rs`).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -10,30 +12,26 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::comm::Communicator;
-use super::error::{Result, ZeroError};
+use super::error::Result;
 use super::layout::{
     add_into, decay_segments, device_moments, flatten_params, intersect, set_params, sum_sq,
     FlatLayout,
 };
 use super::memory::ModelStateBytes;
 use super::precision::LossScaler;
+use super::strategy::ZeroStrategy;
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::{self, AdamWParams, Moments};
 
 /// One rank's ZeRO state and its training step.
 pub struct ZeroEngine {
-    pub stage: u8,
-    pub offload_optimizer: bool,
-    pub offload_param: bool,
+    /// The stage and its offload settings.
+    pub strategy: ZeroStrategy,
     pub layout: FlatLayout,
     pub comm: Arc<dyn Communicator>,
     pub adam: AdamWParams,
     /// Optimizer steps taken (Adam's `t`).
     pub step: u64,
-    /// Recompute each block in the backward pass instead of keeping its
-    /// activations (`TrainingArguments.gradient_checkpointing`); stage 3
-    /// always works this way.
-    pub gradient_checkpointing: bool,
     /// The dtype forward and backward run in (F32, or BF16/F16 for mixed
     /// precision, with fp32 master weights kept here).
     pub compute_dtype: DType,
@@ -59,13 +57,6 @@ pub struct ZeroEngine {
     /// Flat range the moments cover (everything for stage 0).
     pub(super) owned: Range<usize>,
     pub(super) peak_gathered: usize,
-    /// Train fp32 CPU models through the hand-written kernels
-    /// ([`crate::cpu`]) instead of candle's autograd (stages 0–2
-    /// without gradient checkpointing). On by default; tests turn it off to
-    /// compare the two.
-    #[doc(hidden)]
-    pub fused_kernels: bool,
-    pub(super) workspace: Option<crate::cpu::Workspace>,
 }
 
 impl ZeroEngine {
@@ -74,17 +65,11 @@ impl ZeroEngine {
     /// [`GPT2LMHeadModel::partitioned`].
     pub fn new(
         model: &GPT2LMHeadModel,
-        stage: u8,
-        offload_optimizer: bool,
-        offload_param: bool,
+        strategy: ZeroStrategy,
         adam: AdamWParams,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        if stage > 3 {
-            return Err(ZeroError::Args(format!(
-                "ZeRO stage must be 0, 1, 2 or 3, got {stage}"
-            )));
-        }
+        let stage = strategy.stage();
         let layout = FlatLayout::new(&model.config, comm.world_size());
         let rank = comm.rank();
         let owned = if stage == 0 {
@@ -113,7 +98,7 @@ impl ZeroEngine {
         // Offloaded, or on CPU ranks (where the device is host memory): the
         // parallel loop, which updates in place instead of allocating a
         // tensor per operation.
-        let moments = if offload_optimizer || device.is_cpu() {
+        let moments = if strategy.offload_optimizer() || device.is_cpu() {
             Moments::Host {
                 m: vec![0.0; owned.len()],
                 v: vec![0.0; owned.len()],
@@ -122,14 +107,11 @@ impl ZeroEngine {
             device_moments(&layout, &owned, &device)?
         };
         Ok(ZeroEngine {
-            stage,
-            offload_optimizer,
-            offload_param,
+            strategy,
             layout,
             comm,
             adam,
             step: 0,
-            gradient_checkpointing: false,
             compute_dtype: DType::F32,
             loss_scaler: None,
             skipped_steps: 0,
@@ -143,8 +125,6 @@ impl ZeroEngine {
             moments,
             owned,
             peak_gathered: 0,
-            fused_kernels: true,
-            workspace: None,
         })
     }
 
@@ -159,7 +139,7 @@ impl ZeroEngine {
     ) -> Result<Self> {
         self.compute_dtype = dtype;
         self.loss_scaler = loss_scaler;
-        if dtype != DType::F32 && self.stage < 3 {
+        if dtype != DType::F32 && self.stage() < 3 {
             let valid = intersect(&self.owned, &(0..self.layout.numel));
             self.master = flatten_params(model, &self.layout)?[valid].to_vec();
         }
@@ -177,49 +157,22 @@ impl ZeroEngine {
         self.poisoned = true;
     }
 
+    /// The ZeRO stage (0–3).
+    pub fn stage(&self) -> u8 {
+        self.strategy.stage()
+    }
+
+    /// The loss scale of this step (1 without fp16).
+    pub fn loss_scale(&self) -> f64 {
+        self.loss_scaler.as_ref().map_or(1.0, |s| s.cur_scale)
+    }
+
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }
 
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
-    }
-
-    /// Forward and backward of one micro-batch, its loss scaled by
-    /// `1 / n_items` (the label tokens of the whole global batch), gradients
-    /// accumulated by stage. Returns the scaled loss.
-    pub fn micro_step(
-        &mut self,
-        model: &GPT2LMHeadModel,
-        ids: &Tensor,
-        labels: &Tensor,
-        mask: Option<&[Vec<u32>]>,
-        n_items: f64,
-    ) -> Result<f64> {
-        if self.stage == 3 || self.gradient_checkpointing {
-            return self.micro_step_blockwise(model, ids, labels, mask, n_items);
-        }
-        if self.fused_kernels && !self.mixed_precision() && model.fused_kernels_apply() {
-            return self.micro_step_fused(model, ids, labels, mask, n_items);
-        }
-        let logits = model.forward(ids, mask, None)?;
-        let (lv, g) = self.loss_backward(&logits, labels, n_items)?;
-        let Some(g) = g else { return Ok(lv) };
-        let mut full = vec![0f32; self.layout.part * self.layout.world];
-        for (i, (name, var)) in model.named_parameters().iter().enumerate() {
-            debug_assert_eq!(&self.layout.names[i], name);
-            if let Some(t) = g.get(var.as_tensor()) {
-                let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                full[self.layout.range(i)].copy_from_slice(&v);
-            }
-        }
-        if self.stage == 2 {
-            self.add_reduce_scattered(&full)?;
-        } else {
-            full.truncate(self.layout.numel);
-            add_into(&mut self.grads, &full);
-        }
-        Ok(lv)
     }
 
     /// Stage 2: sum a whole-model gradient buffer over the ranks and add
@@ -231,58 +184,12 @@ impl ZeroEngine {
         Ok(())
     }
 
-    /// [`micro_step`](Self::micro_step) through the fused CPU kernels: the
-    /// gradients land in the flat buffer directly (stages 0–1) or in a full
-    /// buffer that is then reduce-scattered (stage 2).
-    fn micro_step_fused(
-        &mut self,
-        model: &GPT2LMHeadModel,
-        ids: &Tensor,
-        labels: &Tensor,
-        mask: Option<&[Vec<u32>]>,
-        n_items: f64,
-    ) -> Result<f64> {
-        let ids: Vec<Vec<u32>> = ids.to_vec2()?;
-        let labels: Vec<Vec<i64>> = labels.to_vec2()?;
-        let batch = crate::cpu::Batch {
-            ids: &ids,
-            labels: &labels,
-            mask,
-        };
-        let ranges: Vec<Range<usize>> = (0..self.layout.names.len())
-            .map(|i| self.layout.range(i))
-            .collect();
-        let scale = (self.scale() / n_items) as f32;
-        let mut ws = self.workspace.take().unwrap_or_default();
-        let dropout = model
-            .training_dropout()
-            .map(|d| d as &dyn crate::cpu::DropoutMasks);
-        let cfg = &model.config;
-        let loss = if self.stage == 2 {
-            let mut full = vec![0f32; self.layout.part * self.layout.world];
-            let loss = model.with_fp32_weights(|w| {
-                Ok(ws.forward_backward(cfg, w, &batch, dropout, &mut full, &ranges, scale)?)
-            });
-            if loss.as_ref().is_ok_and(|l| l.is_finite()) {
-                self.add_reduce_scattered(&full)?;
-            }
-            loss
-        } else {
-            let grads = &mut self.grads;
-            model.with_fp32_weights(|w| {
-                Ok(ws.forward_backward(cfg, w, &batch, dropout, grads, &ranges, scale)?)
-            })
-        };
-        self.workspace = Some(ws);
-        Ok(loss? / n_items)
-    }
-
     /// After the last micro-batch: reduce the gradients (stages 0–1), take
     /// the global norm, clip to `max_grad_norm`, update this rank's
     /// elements with AdamW at `lr`, and share the new weights (stages 1–2).
     /// Returns the gradient norm before clipping.
     pub fn step(&mut self, model: &GPT2LMHeadModel, lr: f64, max_grad_norm: f64) -> Result<f64> {
-        if self.stage <= 1 {
+        if self.stage() <= 1 {
             self.comm.all_reduce_sum(&mut self.grads)?;
         }
         self.last_step_skipped = false;
@@ -308,7 +215,7 @@ impl ZeroEngine {
             }
         }
         // Each rank's share of ‖g‖²: all of it when gradients are replicated.
-        let local = match self.stage {
+        let local = match self.stage() {
             0 | 1 => {
                 if self.rank() == 0 {
                     sum_sq(&self.grads)
@@ -329,7 +236,7 @@ impl ZeroEngine {
             }
         }
         self.step += 1;
-        if self.stage == 0
+        if self.stage() == 0
             && !self.mixed_precision()
             && matches!(self.moments, Moments::Host { .. })
             && model.device().is_cpu()
@@ -337,7 +244,7 @@ impl ZeroEngine {
             let Moments::Host { m, v } = &mut self.moments else {
                 unreachable!("matched above")
             };
-            let ranges: Vec<_> = (0..self.layout.names.len())
+            let ranges: Vec<_> = (0..self.layout.params.len())
                 .map(|i| self.layout.range(i))
                 .collect();
             adamw::update_in_place(self.adam, self.step, model, &self.grads, &ranges, m, v, lr)?;
@@ -348,7 +255,7 @@ impl ZeroEngine {
         let valid = intersect(&owned, &(0..self.layout.numel));
         // The weights and gradients of the elements this rank updates. The
         // gradient buffer is lent to AdamW (which needs `&mut self`), not copied.
-        let mut p_owned: Vec<f32> = match self.stage {
+        let mut p_owned: Vec<f32> = match self.stage() {
             3 => self.params[..valid.len()].to_vec(),
             _ if self.mixed_precision() => self.master.clone(),
             _ => {
@@ -359,7 +266,7 @@ impl ZeroEngine {
             }
         };
         let grads = std::mem::take(&mut self.grads);
-        let g_owned: &[f32] = match self.stage {
+        let g_owned: &[f32] = match self.stage() {
             0 => &grads,
             1 => &grads[valid.clone()],
             _ => &grads[..valid.len()],
@@ -378,10 +285,10 @@ impl ZeroEngine {
         );
         self.grads = grads;
         updated?;
-        if self.mixed_precision() && self.stage < 3 {
+        if self.mixed_precision() && self.stage() < 3 {
             self.master.copy_from_slice(&p_owned);
         }
-        match self.stage {
+        match self.stage() {
             3 => self.params[..valid.len()].copy_from_slice(&p_owned),
             0 => set_params(model, &self.layout, &p_owned)?,
             _ => {
@@ -398,7 +305,7 @@ impl ZeroEngine {
 
     /// What this rank keeps between steps, measured from its buffers.
     pub fn memory(&self, model: &GPT2LMHeadModel) -> ModelStateBytes {
-        let params = if self.stage == 3 {
+        let params = if self.stage() == 3 {
             self.params.len() * 4
         } else {
             model
@@ -414,15 +321,15 @@ impl ZeroEngine {
             Moments::Device { m, v, .. } => (m.elem_count() + v.elem_count()) * 4,
         } + self.master.len() * 4;
         let mut offloaded = 0;
-        if self.offload_optimizer {
+        if self.strategy.offload_optimizer() {
             offloaded += optimizer_states;
         }
-        if self.offload_param && self.stage == 3 {
+        if self.strategy.offload_param() {
             offloaded += params;
         }
         ModelStateBytes {
             rank: self.rank(),
-            stage: self.stage,
+            stage: self.stage(),
             world_size: self.world_size(),
             params,
             grads: self.grads.len() * 4,
@@ -435,13 +342,13 @@ impl ZeroEngine {
     /// Every weight by name, gathered from all ranks (a collective: every
     /// rank calls it). What DeepSpeed's `zero_to_fp32` consolidates.
     pub fn full_state_dict(&self, model: &GPT2LMHeadModel) -> Result<HashMap<String, Tensor>> {
-        let flat = if self.stage == 3 {
+        let flat = if self.stage() == 3 {
             let mut all = self.comm.all_gather(&self.params)?;
             all.truncate(self.layout.numel);
             all
         } else if self.mixed_precision() {
             // The fp32 masters, not the half-precision copy.
-            if self.stage == 0 {
+            if self.stage() == 0 {
                 self.master.clone()
             } else {
                 let mut mine = self.master.clone();
@@ -454,13 +361,13 @@ impl ZeroEngine {
             flatten_params(model, &self.layout)?
         };
         let mut out = HashMap::new();
-        for i in 0..self.layout.names.len() {
+        for i in 0..self.layout.params.len() {
             let t = Tensor::from_slice(
                 &flat[self.layout.range(i)],
-                self.layout.shapes[i].clone(),
+                self.layout.shape(i).to_vec(),
                 &Device::Cpu,
             )?;
-            out.insert(self.layout.names[i].clone(), t);
+            out.insert(self.layout.name(i).to_string(), t);
         }
         Ok(out)
     }

@@ -2,22 +2,21 @@
 //! buffer in `named_parameters` order, padded to a multiple of the world
 //! size and cut into one contiguous partition per rank.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::error::{Result, ZeroError};
-use crate::model::{parameter_shapes, GPT2LMHeadModel};
-use crate::optim::adamw::decays;
+use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::Moments;
+use crate::params::Gpt2Params;
 
 /// Where each parameter sits in the flat buffer and which slice each rank owns.
 #[derive(Debug, Clone)]
 pub struct FlatLayout {
-    pub names: Vec<String>,
-    pub shapes: Vec<Vec<usize>>,
+    /// The parameters laid out, in order.
+    pub params: Gpt2Params,
     pub offsets: Vec<usize>,
     /// Real elements (Ψ).
     pub numel: usize,
@@ -28,18 +27,16 @@ pub struct FlatLayout {
 
 impl FlatLayout {
     pub fn new(cfg: &crate::config::GPT2Config, world: usize) -> Self {
-        let (mut names, mut shapes, mut offsets) = (vec![], vec![], vec![]);
+        let params = Gpt2Params::new(cfg);
+        let mut offsets = Vec::with_capacity(params.len());
         let mut at = 0;
-        for (n, s) in parameter_shapes(cfg) {
+        for s in &params.specs {
             offsets.push(at);
-            at += s.iter().product::<usize>();
-            names.push(n);
-            shapes.push(s);
+            at += s.numel();
         }
         let world = world.max(1);
         FlatLayout {
-            names,
-            shapes,
+            params,
             offsets,
             numel: at,
             world,
@@ -54,12 +51,20 @@ impl FlatLayout {
 
     /// The flat elements of parameter `i`.
     pub fn range(&self, i: usize) -> Range<usize> {
-        let n: usize = self.shapes[i].iter().product();
-        self.offsets[i]..self.offsets[i] + n
+        self.offsets[i]..self.offsets[i] + self.params.specs[i].numel()
     }
 
-    pub fn index(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|n| n == name)
+    /// Every parameter's flat range, in order.
+    pub fn ranges(&self) -> Vec<Range<usize>> {
+        self.params.ranges()
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        self.params.name(i)
+    }
+
+    pub fn shape(&self, i: usize) -> &[usize] {
+        &self.params.specs[i].shape
     }
 }
 
@@ -67,16 +72,6 @@ pub(crate) fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
     let s = a.start.max(b.start);
     let e = a.end.min(b.end).max(s);
     s..e
-}
-
-pub(crate) fn tensors(p: &[(String, Tensor)]) -> HashMap<String, Tensor> {
-    p.iter().map(|(n, t)| (n.clone(), t.clone())).collect()
-}
-
-pub(crate) fn var_tensors(p: &[(String, Var)]) -> HashMap<String, Tensor> {
-    p.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
 }
 
 pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
@@ -129,10 +124,10 @@ pub(crate) fn set_params(model: &GPT2LMHeadModel, layout: &FlatLayout, flat: &[f
 
 /// Runs of `owned` (clipped to real elements) with one weight-decay flag each.
 pub(crate) fn decay_segments(layout: &FlatLayout, owned: &Range<usize>) -> Vec<(usize, bool)> {
-    (0..layout.names.len())
+    (0..layout.params.len())
         .filter_map(|i| {
             let x = intersect(&layout.range(i), owned);
-            (!x.is_empty()).then(|| (x.len(), decays(&layout.names[i])))
+            (!x.is_empty()).then(|| (x.len(), layout.params.specs[i].decay))
         })
         .collect()
 }

@@ -20,7 +20,6 @@
 //! Adam moments in host memory and updates there (multi-threaded);
 //! otherwise they are tensors on the rank's device, updated with tensor ops.
 
-pub mod blockwise;
 pub mod comm;
 pub mod ds_config;
 pub mod ds_schema;
@@ -31,6 +30,8 @@ pub mod layout;
 pub mod memory;
 pub mod precision;
 pub mod state;
+mod store;
+pub mod strategy;
 
 pub use ds_config::{DeepSpeedConfig, DsConfigError, HfTrainingValues};
 pub use engine::ZeroEngine;
@@ -38,13 +39,14 @@ pub use error::{Result, ZeroError};
 pub use layout::FlatLayout;
 pub use memory::ModelStateBytes;
 pub use state::NamedMoments;
+pub use strategy::{Precision, ZeroStrategy};
 
 #[cfg(test)]
 mod tests {
     use super::comm::SingleRank;
     use super::engine::ZeroEngine;
     use super::layout::*;
-    use crate::model::GPT2LMHeadModel;
+    use crate::model::{GPT2LMHeadModel, GradientPath, MicroBatch};
     use crate::optim::adamw::*;
     use candle_core::{DType, Device, Tensor};
     use std::sync::Arc;
@@ -86,8 +88,15 @@ mod tests {
         let labels = ids.to_dtype(DType::I64).unwrap();
         let run = |on_device: bool| {
             let model = GPT2LMHeadModel::new(&cfg, 1, &Device::Cpu).unwrap();
-            let mut e =
-                ZeroEngine::new(&model, 1, false, false, adam, Arc::new(SingleRank)).unwrap();
+            let mut e = ZeroEngine::new(
+                &model,
+                super::ZeroStrategy::Stage1 {
+                    offload_optimizer: false,
+                },
+                adam,
+                Arc::new(SingleRank),
+            )
+            .unwrap();
             assert!(
                 matches!(e.moments, Moments::Host { .. }),
                 "CPU ranks use the host loop"
@@ -95,8 +104,17 @@ mod tests {
             if on_device {
                 e.moments = device_moments(&e.layout, &e.owned, &Device::Cpu).unwrap();
             }
+            let batch = MicroBatch {
+                input_ids: &ids,
+                labels: &labels,
+                attention_mask: None,
+                n_items: 4.0,
+                loss_scale: 1.0,
+            };
             for _ in 0..2 {
-                e.micro_step(&model, &ids, &labels, None, 4.0).unwrap();
+                GradientPath::Autograd
+                    .forward_backward(&model, &batch, &mut e)
+                    .unwrap();
                 e.step(&model, 1e-2, 1.0).unwrap();
             }
             flatten_params(&model, &e.layout).unwrap()

@@ -27,7 +27,7 @@ impl ZeroEngine {
             Moments::Device { m, v, .. } => (m.to_device(&cpu)?, v.to_device(&cpu)?),
         };
         let mut out = vec![("exp_avg".to_string(), m), ("exp_avg_sq".to_string(), v)];
-        if self.stage == 3 {
+        if self.stage() == 3 {
             out.push((
                 "fp32_flat_partition".into(),
                 Tensor::from_slice(&self.params, self.params.len(), &cpu)?,
@@ -41,7 +41,7 @@ impl ZeroEngine {
         }
         out.push((
             "loss_scale".into(),
-            Tensor::new(&[self.scale() as f32], &cpu)?,
+            Tensor::new(&[self.loss_scale() as f32], &cpu)?,
         ));
         Ok(out)
     }
@@ -90,7 +90,7 @@ impl ZeroEngine {
                 *dv = Tensor::from_vec(v, n, &self.device)?;
             }
         }
-        if self.stage == 3 {
+        if self.stage() == 3 {
             self.params = get("fp32_flat_partition", self.layout.part)?;
         }
         if !self.master.is_empty() {
@@ -105,11 +105,11 @@ impl ZeroEngine {
     /// After loading full fp32 weights (resume): stage 3 takes this rank's
     /// slice, mixed precision its fp32 masters.
     pub fn load_full_params(&mut self, model: &GPT2LMHeadModel) -> Result<()> {
-        if self.mixed_precision() && self.stage < 3 {
+        if self.mixed_precision() && self.stage() < 3 {
             let valid = intersect(&self.owned, &(0..self.layout.numel));
             self.master = flatten_params(model, &self.layout)?[valid].to_vec();
         }
-        if self.stage == 3 {
+        if self.stage() == 3 {
             let flat = flatten_params(model, &self.layout)?;
             let me = intersect(&self.layout.partition(self.rank()), &(0..self.layout.numel));
             self.params = vec![0.0; self.layout.part];
@@ -130,11 +130,11 @@ impl ZeroEngine {
                 "moments_by_name needs the whole model's moments (stage 0)".into(),
             ));
         }
-        Ok((0..self.layout.names.len())
+        Ok((0..self.layout.params.len())
             .map(|i| {
                 let r = self.layout.range(i);
                 (
-                    self.layout.names[i].clone(),
+                    self.layout.name(i).to_string(),
                     m[r.clone()].to_vec(),
                     v[r].to_vec(),
                 )
@@ -149,7 +149,7 @@ impl ZeroEngine {
     ) -> Result<()> {
         let n = self.layout.numel;
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
-        for (i, name) in self.layout.names.iter().enumerate() {
+        for (i, name) in self.layout.params.specs.iter().map(|s| &s.name).enumerate() {
             if let Some((a, b)) = named.get(name) {
                 let r = self.layout.range(i);
                 if a.len() != r.len() || b.len() != r.len() {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use companion::config::GPT2Config;
 use companion::generate::GenerationConfig;
-use companion::model::{GPT2LMHeadModel, Result};
+use companion::model::{GPT2LMHeadModel, GradientPath, MicroBatch, Result};
 
 /// A benchmark shape: model config plus batch and sequence length.
 pub struct Shape {
@@ -87,13 +87,15 @@ pub fn train(
     };
     let mut engine = ZeroEngine::new(
         &model,
-        0,
-        false,
-        false,
+        companion::zero::ZeroStrategy::Stage0,
         adam,
         std::sync::Arc::new(SingleRank),
     )?;
-    engine.fused_kernels = !autograd;
+    let mut path = if autograd {
+        GradientPath::Autograd
+    } else {
+        GradientPath::choose(cfg, &Device::Cpu, DType::F32, false)
+    };
     let ids = Tensor::new(
         random_ids(shape.batch, shape.seq, cfg.vocab_size, 1),
         &Device::Cpu,
@@ -103,7 +105,14 @@ pub fn train(
     let (mut times, mut fwd_bwd) = (Vec::new(), Vec::new());
     for step in 0..steps + 1 {
         let t = Instant::now();
-        engine.micro_step(&model, &ids, &labels, None, n_items)?;
+        let batch = MicroBatch {
+            input_ids: &ids,
+            labels: &labels,
+            attention_mask: None,
+            n_items,
+            loss_scale: 1.0,
+        };
+        path.forward_backward(&model, &batch, &mut engine)?;
         let t_fb = t.elapsed().as_secs_f64();
         engine.step(&model, 1e-4, 1.0)?;
         if step > 0 {

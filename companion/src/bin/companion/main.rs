@@ -13,6 +13,8 @@ use companion::tokenizer::{self, AutoTokenizer, TokenizerKind, TrainArgs};
 
 mod bench;
 mod bench_cmd;
+mod inference;
+mod options;
 mod preflight;
 mod pretrain;
 
@@ -47,10 +49,10 @@ enum Command {
     /// Print a GPT-2 config (`AutoConfig.from_pretrained(..., **overrides)`).
     Config(ConfigCmd),
     /// Generate text with a model folder or hub id (4.3.5).
-    Generate(GenerateCmd),
+    Generate(inference::GenerateCmd),
     /// Held-out loss, perplexity and bits per byte of a model on a corpus
     /// (`trainer.evaluate()` on a file), packed as `pretrain` packs it.
-    Eval(EvalCmd),
+    Eval(inference::EvalCmd),
     /// Model-state memory per GPU and per CPU for ZeRO-2/3 with and without
     /// offload, as DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` print it.
     ZeroEstimate(ZeroEstimateCmd),
@@ -68,7 +70,7 @@ struct PretrainCmd {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    opts: pretrain::PretrainFlags,
+    opts: options::PretrainFlags,
     #[command(flatten)]
     training: TrainingArguments,
 }
@@ -169,58 +171,6 @@ struct ConfigCmd {
 }
 
 #[derive(Args)]
-struct GenerateCmd {
-    /// A model folder (config.json, model.safetensors, tokenizer files) or hub id.
-    #[arg(long)]
-    model: String,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long)]
-    max_new_tokens: Option<usize>,
-    #[arg(long)]
-    min_new_tokens: Option<usize>,
-    #[arg(long)]
-    do_sample: bool,
-    #[arg(long)]
-    temperature: Option<f64>,
-    #[arg(long)]
-    top_k: Option<usize>,
-    #[arg(long)]
-    top_p: Option<f64>,
-    #[arg(long)]
-    repetition_penalty: Option<f64>,
-    #[arg(long)]
-    no_repeat_ngram_size: Option<usize>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct EvalCmd {
-    /// A model folder (config.json, model.safetensors, tokenizer files) or hub id.
-    #[arg(long)]
-    model: String,
-    /// Text, JSONL or Parquet file (or `hf://datasets/OWNER/NAME/PATH`).
-    #[arg(long)]
-    data: String,
-    /// The JSONL/Parquet field holding the text.
-    #[arg(long, default_value = "text")]
-    text_field: String,
-    /// Tokens per block (run_clm's `group_texts`); default the model's n_positions.
-    #[arg(long)]
-    block_size: Option<usize>,
-    /// Evaluate only the first N blocks.
-    #[arg(long)]
-    max_samples: Option<usize>,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
 struct ZeroEstimateCmd {
     /// A preset (`gpt2`, `gpt2-xl`, …), model folder or hub id (only its config is read).
     #[arg(long, default_value = "gpt2")]
@@ -238,7 +188,7 @@ struct ZeroEstimateCmd {
 /// main job's recipe (so `--help` shows what a run uses).
 fn command() -> clap::Command {
     Cli::command().mut_subcommand("pretrain", |c| {
-        TrainingArguments::with_defaults(c, &pretrain::default_training_args())
+        TrainingArguments::with_defaults(c, &options::default_training_args())
     })
 }
 
@@ -276,8 +226,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                 .subcommand_matches("pretrain")
                 .expect("the pretrain subcommand"),
         ),
-        Command::Generate(c) => generate_cmd(c),
-        Command::Eval(c) => eval_cmd(c),
+        Command::Generate(c) => inference::generate_cmd(c),
+        Command::Eval(c) => inference::eval_cmd(c),
         Command::Bench(c) => bench_cmd::run(c),
     }
 }
@@ -420,164 +370,11 @@ fn config_cmd(c: ConfigCmd) -> Result<()> {
     Ok(())
 }
 
-fn eval_cmd(c: EvalCmd) -> Result<()> {
-    use companion::data::DataCollatorForLanguageModeling;
-    let device = candle_core::Device::Cpu;
-    let model =
-        companion::GPT2LMHeadModel::from_pretrained(&c.model, candle_core::DType::F32, &device)
-            .with_context(|| format!("loading the model `{}`", c.model))?;
-    let mut tok = AutoTokenizer::from_pretrained(&c.model)
-        .with_context(|| format!("loading the tokenizer of `{}`", c.model))?;
-    if tok.pad_token_id().is_none() {
-        if let Some(eos) = tok.eos_token().map(str::to_string) {
-            tok.set_special_token(companion::tokenizer::SpecialRole::Pad, &eos)?;
-        }
-    }
-    let block_size = c.block_size.unwrap_or(model.config.n_positions);
-    if block_size == 0 || block_size > model.config.n_positions {
-        anyhow::bail!(
-            "--block-size {block_size}: expected 1..={} (the model's n_positions)",
-            model.config.n_positions
-        );
-    }
-    let path = companion::data::corpus::resolve(&c.data)?;
-    let options = companion::data::PrepareOptions {
-        block_size,
-        append_eos: tok.eos_token_id(),
-        show_progress: true,
-        ..Default::default()
-    };
-    let split = companion::data::corpus::Split::Validation;
-    let mut ds = companion::data::prepare(&path, &c.text_field, split, &tok, &options)?.dataset;
-    if let Some(n) = c.max_samples {
-        ds.truncate(n);
-    }
-    if ds.is_empty() {
-        anyhow::bail!(
-            "{}: no block of {block_size} tokens to evaluate (the text is shorter; try a smaller --block-size)",
-            path.display()
-        );
-    }
-    let collator = DataCollatorForLanguageModeling::new(&tok);
-    let m = companion::train::evaluate_model(&model, &ds, &collator, c.batch_size)?;
-    if c.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "model": c.model,
-                "data": path.display().to_string(),
-                "block_size": block_size,
-                "blocks": ds.len(),
-                "eval_loss": m.eval_loss,
-                "perplexity": m.perplexity,
-                "bits_per_byte": m.bits_per_byte,
-                "tokens": m.tokens,
-            })
-        );
-    } else {
-        println!(
-            "eval_loss {:.4}, perplexity {:.2}, bits/byte {:.3} over {} tokens ({} blocks of {block_size})",
-            m.eval_loss,
-            m.perplexity,
-            m.bits_per_byte,
-            m.tokens,
-            ds.len()
-        );
-    }
-    Ok(())
-}
-
-fn generate_cmd(c: GenerateCmd) -> Result<()> {
-    use companion::generate::GenerationConfig;
-    use std::io::Write;
-    let device = candle_core::Device::Cpu;
-    let model =
-        companion::GPT2LMHeadModel::from_pretrained(&c.model, candle_core::DType::F32, &device)
-            .with_context(|| format!("loading the model `{}`", c.model))?;
-    let tok = AutoTokenizer::from_pretrained(&c.model)
-        .with_context(|| format!("loading the tokenizer of `{}`", c.model))?;
-    let mut cfg = GenerationConfig::from_pretrained(&c.model, &model.config)?;
-    if let Some(n) = c.max_new_tokens {
-        cfg.max_new_tokens = Some(n);
-    } else if cfg.max_new_tokens.is_none() {
-        cfg.max_new_tokens = Some(128);
-    }
-    cfg.min_new_tokens = c.min_new_tokens.or(cfg.min_new_tokens);
-    cfg.do_sample |= c.do_sample;
-    cfg.temperature = c.temperature.unwrap_or(cfg.temperature);
-    cfg.top_k = c.top_k.unwrap_or(cfg.top_k);
-    cfg.top_p = c.top_p.unwrap_or(cfg.top_p);
-    cfg.repetition_penalty = c.repetition_penalty.unwrap_or(cfg.repetition_penalty);
-    cfg.no_repeat_ngram_size = c.no_repeat_ngram_size.unwrap_or(cfg.no_repeat_ngram_size);
-    cfg.seed = c.seed.or(cfg.seed);
-    // The chapter passes pad_token_id = eos_token_id.
-    if cfg.pad_token_id.is_none() {
-        cfg.pad_token_id = tok.pad_token_id().or(tok.eos_token_id());
-    }
-    if cfg.eos_token_id.is_none() {
-        cfg.eos_token_id = tok.eos_token_id().map(companion::generate::TokenIds::One);
-    }
-    let prompt_ids = tok.encode(&c.prompt)?;
-    let start = std::time::Instant::now();
-    let mut stream = tok.backend().decode_stream(false);
-    let mut stdout = std::io::stdout();
-    if !c.json {
-        print!("{}", c.prompt);
-        stdout.flush().ok();
-    }
-    let out = model.generate_with_streamer(
-        std::slice::from_ref(&prompt_ids),
-        None,
-        &cfg,
-        false,
-        |_, id| {
-            if !c.json {
-                if let Ok(Some(piece)) = stream.step(id) {
-                    print!("{piece}");
-                    std::io::stdout().flush().ok();
-                }
-            }
-        },
-    )?;
-    let secs = start.elapsed().as_secs_f64();
-    let seq = &out.sequences[0];
-    // An empty prompt starts from bos (as HF does): that is not a new token.
-    let prompt_len = if prompt_ids.is_empty() {
-        usize::from(cfg.bos_token_id.is_some())
-    } else {
-        prompt_ids.len()
-    };
-    let new_ids: Vec<u32> = seq[prompt_len.min(seq.len())..].to_vec();
-    if c.json {
-        println!(
-            "{}",
-            json!({
-                "prompt": c.prompt,
-                "text": tok.decode(seq, false)?,
-                "generated_text": tok.decode(&new_ids, false)?,
-                "token_ids": new_ids,
-                "new_tokens": new_ids.len(),
-                "seconds": secs,
-                "tokens_per_second": new_ids.len() as f64 / secs.max(1e-9),
-            })
-        );
-    } else {
-        println!();
-        eprintln!(
-            "{} new tokens in {:.2} s ({:.1} tokens/s)",
-            new_ids.len(),
-            secs,
-            new_ids.len() as f64 / secs.max(1e-9)
-        );
-    }
-    Ok(())
-}
-
 fn pretrain_cmd(c: PretrainCmd, matches: &clap::ArgMatches) -> Result<()> {
     let json_out = c.json;
     let opts = c.opts.into_options();
     let args = TrainingArguments::from_layers(
-        &pretrain::default_training_args(),
+        &options::default_training_args(),
         c.args.as_deref(),
         matches,
     )?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use companion::train::TrainingArguments;
 use companion::zero::comm::Communicator;
 
-use crate::pretrain::{Backend, PretrainError, PretrainOptions, RankDevice};
+use crate::options::{Backend, PretrainError, PretrainOptions, RankDevice};
 
 pub fn args_error(msg: String) -> PretrainError {
     companion::train::TrainError::Args(msg).into()

@@ -1,0 +1,70 @@
+//! Where a gradient path reads weights and puts gradients: the
+//! [`ParamStore`] trait, and [`LocalStore`] for one process.
+
+use candle_core::{Tensor, Var};
+
+use crate::model::error::Result;
+use crate::model::gpt2::GPT2LMHeadModel;
+
+/// Where a gradient path reads weights and puts gradients. Parameters are
+/// named by their index in [`crate::params::Gpt2Params`].
+pub trait ParamStore {
+    /// Weights `idx` for a forward pass without gradients.
+    fn tensors(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<Tensor>>;
+    /// Weights `idx` as Vars whose gradients `backward()` records.
+    fn vars(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<Var>>;
+    /// Add the gradients of parameters `idx` (fp32, whole tensors).
+    fn add_gradients(&mut self, idx: &[usize], grads: &[Vec<f32>]) -> Result<()>;
+    /// Lend `f` a whole-model gradient buffer in flat-layout order to add
+    /// into; what `f` returns (the loss) is passed back. When the store keeps
+    /// only a partition, its share is taken from the buffer afterwards.
+    fn with_flat_gradients(&mut self, f: &mut dyn FnMut(&mut [f32]) -> Result<f64>) -> Result<f64>;
+}
+
+/// One process holding everything: weights are the model's own, gradients
+/// accumulate in one flat fp32 buffer in layout order.
+pub struct LocalStore {
+    pub grads: Vec<f32>,
+    offsets: Vec<usize>,
+}
+
+impl LocalStore {
+    pub fn new(model: &GPT2LMHeadModel) -> Self {
+        let mut offsets: Vec<usize> = model.params.ranges().iter().map(|r| r.start).collect();
+        let numel = model.params.numel();
+        offsets.push(numel);
+        LocalStore {
+            grads: vec![0.0; numel],
+            offsets,
+        }
+    }
+
+    /// The gradient of parameter `i`.
+    pub fn gradient(&self, i: usize) -> &[f32] {
+        &self.grads[self.offsets[i]..self.offsets[i + 1]]
+    }
+}
+
+impl ParamStore for LocalStore {
+    fn tensors(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<Tensor>> {
+        let p = model.named_parameters();
+        Ok(idx.iter().map(|&i| p[i].1.as_detached_tensor()).collect())
+    }
+
+    fn vars(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<Var>> {
+        let p = model.named_parameters();
+        Ok(idx.iter().map(|&i| p[i].1.clone()).collect())
+    }
+
+    fn add_gradients(&mut self, idx: &[usize], grads: &[Vec<f32>]) -> Result<()> {
+        for (&i, g) in idx.iter().zip(grads) {
+            let dst = &mut self.grads[self.offsets[i]..self.offsets[i + 1]];
+            dst.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn with_flat_gradients(&mut self, f: &mut dyn FnMut(&mut [f32]) -> Result<f64>) -> Result<f64> {
+        f(&mut self.grads)
+    }
+}
