@@ -105,17 +105,28 @@ impl Default for GPT2Config {
     }
 }
 
-/// Overrides as keyword arguments of `AutoConfig.from_pretrained(…, **kwargs)`.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Overrides as keyword arguments of `AutoConfig.from_pretrained(…, **kwargs)`
+/// (and as flags, `--n-layer 4`, of the commands that build a config).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct ConfigOverrides {
+    #[arg(long)]
     pub vocab_size: Option<usize>,
+    /// Stored only: like `transformers`, n_ctx does not resize the position table (n_positions does).
+    #[arg(long)]
     pub n_ctx: Option<usize>,
+    #[arg(long)]
     pub n_positions: Option<usize>,
+    #[arg(long)]
     pub n_embd: Option<usize>,
+    #[arg(long)]
     pub n_layer: Option<usize>,
+    #[arg(long)]
     pub n_head: Option<usize>,
+    #[arg(long)]
     pub bos_token_id: Option<u32>,
+    #[arg(long)]
     pub eos_token_id: Option<u32>,
+    #[arg(long)]
     pub pad_token_id: Option<u32>,
 }
 

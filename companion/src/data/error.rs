@@ -6,6 +6,8 @@ pub enum DataError {
     Corpus(#[from] crate::data::corpus::CorpusError),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Shards(#[from] crate::data::shards::ShardError),
     #[error("{0}")]
     Invalid(String),
 }

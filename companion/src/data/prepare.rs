@@ -139,7 +139,7 @@ pub fn prepare(
     }
     std::fs::rename(&tmp, &dir)
         .map_err(|e| DataError::Invalid(format!("{}: {e}", dir.display())))?;
-    let shards = TokenShards::open(&dir).map_err(|e| DataError::Invalid(e.to_string()))?;
+    let shards = TokenShards::open(&dir)?;
     drop(lock);
     Ok(Prepared {
         dataset: Dataset::from_shards(shards),
@@ -223,8 +223,7 @@ fn write_shards(
     label: String,
 ) -> Result<()> {
     let mut docs = corpus::documents(path, field, split)?;
-    let mut writer = ShardWriter::new(tmp, o.block_size, tok.len())
-        .map_err(|e| DataError::Invalid(e.to_string()))?;
+    let mut writer = ShardWriter::new(tmp, o.block_size, tok.len())?;
     let bar = progress(total_bytes, o.show_progress);
     // Documents are tokenized a window at a time, in parallel, and then
     // grouped in order as a stream: memory is one window, whatever the
@@ -267,9 +266,7 @@ fn write_shards(
         }
         documents += window.len();
         text_bytes += bytes;
-        writer
-            .push_blocks(&blocks)
-            .map_err(|e| DataError::Invalid(e.to_string()))?;
+        writer.push_blocks(&blocks)?;
         blocks.clear();
         bar.inc(bytes as u64);
     }
@@ -279,9 +276,7 @@ fn write_shards(
             paths: vec![path.display().to_string()],
         }));
     }
-    writer
-        .finish(text_bytes, text_tokens, documents, label)
-        .map_err(|e| DataError::Invalid(e.to_string()))?;
+    writer.finish(text_bytes, text_tokens, documents, label)?;
     Ok(())
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Order: an existing local folder → the Hugging Face cache
 //! (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`;
-//! `models--gpt2/refs/main` → `snapshots/<rev>/`) → a download with `hf-hub`
-//! unless `HF_HUB_OFFLINE=1` ([`download`], with timeouts, from `HF_ENDPOINT`).
+//! `models--gpt2/refs/main` → `snapshots/<rev>/`, read through `hf-hub`'s
+//! cache layout) → a download unless `HF_HUB_OFFLINE=1` ([`download`]: our
+//! own client, because `hf-hub`'s has no timeouts; from `HF_ENDPOINT`).
 //! A miss is one error naming the id, the file and every place looked.
 //! Nothing a file or a server says can make us read outside the folder or
 //! the cache: ids, file names and `refs/` contents must be plain names.

@@ -1,6 +1,12 @@
 //! `GPT2LMHeadModel` (4.3.2's `GPT2LMHeadModel(config)`): the candle model
 //! ([`gpt2`]) over weights by HF name ([`weights`]), its dropout generator,
 //! KV cache and loss, and the custom ops that give its layers a backward.
+//!
+//! Where things live: the **parameters'** names, shapes and roles in
+//! [`crate::params`]; **gradients** are computed here, by the
+//! [`GradientPath`] a run chose ([`gradient`]), into whatever
+//! [`ParamStore`] it is given; the weights' **values** are the model's Vars
+//! (or, under ZeRO-3, the engine's partitions).
 
 pub mod autograd_ops;
 pub mod dropout;

@@ -200,7 +200,7 @@ pub struct LossPlot(pub String);
 
 impl LossPlot {
     pub fn from_state(state: &TrainerState) -> Result<Self, String> {
-        super::plot::loss_plot_svg(state).map(LossPlot)
+        crate::train::plot::loss_plot_svg(state).map(LossPlot)
     }
 
     pub fn evcxr_display(&self) {

@@ -1,9 +1,8 @@
 //! What the notebooks show and check: rich output for the evcxr kernel
-//! ([`display`], [`plot`]) and doctest-style checks ([`check!`](crate::check)).
+//! ([`display`]; the loss plot is [`crate::train::plot`]'s) and doctest-style checks ([`check!`](crate::check)).
 
 pub mod check;
 pub mod display;
-pub mod plot;
 pub mod reference;
 
 pub use check::{fail, CheckFailed, CHECK_FAILED_EXIT_CODE};

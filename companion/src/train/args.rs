@@ -256,7 +256,7 @@ impl TrainingArguments {
             merge_json_file(&mut v, f)?;
             Self::deserialize_fields(v.clone(), &f.display().to_string())?;
         }
-        let flags = Self::from_arg_matches(matches).map_err(|e| TrainError::Args(e.to_string()))?;
+        let flags = Self::from_arg_matches(matches)?;
         let flags = serde_json::to_value(flags).expect("serialises");
         for (key, value) in flags.as_object().expect("an object") {
             let given = matches.try_get_raw(key).ok().flatten().is_some()

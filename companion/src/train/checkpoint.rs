@@ -130,9 +130,7 @@ impl Trainer {
             crate::hf_json::dumps(&serde_json::to_value(&self.args).expect("json")).into_bytes(),
         ));
         if let Some(tok) = &self.tokenizer {
-            let tf = tok
-                .pretrained_files()
-                .map_err(|e| TrainError::Args(e.to_string()))?;
+            let tf = tok.pretrained_files()?;
             files.extend(tf.into_iter().map(|(n, b)| (n.to_string(), b)));
         }
         Ok(files)
@@ -435,9 +433,7 @@ impl Trainer {
             gen.to_json_string().into_bytes(),
         ));
         if let Some(tok) = &self.tokenizer {
-            let tf = tok
-                .pretrained_files()
-                .map_err(|e| TrainError::Args(e.to_string()))?;
+            let tf = tok.pretrained_files()?;
             files.extend(tf.into_iter().map(|(n, b)| (n.to_string(), b)));
         }
         // One batch: every file is staged (and synced) before any is renamed
@@ -447,6 +443,25 @@ impl Trainer {
             .map(|(n, b)| (n.as_str(), b.as_slice()))
             .collect();
         crate::atomic_write::write_files_atomically(dir, &refs).map_err(io_err(dir))
+    }
+
+    /// `trainer.save_state()`: the final `trainer_state.json` in
+    /// `output_dir`, beside the checkpoints (rank 0 writes it).
+    pub fn save_state(&self) -> Result<()> {
+        if !self.is_world_process_zero() {
+            return Ok(());
+        }
+        let path = Path::new(&self.args.output_dir).join("trainer_state.json");
+        crate::atomic_write::write_file_atomically(&path, self.state.to_json_string().as_bytes())
+            .map_err(io_err(&path))
+    }
+
+    /// `loss.svg` and `loss.png` of `log_history` in `output_dir` (rank 0).
+    pub fn save_loss_plot(&self) -> std::result::Result<(), String> {
+        if !self.is_world_process_zero() {
+            return Ok(());
+        }
+        super::plot::save_loss_plot(&self.state, Path::new(&self.args.output_dir))
     }
 }
 

@@ -22,6 +22,11 @@ pub enum TrainError {
     Zero(#[from] crate::zero::ZeroError),
     #[error(transparent)]
     DsConfig(#[from] crate::zero::DsConfigError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// A command line clap refused.
+    #[error(transparent)]
+    Flags(#[from] clap::Error),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

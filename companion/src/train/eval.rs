@@ -4,46 +4,14 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use serde::Serialize;
 use serde_json::json;
 
 use super::error::{Result, TrainError};
 use super::logging::num;
-use super::state::LogEntry;
+use super::state::{EvalMetrics, LogEntry};
 use super::trainer::Trainer;
 use crate::data::{Batch, DataCollatorForLanguageModeling, Dataset};
 use crate::model::{causal_lm_loss_sum, GPT2LMHeadModel};
-
-/// Evaluation result: mean loss per token, perplexity, bits per byte.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct EvalMetrics {
-    pub eval_loss: f64,
-    pub perplexity: f64,
-    pub bits_per_byte: f64,
-    pub tokens: usize,
-}
-
-impl EvalMetrics {
-    /// From a loss summed over `count` label tokens of a dataset with
-    /// `bytes_per_token` bytes of text per token. Zero tokens is an error,
-    /// not a perfect score: a figure from no data would be a lie.
-    pub fn from_sum(sum: f64, count: usize, bytes_per_token: f64, examples: usize) -> Result<Self> {
-        if count == 0 {
-            return Err(TrainError::Args(format!(
-                "the evaluation set has no tokens to predict ({examples} examples): the \
-                 validation data is empty or shorter than one block, or max_eval_samples is 0; \
-                 give more held-out text or evaluate with --no-validation / eval_strategy no"
-            )));
-        }
-        let loss = sum / count as f64;
-        Ok(EvalMetrics {
-            eval_loss: loss,
-            perplexity: loss.exp(),
-            bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
-            tokens: count,
-        })
-    }
-}
 
 /// Held-out loss of `model` on `ds` in one process, batches of `batch_size`
 /// (what `companion eval` runs; the Trainer's own evaluation also handles
@@ -152,6 +120,20 @@ impl Trainer {
             );
         }
         self.state.log_history.push(e);
+        self.last_eval = Some((self.state.global_step, m));
         Ok(Some(m))
+    }
+
+    /// The evaluation of the weights as they are now: the one `train()`
+    /// made at its last step when it made one, else a new one (not logged).
+    pub fn final_evaluation(&mut self) -> Result<Option<EvalMetrics>> {
+        match &self.last_eval {
+            Some((step, m)) if *step == self.state.global_step => Ok(Some(*m)),
+            _ => self
+                .eval_dataset
+                .clone()
+                .map(|ds| self.evaluate_dataset(&ds))
+                .transpose(),
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct Trainer {
     pub batches_read: usize,
     /// HF's `callbacks`: told after every step, they may stop training.
     callbacks: Vec<Box<dyn TrainerCallback>>,
+    /// The last `evaluate()` and the step it was made at.
+    pub(crate) last_eval: Option<(usize, super::state::EvalMetrics)>,
 }
 
 /// Logging, evaluation and saving intervals in steps (0: never).
@@ -175,6 +177,7 @@ impl Trainer {
             run_tag: 0,
             batches_read: 0,
             callbacks: Vec::new(),
+            last_eval: None,
         })
     }
 

@@ -1,5 +1,11 @@
 //! ZeRO (Rajbhandari et al. 2020) as DeepSpeed runs it, stage by stage.
 //!
+//! Where things live: the **settings** arrive typed ([`ZeroStrategy`],
+//! [`Precision`], from `train::TrainPlan`); **gradients** arrive from the
+//! model's gradient path through the engine's `ParamStore` (`store.rs`);
+//! the **state** (flat fp32 buffers, partitions, moments, masters, the loss
+//! scaler) is the [`ZeroEngine`]'s, which reduces, clips and steps it.
+//!
 //! All parameters are laid end to end in one flat fp32 buffer (in
 //! `named_parameters` order), padded to a multiple of the world size and cut
 //! into one contiguous partition per rank — DeepSpeed's flat buffers. Then:

@@ -147,25 +147,8 @@ struct ConfigCmd {
     /// A preset (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`), folder or hub id.
     #[arg(long, default_value = "gpt2")]
     from: String,
-    #[arg(long)]
-    vocab_size: Option<usize>,
-    /// Stored only: like `transformers`, n_ctx does not resize the position table (n_positions does).
-    #[arg(long)]
-    n_ctx: Option<usize>,
-    #[arg(long)]
-    n_positions: Option<usize>,
-    #[arg(long)]
-    n_embd: Option<usize>,
-    #[arg(long)]
-    n_layer: Option<usize>,
-    #[arg(long)]
-    n_head: Option<usize>,
-    #[arg(long)]
-    bos_token_id: Option<u32>,
-    #[arg(long)]
-    eos_token_id: Option<u32>,
-    #[arg(long)]
-    pad_token_id: Option<u32>,
+    #[command(flatten)]
+    overrides: companion::config::ConfigOverrides,
     #[arg(long)]
     json: bool,
 }
@@ -342,18 +325,7 @@ fn zero_estimate_cmd(c: ZeroEstimateCmd) -> Result<()> {
 }
 
 fn config_cmd(c: ConfigCmd) -> Result<()> {
-    let o = companion::config::ConfigOverrides {
-        vocab_size: c.vocab_size,
-        n_ctx: c.n_ctx,
-        n_positions: c.n_positions,
-        n_embd: c.n_embd,
-        n_layer: c.n_layer,
-        n_head: c.n_head,
-        bos_token_id: c.bos_token_id,
-        eos_token_id: c.eos_token_id,
-        pad_token_id: c.pad_token_id,
-    };
-    let cfg = companion::GPT2Config::from_pretrained_with(&c.from, &o)
+    let cfg = companion::GPT2Config::from_pretrained_with(&c.from, &c.overrides)
         .with_context(|| format!("config of `{}`", c.from))?;
     if c.json {
         println!("{}", serde_json::to_string(&cfg.to_value())?);

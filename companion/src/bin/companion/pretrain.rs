@@ -278,46 +278,15 @@ fn train_and_save(
         None
     };
     let result = trainer.train()?;
-    // train() ends with an evaluation when eval_strategy is set; else run one.
-    let after = match trainer
-        .state
-        .log_history
-        .iter()
-        .rev()
-        .find(|e| e.contains_key("eval_loss"))
-    {
-        Some(e) if e["step"] == json!(trainer.state.global_step) => Some(json!({
-            "eval_loss": e["eval_loss"],
-            "perplexity": e["eval_perplexity"],
-            "bits_per_byte": e["eval_bits_per_byte"],
-        })),
-        _ => trainer
-            .eval_dataset
-            .clone()
-            .map(|ds| trainer.evaluate_dataset(&ds))
-            .transpose()?
-            .map(|m| serde_json::to_value(m).expect("json")),
-    };
+    let after = trainer.final_evaluation()?;
     trainer.save_model(&opts.save_model_dir)?;
     let model = trainer.full_model()?;
+    trainer.save_state()?;
+    if let Err(e) = trainer.save_loss_plot() {
+        eprintln!("warning: could not draw the loss plot: {e}");
+    }
     if !trainer.is_world_process_zero() {
         return Ok(None);
-    }
-    // trainer.save_state(): the final state beside the checkpoints.
-    let state_file = Path::new(&trainer.args.output_dir).join("trainer_state.json");
-    companion::atomic_write::write_file_atomically(
-        &state_file,
-        trainer.state.to_json_string().as_bytes(),
-    )
-    .map_err(|e| companion::train::TrainError::Io {
-        path: state_file.display().to_string(),
-        msg: e.to_string(),
-    })?;
-    if let Err(e) = companion::notebook::plot::save_loss_plot(
-        &trainer.state,
-        Path::new(&trainer.args.output_dir),
-    ) {
-        eprintln!("warning: could not draw the loss plot: {e}");
     }
     let gen = GenerationConfig {
         max_new_tokens: Some(opts.max_new_tokens),

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::train::TrainerState;
+use super::state::TrainerState;
 
 /// Make the shipped font plotters' "sans-serif" (once per process).
 fn register_font() {
