@@ -132,7 +132,120 @@ fn a_second_run_into_a_held_output_dir_is_refused_and_a_finished_one_releases_it
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// A lock file replaced by a symbolic link is refused, and the file it
+/// points to (outside the folder) is neither emptied nor written.
+#[cfg(unix)]
+#[test]
+fn a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    std::os::unix::fs::symlink(&precious, out.join(".companion.lock")).unwrap();
+    let o = pretrain_with(dir.path(), "run", &[]);
+    refused(&o, "not a regular file");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    assert!(checkpoints(&out).is_empty());
+}
+
+/// A tokenizer without bos/eos: the saved config and generation config
+/// carry no special ids rather than GPT-2's 50256, which is outside a
+/// 300-token vocabulary (transformers' generate() failed on it).
+#[test]
+fn a_tokenizer_without_bos_and_eos_gives_a_config_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    let corpus = data("corpus/validation.jsonl");
+    let o = companion(
+        &[
+            "tokenizer",
+            "train",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            tok.to_str().unwrap(),
+            "--vocab-size",
+            "300",
+            "--special-tokens",
+            "",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = pretrain_with(dir.path(), "run", &["--tokenizer", tok.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = dir.path().join("run_model");
+    for file in ["config.json", "generation_config.json"] {
+        let v = read_json(&model.join(file));
+        for key in ["bos_token_id", "eos_token_id"] {
+            let id = &v[key];
+            assert!(
+                id.is_null() || id.as_u64().is_some_and(|i| i < 300),
+                "{file}: {key} = {id} in a 300-token vocabulary"
+            );
+        }
+    }
+}
+
 // ---- memory bombs ---------------------------------------------------------
+
+/// Sizes no machine can allocate are refused by name before anything is
+/// allocated (they aborted with 134 inside the tokenizer trainers and the
+/// block packer), and zero counts in `bench` are flag errors, not panics.
+#[test]
+fn huge_vocabularies_and_blocks_and_zero_bench_steps_are_errors_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = data("corpus/validation.jsonl");
+    let corpus = corpus.to_str().unwrap();
+    let out = dir.path().join("tok");
+    let out = out.to_str().unwrap();
+    for model in ["bpe", "unigram"] {
+        let o = companion(
+            &[
+                "tokenizer",
+                "train",
+                "--corpus",
+                corpus,
+                "--out",
+                out,
+                "--vocab-size",
+                "4000000000",
+                "--model",
+                model,
+            ],
+            &[],
+        );
+        refused(&o, "vocab_size 4000000000");
+    }
+    let o = pretrain_with(dir.path(), "run", &["--tokenizer-vocab-size", "4000000000"]);
+    refused(&o, "vocab_size 4000000000");
+    let o = companion(
+        &[
+            "bench",
+            "data",
+            "--corpus",
+            corpus,
+            "--block-size",
+            "1000000000000",
+        ],
+        &[],
+    );
+    refused(&o, "block_size 1000000000000");
+    for args in [
+        &["bench", "train", "--steps", "0"][..],
+        &["bench", "generate", "--steps", "0"],
+        &["bench", "trainer", "--steps", "0"],
+    ] {
+        let o = companion(args, &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--steps") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
 
 #[test]
 fn configs_asking_for_more_memory_than_exists_are_errors_not_aborts() {

@@ -72,11 +72,11 @@ fn shards_hold_the_blocks_of_map_and_group_texts() {
     )
     .unwrap();
     assert!(want.len() > 100);
-    assert_eq!(blocks(&p.dataset), want.input_ids);
-    assert_eq!(p.dataset.text_bytes, want.text_bytes);
-    assert_eq!(p.dataset.text_tokens, want.text_tokens);
+    assert_eq!(blocks(&p.dataset), want.input_ids().unwrap());
+    assert_eq!(p.dataset.text_bytes(), want.text_bytes());
+    assert_eq!(p.dataset.text_tokens(), want.text_tokens());
     // GPT-2's 50257 ids fit in u16: two bytes a token on disk.
-    let meta = &p.dataset.shards.as_ref().unwrap().meta;
+    let meta = &p.dataset.shards().unwrap().meta;
     assert_eq!(meta.bytes_per_token, 2);
     assert_eq!(meta.documents, texts.len());
     let shard = std::fs::metadata(p.dir.join("tokens-00000.bin"))
@@ -98,6 +98,27 @@ fn the_cache_is_reused_only_for_the_same_corpus_tokenizer_and_packing() {
     assert!(first.built && !again.built);
     assert_eq!(first.dir, again.dir);
     assert_eq!(blocks(&first.dataset), blocks(&again.dataset));
+    // The cache's lock file replaced by a link to someone else's file: refused,
+    // that file untouched (the lock's name is predictable in a shared cache).
+    #[cfg(unix)]
+    {
+        let lock = std::fs::read_dir(cache.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "lock"))
+            .expect("the preparation's lock file");
+        let precious = dir.path().join("precious.txt");
+        std::fs::write(&precious, "keep me").unwrap();
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(&precious, &lock).unwrap();
+        let e = prepare(&corpus, "text", Split::Train, &tok, &o)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+        std::fs::remove_file(&lock).unwrap();
+    }
     // The same name and size, one character changed: a new preparation.
     let text = std::fs::read_to_string(&corpus)
         .unwrap()

@@ -595,3 +595,34 @@ fn long_documents_encoded_in_pieces_give_the_same_ids() {
         }
     }
 }
+
+/// Truncation and padding stored in a tokenizer.json are not applied to a
+/// call that does not ask for them, as transformers' PreTrainedTokenizerFast
+/// does (tests/fixtures/tokenizer_settings.json, from
+/// make_tokenizer_settings_fixture.py): a stored `max_length` must not cut
+/// the training data, a stored fixed padding must not fill it with pads.
+#[test]
+fn stored_truncation_and_padding_are_not_applied() {
+    let fx = read_json(&fixture("tokenizer_settings.json"));
+    let text = fx["text"].as_str().unwrap();
+    for (name, case) in fx["cases"].as_object().unwrap() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(data("pretrained/gpt2"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+        }
+        let path = dir.path().join("tokenizer.json");
+        let mut tj = read_json(&path);
+        for (k, v) in case["setting"].as_object().unwrap() {
+            tj[k] = v.clone();
+        }
+        std::fs::write(&path, tj.to_string()).unwrap();
+        let tok = AutoTokenizer::from_pretrained(dir.path().to_str().unwrap()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text).unwrap(), want, "{name}: the text");
+        let short: Vec<u32> = serde_json::from_value(case["short_input_ids"].clone()).unwrap();
+        assert_eq!(tok.encode("Hi").unwrap(), short, "{name}: a short text");
+    }
+}

@@ -62,6 +62,32 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_files_atomically(dir, &[(name, bytes)])
 }
 
+/// Open (creating if missing, never truncating) the lock file `path`
+/// without following a symbolic link: a lock file someone replaced with a
+/// link must not let us lock, empty or write a file outside the folder.
+/// Refuses anything but a regular file.
+pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    let refuse = || {
+        std::io::Error::other(
+            "not a regular file (a symbolic link or other file there is not followed)",
+        )
+    };
+    let file = options
+        .open(path)
+        .map_err(|e| if path.is_symlink() { refuse() } else { e })?;
+    if !file.metadata()?.is_file() {
+        return Err(refuse());
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,19 +104,19 @@ let options = TokenizeOptions { packing: Packing::Group { block_size }, append_e
 let train_dataset = data::tokenize_and_pack(&tokenizer, &docs, &options)?;
 let tokens_with_eos: usize = lengths.iter().map(|n| n + 1).sum();
 println!("train: {} blocks of {} tokens ({} tokens of text, {:.2} bytes per token)",
-         train_dataset.len(), block_size, train_dataset.text_tokens, train_dataset.bytes_per_token());
+         train_dataset.len(), block_size, train_dataset.text_tokens(), train_dataset.bytes_per_token());
 // 444 documents are one map batch: blocks = ⌊tokens / 128⌋.
 check_eq!(train_dataset.len(), tokens_with_eos / block_size, "number of blocks");
-check!(train_dataset.input_ids.iter().all(|b| b.len() == block_size), "every block has {block_size} tokens");
+check!(train_dataset.iter().all(|b| b.len() == block_size), "every block has {block_size} tokens");
 let eos = tokenizer.eos_token_id().unwrap();
-let across = train_dataset.input_ids.iter().position(|b| b.contains(&eos)).unwrap();
-println!("\\nblock {across} (it crosses a document boundary):\\n{}", tokenizer.decode(&train_dataset.input_ids[across], false)?);
+let across = train_dataset.iter().position(|b| b.contains(&eos)).unwrap();
+println!("\\nblock {across} (it crosses a document boundary):\\n{}", tokenizer.decode(&train_dataset.example(across), false)?);
 """),
     code("""
 // 評価用: 検証用コーパスの最初の 128 ブロック (16k トークン; companion pretrain と同じ)
 let valid = corpus::read_file(Path::new("../data/corpus/validation.jsonl"), "text")?;
 let mut eval_dataset = data::tokenize_and_pack(&tokenizer, &valid, &options)?;
-eval_dataset.input_ids.truncate(128);
+eval_dataset.truncate(128);
 println!("eval: {} blocks, {:.2} bytes per token", eval_dataset.len(), eval_dataset.bytes_per_token());
 check_eq!(eval_dataset.len(), 128, "eval blocks");
 """),

@@ -21,7 +21,7 @@ let tokenizer = AutoTokenizer::from_pretrained("pretrained_model")?;
 let valid = corpus::read_file(Path::new("../data/corpus/validation.jsonl"), "text")?;
 let options = TokenizeOptions { packing: Packing::Group { block_size: 128 }, append_eos: tokenizer.eos_token_id(), ..Default::default() };
 let mut eval_dataset = data::tokenize_and_pack(&tokenizer, &valid, &options)?;
-eval_dataset.input_ids.truncate(128);
+eval_dataset.truncate(128);
 let m = companion::train::evaluate_model(&model, &eval_dataset, &DataCollatorForLanguageModeling::new(&tokenizer), 16)?;
 println!("{:.2}M parameters; held-out loss {:.4}, perplexity {:.1}, {:.3} bits per byte",
          model.num_parameters() as f64 / 1e6, m.eval_loss, m.perplexity, m.bits_per_byte);

@@ -227,12 +227,7 @@ pub fn collator() -> companion::data::DataCollatorForLanguageModeling {
 /// A dataset of token rows (4 text bytes per token, for bits per byte).
 pub fn dataset_of(rows: Vec<Vec<u32>>) -> companion::data::Dataset {
     let tokens = rows.iter().map(Vec::len).sum();
-    companion::data::Dataset {
-        input_ids: rows,
-        text_bytes: tokens * 4,
-        text_tokens: tokens,
-        shards: None,
-    }
+    companion::data::Dataset::from_rows(rows, tokens * 4, tokens)
 }
 
 /// `companion pretrain` flags for a tiny, short run on the shipped

@@ -20,36 +20,44 @@ pub enum Packing {
     Group { block_size: usize },
 }
 
-/// A tokenized dataset: one `input_ids` row per example, in memory (what
-/// [`tokenize_and_pack`] makes, the notebooks' way), or fixed-size blocks
-/// read in place from token shards on disk (what [`super::prepare`]
-/// makes, for corpora of any size); then `input_ids` is empty.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Dataset {
-    pub input_ids: Vec<Vec<u32>>,
-    /// UTF-8 bytes of the text the examples came from (for bits per byte).
-    pub text_bytes: usize,
-    /// Tokens before packing dropped any (for bits per byte).
-    pub text_tokens: usize,
-    /// The memory-mapped blocks, when the dataset lives on disk.
-    pub shards: Option<TokenShards>,
+/// A tokenized dataset, in one of its two forms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dataset {
+    /// One `input_ids` row per example, in memory (what
+    /// [`tokenize_and_pack`] makes, the notebooks' way).
+    InMemory {
+        input_ids: Vec<Vec<u32>>,
+        /// UTF-8 bytes of the text the examples came from (for bits per byte).
+        text_bytes: usize,
+        /// Tokens before packing dropped any (for bits per byte).
+        text_tokens: usize,
+    },
+    /// Fixed-size blocks read in place from memory-mapped token shards on
+    /// disk (what [`super::prepare`] makes, for corpora of any size); the
+    /// text's byte and token counts are in their metadata.
+    Shards(TokenShards),
 }
 
 impl Dataset {
-    /// A dataset of the blocks in `shards`.
-    pub fn from_shards(shards: TokenShards) -> Self {
-        Dataset {
-            input_ids: Vec::new(),
-            text_bytes: shards.meta.text_bytes,
-            text_tokens: shards.meta.text_tokens,
-            shards: Some(shards),
+    /// A dataset of `input_ids` rows that came from `text_bytes` bytes of
+    /// text, `text_tokens` tokens before packing.
+    pub fn from_rows(input_ids: Vec<Vec<u32>>, text_bytes: usize, text_tokens: usize) -> Self {
+        Dataset::InMemory {
+            input_ids,
+            text_bytes,
+            text_tokens,
         }
     }
 
+    /// A dataset of the blocks in `shards`.
+    pub fn from_shards(shards: TokenShards) -> Self {
+        Dataset::Shards(shards)
+    }
+
     pub fn len(&self) -> usize {
-        match &self.shards {
-            Some(s) => s.len(),
-            None => self.input_ids.len(),
+        match self {
+            Dataset::Shards(s) => s.len(),
+            Dataset::InMemory { input_ids, .. } => input_ids.len(),
         }
     }
 
@@ -59,9 +67,9 @@ impl Dataset {
 
     /// Example `i`'s ids.
     pub fn example(&self, i: usize) -> Cow<'_, [u32]> {
-        match &self.shards {
-            Some(s) => s.block(i),
-            None => Cow::Borrowed(&self.input_ids[i]),
+        match self {
+            Dataset::Shards(s) => s.block(i),
+            Dataset::InMemory { input_ids, .. } => Cow::Borrowed(&input_ids[i]),
         }
     }
 
@@ -70,17 +78,54 @@ impl Dataset {
         idx.iter().map(|&i| self.example(i)).collect()
     }
 
+    /// Every example's ids, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Cow<'_, [u32]>> {
+        (0..self.len()).map(|i| self.example(i))
+    }
+
+    /// `dataset["input_ids"]` of the in-memory form.
+    pub fn input_ids(&self) -> Option<&[Vec<u32>]> {
+        match self {
+            Dataset::InMemory { input_ids, .. } => Some(input_ids),
+            Dataset::Shards(_) => None,
+        }
+    }
+
+    /// The token shards of the on-disk form.
+    pub fn shards(&self) -> Option<&TokenShards> {
+        match self {
+            Dataset::Shards(s) => Some(s),
+            Dataset::InMemory { .. } => None,
+        }
+    }
+
     /// Keep the first `n` examples (`max_eval_samples`).
     pub fn truncate(&mut self, n: usize) {
-        match &mut self.shards {
-            Some(s) => *s = s.truncated(n),
-            None => self.input_ids.truncate(n),
+        match self {
+            Dataset::Shards(s) => *s = s.truncated(n),
+            Dataset::InMemory { input_ids, .. } => input_ids.truncate(n),
+        }
+    }
+
+    /// UTF-8 bytes of the text the examples came from.
+    pub fn text_bytes(&self) -> usize {
+        match self {
+            Dataset::Shards(s) => s.meta.text_bytes,
+            Dataset::InMemory { text_bytes, .. } => *text_bytes,
+        }
+    }
+
+    /// Tokens of that text before packing dropped any.
+    pub fn text_tokens(&self) -> usize {
+        match self {
+            Dataset::Shards(s) => s.meta.text_tokens,
+            Dataset::InMemory { text_tokens, .. } => *text_tokens,
         }
     }
 
     /// Bytes of text per token, to turn nats per token into bits per byte.
     pub fn bytes_per_token(&self) -> f64 {
-        self.text_bytes as f64 / self.text_tokens.max(1) as f64
+        self.text_bytes() as f64 / self.text_tokens().max(1) as f64
     }
 }
 
@@ -170,12 +215,7 @@ pub fn tokenize_and_pack(
                 .collect()
         }
     };
-    Ok(Dataset {
-        input_ids,
-        text_bytes,
-        text_tokens,
-        shards: None,
-    })
+    Ok(Dataset::from_rows(input_ids, text_bytes, text_tokens))
 }
 
 /// run_clm's `group_texts` on one map batch: concatenate, drop the
@@ -210,7 +250,8 @@ impl GroupStream {
     pub fn new(block_size: usize) -> Self {
         GroupStream {
             block_size,
-            carry: Vec::with_capacity(block_size),
+            // Grown as ids arrive: a huge block_size must not allocate up front.
+            carry: Vec::with_capacity(block_size.min(1 << 16)),
         }
     }
 

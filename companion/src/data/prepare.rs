@@ -78,6 +78,12 @@ pub fn prepare(
             "block_size and map batch_size must be at least 1".into(),
         ));
     }
+    // A block is held whole while it fills (u32 ids, and its copy on the way out).
+    crate::sysmem::check_fits(
+        (options.block_size as u64).saturating_mul(8),
+        &format!("block_size {}", options.block_size),
+    )
+    .map_err(DataError::Invalid)?;
     let files = corpus::source_files(path, split)?;
     let key = cache_key(&files, text_field, tok, options)?;
     let root = options.cache_dir.clone().unwrap_or_else(cache_dir);
@@ -86,7 +92,7 @@ pub fn prepare(
         .map_err(|e| DataError::Invalid(format!("{}: {e}", root.display())))?;
     // One writer: the others wait here, then open what it wrote.
     let lock_path = root.join(format!("tokens-{key:016x}.lock"));
-    let lock = std::fs::File::create(&lock_path)
+    let lock = crate::atomic_write::open_lock_file(&lock_path)
         .and_then(|f| f.lock().map(|()| f))
         .map_err(|e| DataError::Invalid(format!("{}: cannot lock: {e}", lock_path.display())))?;
     if dir.join("meta.json").exists() {

@@ -200,7 +200,12 @@ impl AutoTokenizer {
     }
 
     /// Wrap a `tokenizers::Tokenizer` (`PreTrainedTokenizerFast(tokenizer_object=…)`).
-    pub fn from_tokenizer(tokenizer: Tokenizer) -> Self {
+    /// Truncation and padding stored in it are switched off, as
+    /// transformers does for a call that does not ask for them: they would
+    /// silently cut or pad every text (padding here is the collator's).
+    pub fn from_tokenizer(mut tokenizer: Tokenizer) -> Self {
+        tokenizer.with_padding(None);
+        let _ = tokenizer.with_truncation(None); // cannot fail for None
         let has_eot = tokenizer.token_to_id(GPT2_ENDOFTEXT).is_some();
         let eot = has_eot.then(|| GPT2_ENDOFTEXT.to_string());
         AutoTokenizer {

@@ -119,6 +119,23 @@ where
     Ok(trained?)
 }
 
+/// Refuse a vocabulary the trainers could not allocate before they try:
+/// ids are u32, and the trainers allocate about 72 bytes per entry up
+/// front (4e9 entries asked for 283 GB).
+fn check_vocab_size(vocab_size: usize) -> Result<()> {
+    let invalid = |msg: String| TokenizerError::Invalid(format!("vocab_size {vocab_size}: {msg}"));
+    if vocab_size > u32::MAX as usize {
+        return Err(invalid(
+            "token ids are 32-bit; give at most 4294967295".into(),
+        ));
+    }
+    crate::sysmem::check_fits(
+        (vocab_size as u64).saturating_mul(72),
+        &format!("training a vocabulary of {vocab_size} entries"),
+    )
+    .map_err(invalid)
+}
+
 /// Train a tokenizer on `texts` (one document each, as
 /// `train_from_iterator(dataset["text"])`), on all cores.
 pub fn train<I, S>(args: &TrainArgs, texts: I) -> Result<AutoTokenizer>
@@ -127,6 +144,7 @@ where
     S: AsRef<str> + Send,
 {
     let n_special = args.special_tokens.len();
+    check_vocab_size(args.vocab_size)?;
     let mut tokenizer = match args.kind {
         TokenizerKind::Bpe => {
             let alphabet = ByteLevel::alphabet();

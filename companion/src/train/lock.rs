@@ -6,7 +6,7 @@
 //! crashes, so a stale lock file never blocks a later run.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -47,13 +47,10 @@ impl OutputDirLock {
             *n += 1;
             return Ok(OutputDirLock { key, path });
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let mut file = crate::atomic_write::open_lock_file(&path).map_err(|e| TrainError::Io {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

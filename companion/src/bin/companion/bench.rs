@@ -207,12 +207,7 @@ pub fn trainer(
         1,
     );
     let tokens = rows.len() * shape.seq;
-    let ds = companion::data::Dataset {
-        input_ids: rows,
-        text_bytes: tokens * 4,
-        text_tokens: tokens,
-        shards: None,
-    };
+    let ds = companion::data::Dataset::from_rows(rows, tokens * 4, tokens);
     let dir = tempfile::tempdir().map_err(|e| companion::train::TrainError::Io {
         path: "(temp dir)".into(),
         msg: e.to_string(),

@@ -26,6 +26,11 @@ pub enum BenchCmd {
     Data(BenchDataCmd),
 }
 
+/// A count flag that must be at least 1.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 #[derive(Args)]
 pub struct BenchDataCmd {
     /// The corpus (JSONL, text, Parquet or a `datasets` folder).
@@ -34,7 +39,7 @@ pub struct BenchDataCmd {
     /// A tokenizer folder or hub id.
     #[arg(long, default_value = "data/pretrained/gpt2")]
     tokenizer: String,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one())]
     block_size: usize,
     #[arg(long, default_value = "text")]
     text_field: String,
@@ -46,7 +51,7 @@ pub struct BenchDataCmd {
 pub struct BenchTrainerCmd {
     #[arg(long, default_value = "small")]
     shape: String,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one())]
     steps: usize,
     #[arg(long)]
     gradient_checkpointing: bool,
@@ -66,7 +71,7 @@ pub struct BenchModelCmd {
     #[arg(long, default_value = "small")]
     shape: String,
     /// Timed steps (train) or new tokens (generate).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     steps: Option<usize>,
     /// train: candle's autograd instead of the fused CPU kernels, to compare.
     #[arg(long)]
@@ -108,7 +113,7 @@ fn bench_data(c: BenchDataCmd) -> Result<()> {
     let t0 = std::time::Instant::now();
     let p = companion::data::prepare(&c.corpus, &c.text_field, split, &tok, &options)?;
     let secs = t0.elapsed().as_secs_f64();
-    let meta = &p.dataset.shards.as_ref().expect("prepared on disk").meta;
+    let meta = &p.dataset.shards().expect("prepared on disk").meta;
     let file_bytes: u64 = companion::data::corpus::source_files(&c.corpus, split)?
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))

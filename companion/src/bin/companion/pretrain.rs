@@ -77,6 +77,10 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     o.bos_token_id = tok.bos_token_id();
     o.eos_token_id = tok.eos_token_id();
     let mut cfg = GPT2Config::from_pretrained_with(&opts.config_from, &o)?;
+    // The special ids are the tokenizer's, none when it has none: never
+    // the base config's (GPT-2's 50256) in a smaller vocabulary.
+    cfg.bos_token_id = tok.bos_token_id();
+    cfg.eos_token_id = tok.eos_token_id();
     if let Some(p) = opts.dropout {
         cfg.attn_pdrop = p;
         cfg.embd_pdrop = p;
