@@ -157,3 +157,60 @@ fn kill_9_during_saving_zero3_on_two_ranks() {
         2,
     );
 }
+
+/// `kill -9` while `save_model` replaces a model folder: runs of two widths
+/// save into one folder and are killed around their end, where the save
+/// is. After every kill the folder loads whole (the old model or the new,
+/// config and weights of one width), and no staging folder outlives the
+/// next save.
+#[test]
+fn kill_9_during_save_model_leaves_the_old_or_the_new_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let run = |i: usize, n_embd: &str| {
+        let mut a = pretrain_flags(dir.path(), &format!("run{i}"));
+        let at = a.iter().position(|x| x == "--save-model-dir").unwrap();
+        a[at + 1] = model.display().to_string();
+        let at = a.iter().position(|x| x == "--n-embd").unwrap();
+        a[at + 1] = n_embd.to_string();
+        if i > 0 {
+            let tok = dir.path().join("run0/tokenizer");
+            a.extend(["--tokenizer".into(), tok.display().to_string()]);
+        }
+        command(&a, dir.path())
+    };
+    let t = Instant::now();
+    let o = run(0, "32").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = t.elapsed();
+    let loads = |when: &str| {
+        let m = GPT2LMHeadModel::from_pretrained(
+            model.to_str().unwrap(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{when}: the model folder does not load whole: {e}"));
+        m.config.n_embd
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut widths = std::collections::BTreeSet::new();
+    for i in 1..=20 {
+        let mut child = run(i, if i % 2 == 1 { "16" } else { "32" })
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(rng.random_range(0.5..1.2)));
+        let _ = child.kill();
+        child.wait().unwrap();
+        widths.insert(loads(&format!("after kill {i}")));
+    }
+    let o = run(21, "16").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(loads("after a finished run"), 16);
+    let staging: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".staged-"))
+        .collect();
+    assert!(staging.is_empty(), "left behind: {staging:?}");
+    eprintln!("save_model kills: widths seen after kills {widths:?}");
+}

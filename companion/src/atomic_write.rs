@@ -1,8 +1,10 @@
 //! Writing files so that a crash or a full disk never leaves a half-written
 //! checkpoint, tokenizer or model folder: every file is written to a
 //! temporary file in the same folder first and renamed into place only when
-//! all of them were written completely. Files get the usual `0666 & !umask`
-//! mode (what Python's `open` gives), not the temporary file's 0600.
+//! all of them were written completely; a whole model folder is staged
+//! beside the old one and swapped in by one rename ([`replace_folder`]).
+//! Files get the usual `0666 & !umask` mode (what Python's `open` gives),
+//! not the temporary file's 0600.
 
 use std::io::Write;
 use std::path::Path;
@@ -88,9 +90,160 @@ pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Replace the folder `dir` with one holding `files`, so that a reader
+/// (or a crash) sees the old folder or the new one, never a mix: the new
+/// folder is staged beside it as `.NAME.staged-PID`, synced, and swapped
+/// in by one rename (Linux: `renameat2(RENAME_EXCHANGE)`; elsewhere the
+/// old folder is renamed aside for the moment between two renames). The
+/// old folder's other regular files are carried over, as `save_pretrained`
+/// keeps them. A folder holding anything else (sub-folders such as
+/// checkpoints, hidden files such as a lock) is updated file by file
+/// instead ([`write_files_atomically`]). Staging folders that a killed
+/// process left are removed first.
+pub fn replace_folder(dir: &Path, files: &[(&str, &[u8])]) -> std::io::Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other(format!("{}: not a folder name", dir.display())))?;
+    std::fs::create_dir_all(&parent)?;
+    let prefix = format!(".{name}.staged-");
+    remove_stale_staging(&parent, &prefix);
+    let mut carried = Vec::new();
+    if dir.exists() {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let n = entry.file_name().to_string_lossy().to_string();
+            if !entry.file_type()?.is_file() || n.starts_with('.') {
+                return write_files_atomically(dir, files);
+            }
+            if !files.iter().any(|(f, _)| *f == n) {
+                carried.push(entry.path());
+            }
+        }
+    }
+    let staged = parent.join(format!("{prefix}{}", std::process::id()));
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged)?;
+    }
+    std::fs::create_dir(&staged)?;
+    for (n, bytes) in files {
+        let mut f = std::fs::File::create(staged.join(n))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    for old in &carried {
+        let to = staged.join(old.file_name().expect("a file"));
+        if std::fs::hard_link(old, &to).is_err() {
+            std::fs::copy(old, &to)?;
+        }
+    }
+    sync_dir(&staged)?;
+    if dir.exists() {
+        exchange(&staged, dir)?;
+        // `staged` now holds the old folder.
+        std::fs::remove_dir_all(&staged)?;
+    } else {
+        std::fs::rename(&staged, dir)?;
+    }
+    sync_dir(&parent)
+}
+
+/// Swap the folders `a` and `b` (each path then names the other's folder).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+        let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+        // SAFETY: two NUL-terminated paths that live across the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // Filesystems without the exchange say EINVAL; old kernels ENOSYS.
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    let aside = a.with_extension("aside");
+    std::fs::rename(b, &aside)?;
+    std::fs::rename(a, b)?;
+    std::fs::rename(&aside, a)
+}
+
+/// Remove `parent/PREFIX<pid>` folders whose process is gone (a kill
+/// during [`replace_folder`]); a live process's staging is left alone.
+fn remove_stale_staging(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = n.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && Path::new("/proc/self").exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Flush a folder's entries (new names, renames) to disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model folder is replaced whole: new files in, the old folder's
+    /// other files carried over, no staging left; a killed process's
+    /// staging folder is removed; a folder with sub-folders (an output_dir
+    /// with checkpoints) is updated file by file and keeps them.
+    #[test]
+    fn a_folder_is_replaced_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        replace_folder(&dir, &[("config.json", b"old"), ("w.bin", b"0")]).unwrap();
+        std::fs::write(dir.join("README.md"), "mine").unwrap();
+        // What a process killed while staging leaves (its pid cannot exist).
+        let stale = root.path().join(".model.staged-4294967294");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("config.json"), "half").unwrap();
+        replace_folder(&dir, &[("config.json", b"new"), ("w.bin", b"1")]).unwrap();
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+        assert_eq!(
+            (read("config.json"), read("w.bin")),
+            ("new".into(), "1".into())
+        );
+        assert_eq!(read("README.md"), "mine");
+        let left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(left, vec!["model".to_string()], "staging left behind");
+        std::fs::create_dir(dir.join("checkpoint-1")).unwrap();
+        replace_folder(&dir, &[("config.json", b"third")]).unwrap();
+        assert_eq!(read("config.json"), "third");
+        assert!(dir.join("checkpoint-1").is_dir() && dir.join("w.bin").is_file());
+    }
 
     #[test]
     fn writes_all_files_and_keeps_others() {

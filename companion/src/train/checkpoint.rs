@@ -407,8 +407,9 @@ impl Trainer {
     }
 
     /// `trainer.save_model(dir)`: a model folder Python `transformers` loads
-    /// (config, weights, generation config, tokenizer). Every rank calls it;
-    /// rank 0 writes (under ZeRO-3 after gathering the weights).
+    /// (config, weights, generation config, tokenizer), replacing `dir` as
+    /// a whole. Every rank calls it; rank 0 writes (under ZeRO-3 after
+    /// gathering the weights).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         let full = if self.engine.stage() == 3 || self.engine.mixed_precision() {
             Some(self.full_model()?)
@@ -436,13 +437,13 @@ impl Trainer {
             let tf = tok.pretrained_files()?;
             files.extend(tf.into_iter().map(|(n, b)| (n.to_string(), b)));
         }
-        // One batch: every file is staged (and synced) before any is renamed
-        // in, so a full disk never leaves new weights beside an old tokenizer.
+        // The folder is staged whole and swapped in by one rename: a full
+        // disk or a kill never leaves new weights beside an old config.
         let refs: Vec<(&str, &[u8])> = files
             .iter()
             .map(|(n, b)| (n.as_str(), b.as_slice()))
             .collect();
-        crate::atomic_write::write_files_atomically(dir, &refs).map_err(io_err(dir))
+        crate::atomic_write::replace_folder(dir, &refs).map_err(io_err(dir))
     }
 
     /// `trainer.save_state()`: the final `trainer_state.json` in
