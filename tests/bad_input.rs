@@ -188,6 +188,80 @@ fn a_tokenizer_without_bos_and_eos_gives_a_config_without_them() {
     }
 }
 
+/// Settings that used to be accepted and make nonsense, or be read in a
+/// way transformers does not: `eval_steps` 0 falls back to
+/// `logging_steps`; a negative `layer_norm_epsilon` is refused; a flag
+/// given twice takes the last value (argparse); a JSONL with a UTF-8
+/// byte-order mark reads as Python's `utf-8-sig` does.
+#[test]
+fn settings_transformers_reads_otherwise_are_read_its_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let valid = data("corpus/validation.jsonl");
+    let o = pretrain_with(
+        dir.path(),
+        "ev",
+        &[
+            "--validation-file",
+            valid.to_str().unwrap(),
+            "--max-eval-samples",
+            "2",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "0",
+            "--logging-steps",
+            "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state = read_json(&dir.path().join("ev/trainer_state.json"));
+    let evals: Vec<u64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("eval_loss").is_some())
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        evals,
+        vec![3],
+        "eval_steps 0 evaluates every logging_steps (3 of 3 steps)"
+    );
+
+    let bad = dir.path().join("bad_config");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut cfg = read_json(&data("pretrained/gpt2/config.json"));
+    cfg["layer_norm_epsilon"] = serde_json::json!(-1.0);
+    std::fs::write(bad.join("config.json"), cfg.to_string()).unwrap();
+    let o = companion(&["config", "--from", bad.to_str().unwrap()], &[]);
+    refused(&o, "layer_norm_epsilon must be a positive number, got -1");
+
+    let o = companion(
+        &[
+            "config",
+            "--from",
+            "gpt2",
+            "--n-layer",
+            "2",
+            "--n-layer",
+            "3",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["n_layer"], 3, "the last --n-layer wins");
+
+    let bom = dir.path().join("bom.jsonl");
+    let text = std::fs::read_to_string(&valid).unwrap();
+    std::fs::write(&bom, format!("\u{feff}{text}")).unwrap();
+    assert_eq!(
+        companion::data::corpus::read_file(&bom, "text").unwrap(),
+        companion::data::corpus::read_file(&valid, "text").unwrap()
+    );
+}
+
 // ---- memory bombs ---------------------------------------------------------
 
 /// Sizes no machine can allocate are refused by name before anything is
@@ -552,7 +626,19 @@ fn settings_that_would_fail_after_training_fail_before_it() {
         (vec!["--num-ranks", "100000"], "give 1 to"),
         (vec!["--adam-beta2", "2"], "adam_beta2 must be in [0, 1)"),
         (vec!["--warmup-ratio=-5"], "warmup_ratio must be in [0, 1]"),
-        (vec!["--adam-epsilon=-1"], "adam_epsilon must be in"),
+        (
+            vec!["--adam-epsilon=-1"],
+            "adam_epsilon must be at least 0, got -1",
+        ),
+        (
+            vec!["--learning-rate=-1"],
+            "learning_rate must be at least 0, got -1",
+        ),
+        (vec!["--output-dir", ""], "output_dir is empty"),
+        (
+            vec!["--block-size", "1"],
+            "block_size 1: a block needs at least 2 tokens",
+        ),
         (
             vec![
                 "--validation-file",

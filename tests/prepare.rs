@@ -118,6 +118,19 @@ fn the_cache_is_reused_only_for_the_same_corpus_tokenizer_and_packing() {
         assert!(e.contains("not a regular file"), "{e}");
         assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
         std::fs::remove_file(&lock).unwrap();
+        // What a killed preparation leaves is removed when it is prepared again.
+        let stale = first.dir.with_file_name(format!(
+            "{}.tmp-4294967294",
+            first.dir.file_name().unwrap().to_str().unwrap()
+        ));
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("tokens-00000.bin"), [0u8; 64]).unwrap();
+        std::fs::remove_dir_all(&first.dir).unwrap();
+        let rebuilt = prepare(&corpus, "text", Split::Train, &tok, &o).unwrap();
+        assert!(
+            rebuilt.built && !stale.exists(),
+            "the stale preparation is left"
+        );
     }
     // The same name and size, one character changed: a new preparation.
     let text = std::fs::read_to_string(&corpus)

@@ -185,8 +185,9 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 }
 
 /// Remove `parent/PREFIX<pid>` folders whose process is gone (a kill
-/// during [`replace_folder`]); a live process's staging is left alone.
-fn remove_stale_staging(parent: &Path, prefix: &str) {
+/// during [`replace_folder`], or while preparing data); a live process's
+/// staging is left alone.
+pub fn remove_stale_staging(parent: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };

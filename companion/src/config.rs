@@ -259,6 +259,13 @@ impl GPT2Config {
                 ))
             }
         }
+        // LayerNorm divides by sqrt(var + eps): eps must be a positive number.
+        if !(self.layer_norm_epsilon > 0.0 && self.layer_norm_epsilon.is_finite()) {
+            return bad(format!(
+                "layer_norm_epsilon must be a positive number, got {}",
+                self.layer_norm_epsilon
+            ));
+        }
         if Activation::parse(&self.activation_function).is_none() {
             return bad(format!(
                 "activation_function `{}` is not one GPT-2 accepts ({})",

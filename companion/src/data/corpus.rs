@@ -92,6 +92,11 @@ fn parse_line(
     raw: &[u8],
     json_field: Option<&str>,
 ) -> Result<Option<String>, CorpusError> {
+    // A UTF-8 byte-order mark opens the file, as Python's `utf-8-sig` reads it.
+    let raw = match line_no {
+        1 => raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw),
+        _ => raw,
+    };
     let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     let line = std::str::from_utf8(raw).map_err(|e| CorpusError::NotUtf8 {

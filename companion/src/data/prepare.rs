@@ -115,7 +115,10 @@ pub fn prepare(
             }
         }
     }
-    let tmp = root.join(format!("tokens-{key:016x}.tmp-{}", std::process::id()));
+    // What a killed preparation of this key left (13 MB per 30 MB of corpus).
+    let tmp_prefix = format!("tokens-{key:016x}.tmp-");
+    crate::atomic_write::remove_stale_staging(&root, &tmp_prefix);
+    let tmp = root.join(format!("{tmp_prefix}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let total_bytes: u64 = files
         .iter()

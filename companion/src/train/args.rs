@@ -307,6 +307,9 @@ impl TrainingArguments {
                     .into(),
             );
         }
+        if self.output_dir.trim().is_empty() {
+            return bad("output_dir is empty: give the folder for checkpoints and logs".into());
+        }
         if self.gradient_accumulation_steps == 0 {
             return bad("gradient_accumulation_steps must be at least 1".into());
         }
@@ -320,9 +323,12 @@ impl TrainingArguments {
                 return Ok(());
             }
             let close = if hi_open { ")" } else { "]" };
-            Err(TrainError::Args(format!(
-                "{name} must be in [{lo}, {hi}{close}, got {x}"
-            )))
+            let range = if hi == f64::MAX {
+                format!("at least {lo}")
+            } else {
+                format!("in [{lo}, {hi}{close}")
+            };
+            Err(TrainError::Args(format!("{name} must be {range}, got {x}")))
         };
         in_range("learning_rate", self.learning_rate, 0.0, f64::MAX, false)?;
         in_range("adam_beta1", self.adam_beta1, 0.0, 1.0, true)?;

@@ -460,7 +460,11 @@ impl Trainer {
         };
         Intervals {
             logging: every(a.logging_strategy, a.logging_steps),
-            eval: every(a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)),
+            // eval_steps unset or 0: logging_steps, as transformers falls back.
+            eval: every(
+                a.eval_strategy,
+                a.eval_steps.filter(|&s| s > 0.0).unwrap_or(a.logging_steps),
+            ),
             save: every(a.save_strategy, a.save_steps),
         }
     }

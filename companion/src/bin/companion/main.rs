@@ -28,7 +28,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[command(
     name = "companion",
     version = VERSION,
-    about = "The Rust companion to section 4.3 (Pretraining): tokenizers, GPT-2, training, generation"
+    about = "The Rust companion to section 4.3 (Pretraining): tokenizers, GPT-2, training, generation",
+    // A flag given twice takes the last value, as argparse (HfArgumentParser) does.
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

@@ -86,6 +86,13 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
         cfg.embd_pdrop = p;
         cfg.resid_pdrop = p;
     }
+    if opts.block_size < 2 {
+        return Err(companion::train::TrainError::Args(format!(
+            "block_size {}: a block needs at least 2 tokens (one to predict from, one to predict)",
+            opts.block_size
+        ))
+        .into());
+    }
     if opts.block_size > cfg.n_positions {
         return Err(companion::train::TrainError::Args(format!(
             "block_size {} is longer than n_positions {}",
