@@ -600,7 +600,9 @@ fn long_documents_encoded_in_pieces_give_the_same_ids() {
 /// call that does not ask for them, as transformers' PreTrainedTokenizerFast
 /// does (tests/fixtures/tokenizer_settings.json, from
 /// make_tokenizer_settings_fixture.py): a stored `max_length` must not cut
-/// the training data, a stored fixed padding must not fill it with pads.
+/// the training data, a stored fixed padding must not fill it with pads,
+/// and settings that crashed when applied (a 2e9-token padding, a stride
+/// not shorter than max_length) load and encode as in Python.
 #[test]
 fn stored_truncation_and_padding_are_not_applied() {
     let fx = read_json(&fixture("tokenizer_settings.json"));
