@@ -132,6 +132,39 @@ fn a_second_run_into_a_held_output_dir_is_refused_and_a_finished_one_releases_it
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// Two tokenizer trainings into one `--out` folder: the second is refused
+/// while the first holds it (they used to leave one mixed folder).
+#[test]
+fn a_second_tokenizer_training_into_a_held_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tok");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(out.join(".companion.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let corpus = data("corpus/validation.jsonl");
+    let args = [
+        "tokenizer",
+        "train",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+    ];
+    refused(&companion(&args, &[]), "is in use by another run");
+    assert!(!out.join("tokenizer.json").exists());
+    drop(lock);
+    let o = companion(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// A lock file replaced by a symbolic link is refused, and the file it
 /// points to (outside the folder) is neither emptied nor written.
 #[cfg(unix)]

@@ -530,7 +530,7 @@ fn bad_input_is_a_clear_error() {
             "--out",
             &d("file"),
         ],
-        "saving the tokenizer",
+        "exists and is not a folder",
     );
     assert_eq!(std::fs::read_to_string(d("file")).unwrap(), "keep");
     assert!(

@@ -32,9 +32,15 @@ pub struct OutputDirLock {
 impl OutputDirLock {
     /// Take the lock of `dir` (created if missing), or say who holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {
+        Self::acquire_for(dir, "output_dir", "--output-dir")
+    }
+
+    /// [`Self::acquire`] for a folder the user named as `what` (its flag
+    /// `flag`), e.g. `tokenizer train --out`.
+    pub fn acquire_for(dir: &Path, what: &str, flag: &str) -> Result<Self> {
         if dir.exists() && !dir.is_dir() {
             return Err(TrainError::Args(format!(
-                "output_dir {} exists and is not a folder",
+                "{what} {} exists and is not a folder",
                 dir.display()
             )));
         }
@@ -61,9 +67,9 @@ impl OutputDirLock {
                     h => h.to_string(),
                 };
                 return Err(TrainError::Args(format!(
-                    "output_dir {} is in use by another run ({holder}; lock file {}): two runs \
-                     writing one folder would mix their checkpoints; wait for it to finish or \
-                     choose another --output-dir",
+                    "{what} {} is in use by another run ({holder}; lock file {}): two runs \
+                     writing one folder would mix their files; wait for it to finish or \
+                     choose another {flag}",
                     dir.display(),
                     path.display()
                 )));

@@ -248,6 +248,8 @@ fn tokenizer_train(c: TrainCmd) -> Result<()> {
     let mut tok = tokenizer::train_stream(&args, docs)?;
     let secs = start.elapsed().as_secs_f64();
     tok.model_max_length = c.model_max_length;
+    // Two trainings saving into one folder at once would leave a mix of both.
+    let _lock = companion::train::OutputDirLock::acquire_for(&c.out, "--out", "--out")?;
     tok.save_pretrained(&c.out)
         .with_context(|| format!("saving the tokenizer to {}", c.out.display()))?;
     let documents = count.into_inner();
