@@ -105,21 +105,26 @@ fn checkpoints(dir: &Path) -> Vec<String> {
 
 // ---- concurrency ----------------------------------------------------------
 
-#[test]
-fn a_second_run_into_a_held_output_dir_is_refused_and_a_finished_one_releases_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    std::fs::create_dir_all(&out).unwrap();
-    // Another process holds the folder (this test process, through the
-    // lock file as a run takes it).
+/// Hold `dir` as another process would (this test process, through the
+/// lock file as a run takes it) until the file is dropped.
+fn hold(dir: &Path) -> std::fs::File {
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
-        .open(out.join(".companion.lock"))
+        .open(dir.join(".companion.lock"))
         .unwrap();
     lock.try_lock().unwrap();
+    lock
+}
+
+#[test]
+fn a_second_run_into_a_held_output_dir_is_refused_and_a_finished_one_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = hold(&out);
     std::fs::write(out.join(".companion.lock"), "process 4242 on elsewhere").unwrap();
     let o = pretrain_with(dir.path(), "run", &[]);
     refused(&o, "is in use by another run (process 4242 on elsewhere");
@@ -139,14 +144,7 @@ fn a_second_tokenizer_training_into_a_held_folder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tok");
     std::fs::create_dir_all(&out).unwrap();
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(out.join(".companion.lock"))
-        .unwrap();
-    lock.try_lock().unwrap();
+    let lock = hold(&out);
     let corpus = data("corpus/validation.jsonl");
     let args = [
         "tokenizer",
