@@ -293,6 +293,50 @@ fn settings_transformers_reads_otherwise_are_read_its_way() {
     );
 }
 
+/// Messages that misled now say what is wrong: `eval --max-samples 0`
+/// (it blamed the text's length), a prompt alone as long as n_positions
+/// (it said to ask for fewer new tokens), a temperature whose inverse
+/// overflows (it sampled token 0).
+#[test]
+fn misleading_messages_name_the_real_problem() {
+    let model = root().join("notebooks/fixtures/pretrained_model");
+    let model = model.to_str().unwrap();
+    let valid = data("corpus/validation.jsonl");
+    let o = companion(
+        &[
+            "eval",
+            "--model",
+            model,
+            "--data",
+            valid.to_str().unwrap(),
+            "--max-samples",
+            "0",
+        ],
+        &[],
+    );
+    refused(&o, "--max-samples 0: evaluate at least 1 block");
+    let long = "hello ".repeat(200);
+    let o = companion(&["generate", "--model", model, "--prompt", &long], &[]);
+    refused(&o, "as long as the model's n_positions = 128 or longer");
+    let o = companion(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "Hi",
+            "--do-sample",
+            "--temperature",
+            "1e-50",
+        ],
+        &[],
+    );
+    refused(&o, "temperature 1e-50 is too small");
+    let dir = tempfile::tempdir().unwrap();
+    let o = pretrain_with(dir.path(), "p", &["--prompt", &long]);
+    refused(&o, "as long as the model's n_positions 32 or longer");
+}
+
 // ---- memory bombs ---------------------------------------------------------
 
 /// Sizes no machine can allocate are refused by name before anything is

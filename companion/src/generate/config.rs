@@ -132,6 +132,13 @@ impl GenerationConfig {
                 self.temperature
             ));
         }
+        // Logits are divided by it in f32: 1e-50 would make them all infinite.
+        if self.do_sample && !(1.0 / self.temperature as f32).is_finite() {
+            return bad(format!(
+                "temperature {:e} is too small: logits divided by it overflow (give at least 1e-30)",
+                self.temperature
+            ));
+        }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }

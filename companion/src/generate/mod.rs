@@ -103,6 +103,13 @@ impl GPT2LMHeadModel {
             Some(n) => width.saturating_add(n),
             None => cfg.max_length,
         };
+        if width >= self.config.n_positions {
+            return Err(ModelError::Input(format!(
+                "the prompt is {width} tokens, as long as the model's n_positions = {} or \
+                 longer: no room for a new token; give a shorter prompt",
+                self.config.n_positions
+            )));
+        }
         if max_len > self.config.n_positions {
             return Err(ModelError::Input(format!(
                 "prompt ({width} tokens) plus new tokens makes {max_len}, more than the model's \

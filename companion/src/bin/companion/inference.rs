@@ -81,6 +81,9 @@ pub fn eval_cmd(c: EvalCmd) -> Result<()> {
     };
     let split = companion::data::corpus::Split::Validation;
     let mut ds = companion::data::prepare(&path, &c.text_field, split, &tok, &options)?.dataset;
+    if c.max_samples == Some(0) {
+        anyhow::bail!("--max-samples 0: evaluate at least 1 block");
+    }
     if let Some(n) = c.max_samples {
         ds.truncate(n);
     }

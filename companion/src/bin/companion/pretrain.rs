@@ -102,6 +102,13 @@ pub fn run(opts: &PretrainOptions, args: TrainingArguments) -> Result<Value, Pre
     }
     // The final generation must fit the model: say so before training.
     let prompt_len = tok.encode(&opts.prompt)?.len().max(1);
+    if prompt_len >= cfg.n_positions {
+        return Err(args_error(format!(
+            "--prompt is {prompt_len} tokens, as long as the model's n_positions {} or longer: \
+             give a shorter prompt (or a larger --n-positions)",
+            cfg.n_positions
+        )));
+    }
     if prompt_len.saturating_add(opts.max_new_tokens) > cfg.n_positions {
         return Err(args_error(format!(
             "--prompt ({prompt_len} tokens) plus --max-new-tokens {} is more than n_positions {} \
