@@ -554,3 +554,17 @@ fn pretrain_cli_runs_the_chapter_and_saves_a_transformers_model() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("missing.jsonl"), "{}", stderr(&bad));
 }
+
+/// `trainer.args` changed after the Trainer was built count at `train()`,
+/// as in transformers: turning on gradient checkpointing switches the
+/// gradient path to block-by-block recomputation.
+#[test]
+fn gradient_checkpointing_set_after_building_the_trainer_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = small_run(&dir.path().join("o"), 2, false);
+    assert_ne!(t.gradient_path.name(), "blockwise");
+    t.args.gradient_checkpointing = true;
+    t.train().unwrap();
+    assert_eq!(t.gradient_path.name(), "blockwise");
+    assert!(t.plan.recompute);
+}

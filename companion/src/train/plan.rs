@@ -82,7 +82,7 @@ pub struct TrainPlan {
     /// The schedule's peak: the ds_config optimizer's `lr`, else `learning_rate`.
     pub learning_rate: f64,
     /// Clip the global gradient norm to this (0: no clipping): the
-    /// ds_config's `gradient_clipping` (DeepSpeed's default 0), else
+    /// ds_config's `gradient_clipping` (DeepSpeed's default 1.0), else
     /// `max_grad_norm`.
     pub max_grad_norm: f64,
     pub schedule: Schedule,
@@ -127,7 +127,14 @@ impl TrainPlan {
         if let Some(d) = deepspeed.as_mut() {
             d.finalize(batch.warmup_steps, batch.total_steps);
         }
-        let plan = match &deepspeed {
+        // torch's AdamW from TrainingArguments, unless the ds_config names one.
+        let args_adamw = AdamWParams {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        };
+        let plan = match deepspeed {
             None => TrainPlan {
                 zero: ZeroStrategy::Plain,
                 precision: if args.fp16 {
@@ -149,12 +156,7 @@ impl TrainPlan {
                 } else {
                     Precision::F32
                 },
-                adamw: AdamWParams {
-                    beta1: args.adam_beta1,
-                    beta2: args.adam_beta2,
-                    eps: args.adam_epsilon,
-                    weight_decay: args.weight_decay,
-                },
+                adamw: args_adamw,
                 learning_rate: args.learning_rate,
                 max_grad_norm: args.max_grad_norm,
                 schedule: hf_schedule(args, &batch),
@@ -164,7 +166,7 @@ impl TrainPlan {
                 deepspeed: None,
             },
             Some(d) => {
-                let zero = ZeroStrategy::from_ds_config(d);
+                let zero = ZeroStrategy::from_ds_config(&d);
                 let (adamw, learning_rate) = match &d.optimizer {
                     Some(o) => (
                         AdamWParams {
@@ -177,15 +179,7 @@ impl TrainPlan {
                     ),
                     // No optimizer block: HF builds torch's AdamW from
                     // TrainingArguments.
-                    None => (
-                        AdamWParams {
-                            beta1: args.adam_beta1,
-                            beta2: args.adam_beta2,
-                            eps: args.adam_epsilon,
-                            weight_decay: args.weight_decay,
-                        },
-                        args.learning_rate,
-                    ),
+                    None => (args_adamw, args.learning_rate),
                 };
                 TrainPlan {
                     zero,
@@ -211,7 +205,7 @@ impl TrainPlan {
                     batch,
                     recompute: zero.stage() == 3 || args.gradient_checkpointing,
                     steps_per_print: d.steps_per_print,
-                    deepspeed: deepspeed.clone(),
+                    deepspeed: Some(d),
                 }
             }
         };

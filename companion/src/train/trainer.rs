@@ -14,13 +14,12 @@ use super::args::{IntervalStrategy, TrainingArguments};
 use super::callback::TrainerCallback;
 use super::error::{Result, TrainError};
 use super::logging::{log_entry, train_metrics, Live, LogWindow, Sinks, StepReport};
-use super::plan::{Precision, TrainPlan};
+use super::plan::TrainPlan;
 use super::state::{TrainOutput, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
 use crate::model::{GPT2LMHeadModel, GradientPath, MicroBatch};
 use crate::tokenizer::AutoTokenizer;
 use crate::zero::comm::{Communicator, SingleRank};
-use crate::zero::precision::LossScaler;
 use crate::zero::{ModelStateBytes, ZeroEngine};
 
 /// Hooks for tests: fail halfway through writing the checkpoint of step N;
@@ -122,12 +121,8 @@ impl Trainer {
             data_loader(&args, train_dataset.len(), comm.rank(), world, true)?.batches_per_epoch();
         let plan = TrainPlan::resolve(&args, world, &model.config, batches_per_epoch)?;
         let dtype = plan.precision.dtype();
-        let scaler = match &plan.precision {
-            Precision::Fp16 { scaler } => Some(LossScaler::from_config(scaler)),
-            _ => None,
-        };
         let engine = ZeroEngine::new(&model, plan.zero, plan.adamw, comm)?
-            .with_precision(&model, dtype, scaler)?;
+            .with_precision(&model, &plan.precision)?;
         let gradient_path =
             GradientPath::choose(&model.config, model.device(), dtype, plan.recompute);
         if dtype != DType::F32 {
@@ -269,9 +264,19 @@ impl Trainer {
         let plan = self.resolve_plan()?;
         if !plan.same_engine(&self.plan) {
             return Err(TrainError::Args(
-                "the ZeRO stage, offload or precision changed after the Trainer was built;                  build a new Trainer"
+                "the ZeRO stage, offload or precision changed after the Trainer was built; \
+                 build a new Trainer"
                     .into(),
             ));
+        }
+        if plan.recompute != self.plan.recompute {
+            // gradient_checkpointing changed: the path follows it.
+            self.gradient_path = GradientPath::choose(
+                &self.model.config,
+                self.model.device(),
+                plan.precision.dtype(),
+                plan.recompute,
+            );
         }
         self.engine.adam = plan.adamw;
         self.plan = plan;

@@ -19,7 +19,7 @@ use super::layout::{
 };
 use super::memory::ModelStateBytes;
 use super::precision::LossScaler;
-use super::strategy::ZeroStrategy;
+use super::strategy::{Precision, ZeroStrategy};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::{self, AdamWParams, Moments};
 
@@ -134,11 +134,14 @@ impl ZeroEngine {
     pub fn with_precision(
         mut self,
         model: &GPT2LMHeadModel,
-        dtype: DType,
-        loss_scaler: Option<LossScaler>,
+        precision: &Precision,
     ) -> Result<Self> {
+        let dtype = precision.dtype();
         self.compute_dtype = dtype;
-        self.loss_scaler = loss_scaler;
+        self.loss_scaler = match precision {
+            Precision::Fp16 { scaler } => Some(LossScaler::from_config(scaler)),
+            Precision::F32 | Precision::Bf16 => None,
+        };
         if dtype != DType::F32 && self.stage() < 3 {
             let valid = intersect(&self.owned, &(0..self.layout.numel));
             self.master = flatten_params(model, &self.layout)?[valid].to_vec();

@@ -25,23 +25,20 @@ pub trait ParamStore {
 /// accumulate in one flat fp32 buffer in layout order.
 pub struct LocalStore {
     pub grads: Vec<f32>,
-    offsets: Vec<usize>,
+    ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl LocalStore {
     pub fn new(model: &GPT2LMHeadModel) -> Self {
-        let mut offsets: Vec<usize> = model.params.ranges().iter().map(|r| r.start).collect();
-        let numel = model.params.numel();
-        offsets.push(numel);
         LocalStore {
-            grads: vec![0.0; numel],
-            offsets,
+            grads: vec![0.0; model.params.numel()],
+            ranges: model.params.ranges(),
         }
     }
 
     /// The gradient of parameter `i`.
     pub fn gradient(&self, i: usize) -> &[f32] {
-        &self.grads[self.offsets[i]..self.offsets[i + 1]]
+        &self.grads[self.ranges[i].clone()]
     }
 }
 
@@ -58,7 +55,7 @@ impl ParamStore for LocalStore {
 
     fn add_gradients(&mut self, idx: &[usize], grads: &[Vec<f32>]) -> Result<()> {
         for (&i, g) in idx.iter().zip(grads) {
-            let dst = &mut self.grads[self.offsets[i]..self.offsets[i + 1]];
+            let dst = &mut self.grads[self.ranges[i].clone()];
             dst.iter_mut().zip(g).for_each(|(a, b)| *a += b);
         }
         Ok(())
