@@ -1,327 +1,370 @@
-//! DeepSpeed's own validation of a ds_config, as its pydantic models do it
-//! (DeepSpeed 0.19: `DeepSpeedZeroConfig`, the offload configs,
-//! `DeepSpeedFP16Config`, `DeepSpeedBF16Config`, all with
-//! `extra="forbid"`), and its refusal of duplicate keys. A config DeepSpeed
-//! refuses is refused here with the same reason; values pydantic coerces
-//! (`"2"` for 2, `"yes"` for true, `5e8` for an integer) are coerced the same
-//! way. tests/zero.rs compares the verdicts with DeepSpeed's on the same
-//! files (tests/fixtures/ds_verdicts.json).
+//! A ds_config.json as types: every key DeepSpeed 0.19 knows in the blocks
+//! it validates with pydantic (`DeepSpeedZeroConfig`, the offload configs,
+//! `DeepSpeedFP16Config`, `DeepSpeedBF16Config`, all `extra="forbid"`), the
+//! top-level keys it reads itself, and the `optimizer` / `scheduler` blocks.
+//! These structs are the one list of keys: deserialising refuses what
+//! DeepSpeed refuses, with its coercions ([`super::ds_values`]), and says
+//! where (`zero_optimization.reduce_bucket_size: must be at least 1, got -5`).
+//! The rules between fields (batch arithmetic, offload needs a stage,
+//! TrainingArguments) are [`super::ds_config`]'s. tests/deepspeed_parity.rs
+//! compares the verdicts with DeepSpeed's on the same files.
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
-/// What a field accepts.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Bool,
-    /// An integer, at least `min`.
-    Int {
-        min: i64,
-    },
-    /// An integer of any sign.
-    AnyInt,
-    /// A number in `[min, max]`.
-    Float {
-        min: f64,
-        max: f64,
-    },
-    Stage,
-    Device,
-    /// A nested model checked by its own table.
-    Offload(&'static [(&'static str, Kind)]),
-    /// Anything (a path, a nested model we do not use).
-    Any,
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::ds_values::{json, lax};
+
+/// The whole file. Top-level keys not named here are kept in `unknown`
+/// (DeepSpeed ignores them too); `"auto"`s are filled before this is read.
+#[derive(Debug, Default, Deserialize)]
+pub struct DsConfigFile {
+    #[serde(default, deserialize_with = "json::uint")]
+    pub train_batch_size: Option<usize>,
+    #[serde(default, deserialize_with = "json::uint")]
+    pub train_micro_batch_size_per_gpu: Option<usize>,
+    #[serde(default, deserialize_with = "json::uint")]
+    pub gradient_accumulation_steps: Option<usize>,
+    #[serde(default, deserialize_with = "json::float")]
+    pub gradient_clipping: Option<f64>,
+    #[serde(default, deserialize_with = "json::uint")]
+    pub steps_per_print: Option<usize>,
+    #[serde(default, deserialize_with = "json::bool")]
+    pub wall_clock_breakdown: Option<bool>,
+    #[serde(default)]
+    pub zero_optimization: Option<ZeroBlock>,
+    #[serde(default)]
+    pub fp16: Option<Fp16Block>,
+    #[serde(default)]
+    pub bf16: Option<Bf16Block>,
+    #[serde(default)]
+    pub optimizer: Option<OptimizerBlock>,
+    #[serde(default)]
+    pub scheduler: Option<SchedulerBlock>,
+    // DeepSpeed's keys that runs here accept and do not act on.
+    pub zero_allow_untested_optimizer: Option<Value>,
+    pub zero_force_ds_cpu_optimizer: Option<Value>,
+    pub prescale_gradients: Option<Value>,
+    pub gradient_predivide_factor: Option<Value>,
+    pub communication_data_type: Option<Value>,
+    pub dump_state: Option<Value>,
+    pub tensorboard: Option<Value>,
+    pub wandb: Option<Value>,
+    pub csv_monitor: Option<Value>,
+    pub flops_profiler: Option<Value>,
+    pub comms_logger: Option<Value>,
+    pub activation_checkpointing: Option<Value>,
+    pub checkpoint: Option<Value>,
+    pub data_types: Option<Value>,
+    pub amp: Option<Value>,
+    /// Keys DeepSpeed does not know either.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
 }
-
-use Kind::*;
-
-const OFFLOAD_OPTIMIZER: &[(&str, Kind)] = &[
-    ("device", Device),
-    ("nvme_path", Any),
-    ("buffer_count", Int { min: 0 }),
-    ("pin_memory", Bool),
-    ("pipeline_read", Bool),
-    ("pipeline_write", Bool),
-    ("fast_init", Bool),
-    ("ratio", Float { min: 0.0, max: 1.0 }),
-    ("super_offload", Bool),
-    ("cpuadam_cores_perc", Float { min: 0.0, max: 1.0 }),
-];
-
-const OFFLOAD_PARAM: &[(&str, Kind)] = &[
-    ("device", Device),
-    ("nvme_path", Any),
-    ("buffer_count", Int { min: 0 }),
-    ("buffer_size", Int { min: 0 }),
-    ("max_in_cpu", Int { min: 0 }),
-    ("pin_memory", Bool),
-];
 
 /// `DeepSpeedZeroConfig`'s fields, by name and by alias (it populates by both).
-const ZERO: &[(&str, Kind)] = &[
-    ("stage", Stage),
-    ("contiguous_gradients", Bool),
-    ("reduce_scatter", Bool),
-    ("reduce_bucket_size", Int { min: 1 }),
-    ("use_multi_rank_bucket_allreduce", Bool),
-    ("allgather_partitions", Bool),
-    ("allgather_bucket_size", Int { min: 0 }),
-    ("overlap_comm", Bool),
-    ("compute_grad_norm", Bool),
-    ("load_from_fp32_weights", Bool),
-    ("elastic_checkpoint", Bool),
-    ("offload_param", Offload(OFFLOAD_PARAM)),
-    ("offload_optimizer", Offload(OFFLOAD_OPTIMIZER)),
-    ("zenflow", Any),
-    ("sub_group_size", Int { min: 0 }),
-    ("cpu_offload_param", Bool),
-    ("cpu_offload_use_pin_memory", Bool),
-    ("cpu_offload", Bool),
-    ("prefetch_bucket_size", Int { min: 0 }),
-    ("stage3_prefetch_bucket_size", Int { min: 0 }),
-    ("param_persistence_threshold", Int { min: 0 }),
-    ("stage3_param_persistence_threshold", Int { min: 0 }),
-    ("model_persistence_threshold", Int { min: 0 }),
-    ("stage3_model_persistence_threshold", Int { min: 0 }),
-    ("max_live_parameters", Int { min: 0 }),
-    ("stage3_max_live_parameters", Int { min: 0 }),
-    ("max_reuse_distance", Int { min: 0 }),
-    ("stage3_max_reuse_distance", Int { min: 0 }),
-    ("gather_16bit_weights_on_model_save", Bool),
-    ("stage3_gather_16bit_weights_on_model_save", Bool),
-    ("module_granularity_threshold", AnyInt),
-    ("stage3_module_granularity_threshold", AnyInt),
-    ("use_all_reduce_for_fetch_params", Bool),
-    ("stage3_use_all_reduce_for_fetch_params", Bool),
-    ("allgather_sequential", Bool),
-    ("stage3_allgather_sequential", Bool),
-    ("stage3_gather_fp16_weights_on_model_save", Bool),
-    ("ignore_unused_parameters", Bool),
-    ("legacy_stage1", Bool),
-    ("round_robin_gradients", Bool),
-    ("parameter_alignment", Bool),
-    ("zero_hpz_partition_size", Int { min: 0 }),
-    ("zero_quantized_weights", Bool),
-    ("zero_quantized_nontrainable_weights", Bool),
-    ("zero_quantized_gradients", Bool),
-    ("memory_efficient_linear", Bool),
-    ("pipeline_loading_checkpoint", Bool),
-    ("override_module_apply", Bool),
-    ("log_trace_cache_warnings", Bool),
-    ("enable_sanity_checks", Bool),
-    ("save_muon_momentum_buffer_in_memory", Bool),
-    ("leaf_module", Any),
-];
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroBlock {
+    #[serde(default, deserialize_with = "lax::stage")]
+    pub stage: Option<u8>,
+    #[serde(default)]
+    pub offload_optimizer: Option<OffloadOptimizerBlock>,
+    #[serde(default)]
+    pub offload_param: Option<OffloadParamBlock>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub contiguous_gradients: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub reduce_scatter: Option<bool>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 1>")]
+    pub reduce_bucket_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub use_multi_rank_bucket_allreduce: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub allgather_partitions: Option<bool>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub allgather_bucket_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub overlap_comm: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub compute_grad_norm: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub load_from_fp32_weights: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub elastic_checkpoint: Option<bool>,
+    pub zenflow: Option<Value>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub sub_group_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub cpu_offload_param: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub cpu_offload_use_pin_memory: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub cpu_offload: Option<bool>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub prefetch_bucket_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub stage3_prefetch_bucket_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub param_persistence_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub stage3_param_persistence_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub model_persistence_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub stage3_model_persistence_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub max_live_parameters: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub stage3_max_live_parameters: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub max_reuse_distance: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub stage3_max_reuse_distance: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub gather_16bit_weights_on_model_save: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub stage3_gather_16bit_weights_on_model_save: Option<bool>,
+    #[serde(default, deserialize_with = "lax::int")]
+    pub module_granularity_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int")]
+    pub stage3_module_granularity_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub use_all_reduce_for_fetch_params: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub stage3_use_all_reduce_for_fetch_params: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub allgather_sequential: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub stage3_allgather_sequential: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub stage3_gather_fp16_weights_on_model_save: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub ignore_unused_parameters: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub legacy_stage1: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub round_robin_gradients: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub parameter_alignment: Option<bool>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub zero_hpz_partition_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub zero_quantized_weights: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub zero_quantized_nontrainable_weights: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub zero_quantized_gradients: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub memory_efficient_linear: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub pipeline_loading_checkpoint: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub override_module_apply: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub log_trace_cache_warnings: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub enable_sanity_checks: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub save_muon_momentum_buffer_in_memory: Option<bool>,
+    pub leaf_module: Option<Value>,
+}
 
-const FP16: &[(&str, Kind)] = &[
-    ("enabled", Bool),
-    ("auto_cast", Bool),
-    (
-        "loss_scale",
-        Float {
-            min: f64::MIN,
-            max: f64::MAX,
-        },
-    ),
-    ("initial_scale_power", AnyInt),
-    ("loss_scale_window", AnyInt),
-    ("hysteresis", AnyInt),
-    ("consecutive_hysteresis", Bool),
-    ("min_loss_scale", AnyInt),
-    ("fp16_master_weights_and_grads", Bool),
-];
+/// Where an offload block puts its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadTarget {
+    None,
+    Cpu,
+    Nvme,
+}
 
-const BF16: &[(&str, Kind)] = &[
-    ("enabled", Bool),
-    ("immediate_grad_update", Bool),
-    ("check_grad_overflow", Bool),
-    ("bf16_master_weights_and_grads", Bool),
-    ("bf16_optimizer_states", Bool),
-];
+/// `DeepSpeedZeroOffloadOptimizerConfig`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadOptimizerBlock {
+    #[serde(default)]
+    pub device: Option<OffloadTarget>,
+    pub nvme_path: Option<Value>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub buffer_count: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub pin_memory: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub pipeline_read: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub pipeline_write: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub fast_init: Option<bool>,
+    #[serde(default, deserialize_with = "lax::fraction")]
+    pub ratio: Option<f64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub super_offload: Option<bool>,
+    #[serde(default, deserialize_with = "lax::fraction")]
+    pub cpuadam_cores_perc: Option<f64>,
+}
 
-/// Check the blocks DeepSpeed validates with pydantic, coercing values as
-/// pydantic does. `Err` says `block.key: reason`.
-pub fn validate(config: &mut Value) -> Result<(), String> {
-    let Some(top) = config.as_object_mut() else {
+/// `DeepSpeedZeroOffloadParamConfig`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadParamBlock {
+    #[serde(default)]
+    pub device: Option<OffloadTarget>,
+    pub nvme_path: Option<Value>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub buffer_count: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub buffer_size: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int_at_least::<_, 0>")]
+    pub max_in_cpu: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub pin_memory: Option<bool>,
+}
+
+/// `DeepSpeedFP16Config` (dynamic loss scaling when `loss_scale` is 0).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fp16Block {
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub auto_cast: Option<bool>,
+    #[serde(default, deserialize_with = "lax::float")]
+    pub loss_scale: Option<f64>,
+    #[serde(default, deserialize_with = "lax::int")]
+    pub initial_scale_power: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int")]
+    pub loss_scale_window: Option<i64>,
+    #[serde(default, deserialize_with = "lax::int")]
+    pub hysteresis: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub consecutive_hysteresis: Option<bool>,
+    #[serde(default, deserialize_with = "lax::int")]
+    pub min_loss_scale: Option<i64>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub fp16_master_weights_and_grads: Option<bool>,
+}
+
+/// `DeepSpeedBF16Config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bf16Block {
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub immediate_grad_update: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub check_grad_overflow: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub bf16_master_weights_and_grads: Option<bool>,
+    #[serde(default, deserialize_with = "lax::bool")]
+    pub bf16_optimizer_states: Option<bool>,
+}
+
+/// The `optimizer` block.
+#[derive(Debug, Default, Deserialize)]
+pub struct OptimizerBlock {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub params: Option<OptimizerParams>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+/// AdamW's parameters (DeepSpeed's `Adam` takes `adam_w_mode`).
+#[derive(Debug, Default, Deserialize)]
+pub struct OptimizerParams {
+    #[serde(default, deserialize_with = "json::float")]
+    pub lr: Option<f64>,
+    #[serde(default, deserialize_with = "json::pair")]
+    pub betas: Option<(f64, f64)>,
+    #[serde(default, deserialize_with = "json::float")]
+    pub eps: Option<f64>,
+    #[serde(default, deserialize_with = "json::float")]
+    pub weight_decay: Option<f64>,
+    #[serde(default, deserialize_with = "json::bool")]
+    pub adam_w_mode: Option<bool>,
+    pub torch_adam: Option<Value>,
+    /// Parameters of other optimizers: accepted, not acted on.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+/// The `scheduler` block.
+#[derive(Debug, Default, Deserialize)]
+pub struct SchedulerBlock {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub params: Option<SchedulerParams>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+/// The parameters of DeepSpeed's warmup schedules.
+#[derive(Debug, Default, Deserialize)]
+pub struct SchedulerParams {
+    #[serde(default, deserialize_with = "json::float")]
+    pub warmup_min_lr: Option<f64>,
+    #[serde(default, deserialize_with = "json::float")]
+    pub warmup_max_lr: Option<f64>,
+    #[serde(default, deserialize_with = "steps")]
+    pub warmup_num_steps: Option<Steps>,
+    #[serde(default, deserialize_with = "steps")]
+    pub total_num_steps: Option<Steps>,
+    pub warmup_type: Option<WarmupType>,
+    #[serde(default, deserialize_with = "json::float")]
+    pub warmup_min_ratio: Option<f64>,
+    #[serde(default, deserialize_with = "json::float")]
+    pub cos_min_ratio: Option<f64>,
+    pub last_batch_iteration: Option<Value>,
+    /// Parameters of other schedules: accepted, not acted on.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+/// A step count, or "auto" (HF fills it when the Trainer knows the total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steps {
+    Auto,
+    N(usize),
+}
+
+fn steps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Steps>, D::Error> {
+    let v = Value::deserialize(d)?;
+    if v == "auto" {
+        return Ok(Some(Steps::Auto));
+    }
+    Ok(json::uint(&v)
+        .map_err(serde::de::Error::custom)?
+        .map(Steps::N))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmupType {
+    Log,
+    Linear,
+}
+
+/// Read `v` (its "auto"s filled) as DeepSpeed would. `Err` says
+/// `block.key: reason`.
+pub fn parse(v: &Value) -> Result<DsConfigFile, String> {
+    if !v.is_object() {
         return Err("expected a JSON object at the top level".into());
-    };
-    for (name, table) in [("zero_optimization", ZERO), ("fp16", FP16), ("bf16", BF16)] {
-        match top.get_mut(name) {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(o)) => check_block(name, o, table)?,
-            Some(x) => return Err(format!("{name}: expected an object, got {x}")),
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde lists every field it knows; DeepSpeed says "extra inputs".
+        if inner.starts_with("unknown field") {
+            format!("{path}: not a field DeepSpeed knows (extra inputs are not permitted)")
+        } else {
+            format!("{path}: {inner}")
         }
-    }
-    Ok(())
-}
-
-fn check_block(
-    path: &str,
-    o: &mut Map<String, Value>,
-    table: &[(&str, Kind)],
-) -> Result<(), String> {
-    for (k, v) in o.iter_mut() {
-        let Some((_, kind)) = table.iter().find(|(n, _)| n == k) else {
-            return Err(format!(
-                "{path}.{k}: not a field DeepSpeed knows (extra inputs are not permitted)"
-            ));
-        };
-        coerce(&format!("{path}.{k}"), v, *kind)?;
-    }
-    Ok(())
-}
-
-/// pydantic's lax-mode coercion of one value (None passes: every field
-/// here is optional or has a default).
-fn coerce(path: &str, v: &mut Value, kind: Kind) -> Result<(), String> {
-    if v.is_null() {
-        return Ok(());
-    }
-    let bad = |what: &str| Err(format!("{path}: expected {what}, got {v}"));
-    match kind {
-        Any => Ok(()),
-        Bool => {
-            let b = match &*v {
-                Value::Bool(b) => *b,
-                Value::Number(n) if n.as_i64() == Some(0) || n.as_f64() == Some(0.0) => false,
-                Value::Number(n) if n.as_i64() == Some(1) || n.as_f64() == Some(1.0) => true,
-                Value::String(s) => match s.to_ascii_lowercase().as_str() {
-                    "0" | "off" | "f" | "false" | "n" | "no" => false,
-                    "1" | "on" | "t" | "true" | "y" | "yes" => true,
-                    _ => return bad("a boolean"),
-                },
-                _ => return bad("a boolean"),
-            };
-            *v = Value::Bool(b);
-            Ok(())
-        }
-        Int { .. } | AnyInt | Stage => {
-            let n = match as_integer(v) {
-                Some(n) => n,
-                None => return bad("an integer"),
-            };
-            match kind {
-                Int { min } if n < min => {
-                    return Err(format!("{path}: must be at least {min}, got {n}"))
-                }
-                Stage if !(0..=3).contains(&n) => {
-                    return Err(format!("{path}: expected 0, 1, 2 or 3, got {n}"))
-                }
-                _ => {}
-            }
-            *v = Value::from(n);
-            Ok(())
-        }
-        Float { min, max } => {
-            let x = match &*v {
-                Value::Number(n) => n.as_f64(),
-                Value::String(s) => s.trim().parse::<f64>().ok(),
-                _ => None,
-            };
-            match x {
-                Some(x) if x >= min && x <= max => {
-                    *v = Value::from(x);
-                    Ok(())
-                }
-                Some(x) => Err(format!("{path}: must be in [{min}, {max}], got {x}")),
-                None => bad("a number"),
-            }
-        }
-        Device => match v.as_str() {
-            Some("none" | "cpu" | "nvme") => Ok(()),
-            _ => bad("\"none\", \"cpu\" or \"nvme\""),
-        },
-        Offload(table) => match v {
-            Value::Object(o) => check_block(path, o, table),
-            _ => bad("an object"),
-        },
-    }
-}
-
-/// An integer as pydantic reads one: a JSON integer, a float without a
-/// fractional part, or a string of digits.
-fn as_integer(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n.as_i64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 9.2e18)
-                .map(|f| f as i64)
-        }),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-/// `Err` naming the first key given twice in one object, anywhere in
-/// `text` (DeepSpeed loads its config with a hook that refuses them;
-/// serde_json would silently keep the last).
-pub fn refuse_duplicate_keys(text: &str) -> Result<(), String> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    de::DeserializeSeed::deserialize(NoDuplicates(String::new()), &mut de)
-        .map_err(|e| e.to_string())
-}
-
-/// Visits a JSON document, refusing a key seen twice in one object (the
-/// string is the path so far, for the message).
-struct NoDuplicates(String);
-
-impl<'de> de::DeserializeSeed<'de> for NoDuplicates {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NoDuplicates {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
-        while seq
-            .next_element_seed(NoDuplicates(format!("{}[{i}]", self.0)))?
-            .is_some()
-        {
-            i += 1;
-        }
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = std::collections::HashSet::new();
-        while let Some(k) = map.next_key::<String>()? {
-            let path = if self.0.is_empty() {
-                k.clone()
-            } else {
-                format!("{}.{k}", self.0)
-            };
-            if !seen.insert(k) {
-                return Err(de::Error::custom(format!(
-                    "duplicate key `{path}` (DeepSpeed refuses configs with duplicate keys)"
-                )));
-            }
-            map.next_value_seed(NoDuplicates(path))?;
-        }
-        Ok(())
-    }
+    })
 }
 
 #[cfg(test)]
@@ -330,30 +373,57 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn duplicates_are_found_at_any_depth() {
-        refuse_duplicate_keys(r#"{"a": {"b": 1, "c": [ {"d": 1} ]}}"#).unwrap();
-        let e = refuse_duplicate_keys(r#"{"z": {"stage": 2, "stage": 3}}"#).unwrap_err();
-        assert!(e.contains("duplicate key `z.stage`"), "{e}");
-    }
-
-    #[test]
-    fn values_are_coerced_as_pydantic_does() {
-        let mut v = json!({"zero_optimization": {"stage": "2", "overlap_comm": "yes",
-            "reduce_bucket_size": 5e8}});
-        validate(&mut v).unwrap();
-        assert_eq!(
-            v["zero_optimization"],
-            json!({"stage": 2, "overlap_comm": true, "reduce_bucket_size": 500000000})
-        );
-        for bad in [
-            json!({"zero_optimization": {"reduce_bucket_size": -5}}),
-            json!({"zero_optimization": {"reduce_bucket_size": "big"}}),
-            json!({"zero_optimization": {"reduce_bucket_size": 1.5}}),
-            json!({"zero_optimization": {"no_such_key": 1}}),
-            json!({"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}),
-            json!({"fp16": {"enabled": true, "foo": 1}}),
+    fn blocks_are_coerced_and_checked_as_deepspeed_does() {
+        let f = parse(
+            &json!({"zero_optimization": {"stage": "2", "overlap_comm": "yes",
+            "reduce_bucket_size": 5e8, "offload_optimizer": {"device": "cpu", "ratio": "0.5"}},
+            "foo": 1}),
+        )
+        .unwrap();
+        let z = f.zero_optimization.unwrap();
+        assert_eq!(z.stage, Some(2));
+        assert_eq!(z.overlap_comm, Some(true));
+        assert_eq!(z.reduce_bucket_size, Some(500_000_000));
+        let o = z.offload_optimizer.unwrap();
+        assert_eq!((o.device, o.ratio), (Some(OffloadTarget::Cpu), Some(0.5)));
+        assert!(f.unknown.contains_key("foo"));
+        for (bad, want) in [
+            (
+                json!({"zero_optimization": {"reduce_bucket_size": -5}}),
+                "zero_optimization.reduce_bucket_size: must be at least 1, got -5",
+            ),
+            (
+                json!({"zero_optimization": {"reduce_bucket_size": "big"}}),
+                "zero_optimization.reduce_bucket_size: expected an integer",
+            ),
+            (
+                json!({"zero_optimization": {"no_such_key": 1}}),
+                "zero_optimization.no_such_key: not a field DeepSpeed knows",
+            ),
+            (
+                json!({"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}),
+                "zero_optimization.offload_optimizer.device: unknown variant `gpu`",
+            ),
+            (
+                json!({"fp16": {"enabled": true, "foo": 1}}),
+                "fp16.foo: not a field",
+            ),
+            (
+                json!({"zero_optimization": 3}),
+                "zero_optimization: invalid type",
+            ),
+            (
+                json!({"train_micro_batch_size_per_gpu": "2"}),
+                "train_micro_batch_size_per_gpu: expected a non-negative integer",
+            ),
+            (
+                json!({"optimizer": {"params": {"betas": [0.9]}}}),
+                "optimizer.params.betas: expected [beta1, beta2]",
+            ),
+            (json!([1]), "expected a JSON object at the top level"),
         ] {
-            assert!(validate(&mut bad.clone()).is_err(), "{bad}");
+            let e = parse(&bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 }

@@ -29,6 +29,7 @@
 pub mod comm;
 pub mod ds_config;
 pub mod ds_schema;
+mod ds_values;
 pub mod engine;
 mod error;
 mod hf_auto;
