@@ -430,9 +430,11 @@ fn scheduler_config(
             cos_min_ratio: p.cos_min_ratio.unwrap_or(1e-4),
             log_warmup,
         },
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "scheduler.type: expected WarmupLR, WarmupDecayLR or WarmupCosineLR, got \"{other}\""
-        )),
+        ))
+        }
     }))
 }
 
