@@ -177,3 +177,23 @@ fn generate_rejects_bad_settings_and_unknown_models() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
 }
+
+/// `companion env` reports this build (the tests' build has mpi and no
+/// cuda) and fails, naming the fix, when a missing feature is expected.
+#[test]
+fn env_reports_the_build_and_names_what_is_missing() {
+    let o = companion(&["env", "--json", "--no-measure"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["features"]["cuda"], false);
+    assert!(r["cpu"]["threads"].as_u64().unwrap() >= 1);
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["devices"], serde_json::json!([]));
+    let o = companion(&["env", "--expect", "cuda", "--no-measure"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("no cuda feature") && err.contains("scripts/build-cuda"),
+        "{err}"
+    );
+}

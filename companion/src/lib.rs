@@ -3,6 +3,7 @@
 //! training to generation, one module per concept.
 
 pub mod atomic_write;
+pub mod collect_env;
 pub mod data;
 pub mod generate;
 pub mod hub;

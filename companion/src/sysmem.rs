@@ -45,14 +45,20 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The fp32 matrix-multiply rate of `device` through candle (GFLOP/s), an
-/// `n`×`n` product timed five times after a warm-up: the peak MFU is
-/// measured against (what this machine's GEMM reaches, not a datasheet).
-pub fn gemm_gflops(device: &candle_core::Device, n: usize) -> candle_core::Result<f64> {
-    use candle_core::Tensor;
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+/// The matrix-multiply rate of `device` in `dtype` through candle
+/// (GFLOP/s), an `n`×`n` product of random values timed five times after a
+/// warm-up: the peak MFU is measured against (what this machine's GEMM
+/// reaches, not a datasheet; fp32 on a CPU, bf16 on a GPU).
+pub fn gemm_gflops(
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    n: usize,
+) -> candle_core::Result<f64> {
+    use candle_core::{DType, Tensor};
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let wait = |c: &Tensor| c.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>();
+    wait(&a.matmul(&b)?)?;
     let reps = 5;
     let t = std::time::Instant::now();
     let mut c = a.matmul(&b)?;
@@ -60,7 +66,7 @@ pub fn gemm_gflops(device: &candle_core::Device, n: usize) -> candle_core::Resul
         c = a.matmul(&b)?;
     }
     // Reading a value waits for a GPU to finish.
-    c.sum_all()?.to_scalar::<f32>()?;
+    wait(&c)?;
     Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 

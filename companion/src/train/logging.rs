@@ -65,7 +65,8 @@ impl Live {
         let gflops = match known.iter().find(|(k, _)| *k == key) {
             Some((_, g)) => *g,
             None => {
-                let g = crate::sysmem::gemm_gflops(device, 1024).unwrap_or(f64::NAN);
+                let g = crate::sysmem::gemm_gflops(device, candle_core::DType::F32, 1024)
+                    .unwrap_or(f64::NAN);
                 known.push((key, g));
                 g
             }

@@ -61,6 +61,24 @@ enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
+    /// What this build and machine can run, as DeepSpeed's ds_report says it: features
+    /// built in, the CPU and its GEMM rate, the CUDA driver and devices (each with a tiny
+    /// forward/backward against the CPU), the libraries loaded and from where.
+    /// Exits 1 naming what to fix when something is missing.
+    Env(EnvCmd),
+}
+
+#[derive(Args)]
+struct EnvCmd {
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Fail unless this is there and works (repeatable): cuda, nccl, mpi.
+    #[arg(long, value_enum)]
+    expect: Vec<companion::collect_env::Expect>,
+    /// Skip timing the CPU's matrix multiply (about a second).
+    #[arg(long)]
+    no_measure: bool,
 }
 
 #[derive(Args)]
@@ -214,7 +232,62 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Command::Generate(c) => inference::generate_cmd(c),
         Command::Eval(c) => inference::eval_cmd(c),
         Command::Bench(c) => bench_cmd::run(c),
+        Command::Env(c) => env_cmd(c),
     }
+}
+
+fn env_cmd(c: EnvCmd) -> Result<()> {
+    let r = companion::collect_env::collect(!c.no_measure, &c.expect);
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let f = &r.features;
+        println!(
+            "companion {}: features cuda={} nccl={} mpi={}",
+            r.version, f.cuda, f.nccl, f.mpi
+        );
+        let cpu = &r.cpu;
+        println!(
+            "cpu: {} ({} threads, {} GiB available, fp32 GEMM {})",
+            cpu.model.as_deref().unwrap_or("unknown"),
+            cpu.threads,
+            cpu.memory_available_gib
+                .map_or("?".into(), |g| format!("{g:.1}")),
+            cpu.gemm_f32_gflops
+                .map_or("not measured".into(), |g| format!("{g:.1} GFLOP/s"))
+        );
+        if f.cuda {
+            println!(
+                "cuda driver: {}",
+                r.cuda_driver.as_deref().unwrap_or("not found")
+            );
+        }
+        for d in &r.devices {
+            let check = d.check.as_ref().map_or("not run".into(), |c| {
+                format!(
+                    "loss {:.6} vs CPU {:.6}, gradients within {:.1e}: {}",
+                    c.loss,
+                    c.cpu_loss,
+                    c.max_gradient_rel_diff,
+                    if c.passed { "ok" } else { "DIFFERENT" }
+                )
+            });
+            println!(
+                "cuda:{}: {}, {:.1} GiB, compute capability {}.{}; {check}",
+                d.ordinal, d.name, d.memory_gib, d.compute_capability.0, d.compute_capability.1
+            );
+        }
+        for l in &r.libraries {
+            println!("library {}: {}", l.name, l.path);
+        }
+    }
+    for p in &r.problems {
+        eprintln!("problem: {}\n  fix: {}", p.what, p.fix);
+    }
+    if !r.problems.is_empty() {
+        anyhow::bail!("{} problem(s) found (above)", r.problems.len());
+    }
+    Ok(())
 }
 
 fn train_args(model: &str, vocab_size: usize) -> Result<TrainArgs> {

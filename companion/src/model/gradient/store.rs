@@ -36,6 +36,11 @@ impl LocalStore {
         }
     }
 
+    /// How many parameter tensors it holds gradients for.
+    pub fn num_tensors(&self) -> usize {
+        self.ranges.len()
+    }
+
     /// The gradient of parameter `i`.
     pub fn gradient(&self, i: usize) -> &[f32] {
         &self.grads[self.ranges[i].clone()]
