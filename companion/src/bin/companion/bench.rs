@@ -48,9 +48,20 @@ pub fn shape(name: &str) -> Option<Shape> {
 
 pub use companion::sysmem::peak_rss_mib;
 
-/// fp32 GEMM rate of this machine through candle (GFLOP/s), for MFU.
-pub fn gemm_gflops(n: usize) -> Result<f64> {
-    Ok(companion::sysmem::gemm_gflops(&Device::Cpu, n)?)
+/// The GEMM rate MFU is measured against, in the run's dtype on its device
+/// (GFLOP/s): 1024³ on a CPU, 8192³ on a GPU (smaller ones do not fill it).
+pub fn gemm_gflops(device: &Device, dtype: DType) -> Result<f64> {
+    let n = if device.is_cpu() { 1024 } else { 8192 };
+    Ok(companion::sysmem::gemm_gflops(device, dtype, n)?)
+}
+
+/// `dtype` as the flags and reports name it.
+fn dtype_name(dtype: DType) -> &'static str {
+    if dtype == DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    }
 }
 
 fn random_ids(rows: usize, cols: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -67,17 +78,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Forward + backward + AdamW step as the Trainer runs it (the ZeRO
 /// engine, stage 0 on one rank), timed per step (median after a warm-up).
-/// `autograd` runs candle's autograd instead of the fused CPU kernels.
+/// `autograd` runs candle's autograd instead of the fused CPU kernels (the
+/// only path off the CPU or in bf16); bf16 keeps fp32 master weights.
 pub fn train(
     shape: &Shape,
     steps: usize,
     autograd: bool,
+    device: &Device,
+    dtype: DType,
 ) -> std::result::Result<Value, companion::train::TrainError> {
+    use companion::collect_env::device_memory_used;
     use companion::optim::AdamWParams;
     use companion::zero::comm::SingleRank;
-    use companion::zero::ZeroEngine;
+    use companion::zero::{Precision, ZeroEngine};
     let cfg = &shape.config;
-    let mut model = GPT2LMHeadModel::new(cfg, 0, &Device::Cpu)?;
+    let mut model = GPT2LMHeadModel::new(cfg, 0, device)?;
     model.set_training(true);
     let adam = AdamWParams {
         beta1: 0.9,
@@ -91,18 +106,23 @@ pub fn train(
         adam,
         std::sync::Arc::new(SingleRank),
     )?;
+    if dtype == DType::BF16 {
+        engine = engine.with_precision(&model, &Precision::Bf16)?;
+        model = model.to_dtype(dtype)?;
+    }
     let mut path = if autograd {
         GradientPath::Autograd
     } else {
-        GradientPath::choose(cfg, &Device::Cpu, DType::F32, false)
+        GradientPath::choose(cfg, device, dtype, false)
     };
     let ids = Tensor::new(
         random_ids(shape.batch, shape.seq, cfg.vocab_size, 1),
-        &Device::Cpu,
+        device,
     )?;
     let labels = ids.to_dtype(DType::I64)?;
     let n_items = (shape.batch * (shape.seq - 1)) as f64;
     let (mut times, mut fwd_bwd) = (Vec::new(), Vec::new());
+    let mut peak_device = 0u64;
     for step in 0..steps + 1 {
         let t = Instant::now();
         let batch = MicroBatch {
@@ -119,16 +139,22 @@ pub fn train(
             times.push(t.elapsed().as_secs_f64());
             fwd_bwd.push(t_fb);
         }
+        peak_device = peak_device.max(device_memory_used(device).unwrap_or(0));
     }
     let step_s = median(times);
     let fb_s = median(fwd_bwd);
     let tokens = (shape.batch * shape.seq) as f64;
     let flops_per_token = cfg.train_flops_per_token(shape.seq);
     let achieved = flops_per_token * tokens / step_s / 1e9;
-    let peak = gemm_gflops(1024)?;
+    let peak = gemm_gflops(device, dtype)?;
     Ok(json!({
-        "implementation": if autograd { "companion (candle autograd)" } else { "companion (fused CPU kernels)" },
+        "implementation": match path.name() {
+            "fused" => "companion (fused CPU kernels)",
+            _ => "companion (candle autograd)",
+        },
         "bench": "train",
+        "device": format!("{device:?}"),
+        "dtype": dtype_name(dtype),
         "shape": shape.name,
         "batch": shape.batch,
         "seq": shape.seq,
@@ -142,14 +168,15 @@ pub fn train(
         "gemm_peak_gflops": peak,
         "mfu": achieved / peak,
         "peak_rss_mib": peak_rss_mib(),
+        "peak_device_memory_gib": (!device.is_cpu()).then(|| peak_device as f64 / (1u64 << 30) as f64),
     }))
 }
 
 /// 128 new tokens from an 8-token prompt, greedy with repetition penalty 1.1.
-pub fn generate(shape: &Shape, new_tokens: usize) -> Result<Value> {
+pub fn generate(shape: &Shape, new_tokens: usize, device: &Device, dtype: DType) -> Result<Value> {
     let mut cfg = shape.config.clone();
     cfg.n_positions = cfg.n_positions.max(8 + new_tokens);
-    let model = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu)?;
+    let model = GPT2LMHeadModel::new(&cfg, 0, device)?.to_dtype(dtype)?;
     let prompt = random_ids(1, 8, cfg.vocab_size, 2);
     let gen = GenerationConfig {
         max_new_tokens: Some(new_tokens),
@@ -167,10 +194,12 @@ pub fn generate(shape: &Shape, new_tokens: usize) -> Result<Value> {
     let first = median(per_token[..k].to_vec());
     let last = median(per_token[per_token.len() - k..].to_vec());
     let tps = new_tokens as f64 / total;
-    let weight_bytes = (cfg.num_parameters() * 4) as f64;
+    let weight_bytes = (cfg.num_parameters() * dtype.size_in_bytes()) as f64;
     Ok(json!({
         "implementation": "companion (candle)",
         "bench": "generate",
+        "device": format!("{device:?}"),
+        "dtype": dtype_name(dtype),
         "shape": shape.name,
         "prompt_tokens": 8,
         "new_tokens": new_tokens,

@@ -76,6 +76,19 @@ pub struct BenchModelCmd {
     /// train: candle's autograd instead of the fused CPU kernels, to compare.
     #[arg(long)]
     autograd: bool,
+    /// Where to run: cpu, cuda or cuda:N (a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Forward/backward precision: f32, or bf16 (with fp32 master weights,
+    /// as the Trainer's `bf16=True`). MFU is against this dtype's GEMM rate.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// Sequences per step (default: the shape's).
+    #[arg(long, value_parser = at_least_one())]
+    batch: Option<usize>,
+    /// Tokens per sequence (default: the shape's).
+    #[arg(long, value_parser = at_least_one())]
+    seq: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -200,12 +213,27 @@ fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
 }
 
 fn bench_model(c: BenchModelCmd, train: bool) -> Result<()> {
-    let shape = bench::shape(&c.shape)
+    let mut shape = bench::shape(&c.shape)
         .with_context(|| format!("unknown shape `{}`: expected `small` or `gpt2`", c.shape))?;
+    shape.batch = c.batch.unwrap_or(shape.batch);
+    shape.seq = c.seq.unwrap_or(shape.seq);
+    if shape.seq > shape.config.n_positions {
+        anyhow::bail!(
+            "--seq {}: the `{}` shape has n_positions {}",
+            shape.seq,
+            shape.name,
+            shape.config.n_positions
+        );
+    }
+    let device = companion::collect_env::device_from_name(&c.device).map_err(anyhow::Error::msg)?;
+    let dtype = match c.dtype.as_str() {
+        "bf16" => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
     let v = if train {
-        bench::train(&shape, c.steps.unwrap_or(5), c.autograd)?
+        bench::train(&shape, c.steps.unwrap_or(5), c.autograd, &device, dtype)?
     } else {
-        bench::generate(&shape, c.steps.unwrap_or(128))?
+        bench::generate(&shape, c.steps.unwrap_or(128), &device, dtype)?
     };
     if c.json {
         println!("{v}");
