@@ -136,10 +136,19 @@ fn zero_run(world: usize, stage: u8, offload: bool) -> Run {
 }
 
 fn zero_run_with(world: usize, stage: u8, offload: bool, checkpointing: bool) -> Run {
-    zero_run_of("tiny_gpt2", world, stage, offload, checkpointing)
+    zero_run_of("tiny_gpt2", world, stage, offload, checkpointing, false)
 }
 
-fn zero_run_of(name: &str, world: usize, stage: u8, offload: bool, checkpointing: bool) -> Run {
+/// A ZeRO run of `world` ranks; `on_device` keeps each rank's state as
+/// tensors on its device (as a GPU rank does) instead of host buffers.
+fn zero_run_of(
+    name: &str,
+    world: usize,
+    stage: u8,
+    offload: bool,
+    checkpointing: bool,
+    on_device: bool,
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let out = run_ranks(
         world,
@@ -156,6 +165,11 @@ fn zero_run_of(name: &str, world: usize, stage: u8, offload: bool, checkpointing
                 comm,
             )?;
             t.verbose = false;
+            if on_device {
+                t.engine.place_state_on_device()?;
+                // Offload keeps the state in host memory, as DeepSpeed's does.
+                assert_eq!(t.engine.state_on_device(), !offload);
+            }
             let memory = t.memory_report()?;
             t.train()?;
             let (losses, norms) = losses_and_norms(&t);
@@ -256,7 +270,7 @@ fn an_untied_head_trains_alike_on_every_path() {
     // block-wise recomputation (candle's autograd) on two ranks.
     let want = reference_of(fixture_model("tiny_gpt2_untied"), 2);
     for (stage, what) in [(2, "ZeRO-2, 2 ranks"), (3, "ZeRO-3, 2 ranks")] {
-        let got = zero_run_of("tiny_gpt2_untied", 2, stage, false, false);
+        let got = zero_run_of("tiny_gpt2_untied", 2, stage, false, false, false);
         assert_same(what, &got, &want);
     }
     // The head is trained as a parameter of its own.
@@ -580,6 +594,79 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
     }
 }
 
+/// The state a GPU rank keeps on its device (flat gradients, weights,
+/// masters, moments as tensors, the step as tensor ops), run here on the
+/// CPU device: every stage, with and without offload, on 1 and 2 ranks,
+/// equals one rank without ZeRO as the host state does; bf16 follows the
+/// host state's bf16; an fp16 overflow skips its step and halves the scale.
+#[test]
+fn state_on_the_device_trains_like_state_on_the_host() {
+    for world in [1, 2] {
+        let want = reference(world);
+        for stage in 0..=3u8 {
+            for offload in [false, true] {
+                if stage == 0 && offload {
+                    continue;
+                }
+                let got = zero_run_of("tiny_gpt2", world, stage, offload, false, true);
+                let what = format!("on the device: ZeRO-{stage} offload={offload}, {world} ranks");
+                assert_same(&what, &got, &want);
+            }
+        }
+    }
+    for stage in [0u8, 3] {
+        let mut c = ds_config(stage, false);
+        c["bf16"] = json!({"enabled": true});
+        let host = run_placed(1, c.clone(), STEPS as i64, false, Default::default(), false);
+        let dev = run_placed(1, c, STEPS as i64, false, Default::default(), true);
+        let loss = |logs: &[companion::train::LogEntry]| -> Vec<f64> {
+            logs.iter()
+                .filter_map(|e| e.get("loss").and_then(Value::as_f64))
+                .collect()
+        };
+        for (a, b) in loss(&dev.0).iter().zip(&loss(&host.0)) {
+            assert!(
+                (a - b).abs() < 1e-3 * b,
+                "bf16 ZeRO-{stage} on the device: {a} vs {b}"
+            );
+        }
+    }
+    let fp16 =
+        json!({"enabled": true, "initial_scale_power": 4, "loss_scale_window": 2, "hysteresis": 1});
+    for (stage, world) in [(0u8, 1usize), (3, 2)] {
+        overflow_skips_the_step(world, stage, &fp16, true);
+    }
+}
+
+/// An fp16 overflow injected at step 2 of 2 leaves the weights of step 1,
+/// and the loss scale stays 16 for both steps (it halves after the step).
+fn overflow_skips_the_step(world: usize, stage: u8, fp16: &Value, on_device: bool) {
+    let inject = companion::train::FaultInjection {
+        overflow_at_step: Some(2),
+        ..Default::default()
+    };
+    let c = mp_config(stage, fp16.clone());
+    let (logs, after_skip) = run_placed(world, c.clone(), 2, true, inject, on_device);
+    let (_, one_step) = run_placed(world, c, 1, true, Default::default(), on_device);
+    // Step 2 was skipped: the weights are those after step 1.
+    for ((n, a), (_, b)) in after_skip.iter().zip(&one_step) {
+        assert_eq!(
+            max_abs_diff(a, b),
+            0.0,
+            "ZeRO-{stage} (on the device: {on_device}): {n} changed in the skipped step"
+        );
+    }
+    let scales: Vec<f64> = logs
+        .iter()
+        .filter_map(|e| e.get("loss_scale").and_then(Value::as_f64))
+        .collect();
+    assert_eq!(
+        scales,
+        vec![16.0, 16.0],
+        "ZeRO-{stage} (on the device: {on_device})"
+    );
+}
+
 fn mp_config(stage: u8, fp16: Value) -> Value {
     let mut c = ds_config(stage, false);
     c["fp16"] = fp16;
@@ -592,6 +679,18 @@ fn run_with(
     steps: i64,
     lr_constant: bool,
     faults: companion::train::FaultInjection,
+) -> (Vec<companion::train::LogEntry>, Vec<(String, Tensor)>) {
+    run_placed(world, ds, steps, lr_constant, faults, false)
+}
+
+/// [`run_with`], the state on each rank's device when `on_device`.
+fn run_placed(
+    world: usize,
+    ds: Value,
+    steps: i64,
+    lr_constant: bool,
+    faults: companion::train::FaultInjection,
+    on_device: bool,
 ) -> (Vec<companion::train::LogEntry>, Vec<(String, Tensor)>) {
     let dir = tempfile::tempdir().unwrap();
     run_ranks(
@@ -609,6 +708,9 @@ fn run_with(
                 Trainer::new_distributed(model(), a, collator(), dataset(), None, None, comm)?;
             t.verbose = false;
             t.faults = faults;
+            if on_device {
+                t.engine.place_state_on_device()?;
+            }
             t.train()?;
             let w = t
                 .full_model()?
@@ -688,31 +790,7 @@ fn fp16_overflow_skips_that_step_and_halves_the_scale() {
     let fp16 =
         json!({"enabled": true, "initial_scale_power": 4, "loss_scale_window": 2, "hysteresis": 1});
     for (stage, world) in [(0u8, 1usize), (2, 2), (3, 2)] {
-        let inject = FaultInjection {
-            overflow_at_step: Some(2),
-            ..Default::default()
-        };
-        let (logs, after_skip) = run_with(world, mp_config(stage, fp16.clone()), 2, true, inject);
-        let (_, one_step) = run_with(
-            world,
-            mp_config(stage, fp16.clone()),
-            1,
-            true,
-            Default::default(),
-        );
-        // Step 2 was skipped: the weights are those after step 1.
-        for ((n, a), (_, b)) in after_skip.iter().zip(&one_step) {
-            assert_eq!(
-                max_abs_diff(a, b),
-                0.0,
-                "ZeRO-{stage}: {n} changed in the skipped step"
-            );
-        }
-        let scales: Vec<f64> = logs
-            .iter()
-            .filter_map(|e| e.get("loss_scale").and_then(Value::as_f64))
-            .collect();
-        assert_eq!(scales, vec![16.0, 16.0], "ZeRO-{stage}");
+        overflow_skips_the_step(world, stage, &fp16, false);
         // Then 2^4 → 8 after the overflow, and back to 16 after
         // loss_scale_window (2) clean steps.
         let inject = FaultInjection {

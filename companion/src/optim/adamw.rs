@@ -165,19 +165,39 @@ pub fn update(
             gv.resize(len, 0.0);
             let pt = Tensor::from_vec(pv, len, device)?;
             let gt = Tensor::from_vec(gv, len, device)?;
-            let m1 = ((&*m * a.beta1)? + (&gt * (1.0 - a.beta1))?)?;
-            let v1 = ((&*v * a.beta2)? + (gt.sqr()? * (1.0 - a.beta2))?)?;
-            let denom = ((v1.sqrt()? / bc2_sqrt)? + a.eps)?;
-            let factor = ((&*decay * (-lr * a.weight_decay))? + 1.0)?;
-            let upd = ((&m1 / &denom)? * step_size)?;
-            let p1 = ((pt * factor)? - upd)?;
-            *m = m1;
-            *v = v1;
+            let p1 = update_tensors(a, t, m, v, decay, &pt, &gt, lr)?;
             let out: Vec<f32> = p1.narrow(0, 0, n)?.to_vec1()?;
             p.copy_from_slice(&out);
         }
     }
     Ok(())
+}
+
+/// AdamW at step `t` as tensor ops on the device that holds the moments:
+/// `p` and `g` (fp32, the moments' length) give the new weights; `m` and
+/// `v` are replaced by their updated values, `decay` is 1 where weight
+/// decay applies.
+#[allow(clippy::too_many_arguments)]
+pub fn update_tensors(
+    a: AdamWParams,
+    t: u64,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    decay: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+    lr: f64,
+) -> candle_core::Result<Tensor> {
+    let (bc2_sqrt, step_size) = bias_corrections(a, t, lr);
+    let m1 = ((&*m * a.beta1)? + (g * (1.0 - a.beta1))?)?;
+    let v1 = ((&*v * a.beta2)? + (g.sqr()? * (1.0 - a.beta2))?)?;
+    let denom = ((v1.sqrt()? / bc2_sqrt)? + a.eps)?;
+    let factor = ((decay * (-lr * a.weight_decay))? + 1.0)?;
+    let upd = ((&m1 / &denom)? * step_size)?;
+    let p1 = ((p * factor)? - upd)?;
+    *m = m1;
+    *v = v1;
+    Ok(p1)
 }
 
 /// AdamW at step `t` straight into `model`'s weights (a candle in-place op

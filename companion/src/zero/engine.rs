@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::comm::Communicator;
+use super::device_buffers::{flatten_on_device, OnDevice};
 use super::error::Result;
 use super::layout::{
     add_into, decay_segments, device_moments, flatten_params, intersect, set_params, sum_sq,
@@ -22,6 +23,12 @@ use super::precision::LossScaler;
 use super::strategy::{Precision, ZeroStrategy};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::{self, AdamWParams, Moments};
+
+/// DeepSpeed's clipping factor for a gradient norm (`clip_grad_norm_`'s):
+/// the gradients are multiplied by it when it is below 1.
+pub(super) fn clip_coefficient(norm: f64, max_grad_norm: f64) -> f32 {
+    (max_grad_norm / (norm + 1e-6)).min(1.0) as f32
+}
 
 /// One rank's ZeRO state and its training step.
 pub struct ZeroEngine {
@@ -54,6 +61,9 @@ pub struct ZeroEngine {
     /// rank's partition (2–3).
     pub(super) grads: Vec<f32>,
     pub(super) moments: Moments,
+    /// A GPU rank's buffers on its device (then `params`, `grads` and
+    /// `master` above are empty): `on_device.rs`.
+    pub(super) on_device: Option<OnDevice>,
     /// Flat range the moments cover (everything for stage 0).
     pub(super) owned: Range<usize>,
     pub(super) peak_gathered: usize,
@@ -106,7 +116,7 @@ impl ZeroEngine {
         } else {
             device_moments(&layout, &owned, &device)?
         };
-        Ok(ZeroEngine {
+        let mut engine = ZeroEngine {
             strategy,
             layout,
             comm,
@@ -123,9 +133,14 @@ impl ZeroEngine {
             params,
             grads,
             moments,
+            on_device: None,
             owned,
             peak_gathered: 0,
-        })
+        };
+        if !engine.device.is_cpu() {
+            engine.place_state_on_device()?;
+        }
+        Ok(engine)
     }
 
     /// Mixed precision: forward/backward in `dtype` (the caller converts the
@@ -144,7 +159,13 @@ impl ZeroEngine {
         };
         if dtype != DType::F32 && self.stage() < 3 {
             let valid = intersect(&self.owned, &(0..self.layout.numel));
-            self.master = flatten_params(model, &self.layout)?[valid].to_vec();
+            match &mut self.on_device {
+                Some(d) => {
+                    d.master =
+                        Some(flatten_on_device(model)?.narrow(0, valid.start, valid.len())?);
+                }
+                None => self.master = flatten_params(model, &self.layout)?[valid].to_vec(),
+            }
         }
         Ok(self)
     }
@@ -192,6 +213,9 @@ impl ZeroEngine {
     /// elements with AdamW at `lr`, and share the new weights (stages 1–2).
     /// Returns the gradient norm before clipping.
     pub fn step(&mut self, model: &GPT2LMHeadModel, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        if self.on_device.is_some() {
+            return self.step_on_device(model, lr, max_grad_norm);
+        }
         if self.stage() <= 1 {
             self.comm.all_reduce_sum(&mut self.grads)?;
         }
@@ -233,7 +257,7 @@ impl ZeroEngine {
             return Ok(norm);
         }
         if max_grad_norm > 0.0 {
-            let coef = (max_grad_norm / (norm + 1e-6)).min(1.0) as f32;
+            let coef = clip_coefficient(norm, max_grad_norm);
             if coef < 1.0 {
                 self.grads.par_iter_mut().for_each(|x| *x *= coef);
             }
@@ -309,7 +333,7 @@ impl ZeroEngine {
     /// What this rank keeps between steps, measured from its buffers.
     pub fn memory(&self, model: &GPT2LMHeadModel) -> ModelStateBytes {
         let params = if self.stage() == 3 {
-            self.params.len() * 4
+            self.params_len() * 4
         } else {
             model
                 .named_parameters()
@@ -322,7 +346,7 @@ impl ZeroEngine {
         let optimizer_states = match &self.moments {
             Moments::Host { m, v } => (m.len() + v.len()) * 4,
             Moments::Device { m, v, .. } => (m.elem_count() + v.elem_count()) * 4,
-        } + self.master.len() * 4;
+        } + self.master_len() * 4;
         let mut offloaded = 0;
         if self.strategy.offload_optimizer() {
             offloaded += optimizer_states;
@@ -335,7 +359,7 @@ impl ZeroEngine {
             stage: self.stage(),
             world_size: self.world_size(),
             params,
-            grads: self.grads.len() * 4,
+            grads: self.grads_len() * 4,
             optimizer_states,
             offloaded_to_host: offloaded,
             peak_gathered_params: self.peak_gathered,
@@ -346,15 +370,15 @@ impl ZeroEngine {
     /// rank calls it). What DeepSpeed's `zero_to_fp32` consolidates.
     pub fn full_state_dict(&self, model: &GPT2LMHeadModel) -> Result<HashMap<String, Tensor>> {
         let flat = if self.stage() == 3 {
-            let mut all = self.comm.all_gather(&self.params)?;
+            let mut all = self.comm.all_gather(&self.params_on_host()?)?;
             all.truncate(self.layout.numel);
             all
         } else if self.mixed_precision() {
             // The fp32 masters, not the half-precision copy.
             if self.stage() == 0 {
-                self.master.clone()
+                self.master_on_host()?
             } else {
-                let mut mine = self.master.clone();
+                let mut mine = self.master_on_host()?;
                 mine.resize(self.layout.part, 0.0);
                 let mut all = self.comm.all_gather(&mine)?;
                 all.truncate(self.layout.numel);

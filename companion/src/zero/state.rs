@@ -28,15 +28,17 @@ impl ZeroEngine {
         };
         let mut out = vec![("exp_avg".to_string(), m), ("exp_avg_sq".to_string(), v)];
         if self.stage() == 3 {
+            let p = self.params_on_host()?;
             out.push((
                 "fp32_flat_partition".into(),
-                Tensor::from_slice(&self.params, self.params.len(), &cpu)?,
+                Tensor::from_vec(p.clone(), p.len(), &cpu)?,
             ));
         }
-        if !self.master.is_empty() {
+        if self.master_len() > 0 {
+            let m = self.master_on_host()?;
             out.push((
                 "fp32_master".into(),
-                Tensor::from_slice(&self.master, self.master.len(), &cpu)?,
+                Tensor::from_vec(m.clone(), m.len(), &cpu)?,
             ));
         }
         out.push((
@@ -57,7 +59,10 @@ impl ZeroEngine {
                 crate::model::all_finite(m)? && crate::model::all_finite(v)?
             }
         };
-        Ok(moments && finite(&self.params) && finite(&self.master))
+        Ok(moments
+            && finite(&self.params)
+            && finite(&self.master)
+            && self.device_state_is_finite()?)
     }
 
     /// Restore a shard written by [`ZeroEngine::shard`] (same stage and world size).
@@ -91,10 +96,12 @@ impl ZeroEngine {
             }
         }
         if self.stage() == 3 {
-            self.params = get("fp32_flat_partition", self.layout.part)?;
+            let p = get("fp32_flat_partition", self.layout.part)?;
+            self.set_params_from_host(p)?;
         }
-        if !self.master.is_empty() {
-            self.master = get("fp32_master", self.master.len())?;
+        if self.master_len() > 0 {
+            let m = get("fp32_master", self.master_len())?;
+            self.set_master_from_host(m)?;
         }
         if let (Some(sc), Some(t)) = (self.loss_scaler.as_mut(), t.get("loss_scale")) {
             sc.cur_scale = t.flatten_all()?.to_vec1::<f32>()?[0] as f64;
@@ -107,13 +114,15 @@ impl ZeroEngine {
     pub fn load_full_params(&mut self, model: &GPT2LMHeadModel) -> Result<()> {
         if self.mixed_precision() && self.stage() < 3 {
             let valid = intersect(&self.owned, &(0..self.layout.numel));
-            self.master = flatten_params(model, &self.layout)?[valid].to_vec();
+            let master = flatten_params(model, &self.layout)?[valid].to_vec();
+            self.set_master_from_host(master)?;
         }
         if self.stage() == 3 {
             let flat = flatten_params(model, &self.layout)?;
             let me = intersect(&self.layout.partition(self.rank()), &(0..self.layout.numel));
-            self.params = vec![0.0; self.layout.part];
-            self.params[..me.len()].copy_from_slice(&flat[me]);
+            let mut params = vec![0.0; self.layout.part];
+            params[..me.len()].copy_from_slice(&flat[me]);
+            self.set_params_from_host(params)?;
         }
         Ok(())
     }

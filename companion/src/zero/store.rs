@@ -6,6 +6,7 @@
 
 use candle_core::{Tensor, Var};
 
+use super::device_buffers::to_device;
 use super::engine::ZeroEngine;
 use super::error::{Result, ZeroError};
 use super::layout::{add_into, intersect};
@@ -46,6 +47,14 @@ impl ParamStore for ZeroEngine {
     }
 
     fn add_gradients(&mut self, idx: &[usize], grads: &[Vec<f32>]) -> crate::model::Result<()> {
+        if self.state_on_device() {
+            let ts = grads
+                .iter()
+                .map(|g| to_device(g.clone(), &self.device))
+                .collect::<Result<Vec<_>>>()
+                .map_err(store_error)?;
+            return self.add_on_device(idx, &ts).map_err(store_error);
+        }
         if self.stage() >= 2 {
             return self.reduce_scatter_flat(idx, grads).map_err(store_error);
         }
@@ -55,10 +64,38 @@ impl ParamStore for ZeroEngine {
         Ok(())
     }
 
+    fn add_gradient_tensors(
+        &mut self,
+        idx: &[usize],
+        grads: &[Tensor],
+    ) -> crate::model::Result<()> {
+        if self.state_on_device() {
+            return self.add_on_device(idx, grads).map_err(store_error);
+        }
+        let host = grads
+            .iter()
+            .map(|t| t.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.add_gradients(idx, &host)
+    }
+
     fn with_flat_gradients(
         &mut self,
         f: &mut dyn FnMut(&mut [f32]) -> crate::model::Result<f64>,
     ) -> crate::model::Result<f64> {
+        if self.state_on_device() {
+            // The fused CPU kernels write host memory: add it on the device.
+            let mut full = vec![0f32; self.layout.numel];
+            let loss = f(&mut full)?;
+            let idx: Vec<usize> = (0..self.layout.params.len()).collect();
+            let ts = idx
+                .iter()
+                .map(|&i| to_device(full[self.layout.range(i)].to_vec(), &self.device))
+                .collect::<Result<Vec<_>>>()
+                .map_err(store_error)?;
+            self.add_on_device(&idx, &ts).map_err(store_error)?;
+            return Ok(loss);
+        }
         if self.stage() <= 1 {
             return f(&mut self.grads);
         }
@@ -71,6 +108,10 @@ impl ParamStore for ZeroEngine {
         Ok(loss)
     }
 }
+
+/// Where a piece of a reduce-scattered share goes: (offset in the
+/// partition, offset in the share, length).
+pub(super) type Piece = (usize, usize, usize);
 
 impl ZeroEngine {
     /// Logits without gradients (evaluation): under stage 3, gathering one
@@ -99,12 +140,22 @@ impl ZeroEngine {
     /// All-gather parameters `idx` from their owners (stage 3), in the
     /// compute dtype. Counts toward the peak of gathered bytes.
     fn gather(&mut self, idx: &[usize]) -> Result<Vec<Tensor>> {
+        if self.state_on_device() && self.layout.world == 1 {
+            return self.gather_on_one_device(idx);
+        }
         let me = self.layout.partition(self.rank());
+        let on_device_params;
+        let params: &[f32] = if self.state_on_device() {
+            on_device_params = self.params_on_host()?;
+            &on_device_params
+        } else {
+            &self.params
+        };
         let mut send = Vec::new();
         for &i in idx {
             let r = intersect(&self.layout.range(i), &me);
             if !r.is_empty() {
-                send.extend_from_slice(&self.params[r.start - me.start..r.end - me.start]);
+                send.extend_from_slice(&params[r.start - me.start..r.end - me.start]);
             }
         }
         let all = self.comm.all_gather(&send)?;
@@ -139,6 +190,21 @@ impl ZeroEngine {
     /// Reduce-scatter whole gradients of parameters `idx` into this rank's
     /// partition of the gradient buffer.
     fn reduce_scatter_flat(&mut self, idx: &[usize], full: &[Vec<f32>]) -> Result<()> {
+        let (mine, pieces) = self.reduce_scatter_pieces(idx, full)?;
+        for (dst, src, len) in pieces {
+            add_into(&mut self.grads[dst..dst + len], &mine[src..src + len]);
+        }
+        Ok(())
+    }
+
+    /// This rank's share of the sum over ranks of `full` (whole gradients
+    /// of parameters `idx`), and where each piece of it goes: (offset in
+    /// the partition, offset in the share, length).
+    pub(super) fn reduce_scatter_pieces(
+        &self,
+        idx: &[usize],
+        full: &[Vec<f32>],
+    ) -> Result<(Vec<f32>, Vec<Piece>)> {
         let mut send = Vec::new();
         let mut counts = Vec::with_capacity(self.layout.world);
         for r in 0..self.layout.world {
@@ -155,16 +221,16 @@ impl ZeroEngine {
         }
         let mine = self.comm.reduce_scatter_sum(&send, &counts)?;
         let me = self.layout.partition(self.rank());
+        let mut pieces = Vec::new();
         let mut at = 0;
         for &i in idx {
             let x = intersect(&self.layout.range(i), &me);
             if x.is_empty() {
                 continue;
             }
-            let dst = &mut self.grads[x.start - me.start..x.end - me.start];
-            add_into(dst, &mine[at..at + x.len()]);
+            pieces.push((x.start - me.start, at, x.len()));
             at += x.len();
         }
-        Ok(())
+        Ok((mine, pieces))
     }
 }

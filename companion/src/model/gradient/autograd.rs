@@ -2,13 +2,16 @@
 //! graph ([`GPT2LMHeadModel::forward`]), `backward()` walks it. Runs any
 //! dtype on any device; the reference the other paths are tested against.
 
-use super::batch::{loss_backward, MicroBatch};
+use candle_core::{DType, Tensor, Var};
+
+use super::batch::{gradient_tensors, loss_backward, MicroBatch};
 use super::store::ParamStore;
 use crate::model::error::Result;
 use crate::model::gpt2::GPT2LMHeadModel;
 
 /// Forward, loss and backward of `batch`; every parameter's gradient is
-/// added to the store's flat buffer.
+/// handed to the store as a tensor on the model's device (a store on that
+/// device adds it there, one on the host reads it out).
 pub fn forward_backward(
     model: &GPT2LMHeadModel,
     batch: &MicroBatch,
@@ -16,22 +19,21 @@ pub fn forward_backward(
 ) -> Result<f64> {
     let logits = model.forward(batch.input_ids, batch.attention_mask, None)?;
     let (loss, grads) = loss_backward(&logits, batch)?;
-    let params = model.named_parameters();
-    let ranges = model.params.ranges();
-    store.with_flat_gradients(&mut |flat| {
-        let Some(g) = &grads else { return Ok(loss) };
-        for ((_, var), r) in params.iter().zip(&ranges) {
-            if let Some(t) = g.get(var.as_tensor()) {
-                let v: Vec<f32> = t
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1()?;
-                flat[r.clone()]
-                    .iter_mut()
-                    .zip(&v)
-                    .for_each(|(a, b)| *a += b);
-            }
-        }
-        Ok(loss)
-    })
+    let vars: Vec<Var> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let idx: Vec<usize> = (0..vars.len()).collect();
+    // Handed over even when the loss is not finite (as zeros), so that a
+    // store that exchanges gradients with other ranks leaves none waiting.
+    let tensors = match &grads {
+        Some(g) => gradient_tensors(g, &vars)?,
+        None => vars
+            .iter()
+            .map(|v| Tensor::zeros(v.elem_count(), DType::F32, v.device()))
+            .collect::<candle_core::Result<_>>()?,
+    };
+    store.add_gradient_tensors(&idx, &tensors)?;
+    Ok(loss)
 }

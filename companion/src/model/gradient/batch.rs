@@ -38,16 +38,17 @@ pub(crate) fn loss_backward(
     Ok((lv, Some((loss * batch.loss_scale)?.backward()?)))
 }
 
-/// Gradients `g` holds for `vars`, as fp32 vectors (zeros where none reached).
-pub(crate) fn gradients_of(
+/// Gradients `g` holds for `vars`, as flat fp32 tensors on their device
+/// (zeros where none reached).
+pub(crate) fn gradient_tensors(
     g: &candle_core::backprop::GradStore,
     vars: &[Var],
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<Tensor>> {
     vars.iter()
-        .map(|v| -> Result<Vec<f32>> {
+        .map(|v| -> Result<Tensor> {
             Ok(match g.get(v.as_tensor()) {
-                Some(t) => t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-                None => vec![0.0; v.elem_count()],
+                Some(t) => t.flatten_all()?.to_dtype(DType::F32)?,
+                None => Tensor::zeros(v.elem_count(), DType::F32, v.device())?,
             })
         })
         .collect()

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{Tensor, Var};
 
-use super::batch::{gradients_of, loss_backward, MicroBatch};
+use super::batch::{gradient_tensors, loss_backward, MicroBatch};
 use super::store::ParamStore;
 use crate::model::error::{ModelError, Result};
 use crate::model::gpt2::GPT2LMHeadModel;
@@ -90,7 +90,7 @@ pub fn forward_backward(
     let logits = model.head_with(&named_vars(model, &head, &v), x_last.as_tensor())?;
     let (loss, g) = loss_backward(&logits, batch)?;
     let Some(g) = g else { return Ok(loss) };
-    store.add_gradients(&head, &gradients_of(&g, &v)?)?;
+    store.add_gradient_tensors(&head, &gradient_tensors(&g, &v)?)?;
     let mut gy = g
         .get(x_last.as_tensor())
         .ok_or_else(|| ModelError::Input("no gradient reached the last block".into()))?
@@ -104,7 +104,7 @@ pub fn forward_backward(
         let x_in = Var::from_tensor(&xs[l])?;
         let y = model.block_with(l, &named_vars(model, &idx, &v), x_in.as_tensor(), mask)?;
         let g = (y * &gy)?.sum_all()?.backward()?;
-        store.add_gradients(&idx, &gradients_of(&g, &v)?)?;
+        store.add_gradient_tensors(&idx, &gradient_tensors(&g, &v)?)?;
         gy = g
             .get(x_in.as_tensor())
             .ok_or_else(|| ModelError::Input(format!("no gradient reached block {l}")))?
@@ -115,7 +115,7 @@ pub fn forward_backward(
     let v = store.vars(model, &emb)?;
     let x0 = model.embed_with(&named_vars(model, &emb, &v), ids, mask)?;
     let g = (x0 * &gy)?.sum_all()?.backward()?;
-    store.add_gradients(&emb, &gradients_of(&g, &v)?)?;
+    store.add_gradient_tensors(&emb, &gradient_tensors(&g, &v)?)?;
     model.set_dropout_state(after);
     Ok(loss)
 }

@@ -15,6 +15,16 @@ pub trait ParamStore {
     fn vars(&mut self, model: &GPT2LMHeadModel, idx: &[usize]) -> Result<Vec<Var>>;
     /// Add the gradients of parameters `idx` (fp32, whole tensors).
     fn add_gradients(&mut self, idx: &[usize], grads: &[Vec<f32>]) -> Result<()>;
+    /// The same, given as flat fp32 tensors on the model's device. A store
+    /// that keeps its buffers on that device adds them there; by default
+    /// they are read out to host memory for [`add_gradients`](Self::add_gradients).
+    fn add_gradient_tensors(&mut self, idx: &[usize], grads: &[Tensor]) -> Result<()> {
+        let host = grads
+            .iter()
+            .map(|t| t.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.add_gradients(idx, &host)
+    }
     /// Lend `f` a whole-model gradient buffer in flat-layout order to add
     /// into; what `f` returns (the loss) is passed back. When the store keeps
     /// only a partition, its share is taken from the buffer afterwards.
