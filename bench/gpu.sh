@@ -145,6 +145,7 @@ if [ "$GPU" = 1 ]; then
             break
         fi
     done
+    run companion_trainer 90 "$BIN" bench trainer --device "$DEV" "${SHAPE[@]:0:2}" --steps 5 --json
     run companion_generate 60 "$BIN" bench generate --device "$DEV" --dtype bf16 "${SHAPE[@]:0:2}" --json
     run pytorch_generate 60 "$PY" bench/model.py generate "${PYSHAPE[0]}" --device "$PYDEV" --dtype bf16
 fi
@@ -222,6 +223,7 @@ def speed(prefix):
         "generate_tokens_per_second": gen.get("tokens_per_second"),
         "train": train or None,
         "generate": gen or None,
+        "trainer": last_json(f"{prefix}_trainer"),
     }
 
 smi = text("nvidia_smi").strip().split(", ")

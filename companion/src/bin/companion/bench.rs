@@ -224,6 +224,7 @@ pub fn trainer(
     gradient_checkpointing: bool,
     deepspeed: Option<Value>,
     ranks: usize,
+    device: &Device,
 ) -> std::result::Result<Value, companion::train::TrainError> {
     use companion::zero::comm::{run_ranks, Communicator, SingleRank};
     use std::sync::Arc;
@@ -243,7 +244,7 @@ pub fn trainer(
     })?;
     let job =
         |comm: Arc<dyn Communicator>| -> std::result::Result<Value, companion::train::TrainError> {
-            let model = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu)?;
+            let model = GPT2LMHeadModel::new(&cfg, 0, device)?;
             let args = companion::train::TrainingArguments {
                 output_dir: dir.path().display().to_string(),
                 max_steps: (steps + 1) as i64,
@@ -293,6 +294,7 @@ pub fn trainer(
     };
     let o = r.as_object_mut().expect("object");
     o.insert("implementation".into(), json!("companion Trainer (candle)"));
+    o.insert("device".into(), json!(format!("{device:?}")));
     o.insert("bench".into(), json!("trainer"));
     o.insert("shape".into(), json!(shape.name));
     o.insert("batch_per_rank".into(), json!(shape.batch));

@@ -61,6 +61,9 @@ pub struct BenchTrainerCmd {
     /// CPU ranks (threads); more than one needs --deepspeed.
     #[arg(long, default_value_t = 1)]
     num_ranks: usize,
+    /// Where one rank runs: cpu, cuda or cuda:N (a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[arg(long)]
     json: bool,
 }
@@ -203,7 +206,18 @@ fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
         .deepspeed
         .as_ref()
         .map(|p| serde_json::Value::String(p.display().to_string()));
-    let v = bench::trainer(&shape, c.steps, c.gradient_checkpointing, ds, c.num_ranks)?;
+    let device = companion::collect_env::device_from_name(&c.device).map_err(anyhow::Error::msg)?;
+    if !device.is_cpu() && c.num_ranks > 1 {
+        anyhow::bail!("--num-ranks {} with --device {}: several ranks run on the CPU (use pretrain --num-gpus for GPUs)", c.num_ranks, c.device);
+    }
+    let v = bench::trainer(
+        &shape,
+        c.steps,
+        c.gradient_checkpointing,
+        ds,
+        c.num_ranks,
+        &device,
+    )?;
     if c.json {
         println!("{v}");
     } else {
