@@ -87,10 +87,14 @@ pub(super) fn pad_to(t: &Tensor, len: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[t, &zeros], 0)?)
 }
 
-/// Sum over ranks (none to do on one rank).
+/// Sum over ranks (none to do on one rank): on the device where the
+/// transport can (NCCL), else through host memory.
 pub(super) fn all_reduce(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
     if comm.world_size() == 1 {
         return Ok(t.clone());
+    }
+    if let Some(r) = comm.all_reduce_sum_on_device(t) {
+        return Ok(r?);
     }
     let mut v = to_host(t)?;
     comm.all_reduce_sum(&mut v)?;
@@ -101,6 +105,9 @@ pub(super) fn all_reduce(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> 
 pub(super) fn all_gather(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
     if comm.world_size() == 1 {
         return Ok(t.clone());
+    }
+    if let Some(r) = comm.all_gather_on_device(t) {
+        return Ok(r?);
     }
     let all = comm.all_gather(&to_host(t)?)?;
     to_device(all, t.device())

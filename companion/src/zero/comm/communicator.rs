@@ -30,6 +30,25 @@ pub trait Communicator: Send + Sync {
     /// Tell the other ranks this one failed, so none waits forever.
     fn abort(&self, why: &str);
 
+    /// The sum over ranks of `t` (fp32, on this rank's device), computed
+    /// where it lives; `None` when this transport exchanges host memory
+    /// (the caller then goes through [`all_reduce_sum`](Self::all_reduce_sum)).
+    fn all_reduce_sum_on_device(
+        &self,
+        _t: &candle_core::Tensor,
+    ) -> Option<Result<candle_core::Tensor>> {
+        None
+    }
+
+    /// Every rank's `t` end to end in rank order, on the device; `None` as
+    /// for [`all_reduce_sum_on_device`](Self::all_reduce_sum_on_device).
+    fn all_gather_on_device(
+        &self,
+        _t: &candle_core::Tensor,
+    ) -> Option<Result<candle_core::Tensor>> {
+        None
+    }
+
     /// Sum `buf` over all ranks, in place (`dist.all_reduce`).
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         if self.world_size() == 1 {

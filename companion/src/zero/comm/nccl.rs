@@ -1,12 +1,16 @@
 //! Ranks on NVIDIA GPUs, one thread of this process per GPU, talking
-//! through NCCL (`--num-gpus N --backend nccl`). Buffers go to the rank's
+//! through NCCL (`--num-gpus N --backend nccl`). A ZeRO state kept on the
+//! device is summed and gathered where it lives (the gradients' all-reduce,
+//! the weights' all-gather after the step); host buffers go to the rank's
 //! GPU, through the NCCL collective, and back: all-reduce and
 //! reduce-scatter are NCCL's own; the general exchange is an all-gather of
 //! the sizes, then of the buffers padded to the largest. Built with the
-//! `nccl` feature (which implies `cuda`).
+//! `nccl` feature (which implies `cuda`); compiled in CI, not yet run on
+//! several GPUs.
 
 use super::communicator::{CommError, Communicator, Gathered, Result};
-use cudarc::driver::CudaStream;
+use candle_core::{DType, Tensor};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use std::sync::{Arc, Mutex};
 
@@ -49,6 +53,56 @@ impl NcclRank {
             rank,
             world,
         })
+    }
+
+    /// Run a collective from `t`'s fp32 elements (on this rank's GPU) into
+    /// a new device buffer of `out_len` elements, returned as a tensor.
+    fn on_device(
+        &self,
+        t: &Tensor,
+        out_len: usize,
+        what: &str,
+        op: impl FnOnce(
+            &Comm,
+            &CudaView<f32>,
+            &mut CudaSlice<f32>,
+        ) -> std::result::Result<(), cudarc::nccl::result::NcclError>,
+    ) -> Result<Tensor> {
+        let t = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.contiguous())
+            .map_err(|e| err(what, e))?;
+        let candle_core::Device::Cuda(dev) = t.device() else {
+            return Err(CommError::Transport(format!(
+                "NCCL {what}: the tensor is on {:?}, not a GPU",
+                t.device()
+            )));
+        };
+        let mut dst = self
+            .stream
+            .alloc_zeros::<f32>(out_len)
+            .map_err(|e| err("alloc", e))?;
+        {
+            let (storage, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*storage else {
+                return Err(CommError::Transport(format!(
+                    "NCCL {what}: not CUDA storage"
+                )));
+            };
+            let slice = cs.as_cuda_slice::<f32>().map_err(|e| err(what, e))?;
+            let (a, b) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| CommError::Transport(format!("NCCL {what}: not contiguous")))?;
+            let view = slice.slice(a..b);
+            op(&self.comm.lock().expect("nccl comm"), &view, &mut dst).map_err(|e| err(what, e))?;
+        }
+        let out = candle_core::CudaStorage::wrap_cuda_slice(dst, dev.clone());
+        Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(out),
+            out_len,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 
     /// All-gather of equal-length buffers, on the host side.
@@ -139,6 +193,24 @@ impl Communicator for NcclRank {
             .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
             .map_err(|e| err("reduce_scatter", e))?;
         s.clone_dtoh(&dst).map_err(|e| err("download", e))
+    }
+
+    fn all_reduce_sum_on_device(&self, t: &Tensor) -> Option<Result<Tensor>> {
+        Some(
+            self.on_device(t, t.elem_count(), "all_reduce", |c, src, dst| {
+                c.all_reduce(src, dst, &ReduceOp::Sum).map(|_| ())
+            }),
+        )
+    }
+
+    fn all_gather_on_device(&self, t: &Tensor) -> Option<Result<Tensor>> {
+        // ZeRO's partitions are equal-sized on every rank.
+        Some(self.on_device(
+            t,
+            t.elem_count() * self.world,
+            "all_gather",
+            |c, src, dst| c.all_gather(src, dst).map(|_| ()),
+        ))
     }
 
     fn abort(&self, why: &str) {
