@@ -36,6 +36,42 @@ pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
             "model_type {model_type} is not supported: only unigram (1) models convert"
         )));
     }
+    // JSON has no inf or NaN: such a score would make a tokenizer.json
+    // that neither tokenizers nor transformers can load.
+    if let Some((i, p)) = proto
+        .pieces
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !p.score.unwrap_or(0.0).is_finite())
+    {
+        return Err(corrupt(format!(
+            "piece {i} ({:?}) has score {}: a tokenizer.json can only hold finite scores",
+            p.piece.as_deref().unwrap_or(""),
+            p.score.unwrap_or(0.0)
+        )));
+    }
+    // SentencePiece itself refuses a model without an unknown piece, and
+    // unk_id must name it: any other piece would stand in for every
+    // character the vocabulary lacks.
+    let unk = trainer.unk_id.unwrap_or(0);
+    let unk_id = match usize::try_from(unk)
+        .ok()
+        .and_then(|u| proto.pieces.get(u).map(|p| (u, p)))
+    {
+        Some((u, p)) if p.r#type == Some(2) => u,
+        _ => {
+            let found = proto.pieces.iter().position(|p| p.r#type == Some(2));
+            return Err(corrupt(match found {
+                Some(f) => format!(
+                    "trainer_spec.unk_id is {unk}, but the unknown piece (type 2) is piece {f}"
+                ),
+                None => {
+                    "the model has no unknown piece (type 2, `<unk>`), which SentencePiece requires"
+                        .into()
+                }
+            }));
+        }
+    };
     let vocab: Vec<(String, f64)> = proto
         .pieces
         .iter()
@@ -46,7 +82,6 @@ pub fn from_sentencepiece_model(path: &Path) -> Result<AutoTokenizer> {
             )
         })
         .collect();
-    let unk_id = trainer.unk_id.unwrap_or(0).max(0) as usize;
     let byte_fallback = trainer.byte_fallback.unwrap_or(false);
     let model =
         Unigram::from(vocab, Some(unk_id), byte_fallback).map_err(|e| corrupt(e.to_string()))?;
@@ -170,5 +205,46 @@ pub mod proto {
         pub remove_extra_whitespaces: Option<bool>,
         #[prost(bool, optional, tag = "5")]
         pub escape_whitespaces: Option<bool>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::ModelProto;
+    use super::*;
+    use prost::Message;
+
+    /// The fixture model changed by `edit`, converted.
+    fn convert_edited(edit: impl Fn(&mut ModelProto)) -> Result<AutoTokenizer> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/spm_small.model");
+        let mut m = ModelProto::decode_bytes(&std::fs::read(path).unwrap()).unwrap();
+        edit(&mut m);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("edited.model");
+        std::fs::write(&out, m.encode_to_vec()).unwrap();
+        from_sentencepiece_model(&out)
+    }
+
+    #[test]
+    fn scores_that_json_cannot_hold_and_a_missing_unk_are_refused() {
+        let t = convert_edited(|_| {}).unwrap();
+        assert_eq!(t.unk_token.as_deref(), Some("<unk>"));
+        for bad in [f32::NEG_INFINITY, f32::NAN] {
+            let e = convert_edited(|m| m.pieces[5].score = Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("piece 5") && e.contains("finite scores"), "{e}");
+        }
+        let e = convert_edited(|m| m.pieces[0].r#type = Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no unknown piece"), "{e}");
+        let e = convert_edited(|m| m.trainer_spec.as_mut().unwrap().unk_id = Some(4))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unk_id is 4, but the unknown piece (type 2) is piece 0"),
+            "{e}"
+        );
     }
 }
