@@ -834,3 +834,36 @@ fn corpora_that_are_not_corpora_are_named() {
         refused(&o, want);
     }
 }
+
+/// A `--tokenizer-vocab-size` that cannot take effect is said: beside
+/// `--tokenizer` it is a flag error; when output_dir/tokenizer is reused
+/// at another size, a warning names both sizes (the same size: silence).
+#[test]
+fn a_tokenizer_vocab_size_that_is_not_used_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pretrain_with(dir.path(), "run", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = pretrain_with(dir.path(), "run", &["--max-steps", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("is not used"), "{}", stderr(&o));
+    let o = pretrain_with(
+        dir.path(),
+        "run",
+        &["--max-steps", "5", "--tokenizer-vocab-size", "500"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--tokenizer-vocab-size 500 is not used")
+            && stderr(&o).contains("trained to 300 tokens"),
+        "{}",
+        stderr(&o)
+    );
+    let gpt2 = data("pretrained/gpt2");
+    let o = pretrain_with(
+        dir.path(),
+        "other",
+        &["--tokenizer", gpt2.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+}

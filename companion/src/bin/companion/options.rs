@@ -18,7 +18,9 @@ pub struct PretrainOptions {
     /// An existing tokenizer folder/id; else one is trained (or reused from
     /// `output_dir/tokenizer`).
     pub tokenizer: Option<String>,
-    pub tokenizer_vocab_size: usize,
+    /// The vocabulary to train (8192 when not given); `Some` when asked for,
+    /// so that a reused tokenizer of another size is said, not ignored.
+    pub tokenizer_vocab_size: Option<usize>,
     /// Model config to start from and its overrides.
     pub config_from: String,
     pub overrides: ConfigOverrides,
@@ -64,9 +66,10 @@ pub struct PretrainFlags {
     /// (or reused from output_dir/tokenizer).
     #[arg(long, value_name = "DIR|ID")]
     pub tokenizer: Option<String>,
-    /// The vocabulary of the tokenizer trained when --tokenizer is not given.
-    #[arg(long, default_value_t = 8192)]
-    pub tokenizer_vocab_size: usize,
+    /// The vocabulary of the tokenizer trained when --tokenizer is not given
+    /// [default: 8192].
+    #[arg(long, conflicts_with = "tokenizer")]
+    pub tokenizer_vocab_size: Option<usize>,
     /// The config to start from (a preset such as `gpt2`, a folder or a hub id).
     #[arg(long, default_value = "gpt2")]
     pub config_from: String,
@@ -196,7 +199,7 @@ impl Default for PretrainOptions {
             validation_file: Some("data/corpus/validation.jsonl".into()),
             text_field: "text".into(),
             tokenizer: None,
-            tokenizer_vocab_size: 8192,
+            tokenizer_vocab_size: None,
             config_from: "gpt2".into(),
             overrides: ConfigOverrides {
                 n_layer: Some(4),

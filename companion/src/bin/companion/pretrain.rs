@@ -19,22 +19,33 @@ use companion::zero::comm::{run_ranks, Communicator, SingleRank};
 use crate::options::{Backend, PretrainError, PretrainOptions, RankDevice};
 use crate::preflight::{args_error, check_before_work, check_nccl, mpi_rank};
 
+/// The vocabulary a tokenizer trained by `pretrain` has unless asked otherwise.
+pub const DEFAULT_VOCAB_SIZE: usize = 8192;
+
 /// The tokenizer: given, reused from `dir`, or trained on the corpus.
 pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer, PretrainError> {
     let mut tok = if let Some(t) = &opts.tokenizer {
         AutoTokenizer::from_pretrained(t)?
     } else if dir.join("tokenizer.json").exists() {
         eprintln!("reusing the tokenizer in {}", dir.display());
-        AutoTokenizer::from_pretrained(&dir.to_string_lossy())?
+        let tok = AutoTokenizer::from_pretrained(&dir.to_string_lossy())?;
+        if let Some(v) = opts.tokenizer_vocab_size.filter(|&v| v != tok.vocab_size()) {
+            eprintln!(
+                "warning: --tokenizer-vocab-size {v} is not used: the tokenizer reused from {} was trained to {} tokens (remove that folder to train a new one)",
+                dir.display(),
+                tok.vocab_size()
+            );
+        }
+        tok
     } else {
+        let vocab_size = opts.tokenizer_vocab_size.unwrap_or(DEFAULT_VOCAB_SIZE);
         eprintln!(
-            "training a byte-level BPE tokenizer ({} tokens) on {}",
-            opts.tokenizer_vocab_size,
+            "training a byte-level BPE tokenizer ({vocab_size} tokens) on {}",
             opts.train_file.display()
         );
         let docs = companion::data::corpus::documents_of(&[&opts.train_file], &opts.text_field)?;
         let args = TrainArgs {
-            vocab_size: opts.tokenizer_vocab_size,
+            vocab_size,
             show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ..TrainArgs::default()
         };
