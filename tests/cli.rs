@@ -189,6 +189,24 @@ fn env_reports_the_build_and_names_what_is_missing() {
     assert!(r["cpu"]["threads"].as_u64().unwrap() >= 1);
     assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
     assert_eq!(r["devices"], serde_json::json!([]));
+    // With HOME unset the caches are still under the user's home (from the
+    // password database), never relative to the current folder.
+    let mut cmd = std::process::Command::new(companion_bin());
+    cmd.args(["env", "--json", "--no-measure"])
+        .env_remove("HOME");
+    for k in ["HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE"] {
+        cmd.env_remove(k);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["hub", "datasets"] {
+        let p = r["caches"][k].as_str().unwrap();
+        assert!(
+            p.starts_with('/') && p.contains(".cache/huggingface"),
+            "{k}: {p}"
+        );
+    }
     let o = companion(&["env", "--expect", "cuda", "--no-measure"], &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);

@@ -25,7 +25,15 @@ pub struct EnvReport {
     /// Shared libraries this process loaded that matter here (CUDA, NCCL,
     /// MPI), with the file each came from.
     pub libraries: Vec<LoadedLibrary>,
+    /// Where models from the hub and prepared datasets are cached.
+    pub caches: Caches,
     pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Caches {
+    pub hub: String,
+    pub datasets: String,
 }
 
 /// The optional backends compiled in.
@@ -149,6 +157,10 @@ pub fn collect(measure: bool, expect: &[Expect]) -> EnvReport {
         cuda_driver,
         devices,
         libraries: loaded_libraries(),
+        caches: Caches {
+            hub: crate::hub::cache_dir().display().to_string(),
+            datasets: crate::data::cache_dir().display().to_string(),
+        },
         problems,
     }
 }

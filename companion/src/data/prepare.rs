@@ -158,7 +158,8 @@ pub fn prepare(
 }
 
 /// Where prepared datasets live: `HF_DATASETS_CACHE` (else
-/// `$HF_HOME/datasets`, else `~/.cache/huggingface/datasets`), under
+/// `$HF_HOME/datasets`, else `~/.cache/huggingface/datasets`, the home
+/// folder from the password database when HOME is unset), under
 /// `companion/`.
 pub fn cache_dir() -> PathBuf {
     let var = |k: &str| {
@@ -170,8 +171,10 @@ pub fn cache_dir() -> PathBuf {
     let datasets = var("HF_DATASETS_CACHE")
         .or_else(|| var("HF_HOME").map(|h| h.join("datasets")))
         .unwrap_or_else(|| {
-            var("HOME")
-                .unwrap_or_else(|| ".".into())
+            // Never the current folder: with no home at all, the temp folder.
+            std::env::home_dir()
+                .filter(|h| h.is_absolute())
+                .unwrap_or_else(std::env::temp_dir)
                 .join(".cache/huggingface/datasets")
         });
     datasets.join("companion")

@@ -280,6 +280,10 @@ fn env_cmd(c: EnvCmd) -> Result<()> {
         for l in &r.libraries {
             println!("library {}: {}", l.name, l.path);
         }
+        println!(
+            "caches: hub {}, datasets {}",
+            r.caches.hub, r.caches.datasets
+        );
     }
     for p in &r.problems {
         eprintln!("problem: {}\n  fix: {}", p.what, p.fix);
