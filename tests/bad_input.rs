@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A small trained model folder (config, weights, generation config,
 /// tokenizer), made once for the cases that need one.
@@ -836,8 +836,8 @@ fn corpora_that_are_not_corpora_are_named() {
 }
 
 /// A `--tokenizer-vocab-size` that cannot take effect is said: beside
-/// `--tokenizer` it is a flag error; when output_dir/tokenizer is reused
-/// at another size, a warning names both sizes (the same size: silence).
+/// `--tokenizer`, or when output_dir/tokenizer is reused at another size,
+/// a warning names both sizes (the same size: silence).
 #[test]
 fn a_tokenizer_vocab_size_that_is_not_used_is_said() {
     let dir = tempfile::tempdir().unwrap();
@@ -853,8 +853,8 @@ fn a_tokenizer_vocab_size_that_is_not_used_is_said() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("--tokenizer-vocab-size 500 is not used")
-            && stderr(&o).contains("trained to 300 tokens"),
+        stderr(&o).contains("--tokenizer-vocab-size 500 is not used: the tokenizer reused from")
+            && stderr(&o).contains("was trained to 300 tokens"),
         "{}",
         stderr(&o)
     );
@@ -862,8 +862,93 @@ fn a_tokenizer_vocab_size_that_is_not_used_is_said() {
     let o = pretrain_with(
         dir.path(),
         "other",
-        &["--tokenizer", gpt2.to_str().unwrap()],
+        &["--tokenizer", gpt2.to_str().unwrap(), "--max-steps", "1"],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("--tokenizer-vocab-size 300 is not used: the tokenizer given by --tokenizer")
+            && stderr(&o).contains("was trained to 50257 tokens"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Every file a resume reads is checked before the first step, and one
+/// that disagrees with the others or with the run is refused by name:
+/// Adam's step, the RNG state, the folder's step, the model's shape, the
+/// moments (a mean of squares is never negative).
+#[test]
+fn a_resume_refuses_checkpoint_files_that_disagree() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pretrain_with(dir.path(), "run", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let original = dir.path().join("run/checkpoint-2");
+    fn edit_json(f: &Path, edit: &dyn Fn(&mut Value)) {
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(f, v.to_string()).unwrap();
+    }
+    type Damage<'a> = (&'a str, Box<dyn Fn(&Path)>, &'a str);
+    let cases: Vec<Damage> = vec![
+        (
+            "optimizer.json",
+            Box::new(|c: &Path| edit_json(&c.join("optimizer.json"), &|v| v["step"] = json!("x"))),
+            "step: expected a non-negative integer",
+        ),
+        (
+            "rng_state.json",
+            Box::new(|c: &Path| {
+                std::fs::write(c.join("rng_state.json"), [0xff, 0x00, 0x9c]).unwrap()
+            }),
+            "not the JSON a checkpoint writes",
+        ),
+        (
+            "trainer_state.json",
+            Box::new(|c: &Path| {
+                edit_json(&c.join("trainer_state.json"), &|v| {
+                    v["global_step"] = json!(100)
+                })
+            }),
+            "global_step is 100, but the folder is checkpoint-2",
+        ),
+        (
+            "config.json",
+            Box::new(|c: &Path| edit_json(&c.join("config.json"), &|v| v["n_embd"] = json!(64))),
+            "n_embd is 64, this run's model has 32",
+        ),
+        (
+            "optimizer.safetensors",
+            Box::new(|c: &Path| {
+                let f = c.join("optimizer.safetensors");
+                let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+                let k = t
+                    .keys()
+                    .find(|k| k.ends_with(".exp_avg_sq"))
+                    .unwrap()
+                    .clone();
+                let bad = (t[&k].ones_like().unwrap() * -1.0).unwrap();
+                t.insert(k, bad);
+                candle_core::safetensors::save(&t, &f).unwrap();
+            }),
+            "exp_avg_sq holds -1",
+        ),
+    ];
+    for (i, (file, damage, want)) in cases.iter().enumerate() {
+        let ckpt = dir.path().join(format!("case{i}/checkpoint-2"));
+        std::fs::create_dir_all(&ckpt).unwrap();
+        for e in std::fs::read_dir(&original).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), ckpt.join(e.file_name())).unwrap();
+        }
+        damage(&ckpt);
+        let o = pretrain_with(
+            dir.path(),
+            "run",
+            &["--resume-from-checkpoint", ckpt.to_str().unwrap()],
+        );
+        refused(&o, want);
+        assert!(stderr(&o).contains(file), "{file}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    }
 }

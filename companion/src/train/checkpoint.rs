@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::error::{io_err, Result, TrainError};
 use super::output_dir::{kept_checkpoint, latest_checkpoint, list_checkpoints};
+use super::resume;
 use super::state::TrainerState;
 use super::trainer::Trainer;
 use crate::model::GPT2LMHeadModel;
@@ -275,6 +276,7 @@ impl Trainer {
     /// stage that wrote it).
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let device = self.model.device().clone();
+        resume::check_shape(dir, &self.model.config)?;
         let model = GPT2LMHeadModel::from_pretrained(
             dir.to_str()
                 .ok_or_else(|| TrainError::Args("checkpoint path is not UTF-8".into()))?,
@@ -287,12 +289,14 @@ impl Trainer {
             path: st.display().to_string(),
             msg: e.to_string(),
         })?;
+        resume::check_folder_step(dir, state.global_step)?;
         let oj = dir.join("optimizer.json");
         let o: Value = serde_json::from_str(&std::fs::read_to_string(&oj).map_err(io_err(&oj))?)
             .map_err(|e| TrainError::Io {
                 path: oj.display().to_string(),
                 msg: e.to_string(),
             })?;
+        let (adam_step, skipped_steps) = resume::optimizer_steps(&o, &oj, state.global_step)?;
         let (stage, world) = (self.engine.stage() as u64, self.engine.world_size() as u64);
         let by_deepspeed = dir.join("latest").is_file();
         if by_deepspeed != self.plan.zero.is_deepspeed() {
@@ -322,7 +326,7 @@ impl Trainer {
                 ),
             });
         }
-        self.check_data_loader(dir)?;
+        self.check_data_loader(dir, state.global_step)?;
         if self.plan.zero.is_deepspeed() {
             let latest = dir.join("latest");
             let tag = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
@@ -335,6 +339,11 @@ impl Trainer {
                     path: f.display().to_string(),
                     msg: e.to_string(),
                 })?;
+            if let (Some(m), Some(v)) = (t.get("exp_avg"), t.get("exp_avg_sq")) {
+                let (m, v): (Vec<f32>, Vec<f32>) =
+                    (m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?);
+                resume::check_moments(&f, "the shard's", &m, &v)?;
+            }
             self.engine.load_shard(&t, &f.display().to_string())?;
         } else {
             let of = dir.join("optimizer.safetensors");
@@ -352,10 +361,13 @@ impl Trainer {
                     named.entry(n.to_string()).or_default().0 = data;
                 }
             }
+            for (name, (m, v)) in &named {
+                resume::check_moments(&of, name, m, v)?;
+            }
             self.engine.set_moments_by_name(&named)?;
         }
-        self.engine.step = o["step"].as_u64().unwrap_or(0);
-        self.engine.skipped_steps = o["skipped_steps"].as_u64().unwrap_or(0) as usize;
+        self.engine.step = adam_step;
+        self.engine.skipped_steps = skipped_steps;
         self.engine.load_full_params(&model)?;
         let model = if self.engine.mixed_precision() {
             model.to_dtype(self.engine.compute_dtype)?
@@ -378,15 +390,11 @@ impl Trainer {
     /// examples in the same order, or resuming would silently train on
     /// other data than the uninterrupted run (older checkpoints say nothing
     /// and are taken as they are).
-    fn check_data_loader(&self, dir: &Path) -> Result<()> {
+    fn check_data_loader(&self, dir: &Path, global_step: usize) -> Result<()> {
         let f = dir.join("rng_state.json");
-        let Ok(text) = std::fs::read_to_string(&f) else {
+        let Some(v) = resume::rng_state(dir, global_step)? else {
             return Ok(());
         };
-        let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Io {
-            path: f.display().to_string(),
-            msg: e.to_string(),
-        })?;
         let Some(saved) = v.get("data_loader") else {
             return Ok(());
         };

@@ -19,6 +19,7 @@ mod logging;
 pub mod output_dir;
 pub mod plan;
 pub mod plot;
+mod resume;
 pub mod state;
 pub mod tensorboard;
 pub mod trainer;

@@ -68,7 +68,7 @@ pub struct PretrainFlags {
     pub tokenizer: Option<String>,
     /// The vocabulary of the tokenizer trained when --tokenizer is not given
     /// [default: 8192].
-    #[arg(long, conflicts_with = "tokenizer")]
+    #[arg(long)]
     pub tokenizer_vocab_size: Option<usize>,
     /// The config to start from (a preset such as `gpt2`, a folder or a hub id).
     #[arg(long, default_value = "gpt2")]

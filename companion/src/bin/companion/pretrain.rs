@@ -24,18 +24,28 @@ pub const DEFAULT_VOCAB_SIZE: usize = 8192;
 
 /// The tokenizer: given, reused from `dir`, or trained on the corpus.
 pub fn tokenizer_for(opts: &PretrainOptions, dir: &Path) -> Result<AutoTokenizer, PretrainError> {
-    let mut tok = if let Some(t) = &opts.tokenizer {
-        AutoTokenizer::from_pretrained(t)?
-    } else if dir.join("tokenizer.json").exists() {
-        eprintln!("reusing the tokenizer in {}", dir.display());
-        let tok = AutoTokenizer::from_pretrained(&dir.to_string_lossy())?;
+    let unused = |tok: &AutoTokenizer, from: &str| {
         if let Some(v) = opts.tokenizer_vocab_size.filter(|&v| v != tok.vocab_size()) {
             eprintln!(
-                "warning: --tokenizer-vocab-size {v} is not used: the tokenizer reused from {} was trained to {} tokens (remove that folder to train a new one)",
-                dir.display(),
+                "warning: --tokenizer-vocab-size {v} is not used: the tokenizer {from} was trained to {} tokens",
                 tok.vocab_size()
             );
         }
+    };
+    let mut tok = if let Some(t) = &opts.tokenizer {
+        let tok = AutoTokenizer::from_pretrained(t)?;
+        unused(&tok, &format!("given by --tokenizer ({t})"));
+        tok
+    } else if dir.join("tokenizer.json").exists() {
+        eprintln!("reusing the tokenizer in {}", dir.display());
+        let tok = AutoTokenizer::from_pretrained(&dir.to_string_lossy())?;
+        unused(
+            &tok,
+            &format!(
+                "reused from {} (remove that folder to train a new one)",
+                dir.display()
+            ),
+        );
         tok
     } else {
         let vocab_size = opts.tokenizer_vocab_size.unwrap_or(DEFAULT_VOCAB_SIZE);
