@@ -28,6 +28,16 @@ fn parquet_errors_name_the_file_and_column() {
     );
     let e = read_file(&f, "id").unwrap_err().to_string();
     assert!(e.contains("column `id` holds 0, expected a string"), "{e}");
+    // A binary column is described, not printed (tests/fixtures/
+    // make_parquet_binary_fixture.py: rows of 4096 bytes).
+    let e = read_file(&fixture("corpus_binary.parquet"), "text")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("column `text` holds binary data (4096 bytes), expected a string")
+            && e.len() < 300,
+        "{e}"
+    );
     let e = read_file(
         &fixture("corpus_small.jsonl").with_extension("parquet.missing"),
         "text",

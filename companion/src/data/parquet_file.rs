@@ -51,9 +51,25 @@ pub fn documents(path: &Path, field: &str) -> Result<Documents, CorpusError> {
             Some(Field::Str(s)) if !s.trim().is_empty() => Some(Ok(s.clone())),
             Some(Field::Str(_)) | Some(Field::Null) | None => None,
             Some(other) => Some(Err(err(format!(
-                "row {i}: column `{field}` holds {other}, expected a string"
+                "row {i}: column `{field}` holds {}, expected a string",
+                describe(other)
             )))),
         }
     });
     Ok(Box::new(docs))
+}
+
+/// A value for an error message: bytes by their count (a binary column
+/// would print whole), anything else cut to 80 characters.
+fn describe(v: &Field) -> String {
+    match v {
+        Field::Bytes(b) => format!("binary data ({} bytes)", b.len()),
+        other => {
+            let s = other.to_string();
+            match s.char_indices().nth(80) {
+                Some((at, _)) => format!("{}…", &s[..at]),
+                None => s,
+            }
+        }
+    }
 }
