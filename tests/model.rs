@@ -250,6 +250,27 @@ fn bad_checkpoints_are_clear_errors() {
     let e = load_err(d.path());
     assert!(e.contains("divisible"), "{e}");
 
+    // A header naming one tensor twice: refused by that name (the parser
+    // would keep one entry and blame another tensor's offsets).
+    let d = tampered(|_| {});
+    let f = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (k, v) = header.iter().find(|(k, _)| *k != "__metadata__").unwrap();
+    let text = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let doubled = format!("{{\"{k}\":{v},{}", &text[1..]);
+    let mut out = (doubled.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(doubled.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&f, out).unwrap();
+    let e = load_err(d.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains(&format!("duplicate key `{k}`")),
+        "{e}"
+    );
+
     // A corrupt safetensors file.
     let d = tampered(|_| {});
     // (as long as real weights, so the size check passes and the parser speaks)

@@ -1,7 +1,9 @@
 //! JSON written the way Python's `json.dumps(obj, indent=2, sort_keys=True)`
 //! writes it, so that `config.json` and `trainer_state.json` look exactly like
-//! the ones `transformers` writes (floats as `1e-05`, `0.1`, `3.0`).
+//! the ones `transformers` writes (floats as `1e-05`, `0.1`, `3.0`); and
+//! JSON read with its duplicate keys refused.
 
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// Python's `repr(float)`: shortest round-trip digits, `1e-05` for small and
@@ -129,6 +131,77 @@ pub fn dumps(v: &Value) -> String {
     out
 }
 
+/// `Err` naming the first key given twice in one object, anywhere in
+/// `text` (`a.b` for a key inside `a`). Python's `json` and serde_json keep
+/// the last silently; DeepSpeed refuses such a config, and a safetensors
+/// header with one would lose a tensor and blame another.
+pub fn refuse_duplicate_keys(text: &str) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de::DeserializeSeed::deserialize(NoDuplicates(String::new()), &mut de)
+        .map_err(|e| e.to_string())
+}
+
+/// Visits a JSON document, refusing a key seen twice in one object (the
+/// string is the path so far, for the message).
+struct NoDuplicates(String);
+
+impl<'de> de::DeserializeSeed<'de> for NoDuplicates {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NoDuplicates {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while seq
+            .next_element_seed(NoDuplicates(format!("{}[{i}]", self.0)))?
+            .is_some()
+        {
+            i += 1;
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let path = if self.0.is_empty() {
+                k.clone()
+            } else {
+                format!("{}.{k}", self.0)
+            };
+            if !seen.insert(k) {
+                return Err(de::Error::custom(format!("duplicate key `{path}`")));
+            }
+            map.next_value_seed(NoDuplicates(path))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +224,12 @@ mod tests {
             dumps(&v),
             "{\n  \"a\": {\n    \"x\": null\n  },\n  \"b\": [\n    1,\n    2.0\n  ],\n  \"c\": \"\\u00e9\"\n}"
         );
+    }
+
+    #[test]
+    fn duplicates_are_found_at_any_depth() {
+        super::refuse_duplicate_keys(r#"{"a": {"b": 1, "c": [ {"d": 1} ]}}"#).unwrap();
+        let e = super::refuse_duplicate_keys(r#"{"z": {"stage": 2, "stage": 3}}"#).unwrap_err();
+        assert!(e.contains("duplicate key `z.stage`"), "{e}");
     }
 }

@@ -33,6 +33,37 @@ pub fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
     Ok(v.iter().all(|x| x.is_finite()))
 }
 
+/// A safetensors header with a tensor named twice is refused by that name:
+/// the parser would keep one entry and blame the next tensor's offsets.
+/// (Anything else wrong with the header is the parser's to say.)
+fn check_header_keys(f: &std::path::Path) -> Result<()> {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(f) else {
+        return Ok(());
+    };
+    let mut n = [0u8; 8];
+    if file.read_exact(&mut n).is_err() {
+        return Ok(());
+    }
+    let n = u64::from_le_bytes(n);
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // safetensors' own limit on a header is 100 MB.
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        return Ok(());
+    }
+    let mut header = vec![0u8; n as usize];
+    if file.read_exact(&mut header).is_err() {
+        return Ok(());
+    }
+    let Ok(text) = std::str::from_utf8(&header) else {
+        return Ok(());
+    };
+    crate::hf_json::refuse_duplicate_keys(text).map_err(|msg| ModelError::File {
+        file: f.display().to_string(),
+        msg: format!("not a valid safetensors file: its header has a {msg}"),
+    })
+}
+
 /// Refuse a model this machine cannot hold: its fp32 weights plus as much
 /// again while they are built.
 fn check_memory(config: &GPT2Config, file: &str) -> Result<()> {
@@ -213,7 +244,9 @@ impl GPT2LMHeadModel {
         }
         check_memory(&config, &label)?;
         let mut tensors = HashMap::new();
+        let mut from_file: HashMap<String, &std::path::PathBuf> = HashMap::new();
         for f in &files {
+            check_header_keys(f)?;
             let loaded =
                 candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::File {
                     file: f.display().to_string(),
@@ -240,6 +273,16 @@ impl GPT2LMHeadModel {
                     return Err(ModelError::File {
                         file: f.display().to_string(),
                         msg: format!("tensor `{name}` holds NaN or infinite values"),
+                    });
+                }
+                if let Some(first) = from_file.insert(name.clone(), f) {
+                    return Err(ModelError::File {
+                        file: label,
+                        msg: format!(
+                            "tensor `{name}` is in two weights files, {} and {}",
+                            first.display(),
+                            f.display()
+                        ),
                     });
                 }
                 tensors.insert(name, t);

@@ -104,9 +104,9 @@ impl DeepSpeedConfig {
             file: file.clone(),
             msg: format!("not JSON: {e}"),
         })?;
-        super::ds_values::refuse_duplicate_keys(&text).map_err(|msg| DsConfigError::Invalid {
+        crate::hf_json::refuse_duplicate_keys(&text).map_err(|msg| DsConfigError::Invalid {
             file: file.clone(),
-            msg,
+            msg: format!("{msg} (DeepSpeed refuses configs with duplicate keys)"),
         })?;
         Self::from_value(v, &file, args, world_size, hidden_size)
     }

@@ -4,12 +4,10 @@
 //!   offload blocks, `fp16`, `bf16`) coerce in pydantic's lax mode (`"2"` for
 //!   2, `"yes"` for true, `5e8` for an integer): [`lax`];
 //! - the rest DeepSpeed reads as plain JSON values: [`json`];
-//! - and a key given twice in one object is refused, as DeepSpeed's loading
-//!   hook refuses it (serde_json would silently keep the last).
 //!
 //! Written by hand: pydantic's coercion rules exist in no Rust crate.
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer};
 use serde_json::Value;
 
 /// An error for the value `v`: "expected WHAT, got V".
@@ -151,89 +149,10 @@ pub mod json {
     }
 }
 
-/// `Err` naming the first key given twice in one object, anywhere in
-/// `text` (DeepSpeed loads its config with a hook that refuses them;
-/// serde_json would silently keep the last).
-pub fn refuse_duplicate_keys(text: &str) -> Result<(), String> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    de::DeserializeSeed::deserialize(NoDuplicates(String::new()), &mut de)
-        .map_err(|e| e.to_string())
-}
-
-/// Visits a JSON document, refusing a key seen twice in one object (the
-/// string is the path so far, for the message).
-struct NoDuplicates(String);
-
-impl<'de> de::DeserializeSeed<'de> for NoDuplicates {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NoDuplicates {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
-        while seq
-            .next_element_seed(NoDuplicates(format!("{}[{i}]", self.0)))?
-            .is_some()
-        {
-            i += 1;
-        }
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = std::collections::HashSet::new();
-        while let Some(k) = map.next_key::<String>()? {
-            let path = if self.0.is_empty() {
-                k.clone()
-            } else {
-                format!("{}.{k}", self.0)
-            };
-            if !seen.insert(k) {
-                return Err(de::Error::custom(format!(
-                    "duplicate key `{path}` (DeepSpeed refuses configs with duplicate keys)"
-                )));
-            }
-            map.next_value_seed(NoDuplicates(path))?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn duplicates_are_found_at_any_depth() {
-        refuse_duplicate_keys(r#"{"a": {"b": 1, "c": [ {"d": 1} ]}}"#).unwrap();
-        let e = refuse_duplicate_keys(r#"{"z": {"stage": 2, "stage": 3}}"#).unwrap_err();
-        assert!(e.contains("duplicate key `z.stage`"), "{e}");
-    }
 
     #[test]
     fn values_are_coerced_as_pydantic_does() {
