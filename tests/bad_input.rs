@@ -952,3 +952,45 @@ fn a_resume_refuses_checkpoint_files_that_disagree() {
         assert!(!stderr(&o).contains("resumed from"), "{}", stderr(&o));
     }
 }
+
+/// An accumulation longer than an epoch ends at the epoch's last batch, as
+/// transformers' Trainer ends it (one update per epoch), instead of
+/// collecting micro-batches for ever; the run says so.
+#[test]
+fn an_accumulation_longer_than_an_epoch_steps_at_the_epochs_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pretrain_with(
+        dir.path(),
+        "run",
+        &[
+            "--gradient-accumulation-steps",
+            "1000000000",
+            "--per-device-train-batch-size",
+            "64",
+            "--max-steps",
+            "2",
+            "--save-strategy",
+            "no",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "gradient_accumulation_steps 1000000000 is more than the 96 batches of an epoch"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let epochs: Vec<f64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("loss").is_some())
+        .map(|e| e["epoch"].as_f64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![1.0, 2.0]);
+}

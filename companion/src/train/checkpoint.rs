@@ -112,7 +112,7 @@ impl Trainer {
         ));
         let loader = self.loader()?;
         let (epoch, batch) =
-            loader.position(self.state.global_step * self.args.gradient_accumulation_steps);
+            loader.position(self.state.global_step * self.plan.batch.gradient_accumulation_steps);
         files.push((
             "rng_state.json".into(),
             crate::hf_json::dumps(&json!({"seed": self.args.seed, "global_step": self.state.global_step,

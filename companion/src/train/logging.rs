@@ -212,12 +212,13 @@ pub(super) fn log_entry(
 /// The final `log_history` entry of `train()`.
 pub(super) fn train_metrics(
     args: &TrainingArguments,
+    accum: usize,
     state: &TrainerState,
     secs: f64,
     steps_done: usize,
     train_loss: f64,
 ) -> LogEntry {
-    let samples = steps_done * args.gradient_accumulation_steps * args.per_device_train_batch_size;
+    let samples = steps_done * accum * args.per_device_train_batch_size;
     let mut m = LogEntry::new();
     m.insert("train_runtime".into(), num(secs));
     m.insert(

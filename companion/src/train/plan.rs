@@ -229,11 +229,15 @@ fn hf_schedule(args: &TrainingArguments, b: &BatchPlan) -> Schedule {
     }
 }
 
-/// HF's step count: `max_steps`, else epochs × updates per epoch.
+/// HF's step count: `max_steps`, else epochs × updates per epoch. An
+/// accumulation longer than an epoch ends at the epoch's last batch, as
+/// transformers' Trainer ends it: one update per epoch.
 fn batch_plan(args: &TrainingArguments, world: usize, batches_per_epoch: usize) -> BatchPlan {
     let per = args.per_device_train_batch_size;
     let global = per * world;
-    let accum = args.gradient_accumulation_steps;
+    let accum = args
+        .gradient_accumulation_steps
+        .min(batches_per_epoch.max(1));
     let total_steps = if args.max_steps > 0 {
         args.max_steps as usize
     } else {

@@ -327,7 +327,14 @@ impl Trainer {
         };
         bar.set_position(self.state.global_step as u64);
         let per_epoch = loader.batches_per_epoch() as f64;
-        let accum = self.args.gradient_accumulation_steps;
+        let accum = self.plan.batch.gradient_accumulation_steps;
+        if verbose && accum < self.args.gradient_accumulation_steps {
+            eprintln!(
+                "gradient_accumulation_steps {} is more than the {} batches of an epoch: each optimizer step accumulates the epoch's {accum} (transformers ends the accumulation at the epoch's end too)",
+                self.args.gradient_accumulation_steps,
+                loader.batches_per_epoch()
+            );
+        }
         let n_params = self.engine.layout.numel;
         let (start, start_step) = (Instant::now(), self.state.global_step);
         let (live, mut sinks) = self.live_figures(start_step, total, verbose, &bar)?;
@@ -404,6 +411,7 @@ impl Trainer {
         let train_loss = total_loss / steps_done as f64;
         let m = train_metrics(
             &self.args,
+            self.plan.batch.gradient_accumulation_steps,
             &self.state,
             start.elapsed().as_secs_f64(),
             steps_done,
@@ -479,7 +487,7 @@ impl Trainer {
     /// schedule, and the engine's step (reduce, clip, AdamW).
     fn optimizer_step(&mut self, loader: &DataLoader) -> Result<StepReport> {
         let step = self.state.global_step;
-        let accum = self.args.gradient_accumulation_steps;
+        let accum = self.plan.batch.gradient_accumulation_steps;
         let (world, rank) = (self.engine.world_size(), self.engine.rank());
         let comm = self.engine.comm.clone();
         let sum_ranks = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
