@@ -994,3 +994,32 @@ fn an_accumulation_longer_than_an_epoch_steps_at_the_epochs_end() {
         .collect();
     assert_eq!(epochs, vec![1.0, 2.0]);
 }
+
+/// A resume takes the run's dropout, as transformers loads a checkpoint's
+/// weights into the model the script built: `--dropout 0.5` given on
+/// resume is the saved model's dropout.
+#[test]
+fn dropout_given_on_resume_is_the_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pretrain_with(dir.path(), "run", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = dir.path().join("run/checkpoint-2");
+    let o = pretrain_with(
+        dir.path(),
+        "run",
+        &[
+            "--resume-from-checkpoint",
+            ckpt.to_str().unwrap(),
+            "--dropout",
+            "0.5",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run_model/config.json")).unwrap(),
+    )
+    .unwrap();
+    for k in ["attn_pdrop", "resid_pdrop", "embd_pdrop"] {
+        assert_eq!(cfg[k], json!(0.5), "{k}: {cfg}");
+    }
+}

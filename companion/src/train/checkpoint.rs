@@ -369,6 +369,12 @@ impl Trainer {
         self.engine.step = adam_step;
         self.engine.skipped_steps = skipped_steps;
         self.engine.load_full_params(&model)?;
+        // The run's dropout, not the checkpoint's: transformers loads a
+        // checkpoint's weights into the model the script built.
+        let mut model = model;
+        model.config.attn_pdrop = self.model.config.attn_pdrop;
+        model.config.resid_pdrop = self.model.config.resid_pdrop;
+        model.config.embd_pdrop = self.model.config.embd_pdrop;
         let model = if self.engine.mixed_precision() {
             model.to_dtype(self.engine.compute_dtype)?
         } else {
