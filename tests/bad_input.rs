@@ -1023,3 +1023,52 @@ fn dropout_given_on_resume_is_the_runs() {
         assert_eq!(cfg[k], json!(0.5), "{k}: {cfg}");
     }
 }
+
+/// A tokenizer.json whose pre-tokenizer regex backtracks without end makes
+/// Oniguruma give up, and `tokenizers` panics: here it is an error naming
+/// the regex (exit 1, not 101, and no panic message), and `pretrain`
+/// leaves no staging folder in the dataset cache.
+#[test]
+fn a_regex_that_backtracks_without_end_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    std::fs::create_dir_all(&tok).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(data("pretrained/gpt2").join(f), tok.join(f)).unwrap();
+    }
+    let f = tok.join("tokenizer.json");
+    let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+    t["pre_tokenizer"] = json!({"type": "Split", "pattern": {"Regex": "(a|a?)+$"},
+        "behavior": "Isolated", "invert": false});
+    std::fs::write(&f, t.to_string()).unwrap();
+    let text = format!("{}b", "a".repeat(60));
+    let o = companion(
+        &[
+            "tokenizer",
+            "show",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--text",
+            &text,
+        ],
+        &[],
+    );
+    refused(&o, "regex in tokenizer.json that backtracks without end");
+    let corpus = dir.path().join("corpus.jsonl");
+    std::fs::write(&corpus, format!("{}\n", json!({ "text": text })).repeat(20)).unwrap();
+    let (tok, corpus) = (tok.to_str().unwrap(), corpus.to_str().unwrap());
+    let flags = ["--tokenizer", tok, "--train-file", corpus];
+    refused(
+        &pretrain_with(dir.path(), "run", &flags),
+        "backtracks without end",
+    );
+    let cache = dir.path().join("cache/companion");
+    // (The key's lock file stays, as lock files do; no staging folder.)
+    let left: Vec<_> = std::fs::read_dir(&cache)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|n| n.to_string_lossy().ends_with(".lock")),
+        "left in the cache: {left:?}"
+    );
+}

@@ -44,6 +44,11 @@ pub enum TokenizerError {
 
 pub(crate) type Result<T> = std::result::Result<T, TokenizerError>;
 
+/// One encode of `tokenizers`, its panic an error too ([`super::guard`]).
+fn guarded<T, E: std::fmt::Display>(f: impl FnOnce() -> std::result::Result<T, E>) -> Result<T> {
+    super::guard::guarded(f).map_err(TokenizerError::Tokenizers)
+}
+
 pub(crate) fn tk<E: std::fmt::Display>(e: E) -> TokenizerError {
     TokenizerError::Tokenizers(e.to_string())
 }
@@ -271,7 +276,7 @@ impl AutoTokenizer {
 
     /// `tokenizer.tokenize(text)`: token strings, no special tokens added.
     pub fn tokenize(&self, text: &str) -> Result<Vec<String>> {
-        let enc = self.backend().encode(text, false).map_err(tk)?;
+        let enc = guarded(|| self.backend().encode(text, false))?;
         Ok(enc.get_tokens().to_vec())
     }
 
@@ -281,7 +286,7 @@ impl AutoTokenizer {
             return Ok(ids);
         }
         // encode_fast: the same ids, without tracking offsets.
-        let enc = self.backend().encode_fast(text, true).map_err(tk)?;
+        let enc = guarded(|| self.backend().encode_fast(text, true))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -304,10 +309,7 @@ impl AutoTokenizer {
         let mut rest = text;
         while !rest.is_empty() {
             let cut = safe_cut(rest, piece_bytes);
-            let enc = self
-                .backend()
-                .encode_fast(&rest[..cut], false)
-                .map_err(tk)?;
+            let enc = guarded(|| self.backend().encode_fast(&rest[..cut], false))?;
             ids.extend_from_slice(enc.get_ids());
             rest = &rest[cut..];
         }
@@ -337,15 +339,12 @@ impl AutoTokenizer {
         };
         let mut ids = Vec::with_capacity(text.len() / 4);
         let model = self.backend().get_model();
-        Ok(fast
-            .encode_into(model, text, &mut ids)
-            .map_err(tk)?
-            .then_some(ids))
+        Ok(guarded(|| fast.encode_into(model, text, &mut ids))?.then_some(ids))
     }
 
     /// Ids with byte offsets into `text`, as `return_offsets_mapping=True` gives.
     pub fn encode_with_offsets(&self, text: &str) -> Result<IdsAndOffsets> {
-        let enc = self.backend().encode(text, true).map_err(tk)?;
+        let enc = guarded(|| self.backend().encode(text, true))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -357,10 +356,7 @@ impl AutoTokenizer {
         padding: bool,
         max_length: Option<usize>,
     ) -> Result<BatchEncoding> {
-        let encs = self
-            .backend()
-            .encode_batch(texts.to_vec(), true)
-            .map_err(tk)?;
+        let encs = guarded(|| self.backend().encode_batch(texts.to_vec(), true))?;
         let mut input_ids: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
         if let Some(m) = max_length {
             input_ids.iter_mut().for_each(|ids| ids.truncate(m));

@@ -11,6 +11,7 @@ mod auto;
 mod byte_level;
 mod cache_key;
 mod fast_ids;
+mod guard;
 mod sentencepiece;
 mod train;
 
