@@ -53,20 +53,27 @@ pub(super) struct Live {
 }
 
 impl Live {
+    /// `dtype` is the one forward and backward run in: a GPU's peak is
+    /// measured in it (8192³, what fills a GPU); a CPU's is fp32 at 1024³.
     pub(super) fn start(
         device: &candle_core::Device,
+        dtype: candle_core::DType,
         devices: usize,
         start_step: usize,
         total: usize,
     ) -> Self {
         static PEAK: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
-        let key = format!("{device:?}");
+        let (dtype, n) = if device.is_cpu() {
+            (candle_core::DType::F32, 1024)
+        } else {
+            (dtype, 8192)
+        };
+        let key = format!("{device:?} {dtype:?}");
         let mut known = PEAK.lock().unwrap_or_else(|p| p.into_inner());
         let gflops = match known.iter().find(|(k, _)| *k == key) {
             Some((_, g)) => *g,
             None => {
-                let g = crate::sysmem::gemm_gflops(device, candle_core::DType::F32, 1024)
-                    .unwrap_or(f64::NAN);
+                let g = crate::sysmem::gemm_gflops(device, dtype, n).unwrap_or(f64::NAN);
                 known.push((key, g));
                 g
             }

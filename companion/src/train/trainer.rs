@@ -446,7 +446,7 @@ impl Trainer {
         } else {
             self.engine.world_size()
         };
-        let live = Live::start(dev, devices, start_step, total);
+        let live = Live::start(dev, self.engine.compute_dtype, devices, start_step, total);
         let rank0 = self.is_world_process_zero();
         let sinks = Sinks::open(&self.args, rank0, self.state.log_history.len())?;
         if verbose {
@@ -455,11 +455,12 @@ impl Trainer {
                 .map(|p| format!("; TensorBoard: {}", p.display()))
                 .unwrap_or_default();
             let peak = live.peak_flops / 1e9;
-            bar.suspend(|| {
-                eprintln!(
-                    "MFU is measured against this machine's fp32 GEMM peak, {peak:.1} GFLOP/s{tb}"
-                )
-            });
+            let against = if dev.is_cpu() {
+                "this machine's fp32 GEMM peak".to_string()
+            } else {
+                format!("the GPUs' {:?} GEMM rate", self.engine.compute_dtype)
+            };
+            bar.suspend(|| eprintln!("MFU is measured against {against}, {peak:.1} GFLOP/s{tb}"));
         }
         Ok((live, sinks))
     }
