@@ -1072,3 +1072,27 @@ fn a_regex_that_backtracks_without_end_is_an_error() {
         "left in the cache: {left:?}"
     );
 }
+
+/// `zero-estimate` with counts no cluster has is refused naming them, not
+/// answered with figures saturated at 2^64 bytes.
+#[test]
+fn zero_estimate_refuses_counts_whose_bytes_overflow() {
+    let estimate = |gpus: &str| {
+        let flags = [
+            "zero-estimate",
+            "--model",
+            "gpt2",
+            "--num-gpus",
+            gpus,
+            "--num-nodes",
+            "2",
+        ];
+        companion(&flags, &[("HF_HUB_OFFLINE", "1")])
+    };
+    refused(
+        &estimate(&u64::MAX.to_string()),
+        "the estimates exceed 2^64 bytes",
+    );
+    let o = estimate("8");
+    assert!(o.status.success(), "{}", stderr(&o));
+}

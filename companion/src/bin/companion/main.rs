@@ -387,6 +387,17 @@ fn zero_estimate_cmd(c: ZeroEstimateCmd) -> Result<()> {
     let cfg = companion::GPT2Config::from_pretrained(&c.model)
         .with_context(|| format!("reading the config of `{}`", c.model))?;
     let params = cfg.num_parameters() as u64;
+    // DeepSpeed's estimates multiply the parameters by up to 18 bytes and
+    // by the GPUs of a node and the nodes: refuse counts whose bytes do not
+    // fit 64 bits rather than print saturated figures.
+    let bytes = (params as u128) * 18 * (c.num_gpus as u128) * (c.num_nodes as u128);
+    if bytes > u64::MAX as u128 {
+        anyhow::bail!(
+            "--num-gpus {} × --num-nodes {} for {params} parameters: the estimates exceed 2^64 bytes; give the counts of a real cluster",
+            c.num_gpus,
+            c.num_nodes
+        );
+    }
     let largest = companion::zero::memory::largest_layer(&cfg);
     if c.json {
         let rows =
