@@ -112,7 +112,7 @@ pub fn collect(measure: bool, expect: &[Expect]) -> EnvReport {
         memory_available_gib: crate::sysmem::available_bytes()
             .map(|b| b as f64 / (1u64 << 30) as f64),
         gemm_f32_gflops: measure
-            .then(|| crate::sysmem::gemm_gflops(&Device::Cpu, DType::F32, 1024).ok())
+            .then(|| crate::sysmem::peak_gflops(&Device::Cpu, DType::F32).ok())
             .flatten(),
     };
     let mut problems = Vec::new();

@@ -70,6 +70,15 @@ pub fn gemm_gflops(
     Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 
+/// The GEMM rate MFU is measured against on `device`, in `dtype`: 1024³
+/// on a CPU, 8192³ on a GPU (smaller products do not fill one).
+pub fn peak_gflops(
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> candle_core::Result<f64> {
+    gemm_gflops(device, dtype, if device.is_cpu() { 1024 } else { 8192 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::model::GPT2LMHeadModel;
@@ -124,53 +124,35 @@ pub fn bias_corrections(a: AdamWParams, t: u64, lr: f64) -> (f64, f64) {
 }
 
 /// One AdamW update at step `t` of the `n` elements `p` (gradients `g`,
-/// moments `moments`), split at parameter boundaries by `segments` (length,
-/// weight decay applies) so that each run has one decay factor.
+/// host moments `m`, `v`), split at parameter boundaries by `segments`
+/// (length, weight decay applies) so that each run has one decay factor.
+/// (A state whose moments live on a device steps with [`update_tensors`].)
 #[allow(clippy::too_many_arguments)]
 pub fn update(
     a: AdamWParams,
     t: u64,
-    moments: &mut Moments,
+    m: &mut [f32],
+    v: &mut [f32],
     p: &mut [f32],
     g: &[f32],
     lr: f64,
     n: usize,
     segments: &[(usize, bool)],
-    device: &Device,
-) -> candle_core::Result<()> {
+) {
     let (bc2_sqrt, step_size) = bias_corrections(a, t, lr);
-    match moments {
-        Moments::Host { m, v } => {
-            let (m, v) = (&mut m[..n], &mut v[..n]);
-            let with = adamw_consts(a, lr, bc2_sqrt, step_size);
-            let mut rest_p = &mut p[..];
-            let mut rest_g = g;
-            let mut rest_m = m;
-            let mut rest_v = v;
-            for &(len, dec) in segments {
-                let len = len.min(rest_p.len());
-                let (pp, rp) = rest_p.split_at_mut(len);
-                let (gg, rg) = rest_g.split_at(len);
-                let (mm, rm) = rest_m.split_at_mut(len);
-                let (vv, rv) = rest_v.split_at_mut(len);
-                (rest_p, rest_g, rest_m, rest_v) = (rp, rg, rm, rv);
-                adamw_update(pp, gg, mm, vv, with(dec));
-            }
-        }
-        Moments::Device { m, v, decay } => {
-            let len = m.elem_count();
-            let mut pv = p.to_vec();
-            pv.resize(len, 0.0);
-            let mut gv = g.to_vec();
-            gv.resize(len, 0.0);
-            let pt = Tensor::from_vec(pv, len, device)?;
-            let gt = Tensor::from_vec(gv, len, device)?;
-            let p1 = update_tensors(a, t, m, v, decay, &pt, &gt, lr)?;
-            let out: Vec<f32> = p1.narrow(0, 0, n)?.to_vec1()?;
-            p.copy_from_slice(&out);
-        }
+    let with = adamw_consts(a, lr, bc2_sqrt, step_size);
+    let (mut rest_m, mut rest_v) = (&mut m[..n], &mut v[..n]);
+    let mut rest_p = &mut p[..];
+    let mut rest_g = g;
+    for &(len, dec) in segments {
+        let len = len.min(rest_p.len());
+        let (pp, rp) = rest_p.split_at_mut(len);
+        let (gg, rg) = rest_g.split_at(len);
+        let (mm, rm) = rest_m.split_at_mut(len);
+        let (vv, rv) = rest_v.split_at_mut(len);
+        (rest_p, rest_g, rest_m, rest_v) = (rp, rg, rm, rv);
+        adamw_update(pp, gg, mm, vv, with(dec));
     }
-    Ok(())
 }
 
 /// AdamW at step `t` as tensor ops on the device that holds the moments:

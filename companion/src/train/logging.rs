@@ -54,7 +54,7 @@ pub(super) struct Live {
 
 impl Live {
     /// `dtype` is the one forward and backward run in: a GPU's peak is
-    /// measured in it (8192³, what fills a GPU); a CPU's is fp32 at 1024³.
+    /// measured in it; a CPU's is fp32.
     pub(super) fn start(
         device: &candle_core::Device,
         dtype: candle_core::DType,
@@ -63,17 +63,17 @@ impl Live {
         total: usize,
     ) -> Self {
         static PEAK: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
-        let (dtype, n) = if device.is_cpu() {
-            (candle_core::DType::F32, 1024)
+        let dtype = if device.is_cpu() {
+            candle_core::DType::F32
         } else {
-            (dtype, 8192)
+            dtype
         };
         let key = format!("{device:?} {dtype:?}");
         let mut known = PEAK.lock().unwrap_or_else(|p| p.into_inner());
         let gflops = match known.iter().find(|(k, _)| *k == key) {
             Some((_, g)) => *g,
             None => {
-                let g = crate::sysmem::gemm_gflops(device, dtype, n).unwrap_or(f64::NAN);
+                let g = crate::sysmem::peak_gflops(device, dtype).unwrap_or(f64::NAN);
                 known.push((key, g));
                 g
             }

@@ -1,8 +1,9 @@
 //! What a resume reads, checked against itself and against the run before
 //! the first step: the folder's step, `trainer_state.json`,
-//! `optimizer.json`, `rng_state.json`, the model's shape and Adam's
-//! moments. A file that disagrees is refused by name, instead of a run
-//! that silently resets Adam, trains no step, or fails deep inside.
+//! `optimizer.json`, `rng_state.json` and the model's shape (Adam's moments
+//! are checked where the ZeRO engine loads them). A file that disagrees is
+//! refused by name, instead of a run that silently resets Adam, trains no
+//! step, or fails deep inside.
 
 use std::path::Path;
 
@@ -117,21 +118,6 @@ pub(super) fn check_shape(dir: &Path, ours: &GPT2Config) -> Result<()> {
                 ),
             ));
         }
-    }
-    Ok(())
-}
-
-/// Adam's moments as saved: finite, and `exp_avg_sq` (a mean of squares)
-/// never negative.
-pub(super) fn check_moments(file: &Path, name: &str, m: &[f32], v: &[f32]) -> Result<()> {
-    if let Some(x) = m.iter().find(|x| !x.is_finite()) {
-        return Err(refuse(file, format!("{name} exp_avg holds {x}")));
-    }
-    if let Some(x) = v.iter().find(|x| !x.is_finite() || **x < 0.0) {
-        return Err(refuse(
-            file,
-            format!("{name} exp_avg_sq holds {x} (a mean of squares is finite and never negative)"),
-        ));
     }
     Ok(())
 }

@@ -299,19 +299,21 @@ impl ZeroEngine {
             _ => &grads[..valid.len()],
         };
         let segments = decay_segments(&self.layout, &self.owned);
-        let updated = adamw::update(
+        let Moments::Host { m, v } = &mut self.moments else {
+            unreachable!("a state whose moments are on a device steps there (on_device.rs)")
+        };
+        adamw::update(
             self.adam,
             self.step,
-            &mut self.moments,
+            m,
+            v,
             &mut p_owned,
             g_owned,
             lr,
             valid.len(),
             &segments,
-            &self.device,
         );
         self.grads = grads;
-        updated?;
         if self.mixed_precision() && self.stage() < 3 {
             self.master.copy_from_slice(&p_owned);
         }

@@ -152,6 +152,19 @@ pub(crate) fn device_moments(
     Ok(Moments::Device {
         m: Tensor::zeros(n, DType::F32, device)?,
         v: Tensor::zeros(n, DType::F32, device)?,
-        decay: Tensor::from_vec(decay_mask(layout, owned), n, device)?,
+        decay: decay_tensor(layout, owned, device)?,
     })
+}
+
+/// [`decay_mask`] as a tensor on `device`.
+pub(crate) fn decay_tensor(
+    layout: &FlatLayout,
+    owned: &Range<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        decay_mask(layout, owned),
+        owned.len(),
+        device,
+    )?)
 }

@@ -95,7 +95,7 @@ mod tests {
         (cfg, adam)
     }
 
-    /// The tensor-op AdamW (moments on a GPU) and the host loop (offload,
+    /// The tensor-op AdamW (a state on a GPU) and the host loop (offload,
     /// and CPU ranks) update identically: the CPU runs the first only here.
     #[test]
     fn device_and_host_moments_give_the_same_step() {
@@ -118,7 +118,8 @@ mod tests {
                 "CPU ranks use the host loop"
             );
             if on_device {
-                e.moments = device_moments(&e.layout, &e.owned, &Device::Cpu).unwrap();
+                e.place_state_on_device().unwrap();
+                assert!(matches!(e.moments, Moments::Device { .. }));
             }
             let batch = MicroBatch {
                 input_ids: &ids,

@@ -20,7 +20,7 @@ use super::device_buffers::{
 };
 use super::engine::{clip_coefficient, ZeroEngine};
 use super::error::Result;
-use super::layout::{decay_mask, intersect};
+use super::layout::{decay_tensor, intersect};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::{self, Moments};
 
@@ -55,11 +55,10 @@ impl ZeroEngine {
         });
         (self.grads, self.params, self.master) = (vec![], vec![], vec![]);
         if let Moments::Host { m, v } = &self.moments {
-            let n = self.owned.len();
             self.moments = Moments::Device {
                 m: up(m)?,
                 v: up(v)?,
-                decay: Tensor::from_vec(decay_mask(&self.layout, &self.owned), n, &dev)?,
+                decay: decay_tensor(&self.layout, &self.owned, &dev)?,
             };
         }
         Ok(())
@@ -212,17 +211,19 @@ impl ZeroEngine {
 
     /// Stage 3 on one rank: parameters `idx` straight from the partition
     /// (which holds everything), in the compute dtype.
-    pub(super) fn gather_on_one_device(&mut self, idx: &[usize]) -> Result<Vec<Tensor>> {
-        let dtype = self.compute_dtype;
-        let layout = self.layout.clone();
-        let params = self.dev().params.clone().expect("stage 3");
+    pub(super) fn gather_on_one_device(&self, idx: &[usize]) -> Result<Vec<Tensor>> {
+        let params = self
+            .on_device
+            .as_ref()
+            .and_then(|d| d.params.as_ref())
+            .expect("stage 3 on the device");
         idx.iter()
             .map(|&i| {
-                let r = layout.range(i);
+                let r = self.layout.range(i);
                 Ok(params
                     .narrow(0, r.start, r.len())?
-                    .reshape(layout.shape(i).to_vec())?
-                    .to_dtype(dtype)?)
+                    .reshape(self.layout.shape(i).to_vec())?
+                    .to_dtype(self.compute_dtype)?)
             })
             .collect()
     }

@@ -85,6 +85,7 @@ impl ZeroEngine {
         };
         let n = self.owned.len();
         let (m, v) = (get("exp_avg", n)?, get("exp_avg_sq", n)?);
+        check_moments(file, "the shard's", &m, &v)?;
         match &mut self.moments {
             Moments::Host { m: hm, v: hv } => {
                 *hm = m;
@@ -151,11 +152,16 @@ impl ZeroEngine {
             .collect())
     }
 
-    /// Set a stage-0 engine's moments from `optimizer.safetensors` tensors.
+    /// Set a stage-0 engine's moments from `optimizer.safetensors` tensors
+    /// (read from `file`).
     pub fn set_moments_by_name(
         &mut self,
         named: &HashMap<String, (Vec<f32>, Vec<f32>)>,
+        file: &str,
     ) -> Result<()> {
+        for (name, (m, v)) in named {
+            check_moments(file, name, m, v)?;
+        }
         let n = self.layout.numel;
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
         for (i, name) in self.layout.params.specs.iter().map(|s| &s.name).enumerate() {
@@ -182,4 +188,25 @@ impl ZeroEngine {
         }
         Ok(())
     }
+}
+
+/// Adam's moments as a checkpoint holds them: finite, and `exp_avg_sq` (a
+/// mean of squares) never negative; anything else would poison every step
+/// after the resume.
+fn check_moments(file: &str, name: &str, m: &[f32], v: &[f32]) -> Result<()> {
+    let bad = |msg: String| {
+        Err(ZeroError::Io {
+            path: file.into(),
+            msg,
+        })
+    };
+    if let Some(x) = m.iter().find(|x| !x.is_finite()) {
+        return bad(format!("{name} exp_avg holds {x}"));
+    }
+    if let Some(x) = v.iter().find(|x| !x.is_finite() || **x < 0.0) {
+        return bad(format!(
+            "{name} exp_avg_sq holds {x} (a mean of squares is finite and never negative)"
+        ));
+    }
+    Ok(())
 }

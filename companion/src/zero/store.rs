@@ -72,11 +72,7 @@ impl ParamStore for ZeroEngine {
         if self.state_on_device() {
             return self.add_on_device(idx, grads).map_err(store_error);
         }
-        let host = grads
-            .iter()
-            .map(|t| t.to_vec1::<f32>())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        self.add_gradients(idx, &host)
+        self.add_gradients(idx, &crate::model::gradient::store::to_host(grads)?)
     }
 
     fn with_flat_gradients(

@@ -48,13 +48,6 @@ pub fn shape(name: &str) -> Option<Shape> {
 
 pub use companion::sysmem::peak_rss_mib;
 
-/// The GEMM rate MFU is measured against, in the run's dtype on its device
-/// (GFLOP/s): 1024³ on a CPU, 8192³ on a GPU (smaller ones do not fill it).
-pub fn gemm_gflops(device: &Device, dtype: DType) -> Result<f64> {
-    let n = if device.is_cpu() { 1024 } else { 8192 };
-    Ok(companion::sysmem::gemm_gflops(device, dtype, n)?)
-}
-
 /// `dtype` as the flags and reports name it.
 fn dtype_name(dtype: DType) -> &'static str {
     if dtype == DType::BF16 {
@@ -146,7 +139,8 @@ pub fn train(
     let tokens = (shape.batch * shape.seq) as f64;
     let flops_per_token = cfg.train_flops_per_token(shape.seq);
     let achieved = flops_per_token * tokens / step_s / 1e9;
-    let peak = gemm_gflops(device, dtype)?;
+    // MFU is against the GEMM rate in the run's dtype on its device.
+    let peak = companion::sysmem::peak_gflops(device, dtype)?;
     Ok(json!({
         "implementation": match path.name() {
             "fused" => "companion (fused CPU kernels)",

@@ -19,16 +19,21 @@ pub trait ParamStore {
     /// that keeps its buffers on that device adds them there; by default
     /// they are read out to host memory for [`add_gradients`](Self::add_gradients).
     fn add_gradient_tensors(&mut self, idx: &[usize], grads: &[Tensor]) -> Result<()> {
-        let host = grads
-            .iter()
-            .map(|t| t.to_vec1::<f32>())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        self.add_gradients(idx, &host)
+        self.add_gradients(idx, &to_host(grads)?)
     }
     /// Lend `f` a whole-model gradient buffer in flat-layout order to add
     /// into; what `f` returns (the loss) is passed back. When the store keeps
     /// only a partition, its share is taken from the buffer afterwards.
     fn with_flat_gradients(&mut self, f: &mut dyn FnMut(&mut [f32]) -> Result<f64>) -> Result<f64>;
+}
+
+/// Flat fp32 gradient tensors read out to host memory, for a store that
+/// keeps its gradients there.
+pub fn to_host(grads: &[Tensor]) -> Result<Vec<Vec<f32>>> {
+    Ok(grads
+        .iter()
+        .map(|t| t.to_vec1::<f32>())
+        .collect::<candle_core::Result<Vec<_>>>()?)
 }
 
 /// One process holding everything: weights are the model's own, gradients
