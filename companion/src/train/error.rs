@@ -16,6 +16,9 @@ pub enum TrainError {
     Args(String),
     #[error("{0}")]
     NonFinite(String),
+    /// A callback's `on_model` failed.
+    #[error("callback: {0}")]
+    Callback(String),
     #[error(transparent)]
     Comm(#[from] crate::zero::comm::CommError),
     #[error(transparent)]

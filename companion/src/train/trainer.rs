@@ -30,6 +30,8 @@ pub struct FaultInjection {
     pub fail_checkpoint_at_step: Option<usize>,
     /// Make the gradients of this (1-based) step overflow, as fp16 can.
     pub overflow_at_step: Option<usize>,
+    /// Make deleting old checkpoints (save_total_limit) fail.
+    pub fail_rotation: bool,
 }
 
 /// `Trainer(model, args, data_collator, train_dataset, eval_dataset, tokenizer)`.
@@ -232,6 +234,18 @@ impl Trainer {
         )?)
     }
 
+    /// Hand the whole model to the callbacks that ask for it now.
+    fn callbacks_with_model(&mut self) -> Result<()> {
+        let mut callbacks = std::mem::take(&mut self.callbacks);
+        let r = super::callback::on_model(&mut callbacks, &self.args, &self.state, || {
+            let mut m = self.full_model()?;
+            m.set_training(false);
+            Ok(m)
+        });
+        self.callbacks = callbacks;
+        r
+    }
+
     pub(crate) fn loader(&self) -> Result<DataLoader> {
         data_loader(
             &self.args,
@@ -340,6 +354,7 @@ impl Trainer {
         let (live, mut sinks) = self.live_figures(start_step, total, verbose, &bar)?;
         let mut window = LogWindow::new();
         let mut total_loss = 0f64;
+        self.callbacks_with_model()?;
         self.model.set_training(true);
         while self.state.global_step < total {
             let step = self.optimizer_step(&loader)?;
@@ -395,6 +410,7 @@ impl Trainer {
                 self.save_checkpoint()?;
             }
             sinks.write_new(&self.state.log_history)?;
+            self.callbacks_with_model()?;
             if super::callback::on_step_end(&mut self.callbacks, &self.args, &self.state) {
                 break;
             }
