@@ -234,9 +234,10 @@ impl Table {
 
 // -------------------------------------------------------- ZeRO's memory
 
-/// The estimates as a notebook table (GiB, as DeepSpeed prints them).
+/// The estimates as a notebook table, in GiB (2³⁰ bytes): DeepSpeed divides
+/// by 2³⁰ and prints the unit as "GB".
 pub fn zero_estimate_table(params: u64, largest: u64, gpus_per_node: usize, nodes: usize) -> Table {
-    let gib = |b: u64| format!("{:.2} GB", b as f64 / (1u64 << 30) as f64);
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
     let mut rows = vec![vec![
         "ZeRO".to_string(),
         "options".into(),
@@ -256,7 +257,9 @@ pub fn zero_estimate_table(params: u64, largest: u64, gpus_per_node: usize, node
 
 /// Measured per-rank model-state bytes (from `Trainer::memory_report`) next
 /// to the paper's fp32 formula (4Ψ weights + 4Ψ gradients + 8Ψ Adam, with
-/// stage s dividing the last s terms by N).
+/// stage s dividing the last s terms by N). Under stage 3 a rank also holds,
+/// for a moment, the block it gathered: the peak column adds it (the
+/// formula counts model states only). kB = 10³ bytes.
 pub fn zero_measured_table(reports: &[Vec<crate::zero::ModelStateBytes>], params: usize) -> Table {
     let kb = |b: usize| format!("{:.1} kB", b as f64 / 1e3);
     let mut rows = vec![vec![
@@ -265,8 +268,10 @@ pub fn zero_measured_table(reports: &[Vec<crate::zero::ModelStateBytes>], params
         "weights".into(),
         "gradients".into(),
         "Adam moments".into(),
-        "total (measured)".into(),
-        "paper".into(),
+        "model states (measured)".into(),
+        "paper's formula".into(),
+        "gathered weights (peak)".into(),
+        "peak held (measured)".into(),
     ]];
     for report in reports {
         for m in report {
@@ -282,13 +287,16 @@ pub fn zero_measured_table(reports: &[Vec<crate::zero::ModelStateBytes>], params
                 kb(m.optimizer_states),
                 kb(m.total()),
                 kb(paper as usize),
+                kb(m.peak_gathered_params),
+                kb(m.total() + m.peak_gathered_params),
             ]);
         }
     }
     Table(rows)
 }
 
-/// A table of the paper's per-stage memory for several GPU counts, in GB.
+/// A table of the paper's per-stage memory for several GPU counts, in GB
+/// (10⁹ bytes, the paper's unit).
 pub fn zero_paper_table(params: f64, gpu_counts: &[usize]) -> Table {
     let mut rows = vec![vec![
         "GPUs".to_string(),

@@ -4,10 +4,12 @@
 pub mod check;
 pub mod display;
 pub mod reference;
+pub mod watch;
 
 pub use check::{fail, CheckFailed, CHECK_FAILED_EXIT_CODE};
 pub use display::*;
 pub use reference::{NotebookMode, ReferenceRun};
+pub use watch::{Sample, WatchTraining};
 
 use std::path::Path;
 
@@ -71,9 +73,60 @@ impl TextStats {
     }
 }
 
+/// A generation that ends by repeating one stretch of tokens: the last
+/// `span` tokens (from `start`) have period `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loop {
+    pub start: usize,
+    pub period: usize,
+    pub span: usize,
+}
+
+impl Loop {
+    /// How many times the repeated stretch occurs (the last one may be cut).
+    pub fn repeats(&self) -> f64 {
+        self.span as f64 / self.period as f64
+    }
+
+    /// The longest periodic tail of `ids` (period at most `max_period`) that
+    /// repeats its stretch at least three times; the shortest period wins a
+    /// tie. `None` when the output does not end in a loop.
+    pub fn find(ids: &[u32], max_period: usize) -> Option<Loop> {
+        let n = ids.len();
+        let mut best: Option<Loop> = None;
+        for period in 1..=max_period.min(n / 3) {
+            let mut start = n - period;
+            while start > 0 && ids[start - 1] == ids[start - 1 + period] {
+                start -= 1;
+            }
+            let span = n - start;
+            if span >= 3 * period && best.is_none_or(|b| span > b.span) {
+                best = Some(Loop {
+                    start,
+                    period,
+                    span,
+                });
+            }
+        }
+        best
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::TextStats;
+    use super::{Loop, TextStats};
+
+    #[test]
+    fn loops_are_found_at_the_tail_only() {
+        let ids = [9, 8, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1];
+        let l = Loop::find(&ids, 8).unwrap();
+        assert_eq!((l.start, l.period, l.span), (2, 3, 10));
+        assert!((l.repeats() - 10.0 / 3.0).abs() < 1e-12);
+        assert_eq!(Loop::find(&[5, 5, 5, 5], 8).unwrap().period, 1);
+        // Two repeats are not a loop; a repeat earlier on is not one at the end.
+        assert_eq!(Loop::find(&[1, 2, 1, 2, 7], 8), None);
+        assert_eq!(Loop::find(&[1, 2, 3, 4, 5, 6], 8), None);
+    }
 
     #[test]
     fn text_stats_count_words_and_blank_runs() {

@@ -244,11 +244,12 @@ fn differs(a: &LogEntry, b: &LogEntry, rtol: f64) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn state(entries: Value) -> TrainerState {
+    /// A trainer_state.json with these log entries.
+    pub(crate) fn state(entries: Value) -> TrainerState {
         let mut s: TrainerState = serde_json::from_value(json!({
             "epoch": 0.0, "global_step": 0, "max_steps": 0, "logging_steps": 0, "eval_steps": 0,
             "save_steps": 0, "train_batch_size": 1, "num_train_epochs": 1, "num_input_tokens_seen": 0,

@@ -9,6 +9,7 @@
 //! **state** (weights, moments, partitions) is the ZeRO engine's.
 
 pub mod args;
+pub mod baseline;
 pub mod callback;
 pub mod checkpoint;
 mod error;
@@ -25,6 +26,7 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use args::{IntervalStrategy, OptimizerName, SchedulerType, TrainingArguments};
+pub use baseline::{Bigram, BigramScore};
 pub use callback::{StopAtStep, TrainerCallback, TrainerControl};
 pub use error::{Result, TrainError};
 pub use eval::evaluate_model;

@@ -2,7 +2,8 @@
 //! (plotters), written beside the checkpoints and shown inline in the
 //! notebooks. Text is drawn with a small font shipped in the crate
 //! (`assets/plot-sans.ttf`, DejaVu Sans cut to ASCII), so a PNG renders the
-//! same on a machine without system fonts.
+//! same on a machine without system fonts. Grey lines mark where each epoch
+//! ends.
 
 use std::path::Path;
 
@@ -28,6 +29,21 @@ fn series(state: &TrainerState, key: &str) -> Vec<(i64, f64)> {
         .log_history
         .iter()
         .filter_map(|e| Some((e.get("step")?.as_i64()?, e.get(key)?.as_f64()?)))
+        .collect()
+}
+
+/// The steps where an epoch ends (the logged epoch crosses a whole number),
+/// before `max_step`.
+fn epoch_ends(state: &TrainerState, max_step: i64) -> Vec<(i64, usize)> {
+    let Some(per_step) = state.log_history.iter().find_map(|e| {
+        let (s, ep) = (e.get("step")?.as_f64()?, e.get("epoch")?.as_f64()?);
+        (s > 0.0 && ep > 0.0).then_some(ep / s)
+    }) else {
+        return Vec::new();
+    };
+    (1..)
+        .map(|k| (((k as f64) / per_step).round() as i64, k))
+        .take_while(|&(s, _)| s < max_step)
         .collect()
 }
 
@@ -67,6 +83,18 @@ where
         .x_desc("step")
         .draw()
         .map_err(|e| e.to_string())?;
+    let ends = epoch_ends(state, max_step);
+    let grey = RGBColor(150, 150, 150);
+    for &(s, k) in &ends {
+        c.draw_series(LineSeries::new([(s, lo), (s, hi)], grey))
+            .map_err(|e| e.to_string())?;
+        c.draw_series(std::iter::once(Text::new(
+            format!("epoch {k}"),
+            (s, hi - (hi - lo) * 0.02),
+            ("sans-serif", 12).into_font().color(&grey),
+        )))
+        .map_err(|e| e.to_string())?;
+    }
     c.draw_series(LineSeries::new(loss, &BLUE))
         .map_err(|e| e.to_string())?
         .label("train")
@@ -92,6 +120,10 @@ where
         .x_desc("step")
         .draw()
         .map_err(|e| e.to_string())?;
+    for &(s, _) in &ends {
+        c.draw_series(LineSeries::new([(s, 0.0), (s, lr_hi)], grey))
+            .map_err(|e| e.to_string())?;
+    }
     c.draw_series(LineSeries::new(lr, &GREEN))
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
@@ -129,4 +161,20 @@ pub fn save_loss_plot(state: &TrainerState, dir: &Path) -> Result<(), String> {
     let partial = dir.join(".loss.partial.png");
     loss_plot_png(state, &partial)?;
     std::fs::rename(&partial, dir.join("loss.png")).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_end_where_the_logged_epoch_crosses_a_whole_number() {
+        // 945 steps an epoch (15118 blocks, 16 a step), as in 4.3.4.
+        let mut s = crate::notebook::reference::tests::state(serde_json::json!([
+            {"step": 10, "epoch": 10.0 / 945.0, "loss": 5.0}
+        ]));
+        s.global_step = 2000;
+        assert_eq!(epoch_ends(&s, 2000), vec![(945, 1), (1890, 2)]);
+        assert!(loss_plot_svg(&s).unwrap().contains("epoch 2"));
+    }
 }
