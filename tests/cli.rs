@@ -2,10 +2,11 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use common::*;
+use companion::generate::GenerationConfig;
 use companion::tokenizer::{self, TrainArgs};
-use companion::{GPT2Config, GPT2LMHeadModel};
+use companion::{AutoTokenizer, GPT2Config, GPT2LMHeadModel};
 use serde_json::Value;
 
 #[test]
@@ -122,6 +123,70 @@ fn generate_streams_text_and_reports_json() {
     let b: Value =
         serde_json::from_str(&stdout(&companion(&[&args[..], &s].concat(), &[]))).unwrap();
     assert_eq!(a["token_ids"], b["token_ids"]);
+}
+
+/// generation_config.json is read as transformers reads it: its max_length
+/// bounds the output when no --max-new-tokens is given, num_beams runs beam
+/// search, and a field transformers honours that we do not is refused.
+#[test]
+fn generate_honours_the_generation_config_file() {
+    let dir = model_dir();
+    let m = dir.path().to_str().unwrap();
+    let gen = dir.path().join("generation_config.json");
+    let write = |v: Value| std::fs::write(&gen, v.to_string()).unwrap();
+    let run = |extra: &[&str]| {
+        let o = companion(
+            &[
+                &["generate", "--model", m, "--prompt", "The", "--json"],
+                extra,
+            ]
+            .concat(),
+            &[],
+        );
+        (o.status.success(), stdout(&o), stderr(&o))
+    };
+    let prompt_len = AutoTokenizer::from_pretrained(m)
+        .unwrap()
+        .encode("The")
+        .unwrap()
+        .len();
+    // max_length 9 and no eos: 9 - prompt tokens new tokens, not the default 128.
+    write(serde_json::json!({"max_length": 9, "eos_token_id": 100000}));
+    let (ok, out, err) = run(&[]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 9 - prompt_len);
+    // --max-new-tokens still wins.
+    let (ok, out, _) = run(&["--max-new-tokens", "3"]);
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 3);
+    // Beam search from the flag equals the library's.
+    let (ok, out, err) = run(&["--num-beams", "3", "--max-new-tokens", "6"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let model = GPT2LMHeadModel::from_pretrained(m, DType::F32, &Device::Cpu).unwrap();
+    let cfg = GenerationConfig {
+        num_beams: 3,
+        max_new_tokens: Some(6),
+        eos_token_id: Some(companion::generate::TokenIds::One(100000)),
+        max_length: 9,
+        ..GenerationConfig::from_model_config(&model.config)
+    };
+    let ids = AutoTokenizer::from_pretrained(m)
+        .unwrap()
+        .encode("The")
+        .unwrap();
+    let want = model
+        .generate(&[ids.clone()], None, &cfg)
+        .unwrap()
+        .sequences[0][ids.len()..]
+        .to_vec();
+    assert_eq!(v["token_ids"], serde_json::json!(want));
+    // A field we cannot honour is refused by name.
+    write(serde_json::json!({"typical_p": 0.5}));
+    let (ok, _, err) = run(&[]);
+    assert!(!ok && err.contains("typical_p"), "{err}");
 }
 
 #[test]

@@ -53,6 +53,66 @@ fn greedy_cases_equal_transformers() {
     }
 }
 
+/// Beam search (num_beams, num_return_sequences, length_penalty,
+/// early_stopping, a left-padded batch) and the fields that ban tokens
+/// (bad_words_ids, suppress_tokens, begin_suppress_tokens, min_length):
+/// transformers' own outputs (tests/fixtures/make_beam_fixtures.py).
+#[test]
+fn beam_search_and_banned_tokens_equal_transformers() {
+    let all = read_json(&fixture("tiny_gpt2_beam.json"));
+    let cases = all["cases"].as_object().unwrap();
+    assert!(cases.len() >= 10);
+    for (name, c) in cases {
+        let cfg: GenerationConfig = serde_json::from_value(c["kwargs"].clone()).unwrap();
+        let ids: Vec<Vec<u32>> = serde_json::from_value(c["kwargs"]["input_ids"].clone()).unwrap();
+        let mask: Option<Vec<Vec<u32>>> = c["kwargs"]
+            .get("attention_mask")
+            .map(|m| serde_json::from_value(m.clone()).unwrap());
+        let got = model().generate(&ids, mask.as_deref(), &cfg).unwrap();
+        let want: Vec<Vec<u32>> = serde_json::from_value(c["output"].clone()).unwrap();
+        assert_eq!(got.sequences, want, "case {name}");
+    }
+}
+
+/// Fields transformers' generate honours and ours does not are refused by
+/// name, never ignored; beam sampling is refused too.
+#[test]
+fn unimplemented_generation_fields_are_refused_by_name() {
+    let ids = vec![vec![1u32, 5, 9]];
+    for (json, field) in [
+        (serde_json::json!({"typical_p": 0.5}), "typical_p"),
+        (
+            serde_json::json!({"num_beam_groups": 2, "diversity_penalty": 0.0}),
+            "num_beam_groups",
+        ),
+        (
+            serde_json::json!({"forced_eos_token_id": 2}),
+            "forced_eos_token_id",
+        ),
+        (
+            serde_json::json!({"num_beams": 2, "do_sample": true}),
+            "beam sampling",
+        ),
+        (
+            serde_json::json!({"num_beams": 2, "num_return_sequences": 3}),
+            "num_return_sequences 3",
+        ),
+    ] {
+        let cfg: GenerationConfig = serde_json::from_value(json).unwrap();
+        let err = model().generate(&ids, None, &cfg).unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+    }
+    // Defaults written out (as transformers' save_pretrained may) are fine.
+    let cfg: GenerationConfig = serde_json::from_value(
+        serde_json::json!({"typical_p": 1.0, "min_p": null, "max_new_tokens": 2}),
+    )
+    .unwrap();
+    assert_eq!(
+        model().generate(&ids, None, &cfg).unwrap().sequences[0].len(),
+        5
+    );
+}
+
 #[test]
 fn cached_step_logits_equal_transformers() {
     let c = case("greedy_rep_penalty");

@@ -23,6 +23,56 @@ impl TokenIds {
     }
 }
 
+/// `early_stopping`: `true`, `false` or `"never"` (beam search only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EarlyStopping {
+    Bool(bool),
+    Never(NeverTag),
+}
+
+/// The string `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NeverTag {
+    #[serde(rename = "never")]
+    Never,
+}
+
+impl Default for EarlyStopping {
+    fn default() -> Self {
+        EarlyStopping::Bool(false)
+    }
+}
+
+/// Fields of transformers' `GenerationConfig` that change what its
+/// `generate` does for GPT-2 and that ours does not implement, with their
+/// defaults: a file that sets one to another value is refused, naming it.
+const NOT_IMPLEMENTED: &[(&str, &str)] = &[
+    ("typical_p", "1.0"),
+    ("epsilon_cutoff", "0.0"),
+    ("eta_cutoff", "0.0"),
+    ("min_p", "null"),
+    ("top_h", "null"),
+    ("diversity_penalty", "0.0"),
+    ("num_beam_groups", "1"),
+    ("penalty_alpha", "null"),
+    ("dola_layers", "null"),
+    ("renormalize_logits", "false"),
+    ("forced_bos_token_id", "null"),
+    ("forced_eos_token_id", "null"),
+    ("remove_invalid_values", "false"),
+    ("exponential_decay_length_penalty", "null"),
+    ("sequence_bias", "null"),
+    ("token_healing", "false"),
+    ("guidance_scale", "null"),
+    ("watermarking_config", "null"),
+    ("constraints", "null"),
+    ("force_words_ids", "null"),
+    ("max_time", "null"),
+    ("stop_strings", "null"),
+    ("prompt_lookup_num_tokens", "null"),
+];
+
 /// `transformers.GenerationConfig`: the fields `generate` reads, HF defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -42,6 +92,20 @@ pub struct GenerationConfig {
     pub pad_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
     pub num_return_sequences: usize,
+    /// Beam search when > 1 (`do_sample` must be off).
+    pub num_beams: usize,
+    /// Beam scores are divided by (new tokens)^length_penalty.
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// Total length (prompt included) before eos may be chosen.
+    pub min_length: usize,
+    /// Token sequences never to generate (the last token of each is banned
+    /// where the others precede it).
+    pub bad_words_ids: Option<Vec<Vec<u32>>>,
+    /// Tokens never generated.
+    pub suppress_tokens: Option<Vec<u32>>,
+    /// Tokens not generated as the first new token.
+    pub begin_suppress_tokens: Option<Vec<u32>>,
     /// Seed of the sampling generator (HF uses `torch.manual_seed`; ours
     /// cannot reproduce torch's numbers, only our own).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,6 +131,13 @@ impl Default for GenerationConfig {
             pad_token_id: None,
             bos_token_id: None,
             num_return_sequences: 1,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::default(),
+            min_length: 0,
+            bad_words_ids: None,
+            suppress_tokens: None,
+            begin_suppress_tokens: None,
             seed: None,
             extra: serde_json::Map::new(),
         }
@@ -151,11 +222,50 @@ impl GenerationConfig {
         if self.num_return_sequences == 0 {
             return bad("num_return_sequences must be at least 1".into());
         }
-        if self.num_return_sequences > 1 && !self.do_sample {
+        if self.num_beams == 0 {
+            return bad("num_beams must be at least 1".into());
+        }
+        if self.num_beams > 1 && self.do_sample {
             return bad(
-                "greedy decoding gives one sequence per prompt: num_return_sequences > 1 needs do_sample"
+                "beam sampling (do_sample with num_beams > 1) is not implemented: set do_sample \
+                 false for beam search, or num_beams 1 for sampling"
                     .into(),
             );
+        }
+        if self.num_return_sequences > self.num_beams && !self.do_sample {
+            return bad(format!(
+                "num_return_sequences {} is more than num_beams {}: greedy decoding gives one \
+                 sequence per prompt and beam search at most num_beams",
+                self.num_return_sequences, self.num_beams
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return bad(format!(
+                "length_penalty must be finite, got {}",
+                self.length_penalty
+            ));
+        }
+        if let Some(b) = &self.bad_words_ids {
+            if b.iter().any(|seq| seq.is_empty()) {
+                return bad(
+                    "bad_words_ids holds an empty list: each must name at least one token".into(),
+                );
+            }
+        }
+        for (key, default) in NOT_IMPLEMENTED {
+            let Some(v) = self.extra.get(*key) else {
+                continue;
+            };
+            let default: serde_json::Value = serde_json::from_str(default).expect("a JSON default");
+            let same = v.is_null()
+                || *v == default
+                || (v.as_f64().is_some() && v.as_f64() == default.as_f64());
+            if !same {
+                return bad(format!(
+                    "generation config field {key} = {v} is not implemented here (transformers' \
+                     generate would honour it): remove it, or set it to {default}"
+                ));
+            }
         }
         Ok(())
     }

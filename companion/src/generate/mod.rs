@@ -3,15 +3,17 @@
 //! logits processors in HF's order (repetition penalty → no-repeat n-gram →
 //! min new tokens, then for sampling temperature → top-k → top-p), eos
 //! stopping per sequence with `pad_token_id` after it, left-padded batches,
-//! and a KV cache so that each new token costs one position.
+//! and a KV cache so that each new token costs one position; beam search
+//! ([`beam`]) when `num_beams > 1`.
 
+mod beam;
 pub mod config;
 pub mod pipeline;
 pub mod processors;
 
 use candle_core::{DType, Tensor};
 
-pub use config::{GenerationConfig, TokenIds};
+pub use config::{EarlyStopping, GenerationConfig, TokenIds};
 pub use pipeline::{load_pretrained, PretrainedError};
 pub use processors::{apply_no_repeat_ngram, apply_repetition_penalty, apply_top_k, apply_top_p};
 
@@ -117,6 +119,9 @@ impl GPT2LMHeadModel {
                 self.config.n_positions
             )));
         }
+        if cfg.num_beams > 1 {
+            return beam_search(&model, &seqs, &mask, cfg, &eos, pad, max_len, on_token);
+        }
         let rows = seqs.len();
         let mut rng = SeededRng::new(cfg.seed.unwrap_or(0));
         let mut cache = KvCache::new(self.config.n_layer);
@@ -174,4 +179,39 @@ impl GPT2LMHeadModel {
         out.sequences = seqs;
         Ok(out)
     }
+}
+
+/// Beam search for each prompt (`seqs` holds each one num_return_sequences
+/// times); the results padded to one length as HF returns them, each row's
+/// new tokens then given to `on_token` (HF refuses a streamer with beams:
+/// nothing is final before the search ends).
+#[allow(clippy::too_many_arguments)]
+fn beam_search(
+    model: &GPT2LMHeadModel,
+    seqs: &[Vec<u32>],
+    mask: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    eos: &[u32],
+    pad: Option<u32>,
+    max_len: usize,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<GenerateOutput> {
+    let width = seqs[0].len();
+    let mut sequences = Vec::with_capacity(seqs.len());
+    for r in (0..seqs.len()).step_by(cfg.num_return_sequences) {
+        sequences.extend(beam::search(model, &seqs[r], &mask[r], cfg, eos, max_len)?);
+    }
+    let longest = sequences.iter().map(Vec::len).max().unwrap_or(width);
+    let fill = pad.unwrap_or(0);
+    for (r, s) in sequences.iter_mut().enumerate() {
+        for &t in &s[width..] {
+            on_token(r, t);
+        }
+        s.resize(longest, fill);
+    }
+    Ok(GenerateOutput {
+        sequences,
+        logits: vec![],
+        scores: vec![],
+    })
 }

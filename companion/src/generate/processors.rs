@@ -44,6 +44,59 @@ pub fn apply_no_repeat_ngram(scores: &mut [f32], ids: &[u32], n: usize) {
     }
 }
 
+/// HF's `NoBadWordsLogitsProcessor`: ban the last token of each sequence
+/// whose other tokens end `ids` (a one-token sequence always); a sequence
+/// that is just an eos id is left out, as HF does.
+pub fn apply_bad_words(scores: &mut [f32], ids: &[u32], bad: &[Vec<u32>], eos: &[u32]) {
+    for seq in bad {
+        let Some((&last, head)) = seq.split_last() else {
+            continue;
+        };
+        if head.is_empty() && eos.contains(&last) {
+            continue;
+        }
+        if ids.ends_with(head) && (last as usize) < scores.len() {
+            scores[last as usize] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Set `tokens`' scores to -inf (HF's `SuppressTokens*LogitsProcessor`).
+fn suppress(scores: &mut [f32], tokens: &[u32]) {
+    for &t in tokens {
+        if (t as usize) < scores.len() {
+            scores[t as usize] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The logits processors (not the sampling warpers), in HF's order, on one
+/// row: repetition penalty, no-repeat n-gram, bad words, min length / min
+/// new tokens, suppressed tokens. `new_tokens` counts the tokens generated
+/// so far. Beam search applies them to log-probabilities, as HF does.
+pub(crate) fn process(
+    s: &mut [f32],
+    ids: &[u32],
+    new_tokens: usize,
+    cfg: &GenerationConfig,
+    eos: &[u32],
+) {
+    apply_repetition_penalty(s, ids, cfg.repetition_penalty);
+    apply_no_repeat_ngram(s, ids, cfg.no_repeat_ngram_size);
+    if let Some(bad) = &cfg.bad_words_ids {
+        apply_bad_words(s, ids, bad, eos);
+    }
+    if ids.len() < cfg.min_length || new_tokens < cfg.min_new_tokens.unwrap_or(0) {
+        suppress(s, eos);
+    }
+    if let Some(t) = &cfg.suppress_tokens {
+        suppress(s, t);
+    }
+    if let (0, Some(t)) = (new_tokens, &cfg.begin_suppress_tokens) {
+        suppress(s, t);
+    }
+}
+
 /// HF's `TopKLogitsWarper`: keep the k highest scores (ties at the k-th kept).
 pub fn apply_top_k(scores: &mut [f32], k: usize) {
     if k == 0 || k >= scores.len() {
@@ -86,7 +139,7 @@ pub fn apply_top_p(scores: &mut [f32], top_p: f64) {
     }
 }
 
-fn argmax(scores: &[f32]) -> u32 {
+pub(crate) fn argmax(scores: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &s) in scores.iter().enumerate() {
         if s > scores[best] {
@@ -123,15 +176,7 @@ pub(crate) fn next_token(
     rng: &mut SeededRng,
 ) -> (u32, Vec<f32>) {
     let mut s = logits.to_vec();
-    apply_repetition_penalty(&mut s, ids, cfg.repetition_penalty);
-    apply_no_repeat_ngram(&mut s, ids, cfg.no_repeat_ngram_size);
-    if new_tokens < cfg.min_new_tokens.unwrap_or(0) {
-        for &e in eos {
-            if (e as usize) < s.len() {
-                s[e as usize] = f32::NEG_INFINITY;
-            }
-        }
-    }
+    process(&mut s, ids, new_tokens, cfg, eos);
     if !cfg.do_sample {
         return (argmax(&s), s);
     }
@@ -161,6 +206,39 @@ mod tests {
         apply_no_repeat_ngram(&mut s, &[1, 2, 3, 1], 2);
         assert_eq!(s[2], f32::NEG_INFINITY);
         assert_eq!(s.iter().filter(|x| x.is_infinite()).count(), 1);
+    }
+
+    #[test]
+    fn bad_words_ban_the_completion_and_eos_alone_is_kept() {
+        let mut s = vec![0.0; 6];
+        apply_bad_words(
+            &mut s,
+            &[4, 1, 2],
+            &[vec![2, 3], vec![1, 5], vec![4], vec![0]],
+            &[0],
+        );
+        // [2, 3]: the ids end in 2 → 3 banned; [1, 5]: they do not end in 1; [4] always; [0] is eos alone.
+        let banned: Vec<usize> = (0..6).filter(|&i| s[i].is_infinite()).collect();
+        assert_eq!(banned, [3, 4]);
+        let cfg = GenerationConfig {
+            suppress_tokens: Some(vec![1]),
+            begin_suppress_tokens: Some(vec![2]),
+            min_length: 4,
+            ..Default::default()
+        };
+        let mut s = vec![0.0; 4];
+        process(&mut s, &[3, 3, 3], 0, &cfg, &[0]);
+        assert_eq!(
+            s,
+            [f32::NEG_INFINITY; 3]
+                .iter()
+                .copied()
+                .chain([0.0])
+                .collect::<Vec<_>>()
+        );
+        let mut s = vec![0.0; 4];
+        process(&mut s, &[3, 3, 3, 3], 1, &cfg, &[0]);
+        assert_eq!(s, vec![0.0, f32::NEG_INFINITY, 0.0, 0.0]);
     }
 
     #[test]

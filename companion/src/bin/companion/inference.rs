@@ -34,6 +34,9 @@ pub struct GenerateCmd {
     pub repetition_penalty: Option<f64>,
     #[arg(long)]
     pub no_repeat_ngram_size: Option<usize>,
+    /// Beam search with this many beams (greedy when 1).
+    #[arg(long)]
+    pub num_beams: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long)]
@@ -125,11 +128,15 @@ pub fn eval_cmd(c: EvalCmd) -> Result<()> {
 pub fn generate_cmd(c: GenerateCmd) -> Result<()> {
     let (model, tok) = load_pretrained(&c.model, &Device::Cpu)?;
     let mut cfg = GenerationConfig::from_pretrained(&c.model, &model.config)?;
+    // --max-new-tokens, else the file's max_new_tokens or max_length (as
+    // transformers reads it), else 128 new tokens.
+    let file_sets_length = cfg.max_length != GenerationConfig::default().max_length;
     if let Some(n) = c.max_new_tokens {
         cfg.max_new_tokens = Some(n);
-    } else if cfg.max_new_tokens.is_none() {
+    } else if cfg.max_new_tokens.is_none() && !file_sets_length {
         cfg.max_new_tokens = Some(128);
     }
+    cfg.num_beams = c.num_beams.unwrap_or(cfg.num_beams);
     cfg.min_new_tokens = c.min_new_tokens.or(cfg.min_new_tokens);
     cfg.do_sample |= c.do_sample;
     cfg.temperature = c.temperature.unwrap_or(cfg.temperature);
