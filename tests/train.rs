@@ -250,6 +250,89 @@ fn a_crash_while_checkpointing_keeps_the_previous_checkpoint() {
     assert_eq!(weights(&r), weights(&straight));
 }
 
+/// transformers ignores an old checkpoint it cannot delete
+/// (`shutil.rmtree(..., ignore_errors=True)`): so does rotation here, with
+/// a warning, and the run ends normally with both checkpoints kept.
+#[test]
+fn a_checkpoint_that_cannot_be_deleted_does_not_stop_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut t = small_run(&out, 6, false);
+    t.args.save_total_limit = Some(1);
+    t.faults.fail_rotation = true;
+    t.train().unwrap();
+    assert_eq!(t.state.global_step, 6);
+    let ckpts: Vec<usize> = companion::train::list_checkpoints(&out)
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(
+        ckpts,
+        vec![3, 6],
+        "the old checkpoint stays, the new one is written"
+    );
+    // Without the fault the limit holds.
+    let out = dir.path().join("ok");
+    let mut t = small_run(&out, 6, false);
+    t.args.save_total_limit = Some(1);
+    t.train().unwrap();
+    let ckpts: Vec<usize> = companion::train::list_checkpoints(&out)
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(ckpts, vec![6]);
+}
+
+/// HF passes `model` to its callbacks; here a callback asks for it at the
+/// steps it wants (before the first step, after others) and gets the weights
+/// of that moment: those the checkpoint of the same step holds.
+#[test]
+fn a_callback_gets_the_model_at_the_steps_it_asks_for() {
+    use companion::train::{TrainerCallback, TrainerControl, TrainerState};
+    use std::sync::{Arc, Mutex};
+    struct Grab(Arc<Mutex<Vec<(usize, Vec<u8>)>>>);
+    impl TrainerCallback for Grab {
+        fn on_step_end(&mut self, _: &TrainingArguments, _: &TrainerState, _: &mut TrainerControl) {
+        }
+        fn wants_model(&self, s: &TrainerState) -> bool {
+            [0, 3].contains(&s.global_step)
+        }
+        fn on_model(
+            &mut self,
+            _: &TrainingArguments,
+            s: &TrainerState,
+            m: &GPT2LMHeadModel,
+        ) -> Result<(), String> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((s.global_step, m.state_dict_bytes().unwrap()));
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut t = small_run(&out, 6, false);
+    let before = weights(&t);
+    let got = Arc::new(Mutex::new(Vec::new()));
+    t.add_callback(Grab(got.clone()));
+    t.train().unwrap();
+    let got = got.lock().unwrap();
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![0, 3]);
+    assert_eq!(got[0].1, before, "step 0: the initial weights");
+    let at3 = GPT2LMHeadModel::from_pretrained(
+        out.join("checkpoint-3").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        got[1].1,
+        at3.state_dict_bytes().unwrap(),
+        "step 3: checkpoint-3's weights"
+    );
+}
+
 /// A callback that stops training (HF: `control.should_training_stop`)
 /// leaves the first steps of the full run: the same log entries, one
 /// evaluation at the step it stopped on (not a second, final one), and the

@@ -221,12 +221,27 @@ impl Trainer {
                     remove_dir_safely(&dest)?;
                 }
                 std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-                // transformers deletes nothing when the limit is ≤ 0.
+                // transformers deletes nothing when the limit is ≤ 0, and
+                // ignores a folder it cannot delete (rmtree ignore_errors):
+                // the run goes on, with a warning here.
                 if let Some(limit) = self.args.save_total_limit.filter(|&l| l > 0) {
                     let mut ckpts = list_checkpoints(&out);
                     while ckpts.len() > limit {
                         let (_, p) = ckpts.remove(0);
-                        remove_dir_safely(&p)?;
+                        let removed = if self.faults.fail_rotation {
+                            Err(TrainError::Io {
+                                path: p.display().to_string(),
+                                msg: "injected failure while deleting".into(),
+                            })
+                        } else {
+                            remove_dir_safely(&p)
+                        };
+                        if let Err(e) = removed {
+                            eprintln!(
+                                "warning: save_total_limit {limit}: could not delete an old \
+                                 checkpoint, kept it and went on: {e}"
+                            );
+                        }
                     }
                 }
                 Ok(())
