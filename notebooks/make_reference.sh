@@ -3,8 +3,9 @@
 # command's quick mode checks its first steps against and shows, and that
 # 4.3.5 then reads: runs every notebook in full mode (4.3.4 trains all 2000
 # steps and saves pretrained_model/; 4.3.5 generates with it; every notebook
-# stores its outputs), then keeps 4.3.4's saved model and trainer_state.json
-# as the reference. Run it after any change to what training computes (the
+# stores its outputs), then keeps 4.3.4's saved model, trainer_state.json and
+# samples.json (its generations during training) as the reference. Run it
+# after any change to what training computes (the
 # quick mode's check says when); about 17 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,7 +22,7 @@ trap restore EXIT
 COMPANION_NOTEBOOKS=full "${PYTHON:-python3}" run_notebooks.py
 new=$(mktemp -d fixtures/.pretrained_model.new.XXXXXX)
 cp pretrained_model/* "$new/"
-cp output/trainer_state.json "$new/"
+cp output/trainer_state.json output/samples.json "$new/"
 chmod 755 "$new"
 mv "$new" "$ref"
 ls -l "$ref"

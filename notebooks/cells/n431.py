@@ -7,25 +7,32 @@ CELLS = [
 # 4.3.1 事前学習とは
 *What pretraining is: learning to predict the next token.*
 
-事前学習 (pretraining) では、ラベルのない大量のテキストで「次のトークンを予測する」ことを学習します。
-正解は文章そのもの (1 トークンずらしたもの) なので、人手のラベルは要りません (自己教師あり学習)。
-「事前」と呼ぶのは、この汎用の学習が、特定の用途に合わせる後段の学習 (第 5 章のファインチューニング、
-5.2 の指示チューニングなど) の**前に**行われるからです。
+第 2 章の Transformer はエンコーダとデコーダを持ち、翻訳のように入力の文章を受け取って別の文章に変換しました
+(デコーダが次の単語を予測し、正解の次の単語と照らし合わせて学習)。本章で学習する GPT モデルは、第 3 章で見た
+とおりデコーダだけのモデル (decoder-only) です。文章から文章への変換ではなく、文章そのものの出現確率を表す
+言語モデルを学習しますが、事前学習での学習の仕方は同じで、次のトークンを予測します。GPT-2 はエンコーダも
+クロスアテンションも持たず、デコーダのブロックだけを積み重ねます。各位置は自分とそれより前の位置だけに注意を
+向けるので (因果マスク)、1 回の順伝播で全位置の「次のトークン」の予測が同時に得られます。正解は文章そのもの
+(1 トークンずらしたもの) なので、人手のラベルは要りません。
 
-GPT-2 はデコーダのみ (decoder-only) のモデルです。第 2 章の Transformer はエンコーダ・デコーダで、
-デコーダはエンコーダの出力をクロスアテンションで参照しますが、GPT-2 はエンコーダもクロスアテンションも持たず、
-デコーダのブロックだけを積み重ねます。各位置は自分と**それより前**の位置だけに注意を向けるので (因果マスク)、
-1 回の順伝播で全位置の「次のトークン」の予測が同時に得られます。
+なぜ「事前」学習と呼ぶのか。大規模言語モデルは追加の学習なしでタスクを解く力 (ゼロショット性能) が高いのですが、
+従来は次の単語の予測で学習したあと、解きたいタスク (翻訳などの下流タスク) ごとにファインチューニングしていました。
+また、事前学習しただけのモデルはまだ様々なタスクを解くようにはなっておらず、5.2 節の指示チューニング
+(インストラクションチューニング) が要ります (4.3.5 で確かめます)。このように後の学習の前に、言語モデルとしての知識を
+つける段階なので事前学習と呼びます。
 
 損失は、正解の次トークンにモデルが与えた確率の負の対数 (交差エントロピー) の平均です。学習前の
 ランダムなモデルはどのトークンにもほぼ同じ確率を与えるので、損失は語彙サイズの対数 ln(50257) ≈ 10.8 に近くなります。
-*Decoder-only: no encoder, no cross-attention; a causal mask lets every position predict its next token in one pass.
-"Pre"-training comes before the task-specific training of chapter 5.*
+*Chapter 2's Transformer was an encoder-decoder translating one text into another; GPT is decoder-only and models the
+probability of text itself, trained the same way, by predicting the next token (a causal mask lets every position do so in
+one pass). It is "pre"-training because it comes before fine-tuning on downstream tasks and before instruction tuning
+(5.2), which a pretrained model still needs despite its zero-shot ability.*
 """),
     setup(),
     code(DEP),
     md("""
 ### GPT-2 のトークナイザで文をトークンに分ける
+GPT-2 のトークナイザで 1 文をトークンに分けます。トークンと ID は Python の `transformers` の結果と照合します。
 *GPT-2's tokenizer on one sentence; the cell checks the tokens and ids against Python `transformers`.*
 """),
     code("""
@@ -41,6 +48,9 @@ tokens
 """),
     md("""
 ### 小さな GPT-2 を作る
+GPT-2 の語彙のまま、2 層・幅 64 の小さな GPT-2 をランダムに初期化して作ります。パラメータ数は
+V·C + P·C + L·(12C² + 13C) + 2C (トークンと位置の埋め込み、ブロックごとに LayerNorm 2 つ (4C)、アテンション
+(4C² + 4C) と MLP (8C² + 5C)、最後の LayerNorm。出力層はトークン埋め込みと重みを共有) で、セルはこの式と照合します。
 *A small, randomly initialised GPT-2 (2 layers, 64 wide) with GPT-2's vocabulary. Its parameter count is the formula
 V·C + P·C + L·(12C² + 13C) + 2C: token and position embeddings, per block two LayerNorms (4C), attention (4C² + 4C)
 and MLP (8C² + 5C), the final LayerNorm; the output layer shares the token embedding.*
@@ -58,6 +68,8 @@ check_eq!(model.num_parameters(), v * c + p * c + l * (12 * c * c + 13 * c) + 2 
 """),
     md("""
 ### 因果マスク: 各位置は前だけを見る
+行 i の位置は列 0..i (青) にだけ注意を向けられます。セルはこれをモデルそのもので確かめます: 後ろのトークンを
+変えても、それより前の位置のロジットはまったく変わりません。
 *The causal mask: row i may attend to columns 0..i (blue). The cell checks it on the model itself: changing the last
 tokens leaves the logits of every earlier position exactly as they were.*
 """),
@@ -79,6 +91,8 @@ notebook::CausalMask { tokens: tokens.clone() }
 """),
     md("""
 ### 各位置で次のトークンを予測する
+各位置が次のトークンを予測し、損失は正解の次トークンの −log p の平均です (モデル自身の損失と照合)。
+学習前は ln(語彙数) に近い値です。
 *Each position predicts the next token; the loss is the mean of −log p of the true next tokens (checked against the
 model's own loss), near ln(vocabulary) before training.*
 """),

@@ -4,27 +4,93 @@ from common import DEP, code, md, setup
 NAME = "4.3.3_distributed.ipynb"
 CELLS = [
     md("""
-# 4.3.3 分散並列学習のためのライブラリ
-*Libraries for distributed training: what ZeRO saves.*
+# 4.3.3 分散学習のためのライブラリ
+*Libraries for distributed training: the four the chapter names, 3D parallelism, and what ZeRO saves.*
 
-Megatron-LM, DeepSpeed, Megatron-DeepSpeed, GPT-NeoX は、データ並列・テンソル並列・パイプライン並列を
-組み合わせて大きなモデルを多数の GPU で学習します。DeepSpeed の ZeRO は、データ並列の各 GPU が
-重複して持っていたモデルの状態 (パラメータ、勾配、オプティマイザの状態) を GPU 間で分割します。
-この節には書籍のリストがないので、ZeRO の論文の式と DeepSpeed の見積もり関数を計算し、
-CPU 上の「ランク」で実際に ZeRO を動かして各ランクが持つバイト数を測ります。
+4.2 節の 3D 並列化 (データ並列・テンソル並列・パイプライン並列) と ZeRO を自分で設計・実装するのは難しいので、
+大規模言語モデルの学習には分散学習を支えるライブラリを使います。書籍が挙げる 4 つ:
+
+| ライブラリ | 誰が | 書籍が述べること | ほかに加えるもの |
+|---|---|---|---|
+| Megatron-LM | NVIDIA (2019) | もとは並列化を駆使して作られた数十億パラメータの LLM の名前。今は NVIDIA のリポジトリで、多くの Transformer 系モデルとその学習コードがある | テンソル並列 (層の中の行列を GPU 間で分割) とパイプライン並列の実装の元祖 |
+| DeepSpeed | Microsoft | 大規模モデルの学習を楽にするフレームワーク。3D 並列化、ZeRO、Mixture-of-Experts (MoE)、推論の効率化、モデル圧縮 | ZeRO (状態の分割と CPU / NVMe へのオフロード)。transformers の `Trainer` から `deepspeed=` で使える (4.3.4) |
+| Megatron-DeepSpeed | Microsoft | Megatron-LM のコードに DeepSpeed の機能を加えたリポジトリ。DeepSpeed で効率よく学習するサンプルコード | Megatron のテンソル・パイプライン並列と DeepSpeed の ZeRO を 1 つの学習で組み合わせる |
+| GPT-NeoX | EleutherAI | 大規模言語モデルを学習するライブラリ。Megatron-DeepSpeed と同じく、Megatron-LM ベースのモデルを DeepSpeed で学習できる | 設定ファイルだけで組み替えられる学習の仕組み (GPT-NeoX-20B, Pythia の学習に使われた) |
+
+この節には書籍のリストがありません。このノートブックでは、3D 並列化で各ランクが何を持ち何を送り合うかを GPT-2 の
+形で数え、ZeRO の論文の式と DeepSpeed の見積もり関数を計算し、CPU 上の「ランク」で ZeRO を実際に動かして
+各ランクが持つバイト数を測ります。
+*The chapter's four libraries (Megatron-LM, DeepSpeed, Megatron-DeepSpeed, GPT-NeoX): who made each, what the chapter
+says of it, and what it adds to the others. The section has no listing: we count what 3D parallelism puts on each rank,
+compute ZeRO's memory, and run ZeRO on CPU ranks.*
 """),
     setup(),
     code(DEP),
     md("""
-### ZeRO の各ステージで 1 GPU が持つメモリ
-*Model-state memory per GPU (ZeRO paper, mixed-precision Adam: 2 + 2 + K = 12 bytes per parameter Ψ):
-baseline (2 + 2 + K)Ψ, stage 1: 2Ψ + 2Ψ + KΨ/N, stage 2: 2Ψ + (2 + K)Ψ/N, stage 3: (2 + 2 + K)Ψ/N.*
+### 3D 並列化: 各ランクが持つもの、ランク間を流れるもの
+*3D parallelism for GPT-2 small on 8 ranks (tensor 2 × pipeline 2 × data 2), as Megatron-LM lays it out: which slice of
+each weight a rank holds, and what crosses between ranks.*
 
-ステージ 1 はオプティマイザの状態、ステージ 2 はさらに勾配、ステージ 3 はパラメータも分割します。
+- **テンソル並列 (TP)**: 1 つの層の行列を分けます。アテンションの `c_attn` と MLP の `c_fc` は列 (出力) で、
+  それぞれの `c_proj` は行 (入力) で分け、各ブロックの順伝播でアテンションと MLP の後に 1 回ずつ all-reduce します
+  (逆伝播でも 2 回)。LayerNorm は全ランクが同じものを持ちます。通信が多いので、同じノードの隣り合う GPU に置きます。
+- **パイプライン並列 (PP)**: ブロックを段 (ステージ) に分け、マイクロバッチの活性を隣の段へ送ります
+  (埋め込みは最初の段、`ln_f` と出力層は最後の段)。
+- **データ並列 (DP)**: 同じ分割を持つ組が別々のデータを処理し、勾配を all-reduce します (ZeRO ならその状態も分割)。
+
+ランク r のテンソル並列の番号は r mod TP、データ並列の番号は ⌊r / TP⌋ mod DP、パイプラインの段は ⌊r / (TP·DP)⌋ です
+(Megatron-LM の並べ方: テンソル並列のランクが隣り合う)。このクレートはまだテンソル並列とパイプライン並列を
+実行できません (ZeRO のデータ並列だけ)。ここでは分割と通信量を式で数え、パラメータの合計が元のモデルと合うことを確かめます。
+*TP splits c_attn/c_fc by columns and c_proj by rows (two all-reduces per block forward, two backward), PP sends
+activations between neighbouring stages, DP all-reduces gradients. Rank r has TP index r mod TP, DP index ⌊r/TP⌋ mod
+DP, stage ⌊r/(TP·DP)⌋. This crate does not run TP or PP yet (only ZeRO data parallelism): here the split is counted.*
 """),
     code("""
 use companion::prelude::*;
 let gpt2 = GPT2Config::preset("gpt2").unwrap();
+let (tp, pp, dp) = (2usize, 2usize, 2usize);
+let (c, l, v, p) = (gpt2.n_embd, gpt2.n_layer, gpt2.vocab_size, gpt2.n_positions);
+// One block's parameters on a TP rank: column-split c_attn (3C/tp columns + bias) and c_fc (4C/tp + bias),
+// row-split c_proj of attention (C/tp rows) and MLP (4C/tp rows) with their biases whole, both LayerNorms whole.
+let block_tp = c * 3 * c / tp + 3 * c / tp + (c / tp) * c + c + c * 4 * c / tp + 4 * c / tp + (4 * c / tp) * c + c + 4 * c;
+let vp = v.div_ceil(tp);                          // wte rows per TP rank (the vocabulary padded to divide)
+let first_stage_extra = vp * c + p * c;          // a vocabulary slice of wte, and the whole wpe
+let last_stage_extra = vp * c + 2 * c;           // the tied head's slice of wte, ln_f
+let per_stage = l / pp;
+let mut rows = vec![vec!["rank".to_string(), "TP".into(), "DP".into(), "stage".into(), "blocks".into(), "parameters".into(), "sends/receives".into()]];
+let mut sum_over_one_replica = 0usize;
+for r in 0..tp * pp * dp {
+    let (t, d, s) = (r % tp, (r / tp) % dp, r / (tp * dp));
+    let mut n = per_stage * block_tp;
+    if s == 0 { n += first_stage_extra; }
+    if s == pp - 1 { n += last_stage_extra; }
+    if d == 0 { sum_over_one_replica += n; }
+    let comm = format!("TP all-reduce with rank {}; {} ; DP all-reduce with rank {}",
+        r ^ 1, if s == 0 { format!("activations → rank {0}, their gradients ← {0}", r + tp * dp) } else { format!("activations ← rank {0}, their gradients → {0}", r - tp * dp) }, (s * dp + (1 - d)) * tp + t);
+    rows.push(vec![r.to_string(), t.to_string(), d.to_string(), s.to_string(),
+                   format!("{}–{}", s * per_stage, (s + 1) * per_stage - 1), format!("{:.1}M", n as f64 / 1e6), comm]);
+}
+// One data-parallel replica holds the model once, except what every TP rank keeps whole (LayerNorms, the row-split
+// layers' biases, wpe), the tied wte held by both the first and the last stage, and the vocabulary's padding rows.
+let replicated = (tp - 1) * (l * (4 * c + 2 * c) + 2 * c + p * c) + v * c;
+let padding = 2 * (tp * vp - v) * c;
+check_eq!(sum_over_one_replica, gpt2.num_parameters() + replicated + padding,
+          "one replica's slices add up to GPT-2 plus what is kept whole on several ranks");
+println!("GPT-2 small ({:.1}M) on tp={tp} × pp={pp} × dp={dp} = {} ranks", gpt2.num_parameters() as f64 / 1e6, tp * pp * dp);
+let table = notebook::Table(rows);
+table
+"""),
+    md("""
+### ZeRO の各ステージで 1 GPU が持つメモリ
+*Model-state memory per GPU in the ZeRO paper (mixed-precision Adam: 2 bytes of fp16 weights, 2 of fp16 gradients and
+K = 12 of optimizer state — fp32 weights, momentum, variance — per parameter, 16 in all): baseline (2 + 2 + K)Ψ,
+stage 1: 2Ψ + 2Ψ + KΨ/N, stage 2: 2Ψ + (2 + K)Ψ/N, stage 3: (2 + 2 + K)Ψ/N. Units: GB = 10⁹ bytes, as in the paper.*
+
+ステージ 1 はオプティマイザの状態、ステージ 2 はさらに勾配、ステージ 3 はパラメータも分割します。
+1 パラメータあたり fp16 の重み 2 バイト、fp16 の勾配 2 バイト、オプティマイザの状態 K = 12 バイト
+(fp32 の重みのコピー、1 次と 2 次のモーメント各 4 バイト) で、合計 16 バイトです。
+"""),
+    code("""
 let params = gpt2.num_parameters() as f64;
 println!("gpt2: {} parameters", gpt2.num_parameters());
 check_eq!(gpt2.num_parameters(), 124439808, "GPT2LMHeadModel.from_pretrained(\\"gpt2\\").num_parameters()");
@@ -32,7 +98,8 @@ notebook::zero_paper_table(params, &[1, 2, 4, 8, 64])
 """),
     md("""
 ### 論文の例: 7.5B パラメータを 64 GPU で
-*The ZeRO paper's example (its Figure 1): 7.5B parameters on 64 GPUs → 120 GB, 31.4 GB, 16.6 GB, 1.9 GB.*
+ZeRO の論文の図 1 の例 (7.5B パラメータ, 64 GPU) を同じ式で計算し、論文に印刷された値と照合します。
+*The ZeRO paper's example (its Figure 1): 7.5B parameters on 64 GPUs → 120 GB, 31.4 GB, 16.6 GB, 1.9 GB (10⁹ bytes).*
 """),
     code("""
 let paper_gb = [120.0, 31.4, 16.6, 1.9];
@@ -45,7 +112,10 @@ notebook::zero_paper_table(7.5e9, &[64])
 ### オフロードを使う場合: DeepSpeed の見積もり関数
 *With CPU offload: what DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` print for gpt2 on 1 node × 8 GPUs
 (checked against the numbers DeepSpeed 0.19 itself computed, `../tests/fixtures/zero_estimates.json`;
-`companion zero-estimate --model gpt2 --num-gpus 8` prints DeepSpeed's text).*
+`companion zero-estimate --model gpt2 --num-gpus 8` prints DeepSpeed's text). Units: GiB = 2³⁰ bytes; DeepSpeed divides
+by 2³⁰ but prints "GB".*
+
+DeepSpeed の見積もりは 2³⁰ バイトで割った値を「GB」と表示します。ここでは GiB と書きます (上の論文の表は 10⁹ バイトの GB)。
 
 対応する Python:
 ```python
@@ -72,6 +142,8 @@ notebook::zero_estimate_table(gpt2.num_parameters() as u64, largest, 8, 1)
 ### CPU の「ランク」で ZeRO を実際に動かす
 *Running ZeRO for real on 4 CPU ranks (threads of this process, each with its own model replica) and measuring
 what each rank keeps.*
+
+*Each rank is a thread here; on GPUs each is a process with its own device.*
 
 GPU がなくても、DeepSpeed と同じ `ds_config.json` でステージ 0〜3 を動かせます。各ランクが実際に保持している
 テンソルのバイト数を測り、論文の式 (fp32 なのでパラメータ 4Ψ、勾配 4Ψ、Adam の状態 8Ψ) と照合します。
@@ -131,7 +203,9 @@ notebook::zero_measured_table(&reports, small.num_parameters())
     md("""
 ステージが上がるごとに、各ランクの持つ量が 1/4 になっていく項が増えます (ステージ 1: Adam の状態、
 ステージ 2: さらに勾配、ステージ 3: さらにパラメータ)。ステージ 3 では各ランクは全パラメータを一度に持たず、
-順伝播・逆伝播のたびに 1 ブロックずつ集めて (all-gather)、使い終わったら捨てます。
+順伝播・逆伝播のたびに 1 ブロックずつ集めて (all-gather)、使い終わったら捨てます。その一時的に集めた重みは
+論文の式 (モデルの状態だけを数える) には入らないので、表では「gathered weights (peak)」の列に分け、
+「peak held」に足しています。kB は 10³ バイトです。
 *Each stage divides one more term by the number of ranks; under stage 3 no rank ever holds the whole model:
 each block's weights are gathered for its forward and again for its backward, then dropped.*
 
