@@ -16,7 +16,8 @@ The recipe (the defaults of `companion pretrain`):
     0.9/0.999, eps 1e-8; clip_grad_norm_ 1.0; get_cosine_schedule_with_warmup
     with warmup_ratio 0.05 (ceil); batch 16; the data order a seeded shuffle
   * logging every 10 steps (stderr), evaluation every 100 steps (and before
-    and after training) on the first 128 validation blocks (max_eval_samples)
+    and after training) on the whole validation split (or its first
+    --max-eval-samples blocks)
 
 Each of these is a flag (`--n-embd`, `--block-size`, `--learning-rate`, ...);
 bench/pretrain.sh passes the recipe `companion pretrain` reports in its JSON.
@@ -137,7 +138,7 @@ def main():
     p.add_argument("--n-head", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--max-eval-samples", type=int, default=128)
+    p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--adam-beta1", type=float, default=0.9)

@@ -178,7 +178,7 @@ fn generate_honours_the_generation_config_file() {
         .encode("The")
         .unwrap();
     let want = model
-        .generate(&[ids.clone()], None, &cfg)
+        .generate(std::slice::from_ref(&ids), None, &cfg)
         .unwrap()
         .sequences[0][ids.len()..]
         .to_vec();

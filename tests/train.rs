@@ -290,7 +290,8 @@ fn a_checkpoint_that_cannot_be_deleted_does_not_stop_training() {
 fn a_callback_gets_the_model_at_the_steps_it_asks_for() {
     use companion::train::{TrainerCallback, TrainerControl, TrainerState};
     use std::sync::{Arc, Mutex};
-    struct Grab(Arc<Mutex<Vec<(usize, Vec<u8>)>>>);
+    type Seen = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+    struct Grab(Seen);
     impl TrainerCallback for Grab {
         fn on_step_end(&mut self, _: &TrainingArguments, _: &TrainerState, _: &mut TrainerControl) {
         }

@@ -1,5 +1,5 @@
 //! The notebooks' quick mode: 4.3.4's full recipe (2000 steps) takes about
-//! twelve minutes on two cores, so the test command trains only the first
+//! ten minutes on two cores, so the test command trains only the first
 //! steps and checks that their log equals the committed run's
 //! (`notebooks/fixtures/pretrained_model/`, made by the same notebook in
 //! full mode); the cells after it then show that committed run, and 4.3.5

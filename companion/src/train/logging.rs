@@ -126,6 +126,19 @@ impl BatchFigures {
     }
 }
 
+/// DeepSpeed's `steps_per_print` line.
+pub(super) fn ds_step_line(
+    step: usize,
+    skipped: usize,
+    lr: f64,
+    adam: &crate::optim::adamw::AdamWParams,
+) -> String {
+    format!(
+        "[Rank 0] step={step}, skipped={skipped}, lr=[{lr}], mom=[({}, {})]",
+        adam.beta1, adam.beta2
+    )
+}
+
 /// The log line a printed run shows for entry `e`.
 pub(super) fn log_line(
     e: &LogEntry,

@@ -374,17 +374,10 @@ impl Trainer {
             self.state.epoch = (self.state.global_step * accum) as f64 / per_epoch;
             if let Some(every) = self.plan.steps_per_print {
                 if verbose && self.state.global_step.is_multiple_of(every) {
-                    let a = self.engine.adam;
-                    bar.suspend(|| {
-                        eprintln!(
-                            "[Rank 0] step={}, skipped={}, lr=[{}], mom=[({}, {})]",
-                            self.state.global_step,
-                            self.engine.skipped_steps,
-                            step.lr,
-                            a.beta1,
-                            a.beta2
-                        )
-                    });
+                    let (gs, skipped) = (self.state.global_step, self.engine.skipped_steps);
+                    let line =
+                        super::logging::ds_step_line(gs, skipped, step.lr, &self.engine.adam);
+                    bar.suspend(|| eprintln!("{line}"));
                 }
             }
             self.state.total_flos += 6.0 * n_params as f64 * step.tokens as f64;

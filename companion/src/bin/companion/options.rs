@@ -91,9 +91,10 @@ pub struct PretrainFlags {
     /// Tokens per training example (run_clm's block_size).
     #[arg(long, default_value_t = 128)]
     pub block_size: usize,
-    /// Evaluate on the first N held-out blocks.
-    #[arg(long, default_value_t = 128)]
-    pub max_eval_samples: usize,
+    /// Evaluate on the first N held-out blocks (default: the whole
+    /// validation split, as run_clm without --max_eval_samples).
+    #[arg(long, value_name = "N")]
+    pub max_eval_samples: Option<usize>,
     /// Where the trained model goes (`trainer.save_model(...)`).
     #[arg(long, value_name = "DIR", default_value = "pretrained_model")]
     pub save_model_dir: PathBuf,
@@ -133,7 +134,7 @@ impl PretrainFlags {
             },
             dropout: Some(self.dropout),
             block_size: self.block_size,
-            max_eval_samples: Some(self.max_eval_samples),
+            max_eval_samples: self.max_eval_samples,
             save_model_dir: self.save_model_dir,
             prompt: self.prompt,
             max_new_tokens: self.max_new_tokens,
@@ -211,8 +212,8 @@ impl Default for PretrainOptions {
             },
             dropout: Some(0.0),
             block_size: 128,
-            // 128 blocks of 128 tokens: the first 16k validation tokens.
-            max_eval_samples: Some(128),
+            // The whole validation split (542 blocks, 69k tokens: seconds).
+            max_eval_samples: None,
             save_model_dir: "pretrained_model".into(),
             prompt: "Hi, how are you?".into(),
             max_new_tokens: 40,
