@@ -170,7 +170,7 @@ fn generate_honours_the_generation_config_file() {
         num_beams: 3,
         max_new_tokens: Some(6),
         eos_token_id: Some(companion::generate::TokenIds::One(100000)),
-        max_length: 9,
+        max_length: Some(9),
         ..GenerationConfig::from_model_config(&model.config)
     };
     let ids = AutoTokenizer::from_pretrained(m)

@@ -61,7 +61,7 @@ fn greedy_cases_equal_transformers() {
 fn beam_search_and_banned_tokens_equal_transformers() {
     let all = read_json(&fixture("tiny_gpt2_beam.json"));
     let cases = all["cases"].as_object().unwrap();
-    assert!(cases.len() >= 10);
+    assert!(cases.len() >= 12);
     for (name, c) in cases {
         let cfg: GenerationConfig = serde_json::from_value(c["kwargs"].clone()).unwrap();
         let ids: Vec<Vec<u32>> = serde_json::from_value(c["kwargs"]["input_ids"].clone()).unwrap();
@@ -97,6 +97,15 @@ fn unimplemented_generation_fields_are_refused_by_name() {
             serde_json::json!({"num_beams": 2, "num_return_sequences": 3}),
             "num_return_sequences 3",
         ),
+        (
+            serde_json::json!({"encoder_repetition_penalty": 1.2}),
+            "encoder_repetition_penalty",
+        ),
+        (
+            serde_json::json!({"bad_words_ids": [[64]]}),
+            "beyond the model's vocabulary of 64",
+        ),
+        (serde_json::json!({"bad_words_ids": []}), "bad_words_ids"),
     ] {
         let cfg: GenerationConfig = serde_json::from_value(json).unwrap();
         let err = model().generate(&ids, None, &cfg).unwrap_err().to_string();

@@ -31,8 +31,9 @@ fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 
 fn log_softmax(x: &[f32]) -> Vec<f32> {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f32 = x.iter().map(|&v| (v - m).exp()).sum::<f32>().ln() + m;
-    x.iter().map(|&v| v - z).collect()
+    // torch's order: (x - max) - log(sum(exp(x - max))).
+    let lse: f32 = x.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+    x.iter().map(|&v| (v - m) - lse).collect()
 }
 
 /// One prompt's search: its `num_return_sequences` best finished
@@ -48,7 +49,6 @@ pub(crate) fn search(
     let nb = cfg.num_beams;
     let p = prompt.len();
     let keep = 2usize.max(1 + eos.len()) * nb;
-    let lp = cfg.length_penalty as f32;
     let mut running: Vec<Vec<u32>> = vec![prompt.to_vec(); nb];
     let mut running_scores: Vec<f32> = (0..nb).map(|i| if i == 0 { 0.0 } else { NEG }).collect();
     // Finished slots: sequence, score, finished.
@@ -101,7 +101,8 @@ pub(crate) fn search(
         // Those among the first num_beams that stopped compete for the slots.
         let all_done = done.iter().all(|d| d.2);
         let full = all_done && cfg.early_stopping == EarlyStopping::Bool(true);
-        let norm = ((cur + 1 - p) as f32).powf(lp);
+        // A Python float (f64) in HF, used as an f32 scalar.
+        let norm = ((cur + 1 - p) as f64).powf(cfg.length_penalty) as f32;
         let mut merged = done.clone();
         for (k, c) in cand.iter().enumerate() {
             let finished = c.2 && k < nb;
@@ -125,10 +126,10 @@ pub(crate) fn search(
         cur += 1;
         // Can a running beam still beat the worst finished one?
         let best_len = match cfg.early_stopping {
-            EarlyStopping::Never(_) if lp > 0.0 => max_len - p,
+            EarlyStopping::Never(_) if cfg.length_penalty > 0.0 => max_len - p,
             _ => cur - p,
         };
-        let best_possible = running_scores[0] / (best_len as f32).powf(lp);
+        let best_possible = running_scores[0] / (best_len as f64).powf(cfg.length_penalty) as f32;
         let worst = done.iter().map(|d| d.1).fold(f32::INFINITY, f32::min);
         improvable &= done
             .iter()

@@ -49,6 +49,8 @@ impl Default for EarlyStopping {
 /// defaults: a file that sets one to another value is refused, naming it.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     ("typical_p", "1.0"),
+    ("encoder_repetition_penalty", "1.0"),
+    ("encoder_no_repeat_ngram_size", "0"),
     ("epsilon_cutoff", "0.0"),
     ("eta_cutoff", "0.0"),
     ("min_p", "null"),
@@ -78,7 +80,9 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
 #[serde(default)]
 pub struct GenerationConfig {
     /// Total length (prompt included); `max_new_tokens` wins when set.
-    pub max_length: usize,
+    /// Unset (and no `max_new_tokens`): 20 new tokens, at most the model's
+    /// positions, as transformers 5 does when no one sets `max_length`.
+    pub max_length: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub min_new_tokens: Option<usize>,
     pub do_sample: bool,
@@ -118,7 +122,7 @@ pub struct GenerationConfig {
 impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
-            max_length: 20,
+            max_length: None,
             max_new_tokens: None,
             min_new_tokens: None,
             do_sample: false,
@@ -194,6 +198,23 @@ impl GenerationConfig {
         )
     }
 
+    /// transformers refuses `bad_words_ids` naming a token the model does
+    /// not have.
+    pub(crate) fn validate_ids(&self, vocab_size: usize) -> Result<()> {
+        let beyond = self
+            .bad_words_ids
+            .iter()
+            .flatten()
+            .flatten()
+            .find(|&&t| t as usize >= vocab_size);
+        match beyond {
+            Some(t) => Err(ModelError::Input(format!(
+                "bad_words_ids names token {t}, beyond the model's vocabulary of {vocab_size}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Input(m));
         // Written so that NaN fails every check.
@@ -246,9 +267,9 @@ impl GenerationConfig {
             ));
         }
         if let Some(b) = &self.bad_words_ids {
-            if b.iter().any(|seq| seq.is_empty()) {
+            if b.is_empty() || b.iter().any(|seq| seq.is_empty()) {
                 return bad(
-                    "bad_words_ids holds an empty list: each must name at least one token".into(),
+                    "bad_words_ids must be a non-empty list of non-empty lists of token ids".into(),
                 );
             }
         }

@@ -57,6 +57,7 @@ impl GPT2LMHeadModel {
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<GenerateOutput> {
         cfg.validate()?;
+        cfg.validate_ids(self.config.vocab_size)?;
         // No autograd graph while generating (torch.no_grad in HF's generate).
         let model = self.for_inference();
         if input_ids.is_empty() {
@@ -101,9 +102,11 @@ impl GPT2LMHeadModel {
                     .into(),
             ));
         }
-        let max_len = match cfg.max_new_tokens {
-            Some(n) => width.saturating_add(n),
-            None => cfg.max_length,
+        let max_len = match (cfg.max_new_tokens, cfg.max_length) {
+            (Some(n), _) => width.saturating_add(n),
+            (None, Some(l)) => l,
+            // transformers: "by default let's always generate 20 new tokens".
+            (None, None) => (width + 20).min(self.config.n_positions),
         };
         if width >= self.config.n_positions {
             return Err(ModelError::Input(format!(
@@ -120,6 +123,11 @@ impl GPT2LMHeadModel {
             )));
         }
         if cfg.num_beams > 1 {
+            if keep_scores {
+                return Err(ModelError::Input(
+                    "per-step scores are not kept under beam search (num_beams > 1)".into(),
+                ));
+            }
             return beam_search(&model, &seqs, &mask, cfg, &eos, pad, max_len, on_token);
         }
         let rows = seqs.len();
@@ -202,7 +210,12 @@ fn beam_search(
         sequences.extend(beam::search(model, &seqs[r], &mask[r], cfg, eos, max_len)?);
     }
     let longest = sequences.iter().map(Vec::len).max().unwrap_or(width);
-    let fill = pad.unwrap_or(0);
+    // HF fills with `pad_token_id or eos_token_id[0]`: a pad id of 0 is falsy there.
+    let fill = match (pad, eos.first()) {
+        (Some(p), _) if p != 0 => p,
+        (_, Some(&e)) => e,
+        (p, None) => p.unwrap_or(0),
+    };
     for (r, s) in sequences.iter_mut().enumerate() {
         for &t in &s[width..] {
             on_token(r, t);

@@ -130,7 +130,7 @@ pub fn generate_cmd(c: GenerateCmd) -> Result<()> {
     let mut cfg = GenerationConfig::from_pretrained(&c.model, &model.config)?;
     // --max-new-tokens, else the file's max_new_tokens or max_length (as
     // transformers reads it), else 128 new tokens.
-    let file_sets_length = cfg.max_length != GenerationConfig::default().max_length;
+    let file_sets_length = cfg.max_length.is_some();
     if let Some(n) = c.max_new_tokens {
         cfg.max_new_tokens = Some(n);
     } else if cfg.max_new_tokens.is_none() && !file_sets_length {
