@@ -38,6 +38,7 @@ pub struct BigramScore {
 }
 
 impl Bigram {
+    /// Ids at or beyond `vocab` are not counted (no model predicts them).
     pub fn fit<'a>(vocab: usize, blocks: impl IntoIterator<Item = &'a [u32]>) -> Self {
         let mut m = Bigram {
             vocab,
@@ -47,7 +48,10 @@ impl Bigram {
             n: 0,
         };
         for b in blocks {
-            for w in b.windows(2) {
+            for w in b
+                .windows(2)
+                .filter(|w| w.iter().all(|&t| (t as usize) < vocab))
+            {
                 *m.pairs.entry((w[0], w[1])).or_default() += 1;
                 m.context[w[0] as usize] += 1;
                 m.unigram[w[1] as usize] += 1;
@@ -57,11 +61,12 @@ impl Bigram {
         m
     }
 
-    /// ln P(b | a).
+    /// ln P(b | a); an id outside the vocabulary counts as never seen.
     pub fn log_prob(&self, a: u32, b: u32, mu: f64) -> f64 {
-        let p1 = (self.unigram[b as usize] + 1) as f64 / (self.n + self.vocab as u64) as f64;
+        let count = |v: &[u64], t: u32| v.get(t as usize).copied().unwrap_or(0);
+        let p1 = (count(&self.unigram, b) + 1) as f64 / (self.n + self.vocab as u64) as f64;
         let c = *self.pairs.get(&(a, b)).unwrap_or(&0) as f64;
-        ((c + mu * p1) / (self.context[a as usize] as f64 + mu)).ln()
+        ((c + mu * p1) / (count(&self.context, a) as f64 + mu)).ln()
     }
 
     /// Mean negative log-likelihood per predicted token of `blocks`.
@@ -76,10 +81,11 @@ impl Bigram {
         nll / n.max(1) as f64
     }
 
-    /// Choose μ on the last tenth of `train`, count all of it, score `eval`.
+    /// Choose μ on the last tenth of `train` (at least one block; with one
+    /// block, μ is chosen on it), count all of it, score `eval`.
     pub fn fit_and_score(vocab: usize, train: &Dataset, eval: &Dataset) -> BigramScore {
         let blocks: Vec<_> = train.iter().collect();
-        let cut = blocks.len() - blocks.len() / 10;
+        let cut = blocks.len() - (blocks.len() / 10).max(1).min(blocks.len());
         let (fit, dev) = blocks.split_at(cut);
         let m = Bigram::fit(vocab, fit.iter().map(|b| &b[..]));
         let mu = MU_GRID

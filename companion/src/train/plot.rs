@@ -41,10 +41,14 @@ fn epoch_ends(state: &TrainerState, max_step: i64) -> Vec<(i64, usize)> {
     }) else {
         return Vec::new();
     };
-    (1..)
+    let mut ends: Vec<(i64, usize)> = (1..)
         .map(|k| (((k as f64) / per_step).round() as i64, k))
         .take_while(|&(s, _)| s < max_step)
-        .collect()
+        .filter(|&(s, _)| s > 0)
+        .collect();
+    // Epochs shorter than a step end on the same step: mark it once.
+    ends.dedup_by_key(|e| e.0);
+    ends
 }
 
 fn draw<DB: DrawingBackend>(
