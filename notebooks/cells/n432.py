@@ -59,8 +59,8 @@ my_tokenizer = PreTrainedTokenizerFast(
 )
 """),
     md("""
-`PreTrainedTokenizerFast` は `tokenizers` のトークナイザを `transformers` で使える形に包みます。
-特殊トークン `<bos>`, `<eos>`, `<pad>` (文の始まり・終わり・パディング) はこのとき語彙に加わるので、その ID は
+`PreTrainedTokenizerFast(tokenizer_object=...)` に渡すと、`transformers` の API (`tokenize`, `save_pretrained`,
+`DataCollatorForLanguageModeling` など) から使えるトークナイザになります。特殊トークン `<bos>`, `<eos>`, `<pad>` (文の始まり・終わり・パディング) はこのとき語彙に加わるので、その ID は
 学習した語彙の後ろ (30000, 30001, 30002) になります。元の GPT-2 は区切りに `<|endoftext|>` 1 つだけを使います。
 `min_frequency` は `train_from_iterator` の既定値 2 です。
 *`PreTrainedTokenizerFast` wraps the tokenizer for transformers and adds `<bos>`, `<eos>`, `<pad>` after the learned
@@ -80,7 +80,7 @@ check_eq!(my_tokenizer.encode(example)?, fx.at::<Vec<u32>>("/bpe30000/chapter/id
 """),
     listing("SentencePiece トークナイザの学習", "Training a SentencePiece (unigram) tokenizer", """
 import sentencepiece as spm
-from tokenizers import SentencePieceUnigramTokenizer
+from tokenizers import SentencePieceUnigramTokenizer  # ⚠ 書籍にはない行
 from transformers import PreTrainedTokenizerFast
 
 # SentencePieceモデルの学習 (corpus.txt: 1 行 1 文のコーパス)
@@ -98,7 +98,7 @@ my_tokenizer = PreTrainedTokenizerFast(
     pad_token="<pad>",
 )
 """, notes="""
-書籍のリストの名前と値に、⚠ の 1 行を足したものです。書籍のリストは SentencePiece を学習したあと、このリストでは
+書籍のリストの名前と値に、⚠ の 2 行を足したものです。書籍のリストは SentencePiece を学習したあと、このリストでは
 定義していない `tokenizer` を包みます (学習した `spm.model` は使われません)。BPE のリストのあとで実行すると
 `tokenizer` はバイトレベル BPE のままなので、包まれるのはその BPE です。書籍の出力に `Ġ` が出るのはそのためで、
 SentencePiece なら空白は `▁` になります。学習したモデルは `SentencePieceUnigramTokenizer.from_spm("spm.model")`
@@ -288,9 +288,9 @@ println!("{} fields equal the book's printed config; vocab_size {} (the book pri
 print(config)
 """),
     md("""
-Config には、どのアーキテクチャ用か (`architectures`)、活性化関数 (`activation_function`)、埋め込みの次元
-(`n_embd`)、ヘッド数 (`n_head`) などが入っています。`GPT2LMHeadModel(config)` はこの値どおりの層を作ります。
-第 2 章で Transformer に多数のハイパーパラメータを渡したのと同じことを、1 つの Config にまとめたものです。
+Config はモデルの形を決める値の集まりです: 層の数 (`n_layer`)、幅 (`n_embd`)、ヘッド数 (`n_head`)、
+活性化関数 (`activation_function`)、どのクラス用か (`architectures`) など。`GPT2LMHeadModel(config)` はこれを
+読んで層を作ります (第 2 章ではこうした値を 1 つずつ引数で渡しました)。
 書籍の出力では `vocab_size` が 30004 と印刷されていますが、30000 語彙 + 特殊トークン 3 個の `len(tokenizer)` は
 30003 です (Python でも同じ)。太字の 4 行が、リストで指定した項目です。transformers 5.24 の `print(config)` には
 書籍の出力にある `"_name_or_path"` は出ません。

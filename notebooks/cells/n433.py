@@ -10,12 +10,12 @@ CELLS = [
 4.2 節の 3D 並列化 (データ並列・テンソル並列・パイプライン並列) と ZeRO を自分で設計・実装するのは難しいので、
 大規模言語モデルの学習には分散学習を支えるライブラリを使います。書籍が挙げる 4 つ:
 
-| ライブラリ | 誰が | 書籍が述べること | ほかに加えるもの |
+| ライブラリ | 誰が | 書籍から (要点) | ほかに加えるもの |
 |---|---|---|---|
-| Megatron-LM | NVIDIA (2019) | もとは並列化を駆使して作られた数十億パラメータの LLM の名前。今は NVIDIA のリポジトリで、多くの Transformer 系モデルとその学習コードがある | テンソル並列 (層の中の行列を GPU 間で分割) とパイプライン並列の実装の元祖 |
-| DeepSpeed | Microsoft | 大規模モデルの学習を楽にするフレームワーク。3D 並列化、ZeRO、Mixture-of-Experts (MoE)、推論の効率化、モデル圧縮 | ZeRO (状態の分割と CPU / NVMe へのオフロード)。transformers の `Trainer` から `deepspeed=` で使える (4.3.4) |
-| Megatron-DeepSpeed | Microsoft | Megatron-LM のコードに DeepSpeed の機能を加えたリポジトリ。DeepSpeed で効率よく学習するサンプルコード | Megatron のテンソル・パイプライン並列と DeepSpeed の ZeRO を 1 つの学習で組み合わせる |
-| GPT-NeoX | EleutherAI | 大規模言語モデルを学習するライブラリ。Megatron-DeepSpeed と同じく、Megatron-LM ベースのモデルを DeepSpeed で学習できる | 設定ファイルだけで組み替えられる学習の仕組み (GPT-NeoX-20B, Pythia の学習に使われた) |
+| Megatron-LM | NVIDIA, 2019 | 数十億パラメータの LLM の名前 → 今は Transformer 系モデルと学習コードのリポジトリ | テンソル並列 (層の中の行列を GPU 間で分割, Shoeybi et al. 2019)。パイプライン並列は 2021 年 (PTD-P) に加わった |
+| DeepSpeed | Microsoft | 学習のフレームワーク: 3D 並列化, ZeRO, MoE, 推論の効率化, モデル圧縮 | ZeRO (状態の分割と CPU / NVMe へのオフロード)。transformers の `Trainer` から `deepspeed=` で使える (4.3.4) |
+| Megatron-DeepSpeed | Microsoft | Megatron-LM のコード + DeepSpeed の機能, 学習のサンプル | Megatron のテンソル・パイプライン並列と DeepSpeed の ZeRO を 1 つの学習で組み合わせる |
+| GPT-NeoX | EleutherAI | Megatron-LM 系のモデル + DeepSpeed | 設定ファイルだけで組み替えられる学習の仕組み (GPT-NeoX-20B, Pythia の学習に使われた) |
 
 この節には書籍のリストがありません。このノートブックでは、3D 並列化で各ランクが何を持ち何を送り合うかを GPT-2 の
 形で数え、ZeRO の論文の式と DeepSpeed の見積もり関数を計算し、CPU 上の「ランク」で ZeRO を実際に動かして

@@ -9,7 +9,7 @@ CELLS = [
 
 書籍はこの節で、GPT-2 の設定そのままの 108.9M パラメータのモデル (12 層, 幅 768, 語彙 30003) を GPU 上で
 `deepspeed` ランチャーから学習します。このノートブックは同じ流れ (コレータ → `dataset.map` → `TrainingArguments`
-+ `ds_config.json` → `Trainer` → `save_model`) を、2 コアの CPU で数分で終わる大きさ、1.86M パラメータ
++ `ds_config.json` → `Trainer` → `save_model`) を、2 コアの CPU で約 10 分で終わる大きさ、1.86M パラメータ
 (4 層, 幅 128, 2 ヘッド, 語彙 8192) で、このプロセスの 2 つのスレッドを DeepSpeed のランクとして実行します。
 ZeRO ステージ 2 (オプティマイザの状態を CPU にオフロード) の設定も書籍と同じく `ds_config.json` で渡します。
 学習の様子は 100 ステップごとの 1 行と、章のプロンプトに対する生成文 (0, 100, 1000, 2000 ステップ) で追えます。
@@ -22,7 +22,7 @@ from a `ds_config.json`, printing a line every 100 steps and a generation at ste
 
 | 項目 | 書籍 | ここ | 理由 |
 |---|---|---|---|
-| モデル | `gpt2` の Config (12 層, 幅 768, 108.9M) | 4 層, 幅 128, 2 ヘッド (1.86M) | 2 コアの CPU で数分の学習に収まる大きさ (`companion pretrain` と同じ) |
+| モデル | `gpt2` の Config (12 層, 幅 768, 108.9M) | 4 層, 幅 128, 2 ヘッド (1.86M) | 2 コアの CPU で約 10 分の学習に収まる大きさ (`companion pretrain` と同じ) |
 | 語彙数 | 30000 (+ 特殊トークン 3) | 8192 (+ 3) | 幅 128 では 30003 行の出力層が計算の約 3/4 を占める |
 | `n_ctx` / `n_positions` | `n_ctx=512` (位置は 1024 のまま) | 128 / 128 | ブロック長 128 (`n_ctx` だけでは長さは変わらない) |
 | dropout (3 か所) | 0.1 (`gpt2` の Config) | 0 | 約 2 エポックしか回さず、過学習より学習の遅れが問題になる |
@@ -52,7 +52,7 @@ use companion::prelude::*;
 let fx = notebook::Fixture::load("chapter")?;
 let docs = corpus::read_file(Path::new("../data/corpus/train.jsonl"), "text")?;
 // 変更点: 語彙は 30000 ではなく 8192 (companion pretrain と同じ)。幅 128 のモデルでは、30003 行の出力層が
-// 計算の 3/4 を占め、CPU の数分では学習が進みません。
+// 計算の 3/4 を占め、CPU の約 10 分では学習が進みません。
 // Deliberate change: 8192 tokens, not 30000: with a 128-wide model a 30003-row output layer would take 3/4 of the compute.
 let tokenizer = tokenizer::train(&TrainArgs { vocab_size: 8192, ..TrainArgs::default() }, docs.iter())?;
 tokenizer.save_pretrained(Path::new("tokenizer-8192"))?;
@@ -176,7 +176,6 @@ std::fs::write("ds_config.json", companion::serde_json::to_string_pretty(&ds_con
 println!("{}", std::fs::read_to_string("ds_config.json")?);
 """),
     listing("transformers を用いた学習", "Training with TrainingArguments and Trainer", """
-import torch
 from transformers import Trainer, TrainingArguments
 
 # 学習
@@ -224,7 +223,7 @@ Rust のセルは書籍の引数を 1 つずつ同じ名前で対応させます
     code("""
 let config = GPT2Config::from_pretrained_with("gpt2", &ConfigOverrides {
     vocab_size: Some(tokenizer.len()),
-    n_layer: Some(4), n_embd: Some(128), n_head: Some(2),   // 書籍: gpt2 の 12 層・幅 768。CPU で数分に収まる大きさ
+    n_layer: Some(4), n_embd: Some(128), n_head: Some(2),   // 書籍: gpt2 の 12 層・幅 768。CPU で約 10 分に収まる大きさ
     n_positions: Some(128), n_ctx: Some(128),               // 書籍: n_ctx=512。ブロック長 128
     bos_token_id: tokenizer.bos_token_id(),
     eos_token_id: tokenizer.eos_token_id(),
@@ -452,6 +451,11 @@ fn new_text(samples: &[notebook::Sample], i: usize) -> String {
 }
 check!(new_text(&samples, 0).matches("Distutils").count() >= 3, "step 0 repeats a token: {:?}", new_text(&samples, 0));
 check!(!new_text(&samples, 1).is_empty() && new_text(&samples, 1).trim().is_empty(), "step 100 writes only newlines: {:?}", new_text(&samples, 1));
+// ... the corpus's most frequent token:
+let mut counts = vec![0usize; tokenizer.len()];
+for b in train_dataset.iter() { for &t in b.iter() { counts[t as usize] += 1; } }
+let most = (0..counts.len()).max_by_key(|&i| counts[i]).unwrap() as u32;
+check_eq!(tokenizer.decode(&[most], false)?, "\n", "the most frequent token of the training blocks");
 check!(new_text(&samples, 2).contains(">>>") && new_text(&samples, 2).contains("def __init__(self)"), "step 1000 has the documentation's shape: {:?}", new_text(&samples, 2));
 check!(new_text(&samples, 3).contains("The following example") && new_text(&samples, 3).contains("argparse"), "step 2000: {:?}", new_text(&samples, 3));
 let table = notebook::Table(rows);

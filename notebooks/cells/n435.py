@@ -8,7 +8,7 @@ CELLS = [
 *Inference with the model trained in 4.3.4 (run that notebook first).*
 
 4.3.4 で保存したモデルで、書籍と同じプロンプト "Hi, how are you?" の続きを生成します。書籍の 108.9M パラメータの
-モデルに対して、ここでは 1.86M パラメータを CPU で数分学習しただけのモデルなので、出てくるのは意味の通る文章ではなく、
+モデルに対して、ここでは 1.86M パラメータを CPU で約 10 分学習しただけのモデルなので、出てくるのは意味の通る文章ではなく、
 学習に使った Python のドキュメントの断片です。貪欲法 (毎回いちばん確率の高いトークン) がこの大きさのモデルでは
 同じ句の繰り返し (ループ) に陥ることを確かめ、それを抑える方法 (繰り返しペナルティ、`no_repeat_ngram_size`、
 サンプリング) を比べます。
@@ -39,12 +39,10 @@ let trained = state["log_history"].as_array().unwrap().iter().rev().find_map(|e|
 check!((m.bits_per_byte - trained).abs() < 1e-4, "the saved model scores what training reported: {} vs {trained}", m.bits_per_byte);
 """),
     listing("学習済みモデルによる推論", "Inference with the pretrained model", """
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-# 書籍では 4.3.4 の model と tokenizer がメモリにある。ここでは保存したものを読む
-model = AutoModelForCausalLM.from_pretrained("pretrained_model").to("cuda")
-tokenizer = AutoTokenizer.from_pretrained("pretrained_model")
+import torch  # ⚠ 書籍にはない 4 行: 書籍では 4.3.4 の model と tokenizer がメモリにある
+from transformers import AutoModelForCausalLM, AutoTokenizer  # ⚠
+model = AutoModelForCausalLM.from_pretrained("pretrained_model").to("cuda")  # ⚠
+tokenizer = AutoTokenizer.from_pretrained("pretrained_model")  # ⚠
 
 prompt = "Hi, how are you?"
 
@@ -65,7 +63,7 @@ with torch.inference_mode():
 generated_text = tokenizer.decode(output[0], skip_special_tokens=False)
 print(generated_text)
 """, notes="""
-書籍のリストの名前と値のままです。上の 4 行 (import と読み込み) は、書籍では 4.3.4 から続けて実行するので
+書籍のリストの名前と値のままです。⚠ の 4 行 (import と読み込み) は、書籍では 4.3.4 から続けて実行するので
 ありません。GPU がなければ `.to("cuda")` を外します。
 - ⚠ 本文の説明では `max_new_token` と綴られています (リストは正しく `max_new_tokens`)。
 `generate(max_new_token=128)` は ``ValueError: The following `model_kwargs` are not used by the model: ['max_new_token']`` です。
@@ -104,6 +102,7 @@ let generated_text = tokenizer.decode(&output.sequences[0], false)?;
 println!("{generated_text}");
 let n = input_ids.len();
 println!("\\n({} prompt tokens + {} new tokens)", n, output.sequences[0].len() - n);
+check_eq!((n, output.sequences[0].len() - n), (7, 121), "7 prompt tokens and 121 new ones (the text below says so)");
 check!(generated_text.starts_with(prompt), "the output continues the prompt");
 /// Say whether the new tokens end in a loop, and what repeats.
 fn describe_loop(tokenizer: &AutoTokenizer, new: &[u32]) -> Result<Option<notebook::Loop>, Box<dyn std::error::Error>> {
@@ -144,6 +143,10 @@ match (loop_plain, loop_penalty) {
     _ => {}
 };
 check!(loop_penalty.is_some(), "with the book's repetition_penalty=1.1 greedy decoding still loops (the text above says so)");
+let (a, b) = (loop_plain.unwrap(), loop_penalty.unwrap());
+check_eq!(a.start, b.start, "both loops start at the same new token (the text above says so)");
+let stretch = tokenizer.decode(&output.sequences[0][n + b.start..n + b.start + b.period], false)?;
+check!(stretch.contains("foo") && b.repeats() >= 25.0, "the book's setting repeats 'foo' 25 times: {stretch:?} × {}", b.repeats());
 """),
     md("""
 ### 同じ n-gram を繰り返さない: `no_repeat_ngram_size`
