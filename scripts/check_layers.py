@@ -20,7 +20,7 @@ BIN = SRC / "bin" / "companion"
 # The data flow, first to last; a module may import only from earlier ones
 # (and from itself). `generate` comes before the training modules because
 # `save_model` writes the model's `generation_config.json`.
-ORDER = ["atomic_write", "hub", "hf_json", "rng", "sysmem", "tokenizer", "data", "config", "params", "cpu",
+ORDER = ["atomic_write", "hub", "hf_json", "torch_file", "rng", "sysmem", "tokenizer", "data", "config", "params", "cpu",
          "model", "generate", "optim", "zero", "train", "notebook", "collect_env"]
 
 

@@ -20,6 +20,7 @@ pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod sysmem;
+pub mod torch_file;
 pub mod zero;
 
 pub use config::GPT2Config;

@@ -1,0 +1,280 @@
+//! Writing the files `torch.save` writes (`optimizer.pt`, `scheduler.pt`,
+//! `rng_state.pth`): a zip archive, stored uncompressed, holding
+//! `archive/data.pkl` (a pickle, protocol 2), one `archive/data/N` file of
+//! raw little-endian bytes per tensor, `archive/byteorder` and
+//! `archive/version`. Only what `torch.load(..., weights_only=True)` accepts
+//! is written: None, bools, ints, floats, strings, lists, tuples, dicts and
+//! dense CPU tensors rebuilt by `torch._utils._rebuild_tensor_v2`.
+//!
+//! Written by hand: no crate writes PyTorch's pickles (candle reads them;
+//! `serde-pickle` has no persistent ids, which tensors need). The zip
+//! container is the `zip` crate's.
+
+use std::io::Write;
+use std::path::Path;
+
+/// A Python value as `torch.save` pickles it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PyValue {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    List(Vec<PyValue>),
+    Tuple(Vec<PyValue>),
+    /// A dict, in insertion order.
+    Dict(Vec<(PyValue, PyValue)>),
+    Tensor(TorchTensor),
+}
+
+/// A dense, contiguous CPU tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TorchTensor {
+    pub dtype: TorchDtype,
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes, row-major.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchDtype {
+    F32,
+    F64,
+    I64,
+    U8,
+}
+
+impl TorchDtype {
+    fn storage(self) -> &'static str {
+        match self {
+            TorchDtype::F32 => "FloatStorage",
+            TorchDtype::F64 => "DoubleStorage",
+            TorchDtype::I64 => "LongStorage",
+            TorchDtype::U8 => "ByteStorage",
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            TorchDtype::F64 | TorchDtype::I64 => 8,
+            TorchDtype::F32 => 4,
+            TorchDtype::U8 => 1,
+        }
+    }
+}
+
+impl TorchTensor {
+    pub fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        TorchTensor {
+            dtype: TorchDtype::F32,
+            shape,
+            bytes,
+        }
+    }
+
+    pub fn u8(values: &[u8]) -> Self {
+        TorchTensor {
+            dtype: TorchDtype::U8,
+            shape: vec![values.len()],
+            bytes: values.to_vec(),
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+}
+
+/// Pickle protocol 2 opcodes used here.
+mod op {
+    pub const PROTO: u8 = 0x80;
+    pub const STOP: u8 = b'.';
+    pub const NONE: u8 = b'N';
+    pub const NEWTRUE: u8 = 0x88;
+    pub const NEWFALSE: u8 = 0x89;
+    pub const BININT: u8 = b'J';
+    pub const LONG1: u8 = 0x8a;
+    pub const BINFLOAT: u8 = b'G';
+    pub const BINUNICODE: u8 = b'X';
+    pub const EMPTY_LIST: u8 = b']';
+    pub const APPENDS: u8 = b'e';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const SETITEMS: u8 = b'u';
+    pub const MARK: u8 = b'(';
+    pub const TUPLE: u8 = b't';
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const GLOBAL: u8 = b'c';
+    pub const REDUCE: u8 = b'R';
+    pub const BINPERSID: u8 = b'Q';
+}
+
+/// The pickle and the tensors' storages, numbered as written.
+struct Pickler {
+    out: Vec<u8>,
+    storages: Vec<Vec<u8>>,
+}
+
+impl Pickler {
+    fn global(&mut self, module: &str, name: &str) {
+        self.out.push(op::GLOBAL);
+        self.out
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.out.push(op::BINUNICODE);
+        self.out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    fn int(&mut self, v: i64) {
+        if let Ok(small) = i32::try_from(v) {
+            self.out.push(op::BININT);
+            self.out.extend_from_slice(&small.to_le_bytes());
+        } else {
+            self.out.push(op::LONG1);
+            self.out.push(8);
+            self.out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn tuple(&mut self, items: impl FnOnce(&mut Self)) {
+        self.out.push(op::MARK);
+        items(self);
+        self.out.push(op::TUPLE);
+    }
+
+    fn value(&mut self, v: &PyValue) {
+        match v {
+            PyValue::None => self.out.push(op::NONE),
+            PyValue::Bool(b) => self.out.push(if *b { op::NEWTRUE } else { op::NEWFALSE }),
+            PyValue::Int(i) => self.int(*i),
+            PyValue::Float(f) => {
+                self.out.push(op::BINFLOAT);
+                self.out.extend_from_slice(&f.to_be_bytes());
+            }
+            PyValue::Str(s) => self.str(s),
+            PyValue::List(items) => {
+                self.out.push(op::EMPTY_LIST);
+                if !items.is_empty() {
+                    self.out.push(op::MARK);
+                    items.iter().for_each(|x| self.value(x));
+                    self.out.push(op::APPENDS);
+                }
+            }
+            PyValue::Tuple(items) if items.is_empty() => self.out.push(op::EMPTY_TUPLE),
+            PyValue::Tuple(items) => self.tuple(|p| items.iter().for_each(|x| p.value(x))),
+            PyValue::Dict(items) => {
+                self.out.push(op::EMPTY_DICT);
+                if !items.is_empty() {
+                    self.out.push(op::MARK);
+                    for (k, x) in items {
+                        self.value(k);
+                        self.value(x);
+                    }
+                    self.out.push(op::SETITEMS);
+                }
+            }
+            PyValue::Tensor(t) => self.tensor(t),
+        }
+    }
+
+    /// `_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`,
+    /// the storage by persistent id `("storage", FloatStorage, key, "cpu", n)`.
+    fn tensor(&mut self, t: &TorchTensor) {
+        let key = self.storages.len();
+        self.storages.push(t.bytes.clone());
+        let mut stride = vec![1usize; t.shape.len()];
+        for i in (0..t.shape.len().saturating_sub(1)).rev() {
+            stride[i] = stride[i + 1] * t.shape[i + 1];
+        }
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.tuple(|p| {
+            p.tuple(|p| {
+                p.str("storage");
+                p.global("torch", t.dtype.storage());
+                p.str(&key.to_string());
+                p.str("cpu");
+                p.int(t.numel() as i64);
+            });
+            p.out.push(op::BINPERSID);
+            p.int(0);
+            p.value(&PyValue::Tuple(
+                t.shape.iter().map(|&d| PyValue::Int(d as i64)).collect(),
+            ));
+            p.value(&PyValue::Tuple(
+                stride.iter().map(|&d| PyValue::Int(d as i64)).collect(),
+            ));
+            p.out.push(op::NEWFALSE);
+            p.global("collections", "OrderedDict");
+            p.out.push(op::EMPTY_TUPLE);
+            p.out.push(op::REDUCE);
+        });
+        self.out.push(op::REDUCE);
+    }
+}
+
+/// `torch.save(value, path)`, written to a temporary file and renamed into
+/// place.
+pub fn save(value: &PyValue, path: &Path) -> std::io::Result<()> {
+    let mut p = Pickler {
+        out: vec![op::PROTO, 2],
+        storages: Vec::new(),
+    };
+    p.value(value);
+    p.out.push(op::STOP);
+    let mut zip_bytes = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut zip_bytes);
+        // torch aligns each record to 64 bytes so it can map them.
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .with_alignment(64);
+        let mut put = |name: String, bytes: &[u8]| -> std::io::Result<()> {
+            z.start_file(name, opts).map_err(std::io::Error::other)?;
+            z.write_all(bytes)
+        };
+        put("archive/data.pkl".into(), &p.out)?;
+        put("archive/byteorder".into(), b"little")?;
+        for (i, s) in p.storages.iter().enumerate() {
+            put(format!("archive/data/{i}"), s)?;
+        }
+        put("archive/version".into(), b"3\n")?;
+        z.finish().map_err(std::io::Error::other)?;
+    }
+    crate::atomic_write::write_file_atomically(path, zip_bytes.get_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pickles_small_values_as_python_does() {
+        // pickle.dumps({"a": [1, 2.5, None, True], "b": ("x",)}, protocol=2)
+        // minus memo opcodes (BINPUT), which we never write.
+        let mut p = Pickler {
+            out: vec![],
+            storages: vec![],
+        };
+        p.value(&PyValue::Dict(vec![(
+            PyValue::Str("a".into()),
+            PyValue::List(vec![PyValue::Int(1), PyValue::None, PyValue::Bool(true)]),
+        )]));
+        assert_eq!(
+            p.out,
+            b"}(X\x01\x00\x00\x00a](J\x01\x00\x00\x00N\x88eu".to_vec()
+        );
+        let mut p = Pickler {
+            out: vec![],
+            storages: vec![],
+        };
+        p.int(1 << 40);
+        assert_eq!(
+            p.out,
+            [&[op::LONG1, 8][..], &(1i64 << 40).to_le_bytes()].concat()
+        );
+    }
+}
