@@ -334,6 +334,78 @@ fn a_callback_gets_the_model_at_the_steps_it_asks_for() {
     );
 }
 
+/// transformers' Trainer loads a checkpoint written here the way
+/// `resume_from_checkpoint` does (`_load_optimizer_and_scheduler`:
+/// `torch.load(optimizer.pt / scheduler.pt, weights_only=True)` into the
+/// AdamW and LambdaLR it builds): every parameter's Adam moments equal our
+/// optimizer.safetensors, its groups are HF's decay / no-decay split, and
+/// the schedule stands at our step and learning rate.
+#[test]
+fn transformers_loads_our_optimizer_and_scheduler_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut t = small_run(&out, 6, false);
+    // Stop at step 3 of the 6-step schedule (checkpoint-3 is written there).
+    t.add_callback(companion::train::StopAtStep(3));
+    t.train().unwrap();
+    let ckpt = out.join("checkpoint-3");
+    let got = run_python(
+        "hf_load_optimizer.py",
+        &[ckpt.to_str().unwrap(), "0.01", "0.1", "cosine", "2", "6"],
+    );
+    let ours =
+        candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    let state = got["state"].as_object().unwrap();
+    assert_eq!(
+        state.len() * 2,
+        ours.len(),
+        "every parameter has its moments"
+    );
+    for (name, st) in state {
+        for m in ["exp_avg", "exp_avg_sq"] {
+            let want: Vec<f32> = ours[&format!("{name}.{m}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let have: Vec<f32> = serde_json::from_value(st[m].clone()).unwrap();
+            assert_eq!(have, want, "{name}.{m}");
+        }
+        assert_eq!(st["step"], 3.0);
+    }
+    // HF's groups: weights of Linear/Conv1D/Embedding layers decay, biases and LayerNorms do not.
+    let groups = got["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    assert_eq!(
+        (
+            groups[0]["weight_decay"].as_f64(),
+            groups[1]["weight_decay"].as_f64()
+        ),
+        (Some(0.1), Some(0.0))
+    );
+    for p in groups[0]["params"].as_array().unwrap() {
+        let p = p.as_str().unwrap();
+        assert!(p.ends_with(".weight") && !p.contains("ln_"), "{p} decays");
+    }
+    for p in groups[1]["params"].as_array().unwrap() {
+        let p = p.as_str().unwrap();
+        assert!(
+            p.ends_with(".bias") || p.contains("ln_"),
+            "{p} does not decay"
+        );
+    }
+    let lr3 = lr_at(SchedulerType::Cosine, 0.01, 3, 2, 6);
+    assert_eq!(got["last_epoch"], 3);
+    for g in groups {
+        assert!(
+            (g["lr"].as_f64().unwrap() - lr3).abs() < 1e-12,
+            "{} vs {lr3}",
+            g["lr"]
+        );
+    }
+    assert!((got["last_lr"][0].as_f64().unwrap() - lr3).abs() < 1e-12);
+}
+
 /// A callback that stops training (HF: `control.should_training_stop`)
 /// leaves the first steps of the full run: the same log entries, one
 /// evaluation at the step it stopped on (not a second, final one), and the

@@ -219,6 +219,11 @@ impl Pickler {
 /// `torch.save(value, path)`, written to a temporary file and renamed into
 /// place.
 pub fn save(value: &PyValue, path: &Path) -> std::io::Result<()> {
+    crate::atomic_write::write_file_atomically(path, &to_bytes(value)?)
+}
+
+/// The bytes `torch.save(value, f)` writes.
+pub fn to_bytes(value: &PyValue) -> std::io::Result<Vec<u8>> {
     let mut p = Pickler {
         out: vec![op::PROTO, 2],
         storages: Vec::new(),
@@ -244,7 +249,7 @@ pub fn save(value: &PyValue, path: &Path) -> std::io::Result<()> {
         put("archive/version".into(), b"3\n")?;
         z.finish().map_err(std::io::Error::other)?;
     }
-    crate::atomic_write::write_file_atomically(path, zip_bytes.get_ref())
+    Ok(zip_bytes.into_inner())
 }
 
 #[cfg(test)]

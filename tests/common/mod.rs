@@ -118,7 +118,9 @@ pub fn python() -> String {
     std::env::var("COMPANION_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Run a Python script of tests/python and parse the JSON it prints.
+/// Run a Python script of tests/python and parse the JSON it prints on its
+/// last line (libraries it imports may log to stdout before it: DeepSpeed's
+/// accelerator notice does).
 pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
     let out = Command::new(python())
         .arg(root().join("tests").join("python").join(script))
@@ -132,7 +134,13 @@ pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
         "{script} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| {
         panic!(
             "{script} printed no JSON ({e}):\n{}",
             String::from_utf8_lossy(&out.stdout)

@@ -44,11 +44,13 @@ impl Trainer {
         Ok(())
     }
 
-    /// Files of a checkpoint folder (HF's, with safetensors/JSON for the
-    /// PyTorch pickles: optimizer.safetensors + optimizer.json = optimizer.pt,
-    /// scheduler.json = scheduler.pt, rng_state.json = rng_state.pth,
-    /// training_args.json = training_args.bin). Under DeepSpeed the Adam
-    /// moments are in each rank's shard instead (see `save_checkpoint`).
+    /// Files of a checkpoint folder: HF's, with safetensors/JSON that resume
+    /// reads here (optimizer.safetensors + optimizer.json, scheduler.json,
+    /// rng_state.json = rng_state.pth, training_args.json =
+    /// training_args.bin) and, beside them, optimizer.pt and scheduler.pt as
+    /// transformers' Trainer writes them (`hf_checkpoint`). Under DeepSpeed
+    /// the Adam moments are in each rank's shard instead (see
+    /// `save_checkpoint`).
     fn checkpoint_files(&self, model: &GPT2LMHeadModel) -> Result<Vec<(String, Vec<u8>)>> {
         let mut files: Vec<(String, Vec<u8>)> = model
             .pretrained_files()?
@@ -62,8 +64,9 @@ impl Trainer {
         ));
         if !self.plan.zero.is_deepspeed() {
             // Optimizer moments by parameter name.
+            let moments = self.engine.moments_by_name()?;
             let mut tensors: Vec<(String, Tensor)> = Vec::new();
-            for (name, m, v) in self.engine.moments_by_name()? {
+            for (name, m, v) in moments.iter().cloned() {
                 let shape = model
                     .named_parameters()
                     .into_iter()
@@ -86,6 +89,29 @@ impl Trainer {
                     msg: e.to_string(),
                 })?;
             files.push(("optimizer.safetensors".into(), opt));
+            // The same state as transformers' Trainer writes it.
+            let base = self.plan.learning_rate;
+            let now = self.plan.schedule.lr_at(self.state.global_step, base);
+            let pt = |name: &str, v: crate::torch_file::PyValue| {
+                crate::torch_file::to_bytes(&v)
+                    .map(|b| (name.to_string(), b))
+                    .map_err(|e| TrainError::Io {
+                        path: name.into(),
+                        msg: e.to_string(),
+                    })
+            };
+            let adam = self.engine.adam;
+            let opt_pt = super::hf_checkpoint::optimizer_pt(
+                &model.config,
+                &moments,
+                self.engine.step,
+                now,
+                base,
+                &adam,
+            )?;
+            files.push(pt("optimizer.pt", opt_pt)?);
+            let sched = super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step);
+            files.push(pt("scheduler.pt", sched)?);
         } else {
             files.push((
                 "latest".into(),

@@ -14,6 +14,7 @@ pub mod callback;
 pub mod checkpoint;
 mod error;
 pub mod eval;
+mod hf_checkpoint;
 mod hf_fields;
 pub mod lock;
 mod logging;
