@@ -165,6 +165,14 @@ fn small_run(out: &std::path::Path, max_steps: i64, dropout: bool) -> Trainer {
     t
 }
 
+/// The steps of the `checkpoint-N` folders in `out`, in order.
+fn checkpoint_steps(out: &std::path::Path) -> Vec<usize> {
+    companion::train::list_checkpoints(out)
+        .iter()
+        .map(|c| c.0)
+        .collect()
+}
+
 fn weights(t: &Trainer) -> Vec<u8> {
     t.model.state_dict_bytes().unwrap()
 }
@@ -230,9 +238,8 @@ fn a_crash_while_checkpointing_keeps_the_previous_checkpoint() {
     t.faults.fail_checkpoint_at_step = Some(6);
     let err = t.train().unwrap_err().to_string();
     assert!(err.contains("injected failure"), "{err}");
-    let ckpts = companion::train::list_checkpoints(&out);
     assert_eq!(
-        ckpts.iter().map(|c| c.0).collect::<Vec<_>>(),
+        checkpoint_steps(&out),
         vec![3],
         "only the complete checkpoint-3 is there"
     );
@@ -262,10 +269,7 @@ fn a_checkpoint_that_cannot_be_deleted_does_not_stop_training() {
     t.faults.fail_rotation = true;
     t.train().unwrap();
     assert_eq!(t.state.global_step, 6);
-    let ckpts: Vec<usize> = companion::train::list_checkpoints(&out)
-        .iter()
-        .map(|c| c.0)
-        .collect();
+    let ckpts = checkpoint_steps(&out);
     assert_eq!(
         ckpts,
         vec![3, 6],
@@ -276,10 +280,7 @@ fn a_checkpoint_that_cannot_be_deleted_does_not_stop_training() {
     let mut t = small_run(&out, 6, false);
     t.args.save_total_limit = Some(1);
     t.train().unwrap();
-    let ckpts: Vec<usize> = companion::train::list_checkpoints(&out)
-        .iter()
-        .map(|c| c.0)
-        .collect();
+    let ckpts = checkpoint_steps(&out);
     assert_eq!(ckpts, vec![6]);
 }
 
@@ -482,11 +483,7 @@ fn save_total_limit_keeps_the_newest() {
     let mut t = small_run(&dir.path().join("o"), 9, false);
     t.args.save_total_limit = Some(2);
     t.train().unwrap();
-    let ckpts: Vec<usize> = companion::train::list_checkpoints(&dir.path().join("o"))
-        .iter()
-        .map(|c| c.0)
-        .collect();
-    assert_eq!(ckpts, vec![6, 9]);
+    assert_eq!(checkpoint_steps(&dir.path().join("o")), vec![6, 9]);
 }
 
 #[test]

@@ -110,13 +110,13 @@ mod op {
     pub const BINPERSID: u8 = b'Q';
 }
 
-/// The pickle and the tensors' storages, numbered as written.
-struct Pickler {
+/// The pickle and the tensors' storages (borrowed), numbered as written.
+struct Pickler<'a> {
     out: Vec<u8>,
-    storages: Vec<Vec<u8>>,
+    storages: Vec<&'a [u8]>,
 }
 
-impl Pickler {
+impl<'a> Pickler<'a> {
     fn global(&mut self, module: &str, name: &str) {
         self.out.push(op::GLOBAL);
         self.out
@@ -146,7 +146,16 @@ impl Pickler {
         self.out.push(op::TUPLE);
     }
 
-    fn value(&mut self, v: &PyValue) {
+    /// A tuple of sizes (`()` for a scalar's shape).
+    fn int_tuple(&mut self, xs: &[usize]) {
+        if xs.is_empty() {
+            self.out.push(op::EMPTY_TUPLE);
+        } else {
+            self.tuple(|p| xs.iter().for_each(|&x| p.int(x as i64)));
+        }
+    }
+
+    fn value(&mut self, v: &'a PyValue) {
         match v {
             PyValue::None => self.out.push(op::NONE),
             PyValue::Bool(b) => self.out.push(if *b { op::NEWTRUE } else { op::NEWFALSE }),
@@ -183,9 +192,9 @@ impl Pickler {
 
     /// `_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`,
     /// the storage by persistent id `("storage", FloatStorage, key, "cpu", n)`.
-    fn tensor(&mut self, t: &TorchTensor) {
+    fn tensor(&mut self, t: &'a TorchTensor) {
         let key = self.storages.len();
-        self.storages.push(t.bytes.clone());
+        self.storages.push(&t.bytes);
         let mut stride = vec![1usize; t.shape.len()];
         for i in (0..t.shape.len().saturating_sub(1)).rev() {
             stride[i] = stride[i + 1] * t.shape[i + 1];
@@ -201,12 +210,8 @@ impl Pickler {
             });
             p.out.push(op::BINPERSID);
             p.int(0);
-            p.value(&PyValue::Tuple(
-                t.shape.iter().map(|&d| PyValue::Int(d as i64)).collect(),
-            ));
-            p.value(&PyValue::Tuple(
-                stride.iter().map(|&d| PyValue::Int(d as i64)).collect(),
-            ));
+            p.int_tuple(&t.shape);
+            p.int_tuple(&stride);
             p.out.push(op::NEWFALSE);
             p.global("collections", "OrderedDict");
             p.out.push(op::EMPTY_TUPLE);
@@ -258,16 +263,18 @@ mod tests {
 
     #[test]
     fn pickles_small_values_as_python_does() {
-        // pickle.dumps({"a": [1, 2.5, None, True], "b": ("x",)}, protocol=2)
-        // minus memo opcodes (BINPUT), which we never write.
+        // pickle.dumps({"a": [1, None, True]}, protocol=2) without its header,
+        // its memo opcodes (BINPUT, which we never write) and STOP, and with
+        // BININT where Python picks the shorter BININT1 for small ints.
         let mut p = Pickler {
             out: vec![],
             storages: vec![],
         };
-        p.value(&PyValue::Dict(vec![(
+        let v = PyValue::Dict(vec![(
             PyValue::Str("a".into()),
             PyValue::List(vec![PyValue::Int(1), PyValue::None, PyValue::Bool(true)]),
-        )]));
+        )]);
+        p.value(&v);
         assert_eq!(
             p.out,
             b"}(X\x01\x00\x00\x00a](J\x01\x00\x00\x00N\x88eu".to_vec()

@@ -139,7 +139,7 @@ pub fn apply_top_p(scores: &mut [f32], top_p: f64) {
     }
 }
 
-pub(crate) fn argmax(scores: &[f32]) -> u32 {
+fn argmax(scores: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &s) in scores.iter().enumerate() {
         if s > scores[best] {

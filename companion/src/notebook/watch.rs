@@ -155,15 +155,30 @@ impl TrainerCallback for WatchTraining {
         if !self.print {
             return;
         }
-        let step = state.global_step;
-        if step.is_multiple_of(self.every) || step == state.max_steps {
-            if let Some(line) = progress_line(state, step) {
-                println!("{line}");
-            }
+        print_step(
+            state,
+            state.global_step,
+            self.every,
+            self.pending.take().iter(),
+        );
+    }
+}
+
+/// What is printed after `step`: its progress line when it falls on `every`
+/// (or is the last), then its samples. The live run and the replay share it.
+fn print_step<'a>(
+    state: &TrainerState,
+    step: usize,
+    every: usize,
+    samples: impl Iterator<Item = &'a Sample>,
+) {
+    if step.is_multiple_of(every.max(1)) || step == state.max_steps {
+        if let Some(line) = progress_line(state, step) {
+            println!("{line}");
         }
-        if let Some(s) = self.pending.take() {
-            println!("{}", sample_line(&s));
-        }
+    }
+    for s in samples {
+        println!("{}", sample_line(s));
     }
 }
 
@@ -171,14 +186,12 @@ impl TrainerCallback for WatchTraining {
 /// finished run (the committed run, in the quick mode), with its samples.
 pub fn replay(state: &TrainerState, samples: &[Sample], after: usize, every: usize) {
     for step in after + 1..=state.max_steps {
-        if step.is_multiple_of(every.max(1)) || step == state.max_steps {
-            if let Some(line) = progress_line(state, step) {
-                println!("{line}");
-            }
-        }
-        for s in samples.iter().filter(|s| s.step == step) {
-            println!("{}", sample_line(s));
-        }
+        print_step(
+            state,
+            step,
+            every,
+            samples.iter().filter(|s| s.step == step),
+        );
     }
 }
 

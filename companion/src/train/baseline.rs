@@ -47,6 +47,13 @@ impl Bigram {
             unigram: vec![0; vocab],
             n: 0,
         };
+        m.count(blocks);
+        m
+    }
+
+    /// Add `blocks`' pairs to the counts.
+    fn count<'a>(&mut self, blocks: impl IntoIterator<Item = &'a [u32]>) {
+        let (vocab, m) = (self.vocab, self);
         for b in blocks {
             for w in b
                 .windows(2)
@@ -58,7 +65,6 @@ impl Bigram {
                 m.n += 1;
             }
         }
-        m
     }
 
     /// ln P(b | a); an id outside the vocabulary counts as never seen.
@@ -87,13 +93,13 @@ impl Bigram {
         let blocks: Vec<_> = train.iter().collect();
         let cut = blocks.len() - (blocks.len() / 10).max(1).min(blocks.len());
         let (fit, dev) = blocks.split_at(cut);
-        let m = Bigram::fit(vocab, fit.iter().map(|b| &b[..]));
+        let mut m = Bigram::fit(vocab, fit.iter().map(|b| &b[..]));
         let mu = MU_GRID
             .into_iter()
             .map(|mu| (mu, m.loss(dev.iter().map(|b| &b[..]), mu)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map_or(1.0, |(mu, _)| mu);
-        let m = Bigram::fit(vocab, blocks.iter().map(|b| &b[..]));
+        m.count(dev.iter().map(|b| &b[..]));
         let held: Vec<_> = eval.iter().collect();
         let loss = m.loss(held.iter().map(|b| &b[..]), mu);
         BigramScore {
