@@ -918,20 +918,37 @@ fn a_resume_refuses_checkpoint_files_that_disagree() {
             "n_embd is 64, this run's model has 32",
         ),
         (
-            "optimizer.safetensors",
+            "optimizer.pt",
             Box::new(|c: &Path| {
-                let f = c.join("optimizer.safetensors");
-                let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
-                let k = t
-                    .keys()
-                    .find(|k| k.ends_with(".exp_avg_sq"))
-                    .unwrap()
-                    .clone();
-                let bad = (t[&k].ones_like().unwrap() * -1.0).unwrap();
-                t.insert(k, bad);
-                candle_core::safetensors::save(&t, &f).unwrap();
+                use companion::torch_file::{PyValue, TorchTensor};
+                let f = c.join("optimizer.pt");
+                let mut v = companion::torch_file::load(&f).unwrap().to_owned_value();
+                let PyValue::Dict(state) = v.get_mut("state").unwrap() else {
+                    panic!("optimizer.pt has a state dict")
+                };
+                let sq = state[0].1.get_mut("exp_avg_sq").unwrap();
+                let PyValue::Tensor(t) = sq else {
+                    panic!("exp_avg_sq is a tensor")
+                };
+                let n: usize = t.shape.iter().product();
+                *sq = PyValue::Tensor(TorchTensor::f32(t.shape.clone(), &vec![-1.0; n]));
+                companion::torch_file::save(&v, &f).unwrap();
             }),
             "exp_avg_sq holds -1",
+        ),
+        (
+            "optimizer.pt",
+            Box::new(|c: &Path| std::fs::write(c.join("optimizer.pt"), b"PK\x03\x04 cut").unwrap()),
+            "not a torch.save file",
+        ),
+        (
+            "scheduler.pt",
+            Box::new(|c: &Path| {
+                use companion::torch_file::PyValue;
+                let v = PyValue::Dict(vec![(PyValue::str("last_epoch"), PyValue::Int(7))]);
+                companion::torch_file::save(&v, &c.join("scheduler.pt")).unwrap();
+            }),
+            "the schedule is at step 7",
         ),
     ];
     for (i, (file, damage, want)) in cases.iter().enumerate() {

@@ -119,14 +119,18 @@ fn campaign(label: &str, extra: &[&str], seed: u64) {
     // The last checkpoint, every file of it (optimizer state, ZeRO shards,
     // trainer state aside from timings), is byte for byte the straight run's.
     let last = format!("checkpoint-{STEPS}");
-    for f in ["model.safetensors", "optimizer.json", "scheduler.json"]
-        .into_iter()
-        .map(String::from)
-        .chain((0..2).map(|r| {
-            format!("global_step{STEPS}/zero_pp_rank_{r}_mp_rank_00_optim_states.safetensors")
-        }))
-        .chain(std::iter::once("optimizer.safetensors".to_string()))
-    {
+    for f in [
+        "model.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "optimizer.pt",
+        "scheduler.pt",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain((0..2).map(|r| {
+        format!("global_step{STEPS}/zero_pp_rank_{r}_mp_rank_00_optim_states.safetensors")
+    })) {
         let a = dir.path().join("straight").join(&last).join(&f);
         let b = out.join(&last).join(&f);
         if a.exists() || b.exists() {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use super::error::{io_err, Result, TrainError};
@@ -63,33 +63,9 @@ impl Trainer {
             gen.to_json_string().into_bytes(),
         ));
         if !self.plan.zero.is_deepspeed() {
-            // Optimizer moments by parameter name.
+            // Adam's state as transformers' Trainer writes it (the one copy:
+            // resuming reads it back, here and in Python).
             let moments = self.engine.moments_by_name()?;
-            let mut tensors: Vec<(String, Tensor)> = Vec::new();
-            for (name, m, v) in moments.iter().cloned() {
-                let shape = model
-                    .named_parameters()
-                    .into_iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, v)| v.shape().clone());
-                let shape =
-                    shape.ok_or_else(|| TrainError::Args(format!("no parameter {name}")))?;
-                tensors.push((
-                    format!("{name}.exp_avg"),
-                    Tensor::from_vec(m, shape.clone(), &Device::Cpu)?,
-                ));
-                tensors.push((
-                    format!("{name}.exp_avg_sq"),
-                    Tensor::from_vec(v, shape, &Device::Cpu)?,
-                ));
-            }
-            let opt = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
-                .map_err(|e| TrainError::Io {
-                    path: "optimizer.safetensors".into(),
-                    msg: e.to_string(),
-                })?;
-            files.push(("optimizer.safetensors".into(), opt));
-            // The same state as transformers' Trainer writes it.
             let base = self.plan.learning_rate;
             let now = self.plan.schedule.lr_at(self.state.global_step, base);
             let pt = |name: &str, v: crate::torch_file::PyValue| {
@@ -332,14 +308,21 @@ impl Trainer {
         })?;
         resume::check_folder_step(dir, state.global_step)?;
         let oj = dir.join("optimizer.json");
-        let o: Value = serde_json::from_str(&std::fs::read_to_string(&oj).map_err(io_err(&oj))?)
-            .map_err(|e| TrainError::Io {
-                path: oj.display().to_string(),
-                msg: e.to_string(),
-            })?;
-        let (adam_step, skipped_steps) = resume::optimizer_steps(&o, &oj, state.global_step)?;
-        let (stage, world) = (self.engine.stage() as u64, self.engine.world_size() as u64);
         let by_deepspeed = dir.join("latest").is_file();
+        // transformers' Trainer writes no optimizer.json: its checkpoint is
+        // read from optimizer.pt alone.
+        let hf_pt = (!by_deepspeed && !oj.exists())
+            .then(|| dir.join("optimizer.pt"))
+            .filter(|f| f.is_file());
+        let o: Value = match &hf_pt {
+            Some(_) => json!({"zero_stage": 0, "world_size": 1}),
+            None => serde_json::from_str(&std::fs::read_to_string(&oj).map_err(io_err(&oj))?)
+                .map_err(|e| TrainError::Io {
+                    path: oj.display().to_string(),
+                    msg: e.to_string(),
+                })?,
+        };
+        let (stage, world) = (self.engine.stage() as u64, self.engine.world_size() as u64);
         if by_deepspeed != self.plan.zero.is_deepspeed() {
             return Err(TrainError::Args(if by_deepspeed {
                 format!(
@@ -351,7 +334,7 @@ impl Trainer {
                 )
             } else {
                 format!(
-                    "{} was written without DeepSpeed (optimizer.safetensors): resume it without \
+                    "{} was written without DeepSpeed (optimizer.pt): resume it without \
                      --deepspeed, or start a new run",
                     dir.display()
                 )
@@ -368,6 +351,10 @@ impl Trainer {
             });
         }
         self.check_data_loader(dir, state.global_step)?;
+        let (mut adam_step, skipped_steps) = match &hf_pt {
+            Some(_) => (0, 0),
+            None => resume::optimizer_steps(&o, &oj, state.global_step)?,
+        };
         if self.plan.zero.is_deepspeed() {
             let latest = dir.join("latest");
             let tag = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
@@ -382,24 +369,33 @@ impl Trainer {
                 })?;
             self.engine.load_shard(&t, &f.display().to_string())?;
         } else {
-            let of = dir.join("optimizer.safetensors");
-            let t =
-                candle_core::safetensors::load(&of, &Device::Cpu).map_err(|e| TrainError::Io {
-                    path: of.display().to_string(),
-                    msg: e.to_string(),
-                })?;
-            let mut named: HashMap<String, (Vec<f32>, Vec<f32>)> = HashMap::new();
-            for (k, v) in t {
-                let data: Vec<f32> = v.flatten_all()?.to_vec1()?;
-                if let Some(n) = k.strip_suffix(".exp_avg_sq") {
-                    named.entry(n.to_string()).or_default().1 = data;
-                } else if let Some(n) = k.strip_suffix(".exp_avg") {
-                    named.entry(n.to_string()).or_default().0 = data;
-                }
-            }
+            let of = dir.join("optimizer.pt");
+            let adam = self.engine.adam;
+            let saved = super::hf_checkpoint::read_optimizer_pt(&of, &self.model.config, &adam)?;
             self.engine
-                .set_moments_by_name(&named, &of.display().to_string())?;
+                .set_moments_by_name(&saved.moments, &of.display().to_string())?;
+            if hf_pt.is_some() {
+                adam_step = saved.step;
+            } else if saved.step != adam_step {
+                return Err(TrainError::Io {
+                    path: of.display().to_string(),
+                    msg: format!("Adam is at step {}, optimizer.json says {adam_step}: the files of two checkpoints are mixed", saved.step),
+                });
+            }
+            let sf = dir.join("scheduler.pt");
+            let last_epoch = super::hf_checkpoint::read_scheduler_pt(&sf)?;
+            if last_epoch != state.global_step as i64 {
+                return Err(TrainError::Io {
+                    path: sf.display().to_string(),
+                    msg: format!("the schedule is at step {last_epoch}, trainer_state.json's global_step is {}", state.global_step),
+                });
+            }
         }
+        let (adam_step, skipped_steps) = resume::optimizer_steps(
+            &json!({"step": adam_step, "skipped_steps": skipped_steps}),
+            &oj,
+            state.global_step,
+        )?;
         self.engine.step = adam_step;
         self.engine.skipped_steps = skipped_steps;
         self.engine.load_full_params(&model)?;

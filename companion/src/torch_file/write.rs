@@ -1,91 +1,12 @@
-//! Writing the files `torch.save` writes (`optimizer.pt`, `scheduler.pt`,
-//! `rng_state.pth`): a zip archive, stored uncompressed, holding
-//! `archive/data.pkl` (a pickle, protocol 2), one `archive/data/N` file of
-//! raw little-endian bytes per tensor, `archive/byteorder` and
-//! `archive/version`. Only what `torch.load(..., weights_only=True)` accepts
-//! is written: None, bools, ints, floats, strings, lists, tuples, dicts and
-//! dense CPU tensors rebuilt by `torch._utils._rebuild_tensor_v2`.
-//!
-//! Written by hand: no crate writes PyTorch's pickles (candle reads them;
-//! `serde-pickle` has no persistent ids, which tensors need). The zip
-//! container is the `zip` crate's.
+//! The writer: `torch.save`'s bytes for the subset of Python values
+//! [`PyValue`] holds. With no `Reduce`/`Object` values in it, a file opens
+//! with `torch.load(..., weights_only=True)`; DeepSpeed's files hold a few
+//! of its own classes and need `weights_only=False`, as DeepSpeed loads them.
 
 use std::io::Write;
 use std::path::Path;
 
-/// A Python value as `torch.save` pickles it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PyValue {
-    None,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(String),
-    List(Vec<PyValue>),
-    Tuple(Vec<PyValue>),
-    /// A dict, in insertion order.
-    Dict(Vec<(PyValue, PyValue)>),
-    Tensor(TorchTensor),
-}
-
-/// A dense, contiguous CPU tensor.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TorchTensor {
-    pub dtype: TorchDtype,
-    pub shape: Vec<usize>,
-    /// Little-endian element bytes, row-major.
-    pub bytes: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TorchDtype {
-    F32,
-    F64,
-    I64,
-    U8,
-}
-
-impl TorchDtype {
-    fn storage(self) -> &'static str {
-        match self {
-            TorchDtype::F32 => "FloatStorage",
-            TorchDtype::F64 => "DoubleStorage",
-            TorchDtype::I64 => "LongStorage",
-            TorchDtype::U8 => "ByteStorage",
-        }
-    }
-
-    fn size(self) -> usize {
-        match self {
-            TorchDtype::F64 | TorchDtype::I64 => 8,
-            TorchDtype::F32 => 4,
-            TorchDtype::U8 => 1,
-        }
-    }
-}
-
-impl TorchTensor {
-    pub fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        TorchTensor {
-            dtype: TorchDtype::F32,
-            shape,
-            bytes,
-        }
-    }
-
-    pub fn u8(values: &[u8]) -> Self {
-        TorchTensor {
-            dtype: TorchDtype::U8,
-            shape: vec![values.len()],
-            bytes: values.to_vec(),
-        }
-    }
-
-    fn numel(&self) -> usize {
-        self.bytes.len() / self.dtype.size()
-    }
-}
+use super::value::{PyValue, TorchTensor};
 
 /// Pickle protocol 2 opcodes used here.
 mod op {
@@ -108,12 +29,16 @@ mod op {
     pub const GLOBAL: u8 = b'c';
     pub const REDUCE: u8 = b'R';
     pub const BINPERSID: u8 = b'Q';
+    pub const NEWOBJ: u8 = 0x81;
+    pub const BUILD: u8 = b'b';
 }
 
 /// The pickle and the tensors' storages (borrowed), numbered as written.
 struct Pickler<'a> {
     out: Vec<u8>,
     storages: Vec<&'a [u8]>,
+    /// Set when a value cannot be written.
+    refused: Option<String>,
 }
 
 impl<'a> Pickler<'a> {
@@ -155,6 +80,14 @@ impl<'a> Pickler<'a> {
         }
     }
 
+    fn value_tuple(&mut self, items: &'a [PyValue]) {
+        if items.is_empty() {
+            self.out.push(op::EMPTY_TUPLE);
+        } else {
+            self.tuple(|p| items.iter().for_each(|x| p.value(x)));
+        }
+    }
+
     fn value(&mut self, v: &'a PyValue) {
         match v {
             PyValue::None => self.out.push(op::NONE),
@@ -173,8 +106,7 @@ impl<'a> Pickler<'a> {
                     self.out.push(op::APPENDS);
                 }
             }
-            PyValue::Tuple(items) if items.is_empty() => self.out.push(op::EMPTY_TUPLE),
-            PyValue::Tuple(items) => self.tuple(|p| items.iter().for_each(|x| p.value(x))),
+            PyValue::Tuple(items) => self.value_tuple(items),
             PyValue::Dict(items) => {
                 self.out.push(op::EMPTY_DICT);
                 if !items.is_empty() {
@@ -187,6 +119,25 @@ impl<'a> Pickler<'a> {
                 }
             }
             PyValue::Tensor(t) => self.tensor(t),
+            PyValue::Stored(_) => {
+                self.refused = Some("a tensor still in the file it was read from".into())
+            }
+            PyValue::Reduce { module, name, args } => {
+                self.global(module, name);
+                self.value_tuple(args);
+                self.out.push(op::REDUCE);
+            }
+            PyValue::Object {
+                module,
+                name,
+                state,
+            } => {
+                self.global(module, name);
+                self.out.push(op::EMPTY_TUPLE);
+                self.out.push(op::NEWOBJ);
+                self.value(state);
+                self.out.push(op::BUILD);
+            }
         }
     }
 
@@ -232,8 +183,12 @@ pub fn to_bytes(value: &PyValue) -> std::io::Result<Vec<u8>> {
     let mut p = Pickler {
         out: vec![op::PROTO, 2],
         storages: Vec::new(),
+        refused: None,
     };
     p.value(value);
+    if let Some(why) = p.refused {
+        return Err(std::io::Error::other(format!("cannot write {why}")));
+    }
     p.out.push(op::STOP);
     let mut zip_bytes = std::io::Cursor::new(Vec::new());
     {
@@ -269,6 +224,7 @@ mod tests {
         let mut p = Pickler {
             out: vec![],
             storages: vec![],
+            refused: None,
         };
         let v = PyValue::Dict(vec![(
             PyValue::Str("a".into()),
@@ -282,6 +238,7 @@ mod tests {
         let mut p = Pickler {
             out: vec![],
             storages: vec![],
+            refused: None,
         };
         p.int(1 << 40);
         assert_eq!(
