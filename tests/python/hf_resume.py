@@ -10,10 +10,13 @@ check that checkpoints move between the two trainers mid-run.
         train again from MODEL_DIR, saving checkpoints into OUT_DIR, and stop
         at step STOP_AT (the interrupted run a companion test resumes)
 
-ARGS_JSON: TrainingArguments fields (learning_rate, weight_decay, ...).
+ARGS_JSON: TrainingArguments fields (learning_rate, weight_decay, ...); with
+a "deepspeed" field (a ds_config dict) the run is DeepSpeed's, one rank on
+the CPU.
 Prints one JSON object, {"losses": {step: [loss, grad_norm]}}.
 """
 import json
+import os
 import sys
 import tempfile
 
@@ -42,6 +45,16 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def deepspeed_env():
+    """One process as rank 0 of 1, on the CPU, for DeepSpeed's engine."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
 def trainer(model_dir, rows, fields, out, callbacks=()):
     model = GPT2LMHeadModel.from_pretrained(model_dir)
     args = TrainingArguments(output_dir=out, report_to=[], use_cpu=True, optim="adamw_torch",
@@ -57,6 +70,8 @@ def losses(t):
 mode = sys.argv[1]
 rows = json.loads(sys.argv[3])
 fields = json.loads(sys.argv[4])
+if "deepspeed" in fields:
+    deepspeed_env()
 if mode == "resume":
     ckpt = sys.argv[2]
     t = trainer(ckpt, rows, {**fields, "save_strategy": "no"}, tempfile.mkdtemp())

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::{Object, Stack};
+use candle_core::pickle::Object;
 
 use super::value::{PyValue, StoredTensor, TorchDtype, TorchTensor};
 
@@ -46,13 +46,8 @@ pub fn load(path: &Path) -> std::io::Result<TorchFile> {
         let mut f = zip.by_name(&pkl_name).map_err(|e| refuse(path, e))?;
         f.read_to_end(&mut pickle).map_err(|e| refuse(path, e))?;
     }
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut Cursor::new(&pickle))
-        .map_err(|e| refuse(path, format!("{pkl_name}: {e}")))?;
-    let root = stack
-        .finalize()
-        .map_err(|e| refuse(path, format!("{pkl_name}: {e}")))?;
+    let root =
+        super::unpickle::unpickle(&pickle).map_err(|e| refuse(path, format!("{pkl_name}: {e}")))?;
     let mut storages = HashMap::new();
     let mut reader = Reader {
         path,
@@ -182,12 +177,42 @@ impl Reader<'_, '_> {
                     .map(|(k, x)| Ok((self.value(k)?, self.value(x)?)))
                     .collect::<std::io::Result<_>>()?,
             ),
+            Object::Class {
+                module_name,
+                class_name,
+            } => PyValue::Global {
+                module: module_name,
+                name: class_name,
+            },
             Object::Reduce { callable, args } => match *callable {
                 Object::Class {
                     module_name,
                     class_name,
                 } => match (module_name.as_str(), class_name.as_str()) {
                     ("torch._utils", "_rebuild_tensor_v2") => self.tensor(*args)?,
+                    // A tensor subclass (DeepSpeed's flat partitions are
+                    // Parameters): (rebuild function, type, its args, state).
+                    ("torch._tensor", "_rebuild_from_type_v2") => match *args {
+                        Object::Tuple(mut v) if v.len() >= 3 => {
+                            let inner = v.swap_remove(2);
+                            match v.swap_remove(0) {
+                                Object::Class {
+                                    module_name,
+                                    class_name,
+                                } if module_name == "torch._utils"
+                                    && class_name == "_rebuild_tensor_v2" =>
+                                {
+                                    self.tensor(inner)?
+                                }
+                                other => {
+                                    return Err(
+                                        self.bad("a tensor rebuilt by _rebuild_tensor_v2", &other)
+                                    )
+                                }
+                            }
+                        }
+                        other => return Err(self.bad("a tensor subclass's arguments", &other)),
+                    },
                     ("torch._utils", "_rebuild_parameter") => {
                         let first = match *args {
                             Object::Tuple(mut v) if !v.is_empty() => v.remove(0),
@@ -207,6 +232,9 @@ impl Reader<'_, '_> {
                 other => return Err(self.bad("a call", &other)),
             },
             Object::Build { callable, args } => match *callable {
+                // A dict subclass with attributes (a state_dict's
+                // OrderedDict and its `_metadata`): the items are the value.
+                d @ Object::Dict(_) => self.value(d)?,
                 Object::Reduce { callable, .. } => match *callable {
                     Object::Class {
                         module_name,
@@ -339,5 +367,55 @@ impl Reader<'_, '_> {
         let r = (start as usize, f.size() as usize);
         self.storages.insert(key.to_string(), r);
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{save, PyValue, TorchTensor};
+    use super::*;
+
+    #[test]
+    fn what_is_written_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.pt");
+        let a: Vec<f32> = (0..300).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..7).map(|i| -(i as f32)).collect();
+        let v = PyValue::Dict(vec![
+            (
+                PyValue::str("a"),
+                PyValue::Tensor(TorchTensor::f32(vec![3, 100], &a)),
+            ),
+            (
+                PyValue::Int(4),
+                PyValue::List(vec![PyValue::Float(1.5), PyValue::None]),
+            ),
+            (
+                PyValue::str("b"),
+                PyValue::Tensor(TorchTensor::f32(vec![7], &b)),
+            ),
+            (
+                PyValue::str("size"),
+                PyValue::Reduce {
+                    module: "torch".into(),
+                    name: "Size".into(),
+                    args: vec![PyValue::Tuple(vec![PyValue::Int(3)])],
+                },
+            ),
+        ]);
+        save(&v, &f).unwrap();
+        let t = load(&f).unwrap();
+        let get = |k: &str| match t.value.get(k) {
+            Some(PyValue::Stored(s)) => s.clone(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(get("a").shape, vec![3, 100]);
+        assert_eq!(t.f32s(&get("a")).unwrap(), a);
+        assert_eq!(t.f32s(&get("b")).unwrap(), b);
+        assert_eq!(
+            t.f32_range(&get("a"), 250..253).unwrap(),
+            vec![125.0, 125.5, 126.0]
+        );
+        assert_eq!(t.to_owned_value(), v);
     }
 }

@@ -9,10 +9,12 @@
 //! one tensor never holds the whole checkpoint).
 //!
 //! Written by hand: no crate writes PyTorch's pickles (`serde-pickle` has no
-//! persistent ids, which tensors need); reading uses candle's unpickler and
-//! the `zip` crate.
+//! persistent ids, which tensors need); the unpickler is ours too
+//! (`unpickle`, why there), its object tree candle's; the zip container is
+//! the `zip` crate's.
 
 mod load;
+mod unpickle;
 mod value;
 mod write;
 

@@ -15,6 +15,11 @@ pub enum PyValue {
     Tensor(TorchTensor),
     /// A tensor read from a file, its bytes still in the file.
     Stored(StoredTensor),
+    /// A module attribute by name (pickle's GLOBAL): `torch.float16`.
+    Global {
+        module: String,
+        name: String,
+    },
     /// `module.name(*args)` (pickle's REDUCE): `torch.Size`, enums,
     /// `collections.OrderedDict([...])`.
     Reduce {
@@ -34,6 +39,26 @@ pub enum PyValue {
 impl PyValue {
     pub fn str(s: &str) -> PyValue {
         PyValue::Str(s.into())
+    }
+
+    /// A JSON value as Python's `json.load` gives it.
+    pub fn from_json(v: &serde_json::Value) -> PyValue {
+        use serde_json::Value as J;
+        match v {
+            J::Null => PyValue::None,
+            J::Bool(b) => PyValue::Bool(*b),
+            J::Number(n) => match n.as_i64() {
+                Some(i) => PyValue::Int(i),
+                None => PyValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            J::String(s) => PyValue::Str(s.clone()),
+            J::Array(xs) => PyValue::List(xs.iter().map(PyValue::from_json).collect()),
+            J::Object(kv) => PyValue::Dict(
+                kv.iter()
+                    .map(|(k, x)| (PyValue::Str(k.clone()), PyValue::from_json(x)))
+                    .collect(),
+            ),
+        }
     }
 
     /// `d[key]` for a dict with string keys, mutable.

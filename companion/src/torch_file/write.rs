@@ -122,6 +122,7 @@ impl<'a> Pickler<'a> {
             PyValue::Stored(_) => {
                 self.refused = Some("a tensor still in the file it was read from".into())
             }
+            PyValue::Global { module, name } => self.global(module, name),
             PyValue::Reduce { module, name, args } => {
                 self.global(module, name);
                 self.value_tuple(args);

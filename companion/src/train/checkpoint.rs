@@ -2,10 +2,9 @@
 //! folder renamed into place), rotated by `save_total_limit`, loaded back
 //! for `resume_from_checkpoint`; and `trainer.save_model`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde_json::{json, Value};
 
 use super::error::{io_err, Result, TrainError};
@@ -44,13 +43,14 @@ impl Trainer {
         Ok(())
     }
 
-    /// Files of a checkpoint folder: HF's, with safetensors/JSON that resume
-    /// reads here (optimizer.safetensors + optimizer.json, scheduler.json,
-    /// rng_state.json = rng_state.pth, training_args.json =
-    /// training_args.bin) and, beside them, optimizer.pt and scheduler.pt as
-    /// transformers' Trainer writes them (`hf_checkpoint`). Under DeepSpeed
-    /// the Adam moments are in each rank's shard instead (see
-    /// `save_checkpoint`).
+    /// Files of a checkpoint folder (rank 0's): transformers' — the model,
+    /// `optimizer.pt` and `scheduler.pt` as its Trainer writes them
+    /// (`hf_checkpoint`; under DeepSpeed Adam's state is in `global_stepN/`
+    /// instead, and `latest` names it), `trainer_state.json` — and our JSON
+    /// beside them: `optimizer.json` (Adam's step and fp16-skipped steps),
+    /// `scheduler.json`, `rng_state.json` (the data loader's place; our
+    /// RNG streams are not torch's, so there is no `rng_state.pth`),
+    /// `training_args.json`.
     fn checkpoint_files(&self, model: &GPT2LMHeadModel) -> Result<Vec<(String, Vec<u8>)>> {
         let mut files: Vec<(String, Vec<u8>)> = model
             .pretrained_files()?
@@ -146,10 +146,9 @@ impl Trainer {
     /// Write `output_dir/checkpoint-N/` (every rank calls it): into a
     /// temporary folder first, renamed into place only when complete, so a
     /// crash never leaves a partial checkpoint; then apply `save_total_limit`.
-    /// Under DeepSpeed each rank adds its shard as
-    /// `global_stepN/zero_pp_rank_R_mp_rank_00_optim_states.safetensors`
-    /// (DeepSpeed's names) and `model.safetensors` holds the consolidated
-    /// weights, so the folder also loads as a plain HF model.
+    /// Under DeepSpeed every rank adds its files of `global_stepN/` in
+    /// DeepSpeed's own layout (`ds_files`), and `model.safetensors` holds
+    /// the consolidated weights, so the folder also loads as a plain HF model.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = PathBuf::from(&self.args.output_dir);
         let step = self.state.global_step;
@@ -180,24 +179,9 @@ impl Trainer {
         self.barrier()?;
         let written = (|| -> Result<()> {
             if self.plan.zero.is_deepspeed() {
-                let f = shard_dir.join(format!(
-                    "zero_pp_rank_{}_mp_rank_00_optim_states.safetensors",
-                    self.engine.rank()
-                ));
-                let shard = self.engine.shard()?;
-                // One metadata key: safetensors writes a map's keys in hash
-                // order, and a checkpoint's bytes must not change between
-                // identical runs.
-                let info = json!({"zero_stage": self.engine.stage(), "world_size": self.engine.world_size(),
-                    "rank": self.engine.rank(), "step": self.engine.step});
-                let meta: HashMap<String, String> = [("zero".to_string(), info.to_string())].into();
-                let bytes =
-                    safetensors::serialize(shard.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-                        .map_err(|e| TrainError::Io {
-                            path: f.display().to_string(),
-                            msg: e.to_string(),
-                        })?;
-                write_synced(&f, &bytes)?;
+                for (name, bytes) in self.deepspeed_files()? {
+                    write_synced(&shard_dir.join(name), &bytes)?;
+                }
             }
             Ok(())
         })();
@@ -289,17 +273,28 @@ impl Trainer {
     }
 
     /// Restore model, optimizer, scheduler position and trainer state (every
-    /// rank calls it; a DeepSpeed checkpoint needs the world size and ZeRO
-    /// stage that wrote it).
+    /// rank calls it). The checkpoint's whole training state is rebuilt by
+    /// parameter name — from `optimizer.pt` + `model.safetensors`, or from
+    /// DeepSpeed's `global_stepN/` of any stage and number of ranks — and
+    /// each rank takes its part for this run's ZeRO stage.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let device = self.model.device().clone();
         resume::check_shape(dir, &self.model.config)?;
-        let mut model = GPT2LMHeadModel::from_pretrained(
-            dir.to_str()
-                .ok_or_else(|| TrainError::Args("checkpoint path is not UTF-8".into()))?,
-            DType::F32,
-            &device,
-        )?;
+        let by_deepspeed = dir.join("latest").is_file();
+        // A DeepSpeed checkpoint's weights are its fp32 partitions (under
+        // ZeRO-3 transformers writes no model.safetensors beside them).
+        let mut model = if by_deepspeed {
+            let cfg = crate::config::GPT2Config::from_file(&dir.join("config.json"))
+                .map_err(|e| TrainError::Args(e.to_string()))?;
+            GPT2LMHeadModel::new(&cfg, self.args.seed, &device)?
+        } else {
+            GPT2LMHeadModel::from_pretrained(
+                dir.to_str()
+                    .ok_or_else(|| TrainError::Args("checkpoint path is not UTF-8".into()))?,
+                DType::F32,
+                &device,
+            )?
+        };
         let st = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&st).map_err(io_err(&st))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Io {
@@ -307,98 +302,44 @@ impl Trainer {
             msg: e.to_string(),
         })?;
         resume::check_folder_step(dir, state.global_step)?;
-        let oj = dir.join("optimizer.json");
-        let by_deepspeed = dir.join("latest").is_file();
-        // transformers' Trainer writes no optimizer.json: its checkpoint is
-        // read from optimizer.pt alone.
-        let hf_pt = (!by_deepspeed && !oj.exists())
-            .then(|| dir.join("optimizer.pt"))
-            .filter(|f| f.is_file());
-        let o: Value = match &hf_pt {
-            Some(_) => json!({"zero_stage": 0, "world_size": 1}),
-            None => serde_json::from_str(&std::fs::read_to_string(&oj).map_err(io_err(&oj))?)
-                .map_err(|e| TrainError::Io {
-                    path: oj.display().to_string(),
-                    msg: e.to_string(),
-                })?,
+        self.check_data_loader(dir, state.global_step)?;
+        let (full, step_in_files, where_) = if by_deepspeed {
+            let (full, step) = self.read_deepspeed(dir)?;
+            (full, step, dir.join("latest"))
+        } else {
+            let (full, step) = self.read_optimizer_pt(dir, &model, state.global_step)?;
+            (full, step, dir.join("optimizer.pt"))
         };
-        let (stage, world) = (self.engine.stage() as u64, self.engine.world_size() as u64);
-        if by_deepspeed != self.plan.zero.is_deepspeed() {
-            return Err(TrainError::Args(if by_deepspeed {
-                format!(
-                    "{} was written by a DeepSpeed run (ZeRO stage {}, {} ranks): resume it with \
-                     the same --deepspeed ds_config.json",
-                    dir.display(),
-                    o["zero_stage"].as_u64().unwrap_or(0),
-                    o["world_size"].as_u64().unwrap_or(1)
-                )
-            } else {
-                format!(
-                    "{} was written without DeepSpeed (optimizer.pt): resume it without \
-                     --deepspeed, or start a new run",
-                    dir.display()
-                )
-            }));
-        }
-        let saved_stage = o["zero_stage"].as_u64().unwrap_or(0);
-        let saved_world = o["world_size"].as_u64().unwrap_or(1);
-        if self.plan.zero.is_deepspeed() && (saved_stage != stage || saved_world != world) {
-            return Err(TrainError::Io {
+        // optimizer.json is ours (transformers writes none): it also counts
+        // the steps an fp16 overflow skipped.
+        let oj = dir.join("optimizer.json");
+        let (adam_step, skipped_steps) = if oj.exists() {
+            let o: Value = serde_json::from_str(
+                &std::fs::read_to_string(&oj).map_err(io_err(&oj))?,
+            )
+            .map_err(|e| TrainError::Io {
                 path: oj.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            resume::optimizer_steps(&o, &oj, state.global_step)?
+        } else {
+            let o = json!({ "step": step_in_files });
+            resume::optimizer_steps(&o, &where_, state.global_step)?
+        };
+        if adam_step != step_in_files {
+            return Err(TrainError::Io {
+                path: where_.display().to_string(),
                 msg: format!(
-                    "written by ZeRO stage {saved_stage} on {saved_world} ranks; this run is stage {stage} on {world} ranks (resume with the same stage and world size)"
+                    "Adam is at step {step_in_files}, optimizer.json says {adam_step}: the files \
+                     of two checkpoints are mixed"
                 ),
             });
         }
-        self.check_data_loader(dir, state.global_step)?;
-        let (mut adam_step, skipped_steps) = match &hf_pt {
-            Some(_) => (0, 0),
-            None => resume::optimizer_steps(&o, &oj, state.global_step)?,
-        };
-        if self.plan.zero.is_deepspeed() {
-            let latest = dir.join("latest");
-            let tag = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
-            let f = dir.join(tag.trim()).join(format!(
-                "zero_pp_rank_{}_mp_rank_00_optim_states.safetensors",
-                self.engine.rank()
-            ));
-            let t =
-                candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| TrainError::Io {
-                    path: f.display().to_string(),
-                    msg: e.to_string(),
-                })?;
-            self.engine.load_shard(&t, &f.display().to_string())?;
-        } else {
-            let of = dir.join("optimizer.pt");
-            let adam = self.engine.adam;
-            let saved = super::hf_checkpoint::read_optimizer_pt(&of, &self.model.config, &adam)?;
-            self.engine
-                .set_moments_by_name(&saved.moments, &of.display().to_string())?;
-            if hf_pt.is_some() {
-                adam_step = saved.step;
-            } else if saved.step != adam_step {
-                return Err(TrainError::Io {
-                    path: of.display().to_string(),
-                    msg: format!("Adam is at step {}, optimizer.json says {adam_step}: the files of two checkpoints are mixed", saved.step),
-                });
-            }
-            let sf = dir.join("scheduler.pt");
-            let last_epoch = super::hf_checkpoint::read_scheduler_pt(&sf)?;
-            if last_epoch != state.global_step as i64 {
-                return Err(TrainError::Io {
-                    path: sf.display().to_string(),
-                    msg: format!("the schedule is at step {last_epoch}, trainer_state.json's global_step is {}", state.global_step),
-                });
-            }
-        }
-        let (adam_step, skipped_steps) = resume::optimizer_steps(
-            &json!({"step": adam_step, "skipped_steps": skipped_steps}),
-            &oj,
-            state.global_step,
-        )?;
+        self.engine
+            .load_full_state(&full, &where_.display().to_string())?;
+        crate::zero::layout::set_params(&model, &self.engine.layout, &full.fp32)?;
         self.engine.step = adam_step;
         self.engine.skipped_steps = skipped_steps;
-        self.engine.load_full_params(&model)?;
         // The run's dropout, not the checkpoint's: transformers loads a
         // checkpoint's weights into the model the script built.
         model.config.attn_pdrop = self.model.config.attn_pdrop;
@@ -419,6 +360,40 @@ impl Trainer {
         self.state.is_local_process_zero = rank0;
         self.state.is_world_process_zero = rank0;
         Ok(())
+    }
+
+    /// `optimizer.pt` (and `scheduler.pt`'s position) with the weights of
+    /// `model`, as a whole flat state; and Adam's step.
+    fn read_optimizer_pt(
+        &self,
+        dir: &Path,
+        model: &GPT2LMHeadModel,
+        global_step: usize,
+    ) -> Result<(crate::zero::FlatState, u64)> {
+        let of = dir.join("optimizer.pt");
+        let adam = self.engine.adam;
+        let saved = super::hf_checkpoint::read_optimizer_pt(&of, &model.config, &adam)?;
+        let sf = dir.join("scheduler.pt");
+        let last_epoch = super::hf_checkpoint::read_scheduler_pt(&sf)?;
+        if last_epoch != global_step as i64 {
+            return Err(TrainError::Io {
+                path: sf.display().to_string(),
+                msg: format!(
+                    "the schedule is at step {last_epoch}, trainer_state.json's global_step is \
+                     {global_step}"
+                ),
+            });
+        }
+        let layout = &self.engine.layout;
+        let fp32 = crate::zero::layout::flatten_params(model, layout)?;
+        let (mut m, mut v) = (vec![0f32; layout.numel], vec![0f32; layout.numel]);
+        for i in 0..layout.params.len() {
+            let (a, b) = &saved.moments[layout.name(i)];
+            let r = layout.range(i);
+            m[r.clone()].copy_from_slice(a);
+            v[r].copy_from_slice(b);
+        }
+        Ok((crate::zero::FlatState { fp32, m, v }, saved.step))
     }
 
     /// The loader a checkpoint recorded must be this run's: the same

@@ -12,6 +12,7 @@ pub mod args;
 pub mod baseline;
 pub mod callback;
 pub mod checkpoint;
+mod ds_files;
 mod error;
 pub mod eval;
 mod hf_checkpoint;

@@ -1,6 +1,6 @@
 //! DeepSpeed's flat buffers: every parameter laid end to end in one fp32
-//! buffer in `named_parameters` order, padded to a multiple of the world
-//! size and cut into one contiguous partition per rank.
+//! buffer in `named_parameters` order, padded to a multiple of twice the
+//! world size and cut into one contiguous partition per rank.
 
 use std::ops::Range;
 
@@ -21,7 +21,10 @@ pub struct FlatLayout {
     /// Real elements (Ψ).
     pub numel: usize,
     pub world: usize,
-    /// Elements per partition: ⌈Ψ / N⌉ (the last one is padded).
+    /// Elements per partition: Ψ padded to a multiple of 2N, over N, as
+    /// DeepSpeed's stage 1/2 pads its flat buffer (`nccl_start_alignment_factor`
+    /// 2 times the world size), so a checkpoint's partitions have DeepSpeed's
+    /// sizes. The last partitions hold the padding.
     pub part: usize,
 }
 
@@ -40,7 +43,7 @@ impl FlatLayout {
             offsets,
             numel: at,
             world,
-            part: at.div_ceil(world),
+            part: at.div_ceil(2 * world) * 2,
         }
     }
 

@@ -6,6 +6,8 @@
 
 use super::ds_config::Fp16Config;
 
+use crate::torch_file::PyValue;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossScaler {
     pub cur_scale: f64,
@@ -20,6 +22,21 @@ pub struct LossScaler {
 }
 
 impl LossScaler {
+    /// A static scale of 1: what DeepSpeed records when nothing is scaled.
+    pub fn unit() -> Self {
+        LossScaler {
+            cur_scale: 1.0,
+            dynamic: false,
+            scale_window: 1,
+            min_scale: 1.0,
+            delayed_shift: 1,
+            consecutive_hysteresis: false,
+            cur_hysteresis: 1,
+            cur_iter: 0,
+            last_overflow_iter: -1,
+        }
+    }
+
     /// From the ds_config `fp16` block.
     pub fn from_config(c: &Fp16Config) -> Self {
         let dynamic = c.loss_scale == 0.0;
@@ -37,6 +54,72 @@ impl LossScaler {
             cur_hysteresis: c.hysteresis.max(1),
             cur_iter: 0,
             last_overflow_iter: -1,
+        }
+    }
+
+    /// DeepSpeed's own scaler object (`LossScaler` or `DynamicLossScaler`,
+    /// attribute for attribute), as its `*_optim_states.pt` pickles it.
+    pub fn to_py(&self) -> PyValue {
+        let s = PyValue::str;
+        let mut state = vec![
+            (s("cur_scale"), PyValue::Float(self.cur_scale)),
+            (s("dynamic"), PyValue::Bool(self.dynamic)),
+        ];
+        if self.dynamic {
+            state.extend([
+                (s("cur_iter"), PyValue::Int(self.cur_iter)),
+                (
+                    s("last_overflow_iter"),
+                    PyValue::Int(self.last_overflow_iter),
+                ),
+                (s("scale_factor"), PyValue::Float(2.0)),
+                (s("scale_window"), PyValue::Int(self.scale_window as i64)),
+                (s("min_scale"), PyValue::Float(self.min_scale)),
+                (s("delayed_shift"), PyValue::Int(self.delayed_shift as i64)),
+                (
+                    s("cur_hysteresis"),
+                    PyValue::Int(self.cur_hysteresis as i64),
+                ),
+                (
+                    s("consecutive_hysteresis"),
+                    PyValue::Bool(self.consecutive_hysteresis),
+                ),
+                (s("raise_error_at_min_scale"), PyValue::Bool(true)),
+                (
+                    s("dtype"),
+                    PyValue::Global {
+                        module: "torch".into(),
+                        name: "float16".into(),
+                    },
+                ),
+            ]);
+        }
+        PyValue::Object {
+            module: "deepspeed.runtime.fp16.loss_scaler".into(),
+            name: if self.dynamic {
+                "DynamicLossScaler"
+            } else {
+                "LossScaler"
+            }
+            .into(),
+            state: Box::new(PyValue::Dict(state)),
+        }
+    }
+
+    /// Take the position of a scaler a checkpoint saved ([`Self::to_py`]'s
+    /// attributes; the configuration stays this run's).
+    pub fn restore(&mut self, saved: &PyValue) {
+        if let Some(x) = saved.get("cur_scale").and_then(PyValue::as_float) {
+            self.cur_scale = x;
+        }
+        if let Some(x) = saved.get("cur_iter").and_then(PyValue::as_int) {
+            self.cur_iter = x;
+        }
+        if let Some(x) = saved.get("last_overflow_iter").and_then(PyValue::as_int) {
+            self.last_overflow_iter = x;
+        }
+        if let Some(x) = saved.get("cur_hysteresis").and_then(PyValue::as_int) {
+            self.cur_hysteresis = x.max(1) as usize;
         }
     }
 

@@ -1,9 +1,9 @@
-//! What a ZeRO rank saves in a checkpoint and loads back: its shard of the
-//! weights and Adam moments, by parameter name.
+//! What a ZeRO rank saves in a checkpoint and loads back: its part of the
+//! fp32 weights and Adam moments, the whole model's (gathered), or by name.
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::engine::ZeroEngine;
 use super::error::{Result, ZeroError};
@@ -14,38 +14,54 @@ use crate::optim::adamw::Moments;
 /// A parameter's name with its `exp_avg` and `exp_avg_sq`.
 pub type NamedMoments = (String, Vec<f32>, Vec<f32>);
 
+/// Flat fp32 weights and Adam moments over a range of the flat buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatState {
+    pub fp32: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
 impl ZeroEngine {
-    /// This rank's optimizer shard: Adam moments over its flat range, and
-    /// (stage 3) its weights. With `full_state_dict` it is a checkpoint.
-    pub fn shard(&self) -> Result<Vec<(String, Tensor)>> {
-        let cpu = Device::Cpu;
-        let (m, v) = match &self.moments {
-            Moments::Host { m, v } => (
-                Tensor::from_slice(m, m.len(), &cpu)?,
-                Tensor::from_slice(v, v.len(), &cpu)?,
-            ),
-            Moments::Device { m, v, .. } => (m.to_device(&cpu)?, v.to_device(&cpu)?),
+    /// This rank's part of the training state over its flat range
+    /// (`owned`; padding zero): the fp32 weights (stage 3's partition, the
+    /// fp32 masters under mixed precision, else the model's own) and Adam's
+    /// moments. What DeepSpeed's `*_optim_states.pt` holds for the rank.
+    pub fn partition_state(&self, model: &GPT2LMHeadModel) -> Result<FlatState> {
+        let (m, v) = self.moments_on_host()?;
+        let n = self.owned.len();
+        let mut fp32 = if self.stage() == 3 {
+            self.params_on_host()?
+        } else if self.mixed_precision() {
+            self.master_on_host()?
+        } else {
+            let valid = intersect(&self.owned, &(0..self.layout.numel));
+            flatten_params(model, &self.layout)?[valid].to_vec()
         };
-        let mut out = vec![("exp_avg".to_string(), m), ("exp_avg_sq".to_string(), v)];
-        if self.stage() == 3 {
-            let p = self.params_on_host()?;
-            out.push((
-                "fp32_flat_partition".into(),
-                Tensor::from_vec(p.clone(), p.len(), &cpu)?,
-            ));
+        fp32.resize(n, 0.0);
+        Ok(FlatState { fp32, m, v })
+    }
+
+    /// The whole model's training state, flat (Ψ elements each), on every
+    /// rank: a collective (all-gathers of the partitions).
+    pub fn full_state(&self, model: &GPT2LMHeadModel) -> Result<FlatState> {
+        let mut part = self.partition_state(model)?;
+        if self.stage() > 0 {
+            for x in [&mut part.fp32, &mut part.m, &mut part.v] {
+                *x = self.comm.all_gather(x)?;
+            }
         }
-        if self.master_len() > 0 {
-            let m = self.master_on_host()?;
-            out.push((
-                "fp32_master".into(),
-                Tensor::from_vec(m.clone(), m.len(), &cpu)?,
-            ));
+        for x in [&mut part.fp32, &mut part.m, &mut part.v] {
+            x.truncate(self.layout.numel);
         }
-        out.push((
-            "loss_scale".into(),
-            Tensor::new(&[self.loss_scale() as f32], &cpu)?,
-        ));
-        Ok(out)
+        Ok(part)
+    }
+
+    fn moments_on_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(match &self.moments {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device { m, v, .. } => (m.to_vec1()?, v.to_vec1()?),
+        })
     }
 
     /// Whether every number this rank keeps (its weights, fp32 master copy
@@ -65,49 +81,57 @@ impl ZeroEngine {
             && self.device_state_is_finite()?)
     }
 
-    /// Restore a shard written by [`ZeroEngine::shard`] (same stage and world size).
-    pub fn load_shard(&mut self, t: &HashMap<String, Tensor>, file: &str) -> Result<()> {
-        let get = |k: &str, n: usize| -> Result<Vec<f32>> {
-            let x = t.get(k).ok_or_else(|| ZeroError::Io {
+    /// Take this rank's part of a whole model's state (a resume: the
+    /// checkpoint may have been written by another stage or world size).
+    /// The model's weights are the caller's to set, from `full.fp32`.
+    pub fn load_full_state(&mut self, full: &FlatState, file: &str) -> Result<()> {
+        let n = self.layout.numel;
+        if [full.fp32.len(), full.m.len(), full.v.len()] != [n; 3] {
+            return Err(ZeroError::Io {
                 path: file.into(),
-                msg: format!("no tensor `{k}` (was it written by another stage?)"),
-            })?;
-            if x.elem_count() != n {
-                return Err(ZeroError::Io {
-                    path: file.into(),
-                    msg: format!(
-                        "`{k}` has {} elements, expected {n}: resume with the world size and ZeRO stage that wrote it",
-                        x.elem_count()
-                    ),
-                });
-            }
-            Ok(x.flatten_all()?.to_vec1()?)
+                msg: format!(
+                    "the checkpoint holds {} weights and {}/{} moments, this model has {n}",
+                    full.fp32.len(),
+                    full.m.len(),
+                    full.v.len()
+                ),
+            });
+        }
+        check_moments(file, "the checkpoint's", &full.m, &full.v)?;
+        let valid = intersect(&self.owned, &(0..n));
+        let mine = |x: &[f32]| {
+            let mut p = x[valid.clone()].to_vec();
+            p.resize(self.owned.len(), 0.0);
+            p
         };
-        let n = self.owned.len();
-        let (m, v) = (get("exp_avg", n)?, get("exp_avg_sq", n)?);
-        check_moments(file, "the shard's", &m, &v)?;
+        let (m, v) = (mine(&full.m), mine(&full.v));
+        let len = self.owned.len();
         match &mut self.moments {
             Moments::Host { m: hm, v: hv } => {
                 *hm = m;
                 *hv = v;
             }
             Moments::Device { m: dm, v: dv, .. } => {
-                *dm = Tensor::from_vec(m, n, &self.device)?;
-                *dv = Tensor::from_vec(v, n, &self.device)?;
+                *dm = Tensor::from_vec(m, len, &self.device)?;
+                *dv = Tensor::from_vec(v, len, &self.device)?;
             }
         }
         if self.stage() == 3 {
-            let p = get("fp32_flat_partition", self.layout.part)?;
+            let me = intersect(&self.layout.partition(self.rank()), &(0..n));
+            let mut p = full.fp32[me].to_vec();
+            p.resize(self.layout.part, 0.0);
             self.set_params_from_host(p)?;
-        }
-        if self.master_len() > 0 {
-            let m = get("fp32_master", self.master_len())?;
-            self.set_master_from_host(m)?;
-        }
-        if let (Some(sc), Some(t)) = (self.loss_scaler.as_mut(), t.get("loss_scale")) {
-            sc.cur_scale = t.flatten_all()?.to_vec1::<f32>()?[0] as f64;
+        } else if self.mixed_precision() {
+            self.set_master_from_host(full.fp32[valid].to_vec())?;
         }
         Ok(())
+    }
+
+    /// The fp16 loss scaler's current scale, as a checkpoint restores it.
+    pub fn set_loss_scale(&mut self, scale: f64) {
+        if let Some(sc) = self.loss_scaler.as_mut() {
+            sc.cur_scale = scale;
+        }
     }
 
     /// After loading full fp32 weights (resume): stage 3 takes this rank's

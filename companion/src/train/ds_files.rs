@@ -1,0 +1,143 @@
+//! A DeepSpeed run's `checkpoint-N/global_stepN/`: DeepSpeed's own files
+//! (`zero::ds_checkpoint`), written by every rank for its partition, and
+//! read back on resume. Reading rebuilds the whole model's fp32 weights and
+//! Adam moments by name, so a checkpoint DeepSpeed wrote resumes here, and
+//! one written with another ZeRO stage or number of ranks resumes too
+//! (each rank takes its part of the whole).
+
+use std::path::Path;
+
+use super::error::{Result, TrainError};
+use super::plan::Schedule;
+use super::trainer::Trainer;
+use crate::torch_file::PyValue;
+use crate::zero::ds_checkpoint::{self as ds, AdamInfo, DsCheckpoint, RunInfo};
+use crate::zero::FlatState;
+
+fn io(name: &str, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: name.into(),
+        msg: e.to_string(),
+    }
+}
+
+impl Trainer {
+    /// The scheduler's state dict as DeepSpeed saves it: HF's `LambdaLR`
+    /// (one group), or DeepSpeed's own schedulers' `last_batch_iteration`.
+    fn ds_lr_scheduler(&self) -> PyValue {
+        let base = self.plan.learning_rate;
+        let step = self.state.global_step;
+        let now = self.plan.schedule.lr_at(step, base);
+        let s = PyValue::str;
+        match &self.plan.schedule {
+            Schedule::Hf { .. } => PyValue::Dict(vec![
+                (s("base_lrs"), PyValue::List(vec![PyValue::Float(base)])),
+                (s("last_epoch"), PyValue::Int(step as i64)),
+                (s("_step_count"), PyValue::Int(step as i64 + 1)),
+                (s("_is_initial"), PyValue::Bool(false)),
+                (s("_get_lr_called_within_step"), PyValue::Bool(false)),
+                (s("_last_lr"), PyValue::List(vec![PyValue::Float(now)])),
+                (s("lr_lambdas"), PyValue::List(vec![PyValue::Dict(vec![])])),
+            ]),
+            Schedule::DeepSpeed { .. } => PyValue::Dict(vec![(
+                s("last_batch_iteration"),
+                PyValue::Int(step as i64 - 1),
+            )]),
+        }
+    }
+
+    /// This rank's files of `global_stepN/` (a collective: the whole
+    /// state is gathered on every rank, 3 × 4 bytes per parameter, to cut
+    /// stage 3's per-parameter pieces and rank 0's `module`).
+    pub(super) fn deepspeed_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let e = &self.engine;
+        let (stage, rank, layout) = (e.stage(), e.rank(), &e.layout);
+        let full = e.full_state(&self.model)?;
+        let part = if stage == 3 {
+            let cut = |x: &[f32]| ds::stage3_partition(layout, x, rank);
+            FlatState {
+                fp32: cut(&full.fp32),
+                m: cut(&full.m),
+                v: cut(&full.v),
+            }
+        } else {
+            let mine = |x: &[f32]| {
+                let r = crate::zero::layout::intersect(&layout.partition(rank), &(0..x.len()));
+                let mut p = x[r].to_vec();
+                p.resize(layout.part, 0.0);
+                p
+            };
+            FlatState {
+                fp32: mine(&full.fp32),
+                m: mine(&full.m),
+                v: mine(&full.v),
+            }
+        };
+        let ds_config = PyValue::from_json(
+            &self
+                .plan
+                .deepspeed
+                .as_ref()
+                .map(|d| d.resolved.clone())
+                .unwrap_or_default(),
+        );
+        let base = self.plan.learning_rate;
+        let a = e.adam;
+        let scaler = e.loss_scaler.as_ref();
+        let adam = AdamInfo {
+            step: e.step,
+            lr: self.plan.schedule.lr_at(self.state.global_step, base),
+            base_lr: base,
+            betas: (a.beta1, a.beta2),
+            eps: a.eps,
+            weight_decay: a.weight_decay,
+            clip: self.plan.max_grad_norm,
+            loss_scaler: scaler.map_or_else(
+                || crate::zero::precision::LossScaler::unit().to_py(),
+                |s| s.to_py(),
+            ),
+            dynamic_loss_scale: scaler.is_some_and(|s| s.dynamic),
+        };
+        let bytes = |name: String, v: PyValue| -> Result<(String, Vec<u8>)> {
+            let b = crate::torch_file::to_bytes(&v).map_err(|e| io(&name, e))?;
+            Ok((name, b))
+        };
+        let mut files = vec![bytes(
+            ds::optim_states_name(rank),
+            ds::optim_states(layout, stage, rank, &part, &adam, &ds_config),
+        )?];
+        if stage == 3 || rank == 0 {
+            let run = RunInfo {
+                stage,
+                world: e.world_size(),
+                global_steps: self.state.global_step as u64,
+                global_samples: (self.state.global_step * self.plan.batch.train_batch_size) as u64,
+                skipped_steps: e.skipped_steps as u64,
+                lr_scheduler: self.ds_lr_scheduler(),
+                ds_config,
+            };
+            let module = (stage < 3).then_some(full.fp32.as_slice());
+            let tied = self.model.config.tie_word_embeddings;
+            files.push(bytes(
+                ds::model_states_name(stage, rank),
+                ds::model_states(layout, tied, module, &run),
+            )?);
+        }
+        Ok(files)
+    }
+
+    /// The whole training state in `dir/<latest tag>/` (DeepSpeed's files
+    /// of any stage and number of ranks), and Adam's step; the loss scaler
+    /// takes the saved position.
+    pub(super) fn read_deepspeed(&mut self, dir: &Path) -> Result<(FlatState, u64)> {
+        let latest = dir.join("latest");
+        let tag =
+            std::fs::read_to_string(&latest).map_err(|e| io(&latest.display().to_string(), e))?;
+        let ck = DsCheckpoint::open(&dir.join(tag.trim()))?;
+        let full = ck.full_state(&self.engine.layout)?;
+        if let (Some(saved), Some(sc)) = (&ck.loss_scaler, self.engine.loss_scaler.as_mut()) {
+            sc.restore(saved);
+        }
+        Ok((full, ck.step))
+    }
+}

@@ -1,0 +1,611 @@
+//! DeepSpeed's checkpoint files, `global_stepN/`, as DeepSpeed 0.19.8 lays
+//! them out (read in its `engine.save_checkpoint`, `stage_1_and_2.py`,
+//! `stage3.py` and `zero_to_fp32.py`):
+//!
+//! - `mp_rank_00_model_states.pt` (stage ≤ 2; under stage 3 every rank
+//!   writes `zero_pp_rank_R_mp_rank_00_model_states.pt` with empty
+//!   tensors): `module` (the weights), `param_shapes` (one dict of
+//!   `torch.Size` per parameter group), `shared_params` (tied weights),
+//!   `buffer_names`, the schedule, the step counters, `ds_config`,
+//!   `ds_version`;
+//! - `zero_pp_rank_R_mp_rank_00_optim_states.pt` per rank: the rank's flat
+//!   fp32 weights and Adam moments. Stages 1/2 cut one flat buffer of all
+//!   parameters (padded to 2 × world size) into contiguous partitions
+//!   (`single_partition_of_fp32_groups`, `base_optimizer_state`); stage 3
+//!   cuts each parameter into ⌈n / world⌉-element pieces and a rank holds its
+//!   piece of every parameter (`fp32_flat_groups`, `optimizer_state_dict`).
+//!
+//! Our flat buffer is one parameter group (the whole model, DeepSpeed's
+//! layout when the ds_config names the optimizer). Reading accepts any
+//! number of groups and any world size, and rebuilds the whole model's
+//! state by parameter name, one parameter at a time (so `zero-to-fp32`
+//! holds one tensor, not the model).
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use super::error::{Result, ZeroError};
+use super::layout::{intersect, FlatLayout};
+use super::state::FlatState;
+use crate::torch_file::{PyValue, StoredTensor, TorchFile, TorchTensor};
+
+/// The DeepSpeed release whose layout these files follow.
+pub const DS_VERSION: &str = "0.19.8";
+
+fn s(x: &str) -> PyValue {
+    PyValue::str(x)
+}
+
+fn f32s(v: &[f32]) -> PyValue {
+    PyValue::Tensor(TorchTensor::f32(vec![v.len()], v))
+}
+
+pub fn model_states_name(stage: u8, rank: usize) -> String {
+    if stage == 3 {
+        format!("zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    } else {
+        "mp_rank_00_model_states.pt".into()
+    }
+}
+
+pub fn optim_states_name(rank: usize) -> String {
+    format!("zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+}
+
+/// What `model_states` records beside the weights.
+pub struct RunInfo {
+    pub stage: u8,
+    pub world: usize,
+    pub global_steps: u64,
+    pub global_samples: u64,
+    pub skipped_steps: u64,
+    pub lr_scheduler: PyValue,
+    /// The resolved ds_config, as a Python dict.
+    pub ds_config: PyValue,
+}
+
+/// `*_model_states.pt`: `full` is the whole model's fp32 weights (stage ≤ 2;
+/// `None` under stage 3, whose module tensors are empty as DeepSpeed's).
+pub fn model_states(
+    layout: &FlatLayout,
+    tied: bool,
+    full: Option<&[f32]>,
+    run: &RunInfo,
+) -> PyValue {
+    let mut module = Vec::new();
+    let mut shapes = Vec::new();
+    for i in 0..layout.params.len() {
+        let (name, shape) = (layout.name(i), layout.shape(i));
+        let t = match full {
+            Some(f) => TorchTensor::f32(shape.to_vec(), &f[layout.range(i)]),
+            None => TorchTensor::f32(vec![0], &[]),
+        };
+        module.push((s(name), PyValue::Tensor(t.clone())));
+        if tied && name == "transformer.wte.weight" {
+            // state_dict() lists the tied head under its own name.
+            module.push((s("lm_head.weight"), PyValue::Tensor(t)));
+        }
+        let dims = shape.iter().map(|&d| PyValue::Int(d as i64)).collect();
+        let size = PyValue::Reduce {
+            module: "torch".into(),
+            name: "Size".into(),
+            args: vec![PyValue::Tuple(dims)],
+        };
+        shapes.push((s(name), size));
+    }
+    let shared = if tied {
+        vec![(s("lm_head.weight"), s("transformer.wte.weight"))]
+    } else {
+        vec![]
+    };
+    let int = |x: u64| PyValue::Int(x as i64);
+    PyValue::Dict(vec![
+        (s("module"), PyValue::Dict(module)),
+        (s("buffer_names"), PyValue::List(vec![])),
+        (s("optimizer"), PyValue::None),
+        (
+            s("param_shapes"),
+            PyValue::List(vec![PyValue::Dict(shapes)]),
+        ),
+        (s("frozen_param_shapes"), PyValue::Dict(vec![])),
+        (s("shared_params"), PyValue::Dict(shared)),
+        (s("frozen_param_fragments"), PyValue::Dict(vec![])),
+        (s("lr_scheduler"), run.lr_scheduler.clone()),
+        (s("data_sampler"), PyValue::None),
+        (s("random_ltd"), PyValue::None),
+        (s("sparse_tensor_module_names"), PyValue::Dict(vec![])),
+        (s("skipped_steps"), int(run.skipped_steps)),
+        (s("global_steps"), int(run.global_steps)),
+        (s("global_samples"), int(run.global_samples)),
+        (s("dp_world_size"), int(run.world as u64)),
+        (s("mp_world_size"), PyValue::Int(1)),
+        (s("ds_config"), run.ds_config.clone()),
+        (s("ds_version"), s(DS_VERSION)),
+        (s("written_by"), s("companion")),
+    ])
+}
+
+/// Adam's hyperparameters and position, as the optimizer state records them.
+pub struct AdamInfo {
+    pub step: u64,
+    pub lr: f64,
+    pub base_lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    /// DeepSpeed's loss scaler object (`LossScaler` with scale 1 when
+    /// there is none, as DeepSpeed writes it).
+    pub loss_scaler: PyValue,
+    pub dynamic_loss_scale: bool,
+}
+
+/// The rank's piece of every parameter, as stage 3 lays it out, cut from
+/// the whole model's flat vector.
+pub fn stage3_partition(layout: &FlatLayout, full: &[f32], rank: usize) -> Vec<f32> {
+    let w = layout.world;
+    let mut out = Vec::new();
+    for i in 0..layout.params.len() {
+        let r = layout.range(i);
+        let piece = r.len().div_ceil(w);
+        let mine = intersect(&(r.start + rank * piece..r.start + (rank + 1) * piece), &r);
+        out.extend_from_slice(&full[mine.clone()]);
+        out.resize(out.len() + piece - mine.len(), 0.0);
+    }
+    out
+}
+
+/// `zero_pp_rank_R_mp_rank_00_optim_states.pt`: `part` is the rank's flat
+/// weights and moments in the stage's layout (see [`stage3_partition`]).
+pub fn optim_states(
+    layout: &FlatLayout,
+    stage: u8,
+    rank: usize,
+    part: &FlatState,
+    adam: &AdamInfo,
+    ds_config: &PyValue,
+) -> PyValue {
+    let group = PyValue::Dict(vec![
+        (s("lr"), PyValue::Float(adam.lr)),
+        (s("bias_correction"), PyValue::Bool(true)),
+        (
+            s("betas"),
+            PyValue::List(vec![
+                PyValue::Float(adam.betas.0),
+                PyValue::Float(adam.betas.1),
+            ]),
+        ),
+        (s("eps"), PyValue::Float(adam.eps)),
+        (s("weight_decay"), PyValue::Float(adam.weight_decay)),
+        (s("initial_lr"), PyValue::Float(adam.base_lr)),
+        (s("step"), PyValue::Int(0)),
+        (s("params"), PyValue::List(vec![PyValue::Int(0)])),
+    ]);
+    let adam_state = PyValue::Dict(vec![
+        (
+            s("state"),
+            PyValue::Dict(vec![(
+                PyValue::Int(0),
+                PyValue::Dict(vec![
+                    (s("step"), PyValue::Int(adam.step as i64)),
+                    (s("exp_avg"), f32s(&part.m)),
+                    (s("exp_avg_sq"), f32s(&part.v)),
+                ]),
+            )]),
+        ),
+        (s("param_groups"), PyValue::List(vec![group])),
+    ]);
+    let world = layout.world;
+    let mut sd = vec![
+        (s("zero_stage"), PyValue::Int(stage as i64)),
+        (s("loss_scaler"), adam.loss_scaler.clone()),
+        (
+            s("dynamic_loss_scale"),
+            PyValue::Bool(adam.dynamic_loss_scale),
+        ),
+    ];
+    sd.push((s("overflow"), PyValue::Bool(false)));
+    if stage == 3 {
+        sd.push((s("partition_count"), PyValue::Int(world as i64)));
+        sd.push((s("optimizer_state_dict"), adam_state));
+        sd.push((s("fp32_flat_groups"), PyValue::List(vec![f32s(&part.fp32)])));
+    } else {
+        let padding = intersect(&layout.partition(rank), &(layout.numel..usize::MAX)).len();
+        sd.push((s("clip_grad"), PyValue::Float(adam.clip)));
+        sd.push((s("base_optimizer_state"), adam_state));
+        sd.push((
+            s("single_partition_of_fp32_groups"),
+            PyValue::List(vec![f32s(&part.fp32)]),
+        ));
+        sd.push((
+            s("group_paddings"),
+            PyValue::List(vec![PyValue::Int(padding as i64)]),
+        ));
+        sd.push((
+            s("partition_count"),
+            PyValue::List(vec![PyValue::Int(world as i64)]),
+        ));
+    }
+    sd.push((s("ds_version"), s(DS_VERSION)));
+    PyValue::Dict(vec![
+        (s("optimizer_state_dict"), PyValue::Dict(sd)),
+        (s("ds_config"), ds_config.clone()),
+        (s("ds_version"), s(DS_VERSION)),
+    ])
+}
+
+/// Which of a parameter's flat vectors to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Fp32,
+    ExpAvg,
+    ExpAvgSq,
+}
+
+/// One parameter as the checkpoint records it: name, shape, and where its
+/// elements are (group and offset for stages ≤ 2, per-rank offset for 3).
+#[derive(Debug, Clone)]
+pub struct DsParam {
+    pub name: String,
+    pub shape: Vec<usize>,
+    group: usize,
+    offset: usize,
+}
+
+impl DsParam {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An opened `global_stepN/` folder.
+pub struct DsCheckpoint {
+    pub dir: PathBuf,
+    pub stage: u8,
+    pub world: usize,
+    pub params: Vec<DsParam>,
+    /// (name, name it is tied to).
+    pub shared: Vec<(String, String)>,
+    /// Adam's step.
+    pub step: u64,
+    /// The loss scaler DeepSpeed pickled (its attributes), if any.
+    pub loss_scaler: Option<PyValue>,
+    /// Rank → its optimizer file.
+    optim: Vec<TorchFile>,
+}
+
+fn bad(path: &Path, msg: impl std::fmt::Display) -> ZeroError {
+    ZeroError::Io {
+        path: path.display().to_string(),
+        msg: msg.to_string(),
+    }
+}
+
+fn open(path: &Path) -> Result<TorchFile> {
+    crate::torch_file::load(path).map_err(|e| bad(path, e))
+}
+
+impl DsCheckpoint {
+    /// Open the files of `dir` (a `global_stepN` folder).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut optim = Vec::new();
+        while dir.join(optim_states_name(optim.len())).is_file() {
+            optim.push(open(&dir.join(optim_states_name(optim.len())))?);
+        }
+        let Some(first) = optim.first() else {
+            return Err(bad(
+                dir,
+                format!(
+                    "no {} (a DeepSpeed checkpoint's optimizer states)",
+                    optim_states_name(0)
+                ),
+            ));
+        };
+        let sd = |f: &TorchFile| f.value.get("optimizer_state_dict").cloned();
+        let first_sd = sd(first).ok_or_else(|| {
+            bad(
+                &first.path,
+                "no optimizer_state_dict: not a ZeRO checkpoint",
+            )
+        })?;
+        let stage = first_sd
+            .get("zero_stage")
+            .and_then(PyValue::as_int)
+            .filter(|s| (1..=3).contains(s))
+            .ok_or_else(|| bad(&first.path, "zero_stage: expected 1, 2 or 3"))?
+            as u8;
+        let count = first_sd.get("partition_count").map(|p| match p.items() {
+            Some(v) => v.iter().filter_map(PyValue::as_int).max(),
+            None => p.as_int(),
+        });
+        let world = optim.len();
+        if count.flatten() != Some(world as i64) {
+            return Err(bad(dir, format!("partition_count is {:?}, but {world} *_optim_states.pt files are here (a rank's file is missing, or another run's is mixed in)", count.flatten())));
+        }
+        let model_file = dir.join(model_states_name(stage, 0));
+        let model = open(&model_file)?;
+        let shapes = model
+            .value
+            .get("param_shapes")
+            .and_then(PyValue::items)
+            .ok_or_else(|| {
+                bad(
+                    &model_file,
+                    "no param_shapes: not a DeepSpeed model states file",
+                )
+            })?;
+        let paddings = first_sd
+            .get("param_alignment_paddings")
+            .and_then(PyValue::items);
+        let mut params = Vec::new();
+        let mut stage3_offset = 0;
+        for (g, group) in shapes.iter().enumerate() {
+            let pairs = group
+                .pairs()
+                .ok_or_else(|| bad(&model_file, "param_shapes: expected dicts"))?;
+            let mut offset = 0;
+            for (j, (k, v)) in pairs.iter().enumerate() {
+                let PyValue::Str(name) = k else {
+                    return Err(bad(
+                        &model_file,
+                        "param_shapes: a name that is not a string",
+                    ));
+                };
+                let dims = match v {
+                    PyValue::Reduce { args, .. } if args.len() == 1 => args[0].items(),
+                    other => other.items(),
+                };
+                let shape: Option<Vec<usize>> = dims.and_then(|d| {
+                    d.iter()
+                        .map(|x| x.as_int().and_then(|i| usize::try_from(i).ok()))
+                        .collect()
+                });
+                let shape = shape.ok_or_else(|| {
+                    bad(
+                        &model_file,
+                        format!("param_shapes[{name}]: expected a torch.Size"),
+                    )
+                })?;
+                let n: usize = shape.iter().product();
+                let p = if stage == 3 {
+                    let at = stage3_offset;
+                    stage3_offset += n.div_ceil(world);
+                    DsParam {
+                        name: name.clone(),
+                        shape,
+                        group: 0,
+                        offset: at,
+                    }
+                } else {
+                    let at = offset;
+                    offset += n;
+                    if let Some(pad) = paddings
+                        .and_then(|p| p.get(g))
+                        .and_then(PyValue::items)
+                        .and_then(|p| p.get(j))
+                        .and_then(PyValue::as_int)
+                    {
+                        offset += pad.max(0) as usize;
+                    }
+                    DsParam {
+                        name: name.clone(),
+                        shape,
+                        group: g,
+                        offset: at,
+                    }
+                };
+                params.push(p);
+            }
+        }
+        let shared = model
+            .value
+            .get("shared_params")
+            .and_then(PyValue::pairs)
+            .map(|kv| {
+                kv.iter()
+                    .filter_map(|(k, v)| match (k, v) {
+                        (PyValue::Str(a), PyValue::Str(b)) => Some((a.clone(), b.clone())),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let adam = if stage == 3 {
+            "optimizer_state_dict"
+        } else {
+            "base_optimizer_state"
+        };
+        let state0 = first_sd
+            .get(adam)
+            .and_then(|a| a.get("state"))
+            .and_then(PyValue::pairs)
+            .and_then(|s| s.first())
+            .map(|(_, v)| v.clone());
+        let step = match state0.as_ref().and_then(|s| s.get("step")) {
+            Some(PyValue::Stored(t)) => first.f32s(t).map_err(|e| bad(&first.path, e))?.first().map(|x| *x as u64),
+            Some(v) => v.as_int().map(|x| x.max(0) as u64),
+            None => None,
+        }
+        .ok_or_else(|| bad(&first.path, format!("{adam}: no Adam state with a step (an elastic checkpoint, or one written before the first step?)")))?;
+        let loss_scaler = first_sd.get("loss_scaler").cloned();
+        Ok(DsCheckpoint {
+            dir: dir.to_path_buf(),
+            stage,
+            world,
+            params,
+            shared,
+            step,
+            loss_scaler,
+            optim,
+        })
+    }
+
+    /// The stored tensors that make up rank `r`'s flat vector `which` of
+    /// parameter group `g` (stage 3: all sub-groups, concatenated).
+    fn segments(&self, r: usize, which: Which, g: usize) -> Result<Vec<StoredTensor>> {
+        let f = &self.optim[r];
+        let sd = f.value.get("optimizer_state_dict");
+        let list = |v: Option<&PyValue>| -> Option<Vec<StoredTensor>> {
+            v?.items()?
+                .iter()
+                .map(|x| match x {
+                    PyValue::Stored(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let adam = if self.stage == 3 {
+            "optimizer_state_dict"
+        } else {
+            "base_optimizer_state"
+        };
+        let segs = match which {
+            Which::Fp32 => {
+                let key = if self.stage == 3 {
+                    "fp32_flat_groups"
+                } else {
+                    "single_partition_of_fp32_groups"
+                };
+                list(sd.and_then(|s| s.get(key)))
+            }
+            Which::ExpAvg | Which::ExpAvgSq => {
+                let key = if which == Which::ExpAvg {
+                    "exp_avg"
+                } else {
+                    "exp_avg_sq"
+                };
+                sd.and_then(|s| s.get(adam))
+                    .and_then(|a| a.get("state"))
+                    .and_then(PyValue::pairs)
+                    .map(|st| {
+                        st.iter()
+                            .filter_map(|(_, v)| match v.get(key) {
+                                Some(PyValue::Stored(t)) => Some(t.clone()),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+            }
+        };
+        let segs = segs.ok_or_else(|| {
+            bad(
+                &f.path,
+                format!("no {which:?} tensors in the rank's optimizer state"),
+            )
+        })?;
+        Ok(if self.stage == 3 {
+            segs
+        } else {
+            segs.get(g).cloned().into_iter().collect()
+        })
+    }
+
+    /// Elements `range` of rank `r`'s flat vector (its segments end to end).
+    fn rank_range(&self, r: usize, segs: &[StoredTensor], range: Range<usize>) -> Result<Vec<f32>> {
+        let f = &self.optim[r];
+        let mut out = Vec::with_capacity(range.len());
+        let mut at = 0;
+        for t in segs {
+            let x = intersect(&range, &(at..at + t.numel()));
+            if !x.is_empty() {
+                out.extend(
+                    f.f32_range(t, x.start - at..x.end - at)
+                        .map_err(|e| bad(&f.path, e))?,
+                );
+            }
+            at += t.numel();
+        }
+        if out.len() != range.len() {
+            return Err(bad(
+                &f.path,
+                format!(
+                    "a flat partition of {at} elements ends before element {}",
+                    range.end
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// One parameter's whole vector `which`, gathered from the ranks.
+    pub fn param(&self, p: &DsParam, which: Which) -> Result<Vec<f32>> {
+        let n = p.numel();
+        let mut out = Vec::with_capacity(n);
+        if self.stage == 3 {
+            let piece = n.div_ceil(self.world);
+            for r in 0..self.world {
+                let segs = self.segments(r, which, 0)?;
+                out.extend(self.rank_range(r, &segs, p.offset..p.offset + piece)?);
+            }
+            out.truncate(n);
+        } else {
+            let want = p.offset..p.offset + n;
+            let mut at = 0;
+            for r in 0..self.world {
+                let segs = self.segments(r, which, p.group)?;
+                let len: usize = segs.iter().map(StoredTensor::numel).sum();
+                let x = intersect(&want, &(at..at + len));
+                if !x.is_empty() {
+                    out.extend(self.rank_range(r, &segs, x.start - at..x.end - at)?);
+                }
+                at += len;
+            }
+        }
+        if out.len() != n {
+            return Err(bad(
+                &self.dir,
+                format!(
+                    "{}: found {} of its {n} elements in the ranks' partitions",
+                    p.name,
+                    out.len()
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The whole model's state in our flat layout (parameters matched by
+    /// name, shapes checked).
+    pub fn full_state(&self, layout: &FlatLayout) -> Result<FlatState> {
+        let n = layout.numel;
+        let mut st = FlatState {
+            fp32: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        };
+        for i in 0..layout.params.len() {
+            let name = layout.name(i);
+            let p = self.params.iter().find(|p| p.name == name).ok_or_else(|| {
+                bad(
+                    &self.dir,
+                    format!("param_shapes has no {name}: written for another model"),
+                )
+            })?;
+            if p.shape != layout.shape(i) {
+                return Err(bad(
+                    &self.dir,
+                    format!(
+                        "{name} has shape {:?} here, {:?} in this model",
+                        p.shape,
+                        layout.shape(i)
+                    ),
+                ));
+            }
+            let r = layout.range(i);
+            st.fp32[r.clone()].copy_from_slice(&self.param(p, Which::Fp32)?);
+            st.m[r.clone()].copy_from_slice(&self.param(p, Which::ExpAvg)?);
+            st.v[r].copy_from_slice(&self.param(p, Which::ExpAvgSq)?);
+        }
+        if self.params.len() != layout.params.len() {
+            return Err(bad(
+                &self.dir,
+                format!(
+                    "{} parameters here, {} in this model",
+                    self.params.len(),
+                    layout.params.len()
+                ),
+            ));
+        }
+        Ok(st)
+    }
+}
