@@ -9,6 +9,7 @@
 
 mod common;
 
+use candle_core::{DType, Device};
 use common::*;
 use companion::optim::SchedulerType;
 use companion::train::{Trainer, TrainingArguments};
@@ -190,11 +191,18 @@ fn a_run_transformers_started_continues_here() {
 /// group, our flat buffer's layout); weight decay 0, because DeepSpeed's
 /// optimizer would decay biases and layer norms too and ours does not.
 fn ds_config(stage: u8) -> Value {
+    let mut c = hf_ds_config(stage);
+    c["optimizer"] = json!({"type": "AdamW", "params": {"lr": "auto", "betas": "auto",
+                                                          "eps": "auto", "weight_decay": "auto"}});
+    c
+}
+
+/// A ds_config without an optimizer: transformers' Trainer builds its own
+/// AdamW (decay and no-decay groups, as ours) and DeepSpeed flattens each group.
+fn hf_ds_config(stage: u8) -> Value {
     json!({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
            "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-           "gradient_clipping": "auto",
-           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                      "weight_decay": "auto"}}})
+           "gradient_clipping": "auto"})
 }
 
 fn ds_fields(stage: u8) -> Value {
@@ -243,22 +251,31 @@ fn deepspeed_continues_a_zero_run_started_here() {
 }
 
 /// A run DeepSpeed's engine started (and checkpointed in its own files)
-/// continues here with the losses DeepSpeed's uninterrupted run had.
+/// continues here with the losses DeepSpeed's uninterrupted run had: with
+/// the optimizer the ds_config names (one group) and with transformers' own
+/// (two groups, weight decay on).
 #[test]
 fn a_zero_run_deepspeed_started_continues_here() {
-    for stage in [2, 3] {
+    for (stage, named) in [(2, true), (3, true), (2, false), (3, false)] {
         let dir = tempfile::tempdir().unwrap();
         let init = dir.path().join("init");
         tiny().save_pretrained(&init).unwrap();
         let out = dir.path().join("ds");
         let rows = serde_json::to_string(&rows()).unwrap();
+        let fields = if named {
+            ds_fields(stage)
+        } else {
+            let mut f = hf_fields();
+            f["deepspeed"] = hf_ds_config(stage);
+            f
+        };
         let ds = run_python(
             "hf_resume.py",
             &[
                 "train",
                 init.to_str().unwrap(),
                 &rows,
-                &ds_fields(stage).to_string(),
+                &fields.to_string(),
                 out.to_str().unwrap(),
                 &STOP.to_string(),
             ],
@@ -272,14 +289,22 @@ fn a_zero_run_deepspeed_started_continues_here() {
                 && !ckpt.join("optimizer.json").exists(),
             "a checkpoint as DeepSpeed writes it"
         );
-        let mut t = ds_trainer(&dir.path().join("resumed"), stage);
+        let mut t = if named {
+            ds_trainer(&dir.path().join("resumed"), stage)
+        } else {
+            trainer_with(
+                &dir.path().join("resumed"),
+                tiny(),
+                Some(hf_ds_config(stage)),
+            )
+        };
         t.args.resume_from_checkpoint = Some(ckpt.display().to_string());
         t.train().unwrap();
         assert_eq!(t.state.global_step, STEPS as usize);
         assert_same_losses(
             &our_losses(&t),
             &want,
-            &format!("ours resuming DeepSpeed's ZeRO-{stage}"),
+            &format!("ours resuming DeepSpeed's ZeRO-{stage} (optimizer named: {named})"),
         );
     }
 }
@@ -327,5 +352,109 @@ fn zero_to_fp32_rebuilds_our_weights() {
             "the tied head, as DeepSpeed lists it"
         );
         assert_eq!(got["max_abs_diff"], 0.0, "ZeRO-{stage}");
+        // `companion zero-to-fp32` gives the same weights, as a model folder.
+        let conv = dir.path().join("fp32");
+        let o = companion(
+            &[
+                "zero-to-fp32",
+                ckpt.to_str().unwrap(),
+                conv.to_str().unwrap(),
+                "--json",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["zero_stage"], stage);
+        let ours =
+            candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+        let conv_w =
+            candle_core::safetensors::load(conv.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(conv_w.len(), ours.len());
+        for (k, a) in &ours {
+            let b = &conv_w[k];
+            assert_eq!(a.shape(), b.shape(), "{k}");
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+        }
+        companion::GPT2LMHeadModel::from_pretrained(
+            conv.to_str().unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        // A second run never overwrites the folder; a rank's missing file is named.
+        let again = companion(
+            &[
+                "zero-to-fp32",
+                ckpt.to_str().unwrap(),
+                conv.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("exists and is not empty"));
+        let tag = ckpt.join(format!("global_step{STOP}"));
+        std::fs::remove_file(tag.join("zero_pp_rank_1_mp_rank_00_optim_states.pt")).unwrap();
+        let broken = companion(
+            &[
+                "zero-to-fp32",
+                ckpt.to_str().unwrap(),
+                dir.path().join("x").to_str().unwrap(),
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&broken.stderr);
+        assert!(
+            !broken.status.success()
+                && err.contains("partition_count says 2 ranks, but 1 *_optim_states.pt"),
+            "{err}"
+        );
+        assert!(!dir.path().join("x").exists(), "nothing written on failure");
+    }
+}
+
+/// A checkpoint resumes under another ZeRO stage, or with DeepSpeed turned
+/// on or off: the state is rebuilt by parameter name and cut again for the
+/// new run, which takes the uninterrupted run's steps.
+#[test]
+fn a_checkpoint_resumes_under_another_zero_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut straight = trainer(&dir.path().join("straight"), tiny());
+    straight.args.weight_decay = 0.0;
+    straight.train().unwrap();
+    let want = our_losses(&straight);
+    // (written by, resumed by): None is a run without DeepSpeed.
+    let cases: [(Option<u8>, Option<u8>); 4] = [
+        (Some(3), Some(1)),
+        (Some(1), Some(3)),
+        (None, Some(2)),
+        (Some(2), None),
+    ];
+    for (i, (from, to)) in cases.into_iter().enumerate() {
+        let make = |out: &std::path::Path, stage: Option<u8>| match stage {
+            Some(s) => ds_trainer(out, s),
+            None => {
+                let mut t = trainer(out, tiny());
+                t.args.weight_decay = 0.0;
+                t
+            }
+        };
+        let out = dir.path().join(format!("case{i}"));
+        let mut t = make(&out, from);
+        t.add_callback(companion::train::StopAtStep(STOP));
+        t.train().unwrap();
+        let mut r = make(&dir.path().join(format!("resumed{i}")), to);
+        r.args.resume_from_checkpoint =
+            Some(out.join(format!("checkpoint-{STOP}")).display().to_string());
+        r.train().unwrap();
+        let got = our_losses(&r);
+        for ((s, a), (_, b)) in got.iter().zip(&want).filter(|((s, _), _)| *s > STOP as u64) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "written by {from:?}, resumed by {to:?}: step {s} loss {a} vs {b}"
+            );
+        }
+        assert_eq!(got.len(), STEPS as usize, "{from:?} → {to:?}: {got:?}");
     }
 }

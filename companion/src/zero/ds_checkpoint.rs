@@ -319,8 +319,24 @@ impl DsCheckpoint {
             None => p.as_int(),
         });
         let world = optim.len();
-        if count.flatten() != Some(world as i64) {
-            return Err(bad(dir, format!("partition_count is {:?}, but {world} *_optim_states.pt files are here (a rank's file is missing, or another run's is mixed in)", count.flatten())));
+        match count.flatten() {
+            Some(n) if n == world as i64 => {}
+            Some(n) => {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "partition_count says {n} ranks, but {world} *_optim_states.pt files are \
+                         here (zero_pp_rank_0… upward): a rank's file is missing, or another \
+                         run's is mixed in"
+                    ),
+                ))
+            }
+            None => {
+                return Err(bad(
+                    &first.path,
+                    "no partition_count: not a ZeRO checkpoint",
+                ))
+            }
         }
         let model_file = dir.join(model_states_name(stage, 0));
         let model = open(&model_file)?;
@@ -607,5 +623,72 @@ impl DsCheckpoint {
             ));
         }
         Ok(st)
+    }
+}
+
+/// A parameter's fp32 weights, read from the ranks' partitions only when
+/// the safetensors writer asks for them (one tensor in memory at a time).
+struct LazyParam<'a> {
+    ck: &'a DsCheckpoint,
+    p: &'a DsParam,
+    failed: &'a std::cell::RefCell<Option<ZeroError>>,
+}
+
+impl safetensors::View for LazyParam<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.p.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let v = match self.ck.param(self.p, Which::Fp32) {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert(e);
+                vec![0.0; self.p.numel()]
+            }
+        };
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.p.numel() * 4
+    }
+}
+
+impl DsCheckpoint {
+    /// `zero_to_fp32`: the whole model's fp32 weights in one safetensors
+    /// file, each parameter gathered from the ranks as it is written (peak
+    /// memory one tensor; DeepSpeed's script holds the model twice). Tied
+    /// names (`shared_params`) are left out, as transformers saves them.
+    /// Returns the tensors and elements written.
+    pub fn write_fp32_safetensors(&self, file: &Path) -> Result<(usize, usize)> {
+        let failed = std::cell::RefCell::new(None);
+        let tensors: Vec<(String, LazyParam)> = self
+            .params
+            .iter()
+            .filter(|p| !self.shared.iter().any(|(alias, _)| *alias == p.name))
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    LazyParam {
+                        ck: self,
+                        p,
+                        failed: &failed,
+                    },
+                )
+            })
+            .collect();
+        let count = (tensors.len(), tensors.iter().map(|t| t.1.p.numel()).sum());
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(tensors, Some(meta), file).map_err(|e| bad(file, e))?;
+        if let Some(e) = failed.into_inner() {
+            let _ = std::fs::remove_file(file);
+            return Err(e);
+        }
+        Ok(count)
     }
 }

@@ -17,6 +17,7 @@ mod inference;
 mod options;
 mod preflight;
 mod pretrain;
+mod zero_to_fp32;
 
 /// `companion --version`, naming the optional backends built in.
 #[cfg(feature = "mpi")]
@@ -58,6 +59,10 @@ enum Command {
     /// Model-state memory per GPU and per CPU for ZeRO-2/3 with and without
     /// offload, as DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_live` print it.
     ZeroEstimate(ZeroEstimateCmd),
+    /// DeepSpeed's `zero_to_fp32.py`: a checkpoint's whole fp32 weights, gathered from
+    /// the ranks' ZeRO files one tensor at a time, as a model folder (`model.safetensors`
+    /// + `config.json`) that `from_pretrained` loads.
+    ZeroToFp32(zero_to_fp32::ZeroToFp32Cmd),
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
@@ -233,6 +238,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Command::Eval(c) => inference::eval_cmd(c),
         Command::Bench(c) => bench_cmd::run(c),
         Command::Env(c) => env_cmd(c),
+        Command::ZeroToFp32(c) => zero_to_fp32::run(c),
     }
 }
 
