@@ -665,18 +665,43 @@ fn save_total_limit_zero_deletes_nothing_and_saved_files_have_the_umask_mode() {
     assert!(g.get("eos_token_id").is_some(), "{g}");
 }
 
+/// A DeepSpeed checkpoint resumes without DeepSpeed (the state is rebuilt
+/// by parameter name from its ZeRO files; tests/checkpoint_interop.rs checks
+/// the losses); what is refused is a checkpoint missing its files.
 #[test]
-fn resuming_a_deepspeed_checkpoint_without_deepspeed_says_so() {
+fn a_deepspeed_checkpoint_resumes_without_deepspeed_unless_its_files_are_gone() {
     let dir = tempfile::tempdir().unwrap();
     let z2 = data("ds_config/zero2.json");
     let o = pretrain_with(dir.path(), "ds", &["--deepspeed", z2.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = dir.path().join("ds/checkpoint-2");
+    let copy = dir.path().join("copy/checkpoint-2");
+    std::fs::create_dir_all(copy.join("global_step2")).unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let f = f.unwrap();
+        if f.path().is_file() {
+            std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+        }
+    }
     let o = pretrain_with(
         dir.path(),
         "ds",
         &["--resume-from-checkpoint", "latest", "--max-steps", "4"],
     );
-    refused(&o, "was written by a DeepSpeed run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    // The copy has `latest` but an empty global_step2/.
+    let o = pretrain_with(
+        dir.path(),
+        "ds2",
+        &[
+            "--resume-from-checkpoint",
+            copy.to_str().unwrap(),
+            "--max-steps",
+            "4",
+        ],
+    );
+    refused(&o, "zero_pp_rank_0_mp_rank_00_optim_states.pt");
 }
 
 // ---- settings checked before any work -------------------------------------

@@ -115,7 +115,7 @@ impl Machine {
     }
 
     fn set_items(&mut self, target: usize, items: Vec<usize>) -> std::io::Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(err("SETITEMS with an odd number of items"));
         }
         let Node::Dict(d) = &mut self.nodes[target] else {
