@@ -947,7 +947,10 @@ fn a_resume_refuses_checkpoint_files_that_disagree() {
             Box::new(|c: &Path| {
                 use companion::torch_file::{PyValue, TorchTensor};
                 let f = c.join("optimizer.pt");
-                let mut v = companion::torch_file::load(&f).unwrap().to_owned_value();
+                let mut v = companion::torch_file::load(&f)
+                    .unwrap()
+                    .to_owned_value()
+                    .unwrap();
                 let PyValue::Dict(state) = v.get_mut("state").unwrap() else {
                     panic!("optimizer.pt has a state dict")
                 };

@@ -4,7 +4,6 @@
 //! row-major strides are accepted; anything else is refused by name.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::pickle::Object;
@@ -15,7 +14,9 @@ use super::value::{PyValue, StoredTensor, TorchDtype, TorchTensor};
 pub struct TorchFile {
     pub path: PathBuf,
     pub value: PyValue,
-    map: memmap2::Mmap,
+    file: std::fs::File,
+    /// The file's length, to check every tensor lies inside it.
+    len: u64,
 }
 
 fn refuse(path: &Path, msg: impl std::fmt::Display) -> std::io::Error {
@@ -28,11 +29,10 @@ fn refuse(path: &Path, msg: impl std::fmt::Display) -> std::io::Error {
 /// `torch.load(path)` for the values [`PyValue`] holds.
 pub fn load(path: &Path) -> std::io::Result<TorchFile> {
     let file = std::fs::File::open(path).map_err(|e| refuse(path, e))?;
-    // SAFETY: the file is only read; a checkpoint changed while it is read
-    // is refused by the sizes checked below or gives wrong numbers, as
-    // torch.load(mmap=True) would.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| refuse(path, e))?;
-    let mut zip = zip::ZipArchive::new(Cursor::new(&map[..]))
+    let len = file.metadata().map_err(|e| refuse(path, e))?.len();
+    // Read with positioned reads, not mapped: a reader of one tensor holds
+    // one tensor (mapped pages would count as the process's memory).
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(&file))
         .map_err(|e| refuse(path, format!("not a torch.save file (a zip archive): {e}")))?;
     let pkl_name = zip
         .file_names()
@@ -59,14 +59,31 @@ pub fn load(path: &Path) -> std::io::Result<TorchFile> {
     Ok(TorchFile {
         path: path.to_path_buf(),
         value,
-        map,
+        file,
+        len,
     })
 }
 
 impl TorchFile {
+    /// Elements `range` of the tensor, as raw little-endian bytes.
+    fn read(&self, t: &StoredTensor, range: std::ops::Range<usize>) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let size = t.dtype.size();
+        let start = (t.offset + range.start * size) as u64;
+        let n = range.len() * size;
+        if start + n as u64 > self.len {
+            return Err(refuse(&self.path, "a tensor runs past the end of the file"));
+        }
+        let mut b = vec![0u8; n];
+        self.file
+            .read_exact_at(&mut b, start)
+            .map_err(|e| refuse(&self.path, e))?;
+        Ok(b)
+    }
+
     /// The tensor's raw little-endian bytes.
-    pub fn bytes(&self, t: &StoredTensor) -> &[u8] {
-        &self.map[t.offset..t.offset + t.numel() * t.dtype.size()]
+    pub fn bytes(&self, t: &StoredTensor) -> std::io::Result<Vec<u8>> {
+        self.read(t, 0..t.numel())
     }
 
     /// Elements `range` of a floating-point tensor, as f32 (f64, f16 and
@@ -82,8 +99,7 @@ impl TorchFile {
                 format!("elements {range:?} of a tensor of {} elements", t.numel()),
             ));
         }
-        let size = t.dtype.size();
-        let b = &self.bytes(t)[range.start * size..range.end * size];
+        let b = self.read(t, range)?;
         let out = match t.dtype {
             TorchDtype::F32 => b
                 .chunks_exact(4)
@@ -113,24 +129,28 @@ impl TorchFile {
 
     /// The value with every tensor's bytes copied out of the file (to
     /// change it and write it again).
-    pub fn to_owned_value(&self) -> PyValue {
-        fn own(f: &TorchFile, v: &PyValue) -> PyValue {
-            let all = |xs: &[PyValue]| xs.iter().map(|x| own(f, x)).collect();
-            match v {
+    pub fn to_owned_value(&self) -> std::io::Result<PyValue> {
+        fn own(f: &TorchFile, v: &PyValue) -> std::io::Result<PyValue> {
+            let all = |xs: &[PyValue]| xs.iter().map(|x| own(f, x)).collect::<std::io::Result<_>>();
+            Ok(match v {
                 PyValue::Stored(t) => PyValue::Tensor(TorchTensor {
                     dtype: t.dtype,
                     shape: t.shape.clone(),
-                    bytes: f.bytes(t).to_vec(),
+                    bytes: f.bytes(t)?,
                 }),
-                PyValue::List(xs) => PyValue::List(all(xs)),
-                PyValue::Tuple(xs) => PyValue::Tuple(all(xs)),
+                PyValue::List(xs) => PyValue::List(all(xs)?),
+                PyValue::Tuple(xs) => PyValue::Tuple(all(xs)?),
                 PyValue::Dict(kv) => {
-                    PyValue::Dict(kv.iter().map(|(k, x)| (own(f, k), own(f, x))).collect())
+                    PyValue::Dict(
+                    kv.iter()
+                        .map(|(k, x)| Ok((own(f, k)?, own(f, x)?)))
+                        .collect::<std::io::Result<_>>()?,
+                )
                 }
                 PyValue::Reduce { module, name, args } => PyValue::Reduce {
                     module: module.clone(),
                     name: name.clone(),
-                    args: all(args),
+                    args: all(args)?,
                 },
                 PyValue::Object {
                     module,
@@ -139,10 +159,10 @@ impl TorchFile {
                 } => PyValue::Object {
                     module: module.clone(),
                     name: name.clone(),
-                    state: Box::new(own(f, state)),
+                    state: Box::new(own(f, state)?),
                 },
                 other => other.clone(),
-            }
+            })
         }
         own(self, &self.value)
     }
@@ -155,7 +175,7 @@ impl TorchFile {
 
 struct Reader<'a, 'z> {
     path: &'a Path,
-    zip: &'a mut zip::ZipArchive<Cursor<&'z [u8]>>,
+    zip: &'a mut zip::ZipArchive<std::io::BufReader<&'z std::fs::File>>,
     prefix: &'a str,
     /// Storage key → (byte offset in the file, byte length).
     storages: &'a mut HashMap<String, (usize, usize)>,
@@ -416,6 +436,6 @@ mod tests {
             t.f32_range(&get("a"), 250..253).unwrap(),
             vec![125.0, 125.5, 126.0]
         );
-        assert_eq!(t.to_owned_value(), v);
+        assert_eq!(t.to_owned_value().unwrap(), v);
     }
 }
