@@ -218,34 +218,45 @@ fn ds_trainer(out: &std::path::Path, stage: u8) -> Trainer {
     t
 }
 
+/// The Python fields and our trainer for a DeepSpeed run of `stage`, its
+/// ds_config naming the optimizer or not (then weight decay is on).
+fn ds_case(stage: u8, named: bool, out: &std::path::Path) -> (Value, Trainer) {
+    if named {
+        (ds_fields(stage), ds_trainer(out, stage))
+    } else {
+        let mut f = hf_fields();
+        f["deepspeed"] = hf_ds_config(stage);
+        (f, trainer_with(out, tiny(), Some(hf_ds_config(stage))))
+    }
+}
+
+const DS_CASES: [(u8, bool); 4] = [(2, true), (3, true), (2, false), (3, false)];
+
 /// DeepSpeed's engine (under transformers' Trainer, one CPU rank) takes a
-/// ZeRO checkpoint written here and continues with our run's losses.
+/// ZeRO checkpoint written here and continues with our run's losses, with
+/// the optimizer the ds_config names (one group) and with transformers' own
+/// (two groups, weight decay on).
 #[test]
 fn deepspeed_continues_a_zero_run_started_here() {
-    for stage in [2, 3] {
+    for (stage, named) in DS_CASES {
         let dir = tempfile::tempdir().unwrap();
-        let mut straight = ds_trainer(&dir.path().join("straight"), stage);
+        let (fields, mut straight) = ds_case(stage, named, &dir.path().join("straight"));
         straight.train().unwrap();
         let want = our_losses(&straight);
         let out = dir.path().join("stopped");
-        let mut t = ds_trainer(&out, stage);
+        let mut t = ds_case(stage, named, &out).1;
         t.add_callback(companion::train::StopAtStep(STOP));
         t.train().unwrap();
         let ckpt = out.join(format!("checkpoint-{STOP}"));
         let rows = serde_json::to_string(&rows()).unwrap();
         let got = run_python(
             "hf_resume.py",
-            &[
-                "resume",
-                ckpt.to_str().unwrap(),
-                &rows,
-                &ds_fields(stage).to_string(),
-            ],
+            &["resume", ckpt.to_str().unwrap(), &rows, &fields.to_string()],
         );
         assert_same_losses(
             &python_losses(&got),
             &want,
-            &format!("DeepSpeed resuming our ZeRO-{stage}"),
+            &format!("DeepSpeed resuming our ZeRO-{stage} (optimizer named: {named})"),
         );
     }
 }
@@ -256,19 +267,13 @@ fn deepspeed_continues_a_zero_run_started_here() {
 /// (two groups, weight decay on).
 #[test]
 fn a_zero_run_deepspeed_started_continues_here() {
-    for (stage, named) in [(2, true), (3, true), (2, false), (3, false)] {
+    for (stage, named) in DS_CASES {
         let dir = tempfile::tempdir().unwrap();
         let init = dir.path().join("init");
         tiny().save_pretrained(&init).unwrap();
         let out = dir.path().join("ds");
         let rows = serde_json::to_string(&rows()).unwrap();
-        let fields = if named {
-            ds_fields(stage)
-        } else {
-            let mut f = hf_fields();
-            f["deepspeed"] = hf_ds_config(stage);
-            f
-        };
+        let (fields, mut t) = ds_case(stage, named, &dir.path().join("resumed"));
         let ds = run_python(
             "hf_resume.py",
             &[
@@ -289,15 +294,6 @@ fn a_zero_run_deepspeed_started_continues_here() {
                 && !ckpt.join("optimizer.json").exists(),
             "a checkpoint as DeepSpeed writes it"
         );
-        let mut t = if named {
-            ds_trainer(&dir.path().join("resumed"), stage)
-        } else {
-            trainer_with(
-                &dir.path().join("resumed"),
-                tiny(),
-                Some(hf_ds_config(stage)),
-            )
-        };
         t.args.resume_from_checkpoint = Some(ckpt.display().to_string());
         t.train().unwrap();
         assert_eq!(t.state.global_step, STEPS as usize);
@@ -310,19 +306,19 @@ fn a_zero_run_deepspeed_started_continues_here() {
 }
 
 /// DeepSpeed's `zero_to_fp32.py`, on a checkpoint of 2 ranks written here
-/// (ZeRO-2 and ZeRO-3), rebuilds exactly the weights of its
-/// `model.safetensors`.
+/// (ZeRO-2 with one parameter group, ZeRO-3 with transformers' two),
+/// rebuilds exactly the weights of its `model.safetensors`.
 #[test]
 fn zero_to_fp32_rebuilds_our_weights() {
     use companion::zero::comm::{run_ranks, Communicator};
     use std::sync::Arc;
-    for stage in [2, 3] {
+    for (stage, named) in [(2, true), (3, false)] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
         run_ranks(
             2,
             |_, comm: Arc<dyn Communicator>| -> Result<(), companion::train::TrainError> {
-                let mut args = trainer_with(&out, tiny(), Some(ds_config(stage))).args;
+                let mut args = ds_case(stage, named, &out).1.args;
                 args.max_steps = STOP as i64;
                 let mut t = Trainer::new_distributed(
                     tiny(),

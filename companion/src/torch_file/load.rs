@@ -140,13 +140,11 @@ impl TorchFile {
                 }),
                 PyValue::List(xs) => PyValue::List(all(xs)?),
                 PyValue::Tuple(xs) => PyValue::Tuple(all(xs)?),
-                PyValue::Dict(kv) => {
-                    PyValue::Dict(
+                PyValue::Dict(kv) => PyValue::Dict(
                     kv.iter()
                         .map(|(k, x)| Ok((own(f, k)?, own(f, x)?)))
                         .collect::<std::io::Result<_>>()?,
-                )
-                }
+                ),
                 PyValue::Reduce { module, name, args } => PyValue::Reduce {
                     module: module.clone(),
                     name: name.clone(),

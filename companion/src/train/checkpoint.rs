@@ -62,20 +62,21 @@ impl Trainer {
             "generation_config.json".into(),
             gen.to_json_string().into_bytes(),
         ));
+        let base = self.plan.learning_rate;
+        let now = self.plan.schedule.lr_at(self.state.global_step, base);
+        let pt = |name: &str, v: crate::torch_file::PyValue| {
+            crate::torch_file::to_bytes(&v)
+                .map(|b| (name.to_string(), b))
+                .map_err(|e| TrainError::Io {
+                    path: name.into(),
+                    msg: e.to_string(),
+                })
+        };
+        let sched = || super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step);
         if !self.plan.zero.is_deepspeed() {
             // Adam's state as transformers' Trainer writes it (the one copy:
             // resuming reads it back, here and in Python).
             let moments = self.engine.moments_by_name()?;
-            let base = self.plan.learning_rate;
-            let now = self.plan.schedule.lr_at(self.state.global_step, base);
-            let pt = |name: &str, v: crate::torch_file::PyValue| {
-                crate::torch_file::to_bytes(&v)
-                    .map(|b| (name.to_string(), b))
-                    .map_err(|e| TrainError::Io {
-                        path: name.into(),
-                        msg: e.to_string(),
-                    })
-            };
             let adam = self.engine.adam;
             let opt_pt = super::hf_checkpoint::optimizer_pt(
                 &model.config,
@@ -86,13 +87,21 @@ impl Trainer {
                 &adam,
             )?;
             files.push(pt("optimizer.pt", opt_pt)?);
-            let sched = super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step);
-            files.push(pt("scheduler.pt", sched)?);
+            files.push(pt("scheduler.pt", sched())?);
         } else {
             files.push((
                 "latest".into(),
                 format!("global_step{}", self.state.global_step).into_bytes(),
             ));
+            // With neither an optimizer nor a scheduler in the ds_config,
+            // transformers' Trainer builds its own LambdaLR beside DeepSpeed
+            // and reads its position from scheduler.pt.
+            let resolved = self.plan.deepspeed.as_ref().map(|d| &d.resolved);
+            if resolved
+                .is_some_and(|r| r.get("optimizer").is_none() && r.get("scheduler").is_none())
+            {
+                files.push(pt("scheduler.pt", sched())?);
+            }
         }
         let a = self.engine.adam;
         let lr = self.plan.learning_rate;

@@ -11,7 +11,7 @@ use super::error::{Result, TrainError};
 use super::plan::Schedule;
 use super::trainer::Trainer;
 use crate::torch_file::PyValue;
-use crate::zero::ds_checkpoint::{self as ds, AdamInfo, DsCheckpoint, RunInfo};
+use crate::zero::ds_checkpoint::{self as ds, AdamInfo, DsCheckpoint, Grouping, RunInfo};
 use crate::zero::FlatState;
 
 fn io(name: &str, e: impl std::fmt::Display) -> TrainError {
@@ -23,21 +23,31 @@ fn io(name: &str, e: impl std::fmt::Display) -> TrainError {
 
 impl Trainer {
     /// The scheduler's state dict as DeepSpeed saves it: HF's `LambdaLR`
-    /// (one group), or DeepSpeed's own schedulers' `last_batch_iteration`.
-    fn ds_lr_scheduler(&self) -> PyValue {
+    /// (one entry per parameter group), or DeepSpeed's own schedulers'
+    /// `last_batch_iteration`.
+    fn ds_lr_scheduler(&self, groups: usize) -> PyValue {
         let base = self.plan.learning_rate;
         let step = self.state.global_step;
         let now = self.plan.schedule.lr_at(step, base);
         let s = PyValue::str;
         match &self.plan.schedule {
             Schedule::Hf { .. } => PyValue::Dict(vec![
-                (s("base_lrs"), PyValue::List(vec![PyValue::Float(base)])),
+                (
+                    s("base_lrs"),
+                    PyValue::List(vec![PyValue::Float(base); groups]),
+                ),
                 (s("last_epoch"), PyValue::Int(step as i64)),
                 (s("_step_count"), PyValue::Int(step as i64 + 1)),
                 (s("_is_initial"), PyValue::Bool(false)),
                 (s("_get_lr_called_within_step"), PyValue::Bool(false)),
-                (s("_last_lr"), PyValue::List(vec![PyValue::Float(now)])),
-                (s("lr_lambdas"), PyValue::List(vec![PyValue::Dict(vec![])])),
+                (
+                    s("_last_lr"),
+                    PyValue::List(vec![PyValue::Float(now); groups]),
+                ),
+                (
+                    s("lr_lambdas"),
+                    PyValue::List(vec![PyValue::Dict(vec![]); groups]),
+                ),
             ]),
             Schedule::DeepSpeed { .. } => PyValue::Dict(vec![(
                 s("last_batch_iteration"),
@@ -53,34 +63,12 @@ impl Trainer {
         let e = &self.engine;
         let (stage, rank, layout) = (e.stage(), e.rank(), &e.layout);
         let full = e.full_state(&self.model)?;
-        let part = if stage == 3 {
-            let cut = |x: &[f32]| ds::stage3_partition(layout, x, rank);
-            FlatState {
-                fp32: cut(&full.fp32),
-                m: cut(&full.m),
-                v: cut(&full.v),
-            }
-        } else {
-            let mine = |x: &[f32]| {
-                let r = crate::zero::layout::intersect(&layout.partition(rank), &(0..x.len()));
-                let mut p = x[r].to_vec();
-                p.resize(layout.part, 0.0);
-                p
-            };
-            FlatState {
-                fp32: mine(&full.fp32),
-                m: mine(&full.m),
-                v: mine(&full.v),
-            }
-        };
-        let ds_config = PyValue::from_json(
-            &self
-                .plan
-                .deepspeed
-                .as_ref()
-                .map(|d| d.resolved.clone())
-                .unwrap_or_default(),
-        );
+        let ds = self.plan.deepspeed.as_ref();
+        // Without an `optimizer` block transformers' Trainer builds AdamW
+        // itself (two groups) and DeepSpeed partitions each group.
+        let hf_optimizer = ds.is_none_or(|d| d.resolved.get("optimizer").is_none());
+        let grouping = Grouping::new(layout, hf_optimizer, e.adam.weight_decay);
+        let ds_config = PyValue::from_json(&ds.map(|d| d.resolved.clone()).unwrap_or_default());
         let base = self.plan.learning_rate;
         let a = e.adam;
         let scaler = e.loss_scaler.as_ref();
@@ -90,7 +78,6 @@ impl Trainer {
             base_lr: base,
             betas: (a.beta1, a.beta2),
             eps: a.eps,
-            weight_decay: a.weight_decay,
             clip: self.plan.max_grad_norm,
             loss_scaler: scaler.map_or_else(
                 || crate::zero::precision::LossScaler::unit().to_py(),
@@ -104,7 +91,7 @@ impl Trainer {
         };
         let mut files = vec![bytes(
             ds::optim_states_name(rank),
-            ds::optim_states(layout, stage, rank, &part, &adam, &ds_config),
+            ds::optim_states(layout, &grouping, stage, rank, &full, &adam, &ds_config),
         )?];
         if stage == 3 || rank == 0 {
             let run = RunInfo {
@@ -113,14 +100,14 @@ impl Trainer {
                 global_steps: self.state.global_step as u64,
                 global_samples: (self.state.global_step * self.plan.batch.train_batch_size) as u64,
                 skipped_steps: e.skipped_steps as u64,
-                lr_scheduler: self.ds_lr_scheduler(),
+                lr_scheduler: self.ds_lr_scheduler(grouping.groups.len()),
                 ds_config,
             };
             let module = (stage < 3).then_some(full.fp32.as_slice());
             let tied = self.model.config.tie_word_embeddings;
             files.push(bytes(
                 ds::model_states_name(stage, rank),
-                ds::model_states(layout, tied, module, &run),
+                ds::model_states(layout, &grouping, tied, module, &run),
             )?);
         }
         Ok(files)
