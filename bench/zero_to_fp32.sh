@@ -32,7 +32,12 @@ measure() {
     read -r secs kib <"$work/time"
     printf '%-32s %6.1f s   peak RSS %7.1f MiB\n' "$label" "$secs" "$(echo "$kib / 1024" | bc -l)"
 }
-measure "companion zero-to-fp32" "$COMPANION" zero-to-fp32 "$ckpt" "$work/ours"
+measure "companion zero-to-fp32" "$COMPANION" zero-to-fp32 "$ckpt" "$work/ours" --json
+python3 - "$work/out.log" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"{s['elements'] / 1e6:.2f}M parameters in {s['tensors']} tensors ({s['elements'] * 4 / 1e6:.0f} MB of fp32)")
+PY
 measure "deepspeed zero_to_fp32.py" env DS_ACCELERATOR=cpu python3 -m deepspeed.utils.zero_to_fp32 "$ckpt" "$work/theirs"
 python3 - "$work/ours/model.safetensors" "$work/theirs/pytorch_model.bin" <<'PY'
 import sys, torch

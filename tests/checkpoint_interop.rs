@@ -421,11 +421,13 @@ fn a_checkpoint_resumes_under_another_zero_stage() {
     straight.train().unwrap();
     let want = our_losses(&straight);
     // (written by, resumed by): None is a run without DeepSpeed.
-    let cases: [(Option<u8>, Option<u8>); 4] = [
+    let cases: [(Option<u8>, Option<u8>); 6] = [
         (Some(3), Some(1)),
         (Some(1), Some(3)),
         (None, Some(2)),
         (Some(2), None),
+        (Some(0), Some(2)),
+        (Some(3), Some(0)),
     ];
     for (i, (from, to)) in cases.into_iter().enumerate() {
         let make = |out: &std::path::Path, stage: Option<u8>| match stage {

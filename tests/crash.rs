@@ -128,9 +128,13 @@ fn campaign(label: &str, extra: &[&str], seed: u64) {
     ]
     .into_iter()
     .map(String::from)
-    .chain(
-        (0..2).map(|r| format!("global_step{STEPS}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt")),
-    ) {
+    .chain((0..2).flat_map(|r| {
+        ["optim", "model"]
+            .map(|k| format!("global_step{STEPS}/zero_pp_rank_{r}_mp_rank_00_{k}_states.pt"))
+    }))
+    .chain(std::iter::once(format!(
+        "global_step{STEPS}/mp_rank_00_model_states.pt"
+    ))) {
         let a = dir.path().join("straight").join(&last).join(&f);
         let b = out.join(&last).join(&f);
         if a.exists() || b.exists() {

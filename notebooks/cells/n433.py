@@ -193,8 +193,9 @@ println!("the four stages train the same (within 1e-5)");
     code("""
 let p = small.num_parameters();
 for m in reports.iter().flatten() {
-    // fp32: weights 4Ψ (split from stage 3), gradients 4Ψ (from stage 2), Adam's two moments 8Ψ (from stage 1).
-    let part = |from: u8| if m.stage >= from { p.div_ceil(m.world_size) } else { p };
+    // fp32: weights 4Ψ (split from stage 3), gradients 4Ψ (from stage 2), Adam's two moments 8Ψ (from stage 1);
+    // a partition is Ψ padded to a multiple of 2N (DeepSpeed's padding), over N.
+    let part = |from: u8| if m.stage >= from { p.div_ceil(2 * m.world_size) * 2 } else { p };
     let want = (4 * part(3), 4 * part(2), 8 * part(1));
     check_eq!((m.params, m.grads, m.optimizer_states), want, "stage {} rank {}: bytes of weights, gradients, Adam", m.stage, m.rank);
 }

@@ -327,7 +327,7 @@ time; on a GPU it moves Adam's state off the device: DeepSpeed's estimate for th
     code("""
 let p = config.num_parameters();
 for m in &memory {
-    let part = p.div_ceil(m.world_size);
+    let part = p.div_ceil(2 * m.world_size) * 2; // Ψ padded to a multiple of 2N, over N (DeepSpeed's)
     check_eq!((m.stage, m.world_size), (2, WORLD), "ZeRO stage and ranks from ds_config.json");
     check_eq!((m.params, m.grads, m.optimizer_states), (4 * p, 4 * part, 8 * part), "rank {}: weights, gradients, Adam bytes", m.rank);
     check_eq!(m.offloaded_to_host, m.optimizer_states, "rank {}: the optimizer states are offloaded", m.rank);

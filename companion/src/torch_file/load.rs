@@ -1,4 +1,4 @@
-//! The reader: a `torch.save` file memory-mapped, its pickle turned into a
+//! The reader: a `torch.save` file opened, its pickle turned into a
 //! [`PyValue`] tree whose tensors are [`StoredTensor`]s (where their bytes
 //! lie in the file), read only when asked for. Only dense CPU tensors with
 //! row-major strides are accepted; anything else is refused by name.
@@ -10,7 +10,7 @@ use candle_core::pickle::Object;
 
 use super::value::{PyValue, StoredTensor, TorchDtype, TorchTensor};
 
-/// An opened `torch.save` file: its value and the mapped bytes.
+/// An opened `torch.save` file: its value, and the file its tensors are read from.
 pub struct TorchFile {
     pub path: PathBuf,
     pub value: PyValue,
@@ -43,8 +43,15 @@ pub fn load(path: &Path) -> std::io::Result<TorchFile> {
     let mut pickle = Vec::new();
     {
         use std::io::Read;
-        let mut f = zip.by_name(&pkl_name).map_err(|e| refuse(path, e))?;
-        f.read_to_end(&mut pickle).map_err(|e| refuse(path, e))?;
+        let f = zip.by_name(&pkl_name).map_err(|e| refuse(path, e))?;
+        // A checkpoint's pickle is its structure, not its tensors: small.
+        const MAX_PICKLE: u64 = 256 << 20;
+        if f.size() > MAX_PICKLE {
+            return Err(refuse(path, format!("{pkl_name} is {} bytes, more than the {MAX_PICKLE} a checkpoint's structure takes", f.size())));
+        }
+        f.take(MAX_PICKLE)
+            .read_to_end(&mut pickle)
+            .map_err(|e| refuse(path, e))?;
     }
     let root =
         super::unpickle::unpickle(&pickle).map_err(|e| refuse(path, format!("{pkl_name}: {e}")))?;
@@ -310,6 +317,12 @@ impl Reader<'_, '_> {
                 "a tensor's offset, size or stride is not made of non-negative integers",
             ));
         };
+        if stride.len() != shape.len() {
+            return Err(refuse(
+                self.path,
+                format!("a tensor of shape {shape:?} with {} strides", stride.len()),
+            ));
+        }
         let id = match a.remove(0) {
             Object::PersistentLoad(id) => *id,
             other => return Err(self.bad("a tensor storage", &other)),

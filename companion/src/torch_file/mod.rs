@@ -5,7 +5,7 @@
 //! `<name>/byteorder` and `<name>/version`.
 //!
 //! [`write`] writes what `torch.save` writes; [`load`] reads what it wrote
-//! (tensors stay in the memory-mapped file until asked for, so a reader of
+//! (tensors stay in the file until asked for, so a reader of
 //! one tensor never holds the whole checkpoint).
 //!
 //! Written by hand: no crate writes PyTorch's pickles (`serde-pickle` has no

@@ -24,6 +24,9 @@ enum Node {
 
 struct Machine {
     nodes: Vec<Node>,
+    /// Objects `resolve` may still produce: shared references are copied,
+    /// and a small pickle of nested references must not expand without end.
+    budget: std::cell::Cell<usize>,
     stack: Vec<usize>,
     marks: Vec<usize>,
     memo: std::collections::HashMap<u32, usize>,
@@ -138,6 +141,13 @@ impl Machine {
         if depth > 200 {
             return Err(err("a pickle nested more than 200 deep (or a cycle)"));
         }
+        let left = self.budget.get();
+        if left == 0 {
+            return Err(err(
+                "a pickle whose shared references expand to far more objects than it holds",
+            ));
+        }
+        self.budget.set(left - 1);
         let r = |j: usize| self.resolve(j, depth + 1);
         let all = |v: &[usize]| v.iter().map(|&j| r(j)).collect::<std::io::Result<Vec<_>>>();
         Ok(match &self.nodes[i] {
@@ -166,6 +176,7 @@ impl Machine {
 pub fn unpickle(b: &[u8]) -> std::io::Result<Object> {
     let mut m = Machine {
         nodes: Vec::new(),
+        budget: std::cell::Cell::new(0),
         stack: Vec::new(),
         marks: Vec::new(),
         memo: Default::default(),
@@ -183,6 +194,7 @@ pub fn unpickle(b: &[u8]) -> std::io::Result<Object> {
             }
             b'.' => {
                 let top = m.pop()?;
+                m.budget.set(16 * m.nodes.len() + 100_000);
                 return m.resolve(top, 0);
             }
             b'(' => m.marks.push(m.stack.len()),
@@ -388,5 +400,13 @@ mod tests {
             Object::Long(-129)
         );
         assert!(unpickle(b"\x80\x02]").is_err());
+        // [x, x] nested 40 deep by memo references: 2^40 copies, refused.
+        let mut bomb = b"\x80\x02N".to_vec();
+        for _ in 0..40 {
+            bomb.extend_from_slice(b"q\x00h\x00\x86");
+        }
+        bomb.push(b'.');
+        let e = unpickle(&bomb).unwrap_err().to_string();
+        assert!(e.contains("expand to far more objects"), "{e}");
     }
 }

@@ -199,6 +199,8 @@ pub fn to_bytes(value: &PyValue) -> std::io::Result<Vec<u8>> {
             .compression_method(zip::CompressionMethod::Stored)
             .with_alignment(64);
         let mut put = |name: String, bytes: &[u8]| -> std::io::Result<()> {
+            // Zip64 for a storage of 4 GiB or more (a large flat partition).
+            let opts = opts.large_file(bytes.len() as u64 >= u32::MAX as u64);
             z.start_file(name, opts).map_err(std::io::Error::other)?;
             z.write_all(bytes)
         };

@@ -72,7 +72,7 @@ impl Trainer {
                     msg: e.to_string(),
                 })
         };
-        let sched = || super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step);
+        let sched = || super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step, 2);
         if !self.plan.zero.is_deepspeed() {
             // Adam's state as transformers' Trainer writes it (the one copy:
             // resuming reads it back, here and in Python).
@@ -172,14 +172,14 @@ impl Trainer {
             None
         };
         self.refuse_non_finite(full.as_ref(), &out)?;
-        let shard_dir = tmp.join(format!("global_step{step}"));
+        let tag_dir = tmp.join(format!("global_step{step}"));
         if rank0 {
             std::fs::create_dir_all(&out).map_err(io_err(&out))?;
             if tmp.exists() {
                 std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
             }
             let d = if self.plan.zero.is_deepspeed() {
-                &shard_dir
+                &tag_dir
             } else {
                 &tmp
             };
@@ -189,7 +189,7 @@ impl Trainer {
         let written = (|| -> Result<()> {
             if self.plan.zero.is_deepspeed() {
                 for (name, bytes) in self.deepspeed_files()? {
-                    write_synced(&shard_dir.join(name), &bytes)?;
+                    write_synced(&tag_dir.join(name), &bytes)?;
                 }
             }
             Ok(())
@@ -284,8 +284,9 @@ impl Trainer {
     /// Restore model, optimizer, scheduler position and trainer state (every
     /// rank calls it). The checkpoint's whole training state is rebuilt by
     /// parameter name — from `optimizer.pt` + `model.safetensors`, or from
-    /// DeepSpeed's `global_stepN/` of any stage and number of ranks — and
-    /// each rank takes its part for this run's ZeRO stage.
+    /// DeepSpeed's `global_stepN/` of any ZeRO stage — and each rank takes
+    /// its part for this run's stage. The number of ranks must be the
+    /// checkpoint's when it records its data loader (`rng_state.json`).
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let device = self.model.device().clone();
         resume::check_shape(dir, &self.model.config)?;
@@ -312,12 +313,12 @@ impl Trainer {
         })?;
         resume::check_folder_step(dir, state.global_step)?;
         self.check_data_loader(dir, state.global_step)?;
-        let (full, step_in_files, where_) = if by_deepspeed {
-            let (full, step) = self.read_deepspeed(dir)?;
-            (full, step, dir.join("latest"))
+        let (full, step_in_files, skipped_in_files, where_) = if by_deepspeed {
+            let (full, step, skipped) = self.read_deepspeed(dir)?;
+            (full, step, skipped, dir.join("latest"))
         } else {
-            let (full, step) = self.read_optimizer_pt(dir, &model, state.global_step)?;
-            (full, step, dir.join("optimizer.pt"))
+            let (full, step) = self.read_plain_state(dir, &model, state.global_step)?;
+            (full, step, None, dir.join("optimizer.pt"))
         };
         // optimizer.json is ours (transformers writes none): it also counts
         // the steps an fp16 overflow skipped.
@@ -332,7 +333,8 @@ impl Trainer {
             })?;
             resume::optimizer_steps(&o, &oj, state.global_step)?
         } else {
-            let o = json!({ "step": step_in_files });
+            let o =
+                json!({ "step": step_in_files, "skipped_steps": skipped_in_files.unwrap_or(0) });
             resume::optimizer_steps(&o, &where_, state.global_step)?
         };
         if adam_step != step_in_files {
@@ -373,7 +375,7 @@ impl Trainer {
 
     /// `optimizer.pt` (and `scheduler.pt`'s position) with the weights of
     /// `model`, as a whole flat state; and Adam's step.
-    fn read_optimizer_pt(
+    fn read_plain_state(
         &self,
         dir: &Path,
         model: &GPT2LMHeadModel,

@@ -2,8 +2,9 @@
 //! (`zero::ds_checkpoint`), written by every rank for its partition, and
 //! read back on resume. Reading rebuilds the whole model's fp32 weights and
 //! Adam moments by name, so a checkpoint DeepSpeed wrote resumes here, and
-//! one written with another ZeRO stage or number of ranks resumes too
-//! (each rank takes its part of the whole).
+//! one written with another ZeRO stage resumes too (each rank takes its
+//! part of the whole; the trainer keeps the number of ranks, which decides
+//! each rank's batches).
 
 use std::path::Path;
 
@@ -28,29 +29,13 @@ impl Trainer {
     fn ds_lr_scheduler(&self, groups: usize) -> PyValue {
         let base = self.plan.learning_rate;
         let step = self.state.global_step;
-        let now = self.plan.schedule.lr_at(step, base);
-        let s = PyValue::str;
         match &self.plan.schedule {
-            Schedule::Hf { .. } => PyValue::Dict(vec![
-                (
-                    s("base_lrs"),
-                    PyValue::List(vec![PyValue::Float(base); groups]),
-                ),
-                (s("last_epoch"), PyValue::Int(step as i64)),
-                (s("_step_count"), PyValue::Int(step as i64 + 1)),
-                (s("_is_initial"), PyValue::Bool(false)),
-                (s("_get_lr_called_within_step"), PyValue::Bool(false)),
-                (
-                    s("_last_lr"),
-                    PyValue::List(vec![PyValue::Float(now); groups]),
-                ),
-                (
-                    s("lr_lambdas"),
-                    PyValue::List(vec![PyValue::Dict(vec![]); groups]),
-                ),
-            ]),
+            Schedule::Hf { .. } => {
+                let now = self.plan.schedule.lr_at(step, base);
+                super::hf_checkpoint::scheduler_pt(base, now, step, groups)
+            }
             Schedule::DeepSpeed { .. } => PyValue::Dict(vec![(
-                s("last_batch_iteration"),
+                PyValue::str("last_batch_iteration"),
                 PyValue::Int(step as i64 - 1),
             )]),
         }
@@ -62,7 +47,7 @@ impl Trainer {
     pub(super) fn deepspeed_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let e = &self.engine;
         let (stage, rank, layout) = (e.stage(), e.rank(), &e.layout);
-        let full = e.full_state(&self.model)?;
+        let full = e.gather_full_state(&self.model)?;
         let ds = self.plan.deepspeed.as_ref();
         // Without an `optimizer` block transformers' Trainer builds AdamW
         // itself (two groups) and DeepSpeed partitions each group.
@@ -114,17 +99,35 @@ impl Trainer {
     }
 
     /// The whole training state in `dir/<latest tag>/` (DeepSpeed's files
-    /// of any stage and number of ranks), and Adam's step; the loss scaler
-    /// takes the saved position.
-    pub(super) fn read_deepspeed(&mut self, dir: &Path) -> Result<(FlatState, u64)> {
-        let latest = dir.join("latest");
-        let tag =
-            std::fs::read_to_string(&latest).map_err(|e| io(&latest.display().to_string(), e))?;
-        let ck = DsCheckpoint::open(&dir.join(tag.trim()))?;
+    /// of any stage and number of ranks), Adam's step and the steps an fp16
+    /// overflow skipped (when recorded). The saved hyperparameters must be
+    /// this run's; a dynamic loss scaler takes the saved position.
+    pub(super) fn read_deepspeed(&mut self, dir: &Path) -> Result<(FlatState, u64, Option<u64>)> {
+        let ck = DsCheckpoint::open(&ds::latest_tag_dir(dir)?)?;
+        let a = self.engine.adam;
+        for g in &ck.groups {
+            let wd_ok = g
+                .weight_decay
+                .is_some_and(|w| w == a.weight_decay || w == 0.0);
+            if g.betas != (Some(a.beta1), Some(a.beta2)) || g.eps != Some(a.eps) || !wd_ok {
+                return Err(TrainError::Io {
+                    path: ck.dir.display().to_string(),
+                    msg: format!(
+                        "a parameter group has betas {:?}, eps {:?}, weight_decay {:?}; this run \
+                         has betas ({}, {}), eps {}, weight_decay {}: resume with the settings \
+                         that wrote it",
+                        g.betas, g.eps, g.weight_decay, a.beta1, a.beta2, a.eps, a.weight_decay
+                    ),
+                });
+            }
+        }
         let full = ck.full_state(&self.engine.layout)?;
         if let (Some(saved), Some(sc)) = (&ck.loss_scaler, self.engine.loss_scaler.as_mut()) {
-            sc.restore(saved);
+            sc.restore(saved).map_err(|msg| TrainError::Io {
+                path: ck.dir.display().to_string(),
+                msg,
+            })?;
         }
-        Ok((full, ck.step))
+        Ok((full, ck.step, ck.skipped_steps))
     }
 }

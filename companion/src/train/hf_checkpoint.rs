@@ -1,11 +1,10 @@
-//! The PyTorch files of transformers' `checkpoint-N/`, written beside ours
-//! (which stay the source we resume from): `optimizer.pt`, the state dict of
-//! `torch.optim.AdamW` with the two parameter groups `Trainer` builds (decay
-//! first, then no decay, each in `named_parameters()` order, parameters
-//! numbered across both), and `scheduler.pt`, the state dict of the
-//! `LambdaLR` its schedules are. With them, Python tools that read a
-//! Trainer checkpoint's optimizer and schedule (`Trainer._load_optimizer_and_scheduler`)
-//! find them in the files they expect.
+//! transformers' Trainer's PyTorch files in `checkpoint-N/`, the one copy of
+//! the optimizer's state a checkpoint without DeepSpeed holds (resume reads
+//! it back, here and in Python): `optimizer.pt`, the state dict of
+//! `torch.optim.AdamW` with the two parameter groups `Trainer` builds
+//! (decay first, then no decay, each in `named_parameters()` order,
+//! parameters numbered across both), and `scheduler.pt`, the state dict of
+//! the `LambdaLR` its schedules are.
 
 use super::error::{Result, TrainError};
 use crate::config::GPT2Config;
@@ -97,21 +96,19 @@ pub(super) fn optimizer_pt(
     ]))
 }
 
-/// `scheduler.pt`: `LambdaLR.state_dict()` after `step` scheduler steps, for
-/// the two parameter groups (the lambdas themselves are not saved by torch).
-pub(super) fn scheduler_pt(base_lr: f64, lr_now: f64, step: usize) -> PyValue {
-    let two = |x: f64| PyValue::List(vec![PyValue::Float(x), PyValue::Float(x)]);
+/// `scheduler.pt`: `LambdaLR.state_dict()` after `step` scheduler steps,
+/// one entry per parameter group (torch saves each lambda's `__dict__`:
+/// `{}` for transformers' `functools.partial` schedules).
+pub(super) fn scheduler_pt(base_lr: f64, lr_now: f64, step: usize, groups: usize) -> PyValue {
+    let each = |x: PyValue| PyValue::List(vec![x; groups]);
     PyValue::Dict(vec![
-        (s("base_lrs"), two(base_lr)),
+        (s("base_lrs"), each(PyValue::Float(base_lr))),
         (s("last_epoch"), PyValue::Int(step as i64)),
         (s("_step_count"), PyValue::Int(step as i64 + 1)),
         (s("_is_initial"), PyValue::Bool(false)),
         (s("_get_lr_called_within_step"), PyValue::Bool(false)),
-        (s("_last_lr"), two(lr_now)),
-        (
-            s("lr_lambdas"),
-            PyValue::List(vec![PyValue::None, PyValue::None]),
-        ),
+        (s("_last_lr"), each(PyValue::Float(lr_now))),
+        (s("lr_lambdas"), each(PyValue::Dict(vec![]))),
     ])
 }
 

@@ -23,8 +23,8 @@ pub struct FlatLayout {
     pub world: usize,
     /// Elements per partition: Ψ padded to a multiple of 2N, over N, as
     /// DeepSpeed's stage 1/2 pads its flat buffer (`nccl_start_alignment_factor`
-    /// 2 times the world size), so a checkpoint's partitions have DeepSpeed's
-    /// sizes. The last partitions hold the padding.
+    /// 2 times the world size), so each rank holds what a DeepSpeed rank holds
+    /// (with one parameter group). The last partitions hold the padding.
     pub part: usize,
 }
 

@@ -216,7 +216,7 @@ mod tests {
                     // engine, gives the same partition (weights, masters,
                     // moments) on every rank.
                     let part = e.partition_state(&model).unwrap();
-                    let full = e.full_state(&model).unwrap();
+                    let full = e.gather_full_state(&model).unwrap();
                     e.load_full_state(&full, "full").unwrap();
                     assert_eq!(e.partition_state(&model).unwrap(), part, "after a reload");
                     assert!(e.state_is_finite().unwrap());

@@ -106,11 +106,23 @@ impl LossScaler {
         }
     }
 
-    /// Take the position of a scaler a checkpoint saved ([`Self::to_py`]'s
-    /// attributes; the configuration stays this run's).
-    pub fn restore(&mut self, saved: &PyValue) {
-        if let Some(x) = saved.get("cur_scale").and_then(PyValue::as_float) {
-            self.cur_scale = x;
+    /// Take the position of a dynamic scaler a checkpoint saved
+    /// ([`Self::to_py`]'s attributes; the configuration stays this run's).
+    /// A static scaler's saved scale (every run without fp16 records 1) is
+    /// not taken: this run's configuration says its scale.
+    pub fn restore(&mut self, saved: &PyValue) -> Result<(), String> {
+        let dynamic = saved.get("dynamic").and_then(PyValue::as_int) == Some(1);
+        if !self.dynamic || !dynamic {
+            return Ok(());
+        }
+        let scale = saved.get("cur_scale").and_then(PyValue::as_float);
+        match scale {
+            Some(x) if x.is_finite() && x > 0.0 => self.cur_scale = x,
+            other => {
+                return Err(format!(
+                    "loss_scaler.cur_scale is {other:?}: expected a positive finite number"
+                ))
+            }
         }
         if let Some(x) = saved.get("cur_iter").and_then(PyValue::as_int) {
             self.cur_iter = x;
@@ -119,8 +131,9 @@ impl LossScaler {
             self.last_overflow_iter = x;
         }
         if let Some(x) = saved.get("cur_hysteresis").and_then(PyValue::as_int) {
-            self.cur_hysteresis = x.max(1) as usize;
+            self.cur_hysteresis = x.clamp(1, self.delayed_shift as i64) as usize;
         }
+        Ok(())
     }
 
     /// After a step: `overflow` says whether its gradients held inf/NaN (the
@@ -169,5 +182,41 @@ impl LossScaler {
         }
         self.cur_iter += 1;
         msg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic() -> LossScaler {
+        LossScaler::from_config(&Fp16Config {
+            enabled: true,
+            loss_scale: 0.0,
+            initial_scale_power: 16,
+            loss_scale_window: 1000,
+            hysteresis: 2,
+            consecutive_hysteresis: false,
+            min_loss_scale: 1.0,
+        })
+    }
+
+    #[test]
+    fn a_saved_scaler_restores_its_position_and_nothing_else() {
+        let mut saved = dynamic();
+        saved.update(true); // hysteresis 2 → 1, scale kept
+        saved.update(true); // halved
+        let mut s = dynamic();
+        s.restore(&saved.to_py()).unwrap();
+        assert_eq!(s, saved);
+        // A static scale of 1 (every run without fp16 saves one) is not taken.
+        let mut s = dynamic();
+        s.restore(&LossScaler::unit().to_py()).unwrap();
+        assert_eq!(s, dynamic());
+        // A scale that could only poison the run is refused.
+        let mut bad = saved.clone();
+        bad.cur_scale = 0.0;
+        let e = dynamic().restore(&bad.to_py()).unwrap_err();
+        assert!(e.contains("cur_scale"), "{e}");
     }
 }

@@ -1,8 +1,6 @@
 //! What a ZeRO rank saves in a checkpoint and loads back: its part of the
 //! fp32 weights and Adam moments, the whole model's (gathered), or by name.
 
-use std::collections::HashMap;
-
 use candle_core::Tensor;
 
 use super::engine::ZeroEngine;
@@ -26,7 +24,7 @@ impl ZeroEngine {
     /// This rank's part of the training state over its flat range
     /// (`owned`; padding zero): the fp32 weights (stage 3's partition, the
     /// fp32 masters under mixed precision, else the model's own) and Adam's
-    /// moments. What DeepSpeed's `*_optim_states.pt` holds for the rank.
+    /// moments.
     pub fn partition_state(&self, model: &GPT2LMHeadModel) -> Result<FlatState> {
         let (m, v) = self.moments_on_host()?;
         let n = self.owned.len();
@@ -44,7 +42,7 @@ impl ZeroEngine {
 
     /// The whole model's training state, flat (Ψ elements each), on every
     /// rank: a collective (all-gathers of the partitions).
-    pub fn full_state(&self, model: &GPT2LMHeadModel) -> Result<FlatState> {
+    pub fn gather_full_state(&self, model: &GPT2LMHeadModel) -> Result<FlatState> {
         let mut part = self.partition_state(model)?;
         if self.stage() > 0 {
             for x in [&mut part.fp32, &mut part.m, &mut part.v] {
@@ -127,33 +125,8 @@ impl ZeroEngine {
         Ok(())
     }
 
-    /// The fp16 loss scaler's current scale, as a checkpoint restores it.
-    pub fn set_loss_scale(&mut self, scale: f64) {
-        if let Some(sc) = self.loss_scaler.as_mut() {
-            sc.cur_scale = scale;
-        }
-    }
-
-    /// After loading full fp32 weights (resume): stage 3 takes this rank's
-    /// slice, mixed precision its fp32 masters.
-    pub fn load_full_params(&mut self, model: &GPT2LMHeadModel) -> Result<()> {
-        if self.mixed_precision() && self.stage() < 3 {
-            let valid = intersect(&self.owned, &(0..self.layout.numel));
-            let master = flatten_params(model, &self.layout)?[valid].to_vec();
-            self.set_master_from_host(master)?;
-        }
-        if self.stage() == 3 {
-            let flat = flatten_params(model, &self.layout)?;
-            let me = intersect(&self.layout.partition(self.rank()), &(0..self.layout.numel));
-            let mut params = vec![0.0; self.layout.part];
-            params[..me.len()].copy_from_slice(&flat[me]);
-            self.set_params_from_host(params)?;
-        }
-        Ok(())
-    }
-
     /// Adam moments by parameter name for a stage-0 engine (the whole model):
-    /// the `optimizer.safetensors` of a checkpoint without DeepSpeed.
+    /// what a checkpoint's `optimizer.pt` is written from.
     pub fn moments_by_name(&self) -> Result<Vec<NamedMoments>> {
         let (m, v): (Vec<f32>, Vec<f32>) = match &self.moments {
             Moments::Host { m, v } => (m.clone(), v.clone()),
@@ -174,43 +147,6 @@ impl ZeroEngine {
                 )
             })
             .collect())
-    }
-
-    /// Set a stage-0 engine's moments from `optimizer.safetensors` tensors
-    /// (read from `file`).
-    pub fn set_moments_by_name(
-        &mut self,
-        named: &HashMap<String, (Vec<f32>, Vec<f32>)>,
-        file: &str,
-    ) -> Result<()> {
-        for (name, (m, v)) in named {
-            check_moments(file, name, m, v)?;
-        }
-        let n = self.layout.numel;
-        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
-        for (i, name) in self.layout.params.specs.iter().map(|s| &s.name).enumerate() {
-            if let Some((a, b)) = named.get(name) {
-                let r = self.layout.range(i);
-                if a.len() != r.len() || b.len() != r.len() {
-                    return Err(ZeroError::Args(format!(
-                        "optimizer state for {name} has the wrong size"
-                    )));
-                }
-                m[r.clone()].copy_from_slice(a);
-                v[r].copy_from_slice(b);
-            }
-        }
-        match &mut self.moments {
-            Moments::Host { m: hm, v: hv } => {
-                *hm = m;
-                *hv = v;
-            }
-            Moments::Device { m: dm, v: dv, .. } => {
-                *dm = Tensor::from_vec(m, n, &self.device)?;
-                *dv = Tensor::from_vec(v, n, &self.device)?;
-            }
-        }
-        Ok(())
     }
 }
 

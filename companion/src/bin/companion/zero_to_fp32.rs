@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use companion::zero::ds_checkpoint::DsCheckpoint;
+use companion::zero::ds_checkpoint::{latest_tag_dir, DsCheckpoint};
 use serde_json::json;
 
 #[derive(Args)]
@@ -22,25 +22,18 @@ pub struct ZeroToFp32Cmd {
     json: bool,
 }
 
-/// The ZeRO files' folder of `ckpt`: itself, or the one `latest` names.
-fn tag_dir(ckpt: &Path) -> Result<Option<PathBuf>> {
-    let latest = ckpt.join("latest");
-    if latest.is_file() {
-        let tag = std::fs::read_to_string(&latest)
-            .with_context(|| format!("reading {}", latest.display()))?;
-        let tag = tag.trim();
-        if tag.is_empty() || tag.contains(['/', '\\']) || tag == ".." {
-            bail!(
-                "{}: expected a folder name like global_step2, got {tag:?}",
-                latest.display()
-            );
-        }
-        return Ok(Some(ckpt.join(tag)));
+/// The ZeRO files' folder of `ckpt` (itself, or the one `latest` names)
+/// and the folder holding the model's config (`ckpt`, or its parent when
+/// `ckpt` is the `global_stepN` folder).
+fn tag_dir(ckpt: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    if ckpt.join("latest").is_file() {
+        return Ok(Some((latest_tag_dir(ckpt)?, ckpt.to_path_buf())));
     }
-    Ok(ckpt
+    let own = ckpt
         .join("zero_pp_rank_0_mp_rank_00_optim_states.pt")
-        .is_file()
-        .then(|| ckpt.to_path_buf()))
+        .is_file();
+    let parent = ckpt.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok(own.then(|| (ckpt.to_path_buf(), parent)))
 }
 
 pub fn run(c: ZeroToFp32Cmd) -> Result<()> {
@@ -70,8 +63,10 @@ pub fn run(c: ZeroToFp32Cmd) -> Result<()> {
         .tempdir_in(parent)
         .with_context(|| format!("creating a folder in {}", parent.display()))?;
     let weights = tmp.path().join("model.safetensors");
+    let mut config_dir = c.checkpoint.clone();
     let summary = match tag_dir(&c.checkpoint)? {
-        Some(dir) => {
+        Some((dir, config)) => {
+            config_dir = config;
             let ck = DsCheckpoint::open(&dir)?;
             let (tensors, elements) = ck.write_fp32_safetensors(&weights)?;
             json!({"kind": "deepspeed", "zero_stage": ck.stage, "world_size": ck.world,
@@ -91,7 +86,7 @@ pub fn run(c: ZeroToFp32Cmd) -> Result<()> {
         }
     };
     for f in ["config.json", "generation_config.json"] {
-        let src = c.checkpoint.join(f);
+        let src = config_dir.join(f);
         if src.is_file() {
             std::fs::copy(&src, tmp.path().join(f))
                 .with_context(|| format!("copying {}", src.display()))?;

@@ -27,5 +27,5 @@ mod read;
 mod write;
 
 pub use files::{model_states_name, optim_states_name, DS_VERSION};
-pub use read::{DsCheckpoint, DsParam, Which};
+pub use read::{latest_tag_dir, DsCheckpoint, DsParam, GroupHyper, Which};
 pub use write::{model_states, optim_states, rank_slice, AdamInfo, Grouping, RunInfo};

@@ -35,6 +35,29 @@ impl DsParam {
     }
 }
 
+/// A parameter group's Adam hyperparameters as a checkpoint saved them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupHyper {
+    pub betas: (Option<f64>, Option<f64>),
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f64>,
+}
+
+/// The folder `checkpoint/latest` names (DeepSpeed's tag), refusing a
+/// name that would leave the checkpoint folder.
+pub fn latest_tag_dir(checkpoint: &Path) -> Result<PathBuf> {
+    let latest = checkpoint.join("latest");
+    let tag = std::fs::read_to_string(&latest).map_err(|e| bad(&latest, e))?;
+    let tag = tag.trim();
+    if tag.is_empty() || tag.contains(['/', '\\']) || tag == "." || tag == ".." {
+        return Err(bad(
+            &latest,
+            format!("expected a folder name like global_step2, got {tag:?}"),
+        ));
+    }
+    Ok(checkpoint.join(tag))
+}
+
 /// An opened `global_stepN/` folder.
 pub struct DsCheckpoint {
     pub dir: PathBuf,
@@ -45,6 +68,10 @@ pub struct DsCheckpoint {
     pub shared: Vec<(String, String)>,
     /// Adam's step.
     pub step: u64,
+    /// Steps an fp16 overflow skipped (`model_states`' `skipped_steps`).
+    pub skipped_steps: Option<u64>,
+    /// Each parameter group's hyperparameters, as saved.
+    pub groups: Vec<GroupHyper>,
     /// The loss scaler DeepSpeed pickled (its attributes), if any.
     pub loss_scaler: Option<PyValue>,
     /// Rank → its optimizer file.
@@ -88,8 +115,8 @@ impl DsCheckpoint {
         let stage = first_sd
             .get("zero_stage")
             .and_then(PyValue::as_int)
-            .filter(|s| (1..=3).contains(s))
-            .ok_or_else(|| bad(&first.path, "zero_stage: expected 1, 2 or 3"))?
+            .filter(|s| (0..=3).contains(s))
+            .ok_or_else(|| bad(&first.path, "zero_stage: expected 0, 1, 2 or 3"))?
             as u8;
         let count = first_sd.get("partition_count").map(|p| match p.items() {
             Some(v) => v.iter().filter_map(PyValue::as_int).max(),
@@ -131,12 +158,12 @@ impl DsCheckpoint {
             .get("param_alignment_paddings")
             .and_then(PyValue::items);
         let mut params = Vec::new();
-        let mut stage3_offset = 0;
+        let mut stage3_offset = 0usize;
         for (g, group) in shapes.iter().enumerate() {
             let pairs = group
                 .pairs()
                 .ok_or_else(|| bad(&model_file, "param_shapes: expected dicts"))?;
-            let mut offset = 0;
+            let mut offset = 0usize;
             for (j, (k, v)) in pairs.iter().enumerate() {
                 let PyValue::Str(name) = k else {
                     return Err(bad(
@@ -159,10 +186,18 @@ impl DsCheckpoint {
                         format!("param_shapes[{name}]: expected a torch.Size"),
                     )
                 })?;
-                let n: usize = shape.iter().product();
+                let n = shape
+                    .iter()
+                    .try_fold(1usize, |a, &d| a.checked_mul(d))
+                    .ok_or_else(|| {
+                        bad(
+                            &model_file,
+                            format!("param_shapes[{name}]: {shape:?} overflows"),
+                        )
+                    })?;
                 let p = if stage == 3 {
                     let at = stage3_offset;
-                    stage3_offset += n.div_ceil(world);
+                    stage3_offset = stage3_offset.saturating_add(n.div_ceil(world));
                     DsParam {
                         name: name.clone(),
                         shape,
@@ -171,14 +206,14 @@ impl DsCheckpoint {
                     }
                 } else {
                     let at = offset;
-                    offset += n;
+                    offset = offset.saturating_add(n);
                     if let Some(pad) = paddings
                         .and_then(|p| p.get(g))
                         .and_then(PyValue::items)
                         .and_then(|p| p.get(j))
                         .and_then(PyValue::as_int)
                     {
-                        offset += pad.max(0) as usize;
+                        offset = offset.saturating_add(pad.max(0) as usize);
                     }
                     DsParam {
                         name: name.clone(),
@@ -221,16 +256,102 @@ impl DsCheckpoint {
         }
         .ok_or_else(|| bad(&first.path, format!("{adam}: no Adam state with a step (an elastic checkpoint, or one written before the first step?)")))?;
         let loss_scaler = first_sd.get("loss_scaler").cloned();
-        Ok(DsCheckpoint {
+        let groups = first_sd
+            .get(adam)
+            .and_then(|a| a.get("param_groups"))
+            .and_then(PyValue::items)
+            .map(|gs| {
+                gs.iter()
+                    .map(|g| {
+                        let f = |k: &str| g.get(k).and_then(PyValue::as_float);
+                        let betas = g.get("betas").and_then(PyValue::items);
+                        let b = |i: usize| betas.and_then(|b| b.get(i)).and_then(PyValue::as_float);
+                        GroupHyper {
+                            betas: (b(0), b(1)),
+                            eps: f("eps"),
+                            weight_decay: f("weight_decay"),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let skipped_steps = model
+            .value
+            .get("skipped_steps")
+            .and_then(PyValue::as_int)
+            .map(|x| x.max(0) as u64);
+        let ck = DsCheckpoint {
             dir: dir.to_path_buf(),
             stage,
             world,
             params,
             shared,
             step,
+            skipped_steps,
+            groups,
             loss_scaler,
             optim,
-        })
+        };
+        ck.check_sizes()?;
+        Ok(ck)
+    }
+
+    /// Every parameter lies inside the ranks' partitions, and the moments
+    /// have the weights' sizes: checked from the files' shapes before
+    /// anything is allocated for them.
+    fn check_sizes(&self) -> Result<()> {
+        let len = |r: usize, which: Which, g: usize| -> Result<usize> {
+            Ok(self
+                .segments(r, which, g)?
+                .iter()
+                .map(StoredTensor::numel)
+                .sum())
+        };
+        let groups = self
+            .params
+            .iter()
+            .map(|p| p.group)
+            .max()
+            .map_or(0, |g| g + 1);
+        for r in 0..self.world {
+            for g in 0..groups.max(1) {
+                let g = if self.stage == 3 { 0 } else { g };
+                let n = len(r, Which::Fp32, g)?;
+                for which in [Which::ExpAvg, Which::ExpAvgSq] {
+                    if len(r, which, g)? != n {
+                        return Err(bad(
+                            &self.optim[r].path,
+                            format!(
+                                "its {which:?} has another size than its weights ({n} elements)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        for p in &self.params {
+            let (need, have) = if self.stage == 3 {
+                (
+                    p.offset.saturating_add(p.numel().div_ceil(self.world)),
+                    len(0, Which::Fp32, 0)?,
+                )
+            } else {
+                let total: usize = (0..self.world)
+                    .map(|r| len(r, Which::Fp32, p.group))
+                    .sum::<Result<usize>>()?;
+                (p.offset.saturating_add(p.numel()), total)
+            };
+            if need > have {
+                return Err(bad(
+                    &self.dir,
+                    format!(
+                        "{} {:?} needs {need} elements of the ranks' partitions, they hold {have}",
+                        p.name, p.shape
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The stored tensors that make up rank `r`'s flat vector `which` of
