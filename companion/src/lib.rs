@@ -17,6 +17,7 @@ pub mod hf_json;
 pub mod model;
 pub mod notebook;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod rng;
 pub mod sysmem;

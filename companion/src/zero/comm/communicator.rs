@@ -30,6 +30,21 @@ pub trait Communicator: Send + Sync {
     /// Tell the other ranks this one failed, so none waits forever.
     fn abort(&self, why: &str);
 
+    /// `MPI_Comm_split` / `dist.new_group`: a collective over this group
+    /// that returns the sub-group of the ranks that gave the same `color`,
+    /// numbered in this group's rank order. Tensor-, pipeline- and
+    /// data-parallel groups are made this way.
+    fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
+        if self.world_size() == 1 {
+            return Ok(Arc::new(SingleRank));
+        }
+        let _ = color;
+        Err(CommError::Transport(
+            "sub-groups are made on thread ranks (--num-ranks) here; this transport does not make them yet"
+                .into(),
+        ))
+    }
+
     /// The sum over ranks of `t` (fp32, on this rank's device), computed
     /// where it lives; `None` when this transport exchanges host memory
     /// (the caller then goes through [`all_reduce_sum`](Self::all_reduce_sum)).

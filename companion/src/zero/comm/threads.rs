@@ -21,18 +21,29 @@ pub struct InProcessGroup {
     world: usize,
     round: Mutex<Round>,
     cv: Condvar,
+    /// Sub-groups made by `split`, by (the split's number, color): the first
+    /// rank of a color to arrive makes it, the others take it.
+    subgroups: Mutex<std::collections::HashMap<(u64, usize), Arc<InProcessGroup>>>,
+    /// The group this one was split from: a failure anywhere stops them all.
+    parent: Option<std::sync::Weak<InProcessGroup>>,
 }
 
 impl InProcessGroup {
     pub fn new(world: usize) -> Arc<Self> {
+        Self::with_parent(world, None)
+    }
+
+    fn with_parent(world: usize, parent: Option<std::sync::Weak<InProcessGroup>>) -> Arc<Self> {
         assert!(world >= 1, "a group has at least one rank");
         Arc::new(InProcessGroup {
+            parent,
             world,
             round: Mutex::new(Round {
                 slots: vec![None; world],
                 ..Round::default()
             }),
             cv: Condvar::new(),
+            subgroups: Mutex::default(),
         })
     }
 
@@ -42,6 +53,29 @@ impl InProcessGroup {
         InProcessRank {
             group: self.clone(),
             rank,
+            splits: Default::default(),
+        }
+    }
+}
+
+impl InProcessGroup {
+    fn abort_all(&self, why: &str) {
+        {
+            let mut r = self.round.lock().unwrap_or_else(|e| e.into_inner());
+            if r.aborted.is_none() {
+                r.aborted = Some(why.to_string());
+            }
+            self.cv.notify_all();
+        }
+        let subs: Vec<_> = self
+            .subgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for g in subs {
+            g.abort_all(why);
         }
     }
 }
@@ -50,6 +84,9 @@ impl InProcessGroup {
 pub struct InProcessRank {
     group: Arc<InProcessGroup>,
     rank: usize,
+    /// How many splits this rank has made (the same on every rank: a split
+    /// is a collective), naming each split's sub-groups.
+    splits: std::sync::atomic::AtomicU64,
 }
 
 impl Communicator for InProcessRank {
@@ -95,11 +132,49 @@ impl Communicator for InProcessRank {
         }
         Ok(r.published.clone().expect("published with the generation"))
     }
-    fn abort(&self, why: &str) {
-        let mut r = self.group.round.lock().unwrap_or_else(|e| e.into_inner());
-        if r.aborted.is_none() {
-            r.aborted = Some(format!("rank {}: {why}", self.rank));
+    fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
+        // Colors travel as f32 through the exchange: exact up to 2^24.
+        if color >= 1 << 24 {
+            return Err(CommError::Size(format!(
+                "split color {color} is not below 2^24"
+            )));
         }
-        self.group.cv.notify_all();
+        let n = self
+            .splits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let colors = self.exchange(vec![color as f32])?;
+        let members: Vec<usize> = (0..self.group.world)
+            .filter(|&r| colors[r].first() == Some(&(color as f32)))
+            .collect();
+        let me = members
+            .iter()
+            .position(|&r| r == self.rank)
+            .expect("a rank is in its own color");
+        let sub = {
+            let mut subs = self
+                .group
+                .subgroups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            subs.entry((n, color))
+                .or_insert_with(|| {
+                    InProcessGroup::with_parent(members.len(), Some(Arc::downgrade(&self.group)))
+                })
+                .clone()
+        };
+        Ok(Arc::new(sub.rank(me)))
+    }
+    fn abort(&self, why: &str) {
+        // From the group everything was split from, down to every sub-group.
+        let mut root = self.group.clone();
+        while let Some(p) = root.parent.as_ref().and_then(std::sync::Weak::upgrade) {
+            root = p;
+        }
+        let who = if self.group.parent.is_some() {
+            format!("rank {} of a sub-group of {}", self.rank, self.group.world)
+        } else {
+            format!("rank {}", self.rank)
+        };
+        root.abort_all(&format!("{who}: {why}"));
     }
 }
