@@ -22,7 +22,7 @@ use crate::cpu::inputs::{check_length, check_mask, check_token_ids, positions};
 use crate::params::{Affine, BlockParams, Gpt2Params};
 
 /// The activation on a candle tensor (`ACT2FN[name](x)`).
-fn activation(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn activation(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
     match act {
         Activation::GeluTanh => super::autograd_ops::gelu_tanh(x),
         Activation::Gelu => x.gelu_erf(),

@@ -3,9 +3,14 @@
 //! (`parallel_state.initialize_model_parallel`, order tp-dp-pp), and those
 //! groups made as sub-communicators of the run's communicator.
 //!
-//! The groups are the first piece of the 3D parallel training the section
-//! describes; the tensor- and pipeline-parallel model comes next (issue 29).
+//! Here so far: the groups, and GPT-2 split by tensor parallelism
+//! (`tensor`, with Megatron's conjugate collectives in `collective_ops`),
+//! checked against the whole model on one rank. Pipeline stages and the
+//! trainer's use of both come next.
 
+mod collective_ops;
 mod layout;
+pub mod tensor;
 
 pub use layout::{ParallelGroups, ParallelLayout};
+pub use tensor::TensorParallelGpt2;

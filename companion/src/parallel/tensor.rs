@@ -1,0 +1,330 @@
+//! GPT-2 split over a tensor-parallel group as Megatron-LM splits it
+//! (Shoeybi et al. 2019): each rank holds `1/tp` of the heads of every
+//! attention (`c_attn` by columns, head by head for q, k and v; `c_proj` by
+//! rows), `1/tp` of every MLP (`c_fc` by columns, `c_proj` by rows) and
+//! `1/tp` of the vocabulary (`wte`, and the head, tied or not); layer norms,
+//! positions and the biases added after a row-parallel layer are
+//! replicated. One all-reduce after each row-parallel layer in the forward
+//! pass (`g`), one before each column-parallel layer in the backward pass
+//! (`f`), and the vocabulary-parallel embedding and cross-entropy: the
+//! logits are never gathered.
+//!
+//! Built on candle's autograd, from a whole model's weights (each rank
+//! cuts its shards): the fp32 reference the faster paths are checked
+//! against.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var, D};
+
+use super::collective_ops::{reduce_backward, reduce_forward, vocab_parallel_cross_entropy_sum};
+use crate::config::{Activation, GPT2Config};
+use crate::model::autograd_ops::{layer_norm, masked_softmax};
+use crate::model::gpt2::activation;
+use crate::model::GPT2LMHeadModel;
+use crate::zero::comm::Communicator;
+
+type Result<T> = candle_core::Result<T>;
+
+/// How a parameter is cut over the tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The same on every rank.
+    Replicated,
+    /// Rows `[r·n/tp, (r+1)·n/tp)` (the vocabulary, a row-parallel layer).
+    Rows,
+    /// Columns likewise (a column-parallel layer's weight or bias).
+    Columns,
+    /// `c_attn`: q, k and v each cut by columns (this rank's heads).
+    QkvColumns,
+}
+
+/// Megatron's cut for GPT-2's parameter `name`.
+pub fn split_of(name: &str) -> Split {
+    let ends = |s: &str| name.ends_with(s);
+    if ends("wte.weight") || name == "lm_head.weight" {
+        Split::Rows
+    } else if ends("attn.c_attn.weight") || ends("attn.c_attn.bias") {
+        Split::QkvColumns
+    } else if ends("mlp.c_fc.weight") || ends("mlp.c_fc.bias") {
+        Split::Columns
+    } else if ends("attn.c_proj.weight") || ends("mlp.c_proj.weight") {
+        Split::Rows
+    } else {
+        Split::Replicated
+    }
+}
+
+/// Rank `rank`'s shard of `full` (of parameter `name`) over `tp` ranks.
+pub fn shard(name: &str, full: &Tensor, rank: usize, tp: usize) -> Result<Tensor> {
+    let last = full.rank() - 1;
+    let cut = |t: &Tensor, dim: usize| -> Result<Tensor> {
+        let n = t.dim(dim)?;
+        if n % tp != 0 {
+            candle_core::bail!("{name}: {n} is not divisible by the tensor-parallel size {tp}");
+        }
+        t.narrow(dim, rank * n / tp, n / tp)
+    };
+    match split_of(name) {
+        Split::Replicated => Ok(full.clone()),
+        Split::Rows => cut(full, 0),
+        Split::Columns => cut(full, last),
+        Split::QkvColumns => {
+            let third = full.dim(last)? / 3;
+            let parts = (0..3)
+                .map(|i| cut(&full.narrow(last, i * third, third)?, last))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, last)
+        }
+    }
+}
+
+/// GPT-2 over a tensor-parallel group: this rank's shards (trainable) and
+/// the group.
+pub struct TensorParallelGpt2 {
+    pub config: GPT2Config,
+    pub comm: Arc<dyn Communicator>,
+    /// This rank's shard of every parameter, by the whole parameter's name.
+    pub shards: Vec<(String, Var)>,
+}
+
+impl TensorParallelGpt2 {
+    /// Cut this rank's shards from a whole model (every rank of `comm`
+    /// holds the same one).
+    pub fn from_model(model: &GPT2LMHeadModel, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let weights: Vec<(String, Tensor)> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        Self::from_weights(&model.config, &weights, comm)
+    }
+
+    /// [`Self::from_model`] from the whole model's weights by name.
+    pub fn from_weights(
+        config: &GPT2Config,
+        weights: &[(String, Tensor)],
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let (tp, rank) = (comm.world_size(), comm.rank());
+        let c = config;
+        if c.n_head % tp != 0 {
+            candle_core::bail!(
+                "n_head {} is not divisible by the tensor-parallel size {tp}",
+                c.n_head
+            );
+        }
+        if c.vocab_size % tp != 0 {
+            candle_core::bail!(
+                "vocab_size {} is not divisible by the tensor-parallel size {tp} (Megatron pads it: --make-vocab-size-divisible-by)",
+                c.vocab_size
+            );
+        }
+        let shards = weights
+            .iter()
+            .map(|(n, t)| {
+                let s = shard(n, &t.to_dtype(DType::F32)?, rank, tp)?;
+                Ok((n.clone(), Var::from_tensor(&s.contiguous()?)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TensorParallelGpt2 {
+            config: c.clone(),
+            comm,
+            shards,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.shards
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
+    }
+
+    /// `x @ W + b` on `[rows, in]` (GPT-2's Conv1D).
+    fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
+        let y = x.matmul(self.get(&format!("{prefix}.weight"))?)?;
+        if bias {
+            y.broadcast_add(self.get(&format!("{prefix}.bias"))?)
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn ln(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        layer_norm(
+            x,
+            self.get(&format!("{prefix}.weight"))?,
+            self.get(&format!("{prefix}.bias"))?,
+            self.config.layer_norm_epsilon,
+        )
+    }
+
+    /// HF's causal-LM loss (shifted cross-entropy, the mean over predicted
+    /// tokens) of equal-length rows, dropout off.
+    pub fn loss(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        let c = &self.config;
+        let (tp, rank) = (self.comm.world_size(), self.comm.rank());
+        let (b, t) = (rows.len(), rows.first().map_or(0, Vec::len));
+        if rows.iter().any(|r| r.len() != t) || t < 2 || t > c.n_positions {
+            candle_core::bail!("rows of equal length between 2 and n_positions");
+        }
+        let dev = candle_core::Device::Cpu;
+        let (width, heads) = (c.n_embd, c.n_head / tp);
+        let hd = width / c.n_head;
+        // Vocabulary-parallel embedding: the rows this rank holds, summed.
+        let vl = c.vocab_size / tp;
+        let off = rank * vl;
+        let ids: Vec<u32> = rows.concat();
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&i| {
+                (i as usize)
+                    .checked_sub(off)
+                    .filter(|&l| l < vl)
+                    .unwrap_or(0) as u32
+            })
+            .collect();
+        let mine: Vec<f32> = ids
+            .iter()
+            .map(|&i| ((off..off + vl).contains(&(i as usize))) as u8 as f32)
+            .collect();
+        let wte = self.get("transformer.wte.weight")?;
+        let emb = wte
+            .index_select(&Tensor::from_vec(local, b * t, &dev)?, 0)?
+            .broadcast_mul(&Tensor::from_vec(mine, (b * t, 1), &dev)?)?;
+        let pos = Tensor::arange(0u32, t as u32, &dev)?;
+        let wpe = self.get("transformer.wpe.weight")?.index_select(&pos, 0)?;
+        let mut x = reduce_forward(&emb, &self.comm)?
+            .reshape((b, t, width))?
+            .broadcast_add(&wpe)?;
+        let act = Activation::parse(&c.activation_function).ok_or_else(|| {
+            candle_core::Error::Msg(format!("activation {}", c.activation_function))
+        })?;
+        for l in 0..c.n_layer {
+            let p = format!("transformer.h.{l}");
+            // Attention: this rank's heads.
+            let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_1"))?, &self.comm)?;
+            let qkv = self.linear(
+                &h.reshape((b * t, width))?,
+                &format!("{p}.attn.c_attn"),
+                true,
+            )?;
+            let split = |i: usize| -> Result<Tensor> {
+                qkv.narrow(D::Minus1, i * heads * hd, heads * hd)?
+                    .reshape((b, t, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let att = masked_softmax(&q.matmul(&k.t()?)?, c.attn_scale(l) as f64, 0, None)?;
+            let y = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b * t, heads * hd))?;
+            let y = self.linear(&y, &format!("{p}.attn.c_proj"), false)?;
+            let y = reduce_forward(&y, &self.comm)?
+                .broadcast_add(self.get(&format!("{p}.attn.c_proj.bias"))?)?;
+            x = (x + y.reshape((b, t, width))?)?;
+            // MLP: this rank's columns of c_fc, rows of c_proj.
+            let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_2"))?, &self.comm)?;
+            let h = self.linear(&h.reshape((b * t, width))?, &format!("{p}.mlp.c_fc"), true)?;
+            let h = self.linear(&activation(act, &h)?, &format!("{p}.mlp.c_proj"), false)?;
+            let h = reduce_forward(&h, &self.comm)?
+                .broadcast_add(self.get(&format!("{p}.mlp.c_proj.bias"))?)?;
+            x = (x + h.reshape((b, t, width))?)?;
+        }
+        let x = reduce_backward(&self.ln(&x, "transformer.ln_f")?, &self.comm)?;
+        let head = if c.tie_word_embeddings {
+            wte
+        } else {
+            self.get("lm_head.weight")?
+        };
+        let logits = x.reshape((b * t, width))?.matmul(&head.t()?)?;
+        let targets: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&i| i as i64).chain([-100]))
+            .collect();
+        let count = targets.iter().filter(|&&x| x >= 0).count();
+        let sum = vocab_parallel_cross_entropy_sum(&logits, targets, off, &self.comm)?;
+        sum / count as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zero::comm::{run_ranks, CommError};
+    use candle_core::Device;
+
+    /// The same loss and, cut the same way, the same gradients as the
+    /// whole model on one rank, for tp = 1, 2, 4, tied and untied heads.
+    #[test]
+    fn tensor_parallel_loss_and_gradients_equal_one_rank() {
+        let mut cfg = GPT2Config::preset("gpt2").unwrap();
+        (
+            cfg.vocab_size,
+            cfg.n_positions,
+            cfg.n_embd,
+            cfg.n_layer,
+            cfg.n_head,
+        ) = (64, 16, 32, 2, 4);
+        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+        let rows: Vec<Vec<u32>> = (0..3u32)
+            .map(|i| (0..10).map(|j| (i * 17 + j * 5 + 1) % 64).collect())
+            .collect();
+        for tied in [true, false] {
+            cfg.tie_word_embeddings = tied;
+            let model = GPT2LMHeadModel::new(&cfg, 5, &Device::Cpu).unwrap();
+            let ids = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+            let labels = ids.to_dtype(DType::I64).unwrap();
+            let want = model
+                .forward_with_labels(&ids, None, &labels)
+                .unwrap()
+                .loss
+                .unwrap();
+            let grads = want.backward().unwrap();
+            let want = want.to_scalar::<f32>().unwrap();
+            let full: Vec<(String, Tensor, Tensor)> = model
+                .named_parameters()
+                .into_iter()
+                .map(|(n, v)| {
+                    let g = grads
+                        .get(v.as_tensor())
+                        .expect("every parameter has a gradient")
+                        .clone();
+                    (n, v.as_tensor().clone(), g)
+                })
+                .collect();
+            let weights: Vec<(String, Tensor)> = full
+                .iter()
+                .map(|(n, w, _)| (n.clone(), w.clone()))
+                .collect();
+            for tp in [1, 2, 4] {
+                let worst = run_ranks(tp, |rank, comm| -> std::result::Result<f32, CommError> {
+                    let err = |e: candle_core::Error| CommError::Transport(e.to_string());
+                    let m = TensorParallelGpt2::from_weights(&cfg, &weights, comm).map_err(err)?;
+                    let loss = m.loss(&rows).map_err(err)?;
+                    let got = loss.to_scalar::<f32>().map_err(err)?;
+                    assert!((got - want).abs() <= 1e-5 * want, "tp {tp} rank {rank}: loss {got} vs {want}");
+                    let g = loss.backward().map_err(err)?;
+                    let mut worst = 0f32;
+                    for (name, var) in &m.shards {
+                        let (_, _, full_g) = full.iter().find(|(n, _, _)| n == name).unwrap();
+                        let want_g = shard(name, full_g, rank, tp).map_err(err)?;
+                        let got_g = g.get(var.as_tensor()).expect("a shard's gradient");
+                        let scale = full_g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        let d = (got_g - &want_g).unwrap().abs().unwrap().max_all().unwrap();
+                        let d = d.to_scalar::<f32>().unwrap() / scale.max(1e-12);
+                        assert!(d <= 1e-5, "tp {tp} rank {rank} tied {tied}: {name} gradient off by {d} (relative)");
+                        worst = worst.max(d);
+                    }
+                    Ok(worst)
+                })
+                .unwrap();
+                assert_eq!(worst.len(), tp);
+            }
+        }
+    }
+}
