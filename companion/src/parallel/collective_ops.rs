@@ -131,7 +131,7 @@ impl CustomOp1 for VocabParallelCrossEntropy {
         }
         for (i, r) in x.chunks(v).enumerate() {
             let t = self.targets[i];
-            let local = t as i64 - self.offset as i64;
+            let local = t - self.offset as i64;
             sums.push(if t >= 0 && (0..v as i64).contains(&local) {
                 r[local as usize]
             } else {

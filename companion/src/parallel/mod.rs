@@ -3,14 +3,16 @@
 //! (`parallel_state.initialize_model_parallel`, order tp-dp-pp), and those
 //! groups made as sub-communicators of the run's communicator.
 //!
-//! Here so far: the groups, and GPT-2 split by tensor parallelism
-//! (`tensor`, with Megatron's conjugate collectives in `collective_ops`),
-//! checked against the whole model on one rank. Pipeline stages and the
-//! trainer's use of both come next.
+//! Here so far: the groups; GPT-2 split by tensor parallelism (`tensor`,
+//! with Megatron's conjugate collectives in `collective_ops`) checked
+//! against the whole model on one rank; AdamW over the shards
+//! (`optimizer`). Pipeline stages and the trainer's use of them come next.
 
 mod collective_ops;
 mod layout;
+pub mod optimizer;
 pub mod tensor;
 
 pub use layout::{ParallelGroups, ParallelLayout};
+pub use optimizer::ShardOptimizer;
 pub use tensor::TensorParallelGpt2;

@@ -60,7 +60,7 @@ pub fn shard(name: &str, full: &Tensor, rank: usize, tp: usize) -> Result<Tensor
     let last = full.rank() - 1;
     let cut = |t: &Tensor, dim: usize| -> Result<Tensor> {
         let n = t.dim(dim)?;
-        if n % tp != 0 {
+        if !n.is_multiple_of(tp) {
             candle_core::bail!("{name}: {n} is not divisible by the tensor-parallel size {tp}");
         }
         t.narrow(dim, rank * n / tp, n / tp)
@@ -108,13 +108,13 @@ impl TensorParallelGpt2 {
     ) -> Result<Self> {
         let (tp, rank) = (comm.world_size(), comm.rank());
         let c = config;
-        if c.n_head % tp != 0 {
+        if !c.n_head.is_multiple_of(tp) {
             candle_core::bail!(
                 "n_head {} is not divisible by the tensor-parallel size {tp}",
                 c.n_head
             );
         }
-        if c.vocab_size % tp != 0 {
+        if !c.vocab_size.is_multiple_of(tp) {
             candle_core::bail!(
                 "vocab_size {} is not divisible by the tensor-parallel size {tp} (Megatron pads it: --make-vocab-size-divisible-by)",
                 c.vocab_size
@@ -124,7 +124,8 @@ impl TensorParallelGpt2 {
             .iter()
             .map(|(n, t)| {
                 let s = shard(n, &t.to_dtype(DType::F32)?, rank, tp)?;
-                Ok((n.clone(), Var::from_tensor(&s.contiguous()?)?))
+                // A copy: the shards are trained in place, the caller's weights stay.
+                Ok((n.clone(), Var::from_tensor(&s.detach().copy()?)?))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(TensorParallelGpt2 {

@@ -26,7 +26,7 @@ use crate::optim::adamw::{self, AdamWParams, Moments};
 
 /// DeepSpeed's clipping factor for a gradient norm (`clip_grad_norm_`'s):
 /// the gradients are multiplied by it when it is below 1.
-pub(super) fn clip_coefficient(norm: f64, max_grad_norm: f64) -> f32 {
+pub(crate) fn clip_coefficient(norm: f64, max_grad_norm: f64) -> f32 {
     (max_grad_norm / (norm + 1e-6)).min(1.0) as f32
 }
 
