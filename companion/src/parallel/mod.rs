@@ -6,11 +6,14 @@
 //! Here so far: the groups; GPT-2 split by tensor parallelism (`tensor`,
 //! with Megatron's conjugate collectives in `collective_ops`) checked
 //! against the whole model on one rank; AdamW over the shards
-//! (`optimizer`). Pipeline stages and the trainer's use of them come next.
+//! (`optimizer`); pipeline stages run in 1F1B order (`pipeline`), checked
+//! against one large batch. The trainer's use of them comes next.
 
 mod collective_ops;
 mod layout;
 pub mod optimizer;
+pub mod pipeline;
+pub mod stages;
 pub mod tensor;
 
 pub use layout::{ParallelGroups, ParallelLayout};

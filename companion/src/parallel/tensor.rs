@@ -84,8 +84,12 @@ pub fn shard(name: &str, full: &Tensor, rank: usize, tp: usize) -> Result<Tensor
 pub struct TensorParallelGpt2 {
     pub config: GPT2Config,
     pub comm: Arc<dyn Communicator>,
-    /// This rank's shard of every parameter, by the whole parameter's name.
+    /// This rank's shard of every parameter its stage holds, by the whole
+    /// parameter's name.
     pub shards: Vec<(String, Var)>,
+    /// Which pipeline stage of how many this is (0 of 1: the whole model).
+    pub stage: usize,
+    pub stages: usize,
 }
 
 impl TensorParallelGpt2 {
@@ -106,6 +110,25 @@ impl TensorParallelGpt2 {
         weights: &[(String, Tensor)],
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
+        Self::stage_from_weights(config, weights, comm, 0, 1)
+    }
+
+    /// Pipeline stage `stage` of `stages` (its blocks, the embeddings on the
+    /// first, `ln_f` and the head on the last), split over the
+    /// tensor-parallel group `comm`.
+    pub fn stage_from_weights(
+        config: &GPT2Config,
+        weights: &[(String, Tensor)],
+        comm: Arc<dyn Communicator>,
+        stage: usize,
+        stages: usize,
+    ) -> Result<Self> {
+        if stages == 0 || stage >= stages || !config.n_layer.is_multiple_of(stages) {
+            candle_core::bail!(
+                "stage {stage} of {stages}: n_layer {} must be divisible by the pipeline size",
+                config.n_layer
+            );
+        }
         let (tp, rank) = (comm.world_size(), comm.rank());
         let c = config;
         if !c.n_head.is_multiple_of(tp) {
@@ -122,6 +145,7 @@ impl TensorParallelGpt2 {
         }
         let shards = weights
             .iter()
+            .filter(|(n, _)| super::stages::holds(n, c.n_layer, stages, stage))
             .map(|(n, t)| {
                 let s = shard(n, &t.to_dtype(DType::F32)?, rank, tp)?;
                 // A copy: the shards are trained in place, the caller's weights stay.
@@ -132,10 +156,12 @@ impl TensorParallelGpt2 {
             config: c.clone(),
             comm,
             shards,
+            stage,
+            stages,
         })
     }
 
-    fn get(&self, name: &str) -> Result<&Tensor> {
+    pub(super) fn get(&self, name: &str) -> Result<&Tensor> {
         self.shards
             .iter()
             .find(|(n, _)| n == name)
@@ -163,8 +189,27 @@ impl TensorParallelGpt2 {
     }
 
     /// HF's causal-LM loss (shifted cross-entropy, the mean over predicted
-    /// tokens) of equal-length rows, dropout off.
+    /// tokens) of equal-length rows, dropout off: the whole model's (one
+    /// stage).
     pub fn loss(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        if self.stages != 1 {
+            candle_core::bail!(
+                "loss: a pipeline stage gives activations (one_forward_one_backward)"
+            );
+        }
+        let (sum, count) = self.forward_stage(rows, None)?;
+        sum / count.max(1) as f64
+    }
+
+    /// This stage's part of the forward pass over equal-length `rows`:
+    /// token ids (first stage) or the previous stage's activations
+    /// `[B·T, C]` in; activations out, or on the last stage the summed
+    /// cross-entropy and the number of tokens it counts.
+    pub fn forward_stage(
+        &self,
+        rows: &[Vec<u32>],
+        input: Option<&Tensor>,
+    ) -> Result<(Tensor, usize)> {
         let c = &self.config;
         let (tp, rank) = (self.comm.world_size(), self.comm.rank());
         let (b, t) = (rows.len(), rows.first().map_or(0, Vec::len));
@@ -174,44 +219,46 @@ impl TensorParallelGpt2 {
         let dev = candle_core::Device::Cpu;
         let (width, heads) = (c.n_embd, c.n_head / tp);
         let hd = width / c.n_head;
-        // Vocabulary-parallel embedding: the rows this rank holds, summed.
         let vl = c.vocab_size / tp;
         let off = rank * vl;
-        let ids: Vec<u32> = rows.concat();
-        let local: Vec<u32> = ids
-            .iter()
-            .map(|&i| {
-                (i as usize)
-                    .checked_sub(off)
-                    .filter(|&l| l < vl)
-                    .unwrap_or(0) as u32
-            })
-            .collect();
-        let mine: Vec<f32> = ids
-            .iter()
-            .map(|&i| ((off..off + vl).contains(&(i as usize))) as u8 as f32)
-            .collect();
-        let wte = self.get("transformer.wte.weight")?;
-        let emb = wte
-            .index_select(&Tensor::from_vec(local, b * t, &dev)?, 0)?
-            .broadcast_mul(&Tensor::from_vec(mine, (b * t, 1), &dev)?)?;
-        let pos = Tensor::arange(0u32, t as u32, &dev)?;
-        let wpe = self.get("transformer.wpe.weight")?.index_select(&pos, 0)?;
-        let mut x = reduce_forward(&emb, &self.comm)?
-            .reshape((b, t, width))?
-            .broadcast_add(&wpe)?;
+        let mut x = match input {
+            Some(x) => x.clone(),
+            None => {
+                // Vocabulary-parallel embedding: the rows this rank holds, summed.
+                let ids: Vec<u32> = rows.concat();
+                let local: Vec<u32> = ids
+                    .iter()
+                    .map(|&i| {
+                        (i as usize)
+                            .checked_sub(off)
+                            .filter(|&l| l < vl)
+                            .unwrap_or(0) as u32
+                    })
+                    .collect();
+                let mine: Vec<f32> = ids
+                    .iter()
+                    .map(|&i| ((off..off + vl).contains(&(i as usize))) as u8 as f32)
+                    .collect();
+                let emb = self
+                    .get("transformer.wte.weight")?
+                    .index_select(&Tensor::from_vec(local, b * t, &dev)?, 0)?
+                    .broadcast_mul(&Tensor::from_vec(mine, (b * t, 1), &dev)?)?;
+                let pos = Tensor::arange(0u32, t as u32, &dev)?;
+                let wpe = self.get("transformer.wpe.weight")?.index_select(&pos, 0)?;
+                reduce_forward(&emb, &self.comm)?
+                    .reshape((b, t, width))?
+                    .broadcast_add(&wpe)?
+                    .reshape((b * t, width))?
+            }
+        };
         let act = Activation::parse(&c.activation_function).ok_or_else(|| {
             candle_core::Error::Msg(format!("activation {}", c.activation_function))
         })?;
-        for l in 0..c.n_layer {
+        for l in super::stages::stage_layers(c.n_layer, self.stages, self.stage) {
             let p = format!("transformer.h.{l}");
             // Attention: this rank's heads.
             let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_1"))?, &self.comm)?;
-            let qkv = self.linear(
-                &h.reshape((b * t, width))?,
-                &format!("{p}.attn.c_attn"),
-                true,
-            )?;
+            let qkv = self.linear(&h, &format!("{p}.attn.c_attn"), true)?;
             let split = |i: usize| -> Result<Tensor> {
                 qkv.narrow(D::Minus1, i * heads * hd, heads * hd)?
                     .reshape((b, t, heads, hd))?
@@ -227,29 +274,32 @@ impl TensorParallelGpt2 {
             let y = self.linear(&y, &format!("{p}.attn.c_proj"), false)?;
             let y = reduce_forward(&y, &self.comm)?
                 .broadcast_add(self.get(&format!("{p}.attn.c_proj.bias"))?)?;
-            x = (x + y.reshape((b, t, width))?)?;
+            x = (x + y)?;
             // MLP: this rank's columns of c_fc, rows of c_proj.
             let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_2"))?, &self.comm)?;
-            let h = self.linear(&h.reshape((b * t, width))?, &format!("{p}.mlp.c_fc"), true)?;
+            let h = self.linear(&h, &format!("{p}.mlp.c_fc"), true)?;
             let h = self.linear(&activation(act, &h)?, &format!("{p}.mlp.c_proj"), false)?;
             let h = reduce_forward(&h, &self.comm)?
                 .broadcast_add(self.get(&format!("{p}.mlp.c_proj.bias"))?)?;
-            x = (x + h.reshape((b, t, width))?)?;
+            x = (x + h)?;
+        }
+        if self.stage + 1 < self.stages {
+            return Ok((x, 0));
         }
         let x = reduce_backward(&self.ln(&x, "transformer.ln_f")?, &self.comm)?;
         let head = if c.tie_word_embeddings {
-            wte
+            self.get("transformer.wte.weight")?
         } else {
             self.get("lm_head.weight")?
         };
-        let logits = x.reshape((b * t, width))?.matmul(&head.t()?)?;
+        let logits = x.matmul(&head.t()?)?;
         let targets: Vec<i64> = rows
             .iter()
             .flat_map(|r| r[1..].iter().map(|&i| i as i64).chain([-100]))
             .collect();
         let count = targets.iter().filter(|&&x| x >= 0).count();
         let sum = vocab_parallel_cross_entropy_sum(&logits, targets, off, &self.comm)?;
-        sum / count as f64
+        Ok((sum, count))
     }
 }
 

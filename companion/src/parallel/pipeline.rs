@@ -1,0 +1,347 @@
+//! Pipeline parallelism: GPT-2's blocks cut into `pp` stages (the
+//! embeddings with the first, `ln_f` and the head with the last), micro-
+//! batches run in PipeDream-Flush's one-forward-one-backward order (1F1B,
+//! as Megatron-LM's `forward_backward_pipelining_without_interleaving` and
+//! DeepSpeed's `PipelineEngine` run them), activations sent to the next
+//! stage and their gradients back. With tied embeddings the last stage
+//! holds a copy of `wte` for the head, and the two copies' gradients are
+//! summed after the last micro-batch (Megatron's embedding group), so they
+//! stay equal.
+//!
+//! Each stage's forward is [`TensorParallelGpt2::forward_stage`] (the
+//! stage may itself be split over a tensor-parallel group).
+//!
+//! Point to point: each pair of neighbouring stages is a 2-rank
+//! sub-communicator; every Megatron send/receive call is one exchange on
+//! it, carrying what each side sends (possibly nothing). Megatron's calls
+//! on neighbouring stages pair up one to one, so the exchanges do too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor, Var};
+
+use super::tensor::TensorParallelGpt2;
+use crate::config::GPT2Config;
+use crate::zero::comm::Communicator;
+
+type Result<T> = candle_core::Result<T>;
+
+fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("pipeline: {e}"))
+}
+
+/// One stage of the pipeline: its part of the model (split over its
+/// tensor-parallel group) and the links to its neighbours.
+pub struct PipelineStage {
+    pub model: TensorParallelGpt2,
+    prev: Option<Arc<dyn Communicator>>,
+    next: Option<Arc<dyn Communicator>>,
+    /// First and last stage, for the tied embedding's gradient.
+    embedding: Option<Arc<dyn Communicator>>,
+    /// Time spent waiting on the neighbours, this step.
+    pub waited: Duration,
+}
+
+impl PipelineStage {
+    /// This rank's stage of the pipeline group `pp`, split over `tp` (a
+    /// collective over `pp`).
+    pub fn new(
+        config: &GPT2Config,
+        weights: &[(String, Tensor)],
+        tp: Arc<dyn Communicator>,
+        pp: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let (n, s) = (pp.world_size(), pp.rank());
+        let model = TensorParallelGpt2::stage_from_weights(config, weights, tp, s, n)?;
+        // Pairs (0,1), (2,3), … then (1,2), (3,4), …: two splits.
+        let pair = |first_even: bool| -> Result<Option<Arc<dyn Communicator>>> {
+            // The pair's first stage: even in the first split, odd in the second.
+            let base = match (first_even, s % 2) {
+                (true, _) => Some(s - s % 2),
+                (false, 1) => Some(s),
+                (false, _) => s.checked_sub(1),
+            };
+            let in_pair = base.is_some_and(|b| b + 1 < n);
+            let color = match base {
+                Some(b) if in_pair => b,
+                _ => n + s,
+            };
+            let c = pp.split(color).map_err(comm_err)?;
+            Ok(in_pair.then_some(c))
+        };
+        let even = pair(true)?;
+        let odd = pair(false)?;
+        let (prev, next) = if s % 2 == 0 { (odd, even) } else { (even, odd) };
+        let tied = config.tie_word_embeddings && n > 1;
+        let ends = tied && (s == 0 || s + 1 == n);
+        let emb = pp.split(if ends { 0 } else { 1 + s }).map_err(comm_err)?;
+        Ok(PipelineStage {
+            model,
+            prev: (s > 0).then_some(prev).flatten(),
+            next: (s + 1 < n).then_some(next).flatten(),
+            embedding: ends.then_some(emb),
+            waited: Duration::ZERO,
+        })
+    }
+
+    /// One exchange with a neighbour: send `out` (or nothing), take theirs.
+    fn swap(&mut self, to_next: bool, out: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let link = if to_next { &self.next } else { &self.prev };
+        let link = link
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("no neighbour".into()))?;
+        let send = match out {
+            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![],
+        };
+        let start = Instant::now();
+        let all = link.exchange(send).map_err(comm_err)?;
+        self.waited += start.elapsed();
+        let theirs = &all[1 - link.rank()];
+        if theirs.is_empty() {
+            return Ok(None);
+        }
+        let width = self.model.config.n_embd;
+        Ok(Some(Tensor::from_slice(
+            theirs,
+            (theirs.len() / width, width),
+            &Device::Cpu,
+        )?))
+    }
+}
+
+/// What a pipeline step gives back.
+pub struct PipelineStep {
+    /// The mean loss over the micro-batches' tokens (last stage; 0 elsewhere).
+    pub loss: f64,
+    /// Gradients of this stage's parameters, by name (summed over the
+    /// micro-batches, of the mean loss).
+    pub grads: HashMap<String, Tensor>,
+    /// The share of the step this stage spent waiting for its neighbours.
+    pub bubble: f64,
+}
+
+/// One training step's forward and backward passes over `micro_batches`
+/// (equal-sized, equal-length rows) in 1F1B order. Every stage of the
+/// pipeline calls it with the same micro-batches.
+pub fn one_forward_one_backward(
+    st: &mut PipelineStage,
+    micro_batches: &[Vec<Vec<u32>>],
+) -> Result<PipelineStep> {
+    let m = micro_batches.len();
+    let (s, n) = (st.model.stage, st.model.stages);
+    let last = s + 1 == n;
+    let tokens: usize = micro_batches
+        .iter()
+        .map(|mb| mb.iter().map(|r| r.len().saturating_sub(1)).sum::<usize>())
+        .sum();
+    let started = Instant::now();
+    st.waited = Duration::ZERO;
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let mut loss_sum = 0f64;
+    // In flight: (the input as a variable, or None on the first stage; the output).
+    let mut in_flight: std::collections::VecDeque<(Option<Var>, Tensor)> = Default::default();
+    let mut received: Option<Tensor> = None;
+    let warmup = (n - s - 1).min(m);
+    let remaining = m - warmup;
+    let mut fwd = 0;
+    let run_forward = |st: &mut PipelineStage,
+                       input: Option<Tensor>,
+                       k: usize,
+                       loss_sum: &mut f64|
+     -> Result<(Option<Var>, Tensor)> {
+        let var = input.map(|t| Var::from_tensor(&t)).transpose()?;
+        let (out, count) = st
+            .model
+            .forward_stage(&micro_batches[k], var.as_ref().map(|v| v.as_tensor()))?;
+        if last {
+            *loss_sum += out.to_scalar::<f32>()? as f64;
+            let _ = count;
+        }
+        Ok((var, out))
+    };
+    let run_backward = |st: &PipelineStage,
+                        (var, out): (Option<Var>, Tensor),
+                        grad_out: Option<Tensor>,
+                        grads: &mut HashMap<String, Tensor>|
+     -> Result<Option<Tensor>> {
+        // The mean over all the step's tokens: each micro-batch's sum / total.
+        let objective = match grad_out {
+            None => (out / tokens as f64)?,
+            Some(g) => (out * g)?.sum_all()?,
+        };
+        let g = objective.backward()?;
+        for (name, v) in &st.model.shards {
+            if let Some(d) = g.get(v.as_tensor()) {
+                let e = grads.remove(name);
+                grads.insert(
+                    name.clone(),
+                    match e {
+                        Some(acc) => (acc + d)?,
+                        None => d.clone(),
+                    },
+                );
+            }
+        }
+        Ok(var.and_then(|v| g.get(v.as_tensor()).cloned()))
+    };
+    // Warm-up: forwards only.
+    for _ in 0..warmup {
+        let input = if s > 0 { st.swap(false, None)? } else { None };
+        let (var, out) = run_forward(st, input, fwd, &mut loss_sum)?;
+        fwd += 1;
+        st.swap(true, Some(&out))?;
+        in_flight.push_back((var, out));
+    }
+    if remaining > 0 && s > 0 {
+        received = st.swap(false, None)?;
+    }
+    // Steady state: one forward, one backward.
+    for i in 0..remaining {
+        let (var, out) = run_forward(st, received.take(), fwd, &mut loss_sum)?;
+        fwd += 1;
+        let grad_out = if last {
+            None
+        } else {
+            st.swap(true, Some(&out))?
+        };
+        in_flight.push_back((var, out));
+        let oldest = in_flight.pop_front().expect("a micro-batch in flight");
+        let grad_in = run_backward(st, oldest, grad_out, &mut grads)?;
+        if s > 0 {
+            if i + 1 == remaining {
+                st.swap(false, grad_in.as_ref())?;
+            } else {
+                received = st.swap(false, grad_in.as_ref())?;
+            }
+        }
+    }
+    // Cool-down: the backwards still owed.
+    for _ in 0..warmup {
+        let grad_out = st.swap(true, None)?;
+        let oldest = in_flight.pop_front().expect("a micro-batch in flight");
+        let grad_in = run_backward(st, oldest, grad_out, &mut grads)?;
+        if s > 0 {
+            st.swap(false, grad_in.as_ref())?;
+        }
+    }
+    // The tied embedding's two copies get the sum of their gradients.
+    if let Some(e) = &st.embedding {
+        let name = "transformer.wte.weight";
+        let g = grads
+            .get(name)
+            .cloned()
+            .unwrap_or(st.model.get(name)?.zeros_like()?);
+        let mut v = g.flatten_all()?.to_vec1::<f32>()?;
+        e.all_reduce_sum(&mut v).map_err(comm_err)?;
+        grads.insert(name.into(), Tensor::from_vec(v, g.shape(), &Device::Cpu)?);
+    }
+    let total = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(PipelineStep {
+        loss: if last { loss_sum / tokens as f64 } else { 0.0 },
+        grads,
+        bubble: st.waited.as_secs_f64() / total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::GPT2LMHeadModel;
+    use crate::zero::comm::{run_ranks, CommError};
+    use candle_core::DType;
+
+    /// pp = 2 and 4 stages, 4 micro-batches in 1F1B order: the loss of the
+    /// whole batch and every parameter's gradient equal the whole model's
+    /// on one rank over the same rows as one batch (1e-5), tied and untied.
+    #[test]
+    fn a_pipeline_of_micro_batches_equals_one_large_batch() {
+        let mut cfg = GPT2Config::preset("gpt2").unwrap();
+        (
+            cfg.vocab_size,
+            cfg.n_positions,
+            cfg.n_embd,
+            cfg.n_layer,
+            cfg.n_head,
+        ) = (64, 16, 32, 4, 4);
+        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+        let rows: Vec<Vec<u32>> = (0..8u32)
+            .map(|i| (0..10).map(|j| (i * 13 + j * 7 + 2) % 64).collect())
+            .collect();
+        let micro: Vec<Vec<Vec<u32>>> = rows.chunks(2).map(|c| c.to_vec()).collect();
+        for tied in [true, false] {
+            cfg.tie_word_embeddings = tied;
+            let model = GPT2LMHeadModel::new(&cfg, 11, &Device::Cpu).unwrap();
+            let ids = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+            let labels = ids.to_dtype(DType::I64).unwrap();
+            let loss = model
+                .forward_with_labels(&ids, None, &labels)
+                .unwrap()
+                .loss
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let want = loss.to_scalar::<f32>().unwrap() as f64;
+            let full: Vec<(String, Tensor, Tensor)> = model
+                .named_parameters()
+                .into_iter()
+                .map(|(n, v)| {
+                    let d = g.get(v.as_tensor()).unwrap().clone();
+                    (n, v.as_tensor().clone(), d)
+                })
+                .collect();
+            let weights: Vec<(String, Tensor)> = full
+                .iter()
+                .map(|(n, w, _)| (n.clone(), w.clone()))
+                .collect();
+            for pp in [2, 4] {
+                let out = run_ranks(pp, |_, comm| -> std::result::Result<_, CommError> {
+                    let err = |e: candle_core::Error| CommError::Transport(e.to_string());
+                    let one: Arc<dyn Communicator> = Arc::new(crate::zero::comm::SingleRank);
+                    let mut st = PipelineStage::new(&cfg, &weights, one, comm).map_err(err)?;
+                    let step = one_forward_one_backward(&mut st, &micro).map_err(err)?;
+                    Ok((st.model.stage, step.loss, step.grads))
+                })
+                .unwrap();
+                let mut seen = std::collections::HashSet::new();
+                for (stage, got_loss, grads) in out {
+                    if stage + 1 == pp {
+                        assert!(
+                            (got_loss - want).abs() <= 1e-5 * want,
+                            "pp {pp}: loss {got_loss} vs {want}"
+                        );
+                    }
+                    for (name, got) in &grads {
+                        let (_, _, want_g) = full.iter().find(|(n, _, _)| n == name).unwrap();
+                        let scale = want_g
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        let d = (got - want_g)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        assert!(
+                            d <= 1e-5 * scale.max(1e-6),
+                            "pp {pp} stage {stage} tied {tied}: {name} off by {d}"
+                        );
+                        seen.insert(name.clone());
+                    }
+                }
+                assert_eq!(
+                    seen.len(),
+                    full.len(),
+                    "pp {pp}: every parameter has a gradient on some stage"
+                );
+            }
+        }
+    }
+}
