@@ -6,8 +6,10 @@
 //! Here so far: the groups; GPT-2 split by tensor parallelism (`tensor`,
 //! with Megatron's conjugate collectives in `collective_ops`) checked
 //! against the whole model on one rank; AdamW over the shards
-//! (`optimizer`); pipeline stages run in 1F1B order (`pipeline`), checked
-//! against one large batch. The trainer's use of them comes next.
+//! (`optimizer`, ZeRO-1 over the data-parallel group); pipeline stages run
+//! in 1F1B order (`pipeline`); the three composed (`three_d`), checked
+//! against one rank. The Trainer, the command line, checkpoints and the
+//! notebook do not use them yet.
 
 mod collective_ops;
 mod layout;
@@ -15,7 +17,9 @@ pub mod optimizer;
 pub mod pipeline;
 pub mod stages;
 pub mod tensor;
+pub mod three_d;
 
 pub use layout::{ParallelGroups, ParallelLayout};
 pub use optimizer::ShardOptimizer;
 pub use tensor::TensorParallelGpt2;
+pub use three_d::{ParallelTrainer, StepOutput};

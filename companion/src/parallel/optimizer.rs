@@ -1,19 +1,31 @@
-//! AdamW over a tensor-parallel rank's shards (Megatron's optimizer
-//! without ZeRO): the gradient norm of the whole model (each split
-//! parameter's shards summed over the group, each replicated parameter
-//! once), DeepSpeed's clipping factor, then the update the ZeRO engine uses
-//! (`optim::adamw::update`, the one AdamW here) over the shards laid end to
-//! end.
+//! AdamW over a rank's shards (Megatron's optimizer): the gradient norm of
+//! the whole model (each split parameter's shards summed over the
+//! tensor-parallel group, each replicated parameter once, the stages summed,
+//! a tied embedding's second copy left out), DeepSpeed's clipping factor,
+//! then the update the ZeRO engine uses (`optim::adamw::update`, the one
+//! AdamW here) over the shards laid end to end. With a data-parallel group
+//! it is Megatron's distributed optimizer (ZeRO-1): each data-parallel rank
+//! keeps Adam's moments for, and updates, its part of that flat vector, and
+//! the parts are all-gathered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use super::tensor::{split_of, Split, TensorParallelGpt2};
 use crate::optim::adamw::{self, AdamWParams};
 use crate::params::Gpt2Params;
+use crate::zero::comm::Communicator;
 use crate::zero::engine::clip_coefficient;
+use crate::zero::layout::intersect;
 
 type Result<T> = candle_core::Result<T>;
+
+fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("optimizer: {e}"))
+}
 
 pub struct ShardOptimizer {
     pub adam: AdamWParams,
@@ -23,10 +35,26 @@ pub struct ShardOptimizer {
     v: Vec<f32>,
     /// (elements, weight decay) of each shard, in order.
     segments: Vec<(usize, bool)>,
+    /// The data-parallel group ZeRO-1 partitions over (None: every rank
+    /// updates everything).
+    dp: Option<Arc<dyn Communicator>>,
+    /// Elements of the flat vector and each data-parallel rank's part.
+    numel: usize,
+    part: usize,
 }
 
 impl ShardOptimizer {
+    /// For the shards of `model` on this rank.
     pub fn new(model: &TensorParallelGpt2, adam: AdamWParams) -> Result<Self> {
+        Self::distributed(model, adam, None)
+    }
+
+    /// Partitioned over the data-parallel group `dp` (ZeRO-1).
+    pub fn distributed(
+        model: &TensorParallelGpt2,
+        adam: AdamWParams,
+        dp: Option<Arc<dyn Communicator>>,
+    ) -> Result<Self> {
         let specs = Gpt2Params::new(&model.config).specs;
         let segments = model
             .shards
@@ -39,19 +67,29 @@ impl ShardOptimizer {
                 (var.elem_count(), decay)
             })
             .collect::<Vec<_>>();
-        let n = segments.iter().map(|s| s.0).sum();
+        let numel: usize = segments.iter().map(|s| s.0).sum();
+        let ways = dp.as_ref().map_or(1, |d| d.world_size());
+        let part = numel.div_ceil(ways);
         Ok(ShardOptimizer {
             adam,
             step: 0,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            m: vec![0.0; part],
+            v: vec![0.0; part],
             segments,
+            dp,
+            numel,
+            part,
         })
     }
 
-    /// One optimizer step from `grads` (of `model`'s loss); returns the
-    /// whole model's gradient norm before clipping. A collective over the
-    /// model's group.
+    /// Bytes of Adam's state this rank keeps (its part of the moments).
+    pub fn state_bytes(&self) -> usize {
+        (self.m.len() + self.v.len()) * 4
+    }
+
+    /// One optimizer step of a tensor-parallel model (one stage, no data
+    /// parallelism) from `grads` of its loss; returns the gradient norm
+    /// before clipping. A collective over the model's group.
     pub fn step(
         &mut self,
         model: &TensorParallelGpt2,
@@ -59,50 +97,80 @@ impl ShardOptimizer {
         lr: f64,
         max_grad_norm: f64,
     ) -> Result<f64> {
-        let first = model.comm.rank() == 0;
-        let mut g = Vec::with_capacity(self.m.len());
-        let mut sq = 0f64;
-        for (name, var) in &model.shards {
-            let gv: Vec<f32> = match grads.get(var.as_tensor()) {
-                Some(t) => t.flatten_all()?.to_vec1()?,
-                None => vec![0.0; var.elem_count()],
-            };
-            // A replicated parameter's gradient is the same on every rank.
-            if split_of(name) != Split::Replicated || first {
-                sq += gv.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let by_name: HashMap<String, Tensor> = model
+            .shards
+            .iter()
+            .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+            .collect();
+        let norm = grad_norm(model, &by_name, &[])?;
+        self.update(&model.shards, &by_name, norm, lr, max_grad_norm)?;
+        Ok(norm)
+    }
+
+    /// Clip by `norm` and update `shards` from `grads` (by name); with a
+    /// data-parallel group, this rank's part only, then all-gathered.
+    pub fn update(
+        &mut self,
+        shards: &[(String, Var)],
+        grads: &HashMap<String, Tensor>,
+        norm: f64,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<()> {
+        let mut g = Vec::with_capacity(self.numel);
+        let mut p = Vec::with_capacity(self.numel);
+        for (name, var) in shards {
+            match grads.get(name) {
+                Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
+                None => g.extend(std::iter::repeat_n(0.0, var.elem_count())),
             }
-            g.extend(gv);
+            p.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
         }
-        let norm = model
-            .comm
-            .all_reduce_f64(sq)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            .sqrt();
         if max_grad_norm > 0.0 {
             let coef = clip_coefficient(norm, max_grad_norm);
             if coef < 1.0 {
                 g.iter_mut().for_each(|x| *x *= coef);
             }
         }
-        let mut p = Vec::with_capacity(self.m.len());
-        for (_, var) in &model.shards {
-            p.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        let rank = self.dp.as_ref().map_or(0, |d| d.rank());
+        let mine = intersect(
+            &(rank * self.part..(rank + 1) * self.part),
+            &(0..self.numel),
+        );
+        // The weight-decay runs of this rank's part.
+        let mut segments = Vec::new();
+        let mut at = 0;
+        for &(len, decay) in &self.segments {
+            let x = intersect(&(at..at + len), &mine);
+            if !x.is_empty() {
+                segments.push((x.len(), decay));
+            }
+            at += len;
         }
+        let mut mp = p[mine.clone()].to_vec();
         self.step += 1;
-        let n = p.len();
         adamw::update(
             self.adam,
             self.step,
             &mut self.m,
             &mut self.v,
-            &mut p,
-            &g,
+            &mut mp,
+            &g[mine.clone()],
             lr,
-            n,
-            &self.segments,
+            mine.len(),
+            &segments,
         );
+        let p = match &self.dp {
+            Some(d) if d.world_size() > 1 => {
+                mp.resize(self.part, 0.0);
+                let mut all = d.all_gather(&mp).map_err(comm_err)?;
+                all.truncate(self.numel);
+                all
+            }
+            _ => mp,
+        };
         let mut at = 0;
-        for (_, var) in &model.shards {
+        for (_, var) in shards {
             let k = var.elem_count();
             var.set(&Tensor::from_slice(
                 &p[at..at + k],
@@ -111,8 +179,37 @@ impl ShardOptimizer {
             )?)?;
             at += k;
         }
-        Ok(norm)
+        Ok(())
     }
+}
+
+/// The whole model's gradient norm from one rank's shard gradients: each
+/// split parameter's squares summed over the tensor-parallel group, a
+/// replicated one counted on its rank 0, a tied embedding's copy on the last
+/// stage left out; then summed over `more` groups (the pipeline's stages).
+pub fn grad_norm(
+    model: &TensorParallelGpt2,
+    grads: &HashMap<String, Tensor>,
+    more: &[&Arc<dyn Communicator>],
+) -> Result<f64> {
+    let first = model.comm.rank() == 0;
+    let copy =
+        model.config.tie_word_embeddings && model.stages > 1 && model.stage + 1 == model.stages;
+    let mut sq = 0f64;
+    for (name, g) in grads {
+        if copy && name == "transformer.wte.weight" {
+            continue;
+        }
+        if split_of(name) != Split::Replicated || first {
+            let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            sq += v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        }
+    }
+    let mut sq = model.comm.all_reduce_f64(sq).map_err(comm_err)?;
+    for c in more {
+        sq = c.all_reduce_f64(sq).map_err(comm_err)?;
+    }
+    Ok(sq.sqrt())
 }
 
 #[cfg(test)]

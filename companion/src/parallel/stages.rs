@@ -9,7 +9,8 @@ pub fn stage_layers(n_layer: usize, pp: usize, s: usize) -> std::ops::Range<usiz
 }
 
 /// Whether stage `s` of `pp` holds parameter `name`.
-pub fn holds(name: &str, n_layer: usize, pp: usize, s: usize) -> bool {
+pub fn holds(name: &str, cfg: &crate::config::GPT2Config, pp: usize, s: usize) -> bool {
+    let n_layer = cfg.n_layer;
     let last = s + 1 == pp;
     if let Some(rest) = name.strip_prefix("transformer.h.") {
         let l: usize = rest
@@ -20,7 +21,8 @@ pub fn holds(name: &str, n_layer: usize, pp: usize, s: usize) -> bool {
         return stage_layers(n_layer, pp, s).contains(&l);
     }
     match name {
-        "transformer.wte.weight" => s == 0 || last,
+        // The last stage's copy serves the tied head.
+        "transformer.wte.weight" => s == 0 || (last && cfg.tie_word_embeddings),
         "transformer.wpe.weight" => s == 0,
         _ => last, // ln_f, an untied lm_head
     }

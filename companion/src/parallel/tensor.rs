@@ -145,7 +145,7 @@ impl TensorParallelGpt2 {
         }
         let shards = weights
             .iter()
-            .filter(|(n, _)| super::stages::holds(n, c.n_layer, stages, stage))
+            .filter(|(n, _)| super::stages::holds(n, c, stages, stage))
             .map(|(n, t)| {
                 let s = shard(n, &t.to_dtype(DType::F32)?, rank, tp)?;
                 // A copy: the shards are trained in place, the caller's weights stay.
