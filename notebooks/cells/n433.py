@@ -86,7 +86,9 @@ table
 *3D parallel training of a small GPT-2 (4 blocks, 64 wide, 4 heads) on CPU thread ranks, with
 `companion::parallel::ParallelTrainer`: tensor 2 × pipeline 2 (4 ranks) and tensor 2 × data 2 (4 ranks), 3 AdamW
 steps of 4 micro-batches each, pipeline in 1F1B order, ZeRO-1 over the data-parallel group. Each layout's losses must
-equal one rank's (1e-5). The tokens are a fixed pseudo-random sequence: the point is that the split changes nothing.*
+equal one rank's (1e-5); the elements each rank sends through its tensor, pipeline and data groups in a step must equal
+the Megatron-LM and ZeRO papers' count. The tokens are a fixed pseudo-random sequence: the point is that the split
+changes nothing.*
 
 テンソル並列はアテンションのヘッドと MLP の列・行を、パイプライン並列はブロックを段に分けます。
 どの分け方でも、1 ランクで学習した場合と同じ損失になることを確かめ、各ランクが持つ部分を表にします。
@@ -103,9 +105,10 @@ let weights3d: Vec<(String, Tensor)> = init3d.named_parameters().into_iter().map
 // 3 steps × 4 micro-batches × 2 rows × 16 tokens.
 let batches3d: Vec<Vec<Vec<Vec<u32>>>> = (0..3u32).map(|s| (0..4u32).map(|m| (0..2u32).map(|i|
     (0..16u32).map(|j| (s * 97 + m * 31 + i * 13 + j * 7 + 5) % 256).collect()).collect()).collect()).collect();
-/// Per rank: its (TP, DP, stage), the losses of the steps, the parameters it holds, its Adam bytes.
+/// Per rank: its (TP, DP, stage), the losses of the steps, the parameters it holds, its Adam bytes, and what its
+/// last step sent through each group beside the papers' count.
 fn train3d(cfg: &GPT2Config, w: &[(String, Tensor)], b: &[Vec<Vec<Vec<u32>>>], tp: usize, pp: usize, dp: usize)
-    -> Vec<((usize, usize, usize), Vec<f64>, usize, usize)> {
+    -> Vec<((usize, usize, usize), Vec<f64>, usize, usize, (companion::parallel::traffic::Traffic, companion::parallel::traffic::Traffic))> {
     let adam = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
     run_ranks(tp * pp * dp, |_, comm| -> Result<_, companion::zero::comm::CommError> {
         let err = |e: companion::candle_core::Error| companion::zero::comm::CommError::Transport(e.to_string());
@@ -116,14 +119,21 @@ fn train3d(cfg: &GPT2Config, w: &[(String, Tensor)], b: &[Vec<Vec<Vec<u32>>>], t
         }
         let held = t.stage.model.shards.iter().map(|(_, v)| v.elem_count()).sum();
         let c = t.groups.coords;
-        Ok(((c.tp, c.dp, c.pp), losses, held, t.optimizer.state_bytes()))
+        let formula = companion::parallel::traffic::expected(&companion::parallel::traffic::StepShape {
+            config: cfg, tp, pp, dp, stage: c.pp, micro_batches: b[0].len() / dp, rows: b[0][0].len(),
+            seq: b[0][0][0].len(), held });
+        Ok(((c.tp, c.dp, c.pp), losses, held, t.optimizer.state_bytes(), (t.last_traffic, formula)))
     }).unwrap()
 }
 let one3d = train3d(&small3d, &weights3d, &batches3d, 1, 1, 1).remove(0);
 let mut rows3d = vec![vec!["layout".to_string(), "rank".into(), "TP".into(), "DP".into(), "stage".into(),
-    "blocks".into(), "parameters held".into(), "Adam state".into(), "losses (3 steps)".into()]];
+    "blocks".into(), "parameters held".into(), "Adam state".into(), "sent per step: TP / PP / DP".into(),
+    "losses (3 steps)".into()]];
 for (tp, pp, dp) in [(2, 2, 1), (2, 1, 2)] {
-    for (r, ((t, d, s), losses, held, adam)) in train3d(&small3d, &weights3d, &batches3d, tp, pp, dp).into_iter().enumerate() {
+    for (r, ((t, d, s), losses, held, adam, (sent, formula))) in train3d(&small3d, &weights3d, &batches3d, tp, pp, dp).into_iter().enumerate() {
+        // Megatron: 2 all-reduces of b·s·h per layer forward, 2 backward; a stage boundary carries b·s·h each way per
+        // micro-batch; data parallelism all-reduces the gradients and ZeRO-1 all-gathers the updated parts.
+        check_eq!(sent, formula, "tp {tp} pp {pp} dp {dp} rank {r}: elements sent in a step vs the papers' count");
         for (a, b) in losses.iter().zip(&one3d.1) {
             check!((a - b).abs() <= 1e-5 * b, "tp {tp} pp {pp} dp {dp} rank {r}: loss {a} vs one rank's {b}");
         }
@@ -132,6 +142,7 @@ for (tp, pp, dp) in [(2, 2, 1), (2, 1, 2)] {
         let per = small3d.n_layer / pp;
         rows3d.push(vec![format!("{tp}×{pp}×{dp}"), r.to_string(), t.to_string(), d.to_string(), s.to_string(),
             format!("{}–{}", s * per, (s + 1) * per - 1), held.to_string(), format!("{} B", adam),
+            format!("{} / {} / {}", sent.tensor, sent.pipeline, sent.data),
             losses.iter().map(|l| format!("{l:.5}")).collect::<Vec<_>>().join(", ")]);
     }
 }

@@ -8,7 +8,8 @@
 //! against the whole model on one rank; AdamW over the shards
 //! (`optimizer`, ZeRO-1 over the data-parallel group); pipeline stages run
 //! in 1F1B order (`pipeline`); the three composed (`three_d`), checked
-//! against one rank. The Trainer, the command line, checkpoints and the
+//! against one rank, with each group's traffic counted against the papers'
+//! formulas (`traffic`). The Trainer, the command line, checkpoints and the
 //! notebook do not use them yet.
 
 mod collective_ops;
@@ -18,6 +19,7 @@ pub mod pipeline;
 pub mod stages;
 pub mod tensor;
 pub mod three_d;
+pub mod traffic;
 
 pub use layout::{ParallelGroups, ParallelLayout};
 pub use optimizer::ShardOptimizer;

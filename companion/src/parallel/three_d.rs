@@ -7,12 +7,15 @@
 //! and updates.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::layout::ParallelGroups;
 use super::optimizer::{grad_norm, ShardOptimizer};
 use super::pipeline::{one_forward_one_backward, PipelineStage};
+use super::traffic::{Counted, Traffic};
 use crate::config::GPT2Config;
 use crate::optim::adamw::AdamWParams;
 use crate::zero::comm::Communicator;
@@ -28,6 +31,10 @@ pub struct ParallelTrainer {
     pub groups: ParallelGroups,
     pub stage: PipelineStage,
     pub optimizer: ShardOptimizer,
+    /// Elements sent through the tensor, pipeline and data groups.
+    counters: [Arc<AtomicU64>; 3],
+    /// What the last step sent.
+    pub last_traffic: Traffic,
 }
 
 /// What one step gives back.
@@ -53,13 +60,19 @@ impl ParallelTrainer {
         pp: usize,
         adam: AdamWParams,
     ) -> Result<Self> {
-        let groups = ParallelGroups::new(world, tp, pp).map_err(comm_err)?;
+        let mut groups = ParallelGroups::new(world, tp, pp).map_err(comm_err)?;
+        let (tp_c, tp_n) = Counted::wrap(groups.tp.clone());
+        let (pp_c, pp_n) = Counted::wrap(groups.pp.clone());
+        let (dp_c, dp_n) = Counted::wrap(groups.dp.clone());
+        (groups.tp, groups.pp, groups.dp) = (tp_c, pp_c, dp_c);
         let stage = PipelineStage::new(config, weights, groups.tp.clone(), groups.pp.clone())?;
         let optimizer = ShardOptimizer::distributed(&stage.model, adam, Some(groups.dp.clone()))?;
         Ok(ParallelTrainer {
             groups,
             stage,
             optimizer,
+            counters: [tp_n, pp_n, dp_n],
+            last_traffic: Traffic::default(),
         })
     }
 
@@ -79,6 +92,9 @@ impl ParallelTrainer {
                 "{} micro-batches for {dp} data-parallel replicas: give a multiple of {dp}",
                 micro_batches.len()
             );
+        }
+        for c in &self.counters {
+            c.store(0, Ordering::Relaxed);
         }
         let mine: Vec<Vec<Vec<u32>>> = micro_batches
             .iter()
@@ -107,6 +123,12 @@ impl ParallelTrainer {
         let mut loss = out.loss;
         loss = self.groups.pp.all_reduce_f64(loss).map_err(comm_err)?;
         loss = self.groups.dp.all_reduce_f64(loss).map_err(comm_err)? / dp as f64;
+        let [t, p, d] = &self.counters;
+        self.last_traffic = Traffic {
+            tensor: t.load(Ordering::Relaxed),
+            pipeline: p.load(Ordering::Relaxed),
+            data: d.load(Ordering::Relaxed),
+        };
         Ok(StepOutput {
             loss,
             grad_norm: norm,
@@ -193,6 +215,32 @@ mod tests {
                         .collect::<Result<Vec<_>>>()
                         .map_err(err)?;
                     let c = t.groups.coords;
+                    // What the last step sent, against the papers' count.
+                    let held = t
+                        .stage
+                        .model
+                        .shards
+                        .iter()
+                        .map(|(_, v)| v.elem_count())
+                        .sum();
+                    let want =
+                        crate::parallel::traffic::expected(&crate::parallel::traffic::StepShape {
+                            config: &cfg,
+                            tp,
+                            pp,
+                            dp: world / (tp * pp),
+                            stage: c.pp,
+                            micro_batches: 4 / (world / (tp * pp)),
+                            rows: 2,
+                            seq: 10,
+                            held,
+                        });
+                    assert_eq!(
+                        t.last_traffic,
+                        want,
+                        "tp {tp} pp {pp} world {world} rank {:?}",
+                        (c.tp, c.dp, c.pp)
+                    );
                     Ok((outs, t.shards(), (c.tp, c.dp, c.pp)))
                 })
                 .unwrap()

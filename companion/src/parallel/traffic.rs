@@ -1,0 +1,137 @@
+//! What crosses between ranks: a communicator that counts the elements this
+//! rank sends through each collective, and what the Megatron-LM and ZeRO
+//! papers say a 3D-parallel step sends (Shoeybi et al. 2019 §3: two
+//! all-reduces of the b·s·h activations per layer in the forward pass and
+//! two in the backward; a pipeline boundary carries each micro-batch's
+//! activations one way and their gradient the other (Narayanan et al.
+//! 2021); data parallelism all-reduces the gradients, and ZeRO-1
+//! all-gathers the updated parameters (Rajbhandari et al. 2020)).
+//!
+//! The counts are payloads (the elements a rank hands to a collective), the
+//! quantity the papers' formulas give; how many bytes a transport then puts
+//! on the wire depends on its algorithm (a ring all-reduce sends 2(n−1)/n
+//! of it per rank).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::GPT2Config;
+use crate::zero::comm::{Communicator, Gathered, Result};
+
+/// A communicator whose sends are counted (its sub-groups count into the
+/// same counter).
+pub struct Counted {
+    inner: Arc<dyn Communicator>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Counted {
+    pub fn wrap(inner: Arc<dyn Communicator>) -> (Arc<dyn Communicator>, Arc<AtomicU64>) {
+        let sent = Arc::new(AtomicU64::new(0));
+        let c = Counted {
+            inner,
+            sent: sent.clone(),
+        };
+        (Arc::new(c), sent)
+    }
+}
+
+impl Communicator for Counted {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
+        self.sent.fetch_add(send.len() as u64, Ordering::Relaxed);
+        self.inner.exchange(send)
+    }
+    fn abort(&self, why: &str) {
+        self.inner.abort(why)
+    }
+    fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
+        let sub = self.inner.split(color)?;
+        Ok(Arc::new(Counted {
+            inner: sub,
+            sent: self.sent.clone(),
+        }))
+    }
+}
+
+/// Elements one rank sends in one step, by kind of group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Traffic {
+    /// The tensor-parallel group's all-reduces (and the vocabulary-parallel
+    /// loss's per-token numbers).
+    pub tensor: u64,
+    /// Activations and their gradients to the neighbouring stages, and the
+    /// tied embedding's gradient between the first and last stage.
+    pub pipeline: u64,
+    /// The gradients' all-reduce and ZeRO-1's all-gather over the replicas.
+    pub data: u64,
+}
+
+/// Where a rank sits and what it runs, for [`expected`].
+pub struct StepShape<'a> {
+    pub config: &'a GPT2Config,
+    pub tp: usize,
+    pub pp: usize,
+    pub dp: usize,
+    pub stage: usize,
+    /// Micro-batches this replica runs, each of `rows` rows of `seq` tokens.
+    pub micro_batches: usize,
+    pub rows: usize,
+    pub seq: usize,
+    /// Elements of the parameters this rank holds.
+    pub held: usize,
+}
+
+/// The papers' count for one step of this rank (an f64 reduction of the
+/// loss or the gradient norm travels as 2 elements).
+pub fn expected(s: &StepShape) -> Traffic {
+    let c = s.config;
+    let (first, last) = (s.stage == 0, s.stage + 1 == s.pp);
+    let bsh = (s.rows * s.seq * c.n_embd) as u64;
+    let bs = (s.rows * s.seq) as u64;
+    let m = s.micro_batches as u64;
+    let layers = (c.n_layer / s.pp) as u64;
+    let tensor = if s.tp > 1 {
+        // Per layer: g after attention and MLP forward, f's all-reduce of
+        // ln_1's and ln_2's gradient backward; the embedding's g on the
+        // first stage; ln_f's f and the loss's max, Σexp and target logit
+        // per token on the last; then the gradient norm.
+        let per_mb =
+            4 * layers * bsh + if first { bsh } else { 0 } + if last { bsh + 3 * bs } else { 0 };
+        m * per_mb + 2
+    } else {
+        0
+    };
+    let pipeline = if s.pp > 1 {
+        let boundary = (!last as u64 + !first as u64) * bsh;
+        let tied = c.tie_word_embeddings && (first || last);
+        // Activations and gradients; the tied embedding's gradient; the
+        // gradient norm's and the loss's sums over the stages.
+        m * boundary
+            + if tied {
+                (c.vocab_size / s.tp * c.n_embd) as u64
+            } else {
+                0
+            }
+            + 4
+    } else {
+        0
+    };
+    let data = if s.dp > 1 {
+        let n = s.held as u64;
+        // The gradients, this rank's updated part, the loss.
+        n + n.div_ceil(s.dp as u64) + 2
+    } else {
+        0
+    };
+    Traffic {
+        tensor,
+        pipeline,
+        data,
+    }
+}
