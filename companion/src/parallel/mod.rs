@@ -9,8 +9,8 @@
 //! (`optimizer`, ZeRO-1 over the data-parallel group); pipeline stages run
 //! in 1F1B order (`pipeline`); the three composed (`three_d`), checked
 //! against one rank, with each group's traffic counted against the papers'
-//! formulas (`traffic`). The Trainer, the command line, checkpoints and the
-//! notebook do not use them yet.
+//! formulas (`traffic`). The 4.3.3 notebook runs them; the Trainer, the
+//! command line and checkpoints do not use them yet.
 
 mod collective_ops;
 mod layout;
@@ -21,7 +21,7 @@ pub mod tensor;
 pub mod three_d;
 pub mod traffic;
 
-pub use layout::{ParallelGroups, ParallelLayout};
+pub use layout::{Coords, ParallelGroups, ParallelLayout};
 pub use optimizer::ShardOptimizer;
 pub use tensor::TensorParallelGpt2;
 pub use three_d::{ParallelTrainer, StepOutput};

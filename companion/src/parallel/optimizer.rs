@@ -4,15 +4,17 @@
 //! a tied embedding's second copy left out), DeepSpeed's clipping factor,
 //! then the update the ZeRO engine uses (`optim::adamw::update`, the one
 //! AdamW here) over the shards laid end to end. With a data-parallel group
-//! it is Megatron's distributed optimizer (ZeRO-1): each data-parallel rank
-//! keeps Adam's moments for, and updates, its part of that flat vector, and
-//! the parts are all-gathered.
+//! it is Megatron's distributed optimizer (ZeRO-1): the gradients are
+//! reduce-scattered, each data-parallel rank keeps Adam's moments for, and
+//! updates, its part of that flat vector, and the parts are all-gathered.
+//! (The flat vector is padded to a multiple of the group's size; the ZeRO
+//! engine's `FlatLayout` pads to twice that, as DeepSpeed does.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use super::tensor::{split_of, Split, TensorParallelGpt2};
 use crate::optim::adamw::{self, AdamWParams};
@@ -30,7 +32,7 @@ fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
 pub struct ShardOptimizer {
     pub adam: AdamWParams,
     /// Adam's step count.
-    pub step: u64,
+    pub adam_steps: u64,
     m: Vec<f32>,
     v: Vec<f32>,
     /// (elements, weight decay) of each shard, in order.
@@ -72,7 +74,7 @@ impl ShardOptimizer {
         let part = numel.div_ceil(ways);
         Ok(ShardOptimizer {
             adam,
-            step: 0,
+            adam_steps: 0,
             m: vec![0.0; part],
             v: vec![0.0; part],
             segments,
@@ -102,66 +104,104 @@ impl ShardOptimizer {
             .iter()
             .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
             .collect();
-        let norm = grad_norm(model, &by_name, &[])?;
-        self.update(&model.shards, &by_name, norm, lr, max_grad_norm)?;
-        Ok(norm)
+        self.distributed_step(model, &by_name, lr, max_grad_norm, &[])
     }
 
-    /// Clip by `norm` and update `shards` from `grads` (by name); with a
-    /// data-parallel group, this rank's part only, then all-gathered.
-    pub fn update(
+    /// One step from this rank's gradients `grads` (by name; each data-
+    /// parallel replica's of its own share of the batch): with a
+    /// data-parallel group, the gradients are reduce-scattered over it (each
+    /// rank gets the replicas' mean for its part), the norm is summed from
+    /// the parts, the part updated and the parts all-gathered (Megatron's
+    /// distributed optimizer); the norm is also summed over the tensor
+    /// group and the `more` groups (the pipeline's stages). Returns the
+    /// whole model's gradient norm before clipping.
+    pub fn distributed_step(
         &mut self,
-        shards: &[(String, Var)],
+        model: &TensorParallelGpt2,
         grads: &HashMap<String, Tensor>,
-        norm: f64,
         lr: f64,
         max_grad_norm: f64,
-    ) -> Result<()> {
-        let mut g = Vec::with_capacity(self.numel);
+        more: &[&Arc<dyn Communicator>],
+    ) -> Result<f64> {
+        let ways = self.dp.as_ref().map_or(1, |d| d.world_size());
+        let mut g = Vec::with_capacity(self.part * ways);
         let mut p = Vec::with_capacity(self.numel);
-        for (name, var) in shards {
+        // Whether each shard's squares count in the whole model's norm: a
+        // replicated parameter on the tensor group's rank 0 only, a tied
+        // embedding's second copy (last stage) never.
+        let tp_first = model.comm.rank() == 0;
+        let copy =
+            model.config.tie_word_embeddings && model.stages > 1 && model.stage + 1 == model.stages;
+        let mut counted = Vec::with_capacity(model.shards.len());
+        for (name, var) in &model.shards {
             match grads.get(name) {
                 Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
                 None => g.extend(std::iter::repeat_n(0.0, var.elem_count())),
             }
             p.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            let is_copy = copy && name == "transformer.wte.weight";
+            counted.push(!is_copy && (split_of(name) != Split::Replicated || tp_first));
         }
-        if max_grad_norm > 0.0 {
-            let coef = clip_coefficient(norm, max_grad_norm);
-            if coef < 1.0 {
-                g.iter_mut().for_each(|x| *x *= coef);
-            }
-        }
+        g.resize(self.part * ways, 0.0);
         let rank = self.dp.as_ref().map_or(0, |d| d.rank());
-        let mine = intersect(
-            &(rank * self.part..(rank + 1) * self.part),
-            &(0..self.numel),
-        );
-        // The weight-decay runs of this rank's part.
-        let mut segments = Vec::new();
-        let mut at = 0;
-        for &(len, decay) in &self.segments {
+        let start = (rank * self.part).min(self.numel);
+        let mine = start..((rank + 1) * self.part).min(self.numel);
+        let mut owned = match &self.dp {
+            Some(d) if ways > 1 => {
+                let mut x = d
+                    .reduce_scatter_sum(&g, &vec![self.part; ways])
+                    .map_err(comm_err)?;
+                x.iter_mut().for_each(|v| *v /= ways as f32);
+                x.truncate(mine.len());
+                x
+            }
+            _ => g[mine.clone()].to_vec(),
+        };
+        // The weight-decay runs and norm flags of this rank's part.
+        let (mut segments, mut sq, mut at, mut off) = (Vec::new(), 0f64, 0, 0);
+        for (&(len, decay), &count) in self.segments.iter().zip(&counted) {
             let x = intersect(&(at..at + len), &mine);
             if !x.is_empty() {
                 segments.push((x.len(), decay));
+                if count {
+                    sq += owned[off..off + x.len()]
+                        .iter()
+                        .map(|&v| (v as f64) * (v as f64))
+                        .sum::<f64>();
+                }
+                off += x.len();
             }
             at += len;
         }
+        if let Some(d) = self.dp.as_ref().filter(|_| ways > 1) {
+            sq = d.all_reduce_f64(sq).map_err(comm_err)?;
+        }
+        sq = model.comm.all_reduce_f64(sq).map_err(comm_err)?;
+        for c in more {
+            sq = c.all_reduce_f64(sq).map_err(comm_err)?;
+        }
+        let norm = sq.sqrt();
+        if max_grad_norm > 0.0 {
+            let coef = clip_coefficient(norm, max_grad_norm);
+            if coef < 1.0 {
+                owned.iter_mut().for_each(|x| *x *= coef);
+            }
+        }
         let mut mp = p[mine.clone()].to_vec();
-        self.step += 1;
+        self.adam_steps += 1;
         adamw::update(
             self.adam,
-            self.step,
+            self.adam_steps,
             &mut self.m,
             &mut self.v,
             &mut mp,
-            &g[mine.clone()],
+            &owned,
             lr,
             mine.len(),
             &segments,
         );
         let p = match &self.dp {
-            Some(d) if d.world_size() > 1 => {
+            Some(d) if ways > 1 => {
                 mp.resize(self.part, 0.0);
                 let mut all = d.all_gather(&mp).map_err(comm_err)?;
                 all.truncate(self.numel);
@@ -170,7 +210,7 @@ impl ShardOptimizer {
             _ => mp,
         };
         let mut at = 0;
-        for (_, var) in shards {
+        for (_, var) in &model.shards {
             let k = var.elem_count();
             var.set(&Tensor::from_slice(
                 &p[at..at + k],
@@ -179,37 +219,8 @@ impl ShardOptimizer {
             )?)?;
             at += k;
         }
-        Ok(())
+        Ok(norm)
     }
-}
-
-/// The whole model's gradient norm from one rank's shard gradients: each
-/// split parameter's squares summed over the tensor-parallel group, a
-/// replicated one counted on its rank 0, a tied embedding's copy on the last
-/// stage left out; then summed over `more` groups (the pipeline's stages).
-pub fn grad_norm(
-    model: &TensorParallelGpt2,
-    grads: &HashMap<String, Tensor>,
-    more: &[&Arc<dyn Communicator>],
-) -> Result<f64> {
-    let first = model.comm.rank() == 0;
-    let copy =
-        model.config.tie_word_embeddings && model.stages > 1 && model.stage + 1 == model.stages;
-    let mut sq = 0f64;
-    for (name, g) in grads {
-        if copy && name == "transformer.wte.weight" {
-            continue;
-        }
-        if split_of(name) != Split::Replicated || first {
-            let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            sq += v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-        }
-    }
-    let mut sq = model.comm.all_reduce_f64(sq).map_err(comm_err)?;
-    for c in more {
-        sq = c.all_reduce_f64(sq).map_err(comm_err)?;
-    }
-    Ok(sq.sqrt())
 }
 
 #[cfg(test)]

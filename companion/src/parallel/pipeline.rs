@@ -119,7 +119,8 @@ pub struct PipelineStep {
     /// Gradients of this stage's parameters, by name (summed over the
     /// micro-batches, of the mean loss).
     pub grads: HashMap<String, Tensor>,
-    /// The share of the step this stage spent waiting for its neighbours.
+    /// The share of the step this stage spent in exchanges with its
+    /// neighbours (waiting for them, the bubble, and the transfers).
     pub bubble: f64,
 }
 
@@ -131,6 +132,9 @@ pub fn one_forward_one_backward(
     micro_batches: &[Vec<Vec<u32>>],
 ) -> Result<PipelineStep> {
     let m = micro_batches.len();
+    if m == 0 {
+        candle_core::bail!("a pipeline step needs at least one micro-batch");
+    }
     let (s, n) = (st.model.stage, st.model.stages);
     let last = s + 1 == n;
     let tokens: usize = micro_batches
@@ -169,7 +173,8 @@ pub fn one_forward_one_backward(
      -> Result<Option<Tensor>> {
         // The mean over all the step's tokens: each micro-batch's sum / total.
         let objective = match grad_out {
-            None => (out / tokens as f64)?,
+            None if last => (out / tokens as f64)?,
+            None => candle_core::bail!("stage {s}: the next stage sent no gradient back"),
             Some(g) => (out * g)?.sum_all()?,
         };
         let g = objective.backward()?;
@@ -253,9 +258,10 @@ mod tests {
     use crate::zero::comm::{run_ranks, CommError};
     use candle_core::DType;
 
-    /// pp = 2 and 4 stages, 4 micro-batches in 1F1B order: the loss of the
-    /// whole batch and every parameter's gradient equal the whole model's
-    /// on one rank over the same rows as one batch (1e-5), tied and untied.
+    /// pp = 2 and 4 stages, 1 to 4 micro-batches in 1F1B order: the loss of
+    /// the whole batch and every parameter's gradient equal the whole
+    /// model's on one rank over the same rows as one batch (1e-5), tied and
+    /// untied.
     #[test]
     fn a_pipeline_of_micro_batches_equals_one_large_batch() {
         let mut cfg = GPT2Config::preset("gpt2").unwrap();
@@ -270,7 +276,7 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..8u32)
             .map(|i| (0..10).map(|j| (i * 13 + j * 7 + 2) % 64).collect())
             .collect();
-        let micro: Vec<Vec<Vec<u32>>> = rows.chunks(2).map(|c| c.to_vec()).collect();
+
         for tied in [true, false] {
             cfg.tie_word_embeddings = tied;
             let model = GPT2LMHeadModel::new(&cfg, 11, &Device::Cpu).unwrap();
@@ -295,7 +301,13 @@ mod tests {
                 .iter()
                 .map(|(n, w, _)| (n.clone(), w.clone()))
                 .collect();
-            for pp in [2, 4] {
+            // 4 micro-batches, and fewer than the warm-up would take (1F1B
+            // clamps it to the micro-batches there are).
+            for (pp, m) in [(2, 4), (4, 4), (2, 1), (4, 1), (4, 2), (4, 3)] {
+                let micro: Vec<Vec<Vec<u32>>> = rows
+                    .chunks(rows.len().div_ceil(m))
+                    .map(|c| c.to_vec())
+                    .collect();
                 let out = run_ranks(pp, |_, comm| -> std::result::Result<_, CommError> {
                     let err = |e: candle_core::Error| CommError::Transport(e.to_string());
                     let one: Arc<dyn Communicator> = Arc::new(crate::zero::comm::SingleRank);

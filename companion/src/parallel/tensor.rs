@@ -10,8 +10,9 @@
 //! logits are never gathered.
 //!
 //! Built on candle's autograd, from a whole model's weights (each rank
-//! cuts its shards): the fp32 reference the faster paths are checked
-//! against.
+//! cuts its shards), fp32 on the CPU. The block is written out here with
+//! the collectives between its pieces; it uses the model's kernels (layer
+//! norm, masked softmax, activation) and is checked against the model.
 
 use std::sync::Arc;
 
@@ -131,6 +132,14 @@ impl TensorParallelGpt2 {
         }
         let (tp, rank) = (comm.world_size(), comm.rank());
         let c = config;
+        if c.attn_pdrop > 0.0 || c.resid_pdrop > 0.0 || c.embd_pdrop > 0.0 {
+            candle_core::bail!(
+                "dropout ({}, {}, {}) is not applied on the tensor- and pipeline-parallel path yet: set it to 0",
+                c.attn_pdrop,
+                c.resid_pdrop,
+                c.embd_pdrop
+            );
+        }
         if !c.n_head.is_multiple_of(tp) {
             candle_core::bail!(
                 "n_head {} is not divisible by the tensor-parallel size {tp}",
@@ -216,6 +225,8 @@ impl TensorParallelGpt2 {
         if rows.iter().any(|r| r.len() != t) || t < 2 || t > c.n_positions {
             candle_core::bail!("rows of equal length between 2 and n_positions");
         }
+        crate::cpu::inputs::check_token_ids(rows.iter().flatten().copied().max(), c.vocab_size)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let dev = candle_core::Device::Cpu;
         let (width, heads) = (c.n_embd, c.n_head / tp);
         let hd = width / c.n_head;

@@ -1,21 +1,19 @@
 //! The three together: world = tp × dp × pp ranks in Megatron-LM's layout,
 //! each rank one tensor-parallel shard of one pipeline stage of one
 //! data-parallel replica. A step: each replica runs its share of the
-//! micro-batches through the pipeline in 1F1B order, the replicas' gradients
-//! are averaged over the data-parallel group, and the distributed optimizer
-//! (ZeRO-1 over the data-parallel group) clips by the whole model's norm
-//! and updates.
+//! micro-batches through the pipeline in 1F1B order, and the distributed
+//! optimizer (ZeRO-1 over the data-parallel group) reduce-scatters the
+//! replicas' gradients, clips by the whole model's norm and updates.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::layout::ParallelGroups;
-use super::optimizer::{grad_norm, ShardOptimizer};
+use super::optimizer::ShardOptimizer;
 use super::pipeline::{one_forward_one_backward, PipelineStage};
-use super::traffic::{Counted, Traffic};
+use super::traffic::{CountingCommunicator, Traffic};
 use crate::config::GPT2Config;
 use crate::optim::adamw::AdamWParams;
 use crate::zero::comm::Communicator;
@@ -44,7 +42,8 @@ pub struct StepOutput {
     pub loss: f64,
     /// The whole model's gradient norm before clipping.
     pub grad_norm: f64,
-    /// The share of the step this rank waited on its pipeline neighbours.
+    /// The share of the step this rank spent in exchanges with its pipeline
+    /// neighbours (the pipeline's bubble, plus the transfers themselves).
     pub bubble: f64,
 }
 
@@ -61,9 +60,9 @@ impl ParallelTrainer {
         adam: AdamWParams,
     ) -> Result<Self> {
         let mut groups = ParallelGroups::new(world, tp, pp).map_err(comm_err)?;
-        let (tp_c, tp_n) = Counted::wrap(groups.tp.clone());
-        let (pp_c, pp_n) = Counted::wrap(groups.pp.clone());
-        let (dp_c, dp_n) = Counted::wrap(groups.dp.clone());
+        let (tp_c, tp_n) = CountingCommunicator::wrap(groups.tp.clone());
+        let (pp_c, pp_n) = CountingCommunicator::wrap(groups.pp.clone());
+        let (dp_c, dp_n) = CountingCommunicator::wrap(groups.dp.clone());
         (groups.tp, groups.pp, groups.dp) = (tp_c, pp_c, dp_c);
         let stage = PipelineStage::new(config, weights, groups.tp.clone(), groups.pp.clone())?;
         let optimizer = ShardOptimizer::distributed(&stage.model, adam, Some(groups.dp.clone()))?;
@@ -87,6 +86,21 @@ impl ParallelTrainer {
         max_grad_norm: f64,
     ) -> Result<StepOutput> {
         let dp = self.groups.layout.dp;
+        // The replicas' mean is the batch's only if every micro-batch has
+        // the same rows of the same length.
+        let shape = |mb: &Vec<Vec<u32>>| (mb.len(), mb.first().map_or(0, Vec::len));
+        if let Some(first) = micro_batches.first() {
+            if micro_batches
+                .iter()
+                .flatten()
+                .any(|r| r.len() != first[0].len())
+                || micro_batches.iter().any(|mb| shape(mb) != shape(first))
+            {
+                candle_core::bail!(
+                    "micro-batches of different shapes: give each the same rows of the same length"
+                );
+            }
+        }
         if micro_batches.is_empty() || !micro_batches.len().is_multiple_of(dp) {
             candle_core::bail!(
                 "{} micro-batches for {dp} data-parallel replicas: give a multiple of {dp}",
@@ -103,21 +117,14 @@ impl ParallelTrainer {
             .cloned()
             .collect();
         let out = one_forward_one_backward(&mut self.stage, &mine)?;
-        // The replicas' mean: each replica's gradient is of its own tokens' mean.
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        for (name, var) in &self.stage.model.shards {
-            let g = match out.grads.get(name) {
-                Some(g) => g.clone(),
-                None => var.as_tensor().zeros_like()?,
-            };
-            let mut v = g.flatten_all()?.to_vec1::<f32>()?;
-            self.groups.dp.all_reduce_sum(&mut v).map_err(comm_err)?;
-            v.iter_mut().for_each(|x| *x /= dp as f32);
-            grads.insert(name.clone(), Tensor::from_vec(v, g.shape(), g.device())?);
-        }
-        let norm = grad_norm(&self.stage.model, &grads, &[&self.groups.pp])?;
-        self.optimizer
-            .update(&self.stage.model.shards, &grads, norm, lr, max_grad_norm)?;
+        // Reduce-scattered over the replicas inside the distributed optimizer.
+        let norm = self.optimizer.distributed_step(
+            &self.stage.model,
+            &out.grads,
+            lr,
+            max_grad_norm,
+            &[&self.groups.pp],
+        )?;
         // The loss lives on the last stage: summed over the pipeline (the
         // other stages give 0) and averaged over the replicas.
         let mut loss = out.loss;

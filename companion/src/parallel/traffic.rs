@@ -1,16 +1,18 @@
 //! What crosses between ranks: a communicator that counts the elements this
-//! rank sends through each collective, and what the Megatron-LM and ZeRO
-//! papers say a 3D-parallel step sends (Shoeybi et al. 2019 §3: two
+//! rank hands to each collective, and the count for a 3D-parallel step
+//! built from the Megatron-LM and ZeRO papers' terms (Shoeybi et al. 2019 §3: two
 //! all-reduces of the b·s·h activations per layer in the forward pass and
 //! two in the backward; a pipeline boundary carries each micro-batch's
 //! activations one way and their gradient the other (Narayanan et al.
 //! 2021); data parallelism all-reduces the gradients, and ZeRO-1
 //! all-gathers the updated parameters (Rajbhandari et al. 2020)).
 //!
-//! The counts are payloads (the elements a rank hands to a collective), the
-//! quantity the papers' formulas give; how many bytes a transport then puts
-//! on the wire depends on its algorithm (a ring all-reduce sends 2(n−1)/n
-//! of it per rank).
+//! The counts are payloads (the elements a rank hands to a collective): the
+//! papers' terms, plus this implementation's small ones (the loss's three
+//! numbers per token, f64 sums as 2 elements, padding). How many bytes a
+//! transport then puts on the wire depends on its algorithm (a ring
+//! all-reduce sends 2(n−1)/n of its payload per rank, a reduce-scatter or an
+//! all-gather (n−1)/n).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,15 +22,15 @@ use crate::zero::comm::{Communicator, Gathered, Result};
 
 /// A communicator whose sends are counted (its sub-groups count into the
 /// same counter).
-pub struct Counted {
+pub struct CountingCommunicator {
     inner: Arc<dyn Communicator>,
     sent: Arc<AtomicU64>,
 }
 
-impl Counted {
+impl CountingCommunicator {
     pub fn wrap(inner: Arc<dyn Communicator>) -> (Arc<dyn Communicator>, Arc<AtomicU64>) {
         let sent = Arc::new(AtomicU64::new(0));
-        let c = Counted {
+        let c = CountingCommunicator {
             inner,
             sent: sent.clone(),
         };
@@ -36,7 +38,7 @@ impl Counted {
     }
 }
 
-impl Communicator for Counted {
+impl Communicator for CountingCommunicator {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
@@ -52,7 +54,7 @@ impl Communicator for Counted {
     }
     fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
         let sub = self.inner.split(color)?;
-        Ok(Arc::new(Counted {
+        Ok(Arc::new(CountingCommunicator {
             inner: sub,
             sent: self.sent.clone(),
         }))
@@ -123,9 +125,11 @@ pub fn expected(s: &StepShape) -> Traffic {
         0
     };
     let data = if s.dp > 1 {
-        let n = s.held as u64;
-        // The gradients, this rank's updated part, the loss.
-        n + n.div_ceil(s.dp as u64) + 2
+        let part = (s.held as u64).div_ceil(s.dp as u64);
+        // The gradients reduce-scattered (the flat vector padded to dp
+        // parts), this rank's updated part all-gathered, the gradient
+        // norm's and the loss's sums.
+        part * s.dp as u64 + part + 4
     } else {
         0
     };

@@ -162,6 +162,14 @@ impl Communicator for InProcessRank {
                 })
                 .clone()
         };
+        // A failure between the colours' exchange and here reaches it too.
+        let aborted = {
+            let r = self.group.round.lock().unwrap_or_else(|e| e.into_inner());
+            r.aborted.clone()
+        };
+        if let Some(why) = aborted {
+            sub.abort_all(&why);
+        }
         Ok(Arc::new(sub.rank(me)))
     }
     fn abort(&self, why: &str) {
