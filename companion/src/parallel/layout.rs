@@ -230,4 +230,36 @@ mod tests {
         let e = r.unwrap_err();
         assert!(e.contains("injected failure"), "{e}");
     }
+
+    #[test]
+    fn a_failure_in_a_nested_sub_group_reaches_every_group() {
+        // Rank 0 aborts from a sub-group of its pipeline group (as the
+        // pipeline's neighbour links are made) and fails no other way; rank
+        // 7 waits in its own data-parallel group, which shares no rank with
+        // rank 0's groups but the world: the abort must go up to the world
+        // and down again.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = run_ranks(8, |rank, world| -> Result<(), CommError> {
+                let g = ParallelGroups::new(world.as_ref(), 2, 2)?;
+                let pair = g.pp.split(0)?;
+                match rank {
+                    // Rank 0 then waits in its tensor group, which rank 1
+                    // never joins: only the abort can end that wait.
+                    0 => {
+                        pair.abort("injected failure");
+                        g.tp.barrier()
+                    }
+                    7 => g.dp.barrier().and_then(|_| g.dp.barrier()),
+                    _ => Ok(()),
+                }
+            });
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the ranks hung: the abort did not reach the other groups");
+        let e = r.unwrap_err();
+        assert!(e.contains("injected failure"), "{e}");
+    }
 }

@@ -21,8 +21,8 @@ pub struct InProcessGroup {
     world: usize,
     round: Mutex<Round>,
     cv: Condvar,
-    /// Sub-groups made by `split`, by (the split's number, color): the first
-    /// rank of a color to arrive makes it, the others take it.
+    /// Sub-groups made by `split`, by (the round that exchanged the colours,
+    /// color): the first rank of a color to arrive makes it, the others take it.
     subgroups: Mutex<std::collections::HashMap<(u64, usize), Arc<InProcessGroup>>>,
     /// The group this one was split from: a failure anywhere stops them all.
     parent: Option<std::sync::Weak<InProcessGroup>>,
@@ -53,7 +53,6 @@ impl InProcessGroup {
         InProcessRank {
             group: self.clone(),
             rank,
-            splits: Default::default(),
         }
     }
 }
@@ -84,9 +83,6 @@ impl InProcessGroup {
 pub struct InProcessRank {
     group: Arc<InProcessGroup>,
     rank: usize,
-    /// How many splits this rank has made (the same on every rank: a split
-    /// is a collective), naming each split's sub-groups.
-    splits: std::sync::atomic::AtomicU64,
 }
 
 impl Communicator for InProcessRank {
@@ -139,10 +135,16 @@ impl Communicator for InProcessRank {
                 "split color {color} is not below 2^24"
             )));
         }
-        let n = self
-            .splits
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let colors = self.exchange(vec![color as f32])?;
+        // The round that exchanged the colours names this split: the same
+        // number on every rank of it (no round can end until this rank
+        // joins the next), never used again.
+        let n = self
+            .group
+            .round
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation;
         let members: Vec<usize> = (0..self.group.world)
             .filter(|&r| colors[r].first() == Some(&(color as f32)))
             .collect();
