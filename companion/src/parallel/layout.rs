@@ -204,30 +204,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_failure_in_one_group_stops_every_rank() {
-        // Rank 0 fails before its collectives (run_ranks aborts the world
-        // group); rank 1 waits for it in their tensor-parallel group and is
-        // stopped only if the abort reaches the sub-groups. A watchdog turns
-        // a hang into a failure.
+    /// Run `body` on 8 ranks as tp 2 × dp 2 × pp 2 and return the run's
+    /// error; a watchdog turns a hang (an abort that did not reach a
+    /// waiting rank) into a failure.
+    fn failing_run(body: fn(usize, &ParallelGroups) -> Result<(), CommError>) -> String {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let r = run_ranks(8, |rank, world| -> Result<(), CommError> {
                 let g = ParallelGroups::new(world.as_ref(), 2, 2)?;
-                if rank == 0 {
-                    return Err(CommError::Transport("injected failure".into()));
-                }
-                g.tp.barrier()?;
-                g.dp.barrier()?;
-                g.pp.barrier()?;
-                Ok(())
+                body(rank, &g)
             });
             let _ = tx.send(r.map_err(|e| e.to_string()));
         });
         let r = rx
             .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the ranks hung: the abort did not reach the sub-groups");
-        let e = r.unwrap_err();
+            .expect("the ranks hung: the abort did not reach a waiting rank");
+        r.unwrap_err()
+    }
+
+    #[test]
+    fn a_failure_in_one_group_stops_every_rank() {
+        // Rank 0 fails before its collectives (run_ranks aborts the world
+        // group); rank 1 waits for it in their tensor-parallel group and is
+        // stopped only if the abort reaches the sub-groups.
+        let e = failing_run(|rank, g| {
+            if rank == 0 {
+                return Err(CommError::Transport("injected failure".into()));
+            }
+            g.tp.barrier()?;
+            g.dp.barrier()?;
+            g.pp.barrier()
+        });
         assert!(e.contains("injected failure"), "{e}");
     }
 
@@ -238,28 +245,19 @@ mod tests {
         // 7 waits in its own data-parallel group, which shares no rank with
         // rank 0's groups but the world: the abort must go up to the world
         // and down again.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let r = run_ranks(8, |rank, world| -> Result<(), CommError> {
-                let g = ParallelGroups::new(world.as_ref(), 2, 2)?;
-                let pair = g.pp.split(0)?;
-                match rank {
-                    // Rank 0 then waits in its tensor group, which rank 1
-                    // never joins: only the abort can end that wait.
-                    0 => {
-                        pair.abort("injected failure");
-                        g.tp.barrier()
-                    }
-                    7 => g.dp.barrier().and_then(|_| g.dp.barrier()),
-                    _ => Ok(()),
+        let e = failing_run(|rank, g| {
+            let pair = g.pp.split(0)?;
+            match rank {
+                // Rank 0 then waits in its tensor group, which rank 1 never
+                // joins: only the abort can end that wait.
+                0 => {
+                    pair.abort("injected failure");
+                    g.tp.barrier()
                 }
-            });
-            let _ = tx.send(r.map_err(|e| e.to_string()));
+                7 => g.dp.barrier().and_then(|_| g.dp.barrier()),
+                _ => Ok(()),
+            }
         });
-        let r = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the ranks hung: the abort did not reach the other groups");
-        let e = r.unwrap_err();
         assert!(e.contains("injected failure"), "{e}");
     }
 }
