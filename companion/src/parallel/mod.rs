@@ -25,3 +25,13 @@ pub use layout::{Coords, ParallelGroups, ParallelLayout};
 pub use optimizer::ShardOptimizer;
 pub use tensor::TensorParallelGpt2;
 pub use three_d::{ParallelTrainer, StepOutput};
+
+/// The tests' GPT-2: vocabulary 64, 16 positions, 32 wide, 4 heads,
+/// `n_layer` blocks, no dropout.
+#[cfg(test)]
+pub(crate) fn tiny_config(n_layer: usize) -> crate::config::GPT2Config {
+    let mut c = crate::config::GPT2Config::preset("gpt2").expect("a preset");
+    (c.vocab_size, c.n_positions, c.n_embd, c.n_layer, c.n_head) = (64, 16, 32, n_layer, 4);
+    (c.attn_pdrop, c.resid_pdrop, c.embd_pdrop) = (0.0, 0.0, 0.0);
+    c
+}

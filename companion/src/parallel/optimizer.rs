@@ -226,7 +226,6 @@ impl ShardOptimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GPT2Config;
     use crate::model::GPT2LMHeadModel;
     use crate::parallel::tensor::shard;
     use crate::zero::comm::{run_ranks, CommError};
@@ -239,15 +238,7 @@ mod tests {
     /// model: its loss and gradients equal the model's, `tensor`'s test).
     #[test]
     fn five_tensor_parallel_steps_equal_one_rank() {
-        let mut cfg = GPT2Config::preset("gpt2").unwrap();
-        (
-            cfg.vocab_size,
-            cfg.n_positions,
-            cfg.n_embd,
-            cfg.n_layer,
-            cfg.n_head,
-        ) = (64, 16, 32, 2, 4);
-        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+        let cfg = crate::parallel::tiny_config(2);
         let model = GPT2LMHeadModel::new(&cfg, 9, &Device::Cpu).unwrap();
         let weights: Vec<(String, Tensor)> = model
             .named_parameters()

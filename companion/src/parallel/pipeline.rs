@@ -264,15 +264,7 @@ mod tests {
     /// untied.
     #[test]
     fn a_pipeline_of_micro_batches_equals_one_large_batch() {
-        let mut cfg = GPT2Config::preset("gpt2").unwrap();
-        (
-            cfg.vocab_size,
-            cfg.n_positions,
-            cfg.n_embd,
-            cfg.n_layer,
-            cfg.n_head,
-        ) = (64, 16, 32, 4, 4);
-        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+        let mut cfg = crate::parallel::tiny_config(4);
         let rows: Vec<Vec<u32>> = (0..8u32)
             .map(|i| (0..10).map(|j| (i * 13 + j * 7 + 2) % 64).collect())
             .collect();

@@ -324,15 +324,7 @@ mod tests {
     /// whole model on one rank, for tp = 1, 2, 4, tied and untied heads.
     #[test]
     fn tensor_parallel_loss_and_gradients_equal_one_rank() {
-        let mut cfg = GPT2Config::preset("gpt2").unwrap();
-        (
-            cfg.vocab_size,
-            cfg.n_positions,
-            cfg.n_embd,
-            cfg.n_layer,
-            cfg.n_head,
-        ) = (64, 16, 32, 2, 4);
-        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+        let mut cfg = crate::parallel::tiny_config(2);
         let rows: Vec<Vec<u32>> = (0..3u32)
             .map(|i| (0..10).map(|j| (i * 17 + j * 5 + 1) % 64).collect())
             .collect();

@@ -168,15 +168,7 @@ mod tests {
     /// 5e-5; the key bias as in `optimizer`'s test).
     #[test]
     fn three_d_layouts_train_like_one_rank() {
-        let mut cfg = GPT2Config::preset("gpt2").unwrap();
-        (
-            cfg.vocab_size,
-            cfg.n_positions,
-            cfg.n_embd,
-            cfg.n_layer,
-            cfg.n_head,
-        ) = (64, 16, 32, 4, 4);
-        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+        let mut cfg = crate::parallel::tiny_config(4);
         let adam = AdamWParams {
             beta1: 0.9,
             beta2: 0.999,

@@ -48,6 +48,16 @@ fn group(
     ])
 }
 
+/// The parameters in the order of transformers' two AdamW groups (decay
+/// first, then no decay, each in `named_parameters()` order), and how many
+/// decay.
+fn hf_order(cfg: &GPT2Config) -> (Vec<crate::params::ParamSpec>, usize) {
+    let specs = Gpt2Params::new(cfg).specs;
+    let (decay, rest): (Vec<_>, Vec<_>) = specs.into_iter().partition(|p| p.decay);
+    let n = decay.len();
+    (decay.into_iter().chain(rest).collect(), n)
+}
+
 /// `optimizer.pt` from Adam's moments by parameter name; `step` is Adam's
 /// step count (torch keeps it per parameter, as a float32 scalar tensor).
 pub(super) fn optimizer_pt(
@@ -58,13 +68,7 @@ pub(super) fn optimizer_pt(
     base_lr: f64,
     adam: &AdamWParams,
 ) -> Result<PyValue> {
-    let specs = Gpt2Params::new(cfg).specs;
-    let ordered: Vec<_> = specs
-        .iter()
-        .filter(|p| p.decay)
-        .chain(specs.iter().filter(|p| !p.decay))
-        .collect();
-    let n_decay = specs.iter().filter(|p| p.decay).count();
+    let (ordered, n_decay) = hf_order(cfg);
     let mut state = Vec::with_capacity(ordered.len());
     for (i, p) in ordered.iter().enumerate() {
         let (_, m, v) = moments
@@ -133,13 +137,7 @@ pub(super) fn read_optimizer_pt(
         msg,
     };
     let f = crate::torch_file::load(path).map_err(|e| bad(e.to_string()))?;
-    let specs = Gpt2Params::new(cfg).specs;
-    let ordered: Vec<_> = specs
-        .iter()
-        .filter(|p| p.decay)
-        .chain(specs.iter().filter(|p| !p.decay))
-        .collect();
-    let n_decay = specs.iter().filter(|p| p.decay).count();
+    let (ordered, n_decay) = hf_order(cfg);
     let groups = f
         .value
         .get("param_groups")
