@@ -116,7 +116,7 @@ fn train3d(cfg: &GPT2Config, w: &[(String, Tensor)], b: &[Vec<Vec<Vec<u32>>>], t
     let adam = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
     run_ranks(tp * pp * dp, |_, comm| -> Result<_, companion::zero::comm::CommError> {
         let err = |e: companion::candle_core::Error| companion::zero::comm::CommError::Transport(e.to_string());
-        let mut t = ParallelTrainer::new(cfg, w, comm.as_ref(), tp, pp, adam).map_err(err)?;
+        let mut t = ParallelTrainer::new(cfg, w, comm, tp, pp, adam).map_err(err)?;
         let mut losses = vec![];
         for mb in b {
             losses.push(t.step(mb, 1e-3, 1.0).map_err(err)?.loss);

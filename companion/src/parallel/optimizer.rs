@@ -11,6 +11,7 @@
 //! engine's `FlatLayout` pads to twice that, as DeepSpeed does.)
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
@@ -84,6 +85,37 @@ impl ShardOptimizer {
         })
     }
 
+    /// The elements of this rank's flat shard vector whose moments it keeps.
+    pub fn part_range(&self) -> Range<usize> {
+        let (ways, rank) = self
+            .dp
+            .as_ref()
+            .map_or((1, 0), |d| (d.world_size(), d.rank()));
+        part_of(self.numel, ways, rank)
+    }
+
+    /// Adam's moments of [`Self::part_range`] (padded to equal parts).
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Take moments for [`Self::part_range`] and Adam's step count (a resume).
+    pub fn set_moments(&mut self, m: Vec<f32>, v: Vec<f32>, adam_steps: u64) -> Result<()> {
+        let n = self.part_range().len();
+        if m.len() != n || v.len() != n {
+            candle_core::bail!(
+                "moments of {}/{} elements for a part of {n}",
+                m.len(),
+                v.len()
+            );
+        }
+        (self.m, self.v) = (m, v);
+        self.m.resize(self.part, 0.0);
+        self.v.resize(self.part, 0.0);
+        self.adam_steps = adam_steps;
+        Ok(())
+    }
+
     /// Bytes of Adam's state this rank keeps (its part of the moments).
     pub fn state_bytes(&self) -> usize {
         (self.m.len() + self.v.len()) * 4
@@ -143,9 +175,7 @@ impl ShardOptimizer {
             counted.push(!is_copy && (split_of(name) != Split::Replicated || tp_first));
         }
         g.resize(self.part * ways, 0.0);
-        let rank = self.dp.as_ref().map_or(0, |d| d.rank());
-        let start = (rank * self.part).min(self.numel);
-        let mine = start..((rank + 1) * self.part).min(self.numel);
+        let mine = self.part_range();
         let mut owned = match &self.dp {
             Some(d) if ways > 1 => {
                 let mut x = d
@@ -221,6 +251,13 @@ impl ShardOptimizer {
         }
         Ok(norm)
     }
+}
+
+/// Data-parallel rank `rank`'s part of a flat vector of `numel` elements
+/// cut into `ways` equal parts (the last ones may be short or empty).
+pub fn part_of(numel: usize, ways: usize, rank: usize) -> Range<usize> {
+    let part = numel.div_ceil(ways.max(1));
+    (rank * part).min(numel)..((rank + 1) * part).min(numel)
 }
 
 #[cfg(test)]

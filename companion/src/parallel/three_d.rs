@@ -26,6 +26,8 @@ fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
 
 /// One rank of a 3D-parallel run.
 pub struct ParallelTrainer {
+    /// The run's communicator (the groups are split from it).
+    pub world: Arc<dyn Communicator>,
     pub groups: ParallelGroups,
     pub stage: PipelineStage,
     pub optimizer: ShardOptimizer,
@@ -54,12 +56,26 @@ impl ParallelTrainer {
     pub fn new(
         config: &GPT2Config,
         weights: &[(String, Tensor)],
-        world: &dyn Communicator,
+        world: Arc<dyn Communicator>,
         tp: usize,
         pp: usize,
         adam: AdamWParams,
     ) -> Result<Self> {
-        let mut groups = ParallelGroups::new(world, tp, pp).map_err(comm_err)?;
+        // Every rank lays its shards out in `named_parameters` order, so each
+        // knows where the others' are (`full_state`).
+        let weights = crate::params::Gpt2Params::new(config)
+            .specs
+            .iter()
+            .map(|s| {
+                weights
+                    .iter()
+                    .find(|(n, _)| *n == s.name)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no weights for {}", s.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weights = weights.as_slice();
+        let mut groups = ParallelGroups::new(world.as_ref(), tp, pp).map_err(comm_err)?;
         let (tp_c, tp_n) = CountingCommunicator::wrap(groups.tp.clone());
         let (pp_c, pp_n) = CountingCommunicator::wrap(groups.pp.clone());
         let (dp_c, dp_n) = CountingCommunicator::wrap(groups.dp.clone());
@@ -67,6 +83,7 @@ impl ParallelTrainer {
         let stage = PipelineStage::new(config, weights, groups.tp.clone(), groups.pp.clone())?;
         let optimizer = ShardOptimizer::distributed(&stage.model, adam, Some(groups.dp.clone()))?;
         Ok(ParallelTrainer {
+            world,
             groups,
             stage,
             optimizer,
@@ -107,16 +124,46 @@ impl ParallelTrainer {
                 micro_batches.len()
             );
         }
-        for c in &self.counters {
-            c.store(0, Ordering::Relaxed);
-        }
         let mine: Vec<Vec<Vec<u32>>> = micro_batches
             .iter()
             .skip(self.groups.coords.dp)
             .step_by(dp)
             .cloned()
             .collect();
-        let out = one_forward_one_backward(&mut self.stage, &mine)?;
+        self.step_replica(&mine, lr, max_grad_norm)
+    }
+
+    /// [`Self::step`] from this data-parallel replica's micro-batches only
+    /// (each replica reads its own share, as a data loader gives it): every
+    /// replica must pass as many micro-batches of the same shape.
+    pub fn step_replica(
+        &mut self,
+        mine: &[Vec<Vec<u32>>],
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<StepOutput> {
+        let dp = self.groups.layout.dp;
+        // The same count on every replica: the sum and the sum of squares
+        // agree with it on every rank, whatever the others hold.
+        // (Each replica's loss and gradients are means over its predicted
+        // tokens; their mean is the batch's when the counts agree.)
+        let tokens: usize = mine
+            .iter()
+            .flatten()
+            .map(|r| r.len().saturating_sub(1))
+            .sum();
+        let x = tokens as f64;
+        let sum = self.groups.dp.all_reduce_f64(x).map_err(comm_err)?;
+        let sq = self.groups.dp.all_reduce_f64(x * x).map_err(comm_err)?;
+        if sum * sum != sq * dp as f64 {
+            candle_core::bail!(
+                "the data-parallel replicas hold batches of different sizes ({tokens} predicted tokens here, {sum} over {dp} replicas): every replica needs as many full micro-batches (drop the last, short batch: dataloader_drop_last)"
+            );
+        }
+        for c in &self.counters {
+            c.store(0, Ordering::Relaxed);
+        }
+        let out = one_forward_one_backward(&mut self.stage, mine)?;
         // Reduce-scattered over the replicas inside the distributed optimizer.
         let norm = self.optimizer.distributed_step(
             &self.stage.model,
@@ -206,8 +253,8 @@ mod tests {
             let run = |tp: usize, pp: usize, world: usize| -> Vec<Run> {
                 run_ranks(world, |_, comm| -> std::result::Result<Run, CommError> {
                     let err = |e: candle_core::Error| CommError::Transport(e.to_string());
-                    let mut t = ParallelTrainer::new(&cfg, &weights, comm.as_ref(), tp, pp, adam)
-                        .map_err(err)?;
+                    let mut t =
+                        ParallelTrainer::new(&cfg, &weights, comm, tp, pp, adam).map_err(err)?;
                     let outs = steps
                         .iter()
                         .map(|mb| t.step(mb, 1e-3, 1.0))

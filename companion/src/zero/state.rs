@@ -153,7 +153,7 @@ impl ZeroEngine {
 /// Adam's moments as a checkpoint holds them: finite, and `exp_avg_sq` (a
 /// mean of squares) never negative; anything else would poison every step
 /// after the resume.
-fn check_moments(file: &str, name: &str, m: &[f32], v: &[f32]) -> Result<()> {
+pub(crate) fn check_moments(file: &str, name: &str, m: &[f32], v: &[f32]) -> Result<()> {
     let bad = |msg: String| {
         Err(ZeroError::Io {
             path: file.into(),
