@@ -166,9 +166,9 @@ fn zero_run_of(
             )?;
             t.verbose = false;
             if on_device {
-                t.engine.place_state_on_device()?;
+                t.engine.zero_mut().unwrap().place_state_on_device()?;
                 // Offload keeps the state in host memory, as DeepSpeed's does.
-                assert_eq!(t.engine.state_on_device(), !offload);
+                assert_eq!(t.engine.zero().unwrap().state_on_device(), !offload);
             }
             let memory = t.memory_report()?;
             t.train()?;
@@ -483,7 +483,8 @@ fn zero_checkpoints_resume_and_load_as_plain_hf_folders() {
     for ((n, a), (_, b)) in resumed.iter().zip(&straight) {
         assert_eq!(max_abs_diff(a, b), 0.0, "{n} differs after resume");
     }
-    // Another world size would see other batches: refused, by name.
+    // Another world size with the same per-rank batch would see other
+    // batches: refused, by name.
     let e = run_ranks(
         1,
         |_, comm: Arc<dyn Communicator>| -> Result<(), TrainError> {
@@ -499,7 +500,8 @@ fn zero_checkpoints_resume_and_load_as_plain_hf_folders() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("data loader had world_size = 2, this run's has 1"),
+        e.contains("rng_state.json")
+            && e.contains("global micro-batch held 4 examples (2 per replica × 2 replicas), this run's holds 2 (2 × 1)"),
         "{e}"
     );
 }
@@ -589,7 +591,29 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
             ],
             "drop --num-ranks",
         ),
-        (vec!["--num-ranks", "2"], "2 ranks need a DeepSpeed config"),
+        (
+            vec!["--num-ranks", "2"],
+            "2 data-parallel ranks need a DeepSpeed config",
+        ),
+        (
+            vec!["--num-ranks", "3", "--tensor-model-parallel-size", "2"],
+            "world size (3) is not divisible by tensor_model_parallel_size (2)",
+        ),
+        (
+            vec![
+                "--num-ranks",
+                "4",
+                "--tensor-model-parallel-size",
+                "2",
+                "--deepspeed",
+                z2.to_str().unwrap(),
+            ],
+            "ZeRO stage 2 is not run with tensor or pipeline parallelism",
+        ),
+        (
+            vec!["--num-ranks", "2", "--pipeline-model-parallel-size", "2"],
+            "applies no dropout yet",
+        ),
     ] {
         let o = pretrain(dir.path(), "bad", &extra);
         assert!(!o.status.success(), "{extra:?} succeeded");
@@ -714,7 +738,7 @@ fn run_placed(
             t.verbose = false;
             t.faults = faults;
             if on_device {
-                t.engine.place_state_on_device()?;
+                t.engine.zero_mut().unwrap().place_state_on_device()?;
             }
             t.train()?;
             let w = t
@@ -903,6 +927,53 @@ fn mpirun_processes_train_like_threads() {
         .path()
         .join("mpi/checkpoint-2/global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt")
         .is_file());
+    // Tensor 2 × pipeline 2 over four processes (sub-groups split with
+    // MPI_Comm_split) against four threads: the same run.
+    let layout = |out: &str| -> Vec<String> {
+        let mut f = pretrain_flags(dir.path(), out);
+        let at = f.iter().position(|x| x == "--dropout").unwrap();
+        f[at + 1] = "0".into();
+        f.extend(
+            [
+                "--tensor-model-parallel-size",
+                "2",
+                "--pipeline-model-parallel-size",
+                "2",
+            ]
+            .map(String::from),
+        );
+        f
+    };
+    let mut mpi_args = vec!["-np".to_string(), "4".into(), "--oversubscribe".into()];
+    mpi_args.push(companion_bin().display().to_string());
+    mpi_args.extend(layout("mpi3d"));
+    mpi_args.extend(["--backend".into(), "mpi".into()]);
+    let o = std::process::Command::new("mpirun")
+        .args(&mpi_args)
+        .current_dir(root())
+        .env("HF_DATASETS_CACHE", &cache)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("run mpirun");
+    assert!(o.status.success(), "mpirun 3D failed: {}", stderr(&o));
+    let mpi: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let mut threads = layout("threads3d");
+    threads.extend(["--num-ranks".into(), "4".into()]);
+    let t: Vec<&str> = threads.iter().map(String::as_str).collect();
+    let o = companion(&t, &[("HF_DATASETS_CACHE", cache.to_str().unwrap())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let thr: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(mpi["world_size"], 4);
+    assert_eq!(mpi["tensor_model_parallel_size"], 2);
+    let (a, b) = (
+        mpi["train_loss"].as_f64().unwrap(),
+        thr["train_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-6 * b,
+        "tp 2 × pp 2: mpirun {a} vs threads {b}"
+    );
 }
 
 /// ZeRO-3's sums do not depend on how many threads a rank has: 1 and 2

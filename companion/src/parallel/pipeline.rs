@@ -122,6 +122,23 @@ pub struct PipelineStep {
     /// The share of the step this stage spent in exchanges with its
     /// neighbours (waiting for them, the bubble, and the transfers).
     pub bubble: f64,
+    /// The most bytes of stage inputs and outputs kept at once between a
+    /// micro-batch's forward and its backward (1F1B keeps at most pp − s
+    /// micro-batches in flight on stage s).
+    pub activations_held: usize,
+}
+
+/// The forward pass alone over one batch (evaluation): activations handed
+/// down the stages; the last stage gives the summed loss and its token count.
+pub fn forward_only(st: &mut PipelineStage, rows: &[Vec<u32>]) -> Result<Option<(f64, usize)>> {
+    let (s, n) = (st.model.stage, st.model.stages);
+    let input = if s > 0 { st.swap(false, None)? } else { None };
+    let (out, count) = st.model.forward_stage(rows, input.as_ref())?;
+    if s + 1 < n {
+        st.swap(true, Some(&out))?;
+        return Ok(None);
+    }
+    Ok(Some((out.to_scalar::<f32>()? as f64, count)))
 }
 
 /// One training step's forward and backward passes over `micro_batches`
@@ -148,6 +165,12 @@ pub fn one_forward_one_backward(
     // In flight: (the input as a variable, or None on the first stage; the output).
     let mut in_flight: std::collections::VecDeque<(Option<Var>, Tensor)> = Default::default();
     let mut received: Option<Tensor> = None;
+    let bytes = |f: &std::collections::VecDeque<(Option<Var>, Tensor)>| -> usize {
+        f.iter()
+            .map(|(v, o)| (v.as_ref().map_or(0, |v| v.elem_count()) + o.elem_count()) * 4)
+            .sum()
+    };
+    let mut held = 0;
     let warmup = (n - s - 1).min(m);
     let remaining = m - warmup;
     let mut fwd = 0;
@@ -199,6 +222,7 @@ pub fn one_forward_one_backward(
         fwd += 1;
         st.swap(true, Some(&out))?;
         in_flight.push_back((var, out));
+        held = held.max(bytes(&in_flight));
     }
     if remaining > 0 && s > 0 {
         received = st.swap(false, None)?;
@@ -213,6 +237,7 @@ pub fn one_forward_one_backward(
             st.swap(true, Some(&out))?
         };
         in_flight.push_back((var, out));
+        held = held.max(bytes(&in_flight));
         let oldest = in_flight.pop_front().expect("a micro-batch in flight");
         let grad_in = run_backward(st, oldest, grad_out, &mut grads)?;
         if s > 0 {
@@ -248,6 +273,7 @@ pub fn one_forward_one_backward(
         loss: if last { loss_sum / tokens as f64 } else { 0.0 },
         grads,
         bubble: st.waited.as_secs_f64() / total,
+        activations_held: held,
     })
 }
 

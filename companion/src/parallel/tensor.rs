@@ -32,7 +32,11 @@ type Result<T> = candle_core::Result<T>;
 pub enum Split {
     /// The same on every rank.
     Replicated,
-    /// Rows `[r·n/tp, (r+1)·n/tp)` (the vocabulary, a row-parallel layer).
+    /// The vocabulary's rows `[r·v, (r+1)·v)`, v = ⌈vocab/tp⌉, the last
+    /// rank's padded with zero rows (Megatron pads the vocabulary too; the
+    /// padding's logits are left out of the softmax, so it stays zero).
+    Vocab,
+    /// Rows `[r·n/tp, (r+1)·n/tp)` (a row-parallel layer).
     Rows,
     /// Columns likewise (a column-parallel layer's weight or bias).
     Columns,
@@ -44,7 +48,7 @@ pub enum Split {
 pub fn split_of(name: &str) -> Split {
     let ends = |s: &str| name.ends_with(s);
     if ends("wte.weight") || name == "lm_head.weight" {
-        Split::Rows
+        Split::Vocab
     } else if ends("attn.c_attn.weight") || ends("attn.c_attn.bias") {
         Split::QkvColumns
     } else if ends("mlp.c_fc.weight") || ends("mlp.c_fc.bias") {
@@ -54,6 +58,11 @@ pub fn split_of(name: &str) -> Split {
     } else {
         Split::Replicated
     }
+}
+
+/// Vocabulary rows each of `tp` ranks holds (the last one's end in padding).
+pub fn vocab_per_rank(vocab_size: usize, tp: usize) -> usize {
+    vocab_size.div_ceil(tp)
 }
 
 /// Rank `rank`'s shard of `full` (of parameter `name`) over `tp` ranks.
@@ -68,6 +77,23 @@ pub fn shard(name: &str, full: &Tensor, rank: usize, tp: usize) -> Result<Tensor
     };
     match split_of(name) {
         Split::Replicated => Ok(full.clone()),
+        Split::Vocab => {
+            let (vocab, width) = full.dims2()?;
+            let per = vocab_per_rank(vocab, tp);
+            let start = (rank * per).min(vocab);
+            let real = per.min(vocab - start);
+            if real == 0 {
+                candle_core::bail!(
+                    "{name}: a vocabulary of {vocab} leaves tensor rank {rank} of {tp} no rows"
+                );
+            }
+            let rows = full.narrow(0, start, real)?;
+            if real == per {
+                return Ok(rows);
+            }
+            let pad = Tensor::zeros((per - real, width), full.dtype(), full.device())?;
+            Tensor::cat(&[rows, pad], 0)
+        }
         Split::Rows => cut(full, 0),
         Split::Columns => cut(full, last),
         Split::QkvColumns => {
@@ -144,12 +170,6 @@ impl TensorParallelGpt2 {
             candle_core::bail!(
                 "n_head {} is not divisible by the tensor-parallel size {tp}",
                 c.n_head
-            );
-        }
-        if !c.vocab_size.is_multiple_of(tp) {
-            candle_core::bail!(
-                "vocab_size {} is not divisible by the tensor-parallel size {tp} (Megatron pads it: --make-vocab-size-divisible-by)",
-                c.vocab_size
             );
         }
         let shards = weights
@@ -230,8 +250,10 @@ impl TensorParallelGpt2 {
         let dev = candle_core::Device::Cpu;
         let (width, heads) = (c.n_embd, c.n_head / tp);
         let hd = width / c.n_head;
-        let vl = c.vocab_size / tp;
+        let vl = vocab_per_rank(c.vocab_size, tp);
         let off = rank * vl;
+        // This rank's real vocabulary columns (the rest is padding).
+        let real = vl.min(c.vocab_size.saturating_sub(off));
         let mut x = match input {
             Some(x) => x.clone(),
             None => {
@@ -304,6 +326,11 @@ impl TensorParallelGpt2 {
             self.get("lm_head.weight")?
         };
         let logits = x.matmul(&head.t()?)?;
+        let logits = if real < vl {
+            logits.narrow(1, 0, real)?
+        } else {
+            logits
+        };
         let targets: Vec<i64> = rows
             .iter()
             .flat_map(|r| r[1..].iter().map(|&i| i as i64).chain([-100]))

@@ -35,6 +35,9 @@ pub struct ParallelTrainer {
     counters: [Arc<AtomicU64>; 3],
     /// What the last step sent.
     pub last_traffic: Traffic,
+    /// The most activation bytes the last step kept between a
+    /// micro-batch's forward and backward.
+    pub last_activations_held: usize,
 }
 
 /// What one step gives back.
@@ -89,6 +92,7 @@ impl ParallelTrainer {
             optimizer,
             counters: [tp_n, pp_n, dp_n],
             last_traffic: Traffic::default(),
+            last_activations_held: 0,
         })
     }
 
@@ -164,6 +168,7 @@ impl ParallelTrainer {
             c.store(0, Ordering::Relaxed);
         }
         let out = one_forward_one_backward(&mut self.stage, mine)?;
+        self.last_activations_held = out.activations_held;
         // Reduce-scattered over the replicas inside the distributed optimizer.
         let norm = self.optimizer.distributed_step(
             &self.stage.model,
@@ -190,6 +195,14 @@ impl ParallelTrainer {
         })
     }
 
+    /// The summed loss and token count of `rows` (evaluation: forward
+    /// only) on the rank that speaks for its replica (the last stage's
+    /// first tensor rank); `None` on the others.
+    pub fn forward_loss_sum(&mut self, rows: &[Vec<u32>]) -> Result<Option<(f64, usize)>> {
+        let r = super::pipeline::forward_only(&mut self.stage, rows)?;
+        Ok(r.filter(|_| self.groups.coords.tp == 0))
+    }
+
     /// This rank's weights by name (its shards of its stage's parameters).
     pub fn shards(&self) -> Vec<(String, Tensor)> {
         self.stage
@@ -210,12 +223,14 @@ mod tests {
     use candle_core::Device;
 
     /// 5 fp32 steps (AdamW with weight decay, clipping active, lr 1e-3) on
-    /// tp × pp × dp layouts give one rank's losses and gradient norms
+    /// tp × pp × dp layouts, the vocabulary padded for tp, give one rank's losses and gradient norms
     /// (1e-5 relative) and weights (mean difference ≤ 1e-7, none above
     /// 5e-5; the key bias as in `optimizer`'s test).
     #[test]
     fn three_d_layouts_train_like_one_rank() {
         let mut cfg = crate::parallel::tiny_config(4);
+        // 63: tp 2 and 4 pad the vocabulary's last shard.
+        cfg.vocab_size = 63;
         let adam = AdamWParams {
             beta1: 0.9,
             beta2: 0.999,
@@ -229,7 +244,7 @@ mod tests {
                         (0..2u32)
                             .map(|i| {
                                 (0..10)
-                                    .map(|j| (s * 41 + m * 19 + i * 7 + j * 3 + 1) % 64)
+                                    .map(|j| (s * 41 + m * 19 + i * 7 + j * 3 + 1) % 63)
                                     .collect()
                             })
                             .collect()

@@ -116,7 +116,7 @@ pub fn expected(s: &StepShape) -> Traffic {
         // gradient norm's and the loss's sums over the stages.
         m * boundary
             + if tied {
-                (c.vocab_size / s.tp * c.n_embd) as u64
+                (super::tensor::vocab_per_rank(c.vocab_size, s.tp) * c.n_embd) as u64
             } else {
                 0
             }

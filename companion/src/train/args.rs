@@ -162,11 +162,27 @@ pub struct TrainingArguments {
     /// transformers names it; TENSORBOARD_LOGGING_DIR also sets it).
     #[arg(long, value_name = "DIR")]
     pub logging_dir: Option<String>,
+    /// Megatron-LM's `--tensor-model-parallel-size`: split every layer and
+    /// the vocabulary over this many adjacent ranks (not a field of
+    /// transformers' TrainingArguments).
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one")]
+    pub tensor_model_parallel_size: usize,
+    /// Megatron-LM's `--pipeline-model-parallel-size`: cut the blocks into
+    /// this many pipeline stages, run in 1F1B order over the
+    /// gradient-accumulation micro-batches.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one")]
+    pub pipeline_model_parallel_size: usize,
     /// Fields of transformers' TrainingArguments given in JSON that this
     /// Trainer does not act on.
     #[arg(skip)]
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainingArguments {
@@ -206,6 +222,8 @@ impl Default for TrainingArguments {
             dataloader_drop_last: false,
             report_to: vec!["none".into()],
             logging_dir: None,
+            tensor_model_parallel_size: 1,
+            pipeline_model_parallel_size: 1,
             extra: Map::new(),
         }
     }

@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use serde_json::{json, Value};
 
+use super::engine::Engine;
 use super::error::{io_err, Result, TrainError};
 use super::output_dir::{kept_checkpoint, latest_checkpoint, list_checkpoints};
 use super::resume;
 use super::state::TrainerState;
 use super::trainer::Trainer;
 use crate::model::GPT2LMHeadModel;
+use crate::zero::{FlatLayout, FlatState, NamedMoments};
 
 impl Trainer {
     /// `resume_from_checkpoint`: load the checkpoint it names (or the latest).
@@ -51,7 +53,12 @@ impl Trainer {
     /// `scheduler.json`, `rng_state.json` (the data loader's place; our
     /// RNG streams are not torch's, so there is no `rng_state.pth`),
     /// `training_args.json`.
-    fn checkpoint_files(&self, model: &GPT2LMHeadModel) -> Result<Vec<(String, Vec<u8>)>> {
+    /// `gathered`: the whole state, when it was gathered for this save.
+    fn checkpoint_files(
+        &self,
+        model: &GPT2LMHeadModel,
+        gathered: Option<&FlatState>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
         let mut files: Vec<(String, Vec<u8>)> = model
             .pretrained_files()?
             .into_iter()
@@ -73,18 +80,25 @@ impl Trainer {
                 })
         };
         let sched = || super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step, 2);
-        if !self.plan.zero.is_deepspeed() {
+        if !self.writes_deepspeed_files() {
             // Adam's state as transformers' Trainer writes it (the one copy:
             // resuming reads it back, here and in Python).
-            let moments = self.engine.moments_by_name()?;
-            let adam = self.engine.adam;
+            let moments = match (gathered, self.engine.zero()) {
+                (Some(full), _) => named_moments(self.engine.layout(), full),
+                (None, Some(e)) => e.moments_by_name()?,
+                (None, None) => {
+                    return Err(TrainError::Args(
+                        "a model-parallel checkpoint needs the gathered state".into(),
+                    ))
+                }
+            };
             let opt_pt = super::hf_checkpoint::optimizer_pt(
                 &model.config,
                 &moments,
-                self.engine.step,
+                self.engine.adam_steps(),
                 now,
                 base,
-                &adam,
+                &self.engine.adam(),
             )?;
             files.push(pt("optimizer.pt", opt_pt)?);
             files.push(pt("scheduler.pt", sched())?);
@@ -103,14 +117,18 @@ impl Trainer {
                 files.push(pt("scheduler.pt", sched())?);
             }
         }
-        let a = self.engine.adam;
+        let a = self.engine.adam();
         let lr = self.plan.learning_rate;
+        let l = self.plan.layout;
         files.push((
             "optimizer.json".into(),
-            crate::hf_json::dumps(&json!({"type": "AdamW", "step": self.engine.step, "lr": lr,
+            crate::hf_json::dumps(
+                &json!({"type": "AdamW", "step": self.engine.adam_steps(), "lr": lr,
                 "betas": [a.beta1, a.beta2], "eps": a.eps, "weight_decay": a.weight_decay,
                 "zero_stage": self.engine.stage(), "world_size": self.engine.world_size(),
-                "skipped_steps": self.engine.skipped_steps}))
+                "tensor_model_parallel_size": l.tp, "pipeline_model_parallel_size": l.pp,
+                "skipped_steps": self.engine.skipped_steps()}),
+            )
             .into_bytes(),
         ));
         let sched = self
@@ -129,7 +147,8 @@ impl Trainer {
             crate::hf_json::dumps(&json!({"seed": self.args.seed, "global_step": self.state.global_step,
                 "data_loader": {"epoch": epoch, "batch_in_epoch": batch,
                     "batches_per_epoch": loader.batches_per_epoch(), "num_examples": loader.len,
-                    "shuffle": loader.shuffle, "world_size": loader.world_size},
+                    "shuffle": loader.shuffle, "world_size": loader.world_size,
+                    "batch_size": loader.batch_size},
                 "note": "data order and dropout are functions of (seed, step): resuming seeks to data_loader's place"}))
             .into_bytes(),
         ));
@@ -149,7 +168,15 @@ impl Trainer {
     }
 
     pub(crate) fn barrier(&self) -> Result<()> {
-        Ok(self.engine.comm.barrier()?)
+        Ok(self.engine.comm().barrier()?)
+    }
+
+    /// Whether Adam's state goes into DeepSpeed's `global_stepN/` files:
+    /// under a ds_config on the data-parallel path (a tensor/pipeline-
+    /// parallel run writes the whole state in transformers' files, which
+    /// any layout resumes).
+    pub(super) fn writes_deepspeed_files(&self) -> bool {
+        self.plan.zero.is_deepspeed() && self.engine.zero().is_some()
     }
 
     /// Write `output_dir/checkpoint-N/` (every rank calls it): into a
@@ -166,10 +193,14 @@ impl Trainer {
         // Named per run, so a partial folder is never another run's.
         let tmp = out.join(format!(".{name}.partial-{}", self.run_tag()?));
         let rank0 = self.is_world_process_zero();
-        let full = if self.engine.stage() == 3 || self.engine.mixed_precision() {
-            Some(self.full_model()?)
-        } else {
-            None
+        let gathered = match &self.engine {
+            Engine::ModelParallel(p) => Some(p.trainer.gather_full_state()?),
+            Engine::Zero(_) => None,
+        };
+        let full = match &gathered {
+            Some(g) => Some(self.model_from_flat(&g.fp32)?),
+            None if self.engine.model_is_partial() => Some(self.full_model()?),
+            None => None,
         };
         self.refuse_non_finite(full.as_ref(), &out)?;
         let tag_dir = tmp.join(format!("global_step{step}"));
@@ -178,7 +209,7 @@ impl Trainer {
             if tmp.exists() {
                 std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
             }
-            let d = if self.plan.zero.is_deepspeed() {
+            let d = if self.writes_deepspeed_files() {
                 &tag_dir
             } else {
                 &tmp
@@ -187,7 +218,7 @@ impl Trainer {
         }
         self.barrier()?;
         let written = (|| -> Result<()> {
-            if self.plan.zero.is_deepspeed() {
+            if self.writes_deepspeed_files() {
                 for (name, bytes) in self.deepspeed_files()? {
                     write_synced(&tag_dir.join(name), &bytes)?;
                 }
@@ -195,14 +226,14 @@ impl Trainer {
             Ok(())
         })();
         if let Err(e) = written {
-            self.engine.comm.abort(&e.to_string());
+            self.engine.comm().abort(&e.to_string());
             return Err(e);
         }
         self.barrier()?;
         if rank0 {
             let result = (|| -> Result<()> {
                 let model = full.as_ref().unwrap_or(&self.model);
-                let files = self.checkpoint_files(model)?;
+                let files = self.checkpoint_files(model, gathered.as_ref())?;
                 for (i, (f, bytes)) in files.iter().enumerate() {
                     if self.faults.fail_checkpoint_at_step == Some(step) && i == files.len() / 2 {
                         return Err(TrainError::Io {
@@ -243,7 +274,7 @@ impl Trainer {
             })();
             if let Err(e) = result {
                 let _ = std::fs::remove_dir_all(&tmp);
-                self.engine.comm.abort(&e.to_string());
+                self.engine.comm().abort(&e.to_string());
                 return Err(e);
             }
         }
@@ -268,7 +299,7 @@ impl Trainer {
         }
         let bad_ranks = self
             .engine
-            .comm
+            .comm()
             .all_reduce_f64(if bad { 1.0 } else { 0.0 })?;
         if bad_ranks == 0.0 {
             return Ok(());
@@ -346,25 +377,48 @@ impl Trainer {
                 ),
             });
         }
-        self.engine
-            .load_full_state(&full, &where_.display().to_string())?;
-        crate::zero::layout::set_params(&model, &self.engine.layout, &full.fp32)?;
-        self.engine.step = adam_step;
-        self.engine.skipped_steps = skipped_steps;
         // The run's dropout, not the checkpoint's: transformers loads a
         // checkpoint's weights into the model the script built.
         model.config.attn_pdrop = self.model.config.attn_pdrop;
         model.config.resid_pdrop = self.model.config.resid_pdrop;
         model.config.embd_pdrop = self.model.config.embd_pdrop;
-        let model = if self.engine.mixed_precision() {
-            model.to_dtype(self.engine.compute_dtype)?
-        } else {
-            model
-        };
-        if self.engine.stage() == 3 {
-            self.model = model.partitioned();
-        } else {
-            self.model = model;
+        let at = where_.display().to_string();
+        match &mut self.engine {
+            Engine::Zero(e) => {
+                e.load_full_state(&full, &at)?;
+                crate::zero::layout::set_params(&model, &e.layout, &full.fp32)?;
+                e.step = adam_step;
+                e.skipped_steps = skipped_steps;
+                let model = if e.mixed_precision() {
+                    model.to_dtype(e.compute_dtype)?
+                } else {
+                    model
+                };
+                self.model = if e.stage() == 3 {
+                    model.partitioned()
+                } else {
+                    model
+                };
+            }
+            Engine::ModelParallel(p) => {
+                // Cut again for this run's layout (a collective).
+                let (t, l) = (&p.trainer, p.trainer.groups.layout);
+                let trainer = crate::parallel::ParallelTrainer::from_full_state(
+                    &model.config,
+                    &full,
+                    adam_step,
+                    t.world.clone(),
+                    l.tp,
+                    l.pp,
+                    t.optimizer.adam,
+                )
+                .map_err(|e| TrainError::Io {
+                    path: at.clone(),
+                    msg: e.to_string(),
+                })?;
+                p.trainer = Box::new(trainer);
+                self.model = model.partitioned();
+            }
         }
         self.state = state;
         let rank0 = self.is_world_process_zero();
@@ -382,7 +436,7 @@ impl Trainer {
         global_step: usize,
     ) -> Result<(crate::zero::FlatState, u64)> {
         let of = dir.join("optimizer.pt");
-        let adam = self.engine.adam;
+        let adam = self.engine.adam();
         let saved = super::hf_checkpoint::read_optimizer_pt(&of, &model.config, &adam)?;
         let sf = dir.join("scheduler.pt");
         let last_epoch = super::hf_checkpoint::read_scheduler_pt(&sf)?;
@@ -395,7 +449,7 @@ impl Trainer {
                 ),
             });
         }
-        let layout = &self.engine.layout;
+        let layout = self.engine.layout();
         let fp32 = crate::zero::layout::flatten_params(model, layout)?;
         let (mut m, mut v) = (vec![0f32; layout.numel], vec![0f32; layout.numel]);
         for i in 0..layout.params.len() {
@@ -410,7 +464,10 @@ impl Trainer {
     /// The loader a checkpoint recorded must be this run's: the same
     /// examples in the same order, or resuming would silently train on
     /// other data than the uninterrupted run (older checkpoints say nothing
-    /// and are taken as they are).
+    /// and are taken as they are). The number of data-parallel replicas may
+    /// change (another layout) when each global micro-batch holds the same
+    /// examples (per-replica batch × replicas) and the run continues at the
+    /// recorded place.
     fn check_data_loader(&self, dir: &Path, global_step: usize) -> Result<()> {
         let f = dir.join("rng_state.json");
         let Some(v) = resume::rng_state(dir, global_step)? else {
@@ -420,17 +477,53 @@ impl Trainer {
             return Ok(());
         };
         let l = self.loader()?;
+        let refuse = |what: String| {
+            Err(TrainError::Args(format!(
+                "{}: {what}: resume with the same training data, block size and global batch",
+                f.display()
+            )))
+        };
         let now = json!({"num_examples": l.len, "shuffle": l.shuffle, "world_size": l.world_size});
-        for key in ["num_examples", "shuffle", "world_size"] {
+        let mut keys = vec!["num_examples", "shuffle"];
+        let per_batch = |d: &Value| -> Option<u64> {
+            Some(d.get("batch_size")?.as_u64()? * d.get("world_size")?.as_u64()?)
+        };
+        match per_batch(saved) {
+            Some(n) if n != (l.batch_size * l.world_size) as u64 => {
+                return refuse(format!(
+                    "the checkpoint's global micro-batch held {n} examples ({} per replica × {} \
+                     replicas), this run's holds {} ({} × {})",
+                    saved["batch_size"],
+                    saved["world_size"],
+                    l.batch_size * l.world_size,
+                    l.batch_size,
+                    l.world_size
+                ));
+            }
+            Some(_) => {}
+            // Written before the batch size was recorded: the same ranks.
+            None => keys.push("world_size"),
+        }
+        for key in keys {
             if saved.get(key) != now.get(key) {
-                return Err(TrainError::Args(format!(
-                    "{}: the checkpoint's data loader had {key} = {}, this run's has {}: resume \
-                     with the same training data, block size and number of ranks",
-                    f.display(),
+                return refuse(format!(
+                    "the checkpoint's data loader had {key} = {}, this run's has {}",
                     saved.get(key).unwrap_or(&Value::Null),
                     now[key]
-                )));
+                ));
             }
+        }
+        let (epoch, batch) = l.position(global_step * self.plan.batch.gradient_accumulation_steps);
+        let at = (saved.get("epoch"), saved.get("batch_in_epoch"));
+        if at != (Some(&json!(epoch)), Some(&json!(batch))) {
+            return refuse(format!(
+                "the checkpoint stopped at epoch {}, batch {} of its data loader; with this \
+                 run's gradient_accumulation_steps ({}) step {global_step} would continue at \
+                 epoch {epoch}, batch {batch}",
+                at.0.unwrap_or(&Value::Null),
+                at.1.unwrap_or(&Value::Null),
+                self.plan.batch.gradient_accumulation_steps
+            ));
         }
         Ok(())
     }
@@ -440,7 +533,7 @@ impl Trainer {
     /// a whole. Every rank calls it; rank 0 writes (under ZeRO-3 after
     /// gathering the weights).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
-        let full = if self.engine.stage() == 3 || self.engine.mixed_precision() {
+        let full = if self.engine.model_is_partial() {
             Some(self.full_model()?)
         } else {
             None
@@ -516,4 +609,18 @@ fn remove_dir_safely(dir: &Path) -> Result<()> {
     ));
     std::fs::rename(dir, &aside).map_err(io_err(dir))?;
     std::fs::remove_dir_all(&aside).map_err(io_err(&aside))
+}
+
+/// Adam's moments by parameter name from a whole flat state.
+fn named_moments(layout: &FlatLayout, full: &FlatState) -> Vec<NamedMoments> {
+    (0..layout.params.len())
+        .map(|i| {
+            let r = layout.range(i);
+            (
+                layout.name(i).to_string(),
+                full.m[r.clone()].to_vec(),
+                full.v[r].to_vec(),
+            )
+        })
+        .collect()
 }

@@ -45,7 +45,10 @@ impl Trainer {
     /// state is gathered on every rank, 3 × 4 bytes per parameter, to cut
     /// stage 3's per-parameter pieces and rank 0's `module`).
     pub(super) fn deepspeed_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let e = &self.engine;
+        let e = self
+            .engine
+            .zero()
+            .ok_or_else(|| TrainError::Args("DeepSpeed's files are the ZeRO engine's".into()))?;
         let (stage, rank, layout) = (e.stage(), e.rank(), &e.layout);
         let full = e.gather_full_state(&self.model)?;
         let ds = self.plan.deepspeed.as_ref();
@@ -104,7 +107,7 @@ impl Trainer {
     /// this run's; a dynamic loss scaler takes the saved position.
     pub(super) fn read_deepspeed(&mut self, dir: &Path) -> Result<(FlatState, u64, Option<u64>)> {
         let ck = DsCheckpoint::open(&ds::latest_tag_dir(dir)?)?;
-        let a = self.engine.adam;
+        let a = self.engine.adam();
         for g in &ck.groups {
             let wd_ok = g
                 .weight_decay
@@ -121,8 +124,9 @@ impl Trainer {
                 });
             }
         }
-        let full = ck.full_state(&self.engine.layout)?;
-        if let (Some(saved), Some(sc)) = (&ck.loss_scaler, self.engine.loss_scaler.as_mut()) {
+        let full = ck.full_state(self.engine.layout())?;
+        let scaler = self.engine.zero_mut().and_then(|e| e.loss_scaler.as_mut());
+        if let (Some(saved), Some(sc)) = (&ck.loss_scaler, scaler) {
             sc.restore(saved).map_err(|msg| TrainError::Io {
                 path: ck.dir.display().to_string(),
                 msg,

@@ -63,33 +63,44 @@ impl Trainer {
     pub fn evaluate_dataset(&mut self, ds: &Dataset) -> Result<EvalMetrics> {
         let was = self.model.is_training();
         self.model.set_training(false);
+        let (sum, count) = if self.engine.zero().is_some() {
+            self.zero_eval(ds)?
+        } else {
+            self.model_parallel_eval(ds)?
+        };
+        let comm = self.engine.comm().clone();
+        let reduce = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
+        let sum = reduce(sum)?;
+        let count = reduce(count as f64)? as usize;
+        self.model.set_training(was);
+        EvalMetrics::from_sum(sum, count, ds.bytes_per_token(), ds.len())
+    }
+
+    /// This rank's summed loss and token count on the data-parallel path:
+    /// batches dealt to ranks in turn; every rank makes the same number of
+    /// passes (ZeRO-3 gathers weights in each).
+    fn zero_eval(&mut self, ds: &Dataset) -> Result<(f64, usize)> {
         let bs = self.args.per_device_eval_batch_size;
-        // Batches are dealt to ranks in turn; every rank makes the same
-        // number of passes (ZeRO-3 gathers weights in each).
         let (rank, world) = (self.engine.rank(), self.engine.world_size());
         let n_batches = ds.len().div_ceil(bs);
         let (mut sum, mut count) = (0f64, 0usize);
         for i in (0..n_batches.div_ceil(world)).map(|j| j * world + rank) {
+            let engine = super::trainer::zero_mut(&mut self.engine)?;
             if i >= n_batches {
-                self.engine.skip_forward(&self.model)?;
+                engine.skip_forward(&self.model)?;
                 continue;
             }
             let start = i * bs;
             let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
             let b = self.batch_of(ds, &idx)?;
             let dev = self.model.device().clone();
-            let (engine, model) = (&mut self.engine, &self.model);
+            let (engine, model) = (super::trainer::zero_mut(&mut self.engine)?, &self.model);
             let (s, n) =
                 batch_loss_sum(&b, &dev, |ids, mask| Ok(engine.forward(model, ids, mask)?))?;
             sum += s;
             count += n;
         }
-        let comm = self.engine.comm.clone();
-        let reduce = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
-        let sum = reduce(sum)?;
-        let count = reduce(count as f64)? as usize;
-        self.model.set_training(was);
-        EvalMetrics::from_sum(sum, count, ds.bytes_per_token(), ds.len())
+        Ok((sum, count))
     }
 
     /// `trainer.evaluate()` on the eval dataset; logged into `log_history`.

@@ -136,10 +136,10 @@ impl Trainer {
                 Err(e) => failure = Some(e),
             }
         }
-        let failed = self
-            .engine
-            .comm
-            .all_reduce_f64(if failure.is_some() { 1.0 } else { 0.0 })?;
+        let failed =
+            self.engine
+                .comm()
+                .all_reduce_f64(if failure.is_some() { 1.0 } else { 0.0 })?;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -163,7 +163,7 @@ impl Trainer {
             } else {
                 0.0
             };
-            self.run_tag = (self.engine.comm.all_reduce_f64(pid)? as u64).max(1);
+            self.run_tag = (self.engine.comm().all_reduce_f64(pid)? as u64).max(1);
         }
         Ok(self.run_tag)
     }

@@ -10,6 +10,7 @@ use super::args::TrainingArguments;
 use super::error::{Result, TrainError};
 use crate::config::GPT2Config;
 use crate::optim::{lr_at, AdamWParams, SchedulerConfig, SchedulerType};
+use crate::parallel::ParallelLayout;
 use crate::zero::ds_config::{DeepSpeedConfig, Fp16Config};
 pub use crate::zero::{Precision, ZeroStrategy};
 
@@ -58,12 +59,14 @@ impl Schedule {
     }
 }
 
-/// Batch arithmetic: micro-batch per rank, accumulation, ranks, and the
-/// optimizer steps of the run.
+/// Batch arithmetic: micro-batch per replica, accumulation, replicas, and
+/// the optimizer steps of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchPlan {
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// Data-parallel replicas (the ranks, unless tensor or pipeline
+    /// parallelism splits the model over several of them).
     pub world_size: usize,
     /// Examples per optimizer step, all ranks together.
     pub train_batch_size: usize,
@@ -76,6 +79,9 @@ pub struct BatchPlan {
 /// Everything a run needs to know, resolved once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainPlan {
+    /// The ranks as tensor × pipeline × data-parallel groups (tp = pp = 1:
+    /// data parallelism only).
+    pub layout: ParallelLayout,
     pub zero: ZeroStrategy,
     pub precision: Precision,
     pub adamw: AdamWParams,
@@ -111,19 +117,21 @@ impl TrainPlan {
                 "bf16 and fp16 are both set; choose one".into(),
             ));
         }
-        let world = world_size.max(1);
+        let layout = Self::parallel_layout(args, world_size)?;
+        // DeepSpeed's batch sizes count data-parallel replicas.
+        let dp = layout.dp;
         let mut deepspeed = DeepSpeedConfig::from_args(
             args.deepspeed.as_ref(),
             &args.deepspeed_values(),
-            world,
+            dp,
             cfg.n_embd,
         )?;
-        if world > 1 && deepspeed.is_none() {
+        if dp > 1 && deepspeed.is_none() {
             return Err(TrainError::Args(format!(
-                "{world} ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
+                "{dp} data-parallel ranks need a DeepSpeed config (TrainingArguments.deepspeed / --deepspeed ds_config.json)"
             )));
         }
-        let batch = batch_plan(args, world, batches_per_epoch);
+        let batch = batch_plan(args, dp, batches_per_epoch);
         if let Some(d) = deepspeed.as_mut() {
             d.finalize(batch.warmup_steps, batch.total_steps);
         }
@@ -136,6 +144,7 @@ impl TrainPlan {
         };
         let plan = match deepspeed {
             None => TrainPlan {
+                layout,
                 zero: ZeroStrategy::Plain,
                 precision: if args.fp16 {
                     // torch.amp.GradScaler's defaults (2^16, doubling every
@@ -182,6 +191,7 @@ impl TrainPlan {
                     None => (args_adamw, args.learning_rate),
                 };
                 TrainPlan {
+                    layout,
                     zero,
                     precision: if d.fp16.enabled {
                         Precision::Fp16 {
@@ -209,7 +219,65 @@ impl TrainPlan {
                 }
             }
         };
+        if layout.tp * layout.pp > 1 {
+            plan.check_model_parallel(cfg)?;
+        }
         Ok(plan)
+    }
+
+    /// The ranks' layout `args` ask for (Megatron-LM's sizes).
+    pub fn parallel_layout(args: &TrainingArguments, world_size: usize) -> Result<ParallelLayout> {
+        ParallelLayout::new(
+            world_size.max(1),
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+        )
+        .map_err(TrainError::Args)
+    }
+
+    /// What the tensor- and pipeline-parallel path runs: fp32 AdamW with
+    /// ZeRO-1 at most over the data-parallel group (Megatron's distributed
+    /// optimizer; DeepSpeed's pipeline engine refuses ZeRO-2 and 3 too),
+    /// no dropout, blocks and heads split evenly (the vocabulary is padded).
+    fn check_model_parallel(&self, cfg: &GPT2Config) -> Result<()> {
+        let l = self.layout;
+        let bad = |m: String| {
+            Err(TrainError::Args(format!(
+                "tensor_model_parallel_size {} × pipeline_model_parallel_size {}: {m}",
+                l.tp, l.pp
+            )))
+        };
+        if self.zero.stage() > 1 || self.zero.offload_optimizer() || self.zero.offload_param() {
+            return bad(format!(
+                "ZeRO stage {}{} is not run with tensor or pipeline parallelism; use stage 1 (the data-parallel group's distributed optimizer) or 0",
+                self.zero.stage(),
+                if self.zero.stage() <= 1 { " with offload" } else { "" }
+            ));
+        }
+        if self.zero.stage() == 0 && l.dp > 1 {
+            return bad(format!(
+                "{} data-parallel replicas keep Adam's state partitioned (ZeRO-1): set zero_optimization.stage to 1",
+                l.dp
+            ));
+        }
+        if self.precision != Precision::F32 {
+            return bad("runs in fp32 only: leave bf16 and fp16 off".into());
+        }
+        if self.recompute {
+            return bad("does not recompute blocks: leave gradient_checkpointing off".into());
+        }
+        if cfg.attn_pdrop > 0.0 || cfg.resid_pdrop > 0.0 || cfg.embd_pdrop > 0.0 {
+            return bad(format!(
+                "applies no dropout yet: set the model's dropout to 0 (attn/resid/embd_pdrop are {}, {}, {}; --dropout 0)",
+                cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop
+            ));
+        }
+        for (what, n, by) in [("n_layer", cfg.n_layer, l.pp), ("n_head", cfg.n_head, l.tp)] {
+            if !n.is_multiple_of(by) {
+                return bad(format!("{what} {n} is not divisible by {by}"));
+            }
+        }
+        Ok(())
     }
 
     /// The settings that shape the engine and the model's copy (placement,
@@ -218,6 +286,7 @@ impl TrainPlan {
         self.zero == other.zero
             && self.precision == other.precision
             && self.batch.world_size == other.batch.world_size
+            && self.layout == other.layout
     }
 }
 

@@ -1,6 +1,7 @@
 //! `Trainer(model, args, data_collator, train_dataset, eval_dataset,
 //! processing_class)`: every optimizer step goes through the ZeRO engine
-//! (plain AdamW on one rank without DeepSpeed), with gradient accumulation,
+//! (plain AdamW on one rank without DeepSpeed) or, when the model is split
+//! over ranks, the 3D-parallel trainer (`model_parallel`), with gradient accumulation,
 //! clipping, HF's schedules, logging into `log_history`, evaluation and
 //! checkpoints at their intervals.
 
@@ -12,6 +13,7 @@ use serde_json::json;
 
 use super::args::{IntervalStrategy, TrainingArguments};
 use super::callback::TrainerCallback;
+use super::engine::{Engine, ModelParallel};
 use super::error::{Result, TrainError};
 use super::logging::{log_entry, train_metrics, Live, LogWindow, Sinks, StepReport};
 use super::plan::TrainPlan;
@@ -48,8 +50,9 @@ pub struct Trainer {
     /// between count, as in transformers).
     pub plan: TrainPlan,
     /// The optimizer and its ZeRO partitioning (stage 0 on one rank without
-    /// DeepSpeed: plain AdamW).
-    pub engine: ZeroEngine,
+    /// DeepSpeed: plain AdamW), or the 3D-parallel trainer holding this
+    /// rank's shards.
+    pub engine: Engine,
     /// How gradients are computed, chosen once: candle's autograd, the
     /// fused CPU kernels, or block by block (ZeRO-3, gradient checkpointing).
     pub gradient_path: GradientPath,
@@ -119,23 +122,50 @@ impl Trainer {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let world = comm.world_size();
+        let layout = TrainPlan::parallel_layout(&args, world)?;
+        let replica = layout.coords(comm.rank()).dp;
         let batches_per_epoch =
-            data_loader(&args, train_dataset.len(), comm.rank(), world, true)?.batches_per_epoch();
+            data_loader(&args, train_dataset.len(), replica, layout.dp, true)?.batches_per_epoch();
         let plan = TrainPlan::resolve(&args, world, &model.config, batches_per_epoch)?;
         let dtype = plan.precision.dtype();
-        let engine = ZeroEngine::new(&model, plan.zero, plan.adamw, comm)?
-            .with_precision(&model, &plan.precision)?;
         let gradient_path =
             GradientPath::choose(&model.config, model.device(), dtype, plan.recompute);
-        if dtype != DType::F32 {
-            // The half-precision copy forward and backward run on.
-            model = model.to_dtype(dtype)?;
-        }
-        if plan.zero.stage() == 3 {
-            // The rank now holds only its partition (inside the engine).
+        let rank0 = comm.rank() == 0;
+        let engine = if layout.tp * layout.pp > 1 {
+            let weights: Vec<(String, Tensor)> = model
+                .named_parameters()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
+            let trainer = crate::parallel::ParallelTrainer::new(
+                &model.config,
+                &weights,
+                comm,
+                layout.tp,
+                layout.pp,
+                plan.adamw,
+            )?;
+            let flat = crate::zero::FlatLayout::new(&model.config, world);
+            // The rank holds only its shards (inside the 3D trainer).
             model = model.partitioned();
-        }
-        let rank0 = engine.rank() == 0;
+            Engine::ModelParallel(ModelParallel {
+                trainer: Box::new(trainer),
+                layout: flat,
+                activations_held: 0,
+            })
+        } else {
+            let engine = ZeroEngine::new(&model, plan.zero, plan.adamw, comm)?
+                .with_precision(&model, &plan.precision)?;
+            if dtype != DType::F32 {
+                // The half-precision copy forward and backward run on.
+                model = model.to_dtype(dtype)?;
+            }
+            if plan.zero.stage() == 3 {
+                // The rank now holds only its partition (inside the engine).
+                model = model.partitioned();
+            }
+            Engine::Zero(engine)
+        };
         Ok(Trainer {
             model,
             collator,
@@ -190,21 +220,25 @@ impl Trainer {
 
     /// Every rank's model-state bytes, measured (a collective: all ranks call it).
     pub fn memory_report(&self) -> Result<Vec<ModelStateBytes>> {
-        let m = self.engine.memory(&self.model);
+        let m = match &self.engine {
+            Engine::Zero(e) => e.memory(&self.model),
+            Engine::ModelParallel(p) => p.memory(),
+        };
         let row = [
             m.params as f64,
             m.grads as f64,
             m.optimizer_states as f64,
             m.offloaded_to_host as f64,
             m.peak_gathered_params as f64,
+            m.activations_held.map_or(-1.0, |a| a as f64),
         ];
         let mut out = Vec::new();
         for r in 0..self.engine.world_size() {
-            let mut v = [0f64; 5];
+            let mut v = [0f64; 6];
             for (k, x) in row.iter().enumerate() {
                 v[k] = self
                     .engine
-                    .comm
+                    .comm()
                     .all_reduce_f64(if r == m.rank { *x } else { 0.0 })?;
             }
             out.push(ModelStateBytes {
@@ -216,6 +250,7 @@ impl Trainer {
                 optimizer_states: v[2] as usize,
                 offloaded_to_host: v[3] as usize,
                 peak_gathered_params: v[4] as usize,
+                activations_held: (v[5] >= 0.0).then_some(v[5] as usize),
             });
         }
         Ok(out)
@@ -224,13 +259,30 @@ impl Trainer {
     /// The whole model with its current weights (a collective under ZeRO-3,
     /// which gathers them from every rank).
     pub fn full_model(&self) -> Result<GPT2LMHeadModel> {
-        let t = self.engine.full_state_dict(&self.model)?;
+        match &self.engine {
+            Engine::Zero(e) => {
+                let t = e.full_state_dict(&self.model)?;
+                Ok(GPT2LMHeadModel::from_tensors(
+                    self.model.config.clone(),
+                    t,
+                    DType::F32,
+                    self.model.device(),
+                    "(ZeRO-3 partitions)",
+                )?)
+            }
+            Engine::ModelParallel(p) => self.model_from_flat(&p.trainer.gather_full_state()?.fp32),
+        }
+    }
+
+    /// The whole model from its weights laid end to end (a gathered state).
+    pub(crate) fn model_from_flat(&self, fp32: &[f32]) -> Result<GPT2LMHeadModel> {
+        let t = super::engine::tensors_by_name(self.engine.layout(), fp32, self.model.device())?;
         Ok(GPT2LMHeadModel::from_tensors(
             self.model.config.clone(),
             t,
             DType::F32,
             self.model.device(),
-            "(ZeRO-3 partitions)",
+            "(the gathered state)",
         )?)
     }
 
@@ -247,11 +299,12 @@ impl Trainer {
     }
 
     pub(crate) fn loader(&self) -> Result<DataLoader> {
+        let (replica, replicas) = self.engine.data_parallel();
         data_loader(
             &self.args,
             self.train_dataset.len(),
-            self.engine.rank(),
-            self.engine.world_size(),
+            replica,
+            replicas,
             self.shuffle,
         )
     }
@@ -292,7 +345,7 @@ impl Trainer {
                 plan.recompute,
             );
         }
-        self.engine.adam = plan.adamw;
+        self.engine.set_adam(plan.adamw);
         self.plan = plan;
         Ok(())
     }
@@ -334,6 +387,14 @@ impl Trainer {
         if let Some(ds) = self.plan.deepspeed.as_ref().filter(|_| verbose) {
             super::logging::print_memory(&ds.warnings, &memory);
         }
+        let l = self.plan.layout;
+        if verbose && l.tp * l.pp > 1 {
+            eprintln!(
+                "{} ranks: tensor parallel {} × pipeline parallel {} × data parallel {} \
+                 (Megatron-LM's rank order), {} micro-batches a step in 1F1B order",
+                l.world, l.tp, l.pp, l.dp, self.plan.batch.gradient_accumulation_steps
+            );
+        }
         let bar = if verbose && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             indicatif::ProgressBar::new(total as u64)
         } else {
@@ -349,7 +410,7 @@ impl Trainer {
                 loader.batches_per_epoch()
             );
         }
-        let n_params = self.engine.layout.numel;
+        let n_params = self.engine.layout().numel;
         let (start, start_step) = (Instant::now(), self.state.global_step);
         let (live, mut sinks) = self.live_figures(start_step, total, verbose, &bar)?;
         let mut window = LogWindow::new();
@@ -358,8 +419,11 @@ impl Trainer {
         self.model.set_training(true);
         while self.state.global_step < total {
             let step = self.optimizer_step(&loader)?;
-            if self.engine.last_step_skipped {
-                if let (true, Some(m)) = (verbose, &self.engine.last_overflow_message) {
+            let zero = self.engine.zero();
+            if zero.is_some_and(|e| e.last_step_skipped) {
+                if let (true, Some(m)) =
+                    (verbose, zero.and_then(|e| e.last_overflow_message.as_ref()))
+                {
                     bar.suspend(|| eprintln!("{m}"));
                 }
             } else if !step.norm.is_finite() {
@@ -374,9 +438,9 @@ impl Trainer {
             self.state.epoch = (self.state.global_step * accum) as f64 / per_epoch;
             if let Some(every) = self.plan.steps_per_print {
                 if verbose && self.state.global_step.is_multiple_of(every) {
-                    let (gs, skipped) = (self.state.global_step, self.engine.skipped_steps);
+                    let (gs, skipped) = (self.state.global_step, self.engine.skipped_steps());
                     let line =
-                        super::logging::ds_step_line(gs, skipped, step.lr, &self.engine.adam);
+                        super::logging::ds_step_line(gs, skipped, step.lr, &self.engine.adam());
                     bar.suspend(|| eprintln!("{line}"));
                 }
             }
@@ -455,7 +519,7 @@ impl Trainer {
         } else {
             self.engine.world_size()
         };
-        let live = Live::start(dev, self.engine.compute_dtype, devices, start_step, total);
+        let live = Live::start(dev, self.engine.compute_dtype(), devices, start_step, total);
         let rank0 = self.is_world_process_zero();
         let sinks = Sinks::open(&self.args, rank0, self.state.log_history.len())?;
         if verbose {
@@ -467,7 +531,7 @@ impl Trainer {
             let against = if dev.is_cpu() {
                 "this machine's fp32 GEMM peak".to_string()
             } else {
-                format!("the GPUs' {:?} GEMM rate", self.engine.compute_dtype)
+                format!("the GPUs' {:?} GEMM rate", self.engine.compute_dtype())
             };
             bar.suspend(|| eprintln!("MFU is measured against {against}, {peak:.1} GFLOP/s{tb}"));
         }
@@ -496,10 +560,13 @@ impl Trainer {
     /// forward and backward through the engine, the learning rate of the
     /// schedule, and the engine's step (reduce, clip, AdamW).
     fn optimizer_step(&mut self, loader: &DataLoader) -> Result<StepReport> {
+        if self.engine.zero().is_none() {
+            return self.model_parallel_step(loader);
+        }
         let step = self.state.global_step;
         let accum = self.plan.batch.gradient_accumulation_steps;
         let (world, rank) = (self.engine.world_size(), self.engine.rank());
-        let comm = self.engine.comm.clone();
+        let comm = self.engine.comm().clone();
         let sum_ranks = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
         // This rank's micro-batches of this update and the label-token count
         // of the whole global batch: every rank's loss is divided by it, so
@@ -524,7 +591,8 @@ impl Trainer {
         let mut local_loss = 0f64;
         for (k, b) in batches.iter().enumerate() {
             let Some(b) = b else {
-                self.gradient_path.skip(&self.model, &mut self.engine)?;
+                self.gradient_path
+                    .skip(&self.model, zero_mut(&mut self.engine)?)?;
                 continue;
             };
             // Dropout is seeded by the micro-batch's place in the global
@@ -539,11 +607,13 @@ impl Trainer {
                 labels: &labels,
                 attention_mask: mask,
                 n_items,
-                loss_scale: self.engine.loss_scale(),
+                loss_scale: zero_mut(&mut self.engine)?.loss_scale(),
             };
-            let lv = self
-                .gradient_path
-                .forward_backward(&self.model, &batch, &mut self.engine)?;
+            let lv = self.gradient_path.forward_backward(
+                &self.model,
+                &batch,
+                zero_mut(&mut self.engine)?,
+            )?;
             if !lv.is_finite() {
                 return Err(TrainError::NonFinite(format!(
                     "the loss became {lv} at step {}; training stopped and {} (lower the \
@@ -558,16 +628,17 @@ impl Trainer {
         self.state.num_input_tokens_seen += tokens;
         // Skipped (fp16 overflow) steps do not advance the schedule, as
         // DeepSpeed does not step its scheduler then.
-        let sched_step = step - self.engine.skipped_steps;
+        let sched_step = step - self.engine.skipped_steps();
         let lr = self
             .plan
             .schedule
             .lr_at(sched_step, self.plan.learning_rate);
+        let engine = zero_mut(&mut self.engine)?;
         if self.faults.overflow_at_step == Some(step + 1) {
-            self.engine.poison_gradients();
+            engine.poison_gradients();
         }
-        let loss_scale = self.engine.loss_scaler.as_ref().map(|s| s.cur_scale);
-        let norm = self.engine.step(&self.model, lr, self.plan.max_grad_norm)?;
+        let loss_scale = engine.loss_scaler.as_ref().map(|s| s.cur_scale);
+        let norm = engine.step(&self.model, lr, self.plan.max_grad_norm)?;
         Ok(StepReport {
             loss,
             norm,
@@ -580,7 +651,14 @@ impl Trainer {
     }
 }
 
-/// Each rank's data loader over `len` training examples.
+/// The ZeRO engine of a run that has one (the data-parallel path).
+pub(super) fn zero_mut(e: &mut Engine) -> Result<&mut ZeroEngine> {
+    e.zero_mut().ok_or_else(|| {
+        TrainError::Args("the ZeRO engine's step on a tensor/pipeline-parallel run".into())
+    })
+}
+
+/// Each replica's data loader over `len` training examples.
 fn data_loader(
     args: &TrainingArguments,
     len: usize,

@@ -365,6 +365,7 @@ impl ZeroEngine {
             optimizer_states,
             offloaded_to_host: offloaded,
             peak_gathered_params: self.peak_gathered,
+            activations_held: None,
         }
     }
 

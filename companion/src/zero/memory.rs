@@ -23,6 +23,10 @@ pub struct ModelStateBytes {
     pub offloaded_to_host: usize,
     /// Stage 3: the most gathered (full) weights alive at once.
     pub peak_gathered_params: usize,
+    /// Tensor/pipeline parallelism: the most stage inputs and outputs kept
+    /// at once between a micro-batch's forward and backward in the last
+    /// step (measured; `None` on the ZeRO path, which does not count them).
+    pub activations_held: Option<usize>,
 }
 
 impl ModelStateBytes {

@@ -349,6 +349,9 @@ fn train_and_save(
         "parameters": model.config.num_parameters(),
         "world_size": trainer.engine.world_size(),
         "zero_stage": trainer.engine.stage(),
+        "tensor_model_parallel_size": trainer.plan.layout.tp,
+        "pipeline_model_parallel_size": trainer.plan.layout.pp,
+        "data_parallel_size": trainer.plan.layout.dp,
         "recipe": recipe(
             opts,
             &model.config,

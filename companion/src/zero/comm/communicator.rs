@@ -40,7 +40,7 @@ pub trait Communicator: Send + Sync {
         }
         let _ = color;
         Err(CommError::Transport(
-            "sub-groups are made on thread ranks (--num-ranks) here; this transport does not make them yet"
+            "this transport does not make sub-groups yet (tensor and pipeline parallelism run on thread ranks, --num-ranks, and MPI processes, --backend mpi)"
                 .into(),
         ))
     }

@@ -1,28 +1,34 @@
 //! Ranks as MPI processes (`mpirun -np N …`, one rank per process, on one
 //! machine or several): the exchange is `MPI_Allgather` of the sizes, then
-//! `MPI_Allgatherv` of the data. Built with the `mpi` feature.
+//! `MPI_Allgatherv` of the data; sub-groups (tensor-, pipeline- and
+//! data-parallel) are `MPI_Comm_split`. Built with the `mpi` feature.
 
 use super::communicator::{CommError, Communicator, Gathered, Result};
 use mpi::collective::CommunicatorCollectives;
 use mpi::datatype::PartitionMut;
-use mpi::topology::Communicator as MpiCommunicator;
+use mpi::topology::{Color, Communicator as MpiCommunicator, SimpleCommunicator};
 use std::sync::{Arc, Mutex};
 
-/// This process's rank in `MPI_COMM_WORLD`; dropping it finalises MPI.
+/// This process's rank in `MPI_COMM_WORLD` or in a sub-group split from it;
+/// dropping the last of them finalises MPI.
 pub struct MpiRank {
-    /// Every MPI call goes through this lock (MPI_THREAD_SERIALIZED).
-    world: Mutex<mpi::topology::SimpleCommunicator>,
+    comm: SimpleCommunicator,
+    /// Every MPI call of the process, on any of its communicators, takes
+    /// this lock (MPI_THREAD_SERIALIZED).
+    calls: Arc<Mutex<()>>,
     rank: usize,
     size: usize,
-    // Declared last: dropped (MPI_Finalize) after the communicator.
-    _universe: mpi::environment::Universe,
+    // Declared last: dropped after the communicator (MPI_Comm_free), and
+    // MPI_Finalize runs when the last communicator lets go of it.
+    universe: Arc<mpi::environment::Universe>,
 }
 
 // SAFETY: an MPI communicator handle is a process-wide id that any thread
 // may use as long as no two calls overlap, which is what
 // MPI_THREAD_SERIALIZED (asked for in `init`) promises; every call takes
-// the `world` mutex, so calls never overlap whichever thread makes them.
-// The universe is touched only when the MpiRank is dropped (MPI_Finalize).
+// the `calls` mutex shared by all of the process's communicators, so calls
+// never overlap whichever thread makes them. The universe is touched only
+// when the last communicator is dropped (MPI_Finalize).
 unsafe impl Send for MpiRank {}
 // SAFETY: as above: shared references reach MPI only through the mutex.
 unsafe impl Sync for MpiRank {}
@@ -36,8 +42,9 @@ impl MpiRank {
         Ok(MpiRank {
             rank: MpiCommunicator::rank(&world) as usize,
             size: MpiCommunicator::size(&world) as usize,
-            world: Mutex::new(world),
-            _universe: universe,
+            comm: world,
+            calls: Arc::new(Mutex::new(())),
+            universe: Arc::new(universe),
         })
     }
 }
@@ -51,7 +58,8 @@ impl Communicator for MpiRank {
     }
     fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
         let n = self.world_size();
-        let world = self.world.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let world = &self.comm;
         let mut counts = vec![0i32; n];
         world.all_gather_into(&(send.len() as i32), &mut counts[..]);
         let displs: Vec<i32> = counts
@@ -77,11 +85,28 @@ impl Communicator for MpiRank {
     }
     fn abort(&self, why: &str) {
         eprintln!("rank {}: {why}; aborting the MPI job", self.rank());
-        match self.world.try_lock() {
-            Ok(world) => MpiCommunicator::abort(&*world, 1),
+        match self.calls.try_lock() {
+            Ok(_serial) => MpiCommunicator::abort(&self.comm, 1),
             // Another call is under way on this process: leaving with an
             // error makes mpirun end the whole job just the same.
             Err(_) => std::process::exit(1),
         }
+    }
+
+    fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
+        let c = i32::try_from(color)
+            .map_err(|_| CommError::Size(format!("split color {color} is not an MPI color")))?;
+        let sub = {
+            let _serial = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            self.comm.split_by_color(Color::with_value(c))
+        }
+        .ok_or_else(|| CommError::Transport("MPI_Comm_split gave no communicator".into()))?;
+        Ok(Arc::new(MpiRank {
+            rank: MpiCommunicator::rank(&sub) as usize,
+            size: MpiCommunicator::size(&sub) as usize,
+            comm: sub,
+            calls: self.calls.clone(),
+            universe: self.universe.clone(),
+        }))
     }
 }
