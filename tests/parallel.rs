@@ -352,3 +352,59 @@ fn a_checkpoint_resumes_on_another_layout_and_zero_stage() {
         "{err}"
     );
 }
+
+/// DeepSpeed's keys set the layout too (`tensor_parallel.autotp_size`,
+/// `pipeline.stages`), with the same result as the flags; a flag that
+/// disagrees with them is refused, naming both.
+#[test]
+fn the_ds_config_sets_the_layout_with_deepspeeds_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = json!({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                    "gradient_clipping": "auto", "zero_optimization": {"stage": 1},
+                    "tensor_parallel": {"autotp_size": 2}, "pipeline": {"stages": 2}});
+    let flags = train(
+        &dir.path().join("flags"),
+        layout(2, 2, 1, Some(1)),
+        true,
+        Some(2),
+        None,
+    )
+    .unwrap()
+    .losses;
+    let run = |tp_flag: usize| {
+        run_ranks(
+            4,
+            |_, comm: Arc<dyn Communicator>| -> Result<_, TrainError> {
+                let mut a = args(
+                    &dir.path().join(format!("ds{tp_flag}")),
+                    layout(1, 1, 1, None),
+                );
+                (a.deepspeed, a.tensor_model_parallel_size) = (Some(ds.clone()), tp_flag);
+                let mut t = Trainer::new_distributed(
+                    model(true),
+                    a,
+                    collator(),
+                    train_rows(),
+                    None,
+                    None,
+                    comm,
+                )?;
+                t.verbose = false;
+                t.add_callback(companion::train::StopAtStep(2));
+                t.train()?;
+                let l = t.plan.layout;
+                Ok(((l.tp, l.pp, l.dp), logged(&t, "loss")))
+            },
+        )
+    };
+    let (sizes, losses) = run(1).unwrap().remove(0);
+    assert_eq!(sizes, (2, 2, 1));
+    assert_eq!(losses, flags);
+    let err = run(4).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "tensor_model_parallel_size is 4 but the ds_config's tensor_parallel.autotp_size is 2"
+        ),
+        "{err}"
+    );
+}

@@ -225,12 +225,32 @@ impl TrainPlan {
         Ok(plan)
     }
 
-    /// The ranks' layout `args` ask for (Megatron-LM's sizes).
+    /// The ranks' layout `args` ask for: Megatron-LM's sizes, or the
+    /// ds_config's `tensor_parallel.autotp_size` and `pipeline.stages`
+    /// (when both name a size, they must agree).
     pub fn parallel_layout(args: &TrainingArguments, world_size: usize) -> Result<ParallelLayout> {
+        let (tp, pp) = crate::zero::ds_config::model_parallel_sizes(args.deepspeed.as_ref())?;
+        let pick = |flag: usize, name: &str, ds: Option<usize>, key: &str| match ds {
+            Some(n) if flag != 1 && flag != n => Err(TrainError::Args(format!(
+                "{name} is {flag} but the ds_config's {key} is {n}: give one of them"
+            ))),
+            Some(n) => Ok(n),
+            None => Ok(flag),
+        };
         ParallelLayout::new(
             world_size.max(1),
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
+            pick(
+                args.tensor_model_parallel_size,
+                "tensor_model_parallel_size",
+                tp,
+                "tensor_parallel.autotp_size",
+            )?,
+            pick(
+                args.pipeline_model_parallel_size,
+                "pipeline_model_parallel_size",
+                pp,
+                "pipeline.stages",
+            )?,
         )
         .map_err(TrainError::Args)
     }

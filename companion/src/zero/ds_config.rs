@@ -95,20 +95,14 @@ impl DeepSpeedConfig {
         world_size: usize,
         hidden_size: usize,
     ) -> Result<Self> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| DsConfigError::Invalid {
-            file: file.clone(),
-            msg: e.to_string(),
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| DsConfigError::Invalid {
-            file: file.clone(),
-            msg: format!("not JSON: {e}"),
-        })?;
-        crate::hf_json::refuse_duplicate_keys(&text).map_err(|msg| DsConfigError::Invalid {
-            file: file.clone(),
-            msg: format!("{msg} (DeepSpeed refuses configs with duplicate keys)"),
-        })?;
-        Self::from_value(v, &file, args, world_size, hidden_size)
+        let v = read_file(path)?;
+        Self::from_value(
+            v,
+            &path.display().to_string(),
+            args,
+            world_size,
+            hidden_size,
+        )
     }
 
     /// `args.deepspeed` as given: a path to a JSON file, or the dict itself.
@@ -441,6 +435,54 @@ fn scheduler_config(
 /// Every key given that runs here accept but do not act on, each with why
 /// (the keys we act on are read in `from_value`; unknown ones DeepSpeed
 /// ignores too).
+/// A ds_config file as JSON (duplicate keys refused, as DeepSpeed does).
+fn read_file(path: &std::path::Path) -> Result<Value> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| DsConfigError::Invalid {
+        file: file.clone(),
+        msg: e.to_string(),
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| DsConfigError::Invalid {
+        file: file.clone(),
+        msg: format!("not JSON: {e}"),
+    })?;
+    crate::hf_json::refuse_duplicate_keys(&text).map_err(|msg| DsConfigError::Invalid {
+        file,
+        msg: format!("{msg} (DeepSpeed refuses configs with duplicate keys)"),
+    })?;
+    Ok(v)
+}
+
+/// The model-parallel sizes a ds_config sets, read before the rest (the
+/// data-parallel size its batch sizes count depends on them): DeepSpeed's
+/// `tensor_parallel.autotp_size` (0: off) and `pipeline.stages` ("auto":
+/// not set).
+pub fn model_parallel_sizes(deepspeed: Option<&Value>) -> Result<(Option<usize>, Option<usize>)> {
+    let (v, file) = match deepspeed {
+        Some(Value::String(p)) => (read_file(std::path::Path::new(p))?, p.clone()),
+        Some(v @ Value::Object(_)) => (v.clone(), "deepspeed (dict)".to_string()),
+        _ => return Ok((None, None)),
+    };
+    let size = |block: &str, key: &str| -> Result<Option<usize>> {
+        match v.get(block).and_then(|b| b.get(key)) {
+            None => Ok(None),
+            Some(Value::String(s)) if s == "auto" => Ok(None),
+            Some(x) => match x.as_u64() {
+                Some(0) => Ok(None),
+                Some(n) => Ok(Some(n as usize)),
+                None => Err(DsConfigError::Invalid {
+                    file: file.clone(),
+                    msg: format!("{block}.{key}: expected a whole number or \"auto\", got {x}"),
+                }),
+            },
+        }
+    };
+    Ok((
+        size("tensor_parallel", "autotp_size")?,
+        size("pipeline", "stages")?,
+    ))
+}
+
 fn unused_keys(v: &Value, f: &DsConfigFile) -> Vec<String> {
     const ACTED_ON: &[&str] = &[
         "train_batch_size",
@@ -454,6 +496,8 @@ fn unused_keys(v: &Value, f: &DsConfigFile) -> Vec<String> {
         "scheduler",
         "steps_per_print",
         "wall_clock_breakdown",
+        "tensor_parallel",
+        "pipeline",
     ];
     let keys = |p: &str| -> Vec<String> {
         v.pointer(p)
@@ -484,6 +528,15 @@ fn unused_keys(v: &Value, f: &DsConfigFile) -> Vec<String> {
             _ => w.push(format!(
                 "zero_optimization.{k}: accepted, not acted on (it tunes GPU communication, buffers or partitioning that ranks here do not need)"
             )),
+        }
+    }
+    for (block, read) in [("tensor_parallel", "autotp_size"), ("pipeline", "stages")] {
+        for k in keys(&format!("/{block}")) {
+            if k != read {
+                w.push(format!(
+                    "{block}.{k}: accepted, not acted on (only {block}.{read} is read here)"
+                ));
+            }
         }
     }
     w

@@ -42,6 +42,10 @@ pub struct DsConfigFile {
     pub optimizer: Option<OptimizerBlock>,
     #[serde(default)]
     pub scheduler: Option<SchedulerBlock>,
+    /// `autotp_size` and `stages`: read with the layout, before the rest
+    /// (`ds_config::model_parallel_sizes`).
+    pub tensor_parallel: Option<Value>,
+    pub pipeline: Option<Value>,
     // DeepSpeed's keys that runs here accept and do not act on.
     pub zero_allow_untested_optimizer: Option<Value>,
     pub zero_force_ds_cpu_optimizer: Option<Value>,
