@@ -416,7 +416,7 @@ impl Trainer {
                     path: at.clone(),
                     msg: e.to_string(),
                 })?;
-                p.trainer = Box::new(trainer);
+                *p.trainer = trainer;
                 self.model = model.partitioned();
             }
         }

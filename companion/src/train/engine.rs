@@ -19,6 +19,8 @@ use crate::parallel::ParallelTrainer;
 use crate::zero::comm::Communicator;
 use crate::zero::{FlatLayout, FlatState, ModelStateBytes, ZeroEngine};
 
+// One per Trainer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Engine {
     Zero(ZeroEngine),
     /// Tensor × pipeline × data parallel (ZeRO-1 over the data-parallel group).
@@ -33,6 +35,9 @@ pub struct ModelParallel {
     /// The most activation bytes the last step kept between a micro-batch's
     /// forward and its backward on this rank.
     pub activations_held: usize,
+    /// The share of the last step this rank waited on its pipeline
+    /// neighbours (the bubble, with the transfers).
+    pub last_bubble: f64,
 }
 
 impl Engine {

@@ -53,6 +53,7 @@ impl Trainer {
         };
         let out = mp.trainer.step_replica(&micro, lr, clip)?;
         mp.activations_held = mp.trainer.last_activations_held;
+        mp.last_bubble = out.bubble;
         // The replica's figures summed over the replicas (the other ranks
         // of a replica read the same batches).
         let dp = &mp.trainer.groups.dp;

@@ -152,6 +152,7 @@ impl Trainer {
                 trainer: Box::new(trainer),
                 layout: flat,
                 activations_held: 0,
+                last_bubble: 0.0,
             })
         } else {
             let engine = ZeroEngine::new(&model, plan.zero, plan.adamw, comm)?

@@ -207,25 +207,48 @@ pub fn generate(shape: &Shape, new_tokens: usize, device: &Device, dtype: DType)
     }))
 }
 
+/// How `bench trainer` runs: timed steps, recomputation, the ds_config,
+/// CPU ranks, and their tensor × pipeline layout with the micro-batches a
+/// step (gradient accumulation, the pipeline's micro-batches).
+pub struct TrainerRun {
+    pub steps: usize,
+    pub gradient_checkpointing: bool,
+    pub deepspeed: Option<Value>,
+    pub ranks: usize,
+    pub tensor_model_parallel_size: usize,
+    pub pipeline_model_parallel_size: usize,
+    pub gradient_accumulation_steps: usize,
+}
+
 /// The whole `Trainer` step (collation, forward, backward, clipping, AdamW
-/// through the ZeRO engine, logging) on `ranks` CPU ranks: tokens/s, peak
-/// memory and each rank's model-state bytes. Against `train` (a bare
-/// forward/backward/AdamW loop) it shows what the Trainer adds; with
-/// `gradient_checkpointing` what recomputation costs and saves.
+/// through the ZeRO engine or the 3D trainer, logging) on `ranks` CPU
+/// ranks: tokens/s, peak memory and each rank's model-state bytes; with
+/// tensor or pipeline parallelism also each rank's bubble and the elements
+/// it sent through each group in the last step beside the papers' count.
+/// Against `train` (a bare forward/backward/AdamW loop) it shows what the
+/// Trainer adds; with `gradient_checkpointing` what recomputation costs
+/// and saves.
 pub fn trainer(
     shape: &Shape,
-    steps: usize,
-    gradient_checkpointing: bool,
-    deepspeed: Option<Value>,
-    ranks: usize,
+    run: &TrainerRun,
     device: &Device,
 ) -> std::result::Result<Value, companion::train::TrainError> {
     use companion::zero::comm::{run_ranks, Communicator, SingleRank};
     use std::sync::Arc;
-    let cfg = shape.config.clone();
-    let ranks = ranks.max(1);
+    let (steps, ranks) = (run.steps, run.ranks.max(1));
+    let (tp, pp, accum) = (
+        run.tensor_model_parallel_size.max(1),
+        run.pipeline_model_parallel_size.max(1),
+        run.gradient_accumulation_steps.max(1),
+    );
+    let mut cfg = shape.config.clone();
+    if tp * pp > 1 {
+        // The tensor- and pipeline-parallel path applies no dropout.
+        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
+    }
+    let dp = (ranks / (tp * pp)).max(1);
     let rows = random_ids(
-        shape.batch * ranks * (steps + 1),
+        shape.batch * dp * accum * (steps + 1),
         shape.seq,
         cfg.vocab_size,
         1,
@@ -243,11 +266,14 @@ pub fn trainer(
                 output_dir: dir.path().display().to_string(),
                 max_steps: (steps + 1) as i64,
                 per_device_train_batch_size: shape.batch,
+                gradient_accumulation_steps: accum,
                 learning_rate: 1e-4,
                 logging_steps: 1.0,
                 save_strategy: companion::train::IntervalStrategy::No,
-                gradient_checkpointing,
-                deepspeed: deepspeed.clone(),
+                gradient_checkpointing: run.gradient_checkpointing,
+                deepspeed: run.deepspeed.clone(),
+                tensor_model_parallel_size: tp,
+                pipeline_model_parallel_size: pp,
                 ..Default::default()
             };
             let collator = companion::data::DataCollatorForLanguageModeling {
@@ -279,14 +305,33 @@ pub fn trainer(
             Ok(json!({
                 "tokens_per_second": median(tps),
                 "model_state_bytes_per_rank": memory,
+                "rank": t.engine.rank(),
+                "parallel": parallel_figures(&t, &cfg, shape),
             }))
         };
-    let mut r = if ranks == 1 {
-        job(Arc::new(SingleRank))?
+    let all = if ranks == 1 {
+        vec![job(Arc::new(SingleRank))?]
     } else {
-        run_ranks(ranks, |_, comm| job(comm))?.remove(0)
+        run_ranks(ranks, |_, comm| job(comm))?
     };
+    let mut r = all[0].clone();
     let o = r.as_object_mut().expect("object");
+    o.remove("rank");
+    o.remove("parallel");
+    if tp * pp > 1 {
+        let ranks_fig: Vec<&Value> = all.iter().map(|v| &v["parallel"]).collect();
+        // PipeDream-Flush's bubble: (pp − 1) idle slots of m + pp − 1.
+        let m = accum as f64;
+        o.insert(
+            "bubble_formula".into(),
+            json!((pp as f64 - 1.0) / (m + pp as f64 - 1.0)),
+        );
+        o.insert("per_rank".into(), json!(ranks_fig));
+    }
+    o.insert("tensor_model_parallel_size".into(), json!(tp));
+    o.insert("pipeline_model_parallel_size".into(), json!(pp));
+    o.insert("data_parallel_size".into(), json!(dp));
+    o.insert("micro_batches_per_step".into(), json!(accum));
     o.insert("implementation".into(), json!("companion Trainer (candle)"));
     o.insert("device".into(), json!(format!("{device:?}")));
     o.insert("bench".into(), json!("trainer"));
@@ -296,9 +341,45 @@ pub fn trainer(
     o.insert("ranks".into(), json!(ranks));
     o.insert(
         "gradient_checkpointing".into(),
-        json!(gradient_checkpointing),
+        json!(run.gradient_checkpointing),
     );
     o.insert("threads".into(), json!(rayon::current_num_threads()));
     o.insert("peak_rss_mib".into(), json!(peak_rss_mib()));
     Ok(r)
+}
+
+/// A tensor/pipeline-parallel rank's last step: its place, the share of
+/// the step it waited on its pipeline neighbours, and the bytes it sent
+/// through each group beside the Megatron and ZeRO papers' count.
+fn parallel_figures(
+    t: &companion::train::Trainer,
+    cfg: &companion::config::GPT2Config,
+    shape: &Shape,
+) -> Value {
+    let companion::train::engine::Engine::ModelParallel(mp) = &t.engine else {
+        return Value::Null;
+    };
+    let p = &mp.trainer;
+    let (l, c) = (p.groups.layout, p.groups.coords);
+    let held = p.shards().iter().map(|(_, s)| s.elem_count()).sum();
+    let want = companion::parallel::traffic::expected(&companion::parallel::traffic::StepShape {
+        config: cfg,
+        tp: l.tp,
+        pp: l.pp,
+        dp: l.dp,
+        stage: c.pp,
+        micro_batches: t.plan.batch.gradient_accumulation_steps,
+        rows: shape.batch,
+        seq: shape.seq,
+        held,
+    });
+    let bytes = |x: &companion::parallel::traffic::Traffic| json!({"tensor": x.tensor * 4, "pipeline": x.pipeline * 4, "data": x.data * 4});
+    json!({
+        "rank": t.engine.rank(),
+        "tp_rank": c.tp, "dp_rank": c.dp, "stage": c.pp,
+        "bubble_measured": mp.last_bubble,
+        "sent_bytes_measured": bytes(&p.last_traffic),
+        "sent_bytes_formula": bytes(&want),
+        "activations_held_bytes": mp.activations_held,
+    })
 }

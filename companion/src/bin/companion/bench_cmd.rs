@@ -58,9 +58,18 @@ pub struct BenchTrainerCmd {
     /// A ds_config.json (ZeRO stage, offload).
     #[arg(long)]
     deepspeed: Option<PathBuf>,
-    /// CPU ranks (threads); more than one needs --deepspeed.
+    /// CPU ranks (threads); more than one data-parallel rank needs --deepspeed.
     #[arg(long, default_value_t = 1)]
     num_ranks: usize,
+    /// Megatron-LM's tensor-parallel size (ranks splitting each layer).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+    tensor_model_parallel_size: usize,
+    /// Megatron-LM's pipeline-parallel size (stages of blocks).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+    pipeline_model_parallel_size: usize,
+    /// Micro-batches a step (what the pipeline overlaps).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+    gradient_accumulation_steps: usize,
     /// Where one rank runs: cpu, cuda or cuda:N (a build with the cuda feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -210,14 +219,16 @@ fn bench_trainer(c: BenchTrainerCmd) -> Result<()> {
     if !device.is_cpu() && c.num_ranks > 1 {
         anyhow::bail!("--num-ranks {} with --device {}: several ranks run on the CPU (use pretrain --num-gpus for GPUs)", c.num_ranks, c.device);
     }
-    let v = bench::trainer(
-        &shape,
-        c.steps,
-        c.gradient_checkpointing,
-        ds,
-        c.num_ranks,
-        &device,
-    )?;
+    let run = bench::TrainerRun {
+        steps: c.steps,
+        gradient_checkpointing: c.gradient_checkpointing,
+        deepspeed: ds,
+        ranks: c.num_ranks,
+        tensor_model_parallel_size: c.tensor_model_parallel_size,
+        pipeline_model_parallel_size: c.pipeline_model_parallel_size,
+        gradient_accumulation_steps: c.gradient_accumulation_steps,
+    };
+    let v = bench::trainer(&shape, &run, &device)?;
     if c.json {
         println!("{v}");
     } else {
