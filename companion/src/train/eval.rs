@@ -85,7 +85,7 @@ impl Trainer {
         let n_batches = ds.len().div_ceil(bs);
         let (mut sum, mut count) = (0f64, 0usize);
         for i in (0..n_batches.div_ceil(world)).map(|j| j * world + rank) {
-            let engine = super::trainer::zero_mut(&mut self.engine)?;
+            let engine = super::data_parallel::zero_mut(&mut self.engine)?;
             if i >= n_batches {
                 engine.skip_forward(&self.model)?;
                 continue;
@@ -94,7 +94,10 @@ impl Trainer {
             let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
             let b = self.batch_of(ds, &idx)?;
             let dev = self.model.device().clone();
-            let (engine, model) = (super::trainer::zero_mut(&mut self.engine)?, &self.model);
+            let (engine, model) = (
+                super::data_parallel::zero_mut(&mut self.engine)?,
+                &self.model,
+            );
             let (s, n) =
                 batch_loss_sum(&b, &dev, |ids, mask| Ok(engine.forward(model, ids, mask)?))?;
             sum += s;

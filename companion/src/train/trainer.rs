@@ -19,10 +19,10 @@ use super::logging::{log_entry, train_metrics, Live, LogWindow, Sinks, StepRepor
 use super::plan::TrainPlan;
 use super::state::{TrainOutput, TrainerState};
 use crate::data::{Batch, DataCollatorForLanguageModeling, DataLoader, Dataset};
-use crate::model::{GPT2LMHeadModel, GradientPath, MicroBatch};
+use crate::model::{GPT2LMHeadModel, GradientPath};
 use crate::tokenizer::AutoTokenizer;
 use crate::zero::comm::{Communicator, SingleRank};
-use crate::zero::{ModelStateBytes, ZeroEngine};
+use crate::zero::ZeroEngine;
 
 /// Hooks for tests: fail halfway through writing the checkpoint of step N;
 /// make the gradients of a step overflow.
@@ -217,74 +217,6 @@ impl Trainer {
     /// Rank 0 of the group (it logs and writes shared files).
     pub fn is_world_process_zero(&self) -> bool {
         self.engine.rank() == 0
-    }
-
-    /// Every rank's model-state bytes, measured (a collective: all ranks call it).
-    pub fn memory_report(&self) -> Result<Vec<ModelStateBytes>> {
-        let m = match &self.engine {
-            Engine::Zero(e) => e.memory(&self.model),
-            Engine::ModelParallel(p) => p.memory(),
-        };
-        let row = [
-            m.params as f64,
-            m.grads as f64,
-            m.optimizer_states as f64,
-            m.offloaded_to_host as f64,
-            m.peak_gathered_params as f64,
-            m.activations_held.map_or(-1.0, |a| a as f64),
-        ];
-        let mut out = Vec::new();
-        for r in 0..self.engine.world_size() {
-            let mut v = [0f64; 6];
-            for (k, x) in row.iter().enumerate() {
-                v[k] = self
-                    .engine
-                    .comm()
-                    .all_reduce_f64(if r == m.rank { *x } else { 0.0 })?;
-            }
-            out.push(ModelStateBytes {
-                rank: r,
-                stage: m.stage,
-                world_size: m.world_size,
-                params: v[0] as usize,
-                grads: v[1] as usize,
-                optimizer_states: v[2] as usize,
-                offloaded_to_host: v[3] as usize,
-                peak_gathered_params: v[4] as usize,
-                activations_held: (v[5] >= 0.0).then_some(v[5] as usize),
-            });
-        }
-        Ok(out)
-    }
-
-    /// The whole model with its current weights (a collective under ZeRO-3,
-    /// which gathers them from every rank).
-    pub fn full_model(&self) -> Result<GPT2LMHeadModel> {
-        match &self.engine {
-            Engine::Zero(e) => {
-                let t = e.full_state_dict(&self.model)?;
-                Ok(GPT2LMHeadModel::from_tensors(
-                    self.model.config.clone(),
-                    t,
-                    DType::F32,
-                    self.model.device(),
-                    "(ZeRO-3 partitions)",
-                )?)
-            }
-            Engine::ModelParallel(p) => self.model_from_flat(&p.trainer.gather_full_state()?.fp32),
-        }
-    }
-
-    /// The whole model from its weights laid end to end (a gathered state).
-    pub(crate) fn model_from_flat(&self, fp32: &[f32]) -> Result<GPT2LMHeadModel> {
-        let t = super::engine::tensors_by_name(self.engine.layout(), fp32, self.model.device())?;
-        Ok(GPT2LMHeadModel::from_tensors(
-            self.model.config.clone(),
-            t,
-            DType::F32,
-            self.model.device(),
-            "(the gathered state)",
-        )?)
     }
 
     /// Hand the whole model to the callbacks that ask for it now.
@@ -557,106 +489,14 @@ impl Trainer {
         }
     }
 
-    /// One optimizer step: this rank's micro-batches of the global batch,
-    /// forward and backward through the engine, the learning rate of the
-    /// schedule, and the engine's step (reduce, clip, AdamW).
+    /// One optimizer step on the run's path: data parallelism (the ZeRO
+    /// engine) or tensor/pipeline parallelism (the 3D trainer).
     fn optimizer_step(&mut self, loader: &DataLoader) -> Result<StepReport> {
-        if self.engine.zero().is_none() {
-            return self.model_parallel_step(loader);
+        match self.engine {
+            Engine::Zero(_) => self.data_parallel_step(loader),
+            Engine::ModelParallel(_) => self.model_parallel_step(loader),
         }
-        let step = self.state.global_step;
-        let accum = self.plan.batch.gradient_accumulation_steps;
-        let (world, rank) = (self.engine.world_size(), self.engine.rank());
-        let comm = self.engine.comm().clone();
-        let sum_ranks = |x: f64| -> Result<f64> { Ok(comm.all_reduce_f64(x)?) };
-        // This rank's micro-batches of this update and the label-token count
-        // of the whole global batch: every rank's loss is divided by it, so
-        // the summed gradients equal one rank's on all of it.
-        let batches: Vec<Option<Batch>> = (0..accum)
-            .map(|k| {
-                let idx = loader.batch(step * accum + k);
-                if idx.is_empty() {
-                    Ok(None)
-                } else {
-                    self.batch_of(&self.train_dataset, &idx).map(Some)
-                }
-            })
-            .collect::<Result<_>>()?;
-        self.batches_read += batches.iter().flatten().count();
-        let local_items: usize = batches.iter().flatten().map(Batch::num_label_tokens).sum();
-        let n_items = sum_ranks(local_items as f64)?.max(1.0);
-        let local = super::logging::BatchFigures::of(&batches, &self.model.config);
-        let tokens = sum_ranks(local.tokens as f64)? as usize;
-        let real_tokens = sum_ranks(local.real_tokens as f64)? as usize;
-        let flops = sum_ranks(local.flops)?;
-        let mut local_loss = 0f64;
-        for (k, b) in batches.iter().enumerate() {
-            let Some(b) = b else {
-                self.gradient_path
-                    .skip(&self.model, zero_mut(&mut self.engine)?)?;
-                continue;
-            };
-            // Dropout is seeded by the micro-batch's place in the global
-            // order, so N ranks draw what one rank would.
-            let global_micro = ((step * accum + k) * world + rank) as u64;
-            self.model
-                .seed_dropout(self.args.seed ^ global_micro.wrapping_mul(0x9E3779B97F4A7C15));
-            let (ids, labels) = self.tensors(b)?;
-            let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
-            let batch = MicroBatch {
-                input_ids: &ids,
-                labels: &labels,
-                attention_mask: mask,
-                n_items,
-                loss_scale: zero_mut(&mut self.engine)?.loss_scale(),
-            };
-            let lv = self.gradient_path.forward_backward(
-                &self.model,
-                &batch,
-                zero_mut(&mut self.engine)?,
-            )?;
-            if !lv.is_finite() {
-                return Err(TrainError::NonFinite(format!(
-                    "the loss became {lv} at step {}; training stopped and {} (lower the \
-                     learning_rate or check the data)",
-                    step + 1,
-                    super::output_dir::kept_checkpoint(&self.args.output_dir)
-                )));
-            }
-            local_loss += lv;
-        }
-        let loss = sum_ranks(local_loss)?;
-        self.state.num_input_tokens_seen += tokens;
-        // Skipped (fp16 overflow) steps do not advance the schedule, as
-        // DeepSpeed does not step its scheduler then.
-        let sched_step = step - self.engine.skipped_steps();
-        let lr = self
-            .plan
-            .schedule
-            .lr_at(sched_step, self.plan.learning_rate);
-        let engine = zero_mut(&mut self.engine)?;
-        if self.faults.overflow_at_step == Some(step + 1) {
-            engine.poison_gradients();
-        }
-        let loss_scale = engine.loss_scaler.as_ref().map(|s| s.cur_scale);
-        let norm = engine.step(&self.model, lr, self.plan.max_grad_norm)?;
-        Ok(StepReport {
-            loss,
-            norm,
-            lr,
-            loss_scale,
-            tokens,
-            real_tokens,
-            flops,
-        })
     }
-}
-
-/// The ZeRO engine of a run that has one (the data-parallel path).
-pub(super) fn zero_mut(e: &mut Engine) -> Result<&mut ZeroEngine> {
-    e.zero_mut().ok_or_else(|| {
-        TrainError::Args("the ZeRO engine's step on a tensor/pipeline-parallel run".into())
-    })
 }
 
 /// Each replica's data loader over `len` training examples.
