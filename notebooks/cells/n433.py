@@ -96,7 +96,10 @@ ZeRO-1 (勾配を reduce-scatter し、Adam の状態を分け持ち、更新し
 どの分け方でも損失が 1 ランクで学習した場合と 1e-5 の範囲で同じになること、各ランクが 1 ステップで
 テンソル並列・パイプライン並列・データ並列の組に渡す要素数が論文の式から数えた値と一致することを確かめ、
 各ランクが持つ部分を表にします。
-(`Trainer` と `companion pretrain` からはまだ使えず、このクレートのライブラリとして動きます。)
+(`Trainer` と `companion pretrain` でも `--tensor-model-parallel-size` と `--pipeline-model-parallel-size` で
+同じ分け方ができます。2 つ先の節で使います。)
+*(The Trainer and `companion pretrain` take the same split with `--tensor-model-parallel-size` and
+`--pipeline-model-parallel-size`; used two sections below.)*
 """),
     code("""
 use companion::parallel::{ParallelTrainer, StepOutput};
@@ -109,10 +112,10 @@ let weights3d: Vec<(String, Tensor)> = init3d.named_parameters().into_iter().map
 // 3 steps × 4 micro-batches × 2 rows × 16 tokens.
 let batches3d: Vec<Vec<Vec<Vec<u32>>>> = (0..3u32).map(|s| (0..4u32).map(|m| (0..2u32).map(|i|
     (0..16u32).map(|j| (s * 97 + m * 31 + i * 13 + j * 7 + 5) % 256).collect()).collect()).collect()).collect();
-/// Per rank: its (TP, DP, stage), the losses of the steps, the parameters it holds, its Adam bytes, and what its
-/// last step sent through each group beside the papers' count.
+/// Per rank: its (TP, DP, stage), the losses of the steps, the parameters it holds, its Adam bytes, what its
+/// last step sent through each group beside the papers' count, and the names of the weights it holds.
 fn train3d(cfg: &GPT2Config, w: &[(String, Tensor)], b: &[Vec<Vec<Vec<u32>>>], tp: usize, pp: usize, dp: usize)
-    -> Vec<((usize, usize, usize), Vec<f64>, usize, usize, (companion::parallel::traffic::Traffic, companion::parallel::traffic::Traffic))> {
+    -> Vec<((usize, usize, usize), Vec<f64>, usize, usize, (companion::parallel::traffic::Traffic, companion::parallel::traffic::Traffic), Vec<String>)> {
     let adam = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
     run_ranks(tp * pp * dp, |_, comm| -> Result<_, companion::zero::comm::CommError> {
         let err = |e: companion::candle_core::Error| companion::zero::comm::CommError::Transport(e.to_string());
@@ -126,22 +129,27 @@ fn train3d(cfg: &GPT2Config, w: &[(String, Tensor)], b: &[Vec<Vec<Vec<u32>>>], t
         let formula = companion::parallel::traffic::expected(&companion::parallel::traffic::StepShape {
             config: cfg, tp, pp, dp, stage: c.pp, micro_batches: b[0].len() / dp, rows: b[0][0].len(),
             seq: b[0][0][0].len(), held });
-        Ok(((c.tp, c.dp, c.pp), losses, held, t.optimizer.state_bytes(), (t.last_traffic, formula)))
+        let names: Vec<String> = t.shards().into_iter().map(|(n, _)| n).collect();
+        Ok(((c.tp, c.dp, c.pp), losses, held, t.optimizer.state_bytes(), (t.last_traffic, formula), names))
     }).unwrap()
 }
 let one3d = train3d(&small3d, &weights3d, &batches3d, 1, 1, 1).remove(0);
 let mut rows3d = vec![vec!["layout".to_string(), "rank".into(), "TP".into(), "DP".into(), "stage".into(),
     "blocks".into(), "parameters held".into(), "Adam state".into(), "sent per step: TP / PP / DP".into(),
     "losses (3 steps)".into()]];
+let mut held2x2: Vec<(companion::parallel::Coords, Vec<String>)> = vec![];
 for (tp, pp, dp) in [(2, 2, 1), (2, 1, 2)] {
     let ranks = train3d(&small3d, &weights3d, &batches3d, tp, pp, dp);
+    if (tp, pp) == (2, 2) {
+        held2x2 = ranks.iter().map(|x| (companion::parallel::Coords { tp: x.0 .0, dp: x.0 .1, pp: x.0 .2 }, x.5.clone())).collect();
+    }
     // ZeRO-1: the replicas of one shard hold Adam's two fp32 moments for it once between them (up to padding).
     for shard in ranks.iter().filter(|x| x.0 .1 == 0) {
         let group: usize = ranks.iter().filter(|x| (x.0 .0, x.0 .2) == (shard.0 .0, shard.0 .2)).map(|x| x.3).sum();
         check!(group >= 8 * shard.2 && group < 8 * (shard.2 + dp),
                "tp {tp} pp {pp} dp {dp}: Adam bytes over the replicas {group} vs 8 × {} held", shard.2);
     }
-    for (r, ((t, d, s), losses, held, adam, (sent, formula))) in ranks.into_iter().enumerate() {
+    for (r, ((t, d, s), losses, held, adam, (sent, formula), _)) in ranks.into_iter().enumerate() {
         // Megatron: 2 all-reduces of b·s·h per layer forward, 2 backward; a stage boundary carries b·s·h each way per
         // micro-batch; data parallelism all-reduces the gradients and ZeRO-1 all-gathers the updated parts.
         check_eq!(sent, formula, "tp {tp} pp {pp} dp {dp} rank {r}: elements sent in a step vs the papers' count");
@@ -159,6 +167,85 @@ println!("one rank: {} parameters; losses {}", small3d.num_parameters(), one3d.1
 let table3d = notebook::Table(rows3d);
 table3d
 """),
+    md("""
+### どのランクがどの部分を持つか
+*Which slice of each part of the model each rank of the tensor 2 × pipeline 2 run holds, read from the weights each
+rank really holds (`ParallelTrainer::shards`): a row per rank, coloured by pipeline stage. Every part must be held by
+some rank of the replica.*
+
+行がランク、列がモデルの部分 (埋め込み `wte` と `wpe`、各ブロック、`ln_f`) です。各ランクが実際に持っている重みの
+名前から作り、セルの色はパイプラインの段を表します。テンソル並列の 2 ランクがアテンションのヘッドと語彙の行を
+半分ずつ持ち、最後の段は出力層のために `wte` の写しを持ちます (重みを共有しているため)。語彙 256 は 2 で割り切れる
+ので詰め物の行はありません。
+"""),
+    code("""
+let map3d = notebook::ShardMap::new(&small3d, companion::parallel::ParallelLayout::new(4, 2, 2).unwrap(), &held2x2);
+check!(map3d.missing().is_empty(), "parts no rank holds: {:?}", map3d.missing());
+check_eq!(map3d.ranks[1].1[2].as_deref(), Some("heads 2–3"), "rank 1 (TP 1, stage 0) holds heads 2–3 of block 0");
+check_eq!(map3d.ranks[2].1[2], None, "rank 2 (stage 1) holds nothing of block 0");
+map3d
+"""),
+    md("""
+### Trainer で 3D 並列化し、別の並べ方で再開する
+*The same through the `Trainer` (as `companion pretrain --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2`
+runs it): 2 steps at tensor 2 × pipeline 2 with ZeRO-1 on 4 ranks, saved; resumed on 2 data-parallel ranks with
+ZeRO-3 for 2 steps more. The checkpoint holds the whole state by parameter name (gathered from the shards), and the
+new run cuts it for its own layout. Every step's loss must equal an uninterrupted run on one rank (1e-5).*
+
+DeepSpeed や transformers の Trainer では、保存したときと違う並べ方で再開するには変換が要ります
+(DeepSpeed の universal checkpoint)。ここでは保存するときに各ランクの断片を集めてパラメータ名ごとの全体の状態にし、
+再開するときに新しい並べ方に切り直します。データローダーは同じ例から続けます (ランクあたりのバッチ × データ並列の
+ランク数が同じとき)。
+"""),
+    code("""
+use companion::train::TrainError;
+/// Losses by step of a Trainer run of `cfg` on tp × pp × dp CPU ranks (ZeRO `stage` in its ds_config), 4 steps of
+/// 2 micro-batches of 4 rows, stopped after `stop` steps or resumed from `resume`.
+fn trainer3d(cfg: &GPT2Config, out: &Path, (tp, pp, dp): (usize, usize, usize), stage: Option<u8>, stop: Option<usize>,
+             resume: Option<&Path>) -> Vec<(u64, f64)> {
+    let rows: Vec<Vec<u32>> = (0..32u32).map(|i| (0..16u32).map(|j| (i * 37 + j * 11 + 3) % 256).collect()).collect();
+    let ds = Dataset::from_rows(rows, 32 * 16 * 4, 32 * 16);
+    run_ranks(tp * pp * dp, |_, comm| -> Result<Vec<(u64, f64)>, TrainError> {
+        let args = TrainingArguments {
+            output_dir: out.display().to_string(), max_steps: 4, per_device_train_batch_size: 4 / dp,
+            gradient_accumulation_steps: 2, learning_rate: 3e-3, weight_decay: 0.1, logging_steps: 1.0, save_steps: 2.0,
+            tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp,
+            resume_from_checkpoint: resume.map(|p| p.display().to_string()),
+            deepspeed: stage.map(|s| json!({"train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": s}})),
+            ..Default::default()
+        };
+        let collator = DataCollatorForLanguageModeling { pad_token_id: Some(0), mlm: false, pad_to_multiple_of: None,
+            padding_side: tokenizer::PaddingSide::Right };
+        let model = GPT2LMHeadModel::new(cfg, 42, &Device::Cpu)?;
+        let mut t = Trainer::new_distributed(model, args, collator, ds.clone(), None, None, comm)?;
+        t.verbose = false;
+        if let Some(s) = stop { t.add_callback(StopAtStep(s)); }
+        t.train()?;
+        Ok(t.state.log_history.iter().filter_map(|e| Some((e.get("step")?.as_u64()?, e.get("loss")?.as_f64()?))).collect())
+    }).unwrap().remove(0)
+}
+let work3d = std::env::temp_dir().join(format!("companion-433-3d-{}", std::process::id()));
+let _ = std::fs::remove_dir_all(&work3d);
+let straight3d = trainer3d(&small3d, &work3d.join("one"), (1, 1, 1), None, None, None);
+let first3d = trainer3d(&small3d, &work3d.join("tp2pp2"), (2, 2, 1), Some(1), Some(2), None);
+let then3d = trainer3d(&small3d, &work3d.join("dp2"), (1, 1, 2), Some(3), None, Some(&work3d.join("tp2pp2/checkpoint-2")));
+check_eq!(then3d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4],
+          "the resumed run's log history: the checkpoint's steps 1–2, then its own 3–4");
+let then3d: Vec<(u64, f64)> = then3d.into_iter().filter(|x| x.0 > 2).collect();
+let mut rows_resume = vec![vec!["step".to_string(), "one rank".into(), "tp 2 × pp 2 + ZeRO-1 (4 ranks)".into(),
+    "resumed: dp 2 + ZeRO-3 (2 ranks)".into()]];
+for (step, want) in &straight3d {
+    let got = first3d.iter().chain(&then3d).find(|x| x.0 == *step).map(|x| x.1).unwrap();
+    check!((got - want).abs() <= 1e-5 * want, "step {step}: {got} vs one rank's {want}");
+    let cell = |v: &[(u64, f64)]| v.iter().find(|x| x.0 == *step).map_or(String::new(), |x| format!("{:.5}", x.1));
+    rows_resume.push(vec![step.to_string(), format!("{want:.5}"), cell(&first3d), cell(&then3d)]);
+}
+let _ = std::fs::remove_dir_all(&work3d);
+let table_resume = notebook::Table(rows_resume);
+table_resume
+"""),
+
     md("""
 ### ZeRO の各ステージで 1 GPU が持つメモリ
 *Model-state memory per GPU in the ZeRO paper (mixed-precision Adam: 2 bytes of fp16 weights, 2 of fp16 gradients and

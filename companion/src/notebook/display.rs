@@ -5,14 +5,14 @@ use crate::config::GPT2Config;
 use crate::tokenizer::AutoTokenizer;
 use crate::train::TrainerState;
 
-fn escape(s: &str) -> String {
+pub(super) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
 }
 
-fn emit(mime: &str, body: &str) {
+pub(super) fn emit(mime: &str, body: &str) {
     println!("EVCXR_BEGIN_CONTENT {mime}\n{body}\nEVCXR_END_CONTENT");
 }
 

@@ -4,11 +4,13 @@
 pub mod check;
 pub mod display;
 pub mod reference;
+pub mod shard_map;
 pub mod watch;
 
 pub use check::{fail, CheckFailed, CHECK_FAILED_EXIT_CODE};
 pub use display::*;
 pub use reference::{NotebookMode, ReferenceRun};
+pub use shard_map::ShardMap;
 pub use watch::{Sample, WatchTraining};
 
 use std::path::Path;

@@ -140,9 +140,10 @@ impl ShardOptimizer {
     }
 
     /// One step from this rank's gradients `grads` (by name; each data-
-    /// parallel replica's of its own share of the batch): with a
-    /// data-parallel group, the gradients are reduce-scattered over it (each
-    /// rank gets the replicas' mean for its part), the norm is summed from
+    /// parallel replica's of its own share of the batch's loss, so their
+    /// sum is the batch's gradient): with a data-parallel group, the
+    /// gradients are reduce-scattered over it (each rank gets the replicas'
+    /// sum for its part), the norm is summed from
     /// the parts, the part updated and the parts all-gathered (Megatron's
     /// distributed optimizer); the norm is also summed over the tensor
     /// group and the `more` groups (the pipeline's stages). Returns the
@@ -181,7 +182,6 @@ impl ShardOptimizer {
                 let mut x = d
                     .reduce_scatter_sum(&g, &vec![self.part; ways])
                     .map_err(comm_err)?;
-                x.iter_mut().for_each(|v| *v /= ways as f32);
                 x.truncate(mine.len());
                 x
             }

@@ -112,9 +112,11 @@ impl PipelineStage {
     }
 }
 
-/// What a pipeline step gives back.
+/// What a pipeline step gives back (default: a step with no micro-batches).
+#[derive(Default)]
 pub struct PipelineStep {
-    /// The mean loss over the micro-batches' tokens (last stage; 0 elsewhere).
+    /// The loss summed over the micro-batches' tokens, over the
+    /// denominator (last stage; 0 elsewhere).
     pub loss: f64,
     /// Gradients of this stage's parameters, by name (summed over the
     /// micro-batches, of the mean loss).
@@ -130,10 +132,14 @@ pub struct PipelineStep {
 
 /// The forward pass alone over one batch (evaluation): activations handed
 /// down the stages; the last stage gives the summed loss and its token count.
-pub fn forward_only(st: &mut PipelineStage, rows: &[Vec<u32>]) -> Result<Option<(f64, usize)>> {
+pub fn forward_only(
+    st: &mut PipelineStage,
+    rows: &[Vec<u32>],
+    labels: Option<&[Vec<i64>]>,
+) -> Result<Option<(f64, usize)>> {
     let (s, n) = (st.model.stage, st.model.stages);
     let input = if s > 0 { st.swap(false, None)? } else { None };
-    let (out, count) = st.model.forward_stage(rows, input.as_ref())?;
+    let (out, count) = st.model.forward_stage(rows, labels, input.as_ref())?;
     if s + 1 < n {
         st.swap(true, Some(&out))?;
         return Ok(None);
@@ -141,12 +147,30 @@ pub fn forward_only(st: &mut PipelineStage, rows: &[Vec<u32>]) -> Result<Option<
     Ok(Some((out.to_scalar::<f32>()? as f64, count)))
 }
 
+/// The tokens the loss counts in `micro_batches` (with `labels`).
+pub fn count_targets(
+    micro_batches: &[Vec<Vec<u32>>],
+    labels: Option<&[Vec<Vec<i64>>]>,
+) -> Result<usize> {
+    let mut n = 0;
+    for (k, mb) in micro_batches.iter().enumerate() {
+        let t = super::tensor::targets(mb, labels.map(|l| l[k].as_slice()))?;
+        n += t.iter().filter(|&&x| x >= 0).count();
+    }
+    Ok(n)
+}
+
 /// One training step's forward and backward passes over `micro_batches`
-/// (equal-sized, equal-length rows) in 1F1B order. Every stage of the
-/// pipeline calls it with the same micro-batches.
+/// (each of equal-length rows) in 1F1B order, with their `labels` (none:
+/// the ids), of the loss summed over their tokens and divided by
+/// `denominator` (none: their own token count; data parallelism gives the
+/// whole batch's). Every stage of the pipeline calls it with the same
+/// micro-batches.
 pub fn one_forward_one_backward(
     st: &mut PipelineStage,
     micro_batches: &[Vec<Vec<u32>>],
+    labels: Option<&[Vec<Vec<i64>>]>,
+    denominator: Option<usize>,
 ) -> Result<PipelineStep> {
     let m = micro_batches.len();
     if m == 0 {
@@ -154,10 +178,14 @@ pub fn one_forward_one_backward(
     }
     let (s, n) = (st.model.stage, st.model.stages);
     let last = s + 1 == n;
-    let tokens: usize = micro_batches
-        .iter()
-        .map(|mb| mb.iter().map(|r| r.len().saturating_sub(1)).sum::<usize>())
-        .sum();
+    if labels.is_some_and(|l| l.len() != m) {
+        candle_core::bail!("labels for another number of micro-batches");
+    }
+    let label = |k: usize| labels.map(|l| l[k].as_slice());
+    let tokens = match denominator {
+        Some(d) => d,
+        None => count_targets(micro_batches, labels)?,
+    };
     let started = Instant::now();
     st.waited = Duration::ZERO;
     let mut grads: HashMap<String, Tensor> = HashMap::new();
@@ -180,9 +208,11 @@ pub fn one_forward_one_backward(
                        loss_sum: &mut f64|
      -> Result<(Option<Var>, Tensor)> {
         let var = input.map(|t| Var::from_tensor(&t)).transpose()?;
-        let (out, count) = st
-            .model
-            .forward_stage(&micro_batches[k], var.as_ref().map(|v| v.as_tensor()))?;
+        let (out, count) = st.model.forward_stage(
+            &micro_batches[k],
+            label(k),
+            var.as_ref().map(|v| v.as_tensor()),
+        )?;
         if last {
             *loss_sum += out.to_scalar::<f32>()? as f64;
             let _ = count;
@@ -330,7 +360,8 @@ mod tests {
                     let err = |e: candle_core::Error| CommError::Transport(e.to_string());
                     let one: Arc<dyn Communicator> = Arc::new(crate::zero::comm::SingleRank);
                     let mut st = PipelineStage::new(&cfg, &weights, one, comm).map_err(err)?;
-                    let step = one_forward_one_backward(&mut st, &micro).map_err(err)?;
+                    let step =
+                        one_forward_one_backward(&mut st, &micro, None, None).map_err(err)?;
                     Ok((st.model.stage, step.loss, step.grads))
                 })
                 .unwrap();

@@ -106,6 +106,25 @@ pub fn shard(name: &str, full: &Tensor, rank: usize, tp: usize) -> Result<Tensor
     }
 }
 
+/// Each position's target in HF's causal-LM loss: the next label (the
+/// collator's, or the next id), -100 after a row's last position.
+pub fn targets(rows: &[Vec<u32>], labels: Option<&[Vec<i64>]>) -> Result<Vec<i64>> {
+    match labels {
+        None => Ok(rows
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&i| i as i64).chain([-100]))
+            .collect()),
+        Some(l) => {
+            if l.len() != rows.len() || l.iter().zip(rows).any(|(a, b)| a.len() != b.len()) {
+                candle_core::bail!("labels of another shape than the input ids");
+            }
+            Ok(l.iter()
+                .flat_map(|r| r[1..].iter().copied().chain([-100]))
+                .collect())
+        }
+    }
+}
+
 /// GPT-2 over a tensor-parallel group: this rank's shards (trainable) and
 /// the group.
 pub struct TensorParallelGpt2 {
@@ -226,17 +245,20 @@ impl TensorParallelGpt2 {
                 "loss: a pipeline stage gives activations (one_forward_one_backward)"
             );
         }
-        let (sum, count) = self.forward_stage(rows, None)?;
+        let (sum, count) = self.forward_stage(rows, None, None)?;
         sum / count.max(1) as f64
     }
 
     /// This stage's part of the forward pass over equal-length `rows`:
     /// token ids (first stage) or the previous stage's activations
     /// `[B·T, C]` in; activations out, or on the last stage the summed
-    /// cross-entropy and the number of tokens it counts.
+    /// cross-entropy and the number of tokens it counts. `labels` are the
+    /// collator's (-100: not counted; none: the ids), shifted as HF shifts
+    /// them; rows padded on the right are exact (attention is causal).
     pub fn forward_stage(
         &self,
         rows: &[Vec<u32>],
+        labels: Option<&[Vec<i64>]>,
         input: Option<&Tensor>,
     ) -> Result<(Tensor, usize)> {
         let c = &self.config;
@@ -331,10 +353,7 @@ impl TensorParallelGpt2 {
         } else {
             logits
         };
-        let targets: Vec<i64> = rows
-            .iter()
-            .flat_map(|r| r[1..].iter().map(|&i| i as i64).chain([-100]))
-            .collect();
+        let targets = targets(rows, labels)?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
         let sum = vocab_parallel_cross_entropy_sum(&logits, targets, off, &self.comm)?;
         Ok((sum, count))

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 
 use super::layout::ParallelGroups;
 use super::optimizer::ShardOptimizer;
-use super::pipeline::{one_forward_one_backward, PipelineStage};
+use super::pipeline::{one_forward_one_backward, PipelineStage, PipelineStep};
 use super::traffic::{CountingCommunicator, Traffic};
 use crate::config::GPT2Config;
 use crate::optim::adamw::AdamWParams;
@@ -134,40 +134,35 @@ impl ParallelTrainer {
             .step_by(dp)
             .cloned()
             .collect();
-        self.step_replica(&mine, lr, max_grad_norm)
+        self.step_replica(&mine, None, lr, max_grad_norm)
     }
 
     /// [`Self::step`] from this data-parallel replica's micro-batches only
-    /// (each replica reads its own share, as a data loader gives it): every
-    /// replica must pass as many micro-batches of the same shape.
+    /// (each replica reads its own share, as a data loader gives it), with
+    /// their `labels` (the collator's; none: the ids). The loss is the mean
+    /// over the whole global batch's counted tokens, however the replicas'
+    /// shares differ (a replica may even have none, at an epoch's end).
     pub fn step_replica(
         &mut self,
         mine: &[Vec<Vec<u32>>],
+        labels: Option<&[Vec<Vec<i64>>]>,
         lr: f64,
         max_grad_norm: f64,
     ) -> Result<StepOutput> {
-        let dp = self.groups.layout.dp;
-        // The same count on every replica: the sum and the sum of squares
-        // agree with it on every rank, whatever the others hold.
-        // (Each replica's loss and gradients are means over its predicted
-        // tokens; their mean is the batch's when the counts agree.)
-        let tokens: usize = mine
-            .iter()
-            .flatten()
-            .map(|r| r.len().saturating_sub(1))
-            .sum();
-        let x = tokens as f64;
-        let sum = self.groups.dp.all_reduce_f64(x).map_err(comm_err)?;
-        let sq = self.groups.dp.all_reduce_f64(x * x).map_err(comm_err)?;
-        if sum * sum != sq * dp as f64 {
-            candle_core::bail!(
-                "the data-parallel replicas hold batches of different sizes ({tokens} predicted tokens here, {sum} over {dp} replicas): every replica needs as many full micro-batches (drop the last, short batch: dataloader_drop_last)"
-            );
-        }
         for c in &self.counters {
             c.store(0, Ordering::Relaxed);
         }
-        let out = one_forward_one_backward(&mut self.stage, mine)?;
+        let local = super::pipeline::count_targets(mine, labels)?;
+        let global = self
+            .groups
+            .dp
+            .all_reduce_f64(local as f64)
+            .map_err(comm_err)? as usize;
+        let out = if mine.is_empty() {
+            PipelineStep::default()
+        } else {
+            one_forward_one_backward(&mut self.stage, mine, labels, Some(global.max(1)))?
+        };
         self.last_activations_held = out.activations_held;
         // Reduce-scattered over the replicas inside the distributed optimizer.
         let norm = self.optimizer.distributed_step(
@@ -178,10 +173,11 @@ impl ParallelTrainer {
             &[&self.groups.pp],
         )?;
         // The loss lives on the last stage: summed over the pipeline (the
-        // other stages give 0) and averaged over the replicas.
+        // other stages give 0) and over the replicas (each gives its share
+        // of the global batch's mean).
         let mut loss = out.loss;
         loss = self.groups.pp.all_reduce_f64(loss).map_err(comm_err)?;
-        loss = self.groups.dp.all_reduce_f64(loss).map_err(comm_err)? / dp as f64;
+        loss = self.groups.dp.all_reduce_f64(loss).map_err(comm_err)?;
         let [t, p, d] = &self.counters;
         self.last_traffic = Traffic {
             tensor: t.load(Ordering::Relaxed),
@@ -198,8 +194,12 @@ impl ParallelTrainer {
     /// The summed loss and token count of `rows` (evaluation: forward
     /// only) on the rank that speaks for its replica (the last stage's
     /// first tensor rank); `None` on the others.
-    pub fn forward_loss_sum(&mut self, rows: &[Vec<u32>]) -> Result<Option<(f64, usize)>> {
-        let r = super::pipeline::forward_only(&mut self.stage, rows)?;
+    pub fn forward_loss_sum(
+        &mut self,
+        rows: &[Vec<u32>],
+        labels: Option<&[Vec<i64>]>,
+    ) -> Result<Option<(f64, usize)>> {
+        let r = super::pipeline::forward_only(&mut self.stage, rows, labels)?;
         Ok(r.filter(|_| self.groups.coords.tp == 0))
     }
 

@@ -127,9 +127,9 @@ pub fn expected(s: &StepShape) -> Traffic {
     let data = if s.dp > 1 {
         let part = (s.held as u64).div_ceil(s.dp as u64);
         // The gradients reduce-scattered (the flat vector padded to dp
-        // parts), this rank's updated part all-gathered, the gradient
-        // norm's and the loss's sums.
-        part * s.dp as u64 + part + 4
+        // parts), this rank's updated part all-gathered, the sums of the
+        // batch's token count, the gradient norm and the loss.
+        part * s.dp as u64 + part + 6
     } else {
         0
     };

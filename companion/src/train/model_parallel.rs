@@ -27,21 +27,15 @@ impl Trainer {
             .collect::<Result<_>>()?;
         self.batches_read += batches.iter().flatten().count();
         let local = BatchFigures::of(&batches, &self.model.config);
-        let micro = batches
-            .iter()
-            .flatten()
-            .map(|b| {
-                if b.is_unpadded() {
-                    Ok(b.input_ids.clone())
-                } else {
-                    Err(TrainError::Args(
-                        "a padded batch: the tensor- and pipeline-parallel path takes equal-length \
-                         examples only (group_texts blocks)"
-                            .into(),
-                    ))
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Padding on the right is exact on this path (attention is causal
+        // and the collator's labels skip it); on the left it is not.
+        let mut ids = Vec::new();
+        let mut labels = Vec::new();
+        for b in batches.iter().flatten() {
+            right_padded(b)?;
+            ids.push(b.input_ids.clone());
+            labels.push(b.labels.clone());
+        }
         let sched_step = step;
         let lr = self
             .plan
@@ -51,7 +45,7 @@ impl Trainer {
         let Engine::ModelParallel(mp) = &mut self.engine else {
             return Err(TrainError::Args("not a model-parallel run".into()));
         };
-        let out = mp.trainer.step_replica(&micro, lr, clip)?;
+        let out = mp.trainer.step_replica(&ids, Some(&labels), lr, clip)?;
         mp.activations_held = mp.trainer.last_activations_held;
         mp.last_bubble = out.bubble;
         // The replica's figures summed over the replicas (the other ranks
@@ -95,21 +89,33 @@ impl Trainer {
             let start = i * bs;
             let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
             let b = self.batch_of(ds, &idx)?;
-            if !b.is_unpadded() {
-                return Err(TrainError::Args(
-                    "a padded evaluation batch: the tensor- and pipeline-parallel path takes \
-                     equal-length examples only"
-                        .into(),
-                ));
-            }
+            right_padded(&b)?;
             let Engine::ModelParallel(mp) = &mut self.engine else {
                 return Err(TrainError::Args("not a model-parallel run".into()));
             };
-            if let Some((s, n)) = mp.trainer.forward_loss_sum(&b.input_ids)? {
+            if let Some((s, n)) = mp.trainer.forward_loss_sum(&b.input_ids, Some(&b.labels))? {
                 sum += s;
                 count += n;
             }
         }
         Ok((sum, count))
+    }
+}
+
+/// A batch whose padding, if any, ends each row (the attention mask's ones
+/// then zeros): what the tensor- and pipeline-parallel path runs exactly.
+fn right_padded(b: &Batch) -> Result<()> {
+    let ok = b
+        .attention_mask
+        .iter()
+        .all(|r| r.windows(2).all(|w| w[0] >= w[1]));
+    if ok {
+        Ok(())
+    } else {
+        Err(TrainError::Args(
+            "a batch padded on the left: the tensor- and pipeline-parallel path takes right \
+             padding only (the collator's padding_side)"
+                .into(),
+        ))
     }
 }
