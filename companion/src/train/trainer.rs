@@ -132,6 +132,12 @@ impl Trainer {
             GradientPath::choose(&model.config, model.device(), dtype, plan.recompute);
         let rank0 = comm.rank() == 0;
         let engine = if layout.tp * layout.pp > 1 {
+            if !model.device().is_cpu() {
+                return Err(TrainError::Args(format!(
+                    "tensor_model_parallel_size {} × pipeline_model_parallel_size {}: this path runs on CPU ranks (threads or MPI processes) so far, not on {:?}",
+                    layout.tp, layout.pp, model.device()
+                )));
+            }
             let weights: Vec<(String, Tensor)> = model
                 .named_parameters()
                 .into_iter()

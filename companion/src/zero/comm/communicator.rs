@@ -40,7 +40,7 @@ pub trait Communicator: Send + Sync {
         }
         let _ = color;
         Err(CommError::Transport(
-            "this transport does not make sub-groups yet (tensor and pipeline parallelism run on thread ranks, --num-ranks, and MPI processes, --backend mpi)"
+            "this transport does not make sub-groups (tensor and pipeline parallelism run on CPU ranks: threads, --num-ranks, or MPI processes, --backend mpi)"
                 .into(),
         ))
     }
