@@ -22,25 +22,31 @@ const STOP: usize = 4;
 const GLOBAL_MICRO: usize = 4;
 const ACCUM: usize = 2;
 
-/// The tiny GPT-2 fixture (2 blocks, 2 heads, vocabulary 64) without dropout,
-/// which the tensor- and pipeline-parallel path does not apply.
+/// The tiny GPT-2 fixture (2 blocks, 2 heads, vocabulary 64) without
+/// dropout (its own 0.1 in `dropout_model`).
 fn model(tied: bool) -> GPT2LMHeadModel {
-    let name = if tied {
-        "tiny_gpt2"
-    } else {
-        "tiny_gpt2_untied"
-    };
-    let mut m = GPT2LMHeadModel::from_pretrained(
-        fixture(name).to_str().unwrap(),
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let mut m = dropout_model(tied);
     (
         m.config.attn_pdrop,
         m.config.embd_pdrop,
         m.config.resid_pdrop,
     ) = (0.0, 0.0, 0.0);
+    m
+}
+
+fn dropout_model(tied: bool) -> GPT2LMHeadModel {
+    let name = if tied {
+        "tiny_gpt2"
+    } else {
+        "tiny_gpt2_untied"
+    };
+    let m = GPT2LMHeadModel::from_pretrained(
+        fixture(name).to_str().unwrap(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(m.config.attn_pdrop, 0.1);
     m
 }
 
@@ -149,14 +155,28 @@ fn train_on(
     stop: Option<usize>,
     resume: Option<&std::path::Path>,
 ) -> Result<Run, TrainError> {
+    train_model(&|| model(tied), &|_| {}, data, out, l, stop, resume)
+}
+
+/// [`train_on`] with the model `make` gives and the arguments `tweak` changes.
+fn train_model(
+    make: &(dyn Fn() -> GPT2LMHeadModel + Sync),
+    tweak: &(dyn Fn(&mut TrainingArguments) + Sync),
+    data: Dataset,
+    out: &std::path::Path,
+    l: Layout,
+    stop: Option<usize>,
+    resume: Option<&std::path::Path>,
+) -> Result<Run, TrainError> {
     let world = l.tp * l.pp * l.dp;
     let mut runs = run_ranks(
         world,
         |_, comm: Arc<dyn Communicator>| -> Result<Run, TrainError> {
             let mut a = args(out, l);
             a.resume_from_checkpoint = resume.map(|p| p.display().to_string());
+            tweak(&mut a);
             let mut t = Trainer::new_distributed(
-                model(tied),
+                make(),
                 a,
                 collator(),
                 data.clone(),
@@ -330,6 +350,72 @@ fn padded_batches_and_masked_labels_train_like_one_rank() {
         .unwrap();
         assert_eq!(run.losses.len(), STEPS as usize, "{l:?}");
         for ((s, a), (_, b)) in run.losses.iter().zip(&one.losses) {
+            assert!(close(*a, *b), "{l:?}: step {s} loss {a} vs {b}");
+        }
+    }
+}
+
+/// With dropout (0.1 on the embeddings, the attention probabilities and
+/// both residual branches) every layout drops exactly what one rank drops:
+/// each stage draws its blocks' part of the model's counter-based masks,
+/// each tensor rank the part of the attention mask over its heads. Losses
+/// within 1e-5 of one rank's.
+#[test]
+fn dropout_on_a_split_model_drops_what_one_rank_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    // Masks follow each micro-batch's place in the global order (as on the
+    // ZeRO path): two replicas of 2-row micro-batches draw what one rank
+    // draws with 2-row micro-batches and twice the accumulation.
+    let run = |name: &str, l: Layout, one_rank_of: usize| {
+        let out = dir.path().join(name);
+        let tweak = |a: &mut TrainingArguments| {
+            if one_rank_of > 1 {
+                a.per_device_train_batch_size = GLOBAL_MICRO / one_rank_of;
+                a.gradient_accumulation_steps = ACCUM * one_rank_of;
+            }
+        };
+        train_model(
+            &|| dropout_model(true),
+            &tweak,
+            ragged_rows(),
+            &out,
+            l,
+            None,
+            None,
+        )
+        .unwrap()
+        .losses
+    };
+    let one = run("one", layout(1, 1, 1, None), 1);
+    let without = train_on(
+        ragged_rows(),
+        &dir.path().join("nodrop"),
+        layout(1, 1, 1, None),
+        true,
+        None,
+        None,
+    )
+    .unwrap()
+    .losses;
+    assert!(
+        one.iter()
+            .zip(&without)
+            .all(|(a, b)| (a.1 - b.1).abs() > 1e-3),
+        "dropout changes every step: {one:?} vs {without:?}"
+    );
+    let one_of_two = run("one_of_two", layout(1, 1, 1, None), 2);
+    for (i, l) in [
+        layout(2, 2, 1, None),
+        layout(2, 1, 2, Some(1)),
+        layout(1, 2, 2, Some(1)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let got = run(&format!("l{i}"), l, 1);
+        let want = if l.dp == 2 { &one_of_two } else { &one };
+        assert_eq!(got.len(), STEPS as usize, "{l:?}");
+        for ((s, a), (_, b)) in got.iter().zip(want) {
             assert!(close(*a, *b), "{l:?}: step {s} loss {a} vs {b}");
         }
     }

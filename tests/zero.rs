@@ -611,8 +611,8 @@ fn pretrain_cli_rejects_bad_distributed_input_before_training() {
             "ZeRO stage 2 is not run with tensor or pipeline parallelism",
         ),
         (
-            vec!["--num-ranks", "2", "--pipeline-model-parallel-size", "2"],
-            "applies no dropout yet",
+            vec!["--num-ranks", "3", "--pipeline-model-parallel-size", "3"],
+            "n_layer 2 is not divisible by 3",
         ),
     ] {
         let o = pretrain(dir.path(), "bad", &extra);
@@ -928,11 +928,9 @@ fn mpirun_processes_train_like_threads() {
         .join("mpi/checkpoint-2/global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt")
         .is_file());
     // Tensor 2 × pipeline 2 over four processes (sub-groups split with
-    // MPI_Comm_split) against four threads: the same run.
+    // MPI_Comm_split) against four threads, dropout on: the same run.
     let layout = |out: &str| -> Vec<String> {
         let mut f = pretrain_flags(dir.path(), out);
-        let at = f.iter().position(|x| x == "--dropout").unwrap();
-        f[at + 1] = "0".into();
         f.extend(
             [
                 "--tensor-model-parallel-size",

@@ -65,16 +65,15 @@ impl Dropout {
             st.offset += out.len() as u64;
             s
         };
-        let scale = (1.0 / (1.0 - p)) as f32;
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            let base = s.offset + (c * CHUNK) as u64;
-            for (i, m) in o.iter_mut().enumerate() {
-                let h = mix64(s.seed ^ (base + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let u = (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                *m = if u < p { 0.0 } else { scale };
-            }
-        });
+        fill(s, out, p);
+    }
+
+    /// Fill `out` with the draws `offset..offset + out.len()` of the stream
+    /// this generator was seeded with, leaving its place unchanged: a split
+    /// model's rank draws just the part of a mask it applies.
+    pub fn fill_mask_at(&self, offset: u64, out: &mut [f32], p: f64) {
+        let seed = self.state.lock().expect("dropout state").seed;
+        fill(DropoutState { seed, offset }, out, p);
     }
 
     pub(crate) fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
@@ -86,6 +85,20 @@ impl Dropout {
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
     }
+}
+
+/// The draws of `s` from its offset on, as a mask of dropout probability `p`.
+fn fill(s: DropoutState, out: &mut [f32], p: f64) {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let base = s.offset + (c * CHUNK) as u64;
+        for (i, m) in o.iter_mut().enumerate() {
+            let h = mix64(s.seed ^ (base + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let u = (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+            *m = if u < p { 0.0 } else { scale };
+        }
+    });
 }
 
 impl crate::cpu::DropoutMasks for Dropout {

@@ -13,6 +13,7 @@
 //! command line and checkpoints do not use them yet.
 
 mod collective_ops;
+pub mod dropout;
 mod full_state;
 mod layout;
 pub mod optimizer;

@@ -139,7 +139,7 @@ pub fn forward_only(
 ) -> Result<Option<(f64, usize)>> {
     let (s, n) = (st.model.stage, st.model.stages);
     let input = if s > 0 { st.swap(false, None)? } else { None };
-    let (out, count) = st.model.forward_stage(rows, labels, input.as_ref())?;
+    let (out, count) = st.model.forward_stage(rows, labels, input.as_ref(), None)?;
     if s + 1 < n {
         st.swap(true, Some(&out))?;
         return Ok(None);
@@ -160,26 +160,47 @@ pub fn count_targets(
     Ok(n)
 }
 
+/// What goes with each micro-batch of a step besides its token ids.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MicroExtras<'a> {
+    /// The collator's labels (none: the ids).
+    pub labels: Option<&'a [Vec<Vec<i64>>]>,
+    /// The dropout generator's seed (the Trainer's per micro-batch); needed
+    /// when the model has dropout.
+    pub dropout_seeds: Option<&'a [u64]>,
+}
+
 /// One training step's forward and backward passes over `micro_batches`
-/// (each of equal-length rows) in 1F1B order, with their `labels` (none:
-/// the ids), of the loss summed over their tokens and divided by
-/// `denominator` (none: their own token count; data parallelism gives the
-/// whole batch's). Every stage of the pipeline calls it with the same
-/// micro-batches.
+/// (each of equal-length rows) in 1F1B order, with their `extras`, of the
+/// loss summed over their tokens and divided by `denominator` (none: their
+/// own token count; data parallelism gives the whole batch's). Every stage
+/// of the pipeline calls it with the same micro-batches.
 pub fn one_forward_one_backward(
     st: &mut PipelineStage,
     micro_batches: &[Vec<Vec<u32>>],
-    labels: Option<&[Vec<Vec<i64>>]>,
+    extras: MicroExtras,
     denominator: Option<usize>,
 ) -> Result<PipelineStep> {
+    let labels = extras.labels;
     let m = micro_batches.len();
     if m == 0 {
         candle_core::bail!("a pipeline step needs at least one micro-batch");
     }
     let (s, n) = (st.model.stage, st.model.stages);
     let last = s + 1 == n;
-    if labels.is_some_and(|l| l.len() != m) {
-        candle_core::bail!("labels for another number of micro-batches");
+    if labels.is_some_and(|l| l.len() != m) || extras.dropout_seeds.is_some_and(|d| d.len() != m) {
+        candle_core::bail!("labels or dropout seeds for another number of micro-batches");
+    }
+    let c = &st.model.config;
+    if extras.dropout_seeds.is_none()
+        && (c.attn_pdrop > 0.0 || c.resid_pdrop > 0.0 || c.embd_pdrop > 0.0)
+    {
+        candle_core::bail!(
+            "dropout ({}, {}, {}) needs each micro-batch's dropout seed (MicroExtras::dropout_seeds)",
+            c.attn_pdrop,
+            c.resid_pdrop,
+            c.embd_pdrop
+        );
     }
     let label = |k: usize| labels.map(|l| l[k].as_slice());
     let tokens = match denominator {
@@ -212,6 +233,10 @@ pub fn one_forward_one_backward(
             &micro_batches[k],
             label(k),
             var.as_ref().map(|v| v.as_tensor()),
+            extras
+                .dropout_seeds
+                .map(|d| crate::model::Dropout::new(d[k]))
+                .as_ref(),
         )?;
         if last {
             *loss_sum += out.to_scalar::<f32>()? as f64;
@@ -360,8 +385,8 @@ mod tests {
                     let err = |e: candle_core::Error| CommError::Transport(e.to_string());
                     let one: Arc<dyn Communicator> = Arc::new(crate::zero::comm::SingleRank);
                     let mut st = PipelineStage::new(&cfg, &weights, one, comm).map_err(err)?;
-                    let step =
-                        one_forward_one_backward(&mut st, &micro, None, None).map_err(err)?;
+                    let step = one_forward_one_backward(&mut st, &micro, Default::default(), None)
+                        .map_err(err)?;
                     Ok((st.model.stage, step.loss, step.grads))
                 })
                 .unwrap();

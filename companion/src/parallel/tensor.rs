@@ -177,14 +177,6 @@ impl TensorParallelGpt2 {
         }
         let (tp, rank) = (comm.world_size(), comm.rank());
         let c = config;
-        if c.attn_pdrop > 0.0 || c.resid_pdrop > 0.0 || c.embd_pdrop > 0.0 {
-            candle_core::bail!(
-                "dropout ({}, {}, {}) is not applied on the tensor- and pipeline-parallel path yet: set it to 0",
-                c.attn_pdrop,
-                c.resid_pdrop,
-                c.embd_pdrop
-            );
-        }
         if !c.n_head.is_multiple_of(tp) {
             candle_core::bail!(
                 "n_head {} is not divisible by the tensor-parallel size {tp}",
@@ -245,7 +237,7 @@ impl TensorParallelGpt2 {
                 "loss: a pipeline stage gives activations (one_forward_one_backward)"
             );
         }
-        let (sum, count) = self.forward_stage(rows, None, None)?;
+        let (sum, count) = self.forward_stage(rows, None, None, None)?;
         sum / count.max(1) as f64
     }
 
@@ -255,11 +247,14 @@ impl TensorParallelGpt2 {
     /// cross-entropy and the number of tokens it counts. `labels` are the
     /// collator's (-100: not counted; none: the ids), shifted as HF shifts
     /// them; rows padded on the right are exact (attention is causal).
+    /// `dropout`: the micro-batch's freshly seeded generator (training), or
+    /// none (no dropout: evaluation).
     pub fn forward_stage(
         &self,
         rows: &[Vec<u32>],
         labels: Option<&[Vec<i64>]>,
         input: Option<&Tensor>,
+        dropout: Option<&crate::model::Dropout>,
     ) -> Result<(Tensor, usize)> {
         let c = &self.config;
         let (tp, rank) = (self.comm.world_size(), self.comm.rank());
@@ -276,6 +271,12 @@ impl TensorParallelGpt2 {
         let off = rank * vl;
         // This rank's real vocabulary columns (the rest is padding).
         let real = vl.min(c.vocab_size.saturating_sub(off));
+        let drop = dropout.map(|generator| super::dropout::StageDropout {
+            generator,
+            config: c,
+            b,
+            t,
+        });
         let mut x = match input {
             Some(x) => x.clone(),
             None => {
@@ -300,10 +301,14 @@ impl TensorParallelGpt2 {
                     .broadcast_mul(&Tensor::from_vec(mine, (b * t, 1), &dev)?)?;
                 let pos = Tensor::arange(0u32, t as u32, &dev)?;
                 let wpe = self.get("transformer.wpe.weight")?.index_select(&pos, 0)?;
-                reduce_forward(&emb, &self.comm)?
+                let x = reduce_forward(&emb, &self.comm)?
                     .reshape((b, t, width))?
                     .broadcast_add(&wpe)?
-                    .reshape((b * t, width))?
+                    .reshape((b * t, width))?;
+                match &drop {
+                    Some(d) => d.embeddings_out(&x)?,
+                    None => x,
+                }
             }
         };
         let act = Activation::parse(&c.activation_function).ok_or_else(|| {
@@ -321,21 +326,30 @@ impl TensorParallelGpt2 {
                     .contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let att = masked_softmax(&q.matmul(&k.t()?)?, c.attn_scale(l) as f64, 0, None)?;
+            let mut att = masked_softmax(&q.matmul(&k.t()?)?, c.attn_scale(l) as f64, 0, None)?;
+            if let Some(d) = &drop {
+                att = d.attention(&att, l, rank * heads..(rank + 1) * heads)?;
+            }
             let y = att
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((b * t, heads * hd))?;
             let y = self.linear(&y, &format!("{p}.attn.c_proj"), false)?;
-            let y = reduce_forward(&y, &self.comm)?
+            let mut y = reduce_forward(&y, &self.comm)?
                 .broadcast_add(self.get(&format!("{p}.attn.c_proj.bias"))?)?;
+            if let Some(d) = &drop {
+                y = d.residual(&y, l, false)?;
+            }
             x = (x + y)?;
             // MLP: this rank's columns of c_fc, rows of c_proj.
             let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_2"))?, &self.comm)?;
             let h = self.linear(&h, &format!("{p}.mlp.c_fc"), true)?;
             let h = self.linear(&activation(act, &h)?, &format!("{p}.mlp.c_proj"), false)?;
-            let h = reduce_forward(&h, &self.comm)?
+            let mut h = reduce_forward(&h, &self.comm)?
                 .broadcast_add(self.get(&format!("{p}.mlp.c_proj.bias"))?)?;
+            if let Some(d) = &drop {
+                h = d.residual(&h, l, true)?;
+            }
             x = (x + h)?;
         }
         if self.stage + 1 < self.stages {

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 
 use super::layout::ParallelGroups;
 use super::optimizer::ShardOptimizer;
-use super::pipeline::{one_forward_one_backward, PipelineStage, PipelineStep};
+use super::pipeline::{one_forward_one_backward, MicroExtras, PipelineStage, PipelineStep};
 use super::traffic::{CountingCommunicator, Traffic};
 use crate::config::GPT2Config;
 use crate::optim::adamw::AdamWParams;
@@ -134,25 +134,25 @@ impl ParallelTrainer {
             .step_by(dp)
             .cloned()
             .collect();
-        self.step_replica(&mine, None, lr, max_grad_norm)
+        self.step_replica(&mine, Default::default(), lr, max_grad_norm)
     }
 
     /// [`Self::step`] from this data-parallel replica's micro-batches only
     /// (each replica reads its own share, as a data loader gives it), with
-    /// their `labels` (the collator's; none: the ids). The loss is the mean
+    /// their `extras` (labels, dropout seeds). The loss is the mean
     /// over the whole global batch's counted tokens, however the replicas'
     /// shares differ (a replica may even have none, at an epoch's end).
     pub fn step_replica(
         &mut self,
         mine: &[Vec<Vec<u32>>],
-        labels: Option<&[Vec<Vec<i64>>]>,
+        extras: MicroExtras,
         lr: f64,
         max_grad_norm: f64,
     ) -> Result<StepOutput> {
         for c in &self.counters {
             c.store(0, Ordering::Relaxed);
         }
-        let local = super::pipeline::count_targets(mine, labels)?;
+        let local = super::pipeline::count_targets(mine, extras.labels)?;
         let global = self
             .groups
             .dp
@@ -161,7 +161,7 @@ impl ParallelTrainer {
         let out = if mine.is_empty() {
             PipelineStep::default()
         } else {
-            one_forward_one_backward(&mut self.stage, mine, labels, Some(global.max(1)))?
+            one_forward_one_backward(&mut self.stage, mine, extras, Some(global.max(1)))?
         };
         self.last_activations_held = out.activations_held;
         // Reduce-scattered over the replicas inside the distributed optimizer.

@@ -50,9 +50,8 @@ impl Trainer {
             };
             // Dropout is seeded by the micro-batch's place in the global
             // order, so N ranks draw what one rank would.
-            let global_micro = ((step * accum + k) * world + rank) as u64;
             self.model
-                .seed_dropout(self.args.seed ^ global_micro.wrapping_mul(0x9E3779B97F4A7C15));
+                .seed_dropout(dropout_seed(self.args.seed, step * accum + k, world, rank));
             let (ids, labels) = self.tensors(b)?;
             let mask = (!b.is_unpadded()).then_some(b.attention_mask.as_slice());
             let batch = MicroBatch {
@@ -102,6 +101,14 @@ impl Trainer {
             flops,
         })
     }
+}
+
+/// The dropout seed of micro-batch `micro` (counted over the run) on
+/// data-parallel rank `rank` of `world`: a function of its place in the
+/// global order, so N ranks draw what one rank would, on either path.
+pub(super) fn dropout_seed(seed: u64, micro: usize, world: usize, rank: usize) -> u64 {
+    let global_micro = (micro * world + rank) as u64;
+    seed ^ global_micro.wrapping_mul(0x9E3779B97F4A7C15)
 }
 
 /// The ZeRO engine of a run that has one (the data-parallel path).

@@ -29,12 +29,20 @@ impl Trainer {
         let local = BatchFigures::of(&batches, &self.model.config);
         // Padding on the right is exact on this path (attention is causal
         // and the collator's labels skip it); on the left it is not.
-        let mut ids = Vec::new();
-        let mut labels = Vec::new();
-        for b in batches.iter().flatten() {
+        let (replica, replicas) = self.engine.data_parallel();
+        let (mut ids, mut labels, mut seeds) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, b) in batches.iter().enumerate() {
+            let Some(b) = b else { continue };
             right_padded(b)?;
             ids.push(b.input_ids.clone());
             labels.push(b.labels.clone());
+            let micro = step * accum + k;
+            seeds.push(super::data_parallel::dropout_seed(
+                self.args.seed,
+                micro,
+                replicas,
+                replica,
+            ));
         }
         let sched_step = step;
         let lr = self
@@ -45,7 +53,11 @@ impl Trainer {
         let Engine::ModelParallel(mp) = &mut self.engine else {
             return Err(TrainError::Args("not a model-parallel run".into()));
         };
-        let out = mp.trainer.step_replica(&ids, Some(&labels), lr, clip)?;
+        let extras = crate::parallel::pipeline::MicroExtras {
+            labels: Some(&labels),
+            dropout_seeds: Some(&seeds),
+        };
+        let out = mp.trainer.step_replica(&ids, extras, lr, clip)?;
         mp.activations_held = mp.trainer.last_activations_held;
         mp.last_bubble = out.bubble;
         // The replica's figures summed over the replicas (the other ranks

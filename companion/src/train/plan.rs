@@ -258,7 +258,7 @@ impl TrainPlan {
     /// What the tensor- and pipeline-parallel path runs: fp32 AdamW with
     /// ZeRO-1 at most over the data-parallel group (Megatron's distributed
     /// optimizer; DeepSpeed's pipeline engine refuses ZeRO-2 and 3 too),
-    /// no dropout, blocks and heads split evenly (the vocabulary is padded).
+    /// blocks and heads split evenly (the vocabulary is padded).
     fn check_model_parallel(&self, cfg: &GPT2Config) -> Result<()> {
         let l = self.layout;
         let bad = |m: String| {
@@ -285,12 +285,6 @@ impl TrainPlan {
         }
         if self.recompute {
             return bad("does not recompute blocks: leave gradient_checkpointing off".into());
-        }
-        if cfg.attn_pdrop > 0.0 || cfg.resid_pdrop > 0.0 || cfg.embd_pdrop > 0.0 {
-            return bad(format!(
-                "applies no dropout yet: set the model's dropout to 0 (attn/resid/embd_pdrop are {}, {}, {}; --dropout 0)",
-                cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop
-            ));
         }
         for (what, n, by) in [("n_layer", cfg.n_layer, l.pp), ("n_head", cfg.n_head, l.tp)] {
             if !n.is_multiple_of(by) {

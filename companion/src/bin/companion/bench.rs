@@ -241,11 +241,7 @@ pub fn trainer(
         run.pipeline_model_parallel_size.max(1),
         run.gradient_accumulation_steps.max(1),
     );
-    let mut cfg = shape.config.clone();
-    if tp * pp > 1 {
-        // The tensor- and pipeline-parallel path applies no dropout.
-        (cfg.attn_pdrop, cfg.resid_pdrop, cfg.embd_pdrop) = (0.0, 0.0, 0.0);
-    }
+    let cfg = shape.config.clone();
     let dp = (ranks / (tp * pp)).max(1);
     let rows = random_ids(
         shape.batch * dp * accum * (steps + 1),
