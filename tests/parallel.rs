@@ -356,7 +356,8 @@ fn padded_batches_and_masked_labels_train_like_one_rank() {
 }
 
 /// With dropout (0.1 on the embeddings, the attention probabilities and
-/// both residual branches) every layout drops exactly what one rank drops:
+/// both residual branches, or some of them off) every layout drops exactly
+/// what one rank drops:
 /// each stage draws its blocks' part of the model's counter-based masks,
 /// each tensor rank the part of the attention mask over its heads. Losses
 /// within 1e-5 of one rank's.
@@ -404,6 +405,35 @@ fn dropout_on_a_split_model_drops_what_one_rank_drops() {
         "dropout changes every step: {one:?} vs {without:?}"
     );
     let one_of_two = run("one_of_two", layout(1, 1, 1, None), 2);
+    // Some masks off (not drawn, so the others move up the stream).
+    for (attn, embd) in [(0.0, 0.1), (0.1, 0.0)] {
+        let make = || {
+            let mut m = dropout_model(true);
+            (m.config.attn_pdrop, m.config.embd_pdrop) = (attn, embd);
+            m
+        };
+        let go = |name: &str, l: Layout| {
+            train_model(
+                &make,
+                &|_| {},
+                ragged_rows(),
+                &dir.path().join(name),
+                l,
+                None,
+                None,
+            )
+            .unwrap()
+            .losses
+        };
+        let want = go(&format!("one{attn}{embd}"), layout(1, 1, 1, None));
+        let got = go(&format!("tp2pp2{attn}{embd}"), layout(2, 2, 1, None));
+        for ((s, a), (_, b)) in got.iter().zip(&want) {
+            assert!(
+                close(*a, *b),
+                "attn {attn} embd {embd}: step {s} loss {a} vs {b}"
+            );
+        }
+    }
     for (i, l) in [
         layout(2, 2, 1, None),
         layout(2, 1, 2, Some(1)),
@@ -442,6 +472,8 @@ fn a_checkpoint_resumes_on_another_layout_and_zero_stage() {
         (layout(2, 2, 1, Some(1)), layout(1, 1, 2, Some(3))),
         (layout(1, 1, 2, Some(3)), layout(2, 2, 1, Some(1))),
         (layout(1, 1, 1, None), layout(2, 1, 2, Some(1))),
+        // Data parallelism alone, on another number of ranks and stage.
+        (layout(1, 1, 2, Some(3)), layout(1, 1, 1, Some(1))),
     ];
     for (i, (from, to)) in cases.into_iter().enumerate() {
         let out = dir.path().join(format!("from{i}"));
@@ -555,4 +587,116 @@ fn the_ds_config_sets_the_layout_with_deepspeeds_keys() {
         ),
         "{err}"
     );
+}
+
+/// Tensor 2 × pipeline 2 as four MPI processes (sub-groups split with
+/// `MPI_Comm_split`) against four thread ranks, through `companion
+/// pretrain` with dropout on: the same run. A build without MPI says so.
+#[test]
+fn mpirun_processes_run_tensor_and_pipeline_parallel_like_threads() {
+    let version = stdout(&companion(&["--version"], &[]));
+    let has_mpi = version.contains("(mpi)");
+    if std::env::var_os("COMPANION_REQUIRE_MPI").is_some() {
+        assert!(
+            has_mpi,
+            "COMPANION_REQUIRE_MPI is set but `companion --version` says {version}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    if !has_mpi {
+        let o = pretrain(dir.path(), "mpi", &["--backend", "mpi"]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("this build has no mpi backend"),
+            "{}",
+            stderr(&o)
+        );
+        return;
+    }
+    let cache = dir.path().join("cache");
+    // Tensor 2 × pipeline 2 over four processes (sub-groups split with
+    // MPI_Comm_split) against four threads, dropout on: the same run.
+    let layout = |out: &str| -> Vec<String> {
+        let mut f = pretrain_flags(dir.path(), out);
+        f.extend(
+            [
+                "--tensor-model-parallel-size",
+                "2",
+                "--pipeline-model-parallel-size",
+                "2",
+            ]
+            .map(String::from),
+        );
+        f
+    };
+    let mut mpi_args = vec!["-np".to_string(), "4".into(), "--oversubscribe".into()];
+    mpi_args.push(companion_bin().display().to_string());
+    mpi_args.extend(layout("mpi3d"));
+    mpi_args.extend(["--backend".into(), "mpi".into()]);
+    let o = std::process::Command::new("mpirun")
+        .args(&mpi_args)
+        .current_dir(root())
+        .env("HF_DATASETS_CACHE", &cache)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("run mpirun");
+    assert!(o.status.success(), "mpirun 3D failed: {}", stderr(&o));
+    let mpi: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let mut threads = layout("threads3d");
+    threads.extend(["--num-ranks".into(), "4".into()]);
+    let t: Vec<&str> = threads.iter().map(String::as_str).collect();
+    let o = companion(&t, &[("HF_DATASETS_CACHE", cache.to_str().unwrap())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let thr: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(mpi["world_size"], 4);
+    assert_eq!(mpi["tensor_model_parallel_size"], 2);
+    let (a, b) = (
+        mpi["train_loss"].as_f64().unwrap(),
+        thr["train_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-6 * b,
+        "tp 2 × pp 2: mpirun {a} vs threads {b}"
+    );
+}
+
+/// A batch one data-parallel replica cannot run (a token id outside the
+/// vocabulary) stops every rank, the run's error naming it: the failed
+/// rank aborts the communicator, so none waits in a collective it never
+/// joins.
+#[test]
+fn a_batch_one_replica_refuses_stops_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows: Vec<Vec<u32>> = (0..20u32)
+        .map(|i| (0..12).map(|j| 1 + (i * 7 + j * 5) % 63).collect())
+        .collect();
+    rows[5][3] = 100;
+    let out = dir.path().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = run_ranks(
+            4,
+            |_, comm: Arc<dyn Communicator>| -> Result<(), TrainError> {
+                let a = args(&out, layout(1, 2, 2, Some(1)));
+                let mut t = Trainer::new_distributed(
+                    model(true),
+                    a,
+                    collator(),
+                    dataset_of(rows.clone()),
+                    None,
+                    None,
+                    comm,
+                )?;
+                t.verbose = false;
+                t.train().map(|_| ())
+            },
+        );
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("every rank returns (no rank hangs in a collective)");
+    let e = r.unwrap_err();
+    assert!(e.contains("token id 100 is outside the vocabulary"), "{e}");
 }

@@ -1,9 +1,10 @@
 //! Which part of GPT-2 each rank of a 3D-parallel run holds, as a picture:
 //! a row per rank, a column per part of the model (the embeddings, each
 //! block, `ln_f`, an untied head), each cell coloured by the rank's
-//! pipeline stage and labelled with the slice it holds. Built from the
-//! names of the parameters each rank really holds
-//! (`ParallelTrainer::shards`), not from the formulas.
+//! pipeline stage and labelled with the slice it holds. Which parts a rank
+//! holds comes from the names of the parameters it really holds
+//! (`ParallelTrainer::shards`); the labels (which heads, which vocabulary
+//! rows) follow from its tensor rank, as `parallel::tensor` cuts them.
 
 use super::display::{emit, escape};
 use crate::config::GPT2Config;
@@ -12,6 +13,7 @@ use crate::parallel::{Coords, ParallelLayout};
 
 #[derive(Debug, Clone)]
 pub struct ShardMap {
+    pub layout: ParallelLayout,
     /// The model's parts, in order.
     pub parts: Vec<String>,
     /// Per rank: its place, and per part the slice it holds (None: nothing).
@@ -79,7 +81,11 @@ impl ShardMap {
                 (*at, cells)
             })
             .collect();
-        ShardMap { parts, ranks }
+        ShardMap {
+            layout,
+            parts,
+            ranks,
+        }
     }
 
     /// The parts no rank of some data-parallel replica holds (none, when
@@ -113,10 +119,13 @@ impl ShardMap {
             ));
         }
         h.push_str("</tr>\n");
-        for (r, (at, cells)) in self.ranks.iter().enumerate() {
+        for (at, cells) in &self.ranks {
             h.push_str(&format!(
-                "<tr><th style=\"{cell};text-align:left\">rank {r} (TP {}, DP {}, stage {})</th>",
-                at.tp, at.dp, at.pp
+                "<tr><th style=\"{cell};text-align:left\">rank {} (TP {}, DP {}, stage {})</th>",
+                self.layout.rank(*at),
+                at.tp,
+                at.dp,
+                at.pp
             ));
             let bg = STAGE[at.pp % STAGE.len()];
             for c in cells {
@@ -180,5 +189,9 @@ mod tests {
             vec!["replica 0: h.2", "replica 0: h.3", "replica 0: ln_f"]
         );
         assert!(m.to_html().contains("heads 2–3"));
+        // Rows are named by their rank, whatever order they are given in.
+        let reversed: Vec<_> = held.iter().rev().cloned().collect();
+        let html = ShardMap::new(&c, l, &reversed).to_html();
+        assert!(html.find("rank 3 (TP 1, DP 0, stage 1)") < html.find("rank 0 (TP 0"));
     }
 }

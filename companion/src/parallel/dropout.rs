@@ -1,7 +1,8 @@
 //! Dropout on a split model, drawing the masks the whole model draws: the
 //! model's generator is counter-based and draws, per micro-batch, the
 //! embeddings' mask, then per block the attention probabilities', the
-//! attention output's and the MLP output's, one after another. A stage
+//! attention output's and the MLP output's, one after another (a mask whose
+//! probability is 0 is not drawn and takes no place in the stream). A stage
 //! starts at its first block's place in that stream, and a tensor rank
 //! takes the part of the attention mask that covers its heads (the other
 //! masks cover replicated activations: every tensor rank draws them whole).
@@ -25,15 +26,25 @@ pub struct StageDropout<'a> {
 }
 
 impl StageDropout<'_> {
-    /// Draws of one block: attention probabilities [B, H, T, T], then the
-    /// attention and MLP outputs [B·T, C] each.
+    /// Draws of the attention probabilities' mask [B, H, T, T] (none at p = 0).
+    fn probs(&self) -> u64 {
+        let (b, t) = (self.b as u64, self.t as u64);
+        drawn(self.config.attn_pdrop) * b * self.config.n_head as u64 * t * t
+    }
+
+    /// Draws of one residual branch's mask [B·T, C] (none at p = 0).
+    fn branch(&self) -> u64 {
+        drawn(self.config.resid_pdrop) * (self.b * self.t * self.config.n_embd) as u64
+    }
+
+    /// Draws of one block: attention probabilities, then the attention and
+    /// MLP outputs.
     fn per_block(&self) -> u64 {
-        let (b, t, c) = (self.b as u64, self.t as u64, self.config.n_embd as u64);
-        b * self.config.n_head as u64 * t * t + 2 * b * t * c
+        self.probs() + 2 * self.branch()
     }
 
     fn embeddings(&self) -> u64 {
-        (self.b * self.t * self.config.n_embd) as u64
+        drawn(self.config.embd_pdrop) * (self.b * self.t * self.config.n_embd) as u64
     }
 
     fn draw(&self, offset: u64, len: usize, p: f64) -> Vec<f32> {
@@ -76,12 +87,15 @@ impl StageDropout<'_> {
     /// Block `layer`'s dropout of the attention output (`mlp: false`) or
     /// the MLP output (`mlp: true`), `[B·T, C]` (`resid_pdrop`).
     pub fn residual(&self, x: &Tensor, layer: usize, mlp: bool) -> Result<Tensor> {
-        let (b, t, c) = (self.b as u64, self.t as u64, self.config.n_embd as u64);
-        let probs = b * self.config.n_head as u64 * t * t;
         let offset = self.embeddings()
             + layer as u64 * self.per_block()
-            + probs
-            + if mlp { b * t * c } else { 0 };
+            + self.probs()
+            + if mlp { self.branch() } else { 0 };
         self.whole(x, offset, self.config.resid_pdrop)
     }
+}
+
+/// Whether a mask of dropout probability `p` is drawn (1) or skipped (0).
+fn drawn(p: f64) -> u64 {
+    u64::from(p > 0.0)
 }

@@ -14,7 +14,7 @@
 use candle_core::{Device, Tensor};
 
 use super::layout::{Coords, ParallelLayout};
-use super::tensor::{shard, split_of, Split};
+use super::tensor::shard;
 use super::three_d::ParallelTrainer;
 use crate::config::GPT2Config;
 use crate::params::Gpt2Params;
@@ -47,7 +47,6 @@ fn shard_positions(
             params.numel()
         );
     }
-    let copy_stage = cfg.tie_word_embeddings && l.pp > 1 && s + 1 == l.pp;
     let mut out = Vec::new();
     for (spec, range) in params.specs.iter().zip(params.ranges()) {
         if !super::stages::holds(&spec.name, cfg, l.pp, s) {
@@ -58,8 +57,7 @@ fn shard_positions(
         let positions = shard(&spec.name, &all, t, l.tp)?
             .flatten_all()?
             .to_vec1::<u32>()?;
-        let is_copy = copy_stage && spec.name == "transformer.wte.weight";
-        let speaks = !is_copy && (split_of(&spec.name) != Split::Replicated || t == 0);
+        let speaks = super::tensor::speaks_for(&spec.name, cfg, t, l.pp, s);
         out.push(ShardPositions { positions, speaks });
     }
     Ok(out)
@@ -132,33 +130,30 @@ impl ParallelTrainer {
         for (t, s) in (0..l.tp).flat_map(|t| (0..l.pp).map(move |s| (t, s))) {
             let theirs = shard_positions(cfg, &l, t, s)?;
             let len: usize = theirs.iter().map(|x| x.positions.len()).sum();
+            let mut weights = Vec::new();
+            spoken(&theirs, 0..len, |_, p| weights.push(p));
             for d in 0..l.dp {
-                let got = &all[l.rank(Coords {
+                let rank = l.rank(Coords {
                     tp: t,
                     dp: d,
                     pp: s,
-                })];
-                let mut at = 0;
-                if d == 0 {
-                    spoken(&theirs, 0..len, |_, p| {
-                        full.fp32[p] = got[at];
-                        at += 1;
-                    });
-                }
-                let range = super::optimizer::part_of(len, l.dp, d);
+                });
+                let got = &all[rank];
                 let mut ps = Vec::new();
-                spoken(&theirs, range, |_, p| ps.push(p));
+                spoken(&theirs, super::optimizer::part_of(len, l.dp, d), |_, p| {
+                    ps.push(p)
+                });
+                // Data-parallel rank 0 sends the weights first.
+                let at = if d == 0 { weights.len() } else { 0 };
                 if got.len() != at + 2 * ps.len() {
                     candle_core::bail!(
-                        "rank {} sent {} numbers, {} expected",
-                        l.rank(Coords {
-                            tp: t,
-                            dp: d,
-                            pp: s
-                        }),
+                        "rank {rank} sent {} numbers, {} expected",
                         got.len(),
                         at + 2 * ps.len()
                     );
+                }
+                for (k, &p) in weights.iter().enumerate().take(at) {
+                    full.fp32[p] = got[k];
                 }
                 for (k, &p) in ps.iter().enumerate() {
                     full.m[p] = got[at + k];

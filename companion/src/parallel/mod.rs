@@ -3,14 +3,17 @@
 //! (`parallel_state.initialize_model_parallel`, order tp-dp-pp), and those
 //! groups made as sub-communicators of the run's communicator.
 //!
-//! Here so far: the groups; GPT-2 split by tensor parallelism (`tensor`,
-//! with Megatron's conjugate collectives in `collective_ops`) checked
-//! against the whole model on one rank; AdamW over the shards
-//! (`optimizer`, ZeRO-1 over the data-parallel group); pipeline stages run
-//! in 1F1B order (`pipeline`); the three composed (`three_d`), checked
-//! against one rank, with each group's traffic counted against the papers'
-//! formulas (`traffic`). The 4.3.3 notebook runs them; the Trainer, the
-//! command line and checkpoints do not use them yet.
+//! The pieces: the groups (`layout`); GPT-2 split by tensor parallelism
+//! (`tensor`, with Megatron's conjugate collectives in `collective_ops` and
+//! the vocabulary padded to divide), which part of the model each stage
+//! holds (`stages`); dropout drawing the whole model's masks (`dropout`);
+//! AdamW over the shards (`optimizer`, ZeRO-1 over the data-parallel
+//! group); pipeline stages run in 1F1B order (`pipeline`); the three
+//! composed (`three_d`), with each group's traffic counted against the
+//! papers' formulas (`traffic`); the whole state gathered from the shards
+//! and cut again for another layout (`full_state`). The Trainer runs them
+//! when `tensor_model_parallel_size` or `pipeline_model_parallel_size` is
+//! above 1 (`train::engine`); the 4.3.3 notebook shows them.
 
 mod collective_ops;
 pub mod dropout;

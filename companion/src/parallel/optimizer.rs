@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
-use super::tensor::{split_of, Split, TensorParallelGpt2};
+use super::tensor::TensorParallelGpt2;
 use crate::optim::adamw::{self, AdamWParams};
 use crate::params::Gpt2Params;
 use crate::zero::comm::Communicator;
@@ -159,12 +159,7 @@ impl ShardOptimizer {
         let ways = self.dp.as_ref().map_or(1, |d| d.world_size());
         let mut g = Vec::with_capacity(self.part * ways);
         let mut p = Vec::with_capacity(self.numel);
-        // Whether each shard's squares count in the whole model's norm: a
-        // replicated parameter on the tensor group's rank 0 only, a tied
-        // embedding's second copy (last stage) never.
-        let tp_first = model.comm.rank() == 0;
-        let copy =
-            model.config.tie_word_embeddings && model.stages > 1 && model.stage + 1 == model.stages;
+        // Whether each shard's squares count in the whole model's norm.
         let mut counted = Vec::with_capacity(model.shards.len());
         for (name, var) in &model.shards {
             match grads.get(name) {
@@ -172,8 +167,13 @@ impl ShardOptimizer {
                 None => g.extend(std::iter::repeat_n(0.0, var.elem_count())),
             }
             p.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
-            let is_copy = copy && name == "transformer.wte.weight";
-            counted.push(!is_copy && (split_of(name) != Split::Replicated || tp_first));
+            counted.push(super::tensor::speaks_for(
+                name,
+                &model.config,
+                model.comm.rank(),
+                model.stages,
+                model.stage,
+            ));
         }
         g.resize(self.part * ways, 0.0);
         let mine = self.part_range();

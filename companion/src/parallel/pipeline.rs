@@ -119,7 +119,7 @@ pub struct PipelineStep {
     /// denominator (last stage; 0 elsewhere).
     pub loss: f64,
     /// Gradients of this stage's parameters, by name (summed over the
-    /// micro-batches, of the mean loss).
+    /// micro-batches, of the loss as `loss` counts it).
     pub grads: HashMap<String, Tensor>,
     /// The share of the step this stage spent in exchanges with its
     /// neighbours (waiting for them, the bubble, and the transfers).

@@ -65,6 +65,22 @@ pub fn vocab_per_rank(vocab_size: usize, tp: usize) -> usize {
     vocab_size.div_ceil(tp)
 }
 
+/// Whether the shard of `name` on tensor rank `tp_rank` of stage `s` of
+/// `pp` is the one that counts for the whole model (its norm, its saved
+/// state): a replicated parameter on tensor rank 0 only, a tied
+/// embedding's copy on the last stage never.
+pub fn speaks_for(
+    name: &str,
+    cfg: &crate::config::GPT2Config,
+    tp_rank: usize,
+    pp: usize,
+    s: usize,
+) -> bool {
+    let copy = cfg.tie_word_embeddings && pp > 1 && s + 1 == pp && name == "transformer.wte.weight";
+    let replicated = split_of(name) == Split::Replicated;
+    !copy && (!replicated || tp_rank == 0)
+}
+
 /// Rank `rank`'s shard of `full` (of parameter `name`) over `tp` ranks.
 pub fn shard(name: &str, full: &Tensor, rank: usize, tp: usize) -> Result<Tensor> {
     let last = full.rank() - 1;
@@ -259,8 +275,8 @@ impl TensorParallelGpt2 {
         let c = &self.config;
         let (tp, rank) = (self.comm.world_size(), self.comm.rank());
         let (b, t) = (rows.len(), rows.first().map_or(0, Vec::len));
-        if rows.iter().any(|r| r.len() != t) || t < 2 || t > c.n_positions {
-            candle_core::bail!("rows of equal length between 2 and n_positions");
+        if rows.iter().any(|r| r.len() != t) || t == 0 || t > c.n_positions {
+            candle_core::bail!("rows of equal length between 1 and n_positions");
         }
         crate::cpu::inputs::check_token_ids(rows.iter().flatten().copied().max(), c.vocab_size)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;

@@ -98,8 +98,7 @@ impl ParallelTrainer {
 
     /// One optimizer step over the global batch `micro_batches` (every rank
     /// passes the same list; data-parallel replica r takes micro-batches r,
-    /// r + dp, …): equal-length rows, as many micro-batches a replica as any
-    /// other.
+    /// r + dp, …; each micro-batch of equal-length rows).
     pub fn step(
         &mut self,
         micro_batches: &[Vec<Vec<u32>>],
@@ -107,26 +106,8 @@ impl ParallelTrainer {
         max_grad_norm: f64,
     ) -> Result<StepOutput> {
         let dp = self.groups.layout.dp;
-        // The replicas' mean is the batch's only if every micro-batch has
-        // the same rows of the same length.
-        let shape = |mb: &Vec<Vec<u32>>| (mb.len(), mb.first().map_or(0, Vec::len));
-        if let Some(first) = micro_batches.first() {
-            if micro_batches
-                .iter()
-                .flatten()
-                .any(|r| r.len() != first[0].len())
-                || micro_batches.iter().any(|mb| shape(mb) != shape(first))
-            {
-                candle_core::bail!(
-                    "micro-batches of different shapes: give each the same rows of the same length"
-                );
-            }
-        }
-        if micro_batches.is_empty() || !micro_batches.len().is_multiple_of(dp) {
-            candle_core::bail!(
-                "{} micro-batches for {dp} data-parallel replicas: give a multiple of {dp}",
-                micro_batches.len()
-            );
+        if micro_batches.is_empty() {
+            candle_core::bail!("a step needs at least one micro-batch");
         }
         let mine: Vec<Vec<Vec<u32>>> = micro_batches
             .iter()

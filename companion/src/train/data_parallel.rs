@@ -24,17 +24,7 @@ impl Trainer {
         // This rank's micro-batches of this update and the label-token count
         // of the whole global batch: every rank's loss is divided by it, so
         // the summed gradients equal one rank's on all of it.
-        let batches: Vec<Option<Batch>> = (0..accum)
-            .map(|k| {
-                let idx = loader.batch(step * accum + k);
-                if idx.is_empty() {
-                    Ok(None)
-                } else {
-                    self.batch_of(&self.train_dataset, &idx).map(Some)
-                }
-            })
-            .collect::<Result<_>>()?;
-        self.batches_read += batches.iter().flatten().count();
+        let batches = self.step_batches(loader)?;
         let local_items: usize = batches.iter().flatten().map(Batch::num_label_tokens).sum();
         let n_items = sum_ranks(local_items as f64)?.max(1.0);
         let local = super::logging::BatchFigures::of(&batches, &self.model.config);
@@ -66,17 +56,13 @@ impl Trainer {
                 &batch,
                 zero_mut(&mut self.engine)?,
             )?;
-            if !lv.is_finite() {
-                return Err(TrainError::NonFinite(format!(
-                    "the loss became {lv} at step {}; training stopped and {} (lower the \
-                     learning_rate or check the data)",
-                    step + 1,
-                    super::output_dir::kept_checkpoint(&self.args.output_dir)
-                )));
-            }
             local_loss += lv;
         }
+        // Checked on the sum, which every rank sees: all stop together.
         let loss = sum_ranks(local_loss)?;
+        if !loss.is_finite() {
+            return Err(self.non_finite_loss(loss));
+        }
         self.state.num_input_tokens_seen += tokens;
         // Skipped (fp16 overflow) steps do not advance the schedule, as
         // DeepSpeed does not step its scheduler then.

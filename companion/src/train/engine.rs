@@ -113,7 +113,7 @@ impl Engine {
     pub fn stage(&self) -> u8 {
         match self {
             Engine::Zero(e) => e.stage(),
-            Engine::ModelParallel(p) => u8::from(p.trainer.groups.layout.dp > 1),
+            Engine::ModelParallel(p) => p.stage(),
         }
     }
 
@@ -163,6 +163,12 @@ impl Engine {
 }
 
 impl ModelParallel {
+    /// The ZeRO stage of the distributed optimizer: 1 over several
+    /// data-parallel replicas, 0 over one.
+    pub fn stage(&self) -> u8 {
+        u8::from(self.trainer.groups.layout.dp > 1)
+    }
+
     /// What this rank keeps, measured: its shards (weights, and the
     /// gradients of a step), its part of Adam's moments, and the
     /// activations the last step kept in flight.
@@ -171,7 +177,7 @@ impl ModelParallel {
         let held: usize = t.shards().iter().map(|(_, s)| s.elem_count() * 4).sum();
         ModelStateBytes {
             rank: t.world.rank(),
-            stage: u8::from(t.groups.layout.dp > 1),
+            stage: self.stage(),
             world_size: t.world.world_size(),
             params: held,
             grads: held,

@@ -214,7 +214,9 @@ impl Trainer {
         let l = self.loader()?;
         let refuse = |what: String| {
             Err(TrainError::Args(format!(
-                "{}: {what}: resume with the same training data, block size and global batch",
+                "{}: {what}: resume with the same training data, block size and batch \
+                 arithmetic (per-rank batch × data-parallel ranks, gradient accumulation, \
+                 dataloader_drop_last)",
                 f.display()
             )))
         };
@@ -253,11 +255,12 @@ impl Trainer {
         if at != (Some(&json!(epoch)), Some(&json!(batch))) {
             return refuse(format!(
                 "the checkpoint stopped at epoch {}, batch {} of its data loader; with this \
-                 run's gradient_accumulation_steps ({}) step {global_step} would continue at \
-                 epoch {epoch}, batch {batch}",
+                 run's gradient_accumulation_steps ({}) and dataloader_drop_last ({}) step \
+                 {global_step} would continue at epoch {epoch}, batch {batch}",
                 at.0.unwrap_or(&Value::Null),
                 at.1.unwrap_or(&Value::Null),
-                self.plan.batch.gradient_accumulation_steps
+                self.plan.batch.gradient_accumulation_steps,
+                l.drop_last
             ));
         }
         Ok(())

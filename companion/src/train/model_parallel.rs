@@ -13,27 +13,21 @@ use crate::data::{Batch, DataLoader, Dataset};
 impl Trainer {
     /// One optimizer step on the 3D-parallel path.
     pub(super) fn model_parallel_step(&mut self, loader: &DataLoader) -> Result<StepReport> {
-        let step = self.state.global_step;
-        let accum = self.plan.batch.gradient_accumulation_steps;
-        let batches: Vec<Option<Batch>> = (0..accum)
-            .map(|k| {
-                let idx = loader.batch(step * accum + k);
-                if idx.is_empty() {
-                    Ok(None)
-                } else {
-                    self.batch_of(&self.train_dataset, &idx).map(Some)
-                }
-            })
-            .collect::<Result<_>>()?;
-        self.batches_read += batches.iter().flatten().count();
+        let (step, accum) = (
+            self.state.global_step,
+            self.plan.batch.gradient_accumulation_steps,
+        );
+        let batches = self.step_batches(loader)?;
         let local = BatchFigures::of(&batches, &self.model.config);
-        // Padding on the right is exact on this path (attention is causal
-        // and the collator's labels skip it); on the left it is not.
+        // (A rank that refuses its batch aborts its communicator: the
+        // others stop in their next collective instead of waiting.)
+        for b in batches.iter().flatten() {
+            runs_split(b, &self.model.config)?;
+        }
         let (replica, replicas) = self.engine.data_parallel();
         let (mut ids, mut labels, mut seeds) = (Vec::new(), Vec::new(), Vec::new());
         for (k, b) in batches.iter().enumerate() {
             let Some(b) = b else { continue };
-            right_padded(b)?;
             ids.push(b.input_ids.clone());
             labels.push(b.labels.clone());
             let micro = step * accum + k;
@@ -44,11 +38,7 @@ impl Trainer {
                 replica,
             ));
         }
-        let sched_step = step;
-        let lr = self
-            .plan
-            .schedule
-            .lr_at(sched_step, self.plan.learning_rate);
+        let lr = self.plan.schedule.lr_at(step, self.plan.learning_rate);
         let clip = self.plan.max_grad_norm;
         let Engine::ModelParallel(mp) = &mut self.engine else {
             return Err(TrainError::Args("not a model-parallel run".into()));
@@ -67,14 +57,9 @@ impl Trainer {
         let tokens = sum(local.tokens as f64)? as usize;
         let real_tokens = sum(local.real_tokens as f64)? as usize;
         let flops = sum(local.flops)?;
+        // The loss is summed over every rank's group: all see the same.
         if !out.loss.is_finite() {
-            return Err(TrainError::NonFinite(format!(
-                "the loss became {} at step {}; training stopped and {} (lower the \
-                 learning_rate or check the data)",
-                out.loss,
-                step + 1,
-                super::output_dir::kept_checkpoint(&self.args.output_dir)
-            )));
+            return Err(self.non_finite_loss(out.loss));
         }
         self.state.num_input_tokens_seen += tokens;
         Ok(StepReport {
@@ -96,15 +81,21 @@ impl Trainer {
         let bs = self.args.per_device_eval_batch_size;
         let (replica, replicas) = self.engine.data_parallel();
         let n_batches = ds.len().div_ceil(bs);
+        let batches = (replica..n_batches)
+            .step_by(replicas)
+            .map(|i| {
+                let idx: Vec<usize> = (i * bs..((i + 1) * bs).min(ds.len())).collect();
+                self.batch_of(ds, &idx)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for b in &batches {
+            runs_split(b, &self.model.config)?;
+        }
+        let Engine::ModelParallel(mp) = &mut self.engine else {
+            return Err(TrainError::Args("not a model-parallel run".into()));
+        };
         let (mut sum, mut count) = (0f64, 0usize);
-        for i in (replica..n_batches).step_by(replicas) {
-            let start = i * bs;
-            let idx: Vec<usize> = (start..(start + bs).min(ds.len())).collect();
-            let b = self.batch_of(ds, &idx)?;
-            right_padded(&b)?;
-            let Engine::ModelParallel(mp) = &mut self.engine else {
-                return Err(TrainError::Args("not a model-parallel run".into()));
-            };
+        for b in &batches {
             if let Some((s, n)) = mp.trainer.forward_loss_sum(&b.input_ids, Some(&b.labels))? {
                 sum += s;
                 count += n;
@@ -114,20 +105,32 @@ impl Trainer {
     }
 }
 
-/// A batch whose padding, if any, ends each row (the attention mask's ones
-/// then zeros): what the tensor- and pipeline-parallel path runs exactly.
-fn right_padded(b: &Batch) -> Result<()> {
-    let ok = b
+/// What the split model runs exactly: rows of 1 to `n_positions` tokens
+/// inside the vocabulary, padded (if at all) at the end of each row, where
+/// causal attention never looks and the collator's labels skip the loss.
+fn runs_split(b: &Batch, cfg: &crate::config::GPT2Config) -> Result<()> {
+    let t = b.input_ids.first().map_or(0, Vec::len);
+    if t == 0 || t > cfg.n_positions {
+        return Err(TrainError::Args(format!(
+            "a batch of rows of {t} tokens: between 1 and n_positions {}",
+            cfg.n_positions
+        )));
+    }
+    crate::cpu::inputs::check_token_ids(
+        b.input_ids.iter().flatten().copied().max(),
+        cfg.vocab_size,
+    )
+    .map_err(|e| TrainError::Args(e.to_string()))?;
+    let right = b
         .attention_mask
         .iter()
         .all(|r| r.windows(2).all(|w| w[0] >= w[1]));
-    if ok {
-        Ok(())
-    } else {
-        Err(TrainError::Args(
+    if !right {
+        return Err(TrainError::Args(
             "a batch padded on the left: the tensor- and pipeline-parallel path takes right \
              padding only (the collator's padding_side)"
                 .into(),
-        ))
+        ));
     }
+    Ok(())
 }

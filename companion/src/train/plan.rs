@@ -227,7 +227,8 @@ impl TrainPlan {
 
     /// The ranks' layout `args` ask for: Megatron-LM's sizes, or the
     /// ds_config's `tensor_parallel.autotp_size` and `pipeline.stages`
-    /// (when both name a size, they must agree).
+    /// (when both name a size above 1, they must agree; a flag at 1, its
+    /// default, leaves the size to the ds_config).
     pub fn parallel_layout(args: &TrainingArguments, world_size: usize) -> Result<ParallelLayout> {
         let (tp, pp) = crate::zero::ds_config::model_parallel_sizes(args.deepspeed.as_ref())?;
         let pick = |flag: usize, name: &str, ds: Option<usize>, key: &str| match ds {

@@ -132,6 +132,13 @@ impl Trainer {
             GradientPath::choose(&model.config, model.device(), dtype, plan.recompute);
         let rank0 = comm.rank() == 0;
         let engine = if layout.tp * layout.pp > 1 {
+            if collator.padding_side == crate::tokenizer::PaddingSide::Left {
+                return Err(TrainError::Args(
+                    "tensor/pipeline parallelism takes batches padded on the right (causal \
+                     attention never looks at the end of a row); the collator pads on the left"
+                        .into(),
+                ));
+            }
             if !model.device().is_cpu() {
                 return Err(TrainError::Args(format!(
                     "tensor_model_parallel_size {} × pipeline_model_parallel_size {}: this path runs on CPU ranks (threads or MPI processes) so far, not on {:?}",
@@ -293,6 +300,37 @@ impl Trainer {
         let examples = ds.examples(idx);
         let refs: Vec<&[u32]> = examples.iter().map(|e| &**e).collect();
         Ok(self.collator.collate(&refs)?)
+    }
+
+    /// This rank's micro-batches of the current step's global batch (None
+    /// where its share is empty: the end of an epoch).
+    pub(super) fn step_batches(&mut self, loader: &DataLoader) -> Result<Vec<Option<Batch>>> {
+        let (step, accum) = (
+            self.state.global_step,
+            self.plan.batch.gradient_accumulation_steps,
+        );
+        let batches: Vec<Option<Batch>> = (0..accum)
+            .map(|k| {
+                let idx = loader.batch(step * accum + k);
+                if idx.is_empty() {
+                    Ok(None)
+                } else {
+                    self.batch_of(&self.train_dataset, &idx).map(Some)
+                }
+            })
+            .collect::<Result<_>>()?;
+        self.batches_read += batches.iter().flatten().count();
+        Ok(batches)
+    }
+
+    /// The error a step's loss that is not finite stops training with.
+    pub(super) fn non_finite_loss(&self, loss: f64) -> TrainError {
+        TrainError::NonFinite(format!(
+            "the loss became {loss} at step {}; training stopped and {} (lower the \
+             learning_rate or check the data)",
+            self.state.global_step + 1,
+            super::output_dir::kept_checkpoint(&self.args.output_dir)
+        ))
     }
 
     pub(crate) fn tensors(&self, b: &Batch) -> Result<(Tensor, Tensor)> {

@@ -432,9 +432,6 @@ fn scheduler_config(
     }))
 }
 
-/// Every key given that runs here accept but do not act on, each with why
-/// (the keys we act on are read in `from_value`; unknown ones DeepSpeed
-/// ignores too).
 /// A ds_config file as JSON (duplicate keys refused, as DeepSpeed does).
 fn read_file(path: &std::path::Path) -> Result<Value> {
     let file = path.display().to_string();
@@ -483,6 +480,9 @@ pub fn model_parallel_sizes(deepspeed: Option<&Value>) -> Result<(Option<usize>,
     ))
 }
 
+/// Every key given that runs here accept but do not act on, each with why
+/// (the keys we act on are read in `from_value`; unknown ones DeepSpeed
+/// ignores too).
 fn unused_keys(v: &Value, f: &DsConfigFile) -> Vec<String> {
     const ACTED_ON: &[&str] = &[
         "train_batch_size",

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 /// This process's rank in `MPI_COMM_WORLD` or in a sub-group split from it;
 /// dropping the last of them finalises MPI.
 pub struct MpiRank {
-    comm: SimpleCommunicator,
+    /// Freed (`MPI_Comm_free`, a collective) under `calls` in `drop`.
+    comm: std::mem::ManuallyDrop<SimpleCommunicator>,
     /// Every MPI call of the process, on any of its communicators, takes
     /// this lock (MPI_THREAD_SERIALIZED).
     calls: Arc<Mutex<()>>,
@@ -33,6 +34,14 @@ unsafe impl Send for MpiRank {}
 // SAFETY: as above: shared references reach MPI only through the mutex.
 unsafe impl Sync for MpiRank {}
 
+impl Drop for MpiRank {
+    fn drop(&mut self) {
+        let _serial = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: `comm` is dropped once, here, and not used after.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.comm) };
+    }
+}
+
 impl MpiRank {
     /// `MPI_Init`; fails when MPI is already initialised.
     pub fn init() -> std::result::Result<Self, CommError> {
@@ -42,7 +51,7 @@ impl MpiRank {
         Ok(MpiRank {
             rank: MpiCommunicator::rank(&world) as usize,
             size: MpiCommunicator::size(&world) as usize,
-            comm: world,
+            comm: std::mem::ManuallyDrop::new(world),
             calls: Arc::new(Mutex::new(())),
             universe: Arc::new(universe),
         })
@@ -59,7 +68,7 @@ impl Communicator for MpiRank {
     fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
         let n = self.world_size();
         let _serial = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-        let world = &self.comm;
+        let world = &*self.comm;
         let mut counts = vec![0i32; n];
         world.all_gather_into(&(send.len() as i32), &mut counts[..]);
         let displs: Vec<i32> = counts
@@ -86,7 +95,7 @@ impl Communicator for MpiRank {
     fn abort(&self, why: &str) {
         eprintln!("rank {}: {why}; aborting the MPI job", self.rank());
         match self.calls.try_lock() {
-            Ok(_serial) => MpiCommunicator::abort(&self.comm, 1),
+            Ok(_serial) => MpiCommunicator::abort(&*self.comm, 1),
             // Another call is under way on this process: leaving with an
             // error makes mpirun end the whole job just the same.
             Err(_) => std::process::exit(1),
@@ -104,7 +113,7 @@ impl Communicator for MpiRank {
         Ok(Arc::new(MpiRank {
             rank: MpiCommunicator::rank(&sub) as usize,
             size: MpiCommunicator::size(&sub) as usize,
-            comm: sub,
+            comm: std::mem::ManuallyDrop::new(sub),
             calls: self.calls.clone(),
             universe: self.universe.clone(),
         }))
