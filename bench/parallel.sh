@@ -5,7 +5,8 @@
 # activations in flight), the share of the step a rank waited on its
 # pipeline neighbours beside PipeDream-Flush's bubble (pp-1)/(m+pp-1), and
 # the bytes each rank sent through its tensor, pipeline and data groups
-# beside the count from the Megatron-LM and ZeRO papers' terms.
+# beside the count from the Megatron-LM and ZeRO papers' terms; each rank's
+# parameter bytes are checked against Megatron's split.
 # Usage: bench/parallel.sh [SHAPE] [STEPS] [MICRO_BATCHES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,9 @@ for r in rows:
         got, want = p["sent_bytes_measured"], p["sent_bytes_formula"]
         sent = " ".join(f"{k[0]} {got[k] / 1e6:.1f}/{want[k] / 1e6:.1f}" for k in ("tensor", "pipeline", "data"))
         assert got == want, f"{lay}: sent {got}, the papers' count {want}"
+        for q in r["per_rank"]:
+            assert q["params_bytes_measured"] == q["params_bytes_formula"], \
+                f"{lay} rank {q['rank']}: holds {q['params_bytes_measured']} B, Megatron's split {q['params_bytes_formula']} B"
     print(f"{lay:<16}{r['tokens_per_second']:>10.0f}{r['tokens_per_second'] / one['tokens_per_second']:>10.2f}"
           f"{mem:>16.1f}{bubble:>16}{sent:>36}")
 print("bubble: the most any rank waited (measured) / (pp-1)/(m+pp-1); sent: measured/formula, t p d = tensor, pipeline, data group")

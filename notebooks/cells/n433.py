@@ -51,20 +51,17 @@ use companion::prelude::*;
 let gpt2 = GPT2Config::preset("gpt2").unwrap();
 let (tp, pp, dp) = (2usize, 2usize, 2usize);
 let (c, l, v, p) = (gpt2.n_embd, gpt2.n_layer, gpt2.vocab_size, gpt2.n_positions);
-// One block's parameters on a TP rank: column-split c_attn (3C/tp columns + bias) and c_fc (4C/tp + bias),
-// row-split c_proj of attention (C/tp rows) and MLP (4C/tp rows) with their biases whole, both LayerNorms whole.
-let block_tp = c * 3 * c / tp + 3 * c / tp + (c / tp) * c + c + c * 4 * c / tp + 4 * c / tp + (4 * c / tp) * c + c + 4 * c;
+// A rank's parameters by Megatron's split (`expected_held`): per block its share of the column-split c_attn
+// (3C/tp columns + bias) and c_fc (4C/tp + bias), of the row-split c_proj of attention (C/tp rows) and MLP (4C/tp
+// rows) with their biases whole, both LayerNorms whole; on the first stage ⌈V/tp⌉ rows of wte and the whole wpe;
+// on the last ln_f and the tied head's copy of the wte rows.
 let vp = v.div_ceil(tp);                          // wte rows per TP rank (the vocabulary padded to divide)
-let first_stage_extra = vp * c + p * c;          // a vocabulary slice of wte, and the whole wpe
-let last_stage_extra = vp * c + 2 * c;           // the tied head's slice of wte, ln_f
 let per_stage = l / pp;
 let mut rows = vec![vec!["rank".to_string(), "TP".into(), "DP".into(), "stage".into(), "blocks".into(), "parameters".into(), "sends/receives".into()]];
 let mut sum_over_one_replica = 0usize;
 for r in 0..tp * pp * dp {
     let (t, d, s) = (r % tp, (r / tp) % dp, r / (tp * dp));
-    let mut n = per_stage * block_tp;
-    if s == 0 { n += first_stage_extra; }
-    if s == pp - 1 { n += last_stage_extra; }
+    let n = companion::parallel::traffic::expected_held(&gpt2, tp, pp, s);
     if d == 0 { sum_over_one_replica += n; }
     let comm = format!("TP all-reduce with rank {}; {} ; DP all-reduce with rank {}",
         r ^ 1, if s == 0 { format!("activations → rank {0}, their gradients ← {0}", r + tp * dp) } else { format!("activations ← rank {0}, their gradients → {0}", r - tp * dp) }, (s * dp + (1 - d)) * tp + t);
@@ -153,6 +150,8 @@ for (tp, pp, dp) in [(2, 2, 1), (2, 1, 2)] {
         // Megatron: 2 all-reduces of b·s·h per layer forward, 2 backward; a stage boundary carries b·s·h each way per
         // micro-batch; data parallelism all-reduces the gradients and ZeRO-1 all-gathers the updated parts.
         check_eq!(sent, formula, "tp {tp} pp {pp} dp {dp} rank {r}: elements sent in a step vs the papers' count");
+        check_eq!(held, companion::parallel::traffic::expected_held(&small3d, tp, pp, s),
+                  "tp {tp} pp {pp} dp {dp} rank {r}: parameters held vs Megatron's split");
         for (a, b) in losses.iter().zip(&one3d.1) {
             check!((a - b).abs() <= 1e-5 * b, "tp {tp} pp {pp} dp {dp} rank {r}: loss {a} vs one rank's {b}");
         }

@@ -258,13 +258,19 @@ mod tests {
                         .map_err(err)?;
                     let c = t.groups.coords;
                     // What the last step sent, against the papers' count.
-                    let held = t
+                    let held: usize = t
                         .stage
                         .model
                         .shards
                         .iter()
                         .map(|(_, v)| v.elem_count())
                         .sum();
+                    assert_eq!(
+                        held,
+                        crate::parallel::traffic::expected_held(&cfg, tp, pp, c.pp),
+                        "tp {tp} pp {pp}: parameters rank {:?} holds vs Megatron's split",
+                        (c.tp, c.dp, c.pp)
+                    );
                     let want =
                         crate::parallel::traffic::expected(&crate::parallel::traffic::StepShape {
                             config: &cfg,

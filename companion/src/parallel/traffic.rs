@@ -1,5 +1,6 @@
-//! What crosses between ranks: a communicator that counts the elements this
-//! rank hands to each collective, and the count for a 3D-parallel step
+//! What a rank holds and what crosses between ranks: the parameters of
+//! Megatron's split ([`expected_held`]), a communicator that counts the
+//! elements this rank hands to each collective, and the count for a 3D-parallel step
 //! built from the Megatron-LM and ZeRO papers' terms (Shoeybi et al. 2019 §3: two
 //! all-reduces of the b·s·h activations per layer in the forward pass and
 //! two in the backward; a pipeline boundary carries each micro-batch's
@@ -138,4 +139,37 @@ pub fn expected(s: &StepShape) -> Traffic {
         pipeline,
         data,
     }
+}
+
+/// The parameters one rank of stage `stage` (of `pp`) holds under
+/// Megatron's split over `tp` ranks, by the closed form: per block its
+/// share of `c_attn` and `c_fc` (columns), of both `c_proj` (rows, their
+/// biases whole) and the LayerNorms whole; ⌈V/tp⌉ vocabulary rows of `wte`
+/// and the whole `wpe` on the first stage; `ln_f` and the head's rows
+/// (a tied head's copy of `wte` when the pipeline has several stages) on
+/// the last.
+pub fn expected_held(c: &GPT2Config, tp: usize, pp: usize, stage: usize) -> usize {
+    let (w, inner) = (c.n_embd, c.inner_dim());
+    let block = 2 * w
+        + w * 3 * w / tp
+        + 3 * w / tp
+        + (w / tp) * w
+        + w
+        + 2 * w
+        + w * inner / tp
+        + inner / tp
+        + (inner / tp) * w
+        + w;
+    let rows = super::tensor::vocab_per_rank(c.vocab_size, tp) * w;
+    let mut n = block * (c.n_layer / pp);
+    if stage == 0 {
+        n += rows + c.n_positions * w;
+    }
+    if stage + 1 == pp {
+        n += 2 * w;
+        if !c.tie_word_embeddings || pp > 1 {
+            n += rows;
+        }
+    }
+    n
 }

@@ -357,7 +357,7 @@ fn parallel_figures(
     };
     let p = &mp.trainer;
     let (l, c) = (p.groups.layout, p.groups.coords);
-    let held = p.shards().iter().map(|(_, s)| s.elem_count()).sum();
+    let held: usize = p.shards().iter().map(|(_, s)| s.elem_count()).sum();
     let want = companion::parallel::traffic::expected(&companion::parallel::traffic::StepShape {
         config: cfg,
         tp: l.tp,
@@ -376,6 +376,8 @@ fn parallel_figures(
         "bubble_measured": mp.last_bubble,
         "sent_bytes_measured": bytes(&p.last_traffic),
         "sent_bytes_formula": bytes(&want),
+        "params_bytes_measured": held * 4,
+        "params_bytes_formula": companion::parallel::traffic::expected_held(cfg, l.tp, l.pp, c.pp) * 4,
         "activations_held_bytes": mp.activations_held,
     })
 }
