@@ -271,14 +271,14 @@ impl Trainer {
     }
 
     /// Take up changes made to `args` since the Trainer was built; those
-    /// that would move model states (stage, offload, precision, ranks) are
-    /// refused.
+    /// that would move model states (stage, offload, precision, ranks, the
+    /// tensor/pipeline layout) are refused.
     fn refresh_plan(&mut self) -> Result<()> {
         let plan = self.resolve_plan()?;
         if !plan.same_engine(&self.plan) {
             return Err(TrainError::Args(
-                "the ZeRO stage, offload or precision changed after the Trainer was built; \
-                 build a new Trainer"
+                "the ZeRO stage, offload, precision or tensor/pipeline layout changed after the \
+                 Trainer was built; build a new Trainer"
                     .into(),
             ));
         }
