@@ -91,6 +91,15 @@ impl ParallelTrainer {
     /// The whole model's weights and Adam moments, on every rank: a
     /// collective over the world (each rank sends what it alone holds).
     pub fn gather_full_state(&self) -> Result<FlatState> {
+        let full = self.gather_full_state_on(None)?;
+        full.ok_or_else(|| candle_core::Error::Msg("gathered on no rank".into()))
+    }
+
+    /// [`Self::gather_full_state`] assembled only on world rank `root`
+    /// (`None`: on every rank); the others take part and get `None` (a
+    /// checkpoint, which rank 0 alone writes, spares them 12 bytes a
+    /// parameter).
+    pub fn gather_full_state_on(&self, root: Option<usize>) -> Result<Option<FlatState>> {
         let (cfg, l, me) = (
             &self.stage.model.config,
             self.groups.layout,
@@ -122,6 +131,9 @@ impl ParallelTrainer {
             .world
             .exchange(send)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if root.is_some_and(|r| r != self.world.rank()) {
+            return Ok(None);
+        }
         let mut full = FlatState {
             fp32: vec![0.0; numel],
             m: vec![0.0; numel],
@@ -161,7 +173,7 @@ impl ParallelTrainer {
                 }
             }
         }
-        Ok(full)
+        Ok(Some(full))
     }
 
     /// This rank's part of a run on `tp` × `pp` (× what is left of `world`)

@@ -162,14 +162,19 @@ impl Trainer {
         // Named per run, so a partial folder is never another run's.
         let tmp = out.join(format!(".{name}.partial-{}", self.run_tag()?));
         let rank0 = self.is_world_process_zero();
-        let gathered = match &self.engine {
-            Engine::ModelParallel(p) => Some(p.trainer.gather_full_state()?),
-            Engine::Zero(_) => None,
-        };
-        let full = match &gathered {
-            Some(g) => Some(self.model_from_flat(&g.fp32)?),
-            None if self.engine.model_is_partial() => Some(self.full_model()?),
-            None => None,
+        // The whole model for rank 0 to write (a collective either way): a
+        // 3D run's state is assembled there only.
+        let (gathered, full) = match &self.engine {
+            Engine::ModelParallel(p) => {
+                let g = p.trainer.gather_full_state_on(Some(0))?;
+                let full = g
+                    .as_ref()
+                    .map(|g| self.model_from_flat(&g.fp32))
+                    .transpose()?;
+                (g, full)
+            }
+            Engine::Zero(_) if self.engine.model_is_partial() => (None, Some(self.full_model()?)),
+            Engine::Zero(_) => (None, None),
         };
         self.refuse_non_finite(full.as_ref(), &out)?;
         let tag_dir = tmp.join(format!("global_step{step}"));
