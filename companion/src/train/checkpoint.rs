@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::engine::Engine;
 use super::error::{io_err, Result, TrainError};
 use super::output_dir::{kept_checkpoint, list_checkpoints};
 use super::trainer::Trainer;
@@ -162,20 +161,7 @@ impl Trainer {
         // Named per run, so a partial folder is never another run's.
         let tmp = out.join(format!(".{name}.partial-{}", self.run_tag()?));
         let rank0 = self.is_world_process_zero();
-        // The whole model for rank 0 to write (a collective either way): a
-        // 3D run's state is assembled there only.
-        let (gathered, full) = match &self.engine {
-            Engine::ModelParallel(p) => {
-                let g = p.trainer.gather_full_state_on(Some(0))?;
-                let full = g
-                    .as_ref()
-                    .map(|g| self.model_from_flat(&g.fp32))
-                    .transpose()?;
-                (g, full)
-            }
-            Engine::Zero(_) if self.engine.model_is_partial() => (None, Some(self.full_model()?)),
-            Engine::Zero(_) => (None, None),
-        };
+        let (gathered, full) = self.model_for_saving()?;
         self.refuse_non_finite(full.as_ref(), &out)?;
         let tag_dir = tmp.join(format!("global_step{step}"));
         if rank0 {
@@ -291,11 +277,7 @@ impl Trainer {
     /// a whole. Every rank calls it; rank 0 writes (under ZeRO-3 after
     /// gathering the weights).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
-        let full = if self.engine.model_is_partial() {
-            Some(self.full_model()?)
-        } else {
-            None
-        };
+        let (_, full) = self.model_for_saving()?;
         if !self.is_world_process_zero() {
             return Ok(());
         }

@@ -7,7 +7,7 @@ use super::engine::Engine;
 use super::error::Result;
 use super::trainer::Trainer;
 use crate::model::GPT2LMHeadModel;
-use crate::zero::ModelStateBytes;
+use crate::zero::{FlatState, ModelStateBytes};
 
 impl Trainer {
     /// Every rank's model-state bytes, measured (a collective: all ranks call it).
@@ -64,6 +64,26 @@ impl Trainer {
             }
             Engine::ModelParallel(p) => self.model_from_flat(&p.trainer.gather_full_state()?.fp32),
         }
+    }
+
+    /// What rank 0 writes when the model it holds is not the whole fp32
+    /// model (a collective either way): a 3D run's whole state, assembled
+    /// on rank 0 only, and the model built from it; under ZeRO-3 or mixed
+    /// precision the gathered model (on every rank). `(None, None)`: the
+    /// rank's own model is the whole one.
+    pub(crate) fn model_for_saving(&self) -> Result<(Option<FlatState>, Option<GPT2LMHeadModel>)> {
+        Ok(match &self.engine {
+            Engine::ModelParallel(p) => {
+                let g = p.trainer.gather_full_state_on(Some(0))?;
+                let full = g
+                    .as_ref()
+                    .map(|g| self.model_from_flat(&g.fp32))
+                    .transpose()?;
+                (g, full)
+            }
+            Engine::Zero(_) if self.engine.model_is_partial() => (None, Some(self.full_model()?)),
+            Engine::Zero(_) => (None, None),
+        })
     }
 
     /// The whole model from its weights laid end to end (a gathered state).
