@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::parallel_runs::*;
 use common::*;
-use companion::train::{TrainError, Trainer};
+use companion::train::{TrainError, Trainer, TrainingArguments};
 use companion::zero::comm::{run_ranks, Communicator};
 use serde_json::{json, Value};
 
@@ -68,24 +68,16 @@ fn a_checkpoint_resumes_on_another_layout_and_zero_stage() {
     let ckpt = out.join(format!("checkpoint-{STOP}"));
     let mut bigger = layout(1, 1, 2, Some(3));
     bigger.dp = 1;
-    let err = run_ranks(
-        1,
-        |_, comm: Arc<dyn Communicator>| -> Result<(), TrainError> {
-            let mut a = args(&dir.path().join("bigger"), bigger);
-            a.per_device_train_batch_size = 2 * GLOBAL_MICRO;
-            a.resume_from_checkpoint = Some(ckpt.display().to_string());
-            let mut t = Trainer::new_distributed(
-                model(true),
-                a,
-                collator(),
-                train_rows(),
-                None,
-                None,
-                comm,
-            )?;
-            t.verbose = false;
-            t.train().map(|_| ())
-        },
+    let twice = |a: &mut TrainingArguments| a.per_device_train_batch_size = 2 * GLOBAL_MICRO;
+    let out = dir.path().join("bigger");
+    let err = train_model(
+        &|| model(true),
+        &twice,
+        train_rows(),
+        &out,
+        bigger,
+        None,
+        Some(&ckpt),
     )
     .unwrap_err()
     .to_string();
@@ -113,33 +105,29 @@ fn the_ds_config_sets_the_layout_with_deepspeeds_keys() {
     )
     .unwrap()
     .losses;
+    // Four ranks, the flags left at 1 (or set against the ds_config).
     let run = |tp_flag: usize| {
-        run_ranks(
-            4,
-            |_, comm: Arc<dyn Communicator>| -> Result<_, TrainError> {
-                let mut a = args(
-                    &dir.path().join(format!("ds{tp_flag}")),
-                    layout(1, 1, 1, None),
-                );
-                (a.deepspeed, a.tensor_model_parallel_size) = (Some(ds.clone()), tp_flag);
-                let mut t = Trainer::new_distributed(
-                    model(true),
-                    a,
-                    collator(),
-                    train_rows(),
-                    None,
-                    None,
-                    comm,
-                )?;
-                t.verbose = false;
-                t.add_callback(companion::train::StopAtStep(2));
-                t.train()?;
-                let l = t.plan.layout;
-                Ok(((l.tp, l.pp, l.dp), logged(&t, "loss")))
-            },
+        let ds_keys = |a: &mut TrainingArguments| {
+            a.deepspeed = Some(ds.clone());
+            (a.tensor_model_parallel_size, a.pipeline_model_parallel_size) = (tp_flag, 1);
+        };
+        let out = dir.path().join(format!("ds{tp_flag}"));
+        let l = layout(2, 2, 1, None);
+        train_model(
+            &|| model(true),
+            &ds_keys,
+            train_rows(),
+            &out,
+            l,
+            Some(2),
+            None,
         )
     };
-    let (sizes, losses) = run(1).unwrap().remove(0);
+    let Run {
+        layout: sizes,
+        losses,
+        ..
+    } = run(1).unwrap();
     assert_eq!(sizes, (2, 2, 1));
     assert_eq!(losses, flags);
     let err = run(4).unwrap_err().to_string();
@@ -156,16 +144,8 @@ fn the_ds_config_sets_the_layout_with_deepspeeds_keys() {
 /// pretrain` with dropout on: the same run. A build without MPI says so.
 #[test]
 fn mpirun_processes_run_tensor_and_pipeline_parallel_like_threads() {
-    let version = stdout(&companion(&["--version"], &[]));
-    let has_mpi = version.contains("(mpi)");
-    if std::env::var_os("COMPANION_REQUIRE_MPI").is_some() {
-        assert!(
-            has_mpi,
-            "COMPANION_REQUIRE_MPI is set but `companion --version` says {version}"
-        );
-    }
     let dir = tempfile::tempdir().unwrap();
-    if !has_mpi {
+    if !has_mpi() {
         let o = pretrain(dir.path(), "mpi", &["--backend", "mpi"]);
         assert!(!o.status.success());
         assert!(
@@ -176,8 +156,6 @@ fn mpirun_processes_run_tensor_and_pipeline_parallel_like_threads() {
         return;
     }
     let cache = dir.path().join("cache");
-    // Tensor 2 × pipeline 2 over four processes (sub-groups split with
-    // MPI_Comm_split) against four threads, dropout on: the same run.
     let layout = |out: &str| -> Vec<String> {
         let mut f = pretrain_flags(dir.path(), out);
         f.extend(
@@ -191,26 +169,7 @@ fn mpirun_processes_run_tensor_and_pipeline_parallel_like_threads() {
         );
         f
     };
-    let mut mpi_args = vec!["-np".to_string(), "4".into(), "--oversubscribe".into()];
-    mpi_args.push(companion_bin().display().to_string());
-    mpi_args.extend(layout("mpi3d"));
-    mpi_args.extend(["--backend".into(), "mpi".into()]);
-    let o = std::process::Command::new("mpirun")
-        .args(&mpi_args)
-        .current_dir(root())
-        .env("HF_DATASETS_CACHE", &cache)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .expect("run mpirun");
-    assert!(o.status.success(), "mpirun 3D failed: {}", stderr(&o));
-    let mpi: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    let mut threads = layout("threads3d");
-    threads.extend(["--num-ranks".into(), "4".into()]);
-    let t: Vec<&str> = threads.iter().map(String::as_str).collect();
-    let o = companion(&t, &[("HF_DATASETS_CACHE", cache.to_str().unwrap())]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let thr: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let (mpi, thr) = mpirun_and_threads(4, &layout, &cache);
     assert_eq!(mpi["world_size"], 4);
     assert_eq!(mpi["tensor_model_parallel_size"], 2);
     let (a, b) = (

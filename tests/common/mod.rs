@@ -297,3 +297,61 @@ pub fn pretrain(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::proce
     let cache = dir.join("cache").display().to_string();
     companion(&a, &[("HF_DATASETS_CACHE", &cache)])
 }
+
+/// Whether `companion` was built with MPI ranks (COMPANION_REQUIRE_MPI set
+/// makes a build without them a failure, not a skip).
+pub fn has_mpi() -> bool {
+    let version = stdout(&companion(&["--version"], &[]));
+    let has = version.contains("(mpi)");
+    if std::env::var_os("COMPANION_REQUIRE_MPI").is_some() {
+        assert!(
+            has,
+            "COMPANION_REQUIRE_MPI is set but `companion --version` says {version}"
+        );
+    }
+    has
+}
+
+/// `companion` with pretrain `flags` as `np` MPI processes (`--backend
+/// mpi`) and, beside it, as `np` thread ranks (`--num-ranks`), sharing the
+/// datasets cache `cache`: the two runs' JSON summaries.
+pub fn mpirun_and_threads(
+    np: usize,
+    flags: &dyn Fn(&str) -> Vec<String>,
+    cache: &Path,
+) -> (serde_json::Value, serde_json::Value) {
+    let mut mpi_args = vec!["-np".to_string(), np.to_string(), "--oversubscribe".into()];
+    mpi_args.push(companion_bin().display().to_string());
+    mpi_args.extend(flags("mpi"));
+    mpi_args.extend(["--backend".into(), "mpi".into()]);
+    let o = Command::new("mpirun")
+        .args(&mpi_args)
+        .current_dir(root())
+        .env("HF_DATASETS_CACHE", cache)
+        // Containers often run as root, which OpenMPI refuses unless told.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("run mpirun (OpenMPI's launcher)");
+    assert!(o.status.success(), "mpirun failed: {}", stderr(&o));
+    let mpi = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let mut threads = flags("threads");
+    threads.extend(["--num-ranks".into(), np.to_string()]);
+    let t: Vec<&str> = threads.iter().map(String::as_str).collect();
+    let o = companion(&t, &[("HF_DATASETS_CACHE", cache.to_str().unwrap())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (mpi, serde_json::from_str(&stdout(&o)).unwrap())
+}
+
+/// A weight's values as the trainers' comparisons take them: all of them,
+/// but for `c_attn.bias` without its key third, whose true gradient is
+/// exactly zero (softmax is shift invariant along the keys), so AdamW turns
+/// the rounding noise there into steps that depend on summation order.
+pub fn compared_values(name: &str, t: &candle_core::Tensor) -> Vec<f32> {
+    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    if name.ends_with("attn.c_attn.bias") {
+        let c = v.len() / 3; // [q | k | v]
+        v.drain(c..2 * c);
+    }
+    v
+}

@@ -117,12 +117,15 @@ pub fn args(out: &std::path::Path, l: Layout) -> TrainingArguments {
 }
 
 /// What a run gives back (rank 0's view; every rank's memory row).
+#[derive(Debug)]
 pub struct Run {
     pub losses: Vec<(u64, f64)>,
     pub norms: Vec<f64>,
     pub eval_losses: Vec<f64>,
     pub weights: Vec<(String, Tensor)>,
     pub memory: Vec<ModelStateBytes>,
+    /// The run's (tp, pp, dp), as the Trainer resolved them.
+    pub layout: (usize, usize, usize),
 }
 
 pub fn logged(t: &Trainer, key: &str) -> Vec<(u64, f64)> {
@@ -198,6 +201,7 @@ pub fn train_model(
                     .map(|(n, v)| (n, v.as_tensor().clone()))
                     .collect(),
                 memory,
+                layout: (t.plan.layout.tp, t.plan.layout.pp, t.plan.layout.dp),
             })
         },
     )?;

@@ -400,21 +400,8 @@ mod tests {
                     }
                     for (name, got) in &grads {
                         let (_, _, want_g) = full.iter().find(|(n, _, _)| n == name).unwrap();
-                        let scale = want_g
-                            .abs()
-                            .unwrap()
-                            .max_all()
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap();
-                        let d = (got - want_g)
-                            .unwrap()
-                            .abs()
-                            .unwrap()
-                            .max_all()
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap();
+                        let scale = crate::parallel::max_abs(want_g);
+                        let d = crate::parallel::max_abs(&(got - want_g).unwrap());
                         assert!(
                             d <= 1e-5 * scale.max(1e-6),
                             "pp {pp} stage {stage} tied {tied}: {name} off by {d}"

@@ -444,9 +444,8 @@ mod tests {
                         let (_, _, full_g) = full.iter().find(|(n, _, _)| n == name).unwrap();
                         let want_g = shard(name, full_g, rank, tp).map_err(err)?;
                         let got_g = g.get(var.as_tensor()).expect("a shard's gradient");
-                        let scale = full_g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                        let d = (got_g - &want_g).unwrap().abs().unwrap().max_all().unwrap();
-                        let d = d.to_scalar::<f32>().unwrap() / scale.max(1e-12);
+                        let scale = crate::parallel::max_abs(full_g);
+                        let d = crate::parallel::max_abs(&(got_g - &want_g).unwrap()) / scale.max(1e-12);
                         assert!(d <= 1e-5, "tp {tp} rank {rank} tied {tied}: {name} gradient off by {d} (relative)");
                         worst = worst.max(d);
                     }
