@@ -1,0 +1,188 @@
+//! Cross-entropy summed over the rows that have a target, with its
+//! backward: the loss never stores the probabilities, and its backward
+//! writes `g · (softmax − onehot)` straight from the logits. The CPU twin is
+//! `cpu::layers::{cross_entropy_loss, cross_entropy_backward}`, the CUDA one
+//! `cross_entropy.cu` (llm.c's "fused classifier").
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
+use super::{f32_slice, fused};
+use crate::cpu::layers::{cross_entropy_backward, cross_entropy_loss};
+#[cfg(feature = "cuda")]
+use candle_core::{
+    backend::BackendStorage,
+    cuda_backend::{cudarc::driver::PushKernelArg, CudaStorage, WrapErr},
+};
+
+/// Threads per row of the vocabulary (as many as a block holds: rows are
+/// tens of thousands wide).
+#[cfg(feature = "cuda")]
+const VOCAB_THREADS: u32 = 512;
+
+/// Σ over rows with a target of (logsumexp(row) − row[target]); targets < 0
+/// (HF's -100) are skipped.
+struct CrossEntropySum {
+    targets: Arc<Vec<i64>>,
+}
+
+impl CustomOp1 for CrossEntropySum {
+    fn name(&self) -> &'static str {
+        "companion-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "cross_entropy")?;
+        let v = *l.dims().last().expect("rank 2");
+        // Row losses collected, then summed in order: rayon's `sum` would
+        // round differently from run to run.
+        let rows: Vec<f64> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                if t < 0 {
+                    return 0.0;
+                }
+                cross_entropy_loss(row, t as usize)
+            })
+            .collect();
+        let total: f64 = rows.iter().sum();
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: Elem>(targets: &[i64], s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+            let dev = &s.device;
+            let x = view::<T>(s, l, "cross_entropy")?;
+            let v = *l.dims().last().expect("rank 2");
+            let n = targets.len();
+            let tg = dev.clone_htod(targets)?;
+            // SAFETY: each is written by a kernel before it is read.
+            let losses = unsafe { dev.alloc::<f32>(n)? };
+            let sum = unsafe { dev.alloc::<f32>(1)? };
+            let name = format!("cross_entropy_rows_{}", T::SUFFIX);
+            let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, &name)?;
+            let v32 = v as i32;
+            let mut b = f.builder();
+            b.arg(&x).arg(&tg).arg(&losses).arg(&v32).arg(&v32);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { b.launch(per_row(n, v, VOCAB_THREADS)) }.w()?;
+            let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, "sum_losses")?;
+            let n32 = n as i32;
+            let mut b = f.builder();
+            b.arg(&losses).arg(&sum).arg(&n32);
+            // SAFETY: as above.
+            unsafe { b.launch(per_row(1, 256, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(sum, dev.clone()))
+        }
+        let out = with_elem!(s.dtype(), run(&self.targets, s, l))?;
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let op = CrossEntropyGrad {
+            targets: self.targets.clone(),
+        };
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// g · (softmax(row) − onehot(target)), zero for skipped rows; `g` is the
+/// loss's incoming gradient, a scalar (read on the device on CUDA).
+struct CrossEntropyGrad {
+    targets: Arc<Vec<i64>>,
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "companion-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross_entropy grad")?;
+        let g = f32_slice(s2, l2, "cross_entropy grad g")?[0];
+        let v = *l1.dims().last().expect("rank 2");
+        let mut d = x.to_vec();
+        d.par_chunks_mut(v)
+            .zip(self.targets.par_iter())
+            .for_each(|(d, &t)| {
+                if t < 0 {
+                    d.fill(0.0);
+                } else {
+                    cross_entropy_backward(d, t as usize, g);
+                }
+            });
+        Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: Elem>(
+            targets: &[i64],
+            (s1, l1): (&CudaStorage, &Layout),
+            (s2, l2): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = &s1.device;
+            let x = view::<T>(s1, l1, "cross_entropy grad")?;
+            let g = view::<f32>(s2, l2, "cross_entropy grad g")?;
+            let v = *l1.dims().last().expect("rank 2");
+            let n = targets.len();
+            let tg = dev.clone_htod(targets)?;
+            // SAFETY: every element is written by the kernel.
+            let d = unsafe { dev.alloc::<T>(n * v)? };
+            let name = format!("cross_entropy_grad_{}", T::SUFFIX);
+            let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, &name)?;
+            let v32 = v as i32;
+            let mut b = f.builder();
+            b.arg(&x).arg(&tg).arg(&g).arg(&d).arg(&v32).arg(&v32);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { b.launch(per_row(n, v, VOCAB_THREADS)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(d, dev.clone()))
+        }
+        let out = with_elem!(s1.dtype(), run(&self.targets, (s1, l1), (s2, l2)))?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Summed cross-entropy of `logits` `[N, V]` against `targets` (−100 skipped).
+pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!("cross_entropy: {} targets for {n} rows", targets.len());
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t >= v as i64) {
+        candle_core::bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
+    }
+    if fused(&[logits]) {
+        return logits.contiguous()?.apply_op1(CrossEntropySum {
+            targets: Arc::new(targets),
+        });
+    }
+    let keep: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t < 0 { 0.0 } else { 1.0 })
+        .collect();
+    let idx: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
+    let dev = logits.device();
+    let idx = Tensor::from_vec(idx, (n, 1), dev)?;
+    let keep = Tensor::from_vec(keep, (n,), dev)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    (logp.gather(&idx, 1)?.squeeze(1)? * keep)?.sum_all()?.neg()
+}
