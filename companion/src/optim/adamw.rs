@@ -156,9 +156,10 @@ pub fn update(
 }
 
 /// AdamW at step `t` as tensor ops on the device that holds the moments:
-/// `p` and `g` (fp32, the moments' length) give the new weights; `m` and
-/// `v` are replaced by their updated values, `decay` is 1 where weight
-/// decay applies.
+/// `p` and `g · gscale` (fp32, the moments' length; `gscale` the clipping
+/// coefficient) give the new weights; `m` and `v` are replaced by their
+/// updated values, `decay` is 1 where weight decay applies. On a CUDA
+/// device this is one fused kernel (`adamw.cu`, [`super::adamw_cuda`]).
 #[allow(clippy::too_many_arguments)]
 pub fn update_tensors(
     a: AdamWParams,
@@ -169,8 +170,32 @@ pub fn update_tensors(
     p: &Tensor,
     g: &Tensor,
     lr: f64,
+    gscale: f64,
 ) -> candle_core::Result<Tensor> {
     let (bc2_sqrt, step_size) = bias_corrections(a, t, lr);
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() && crate::model::autograd_ops::fused_cuda_kernels() {
+        let consts = [
+            a.beta1,
+            a.beta2,
+            a.eps,
+            bc2_sqrt,
+            step_size,
+            lr * a.weight_decay,
+        ];
+        let consts = consts.map(|x| x as f32);
+        let (p1, m1, v1) =
+            super::adamw_cuda::adamw_fused(p, g, m, v, decay, gscale as f32, consts)?;
+        (*m, *v) = (m1, v1);
+        return Ok(p1);
+    }
+    let scaled;
+    let g = if gscale == 1.0 {
+        g
+    } else {
+        scaled = (g * gscale)?;
+        &scaled
+    };
     let m1 = ((&*m * a.beta1)? + (g * (1.0 - a.beta1))?)?;
     let v1 = ((&*v * a.beta2)? + (g.sqr()? * (1.0 - a.beta2))?)?;
     let denom = ((v1.sqrt()? / bc2_sqrt)? + a.eps)?;

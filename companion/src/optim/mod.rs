@@ -2,6 +2,8 @@
 //! the learning-rate schedules of transformers and DeepSpeed.
 
 pub mod adamw;
+#[cfg(feature = "cuda")]
+pub mod adamw_cuda;
 pub mod schedules;
 
 pub use adamw::{AdamWParams, Moments};

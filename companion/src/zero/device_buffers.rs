@@ -67,8 +67,16 @@ pub(super) fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Σx² in f64 on the device.
+/// Σx² in f64 on the device (on CUDA one fused kernel, `optim/adamw.cu`).
 pub(super) fn sum_sq(t: &Tensor) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda()
+        && t.dtype() == DType::F32
+        && crate::model::autograd_ops::fused_cuda_kernels()
+    {
+        count(0, 1);
+        return Ok(crate::optim::adamw_cuda::sum_squares(t)?);
+    }
     scalar(&t.to_dtype(DType::F64)?.sqr()?.sum_all()?)
 }
 

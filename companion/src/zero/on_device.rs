@@ -119,12 +119,11 @@ impl ZeroEngine {
             self.dev().grads = g;
             return Ok(norm);
         }
-        if max_grad_norm > 0.0 {
-            let coef = clip_coefficient(norm, max_grad_norm);
-            if coef < 1.0 {
-                g = (g * coef as f64)?;
-            }
-        }
+        // Clipping scales the gradients inside the update.
+        let gscale = match clip_coefficient(norm, max_grad_norm) {
+            coef if max_grad_norm > 0.0 && coef < 1.0 => coef as f64,
+            _ => 1.0,
+        };
         self.step += 1;
         let valid = intersect(&self.owned, &(0..self.layout.numel));
         let p_owned = match stage {
@@ -155,6 +154,7 @@ impl ZeroEngine {
             &pad_to(&p_owned, len)?,
             &pad_to(&g_owned, len)?,
             lr,
+            gscale,
         )?
         .narrow(0, 0, valid.len())?;
         if self.mixed_precision() && stage < 3 {
