@@ -61,6 +61,8 @@ pub struct DeviceReport {
     pub compute_capability: (i32, i32),
     /// The tiny model's loss and gradients here against the CPU's.
     pub check: Option<ParityCheck>,
+    /// Each fused kernel here against its CPU twin (f32 and bf16).
+    pub kernels: Vec<crate::kernel_twins::TwinCheck>,
 }
 
 /// One tiny forward/backward on a device against the same on the CPU (fp32).
@@ -147,6 +149,15 @@ pub fn collect(measure: bool, expect: &[Expect]) -> EnvReport {
                     d.ordinal, c.max_gradient_rel_diff, c.loss, c.cpu_loss
                 ),
                 fix: "report it: fp32 on the device should agree with the CPU".into(),
+            });
+        }
+        for k in d.kernels.iter().filter(|k| !k.passed) {
+            problems.push(Problem {
+                what: format!(
+                    "cuda:{}: the fused kernel {} ({}) differs from its CPU twin by {:.2e} (tolerance {:.0e})",
+                    d.ordinal, k.op, k.dtype, k.max_rel_diff, k.tolerance
+                ),
+                fix: "set COMPANION_FUSED_CUDA=0 to train with candle's composite ops instead, and report it".into(),
             });
         }
     }
@@ -299,6 +310,8 @@ mod cuda {
                 let ctx = CudaContext::new(ordinal).map_err(|e| e.to_string())?;
                 let device = Device::new_cuda(ordinal).map_err(|e| e.to_string())?;
                 let check = check_device(&device).map_err(|e| e.to_string())?;
+                let kernels =
+                    crate::kernel_twins::check_twins(&device).map_err(|e| e.to_string())?;
                 Ok(DeviceReport {
                     ordinal,
                     name: ctx.name().map_err(|e| e.to_string())?,
@@ -306,6 +319,7 @@ mod cuda {
                         / (1u64 << 30) as f64,
                     compute_capability: ctx.compute_capability().map_err(|e| e.to_string())?,
                     check: Some(check),
+                    kernels,
                 })
             })();
             match report {

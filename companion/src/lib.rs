@@ -14,6 +14,7 @@ pub use tokenizer::AutoTokenizer;
 pub mod config;
 pub mod cpu;
 pub mod hf_json;
+pub mod kernel_twins;
 pub mod model;
 pub mod notebook;
 pub mod optim;

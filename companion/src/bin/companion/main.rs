@@ -282,6 +282,16 @@ fn env_cmd(c: EnvCmd) -> Result<()> {
                 "cuda:{}: {}, {:.1} GiB, compute capability {}.{}; {check}",
                 d.ordinal, d.name, d.memory_gib, d.compute_capability.0, d.compute_capability.1
             );
+            for k in &d.kernels {
+                println!(
+                    "  fused kernel {} ({}): within {:.1e} of the CPU (tolerance {:.0e}): {}",
+                    k.op,
+                    k.dtype,
+                    k.max_rel_diff,
+                    k.tolerance,
+                    if k.passed { "ok" } else { "DIFFERENT" }
+                );
+            }
         }
         for l in &r.libraries {
             println!("library {}: {}", l.name, l.path);
