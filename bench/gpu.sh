@@ -99,6 +99,12 @@ grep -q '"passed": true' "$WORK/env.out" 2>/dev/null && GPU=1
 if [ "$GPU" = 0 ]; then
     say "the GPU cannot be used by this binary (companion env's problems are above): every GPU step is skipped"
 fi
+# A fused kernel that differs from its CPU twin is reported (parity below),
+# and the other steps run on candle's composite ops instead.
+if grep -q '"passed": false' "$WORK/env.out" 2>/dev/null && grep -q '"op":' "$WORK/env.out"; then
+    say "a fused CUDA kernel differs from its CPU twin (env.json): the steps below use COMPANION_FUSED_CUDA=0"
+    export COMPANION_FUSED_CUDA=0
+fi
 
 # What stands for the GPU: itself, or the CPU in a rehearsal.
 GPU_RANK=(--num-gpus 1); DEV=cuda:0; PYDEV=cuda; SHAPE=(--shape gpt2 --seq 1024); PYSHAPE=(gpt2 10 --seq 1024)
@@ -142,6 +148,9 @@ if [ "$GPU" = 1 ]; then
             --batch "$b" --steps "${PYSHAPE[1]}" --json; then
             run "pytorch_train_b$b" 120 "$PY" bench/model.py train "${PYSHAPE[@]}" --device "$PYDEV" --dtype bf16 \
                 --batch "$b"
+            # The same without the fused kernels: what they are worth.
+            run "composite_train_b$b" 90 env COMPANION_FUSED_CUDA=0 "$BIN" bench train --device "$DEV" \
+                --dtype bf16 "${SHAPE[@]}" --batch "$b" --steps "${PYSHAPE[1]}" --json
             break
         fi
     done
@@ -208,8 +217,13 @@ else:
         skipped[k] = "no usable GPU (see env)"
 parity["two_thread_ranks_on_one_gpu"] = None
 skipped["two_thread_ranks_on_one_gpu"] = "--num-gpus puts rank r on cuda:r; one GPU holds one rank"
-parity["fused_cuda_kernels_vs_cpu"] = None
-skipped["fused_cuda_kernels_vs_cpu"] = "no fused CUDA kernels are built yet"
+# Each fused kernel against its CPU twin, as companion env compared them.
+kernels = dev.get("kernels") or []
+for k in kernels:
+    parity[f"fused_{k['op']}_{k['dtype']}_vs_cpu"] = k["passed"] if gpu and not rehearsal else None
+if not kernels or not gpu or rehearsal:
+    parity["fused_cuda_kernels_vs_cpu"] = None
+    skipped["fused_cuda_kernels_vs_cpu"] = "rehearsal on the CPU" if rehearsal else "no usable GPU (see env)"
 
 def speed(prefix):
     train = next((last_json(f"{prefix}_train_b{b}") for b in (16, 8, 4, 2, 1)
@@ -223,6 +237,8 @@ def speed(prefix):
         "generate_tokens_per_second": gen.get("tokens_per_second"),
         "train": train or None,
         "generate": gen or None,
+        "composite_train": next((last_json(f"composite_train_b{b}") for b in (16, 8, 4, 2, 1)
+                                 if last_json(f"composite_train_b{b}")), None) if prefix == "companion" else None,
         "trainer": last_json(f"{prefix}_trainer"),
     }
 
