@@ -356,11 +356,8 @@ impl GPT2LMHeadModel {
 
     /// `ln_f`, then the head `[V, C]` (`wte` when tied): logits `[B, T, V]`.
     fn head(&self, ln_f: &LayerNorm, head: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
         let x = ln_f.forward(x)?;
-        Ok(x.reshape((b * t, c))?
-            .matmul(&head.t()?)?
-            .reshape((b, t, self.config.vocab_size))?)
+        Ok(head_logits(&x, head, vocab_multiple(&self.device))?)
     }
 
     /// The generator of the dropout masks (saved and restored around a
@@ -451,5 +448,45 @@ impl GPT2LMHeadModel {
             logits,
             loss: Some(loss),
         })
+    }
+}
+
+/// What the head's GEMM pads the vocabulary to a multiple of: 64 on a CUDA
+/// device (tensor-core GEMMs want aligned dimensions; GPT-2's 50257 becomes
+/// 50304, as llm.c pads it), none elsewhere.
+pub(crate) fn vocab_multiple(device: &Device) -> usize {
+    if device.is_cuda() {
+        64
+    } else {
+        1
+    }
+}
+
+/// Logits `[B, T, V]` of `x` `[B, T, C]` against the head `[V, C]`, the
+/// GEMM run over the vocabulary padded with zero rows to a multiple of
+/// `multiple`; the padding's columns are cut off (a view), so the logits,
+/// the loss and every gradient are those of the unpadded product.
+pub(crate) fn head_logits(
+    x: &Tensor,
+    head: &Tensor,
+    multiple: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let v = head.dim(0)?;
+    let padded = v.div_ceil(multiple) * multiple;
+    let w = if padded > v {
+        let zeros = Tensor::zeros((padded - v, c), head.dtype(), head.device())?;
+        Tensor::cat(&[head, &zeros], 0)?
+    } else {
+        head.clone()
+    };
+    let logits = x
+        .reshape((b * t, c))?
+        .matmul(&w.t()?)?
+        .reshape((b, t, padded))?;
+    if padded > v {
+        logits.narrow(2, 0, v)
+    } else {
+        Ok(logits)
     }
 }

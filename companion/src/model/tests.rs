@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::*;
 use crate::cpu::{Batch, Workspace};
@@ -295,4 +295,48 @@ fn step(
             .map(|d| d as &dyn crate::cpu::DropoutMasks);
         Ok(ws.forward_backward(&model.config, w, b, dropout, flat, ranges, scale)?)
     })
+}
+
+/// The head over a vocabulary padded for the GEMM (as on CUDA) gives the
+/// unpadded logits, loss and gradients, exactly: the padding is cut off.
+#[test]
+fn the_padded_head_equals_the_unpadded_one() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap()).unwrap();
+    let head = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 8), &dev).unwrap()).unwrap();
+    let run = |multiple: usize| {
+        let logits = super::gpt2::head_logits(x.as_tensor(), head.as_tensor(), multiple).unwrap();
+        assert_eq!(logits.dims(), [2, 3, 37]);
+        let labels = Tensor::new(&[[1i64, 5, 36], [0, -100, 7]], &dev).unwrap();
+        let (loss, n) = causal_lm_loss_sum(&logits, &labels).unwrap();
+        assert_eq!(n, 3);
+        let grads = loss.backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (gx, gh) = (
+            grads.get(x.as_tensor()).unwrap(),
+            grads.get(head.as_tensor()).unwrap(),
+        );
+        (
+            flat(&logits),
+            loss.to_scalar::<f32>().unwrap(),
+            flat(gx),
+            flat(gh),
+        )
+    };
+    let (plain, padded) = (run(1), run(64));
+    assert!(
+        (plain.1 - padded.1).abs() <= 1e-6 * plain.1.abs(),
+        "loss {} vs {}",
+        plain.1,
+        padded.1
+    );
+    for (what, a, b) in [
+        ("logits", &plain.0, &padded.0),
+        ("x's gradient", &plain.2, &padded.2),
+        ("head's gradient", &plain.3, &padded.3),
+    ] {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-6, "{what}: off by {worst}");
+    }
 }
