@@ -21,7 +21,7 @@ BIN = SRC / "bin" / "companion"
 # (and from itself). `generate` comes before the training modules because
 # `save_model` writes the model's `generation_config.json`.
 ORDER = ["atomic_write", "hub", "hf_json", "torch_file", "rng", "sysmem", "tokenizer", "data", "config", "params", "cpu",
-         "model", "generate", "optim", "zero", "parallel", "train", "notebook", "collect_env"]
+         "model", "generate", "optim", "zero", "parallel", "train", "notebook", "kernel_twins", "collect_env"]
 
 
 def module_of(path: Path, root: Path) -> tuple:

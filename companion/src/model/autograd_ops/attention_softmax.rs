@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
-use super::{f32_slice, fused};
+use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{masked_softmax_row, softmax_backward_row, MASKED};
 #[cfg(feature = "cuda")]
 use candle_core::{

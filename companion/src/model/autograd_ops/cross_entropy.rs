@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
-use super::{f32_slice, fused};
+use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{cross_entropy_backward, cross_entropy_loss};
 #[cfg(feature = "cuda")]
 use candle_core::{

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 #[cfg(feature = "cuda")]
 use super::cuda::{elementwise, kernel, ptx, view, with_elem, Elem};
-use super::{f32_slice, fused};
+use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{gelu, gelu_backward};
 #[cfg(feature = "cuda")]
 use candle_core::{

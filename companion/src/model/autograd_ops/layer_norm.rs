@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
-use super::{f32_slice, fused};
+use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{layer_norm_grad_wb, ln_row, ln_row_grad_x, ln_row_stats};
 #[cfg(feature = "cuda")]
 use candle_core::{

@@ -1,7 +1,7 @@
 //! Each op's backward against finite differences and its composite.
 
 use super::*;
-use candle_core::{Device, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 /// Central finite differences of `f(x)·w` against the analytic gradient.
 fn check_grad(shape: (usize, usize), f: impl Fn(&Tensor) -> Result<Tensor>) {
