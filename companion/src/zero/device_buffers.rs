@@ -109,6 +109,22 @@ pub(super) fn all_reduce(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> 
     to_device(v, t.device())
 }
 
+/// This rank's chunk of the sum over ranks of `t` (`world` equal chunks end
+/// to end): NCCL's reduce-scatter where the tensor lives, else through host
+/// memory.
+pub(super) fn reduce_scatter(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(t.clone());
+    }
+    if let Some(r) = comm.reduce_scatter_sum_on_device(t) {
+        return Ok(r?);
+    }
+    let chunk = t.elem_count() / world;
+    let mine = comm.reduce_scatter_sum(&to_host(t)?, &vec![chunk; world])?;
+    to_device(mine, t.device())
+}
+
 /// Every rank's `t`, end to end in rank order.
 pub(super) fn all_gather(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
     if comm.world_size() == 1 {

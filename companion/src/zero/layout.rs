@@ -62,6 +62,26 @@ impl FlatLayout {
         self.params.ranges()
     }
 
+    /// The slices of parameters `idx` that rank `r`'s partition holds, in
+    /// the order of `idx` (how a reduce-scatter or a gather of those
+    /// parameters lays out rank `r`'s share).
+    pub fn pieces(&self, idx: &[usize], r: usize) -> Vec<PartitionPiece> {
+        let part = self.partition(r);
+        idx.iter()
+            .enumerate()
+            .filter_map(|(k, &i)| {
+                let range = self.range(i);
+                let x = intersect(&range, &part);
+                (!x.is_empty()).then(|| PartitionPiece {
+                    k,
+                    in_param: x.start - range.start,
+                    in_part: x.start - part.start,
+                    len: x.len(),
+                })
+            })
+            .collect()
+    }
+
     pub fn name(&self, i: usize) -> &str {
         self.params.name(i)
     }
@@ -69,6 +89,17 @@ impl FlatLayout {
     pub fn shape(&self, i: usize) -> &[usize] {
         &self.params.specs[i].shape
     }
+}
+
+/// A slice of one parameter within one rank's partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionPiece {
+    /// Which of the parameters asked for.
+    pub k: usize,
+    /// Where it starts within the parameter, and within the partition.
+    pub in_param: usize,
+    pub in_part: usize,
+    pub len: usize,
 }
 
 pub(crate) fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {

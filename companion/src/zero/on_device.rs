@@ -4,23 +4,26 @@
 //! norm, clipping, AdamW, the half-precision copy of the weights) runs as
 //! tensor ops on them. What comes to the host in a step is scalars: the
 //! gradient norm (the Trainer logs it; ranks sum it as an f64) and, under
-//! fp16, whether the gradients overflowed. Between several ranks the
-//! collectives still go through the communicator's host buffers; on one
-//! rank there are none.
+//! fp16, whether the gradients overflowed. Between several ranks every
+//! collective (stages 0–1's all-reduce, the weights' all-gather, stages
+//! 2–3's reduce-scatter and stage 3's per-block gathers, each rank's share
+//! padded to the longest) runs on the device where the transport can
+//! (NCCL), and through its host buffers otherwise; on one rank there are
+//! none.
 //!
 //! The same code runs on candle's CPU device, which is how CI tests it
 //! against the host path ([`ZeroEngine::place_state_on_device`]); offload
 //! keeps the host path, as DeepSpeed's does.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use super::device_buffers::{
-    all_finite, all_gather, all_reduce, flatten_on_device, pad_to, set_params, sum_sq, to_device,
-    to_host, OnDevice,
+    all_finite, all_gather, all_reduce, flatten_on_device, pad_to, reduce_scatter, set_params,
+    sum_sq, to_device, to_host, OnDevice,
 };
 use super::engine::{clip_coefficient, ZeroEngine};
 use super::error::Result;
-use super::layout::{decay_tensor, intersect};
+use super::layout::{decay_tensor, intersect, PartitionPiece};
 use crate::model::GPT2LMHeadModel;
 use crate::optim::adamw::{self, Moments};
 
@@ -198,15 +201,78 @@ impl ZeroEngine {
             }
             return Ok(());
         }
-        let host = grads.iter().map(to_host).collect::<Result<Vec<_>>>()?;
-        let (mine, pieces) = self.reduce_scatter_pieces(idx, &host)?;
-        let mine = to_device(mine, &self.device)?;
+        // Each rank's slices of these gradients end to end, padded to the
+        // longest share, summed over ranks where they live.
+        let world = self.layout.world;
+        let shares: Vec<Vec<PartitionPiece>> =
+            (0..world).map(|r| self.layout.pieces(idx, r)).collect();
+        let longest = longest_share(&shares);
+        let flat = grads
+            .iter()
+            .map(|g| g.flatten_all()?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let chunks = shares
+            .iter()
+            .map(|share| {
+                let parts = share
+                    .iter()
+                    .map(|p| flat[p.k].narrow(0, p.in_param, p.len))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                cat_padded(parts, longest, &self.device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mine = reduce_scatter(&*self.comm, &Tensor::cat(&chunks, 0)?)?;
         let buf = &self.on_device.as_ref().expect("on device").grads;
-        for (dst, src, len) in pieces {
-            let sum = (buf.narrow(0, dst, len)? + mine.narrow(0, src, len)?)?;
-            buf.slice_set(&sum, 0, dst)?;
+        let mut at = 0;
+        for p in &shares[self.rank()] {
+            let sum = (buf.narrow(0, p.in_part, p.len)? + mine.narrow(0, at, p.len)?)?;
+            buf.slice_set(&sum, 0, p.in_part)?;
+            at += p.len;
         }
         Ok(())
+    }
+
+    /// Stage 3 across ranks with the partitions on the devices: each rank's
+    /// slices of parameters `idx`, padded to the longest share, all-gathered
+    /// where they live and put back together parameter by parameter, in the
+    /// compute dtype. Counts toward the peak of gathered bytes.
+    pub(super) fn gather_on_device(&mut self, idx: &[usize]) -> Result<Vec<Tensor>> {
+        let shares: Vec<Vec<PartitionPiece>> = (0..self.layout.world)
+            .map(|r| self.layout.pieces(idx, r))
+            .collect();
+        let longest = longest_share(&shares);
+        let params = self
+            .on_device
+            .as_ref()
+            .and_then(|d| d.params.as_ref())
+            .expect("stage 3 on the device");
+        let mine = shares[self.rank()]
+            .iter()
+            .map(|p| params.narrow(0, p.in_part, p.len))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let all = all_gather(&*self.comm, &cat_padded(mine, longest, &self.device)?)?;
+        let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); idx.len()];
+        for (r, share) in shares.iter().enumerate() {
+            let mut at = r * longest;
+            for p in share {
+                parts[p.k].push(all.narrow(0, at, p.len)?);
+                at += p.len;
+            }
+        }
+        let live: usize = idx
+            .iter()
+            .map(|&i| self.layout.range(i).len())
+            .sum::<usize>()
+            * self.compute_dtype.size_in_bytes();
+        self.peak_gathered = self.peak_gathered.max(live);
+        idx.iter()
+            .zip(parts)
+            .map(|(&i, p)| {
+                Ok(Tensor::cat(&p, 0)?
+                    .reshape(self.layout.shape(i).to_vec())?
+                    .to_dtype(self.compute_dtype)?)
+            })
+            .collect()
     }
 
     /// Stage 3 on one rank: parameters `idx` straight from the partition
@@ -297,4 +363,22 @@ impl ZeroEngine {
         }
         Ok(true)
     }
+}
+
+/// The longest rank's share of a set of parameters (what every rank's
+/// chunk is padded to: NCCL's collectives move equal chunks).
+fn longest_share(shares: &[Vec<PartitionPiece>]) -> usize {
+    shares
+        .iter()
+        .map(|s| s.iter().map(|p| p.len).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `parts` end to end, padded with zeros to `len` (zeros alone when empty).
+fn cat_padded(parts: Vec<Tensor>, len: usize, device: &Device) -> Result<Tensor> {
+    if parts.is_empty() {
+        return Ok(Tensor::zeros(len, DType::F32, device)?);
+    }
+    pad_to(&Tensor::cat(&parts, 0)?, len)
 }

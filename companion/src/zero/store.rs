@@ -9,7 +9,7 @@ use candle_core::{Tensor, Var};
 use super::device_buffers::to_device;
 use super::engine::ZeroEngine;
 use super::error::{Result, ZeroError};
-use super::layout::{add_into, intersect};
+use super::layout::add_into;
 use crate::model::gradient::{blockwise, ParamStore};
 use crate::model::GPT2LMHeadModel;
 
@@ -136,23 +136,15 @@ impl ZeroEngine {
     /// All-gather parameters `idx` from their owners (stage 3), in the
     /// compute dtype. Counts toward the peak of gathered bytes.
     fn gather(&mut self, idx: &[usize]) -> Result<Vec<Tensor>> {
-        if self.state_on_device() && self.layout.world == 1 {
-            return self.gather_on_one_device(idx);
+        if self.state_on_device() {
+            return match self.layout.world {
+                1 => self.gather_on_one_device(idx),
+                _ => self.gather_on_device(idx),
+            };
         }
-        let me = self.layout.partition(self.rank());
-        let on_device_params;
-        let params: &[f32] = if self.state_on_device() {
-            on_device_params = self.params_on_host()?;
-            &on_device_params
-        } else {
-            &self.params
-        };
         let mut send = Vec::new();
-        for &i in idx {
-            let r = intersect(&self.layout.range(i), &me);
-            if !r.is_empty() {
-                send.extend_from_slice(&params[r.start - me.start..r.end - me.start]);
-            }
+        for p in self.layout.pieces(idx, self.rank()) {
+            send.extend_from_slice(&self.params[p.in_part..p.in_part + p.len]);
         }
         let all = self.comm.all_gather(&send)?;
         // `all` is, rank by rank, each parameter's slice: put them back together.
@@ -162,11 +154,9 @@ impl ZeroEngine {
             .collect();
         let mut at = 0;
         for r in 0..self.layout.world {
-            let part = self.layout.partition(r);
-            for (k, &i) in idx.iter().enumerate() {
-                let n = intersect(&self.layout.range(i), &part).len();
-                out[k].extend_from_slice(&all[at..at + n]);
-                at += n;
+            for p in self.layout.pieces(idx, r) {
+                out[p.k].extend_from_slice(&all[at..at + p.len]);
+                at += p.len;
             }
         }
         let live: usize =
@@ -204,29 +194,23 @@ impl ZeroEngine {
         let mut send = Vec::new();
         let mut counts = Vec::with_capacity(self.layout.world);
         for r in 0..self.layout.world {
-            let part = self.layout.partition(r);
             let before = send.len();
-            for (k, &i) in idx.iter().enumerate() {
-                let range = self.layout.range(i);
-                let x = intersect(&range, &part);
-                if !x.is_empty() {
-                    send.extend_from_slice(&full[k][x.start - range.start..x.end - range.start]);
-                }
+            for p in self.layout.pieces(idx, r) {
+                send.extend_from_slice(&full[p.k][p.in_param..p.in_param + p.len]);
             }
             counts.push(send.len() - before);
         }
         let mine = self.comm.reduce_scatter_sum(&send, &counts)?;
-        let me = self.layout.partition(self.rank());
-        let mut pieces = Vec::new();
         let mut at = 0;
-        for &i in idx {
-            let x = intersect(&self.layout.range(i), &me);
-            if x.is_empty() {
-                continue;
-            }
-            pieces.push((x.start - me.start, at, x.len()));
-            at += x.len();
-        }
+        let pieces = self
+            .layout
+            .pieces(idx, self.rank())
+            .into_iter()
+            .map(|p| {
+                at += p.len;
+                (p.in_part, at - p.len, p.len)
+            })
+            .collect();
         Ok((mine, pieces))
     }
 }

@@ -64,6 +64,16 @@ pub trait Communicator: Send + Sync {
         None
     }
 
+    /// This rank's chunk of the sum over ranks of `t` (`world` equal
+    /// chunks end to end, fp32, on this rank's device), computed where it
+    /// lives; `None` as for [`all_reduce_sum_on_device`](Self::all_reduce_sum_on_device).
+    fn reduce_scatter_sum_on_device(
+        &self,
+        _t: &candle_core::Tensor,
+    ) -> Option<Result<candle_core::Tensor>> {
+        None
+    }
+
     /// Sum `buf` over all ranks, in place (`dist.all_reduce`).
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         if self.world_size() == 1 {

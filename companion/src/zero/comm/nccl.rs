@@ -213,6 +213,16 @@ impl Communicator for NcclRank {
         ))
     }
 
+    fn reduce_scatter_sum_on_device(&self, t: &Tensor) -> Option<Result<Tensor>> {
+        // The callers pad every rank's chunk to the longest.
+        Some(self.on_device(
+            t,
+            t.elem_count() / self.world,
+            "reduce_scatter",
+            |c, src, dst| c.reduce_scatter(src, dst, &ReduceOp::Sum).map(|_| ()),
+        ))
+    }
+
     fn abort(&self, why: &str) {
         // NCCL has no way to wake peers blocked in a collective short of
         // aborting the communicator, which dropping it does.
