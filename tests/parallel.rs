@@ -239,3 +239,52 @@ fn dropout_on_a_split_model_drops_what_one_rank_drops() {
         }
     }
 }
+
+/// A model the fused kernels do not compute (HF's exact-erf `gelu`) runs
+/// the split stages on candle's autograd instead: tp 2 × pp 2 with dropout
+/// gives one rank's losses (which run on autograd too).
+#[test]
+fn another_activation_runs_the_split_model_on_autograd() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("gelu_model");
+    std::fs::create_dir(&model_dir).unwrap();
+    for e in std::fs::read_dir(fixture("tiny_gpt2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model_dir.join(e.file_name())).unwrap();
+    }
+    let cfg_path = model_dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    assert_eq!(cfg["activation_function"], "gelu_new");
+    cfg["activation_function"] = "gelu".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let make = || {
+        let m = companion::model::GPT2LMHeadModel::from_pretrained(
+            model_dir.to_str().unwrap(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(!companion::cpu::supports(&m.config) && m.config.attn_pdrop > 0.0);
+        m
+    };
+    let go = |name: &str, l: Layout| {
+        train_model(
+            &make,
+            &|_| {},
+            ragged_rows(),
+            &dir.path().join(name),
+            l,
+            None,
+            None,
+        )
+        .unwrap()
+        .losses
+    };
+    let want = go("one", layout(1, 1, 1, None));
+    let got = go("tp2pp2", layout(2, 2, 1, None));
+    assert_eq!(got.len(), want.len());
+    for ((s, a), (_, b)) in got.iter().zip(&want) {
+        assert!(close(*a, *b), "gelu: step {s} loss {a} vs {b}");
+    }
+}

@@ -47,51 +47,72 @@ impl StageDropout<'_> {
         drawn(self.config.embd_pdrop) * (self.b * self.t * self.config.n_embd) as u64
     }
 
-    fn draw(&self, offset: u64, len: usize, p: f64) -> Vec<f32> {
-        let mut m = vec![0f32; len];
-        self.generator.fill_mask_at(offset, &mut m, p);
-        m
+    /// The embeddings' mask into `out` `[B·T, C]` (`embd_pdrop`; untouched at p = 0).
+    pub fn fill_embeddings(&self, out: &mut [f32]) {
+        self.fill_at(0, out, self.config.embd_pdrop);
     }
 
-    /// `x` `[B·T, C]` with dropout `p` drawn at `offset` (unchanged at p = 0).
-    fn whole(&self, x: &Tensor, offset: u64, p: f64) -> Result<Tensor> {
+    /// Block `layer`'s mask of the attention probabilities of this rank's
+    /// `heads` into `out` `[B, heads.len(), T, T]` (`attn_pdrop`).
+    pub fn fill_attention(&self, out: &mut [f32], layer: usize, heads: Range<usize>) {
+        let p = self.config.attn_pdrop;
+        if p <= 0.0 {
+            return;
+        }
+        let (h, tt) = (self.config.n_head as u64, (self.t * self.t) as u64);
+        let start = self.embeddings() + layer as u64 * self.per_block();
+        let width = heads.len() * tt as usize;
+        for (row, chunk) in out.chunks_mut(width).enumerate() {
+            let at = start + (row as u64 * h + heads.start as u64) * tt;
+            self.generator.fill_mask_at(at, chunk, p);
+        }
+    }
+
+    /// Block `layer`'s mask of the attention output (`mlp: false`) or the
+    /// MLP output (`mlp: true`) into `out` `[B·T, C]` (`resid_pdrop`).
+    pub fn fill_residual(&self, out: &mut [f32], layer: usize, mlp: bool) {
+        let offset = self.embeddings()
+            + layer as u64 * self.per_block()
+            + self.probs()
+            + if mlp { self.branch() } else { 0 };
+        self.fill_at(offset, out, self.config.resid_pdrop);
+    }
+
+    fn fill_at(&self, offset: u64, out: &mut [f32], p: f64) {
+        if p > 0.0 {
+            self.generator.fill_mask_at(offset, out, p);
+        }
+    }
+
+    /// `x` times the mask `fill` draws (unchanged at p = 0).
+    fn masked(&self, x: &Tensor, p: f64, fill: impl FnOnce(&mut [f32])) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let m = self.draw(offset, x.elem_count(), p);
+        let mut m = vec![0f32; x.elem_count()];
+        fill(&mut m);
         x * Tensor::from_vec(m, x.shape(), &Device::Cpu)?
     }
 
     /// The embeddings' dropout (`embd_pdrop`).
     pub fn embeddings_out(&self, x: &Tensor) -> Result<Tensor> {
-        self.whole(x, 0, self.config.embd_pdrop)
+        self.masked(x, self.config.embd_pdrop, |m| self.fill_embeddings(m))
     }
 
     /// Block `layer`'s dropout of the attention probabilities `att`
     /// `[B, heads.len(), T, T]` of this rank's `heads` (`attn_pdrop`).
     pub fn attention(&self, att: &Tensor, layer: usize, heads: Range<usize>) -> Result<Tensor> {
-        let p = self.config.attn_pdrop;
-        if p <= 0.0 {
-            return Ok(att.clone());
-        }
-        let (h, tt) = (self.config.n_head as u64, (self.t * self.t) as u64);
-        let start = self.embeddings() + layer as u64 * self.per_block();
-        let mut m = Vec::with_capacity(att.elem_count());
-        for row in 0..self.b as u64 {
-            let at = start + (row * h + heads.start as u64) * tt;
-            m.extend(self.draw(at, heads.len() * tt as usize, p));
-        }
-        att * Tensor::from_vec(m, att.shape(), &Device::Cpu)?
+        self.masked(att, self.config.attn_pdrop, |m| {
+            self.fill_attention(m, layer, heads)
+        })
     }
 
     /// Block `layer`'s dropout of the attention output (`mlp: false`) or
     /// the MLP output (`mlp: true`), `[B·T, C]` (`resid_pdrop`).
     pub fn residual(&self, x: &Tensor, layer: usize, mlp: bool) -> Result<Tensor> {
-        let offset = self.embeddings()
-            + layer as u64 * self.per_block()
-            + self.probs()
-            + if mlp { self.branch() } else { 0 };
-        self.whole(x, offset, self.config.resid_pdrop)
+        self.masked(x, self.config.resid_pdrop, |m| {
+            self.fill_residual(m, layer, mlp)
+        })
     }
 }
 

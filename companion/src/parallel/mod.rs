@@ -8,7 +8,9 @@
 //! the vocabulary padded to divide), which part of the model each stage
 //! holds (`stages`); dropout drawing the whole model's masks (`dropout`);
 //! AdamW over the shards (`optimizer`, ZeRO-1 over the data-parallel
-//! group); pipeline stages run in 1F1B order (`pipeline`); the three
+//! group); pipeline stages run in 1F1B order (`pipeline`), each on the
+//! fused CPU kernels (`fused_stage`, `fused_backward`) or, for other
+//! activations, on candle's autograd (`tensor`); the three
 //! composed (`three_d`), with each group's traffic counted against the
 //! papers' formulas (`traffic`); the whole state gathered from the shards
 //! and cut again for another layout (`full_state`). The Trainer runs them
@@ -18,6 +20,8 @@
 mod collective_ops;
 pub mod dropout;
 mod full_state;
+mod fused_backward;
+pub mod fused_stage;
 mod layout;
 pub mod optimizer;
 pub mod pipeline;

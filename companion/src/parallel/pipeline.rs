@@ -8,8 +8,10 @@
 //! summed after the last micro-batch (Megatron's embedding group), so they
 //! stay equal.
 //!
-//! Each stage's forward is [`TensorParallelGpt2::forward_stage`] (the
-//! stage may itself be split over a tensor-parallel group).
+//! Each stage's forward and backward run on the fused CPU kernels
+//! ([`FusedStage`]) when they compute the model (GPT-2's `gelu_new`), else
+//! on candle's autograd through [`TensorParallelGpt2::forward_stage`]; the
+//! stage may itself be split over a tensor-parallel group either way.
 //!
 //! Point to point: each pair of neighbouring stages is a 2-rank
 //! sub-communicator; every Megatron send/receive call is one exchange on
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor, Var};
 
+use super::fused_stage::{FusedStage, MicroActs};
 use super::tensor::TensorParallelGpt2;
 use crate::config::GPT2Config;
 use crate::zero::comm::Communicator;
@@ -36,6 +39,8 @@ fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
 /// tensor-parallel group) and the links to its neighbours.
 pub struct PipelineStage {
     pub model: TensorParallelGpt2,
+    /// The fused kernels' view of the model (none: autograd).
+    fused: Option<FusedStage>,
     prev: Option<Arc<dyn Communicator>>,
     next: Option<Arc<dyn Communicator>>,
     /// First and last stage, for the tied embedding's gradient.
@@ -78,12 +83,29 @@ impl PipelineStage {
         let ends = tied && (s == 0 || s + 1 == n);
         let emb = pp.split(if ends { 0 } else { 1 + s }).map_err(comm_err)?;
         Ok(PipelineStage {
+            fused: FusedStage::new(&model)?,
             model,
             prev: (s > 0).then_some(prev).flatten(),
             next: (s + 1 < n).then_some(next).flatten(),
             embedding: ends.then_some(emb),
             waited: Duration::ZERO,
         })
+    }
+
+    /// Run on candle's autograd instead of the fused kernels (`false`), or
+    /// back on them where they compute the model.
+    pub fn set_fused(&mut self, on: bool) -> Result<()> {
+        self.fused = if on {
+            FusedStage::new(&self.model)?
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Whether this stage runs on the fused CPU kernels.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// One exchange with a neighbour: send `out` (or nothing), take theirs.
@@ -110,6 +132,14 @@ impl PipelineStage {
             &Device::Cpu,
         )?))
     }
+}
+
+/// A micro-batch between its forward and its backward.
+enum InFlight {
+    /// candle's graph: the input as a variable (none on the first stage), the output.
+    Autograd(Option<Var>, Tensor),
+    /// The fused kernels' activations.
+    Fused(Box<MicroActs>),
 }
 
 /// What a pipeline step gives back (default: a step with no micro-batches).
@@ -210,45 +240,95 @@ pub fn one_forward_one_backward(
     let started = Instant::now();
     st.waited = Duration::ZERO;
     let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let mut flat = st.fused.as_ref().map(FusedStage::zero_grads);
     let mut loss_sum = 0f64;
-    // In flight: (the input as a variable, or None on the first stage; the output).
-    let mut in_flight: std::collections::VecDeque<(Option<Var>, Tensor)> = Default::default();
+    // In flight: each micro-batch's saved state and the elements it holds.
+    let mut in_flight: std::collections::VecDeque<(InFlight, usize)> = Default::default();
     let mut received: Option<Tensor> = None;
-    let bytes = |f: &std::collections::VecDeque<(Option<Var>, Tensor)>| -> usize {
-        f.iter()
-            .map(|(v, o)| (v.as_ref().map_or(0, |v| v.elem_count()) + o.elem_count()) * 4)
-            .sum()
+    let bytes = |f: &std::collections::VecDeque<(InFlight, usize)>| -> usize {
+        f.iter().map(|(_, n)| n * 4).sum()
     };
     let mut held = 0;
     let warmup = (n - s - 1).min(m);
     let remaining = m - warmup;
     let mut fwd = 0;
+    // One micro-batch forward: what it keeps, the elements it holds, and
+    // the output to send on (the loss on the last stage).
     let run_forward = |st: &mut PipelineStage,
                        input: Option<Tensor>,
                        k: usize,
                        loss_sum: &mut f64|
-     -> Result<(Option<Var>, Tensor)> {
+     -> Result<(InFlight, usize, Tensor)> {
+        let dropout = extras
+            .dropout_seeds
+            .map(|d| crate::model::Dropout::new(d[k]));
+        if let Some(f) = &st.fused {
+            let mut acts = Box::<MicroActs>::default();
+            let x = input
+                .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                .transpose()?;
+            let (out, sum, _) = f.forward(
+                &st.model,
+                &micro_batches[k],
+                label(k),
+                x.as_deref(),
+                dropout.as_ref(),
+                &mut acts,
+            )?;
+            *loss_sum += sum;
+            let n_held = acts.held(s == 0, last, st.model.config.n_embd);
+            let out = match last {
+                true => Tensor::new(sum as f32, &Device::Cpu)?,
+                false => Tensor::from_vec(
+                    out,
+                    (acts.shape.0 * acts.shape.1, st.model.config.n_embd),
+                    &Device::Cpu,
+                )?,
+            };
+            return Ok((InFlight::Fused(acts), n_held, out));
+        }
         let var = input.map(|t| Var::from_tensor(&t)).transpose()?;
-        let (out, count) = st.model.forward_stage(
+        let (out, _) = st.model.forward_stage(
             &micro_batches[k],
             label(k),
             var.as_ref().map(|v| v.as_tensor()),
-            extras
-                .dropout_seeds
-                .map(|d| crate::model::Dropout::new(d[k]))
-                .as_ref(),
+            dropout.as_ref(),
         )?;
         if last {
             *loss_sum += out.to_scalar::<f32>()? as f64;
-            let _ = count;
         }
-        Ok((var, out))
+        let n_held = var.as_ref().map_or(0, |v| v.elem_count()) + out.elem_count();
+        Ok((InFlight::Autograd(var, out.clone()), n_held, out))
     };
     let run_backward = |st: &PipelineStage,
-                        (var, out): (Option<Var>, Tensor),
+                        saved: InFlight,
                         grad_out: Option<Tensor>,
-                        grads: &mut HashMap<String, Tensor>|
+                        grads: &mut HashMap<String, Tensor>,
+                        flat: &mut Option<Vec<f32>>|
      -> Result<Option<Tensor>> {
+        let (var, out) = match saved {
+            InFlight::Fused(acts) => {
+                let f = st
+                    .fused
+                    .as_ref()
+                    .expect("a fused stage keeps fused micro-batches");
+                let go = grad_out
+                    .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .transpose()?;
+                if go.is_none() && !last {
+                    candle_core::bail!("stage {s}: the next stage sent no gradient back");
+                }
+                let buf = flat.as_mut().expect("a fused stage's gradient buffer");
+                let grad_in = f.backward(&st.model, &acts, go.as_deref(), tokens, buf)?;
+                let width = st.model.config.n_embd;
+                return grad_in
+                    .map(|g| {
+                        Tensor::from_vec(g, (acts.shape.0 * acts.shape.1, width), &Device::Cpu)
+                    })
+                    .transpose();
+            }
+            InFlight::Autograd(var, out) => (var, out),
+        };
         // The mean over all the step's tokens: each micro-batch's sum / total.
         let objective = match grad_out {
             None if last => (out / tokens as f64)?,
@@ -273,10 +353,10 @@ pub fn one_forward_one_backward(
     // Warm-up: forwards only.
     for _ in 0..warmup {
         let input = if s > 0 { st.swap(false, None)? } else { None };
-        let (var, out) = run_forward(st, input, fwd, &mut loss_sum)?;
+        let (saved, n_held, out) = run_forward(st, input, fwd, &mut loss_sum)?;
         fwd += 1;
         st.swap(true, Some(&out))?;
-        in_flight.push_back((var, out));
+        in_flight.push_back((saved, n_held));
         held = held.max(bytes(&in_flight));
     }
     if remaining > 0 && s > 0 {
@@ -284,17 +364,17 @@ pub fn one_forward_one_backward(
     }
     // Steady state: one forward, one backward.
     for i in 0..remaining {
-        let (var, out) = run_forward(st, received.take(), fwd, &mut loss_sum)?;
+        let (saved, n_held, out) = run_forward(st, received.take(), fwd, &mut loss_sum)?;
         fwd += 1;
         let grad_out = if last {
             None
         } else {
             st.swap(true, Some(&out))?
         };
-        in_flight.push_back((var, out));
+        in_flight.push_back((saved, n_held));
         held = held.max(bytes(&in_flight));
-        let oldest = in_flight.pop_front().expect("a micro-batch in flight");
-        let grad_in = run_backward(st, oldest, grad_out, &mut grads)?;
+        let (oldest, _) = in_flight.pop_front().expect("a micro-batch in flight");
+        let grad_in = run_backward(st, oldest, grad_out, &mut grads, &mut flat)?;
         if s > 0 {
             if i + 1 == remaining {
                 st.swap(false, grad_in.as_ref())?;
@@ -306,10 +386,17 @@ pub fn one_forward_one_backward(
     // Cool-down: the backwards still owed.
     for _ in 0..warmup {
         let grad_out = st.swap(true, None)?;
-        let oldest = in_flight.pop_front().expect("a micro-batch in flight");
-        let grad_in = run_backward(st, oldest, grad_out, &mut grads)?;
+        let (oldest, _) = in_flight.pop_front().expect("a micro-batch in flight");
+        let grad_in = run_backward(st, oldest, grad_out, &mut grads, &mut flat)?;
         if s > 0 {
             st.swap(false, grad_in.as_ref())?;
+        }
+    }
+    // The fused stage's flat gradients, by shard name.
+    if let (Some(f), Some(buf)) = (&st.fused, flat) {
+        for ((name, v), r) in st.model.shards.iter().zip(&f.ranges) {
+            let g = Tensor::from_slice(&buf[r.clone()], v.shape(), &Device::Cpu)?;
+            grads.insert(name.clone(), g);
         }
     }
     // The tied embedding's two copies get the sum of their gradients.
@@ -381,10 +468,14 @@ mod tests {
                     .chunks(rows.len().div_ceil(m))
                     .map(|c| c.to_vec())
                     .collect();
-                let out = run_ranks(pp, |_, comm| -> std::result::Result<_, CommError> {
+                // On the fused kernels, and on candle's autograd.
+                let out = run_ranks(2 * pp, |rank, comm| -> std::result::Result<_, CommError> {
                     let err = |e: candle_core::Error| CommError::Transport(e.to_string());
                     let one: Arc<dyn Communicator> = Arc::new(crate::zero::comm::SingleRank);
-                    let mut st = PipelineStage::new(&cfg, &weights, one, comm).map_err(err)?;
+                    let pipe = comm.split(rank / pp)?;
+                    let mut st = PipelineStage::new(&cfg, &weights, one, pipe).map_err(err)?;
+                    assert!(st.is_fused());
+                    st.set_fused(rank < pp).map_err(err)?;
                     let step = one_forward_one_backward(&mut st, &micro, Default::default(), None)
                         .map_err(err)?;
                     Ok((st.model.stage, step.loss, step.grads))

@@ -248,11 +248,20 @@ mod tests {
                 Vec<(String, Tensor)>,
                 (usize, usize, usize),
             );
+            // Split layouts run on the fused kernels; the one rank they are
+            // held to runs on candle's autograd (an independent reference).
             let run = |tp: usize, pp: usize, world: usize| -> Vec<Run> {
                 run_ranks(world, |_, comm| -> std::result::Result<Run, CommError> {
                     let err = |e: candle_core::Error| CommError::Transport(e.to_string());
                     let mut t =
                         ParallelTrainer::new(&cfg, &weights, comm, tp, pp, adam).map_err(err)?;
+                    assert!(
+                        t.stage.is_fused(),
+                        "GPT-2's gelu_new runs on the fused kernels"
+                    );
+                    if world == 1 {
+                        t.stage.set_fused(false).map_err(err)?;
+                    }
                     let outs = steps
                         .iter()
                         .map(|mb| t.step(mb, 1e-3, 1.0))

@@ -1,0 +1,484 @@
+//! A pipeline stage split over a tensor-parallel group, on the fused CPU
+//! kernels: the math of [`TensorParallelGpt2::forward_stage`] and its
+//! backward written out over slices with `cpu`'s layers, attention and
+//! matrix products (as `cpu::train_step` writes the whole model), the
+//! collectives between the pieces. Each micro-batch in flight keeps its own
+//! activations ([`MicroActs`]); a step's gradients go into one flat buffer
+//! in the order of the stage's shards.
+//!
+//! Megatron's conjugate pair: after each row-parallel product the partial
+//! sums are all-reduced (forward), and before each layer norm that feeds a
+//! column-parallel product the partial input gradients are (backward). The
+//! vocabulary-parallel embedding sums each rank's rows; the
+//! vocabulary-parallel cross-entropy gathers each row's maxima and sums its
+//! exponentials and target logits over the group.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, Storage};
+
+use super::dropout::StageDropout;
+use super::tensor::{targets, vocab_per_rank, TensorParallelGpt2};
+use crate::cpu::attention::attention_forward;
+use crate::cpu::gemm::{linear, matmul};
+use crate::cpu::layers::{add_dropped, gelu, layer_norm};
+use crate::cpu::workspace::{zeroed, LayerActs};
+
+type Result<T> = candle_core::Result<T>;
+
+pub(super) fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("tensor-parallel collective: {e}"))
+}
+
+/// Where a weight and its bias sit among the stage's shards.
+#[derive(Clone, Copy)]
+pub(super) struct Affine {
+    pub(super) w: usize,
+    pub(super) b: usize,
+}
+
+/// One block's shards.
+pub(super) struct Block {
+    /// The block's index in the whole model.
+    pub(super) layer: usize,
+    pub(super) ln_1: Affine,
+    pub(super) c_attn: Affine,
+    pub(super) attn_proj: Affine,
+    pub(super) ln_2: Affine,
+    pub(super) c_fc: Affine,
+    pub(super) mlp_proj: Affine,
+}
+
+/// The stage's shards by role (indices into `TensorParallelGpt2::shards`).
+pub struct FusedStage {
+    pub(super) wte: Option<usize>,
+    pub(super) wpe: Option<usize>,
+    pub(super) blocks: Vec<Block>,
+    pub(super) ln_f: Option<Affine>,
+    pub(super) head: Option<usize>,
+    /// Each shard's range in the flat gradient buffer.
+    pub ranges: Vec<Range<usize>>,
+}
+
+/// One micro-batch's activations, from its forward to its backward.
+#[derive(Default)]
+pub struct MicroActs {
+    pub(super) ids: Vec<u32>,
+    /// The residual stream entering each of the stage's blocks, and leaving the last.
+    pub(super) res: Vec<Vec<f32>>,
+    pub(super) layers: Vec<LayerActs>,
+    pub(super) emb_mask: Vec<f32>,
+    pub(super) lnf: Vec<f32>,
+    pub(super) lnf_mean: Vec<f32>,
+    pub(super) lnf_rstd: Vec<f32>,
+    /// This rank's logits `[B·T, V/tp]`, and per row the maximum and the
+    /// sum of exponentials over the whole vocabulary.
+    pub(super) logits: Vec<f32>,
+    pub(super) max: Vec<f32>,
+    pub(super) sumexp: Vec<f32>,
+    pub(super) targets: Vec<i64>,
+    /// Rows and tokens per row.
+    pub(super) shape: (usize, usize),
+    pub(super) dropout: bool,
+}
+
+impl MicroActs {
+    /// The stage input and output it holds, in elements (as the autograd
+    /// path counts them: the input received, the output sent or the loss).
+    pub fn held(&self, first: bool, last: bool, width: usize) -> usize {
+        let bt = self.shape.0 * self.shape.1;
+        (if first { 0 } else { bt * width }) + if last { 1 } else { bt * width }
+    }
+}
+
+/// Read-only slices of the stage's shards (their storage locked meanwhile).
+pub(super) fn with_weights<R>(
+    m: &TensorParallelGpt2,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = m
+        .shards
+        .iter()
+        .map(|(_, v)| v.as_tensor().storage_and_layout())
+        .collect();
+    let mut w = Vec::with_capacity(guards.len());
+    for (g, l) in &guards {
+        let Storage::Cpu(CpuStorage::F32(v)) = &**g else {
+            candle_core::bail!("the fused stage takes fp32 shards on the CPU");
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("the fused stage takes contiguous shards");
+        };
+        w.push(&v[a..b]);
+    }
+    f(&w)
+}
+
+impl FusedStage {
+    /// The roles of `m`'s shards, or `None` when the fused kernels do not
+    /// compute this model (an activation other than `gelu_new`).
+    pub fn new(m: &TensorParallelGpt2) -> Result<Option<Self>> {
+        if !crate::cpu::supports(&m.config) {
+            return Ok(None);
+        }
+        let find = |name: &str| -> Result<usize> {
+            m.shards
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no shard {name}")))
+        };
+        let affine = |p: &str| -> Result<Affine> {
+            Ok(Affine {
+                w: find(&format!("{p}.weight"))?,
+                b: find(&format!("{p}.bias"))?,
+            })
+        };
+        let (first, last) = (m.stage == 0, m.stage + 1 == m.stages);
+        let blocks = super::stages::stage_layers(m.config.n_layer, m.stages, m.stage)
+            .map(|l| {
+                let p = format!("transformer.h.{l}");
+                Ok(Block {
+                    layer: l,
+                    ln_1: affine(&format!("{p}.ln_1"))?,
+                    c_attn: affine(&format!("{p}.attn.c_attn"))?,
+                    attn_proj: affine(&format!("{p}.attn.c_proj"))?,
+                    ln_2: affine(&format!("{p}.ln_2"))?,
+                    c_fc: affine(&format!("{p}.mlp.c_fc"))?,
+                    mlp_proj: affine(&format!("{p}.mlp.c_proj"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head_name = if m.config.tie_word_embeddings {
+            "transformer.wte.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let mut at = 0;
+        let ranges = m
+            .shards
+            .iter()
+            .map(|(_, v)| {
+                at += v.elem_count();
+                at - v.elem_count()..at
+            })
+            .collect();
+        Ok(Some(FusedStage {
+            wte: first.then(|| find("transformer.wte.weight")).transpose()?,
+            wpe: first.then(|| find("transformer.wpe.weight")).transpose()?,
+            blocks,
+            ln_f: last.then(|| affine("transformer.ln_f")).transpose()?,
+            head: last.then(|| find(head_name)).transpose()?,
+            ranges,
+        }))
+    }
+
+    /// A zeroed gradient buffer for the stage's shards.
+    pub fn zero_grads(&self) -> Vec<f32> {
+        vec![0.0; self.ranges.last().map_or(0, |r| r.end)]
+    }
+
+    /// The forward pass of one micro-batch (equal-length `rows`): the stage
+    /// input (the previous stage's output; none on the first) in, the
+    /// output `[B·T, C]` out, or on the last stage the summed cross-entropy
+    /// and the tokens it counts. `dropout`: the micro-batch's generator.
+    pub fn forward(
+        &self,
+        m: &TensorParallelGpt2,
+        rows: &[Vec<u32>],
+        labels: Option<&[Vec<i64>]>,
+        input: Option<&[f32]>,
+        dropout: Option<&crate::model::Dropout>,
+        acts: &mut MicroActs,
+    ) -> Result<(Vec<f32>, f64, usize)> {
+        let c = &m.config;
+        let tp = m.comm.world_size();
+        let (b, t) = (rows.len(), rows.first().map_or(0, Vec::len));
+        if rows.iter().any(|r| r.len() != t) || t == 0 || t > c.n_positions {
+            candle_core::bail!("rows of equal length between 1 and n_positions");
+        }
+        crate::cpu::inputs::check_token_ids(rows.iter().flatten().copied().max(), c.vocab_size)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (width, bt) = (c.n_embd, b * t);
+        let drop = dropout.map(|generator| StageDropout {
+            generator,
+            config: c,
+            b,
+            t,
+        });
+        let on = |p: f64| drop.is_some() && p > 0.0;
+        acts.shape = (b, t);
+        acts.dropout = drop.is_some();
+        acts.ids = rows.concat();
+        acts.res.resize_with(self.blocks.len() + 1, Vec::new);
+        acts.layers
+            .resize_with(self.blocks.len(), LayerActs::default);
+        with_weights(m, |w| {
+            // The stage input: the embeddings on the first stage.
+            match (input, self.wte, self.wpe) {
+                (Some(x), _, _) if x.len() == bt * width => acts.res[0] = x.to_vec(),
+                (None, Some(wte), Some(wpe)) => {
+                    let x = self.embed(m, &acts.ids, (w[wte], w[wpe]), t)?;
+                    acts.res[0] = x;
+                    zeroed(
+                        &mut acts.emb_mask,
+                        if on(c.embd_pdrop) { bt * width } else { 0 },
+                    );
+                    if let Some(d) = drop.as_ref().filter(|_| on(c.embd_pdrop)) {
+                        d.fill_embeddings(&mut acts.emb_mask);
+                        let x = &mut acts.res[0];
+                        x.iter_mut().zip(&acts.emb_mask).for_each(|(x, m)| *x *= m);
+                    }
+                }
+                _ => candle_core::bail!("stage {}: an input of {bt}×{width} expected", m.stage),
+            }
+            for (li, blk) in self.blocks.iter().enumerate() {
+                self.block_forward(m, w, blk, li, drop.as_ref(), acts)?;
+            }
+            let out = &acts.res[self.blocks.len()];
+            let (Some(ln_f), Some(head)) = (self.ln_f, self.head) else {
+                return Ok((out.clone(), 0.0, 0));
+            };
+            let eps = c.layer_norm_epsilon as f32;
+            zeroed(&mut acts.lnf, bt * width);
+            zeroed(&mut acts.lnf_mean, bt);
+            zeroed(&mut acts.lnf_rstd, bt);
+            layer_norm(
+                out,
+                w[ln_f.w],
+                w[ln_f.b],
+                eps,
+                &mut acts.lnf,
+                &mut acts.lnf_mean,
+                &mut acts.lnf_rstd,
+            );
+            let vl = vocab_per_rank(c.vocab_size, tp);
+            zeroed(&mut acts.logits, bt * vl);
+            matmul(
+                &mut acts.logits,
+                (&acts.lnf, width, 1),
+                (w[head], 1, width),
+                bt,
+                vl,
+                width,
+                false,
+            );
+            acts.targets = targets(rows, labels)?;
+            let (sum, count) = self.cross_entropy(m, acts)?;
+            Ok((Vec::new(), sum, count))
+        })
+    }
+
+    /// The vocabulary-parallel embedding `[B·T, C]`: this rank's rows of
+    /// `wte` summed over the group, plus the positions.
+    fn embed(
+        &self,
+        m: &TensorParallelGpt2,
+        ids: &[u32],
+        (wte, wpe): (&[f32], &[f32]),
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        let c = m.config.n_embd;
+        let vl = vocab_per_rank(m.config.vocab_size, m.comm.world_size());
+        let off = m.comm.rank() * vl;
+        let mut x = vec![0f32; ids.len() * c];
+        for (row, &id) in x.chunks_mut(c).zip(ids) {
+            if let Some(l) = (id as usize).checked_sub(off).filter(|&l| l < vl) {
+                row.copy_from_slice(&wte[l * c..(l + 1) * c]);
+            }
+        }
+        m.comm.all_reduce_sum(&mut x).map_err(comm_err)?;
+        for (r, row) in x.chunks_mut(c).enumerate() {
+            let p = r % t;
+            row.iter_mut()
+                .zip(&wpe[p * c..(p + 1) * c])
+                .for_each(|(x, e)| *x += e);
+        }
+        Ok(x)
+    }
+
+    /// One block on this rank's heads and MLP columns.
+    fn block_forward(
+        &self,
+        m: &TensorParallelGpt2,
+        w: &[&[f32]],
+        blk: &Block,
+        li: usize,
+        drop: Option<&StageDropout>,
+        acts: &mut MicroActs,
+    ) -> Result<()> {
+        let c = &m.config;
+        let (tp, rank) = (m.comm.world_size(), m.comm.rank());
+        let (b, t) = acts.shape;
+        let (bt, width, heads, inner) = (b * t, c.n_embd, c.n_head / tp, c.inner_dim() / tp);
+        let cl = width / tp;
+        let eps = c.layer_norm_epsilon as f32;
+        let p_att = if drop.is_some() { c.attn_pdrop } else { 0.0 };
+        let p_res = if drop.is_some() { c.resid_pdrop } else { 0.0 };
+        let (head, rest) = acts.res.split_at_mut(li + 1);
+        let (x_in, x_out) = (&head[li], &mut rest[0]);
+        let a = &mut acts.layers[li];
+        size_layer(
+            a,
+            (b, t),
+            (width, cl, heads, inner),
+            (p_att > 0.0, p_res > 0.0),
+        );
+        layer_norm(
+            x_in,
+            w[blk.ln_1.w],
+            w[blk.ln_1.b],
+            eps,
+            &mut a.ln1,
+            &mut a.ln1_mean,
+            &mut a.ln1_rstd,
+        );
+        linear(
+            &mut a.qkv,
+            &a.ln1,
+            w[blk.c_attn.w],
+            w[blk.c_attn.b],
+            bt,
+            width,
+            3 * cl,
+        );
+        if let Some(d) = drop.filter(|_| p_att > 0.0) {
+            d.fill_attention(&mut a.att_d, blk.layer, rank * heads..(rank + 1) * heads);
+        }
+        attention_forward(a, None, t, cl, heads, c.attn_scale(blk.layer));
+        let mut y = vec![0f32; bt * width];
+        matmul(
+            &mut y,
+            (&a.atty, cl, 1),
+            (w[blk.attn_proj.w], width, 1),
+            bt,
+            width,
+            cl,
+            false,
+        );
+        self.reduce_add_bias(m, &mut y, w[blk.attn_proj.b])?;
+        if let Some(d) = drop.filter(|_| p_res > 0.0) {
+            d.fill_residual(&mut a.attn_mask, blk.layer, false);
+        }
+        a.x2.copy_from_slice(x_in);
+        add_dropped(&mut a.x2, &y, (p_res > 0.0).then_some(&a.attn_mask[..]));
+        layer_norm(
+            &a.x2,
+            w[blk.ln_2.w],
+            w[blk.ln_2.b],
+            eps,
+            &mut a.ln2,
+            &mut a.ln2_mean,
+            &mut a.ln2_rstd,
+        );
+        linear(
+            &mut a.fc,
+            &a.ln2,
+            w[blk.c_fc.w],
+            w[blk.c_fc.b],
+            bt,
+            width,
+            inner,
+        );
+        gelu(&a.fc, &mut a.fc_act);
+        matmul(
+            &mut y,
+            (&a.fc_act, inner, 1),
+            (w[blk.mlp_proj.w], width, 1),
+            bt,
+            width,
+            inner,
+            false,
+        );
+        self.reduce_add_bias(m, &mut y, w[blk.mlp_proj.b])?;
+        if let Some(d) = drop.filter(|_| p_res > 0.0) {
+            d.fill_residual(&mut a.mlp_mask, blk.layer, true);
+        }
+        *x_out = a.x2.clone();
+        add_dropped(x_out, &y, (p_res > 0.0).then_some(&a.mlp_mask[..]));
+        Ok(())
+    }
+
+    /// A row-parallel product's partial sums, summed over the group, plus
+    /// the (replicated) bias.
+    fn reduce_add_bias(&self, m: &TensorParallelGpt2, y: &mut [f32], bias: &[f32]) -> Result<()> {
+        m.comm.all_reduce_sum(y).map_err(comm_err)?;
+        for row in y.chunks_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+        }
+        Ok(())
+    }
+
+    /// Summed cross-entropy over this rank's slice of the vocabulary: each
+    /// row's maximum gathered, its exponentials and target logit summed over
+    /// the group. Keeps the maxima and sums for the backward pass.
+    fn cross_entropy(&self, m: &TensorParallelGpt2, acts: &mut MicroActs) -> Result<(f64, usize)> {
+        let (tp, rank) = (m.comm.world_size(), m.comm.rank());
+        let vl = vocab_per_rank(m.config.vocab_size, tp);
+        let off = rank * vl;
+        let real = vl.min(m.config.vocab_size.saturating_sub(off));
+        let rows = acts.targets.len();
+        let local_max: Vec<f32> = acts
+            .logits
+            .chunks(vl)
+            .map(|r| r[..real].iter().copied().fold(f32::NEG_INFINITY, f32::max))
+            .collect();
+        let all = m.comm.all_gather(&local_max).map_err(comm_err)?;
+        acts.max = (0..rows)
+            .map(|i| {
+                all.chunks(rows)
+                    .map(|mx| mx[i])
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect();
+        let mut sums = Vec::with_capacity(2 * rows);
+        for (i, r) in acts.logits.chunks(vl).enumerate() {
+            sums.push(
+                r[..real]
+                    .iter()
+                    .map(|&z| (z - acts.max[i]).exp())
+                    .sum::<f32>(),
+            );
+        }
+        for (i, r) in acts.logits.chunks(vl).enumerate() {
+            let tg = acts.targets[i] - off as i64;
+            let mine = acts.targets[i] >= 0 && (0..real as i64).contains(&tg);
+            sums.push(if mine { r[tg as usize] } else { 0.0 });
+        }
+        m.comm.all_reduce_sum(&mut sums).map_err(comm_err)?;
+        let (sumexp, target_logit) = sums.split_at(rows);
+        let mut total = 0f64;
+        for i in (0..rows).filter(|&i| acts.targets[i] >= 0) {
+            total += (sumexp[i].ln() + acts.max[i] - target_logit[i]) as f64;
+        }
+        acts.sumexp = sumexp.to_vec();
+        let count = acts.targets.iter().filter(|&&x| x >= 0).count();
+        Ok((total, count))
+    }
+}
+
+/// Size a block's buffers for `(b, t)` on this rank: full width `c`, its
+/// `cl` columns of attention over `heads` heads, `inner` MLP columns.
+fn size_layer(
+    a: &mut LayerActs,
+    (b, t): (usize, usize),
+    (c, cl, heads, inner): (usize, usize, usize, usize),
+    (att, res): (bool, bool),
+) {
+    let bt = b * t;
+    let on = |yes: bool, n: usize| if yes { n } else { 0 };
+    zeroed(&mut a.ln1, bt * c);
+    zeroed(&mut a.ln1_mean, bt);
+    zeroed(&mut a.ln1_rstd, bt);
+    zeroed(&mut a.qkv, bt * 3 * cl);
+    zeroed(&mut a.att, b * heads * t * t);
+    zeroed(&mut a.att_d, on(att, b * heads * t * t));
+    zeroed(&mut a.atty, bt * cl);
+    zeroed(&mut a.attn_mask, on(res, bt * c));
+    zeroed(&mut a.x2, bt * c);
+    zeroed(&mut a.ln2, bt * c);
+    zeroed(&mut a.ln2_mean, bt);
+    zeroed(&mut a.ln2_rstd, bt);
+    zeroed(&mut a.fc, bt * inner);
+    zeroed(&mut a.fc_act, bt * inner);
+    zeroed(&mut a.mlp_mask, on(res, bt * c));
+}
