@@ -357,7 +357,8 @@ impl GPT2LMHeadModel {
     /// `ln_f`, then the head `[V, C]` (`wte` when tied): logits `[B, T, V]`.
     fn head(&self, ln_f: &LayerNorm, head: &Tensor, x: &Tensor) -> Result<Tensor> {
         let x = ln_f.forward(x)?;
-        Ok(head_logits(&x, head, vocab_multiple(&self.device))?)
+        let (b, t, _) = x.dims3()?;
+        Ok(head_logits(&x, head, vocab_multiple(&self.device, b * t))?)
     }
 
     /// The generator of the dropout masks (saved and restored around a
@@ -451,11 +452,13 @@ impl GPT2LMHeadModel {
     }
 }
 
-/// What the head's GEMM pads the vocabulary to a multiple of: 64 on a CUDA
-/// device (tensor-core GEMMs want aligned dimensions; GPT-2's 50257 becomes
-/// 50304, as llm.c pads it), none elsewhere.
-pub(crate) fn vocab_multiple(device: &Device) -> usize {
-    if device.is_cuda() {
+/// What the head's GEMM pads the vocabulary to a multiple of for `rows`
+/// tokens: 64 on a CUDA device (tensor-core GEMMs want aligned dimensions;
+/// GPT-2's 50257 becomes 50304, as llm.c pads it), none elsewhere, nor for
+/// a few rows (decoding: there the copy of the padded head would cost more
+/// than the product).
+pub(crate) fn vocab_multiple(device: &Device, rows: usize) -> usize {
+    if device.is_cuda() && rows >= 64 {
         64
     } else {
         1
@@ -464,8 +467,9 @@ pub(crate) fn vocab_multiple(device: &Device) -> usize {
 
 /// Logits `[B, T, V]` of `x` `[B, T, C]` against the head `[V, C]`, the
 /// GEMM run over the vocabulary padded with zero rows to a multiple of
-/// `multiple`; the padding's columns are cut off (a view), so the logits,
-/// the loss and every gradient are those of the unpadded product.
+/// `multiple`; the padding's columns are cut off (a view, which the loss
+/// reads in place on CUDA), so the logits, the loss and every gradient are
+/// those of the unpadded product.
 pub(crate) fn head_logits(
     x: &Tensor,
     head: &Tensor,

@@ -22,15 +22,21 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
         let zero = Tensor::zeros((), logits.dtype(), logits.device())?;
         return Ok((zero, 0));
     }
-    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let lab: Vec<i64> = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
+    // Position i of each row predicts label i + 1; the last position
+    // predicts nothing (-100). Every position keeps its row of logits, so
+    // the logits are used where they lie (no copy of all but the last
+    // position, and on CUDA none of the vocabulary padding's view either).
+    let labels: Vec<Vec<i64>> = labels.to_vec2()?;
     let mut count = 0usize;
-    for &l in &lab {
-        check_label(l, v)?;
-        if l != IGNORE_INDEX {
-            count += 1;
+    let mut targets = Vec::with_capacity(b * t);
+    for row in &labels {
+        for &l in &row[1..] {
+            check_label(l, v)?;
+            count += usize::from(l != IGNORE_INDEX);
+            targets.push(l);
         }
+        targets.push(IGNORE_INDEX);
     }
-    let sum = super::autograd_ops::cross_entropy_sum(&logits, lab)?;
+    let sum = super::autograd_ops::cross_entropy_sum(logits, targets)?;
     Ok((sum, count))
 }

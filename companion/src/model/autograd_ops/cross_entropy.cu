@@ -1,9 +1,10 @@
 // Cross-entropy over the vocabulary without the probabilities ever stored
 // (the "fused classifier" of llm.c): the CUDA twins of
 // `cpu::layers::{cross_entropy_loss, cross_entropy_backward}`
-// (cross_entropy.rs launches them). Logits are [N, v] rows of which the
-// first `v_real` columns count (the rest is vocabulary padding: no
-// probability, no gradient); a target < 0 (HF's -100) skips its row.
+// (cross_entropy.rs launches them). Logits are N rows `v` apart of which
+// the first `v_real` columns count (the rest, when v > v_real, is the
+// vocabulary padding a view cut off: never read); a target < 0 (HF's -100)
+// skips its row.
 #include "kernels.cuh"
 using namespace companion;
 
@@ -37,9 +38,10 @@ COMPANION_F32_BF16(cross_entropy_rows,
                    (const T* logits, const int64_t* targets, float* losses, int v, int v_real),
                    (logits, targets, losses, v, v_real))
 
-// d = g·(softmax(row) − onehot(target)) over the first v_real columns, 0
-// on padding columns and skipped rows; g is a device scalar (the loss's
-// incoming gradient), read here so that it never goes to the host.
+// d = g·(softmax(row) − onehot(target)), [N, v_real] contiguous (the
+// gradient of the view the loss was given), 0 on skipped rows; g is a
+// device scalar (the loss's incoming gradient), read here so that it never
+// goes to the host.
 template <typename T>
 __device__ void cross_entropy_grad(const T* logits, const int64_t* targets, const float* g, T* d,
                                    int v, int v_real) {
@@ -47,15 +49,15 @@ __device__ void cross_entropy_grad(const T* logits, const int64_t* targets, cons
     const size_t row = blockIdx.x;
     const int64_t tg = targets[row];
     const T* x = logits + row * v;
-    T* out = d + row * v;
+    T* out = d + row * v_real;
     if (tg < 0) {
-        for (int j = threadIdx.x; j < v; j += blockDim.x) store(out, j, 0.0f);
+        for (int j = threadIdx.x; j < v_real; j += blockDim.x) store(out, j, 0.0f);
         return;
     }
     const float2 mz = row_logsumexp_parts(x, v_real, scratch);
     const float scale = *g / mz.y;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float p = j < v_real ? expf(load(x, j) - mz.x) * scale : 0.0f;
+    for (int j = threadIdx.x; j < v_real; j += blockDim.x) {
+        const float p = expf(load(x, j) - mz.x) * scale;
         store(out, j, j == tg ? p - *g : p);
     }
 }

@@ -58,18 +58,17 @@ impl CustomOp1 for CrossEntropySum {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: Elem>(targets: &[i64], s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
             let dev = &s.device;
-            let x = view::<T>(s, l, "cross_entropy")?;
-            let v = *l.dims().last().expect("rank 2");
-            let n = targets.len();
+            let (x, stride, n) = rows_view::<T>(s, l)?;
+            let v = *l.dims().last().expect("rank ≥ 1");
             let tg = dev.clone_htod(targets)?;
             // SAFETY: each is written by a kernel before it is read.
             let losses = unsafe { dev.alloc::<f32>(n)? };
             let sum = unsafe { dev.alloc::<f32>(1)? };
             let name = format!("cross_entropy_rows_{}", T::SUFFIX);
             let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, &name)?;
-            let v32 = v as i32;
+            let (stride32, v32) = (stride as i32, v as i32);
             let mut b = f.builder();
-            b.arg(&x).arg(&tg).arg(&losses).arg(&v32).arg(&v32);
+            b.arg(&x).arg(&tg).arg(&losses).arg(&stride32).arg(&v32);
             // SAFETY: the arguments match the kernel's signature.
             unsafe { b.launch(per_row(n, v, VOCAB_THREADS)) }.w()?;
             let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, "sum_losses")?;
@@ -140,18 +139,17 @@ impl CustomOp2 for CrossEntropyGrad {
             (s2, l2): (&CudaStorage, &Layout),
         ) -> Result<CudaStorage> {
             let dev = &s1.device;
-            let x = view::<T>(s1, l1, "cross_entropy grad")?;
+            let (x, stride, n) = rows_view::<T>(s1, l1)?;
             let g = view::<f32>(s2, l2, "cross_entropy grad g")?;
-            let v = *l1.dims().last().expect("rank 2");
-            let n = targets.len();
+            let v = *l1.dims().last().expect("rank ≥ 1");
             let tg = dev.clone_htod(targets)?;
             // SAFETY: every element is written by the kernel.
             let d = unsafe { dev.alloc::<T>(n * v)? };
             let name = format!("cross_entropy_grad_{}", T::SUFFIX);
             let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, &name)?;
-            let v32 = v as i32;
+            let (stride32, v32) = (stride as i32, v as i32);
             let mut b = f.builder();
-            b.arg(&x).arg(&tg).arg(&g).arg(&d).arg(&v32).arg(&v32);
+            b.arg(&x).arg(&tg).arg(&g).arg(&d).arg(&stride32).arg(&v32);
             // SAFETY: the arguments match the kernel's signature.
             unsafe { b.launch(per_row(n, v, VOCAB_THREADS)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(d, dev.clone()))
@@ -161,9 +159,14 @@ impl CustomOp2 for CrossEntropyGrad {
     }
 }
 
-/// Summed cross-entropy of `logits` `[N, V]` against `targets` (−100 skipped).
+/// Summed cross-entropy of `logits` `[…, V]` (their rows in order) against
+/// `targets`, one per row (−100 skipped). On CUDA the logits are read where
+/// they lie when their rows are evenly spaced (a view that cuts the
+/// vocabulary padding off, `gpt2::head_logits`); elsewhere they are made
+/// contiguous first.
 pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
-    let (n, v) = logits.dims2()?;
+    let v = logits.dim(D::Minus1)?;
+    let n = logits.elem_count() / v.max(1);
     if targets.len() != n {
         candle_core::bail!("cross_entropy: {} targets for {n} rows", targets.len());
     }
@@ -171,10 +174,15 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
         candle_core::bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
     }
     if fused(&[logits]) {
-        return logits.contiguous()?.apply_op1(CrossEntropySum {
+        let op = CrossEntropySum {
             targets: Arc::new(targets),
-        });
+        };
+        if logits.device().is_cuda() && row_stride(logits.layout()).is_some() {
+            return logits.apply_op1(op);
+        }
+        return logits.contiguous()?.apply_op1(op);
     }
+    let logits = logits.reshape((n, v))?;
     let keep: Vec<f32> = targets
         .iter()
         .map(|&t| if t < 0 { 0.0 } else { 1.0 })
@@ -185,4 +193,39 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
     let keep = Tensor::from_vec(keep, (n,), dev)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     (logp.gather(&idx, 1)?.squeeze(1)? * keep)?.sum_all()?.neg()
+}
+
+/// The distance between consecutive rows of `[…, V]` logits whose rows are
+/// evenly spaced with contiguous elements (a contiguous tensor, or one cut
+/// along its last dimension): `V` or more. `None` otherwise.
+fn row_stride(l: &Layout) -> Option<usize> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r < 2 || strides[r - 1] != 1 {
+        return None;
+    }
+    let row = strides[r - 2];
+    let even = (0..r - 2).all(|i| dims[i] == 1 || strides[i] == dims[i + 1] * strides[i + 1]);
+    (even && row >= dims[r - 1]).then_some(row)
+}
+
+/// A CUDA operand's rows: the device view from its first row to the end of
+/// its last, the row stride and the row count.
+#[cfg(feature = "cuda")]
+fn rows_view<'a, T: Elem>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
+    usize,
+    usize,
+)> {
+    let v = *l.dims().last().expect("rank ≥ 1");
+    let n = l.shape().elem_count() / v.max(1);
+    let Some(stride) = row_stride(l) else {
+        candle_core::bail!("cross_entropy: logits whose rows are not evenly spaced");
+    };
+    let start = l.start_offset();
+    let end = start + n.saturating_sub(1) * stride + v;
+    Ok((s.as_cuda_slice::<T>()?.slice(start..end), stride, n))
 }
