@@ -5,23 +5,24 @@
 #include "../model/autograd_ops/kernels.cuh"
 using namespace companion;
 
-// out = [p' | m' | v'] (3n) from p, g·gscale (gscale: the clipping
+// p', m', v' (n each) from p, g·gscale (gscale: the clipping
 // coefficient), the moments m, v and decay (1 where weight decay applies):
 //   m' = b1·m + (1 − b1)·g,  v' = b2·v + (1 − b2)·g²,
 //   p' = p·(1 − lr_wd·decay) − step_size·m' / (√v' / bc2_sqrt + eps).
 extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* m,
-                                     const float* v, const float* decay, float* out, size_t n,
-                                     float gscale, float b1, float b2, float eps, float bc2_sqrt,
-                                     float step_size, float lr_wd) {
+                                     const float* v, const float* decay, float* p_out,
+                                     float* m_out, float* v_out, size_t n, float gscale, float b1,
+                                     float b2, float eps, float bc2_sqrt, float step_size,
+                                     float lr_wd) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float gi = g[i] * gscale;
         const float m1 = b1 * m[i] + (1.0f - b1) * gi;
         const float v1 = b2 * v[i] + (1.0f - b2) * gi * gi;
         const float denom = sqrtf(v1) / bc2_sqrt + eps;
-        out[i] = p[i] * (1.0f - lr_wd * decay[i]) - step_size * m1 / denom;
-        out[n + i] = m1;
-        out[2 * n + i] = v1;
+        p_out[i] = p[i] * (1.0f - lr_wd * decay[i]) - step_size * m1 / denom;
+        m_out[i] = m1;
+        v_out[i] = v1;
     }
 }
 

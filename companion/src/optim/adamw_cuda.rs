@@ -6,7 +6,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Tensor};
+use std::sync::Mutex;
+
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Result, Storage, Tensor};
 
 use crate::model::autograd_ops::cuda::{elementwise, kernel, ptx, view};
 
@@ -19,7 +22,9 @@ fn with_storage<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R
     }
 }
 
-/// AdamW's kernel as an op on the weights, holding the other operands.
+/// AdamW's kernel as an op on the weights, holding the other operands; it
+/// gives the new weights and leaves the new moments (buffers of their own)
+/// in `moments`.
 struct AdamW<'a> {
     g: &'a Tensor,
     m: &'a Tensor,
@@ -27,6 +32,7 @@ struct AdamW<'a> {
     decay: &'a Tensor,
     gscale: f32,
     consts: [f32; 6],
+    moments: Mutex<Option<(CudaStorage, CudaStorage)>>,
 }
 
 impl candle_core::CustomOp1 for AdamW<'_> {
@@ -47,7 +53,7 @@ impl candle_core::CustomOp1 for AdamW<'_> {
         let dev = ps.device().clone();
         let pv = view::<f32>(ps, pl, "weights")?;
         let [b1, b2, eps, bc2_sqrt, step_size, lr_wd] = self.consts;
-        let out = with_storage(self.g, |gs, gl| {
+        let (p_out, m_out, v_out) = with_storage(self.g, |gs, gl| {
             let gv = view::<f32>(gs, gl, "gradients")?;
             with_storage(self.m, |ms, ml| {
                 let mv = view::<f32>(ms, ml, "exp_avg")?;
@@ -55,28 +61,31 @@ impl candle_core::CustomOp1 for AdamW<'_> {
                     let vv = view::<f32>(vs, vl, "exp_avg_sq")?;
                     with_storage(self.decay, |ds, dl| {
                         let dv = view::<f32>(ds, dl, "decay")?;
-                        // SAFETY: every element is written by the kernel.
-                        let out = unsafe { dev.alloc::<f32>(3 * n)? };
+                        // SAFETY: every element of each is written by the kernel.
+                        let (p_out, m_out, v_out) = unsafe {
+                            (
+                                dev.alloc::<f32>(n)?,
+                                dev.alloc::<f32>(n)?,
+                                dev.alloc::<f32>(n)?,
+                            )
+                        };
                         let f = kernel(&dev, "adamw", ptx::ADAMW, "adamw_f32")?;
                         let mut b = f.builder();
-                        b.arg(&pv)
-                            .arg(&gv)
-                            .arg(&mv)
-                            .arg(&vv)
-                            .arg(&dv)
-                            .arg(&out)
-                            .arg(&n);
+                        b.arg(&pv).arg(&gv).arg(&mv).arg(&vv).arg(&dv);
+                        b.arg(&p_out).arg(&m_out).arg(&v_out).arg(&n);
                         for x in [&self.gscale, &b1, &b2, &eps, &bc2_sqrt, &step_size, &lr_wd] {
                             b.arg(x);
                         }
                         // SAFETY: the arguments match the kernel's signature.
                         unsafe { b.launch(elementwise(n)) }.w()?;
-                        Ok(out)
+                        Ok((p_out, m_out, v_out))
                     })
                 })
             })
         })?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), (3 * n).into()))
+        let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
+        *self.moments.lock().expect("moments") = Some((wrap(m_out), wrap(v_out)));
+        Ok((wrap(p_out), n.into()))
     }
 }
 
@@ -84,8 +93,8 @@ impl candle_core::CustomOp1 for AdamW<'_> {
 /// (`optim/adamw.cu`, the twin of `optim::adamw::update_tensors`): returns
 /// `(p', m', v')` from the weights `p`, the gradients `g` times `gscale`
 /// (the clipping coefficient), the moments and the decay mask, `consts`
-/// being `[β₁, β₂, ε, √(1 − β₂ᵗ), lr / (1 − β₁ᵗ), lr·weight_decay]`. The
-/// three are views of one new buffer; the inputs are left as they were.
+/// being `[β₁, β₂, ε, √(1 − β₂ᵗ), lr / (1 − β₁ᵗ), lr·weight_decay]`. Each
+/// is a new buffer of its own; the inputs are left as they were.
 pub fn adamw_fused(
     p: &Tensor,
     g: &Tensor,
@@ -109,19 +118,21 @@ pub fn adamw_fused(
             );
         }
     }
-    let out = p.apply_op1_no_bwd(&AdamW {
+    let op = AdamW {
         g,
         m,
         v,
         decay,
         gscale,
         consts,
-    })?;
-    Ok((
-        out.narrow(0, 0, n)?,
-        out.narrow(0, n, n)?,
-        out.narrow(0, 2 * n, n)?,
-    ))
+        moments: Mutex::new(None),
+    };
+    let p_new = p.apply_op1_no_bwd(&op)?;
+    let Some((m_new, v_new)) = op.moments.lock().expect("moments").take() else {
+        candle_core::bail!("fused AdamW: the kernel left no moments");
+    };
+    let wrap = |s| Tensor::from_storage(Storage::Cuda(s), n, BackpropOp::none(), false);
+    Ok((p_new, wrap(m_new), wrap(v_new)))
 }
 
 /// Σ x² of a flat fp32 tensor in fp64, as a scalar tensor on its device.
