@@ -94,14 +94,25 @@ fi
 run nvidia_smi 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
 run env 180 "$BIN" env --json --expect cuda
 cp "$WORK/env.out" "$OUT/env.json" 2>/dev/null
-GPU=0
-grep -q '"passed": true' "$WORK/env.out" 2>/dev/null && GPU=1
+# From env.json's first device: whether its tiny step agreed with the CPU
+# (the GPU is usable), and whether every fused kernel agreed with its twin.
+read -r GPU KERNELS_OK < <("$PY" - "$WORK/env.out" <<'PYEOF' 2>/dev/null || echo "0 1"
+import json, sys
+try:
+    dev = (json.load(open(sys.argv[1])).get("devices") or [{}])[0]
+except (OSError, ValueError):
+    dev = {}
+ok = bool((dev.get("check") or {}).get("passed"))
+kernels = all(k.get("passed") for k in dev.get("kernels") or [])
+print(int(ok), int(kernels))
+PYEOF
+)
 if [ "$GPU" = 0 ]; then
     say "the GPU cannot be used by this binary (companion env's problems are above): every GPU step is skipped"
 fi
-# A fused kernel that differs from its CPU twin is reported (parity below),
-# and the other steps run on candle's composite ops instead.
-if grep -q '"passed": false' "$WORK/env.out" 2>/dev/null && grep -q '"op":' "$WORK/env.out"; then
+# A fused kernel that differs from its CPU twin (or fails) is reported
+# (parity below), and the other steps run on candle's composite ops instead.
+if [ "$KERNELS_OK" = 0 ]; then
     say "a fused CUDA kernel differs from its CPU twin (env.json): the steps below use COMPANION_FUSED_CUDA=0"
     export COMPANION_FUSED_CUDA=0
 fi

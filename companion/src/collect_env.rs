@@ -154,8 +154,17 @@ pub fn collect(measure: bool, expect: &[Expect]) -> EnvReport {
         for k in d.kernels.iter().filter(|k| !k.passed) {
             problems.push(Problem {
                 what: format!(
-                    "cuda:{}: the fused kernel {} ({}) differs from its CPU twin by {:.2e} (tolerance {:.0e})",
-                    d.ordinal, k.op, k.dtype, k.max_rel_diff, k.tolerance
+                    "cuda:{}: the fused kernel {} ({}) {}",
+                    d.ordinal,
+                    k.op,
+                    k.dtype,
+                    match &k.error {
+                        Some(e) => format!("failed: {e}"),
+                        None => format!(
+                            "differs from its CPU twin by {:.2e} (tolerance {:.0e})",
+                            k.max_rel_diff, k.tolerance
+                        ),
+                    }
                 ),
                 fix: "set COMPANION_FUSED_CUDA=0 to train with candle's composite ops instead, and report it".into(),
             });
@@ -309,9 +318,14 @@ mod cuda {
             let report = (|| -> Result<DeviceReport, String> {
                 let ctx = CudaContext::new(ordinal).map_err(|e| e.to_string())?;
                 let device = Device::new_cuda(ordinal).map_err(|e| e.to_string())?;
-                let check = check_device(&device).map_err(|e| e.to_string())?;
                 let kernels =
                     crate::kernel_twins::check_twins(&device).map_err(|e| e.to_string())?;
+                // A kernel that differs or fails: this process (and the
+                // fix the problem names) trains on candle's composite ops.
+                if kernels.iter().any(|k| !k.passed) {
+                    crate::model::autograd_ops::set_fused_cuda_kernels(false);
+                }
+                let check = check_device(&device).map_err(|e| e.to_string())?;
                 Ok(DeviceReport {
                     ordinal,
                     name: ctx.name().map_err(|e| e.to_string())?,
