@@ -110,43 +110,9 @@ impl CustomOp1 for VocabParallelCrossEntropy {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = host(s, l, "vocab-parallel cross-entropy")?;
         let v = *l.dims().last().expect("rank 2");
-        let rows = x.len() / v;
-        // The row maxima over the whole vocabulary: every rank's, then the max.
-        let local_max: Vec<f32> = x
-            .chunks(v)
-            .map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect();
-        let all = self.comm.all_gather(&local_max).map_err(comm_err)?;
-        let max: Vec<f32> = (0..rows)
-            .map(|i| {
-                all.chunks(rows)
-                    .map(|m| m[i])
-                    .fold(f32::NEG_INFINITY, f32::max)
-            })
-            .collect();
-        // Σ exp(x − max) and the target's logit (on the rank that holds it).
-        let mut sums = Vec::with_capacity(2 * rows);
-        for (i, r) in x.chunks(v).enumerate() {
-            sums.push(r.iter().map(|&z| (z - max[i]).exp()).sum::<f32>());
-        }
-        for (i, r) in x.chunks(v).enumerate() {
-            let t = self.targets[i];
-            let local = t - self.offset as i64;
-            sums.push(if t >= 0 && (0..v as i64).contains(&local) {
-                r[local as usize]
-            } else {
-                0.0
-            });
-        }
-        self.comm.all_reduce_sum(&mut sums).map_err(comm_err)?;
-        let (sumexp, target_logit) = sums.split_at(rows);
-        let mut total = 0f64;
-        for i in 0..rows {
-            if self.targets[i] >= 0 {
-                total += (sumexp[i].ln() + max[i] - target_logit[i]) as f64;
-            }
-        }
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((max, sumexp.to_vec()));
+        let (total, max, sumexp) =
+            vocab_parallel_forward(&x, (v, v), &self.targets, self.offset, self.comm.as_ref())?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((max, sumexp));
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 
@@ -157,22 +123,91 @@ impl CustomOp1 for VocabParallelCrossEntropy {
         };
         let (rows, v) = x.dims2()?;
         let mut d: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        for (i, r) in d.chunks_mut(v).enumerate() {
-            let t = self.targets[i];
-            if t < 0 {
-                r.fill(0.0);
-                continue;
-            }
-            for z in r.iter_mut() {
-                *z = (*z - max[i]).exp() / sumexp[i];
-            }
-            let local = t - self.offset as i64;
-            if (0..v as i64).contains(&local) {
-                r[local as usize] -= 1.0;
-            }
-        }
+        let stats = (&max[..], &sumexp[..]);
+        vocab_parallel_grad(&mut d, (v, v), &self.targets, self.offset, stats, 1.0);
         let d = Tensor::from_vec(d, (rows, v), x.device())?;
         Ok(Some(d.broadcast_mul(g)?))
+    }
+}
+
+/// The cross-entropy of rows split by vocabulary over `comm`: `x` holds
+/// rows `stride` apart whose first `real` columns are this rank's
+/// vocabulary from `offset` (the rest padding, never read). Gives the loss
+/// summed over rows with a target and, per row, the whole vocabulary's
+/// maximum and Σ exp(x − max) (for the backward pass): each row's maxima
+/// gathered, its exponentials and target logit summed over the group.
+pub(super) fn vocab_parallel_forward(
+    x: &[f32],
+    (stride, real): (usize, usize),
+    targets: &[i64],
+    offset: usize,
+    comm: &dyn Communicator,
+) -> Result<(f64, Vec<f32>, Vec<f32>)> {
+    let rows = targets.len();
+    let local_max: Vec<f32> = x
+        .chunks(stride)
+        .map(|r| r[..real].iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
+    let all = comm.all_gather(&local_max).map_err(comm_err)?;
+    let max: Vec<f32> = (0..rows)
+        .map(|i| {
+            all.chunks(rows)
+                .map(|m| m[i])
+                .fold(f32::NEG_INFINITY, f32::max)
+        })
+        .collect();
+    // Σ exp(x − max) and the target's logit (on the rank that holds it).
+    let mut sums = Vec::with_capacity(2 * rows);
+    for (i, r) in x.chunks(stride).enumerate() {
+        sums.push(r[..real].iter().map(|&z| (z - max[i]).exp()).sum::<f32>());
+    }
+    for (i, r) in x.chunks(stride).enumerate() {
+        let t = targets[i];
+        let local = t - offset as i64;
+        sums.push(if t >= 0 && (0..real as i64).contains(&local) {
+            r[local as usize]
+        } else {
+            0.0
+        });
+    }
+    comm.all_reduce_sum(&mut sums).map_err(comm_err)?;
+    let (sumexp, target_logit) = sums.split_at(rows);
+    let mut total = 0f64;
+    for i in (0..rows).filter(|&i| targets[i] >= 0) {
+        total += (sumexp[i].ln() + max[i] - target_logit[i]) as f64;
+    }
+    Ok((total, max, sumexp.to_vec()))
+}
+
+/// The gradient of [`vocab_parallel_forward`]'s loss times `scale`, in
+/// place of the logits `d` (laid out as there): `scale·(softmax − onehot)`
+/// over this rank's columns, zero on the padding and on rows without a
+/// target. `(max, sumexp)` are the forward pass's.
+pub(super) fn vocab_parallel_grad(
+    d: &mut [f32],
+    (stride, real): (usize, usize),
+    targets: &[i64],
+    offset: usize,
+    (max, sumexp): (&[f32], &[f32]),
+    scale: f32,
+) {
+    for (i, r) in d.chunks_mut(stride).enumerate() {
+        let t = targets[i];
+        if t < 0 {
+            r.fill(0.0);
+            continue;
+        }
+        for z in &mut r[..real] {
+            *z = (*z - max[i]).exp() / sumexp[i];
+        }
+        r[real..].fill(0.0);
+        let local = t - offset as i64;
+        if (0..real as i64).contains(&local) {
+            r[local as usize] -= 1.0;
+        }
+        if scale != 1.0 {
+            r.iter_mut().for_each(|z| *z *= scale);
+        }
     }
 }
 

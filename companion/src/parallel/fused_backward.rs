@@ -4,8 +4,9 @@
 //! column-parallel products summed over the group before each layer norm),
 //! and the embeddings' rows on the first stage.
 
-use super::fused_stage::{comm_err, with_weights, Block, FusedStage, MicroActs};
-use super::tensor::{vocab_per_rank, TensorParallelGpt2};
+use super::collective_ops::vocab_parallel_grad;
+use super::fused_stage::{comm_err, vocab_slice, with_weights, Block, FusedStage, MicroActs};
+use super::tensor::TensorParallelGpt2;
 use crate::cpu::attention::attention_backward;
 use crate::cpu::gemm::{linear_backward, matmul, two_mut};
 use crate::cpu::layers::{gelu_backward, layer_norm_backward, mul_mask};
@@ -35,7 +36,7 @@ impl FusedStage {
             match (self.ln_f, self.head, grad_out) {
                 (Some(ln_f), Some(head), None) => {
                     let d = self.logits_grad(m, acts, tokens);
-                    let vl = vocab_per_rank(c.vocab_size, m.comm.world_size());
+                    let (vl, _, _) = vocab_slice(m);
                     // The head: logits = ln_f(x) · headᵀ (head = wte when tied).
                     let mut dln = vec![0f32; bt * width];
                     matmul(
@@ -71,8 +72,7 @@ impl FusedStage {
             let mut d = vec![0f32; bt * width];
             let dropped = acts.dropout && c.embd_pdrop > 0.0;
             mul_mask(&mut d, &dres, dropped.then_some(&acts.emb_mask[..]));
-            let vl = vocab_per_rank(c.vocab_size, m.comm.world_size());
-            let off = m.comm.rank() * vl;
+            let (vl, off, _) = vocab_slice(m);
             let gte = &mut grads[g(wte)];
             for (row, &id) in d.chunks(width).zip(&acts.ids) {
                 if let Some(l) = (id as usize).checked_sub(off).filter(|&l| l < vl) {
@@ -91,34 +91,13 @@ impl FusedStage {
     }
 
     /// The gradient of the loss (÷ `tokens`) with respect to this rank's
-    /// logits: softmax over the whole vocabulary minus the target, zero on
-    /// the vocabulary padding and on rows without a target.
+    /// logits (`collective_ops::vocab_parallel_grad`).
     fn logits_grad(&self, m: &TensorParallelGpt2, acts: &MicroActs, tokens: usize) -> Vec<f32> {
-        let (tp, rank) = (m.comm.world_size(), m.comm.rank());
-        let vl = vocab_per_rank(m.config.vocab_size, tp);
-        let off = rank * vl;
-        let real = vl.min(m.config.vocab_size.saturating_sub(off));
-        let scale = 1.0 / tokens.max(1) as f32;
+        let (vl, off, real) = vocab_slice(m);
         let mut d = acts.logits.clone();
-        for (i, row) in d.chunks_mut(vl).enumerate() {
-            let tg = acts.targets[i];
-            if tg < 0 {
-                row.fill(0.0);
-                continue;
-            }
-            let (mx, z) = (acts.max[i], acts.sumexp[i]);
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = if j < real {
-                    (*v - mx).exp() / z * scale
-                } else {
-                    0.0
-                };
-            }
-            let local = tg - off as i64;
-            if (0..real as i64).contains(&local) {
-                row[local as usize] -= scale;
-            }
-        }
+        let stats = (&acts.max[..], &acts.sumexp[..]);
+        let scale = 1.0 / tokens.max(1) as f32;
+        vocab_parallel_grad(&mut d, (vl, real), &acts.targets, off, stats, scale);
         d
     }
 

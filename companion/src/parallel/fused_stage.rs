@@ -17,6 +17,7 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, Storage};
 
+use super::collective_ops::vocab_parallel_forward;
 use super::dropout::StageDropout;
 use super::tensor::{targets, vocab_per_rank, TensorParallelGpt2};
 use crate::cpu::attention::attention_forward;
@@ -191,7 +192,6 @@ impl FusedStage {
         acts: &mut MicroActs,
     ) -> Result<(Vec<f32>, f64, usize)> {
         let c = &m.config;
-        let tp = m.comm.world_size();
         let (b, t) = (rows.len(), rows.first().map_or(0, Vec::len));
         if rows.iter().any(|r| r.len() != t) || t == 0 || t > c.n_positions {
             candle_core::bail!("rows of equal length between 1 and n_positions");
@@ -251,7 +251,7 @@ impl FusedStage {
                 &mut acts.lnf_mean,
                 &mut acts.lnf_rstd,
             );
-            let vl = vocab_per_rank(c.vocab_size, tp);
+            let (vl, _, _) = vocab_slice(m);
             zeroed(&mut acts.logits, bt * vl);
             matmul(
                 &mut acts.logits,
@@ -278,8 +278,7 @@ impl FusedStage {
         t: usize,
     ) -> Result<Vec<f32>> {
         let c = m.config.n_embd;
-        let vl = vocab_per_rank(m.config.vocab_size, m.comm.world_size());
-        let off = m.comm.rank() * vl;
+        let (vl, off, _) = vocab_slice(m);
         let mut x = vec![0f32; ids.len() * c];
         for (row, &id) in x.chunks_mut(c).zip(ids) {
             if let Some(l) = (id as usize).checked_sub(off).filter(|&l| l < vl) {
@@ -408,52 +407,27 @@ impl FusedStage {
         Ok(())
     }
 
-    /// Summed cross-entropy over this rank's slice of the vocabulary: each
-    /// row's maximum gathered, its exponentials and target logit summed over
-    /// the group. Keeps the maxima and sums for the backward pass.
+    /// Summed cross-entropy over this rank's slice of the vocabulary (the
+    /// one vocabulary-parallel implementation, `collective_ops`). Keeps the
+    /// rows' maxima and sums for the backward pass.
     fn cross_entropy(&self, m: &TensorParallelGpt2, acts: &mut MicroActs) -> Result<(f64, usize)> {
-        let (tp, rank) = (m.comm.world_size(), m.comm.rank());
-        let vl = vocab_per_rank(m.config.vocab_size, tp);
-        let off = rank * vl;
-        let real = vl.min(m.config.vocab_size.saturating_sub(off));
-        let rows = acts.targets.len();
-        let local_max: Vec<f32> = acts
-            .logits
-            .chunks(vl)
-            .map(|r| r[..real].iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect();
-        let all = m.comm.all_gather(&local_max).map_err(comm_err)?;
-        acts.max = (0..rows)
-            .map(|i| {
-                all.chunks(rows)
-                    .map(|mx| mx[i])
-                    .fold(f32::NEG_INFINITY, f32::max)
-            })
-            .collect();
-        let mut sums = Vec::with_capacity(2 * rows);
-        for (i, r) in acts.logits.chunks(vl).enumerate() {
-            sums.push(
-                r[..real]
-                    .iter()
-                    .map(|&z| (z - acts.max[i]).exp())
-                    .sum::<f32>(),
-            );
-        }
-        for (i, r) in acts.logits.chunks(vl).enumerate() {
-            let tg = acts.targets[i] - off as i64;
-            let mine = acts.targets[i] >= 0 && (0..real as i64).contains(&tg);
-            sums.push(if mine { r[tg as usize] } else { 0.0 });
-        }
-        m.comm.all_reduce_sum(&mut sums).map_err(comm_err)?;
-        let (sumexp, target_logit) = sums.split_at(rows);
-        let mut total = 0f64;
-        for i in (0..rows).filter(|&i| acts.targets[i] >= 0) {
-            total += (sumexp[i].ln() + acts.max[i] - target_logit[i]) as f64;
-        }
-        acts.sumexp = sumexp.to_vec();
+        let (vl, off, real) = vocab_slice(m);
+        let comm = m.comm.as_ref();
+        let cols = (vl, real);
+        let (total, max, sumexp) =
+            vocab_parallel_forward(&acts.logits, cols, &acts.targets, off, comm)?;
+        (acts.max, acts.sumexp) = (max, sumexp);
         let count = acts.targets.iter().filter(|&&x| x >= 0).count();
         Ok((total, count))
     }
+}
+
+/// This rank's slice of the vocabulary: rows per rank (with padding), the
+/// first row's id, and how many rows are real.
+pub(super) fn vocab_slice(m: &TensorParallelGpt2) -> (usize, usize, usize) {
+    let vl = vocab_per_rank(m.config.vocab_size, m.comm.world_size());
+    let off = m.comm.rank() * vl;
+    (vl, off, vl.min(m.config.vocab_size.saturating_sub(off)))
 }
 
 /// Size a block's buffers for `(b, t)` on this rank: full width `c`, its
