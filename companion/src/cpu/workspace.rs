@@ -30,6 +30,37 @@ pub(crate) struct LayerActs {
     pub(crate) mlp_mask: Vec<f32>,
 }
 
+impl LayerActs {
+    /// Zeroed buffers for `(b, t)` tokens: the residual width `c`, and the
+    /// `cl` attention columns over `heads` heads and `inner` MLP columns
+    /// this rank computes (all of them on one rank; a tensor-parallel rank's
+    /// share); the dropout masks only where `(att, res)` dropout is on.
+    pub(crate) fn size(
+        &mut self,
+        (b, t): (usize, usize),
+        (c, cl, heads, inner): (usize, usize, usize, usize),
+        (att, res): (bool, bool),
+    ) {
+        let bt = b * t;
+        let on = |yes: bool, n: usize| if yes { n } else { 0 };
+        zeroed(&mut self.ln1, bt * c);
+        zeroed(&mut self.ln1_mean, bt);
+        zeroed(&mut self.ln1_rstd, bt);
+        zeroed(&mut self.qkv, bt * 3 * cl);
+        zeroed(&mut self.att, b * heads * t * t);
+        zeroed(&mut self.att_d, on(att, b * heads * t * t));
+        zeroed(&mut self.atty, bt * cl);
+        zeroed(&mut self.attn_mask, on(res, bt * c));
+        zeroed(&mut self.x2, bt * c);
+        zeroed(&mut self.ln2, bt * c);
+        zeroed(&mut self.ln2_mean, bt);
+        zeroed(&mut self.ln2_rstd, bt);
+        zeroed(&mut self.fc, bt * inner);
+        zeroed(&mut self.fc_act, bt * inner);
+        zeroed(&mut self.mlp_mask, on(res, bt * c));
+    }
+}
+
 /// Activation and gradient buffers for one batch shape, reused from step to
 /// step (a fresh allocation per step costs page faults on every touch).
 #[derive(Default)]
@@ -80,21 +111,7 @@ impl Workspace {
         }
         self.layers.resize_with(l, LayerActs::default);
         for a in &mut self.layers {
-            zeroed(&mut a.ln1, bt * c);
-            zeroed(&mut a.ln1_mean, bt);
-            zeroed(&mut a.ln1_rstd, bt);
-            zeroed(&mut a.qkv, bt * 3 * c);
-            zeroed(&mut a.att, b * h * t * t);
-            zeroed(&mut a.att_d, sized(att, b * h * t * t));
-            zeroed(&mut a.atty, bt * c);
-            zeroed(&mut a.attn_mask, sized(resid, bt * c));
-            zeroed(&mut a.x2, bt * c);
-            zeroed(&mut a.ln2, bt * c);
-            zeroed(&mut a.ln2_mean, bt);
-            zeroed(&mut a.ln2_rstd, bt);
-            zeroed(&mut a.fc, bt * f);
-            zeroed(&mut a.fc_act, bt * f);
-            zeroed(&mut a.mlp_mask, sized(resid, bt * c));
+            a.size((b, t), (c, c, h, f), (att, resid));
         }
         zeroed(&mut self.emb_mask, sized(emb, bt * c));
         zeroed(&mut self.lnf, bt * c);

@@ -316,8 +316,7 @@ impl FusedStage {
         let (head, rest) = acts.res.split_at_mut(li + 1);
         let (x_in, x_out) = (&head[li], &mut rest[0]);
         let a = &mut acts.layers[li];
-        size_layer(
-            a,
+        a.size(
             (b, t),
             (width, cl, heads, inner),
             (p_att > 0.0, p_res > 0.0),
@@ -428,31 +427,4 @@ pub(super) fn vocab_slice(m: &TensorParallelGpt2) -> (usize, usize, usize) {
     let vl = vocab_per_rank(m.config.vocab_size, m.comm.world_size());
     let off = m.comm.rank() * vl;
     (vl, off, vl.min(m.config.vocab_size.saturating_sub(off)))
-}
-
-/// Size a block's buffers for `(b, t)` on this rank: full width `c`, its
-/// `cl` columns of attention over `heads` heads, `inner` MLP columns.
-fn size_layer(
-    a: &mut LayerActs,
-    (b, t): (usize, usize),
-    (c, cl, heads, inner): (usize, usize, usize, usize),
-    (att, res): (bool, bool),
-) {
-    let bt = b * t;
-    let on = |yes: bool, n: usize| if yes { n } else { 0 };
-    zeroed(&mut a.ln1, bt * c);
-    zeroed(&mut a.ln1_mean, bt);
-    zeroed(&mut a.ln1_rstd, bt);
-    zeroed(&mut a.qkv, bt * 3 * cl);
-    zeroed(&mut a.att, b * heads * t * t);
-    zeroed(&mut a.att_d, on(att, b * heads * t * t));
-    zeroed(&mut a.atty, bt * cl);
-    zeroed(&mut a.attn_mask, on(res, bt * c));
-    zeroed(&mut a.x2, bt * c);
-    zeroed(&mut a.ln2, bt * c);
-    zeroed(&mut a.ln2_mean, bt);
-    zeroed(&mut a.ln2_rstd, bt);
-    zeroed(&mut a.fc, bt * inner);
-    zeroed(&mut a.fc_act, bt * inner);
-    zeroed(&mut a.mlp_mask, on(res, bt * c));
 }
