@@ -4,14 +4,14 @@
 //! which the ZeRO engine's device state calls on CUDA.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaStorage;
 use std::sync::Mutex;
 
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Storage, Tensor};
 
-use crate::model::autograd_ops::cuda::{elementwise, kernel, ptx, view};
+use crate::model::autograd_ops::cuda::{elementwise, kernel, launch, output, ptx, view};
 
 /// The device storage of a CUDA tensor (read-locked while `f` runs).
 fn with_storage<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
@@ -61,23 +61,12 @@ impl candle_core::CustomOp1 for AdamW<'_> {
                     let vv = view::<f32>(vs, vl, "exp_avg_sq")?;
                     with_storage(self.decay, |ds, dl| {
                         let dv = view::<f32>(ds, dl, "decay")?;
-                        // SAFETY: every element of each is written by the kernel.
-                        let (p_out, m_out, v_out) = unsafe {
-                            (
-                                dev.alloc::<f32>(n)?,
-                                dev.alloc::<f32>(n)?,
-                                dev.alloc::<f32>(n)?,
-                            )
-                        };
+                        let p_out = output::<f32>(&dev, n)?;
+                        let (m_out, v_out) = (output::<f32>(&dev, n)?, output::<f32>(&dev, n)?);
                         let f = kernel(&dev, "adamw", ptx::ADAMW, "adamw_f32")?;
-                        let mut b = f.builder();
-                        b.arg(&pv).arg(&gv).arg(&mv).arg(&vv).arg(&dv);
-                        b.arg(&p_out).arg(&m_out).arg(&v_out).arg(&n);
-                        for x in [&self.gscale, &b1, &b2, &eps, &bc2_sqrt, &step_size, &lr_wd] {
-                            b.arg(x);
-                        }
-                        // SAFETY: the arguments match the kernel's signature.
-                        unsafe { b.launch(elementwise(n)) }.w()?;
+                        launch!(f, elementwise(n);
+                            &pv, &gv, &mv, &vv, &dv, &p_out, &m_out, &v_out, &n,
+                            &self.gscale, &b1, &b2, &eps, &bc2_sqrt, &step_size, &lr_wd)?;
                         Ok((p_out, m_out, v_out))
                     })
                 })
@@ -158,25 +147,16 @@ impl candle_core::CustomOp1 for SumSquares {
         let n = l.shape().elem_count();
         let dev = s.device().clone();
         let x = view::<f32>(s, l, "sum of squares")?;
-        // SAFETY: each is written by a kernel before it is read.
-        let partial = unsafe { dev.alloc::<f64>(SUM_BLOCKS)? };
-        let out = unsafe { dev.alloc::<f64>(1)? };
+        let (partial, out) = (output::<f64>(&dev, SUM_BLOCKS)?, output::<f64>(&dev, 1)?);
         let f = kernel(&dev, "adamw", ptx::ADAMW, "sum_squares_partial")?;
-        let mut b = f.builder();
-        b.arg(&x).arg(&partial).arg(&n);
         let cfg = LaunchConfig {
             grid_dim: (SUM_BLOCKS as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match the kernel's signature.
-        unsafe { b.launch(cfg) }.w()?;
+        launch!(f, cfg; &x, &partial, &n)?;
         let f = kernel(&dev, "adamw", ptx::ADAMW, "sum_partials_f64")?;
-        let mut b = f.builder();
-        let blocks = SUM_BLOCKS as i32;
-        b.arg(&partial).arg(&out).arg(&blocks);
-        // SAFETY: as above.
-        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.w()?;
+        launch!(f, LaunchConfig::for_num_elems(1); &partial, &out, &(SUM_BLOCKS as i32))?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), ().into()))
     }
 }

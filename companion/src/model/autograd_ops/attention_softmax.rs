@@ -8,14 +8,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
+use super::cuda::{elem_name, kernel, launch, output, per_row, ptx, view, with_elem, Elem};
 use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{masked_softmax_row, softmax_backward_row, MASKED};
 #[cfg(feature = "cuda")]
-use candle_core::{
-    backend::BackendStorage,
-    cuda_backend::{cudarc::driver::PushKernelArg, CudaStorage, WrapErr},
-};
+use candle_core::{backend::BackendStorage, cuda_backend::CudaStorage};
 
 /// dx = scale · y · (g − Σ g·y).
 struct SoftmaxGrad {
@@ -62,15 +59,10 @@ impl CustomOp2 for SoftmaxGrad {
             let g = view::<T>(s2, l2, "softmax grad g")?;
             let s = *l1.dims().last().expect("rank ≥ 1");
             let n = l1.shape().elem_count();
-            // SAFETY: every element is written by the kernel.
-            let dx = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("softmax_grad_{}", T::SUFFIX);
+            let dx = output::<T>(dev, n)?;
+            let name = elem_name::<T>("softmax_grad");
             let f = kernel(dev, "attention_softmax", ptx::ATTENTION_SOFTMAX, &name)?;
-            let s32 = s as i32;
-            let mut l = f.builder();
-            l.arg(&y).arg(&g).arg(&dx).arg(&s32).arg(&scale);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { l.launch(per_row(n / s, s, 256)) }.w()?;
+            launch!(f, per_row(n / s, s, 256); &y, &g, &dx, &(s as i32), &scale)?;
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         }
         let out = with_elem!(s1.dtype(), run(self.scale, (s1, l1), (s2, l2)))?;
@@ -120,21 +112,15 @@ impl CustomOp1 for MaskedSoftmax {
                 Some(m) => Some(dev.clone_htod(&m.concat())?),
                 None => None,
             };
-            // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("masked_softmax_{}", T::SUFFIX);
+            let y = output::<T>(dev, n)?;
+            let name = elem_name::<T>("masked_softmax");
             let f = kernel(dev, "attention_softmax", ptx::ATTENTION_SOFTMAX, &name)?;
             let (h32, t32, s32, past) = (h as i32, t as i32, sk as i32, op.past as i32);
-            let null = 0u64;
-            let mut b = f.builder();
-            b.arg(&x).arg(&y);
+            let cfg = per_row(n / sk, sk, 256);
             match &mask {
-                Some(m) => b.arg(m),
-                None => b.arg(&null),
-            };
-            b.arg(&h32).arg(&t32).arg(&s32).arg(&past).arg(&op.scale);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(per_row(n / sk, sk, 256)) }.w()?;
+                Some(m) => launch!(f, cfg; &x, &y, m, &h32, &t32, &s32, &past, &op.scale),
+                None => launch!(f, cfg; &x, &y, &0u64, &h32, &t32, &s32, &past, &op.scale),
+            }?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         let out = with_elem!(s.dtype(), run(self, s, l))?;

@@ -10,14 +10,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
+use super::cuda::{elem_name, kernel, launch, output, per_row, ptx, view, with_elem, Elem};
 use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{cross_entropy_backward, cross_entropy_loss};
 #[cfg(feature = "cuda")]
-use candle_core::{
-    backend::BackendStorage,
-    cuda_backend::{cudarc::driver::PushKernelArg, CudaStorage, WrapErr},
-};
+use candle_core::{backend::BackendStorage, cuda_backend::CudaStorage};
 
 /// Threads per row of the vocabulary (as many as a block holds: rows are
 /// tens of thousands wide).
@@ -61,22 +58,13 @@ impl CustomOp1 for CrossEntropySum {
             let (x, stride, n) = rows_view::<T>(s, l)?;
             let v = *l.dims().last().expect("rank ≥ 1");
             let tg = dev.clone_htod(targets)?;
-            // SAFETY: each is written by a kernel before it is read.
-            let losses = unsafe { dev.alloc::<f32>(n)? };
-            let sum = unsafe { dev.alloc::<f32>(1)? };
-            let name = format!("cross_entropy_rows_{}", T::SUFFIX);
+            let (losses, sum) = (output::<f32>(dev, n)?, output::<f32>(dev, 1)?);
+            let name = elem_name::<T>("cross_entropy_rows");
             let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, &name)?;
-            let (stride32, v32) = (stride as i32, v as i32);
-            let mut b = f.builder();
-            b.arg(&x).arg(&tg).arg(&losses).arg(&stride32).arg(&v32);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(per_row(n, v, VOCAB_THREADS)) }.w()?;
+            let cfg = per_row(n, v, VOCAB_THREADS);
+            launch!(f, cfg; &x, &tg, &losses, &(stride as i32), &(v as i32))?;
             let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, "sum_losses")?;
-            let n32 = n as i32;
-            let mut b = f.builder();
-            b.arg(&losses).arg(&sum).arg(&n32);
-            // SAFETY: as above.
-            unsafe { b.launch(per_row(1, 256, 256)) }.w()?;
+            launch!(f, per_row(1, 256, 256); &losses, &sum, &(n as i32))?;
             Ok(CudaStorage::wrap_cuda_slice(sum, dev.clone()))
         }
         let out = with_elem!(s.dtype(), run(&self.targets, s, l))?;
@@ -143,15 +131,11 @@ impl CustomOp2 for CrossEntropyGrad {
             let g = view::<f32>(s2, l2, "cross_entropy grad g")?;
             let v = *l1.dims().last().expect("rank ≥ 1");
             let tg = dev.clone_htod(targets)?;
-            // SAFETY: every element is written by the kernel.
-            let d = unsafe { dev.alloc::<T>(n * v)? };
-            let name = format!("cross_entropy_grad_{}", T::SUFFIX);
+            let d = output::<T>(dev, n * v)?;
+            let name = elem_name::<T>("cross_entropy_grad");
             let f = kernel(dev, "cross_entropy", ptx::CROSS_ENTROPY, &name)?;
-            let (stride32, v32) = (stride as i32, v as i32);
-            let mut b = f.builder();
-            b.arg(&x).arg(&tg).arg(&g).arg(&d).arg(&stride32).arg(&v32);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(per_row(n, v, VOCAB_THREADS)) }.w()?;
+            let cfg = per_row(n, v, VOCAB_THREADS);
+            launch!(f, cfg; &x, &tg, &g, &d, &(stride as i32), &(v as i32))?;
             Ok(CudaStorage::wrap_cuda_slice(d, dev.clone()))
         }
         let out = with_elem!(s1.dtype(), run(&self.targets, (s1, l1), (s2, l2)))?;

@@ -3,7 +3,7 @@
 //! shapes (also for `optim::adamw_cuda`).
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CudaDevice, Layout, Result};
@@ -61,6 +61,31 @@ pub(crate) fn kernel(
         func: func.into_cuda_function(),
     })
 }
+
+/// `name` with the suffix of `T`'s kernels (`layer_norm_bf16`).
+pub(crate) fn elem_name<T: Elem>(name: &str) -> String {
+    format!("{name}_{}", T::SUFFIX)
+}
+
+/// A device buffer of `n` elements for a kernel to fill: every kernel these
+/// ops and `optim::adamw_cuda` launch writes each element of its outputs
+/// before anything reads them.
+pub(crate) fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: as above, nothing reads the buffer before a kernel writes it.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+/// Launch a [`Kernel`] over a `LaunchConfig` with the arguments in the
+/// order and types of its `extern "C"` signature.
+macro_rules! launch {
+    ($kernel:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        // One expression: the arguments (temporaries too) live until the launch.
+        // SAFETY: the arguments are the kernel's, in its signature's order and types.
+        candle_core::cuda_backend::WrapErr::w(unsafe { $kernel.builder() $(.arg($arg))+ .launch($cfg) })
+    }};
+}
+pub(crate) use launch;
 
 /// A contiguous tensor's elements on the device.
 pub(crate) fn view<'a, T: CudaDType>(

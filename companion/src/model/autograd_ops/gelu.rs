@@ -4,14 +4,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 #[cfg(feature = "cuda")]
-use super::cuda::{elementwise, kernel, ptx, view, with_elem, Elem};
+use super::cuda::{elem_name, elementwise, kernel, launch, output, ptx, view, with_elem, Elem};
 use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{gelu, gelu_backward};
 #[cfg(feature = "cuda")]
-use candle_core::{
-    backend::BackendStorage,
-    cuda_backend::{cudarc::driver::PushKernelArg, CudaStorage, WrapErr},
-};
+use candle_core::{backend::BackendStorage, cuda_backend::CudaStorage};
 
 /// HF's `gelu_new`: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 struct GeluTanh;
@@ -34,13 +31,9 @@ impl CustomOp1 for GeluTanh {
             let dev = &s.device;
             let x = view::<T>(s, l, "gelu")?;
             let n = l.shape().elem_count();
-            // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(n)? };
-            let f = kernel(dev, "gelu", ptx::GELU, &format!("gelu_tanh_{}", T::SUFFIX))?;
-            let mut b = f.builder();
-            b.arg(&x).arg(&y).arg(&n);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(elementwise(n)) }.w()?;
+            let y = output::<T>(dev, n)?;
+            let f = kernel(dev, "gelu", ptx::GELU, &elem_name::<T>("gelu_tanh"))?;
+            launch!(f, elementwise(n); &x, &y, &n)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         Ok((with_elem!(s.dtype(), run(s, l))?, l.shape().clone()))
@@ -88,14 +81,9 @@ impl CustomOp2 for GeluTanhGrad {
             let x = view::<T>(s1, l1, "gelu grad x")?;
             let g = view::<T>(s2, l2, "gelu grad g")?;
             let n = l1.shape().elem_count();
-            // SAFETY: every element is written by the kernel.
-            let dx = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("gelu_tanh_grad_{}", T::SUFFIX);
-            let f = kernel(dev, "gelu", ptx::GELU, &name)?;
-            let mut b = f.builder();
-            b.arg(&x).arg(&g).arg(&dx).arg(&n);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(elementwise(n)) }.w()?;
+            let dx = output::<T>(dev, n)?;
+            let f = kernel(dev, "gelu", ptx::GELU, &elem_name::<T>("gelu_tanh_grad"))?;
+            launch!(f, elementwise(n); &x, &g, &dx, &n)?;
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         }
         Ok((

@@ -6,13 +6,13 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda::{kernel, per_row, ptx, view, with_elem, Elem};
+use super::cuda::{elem_name, kernel, launch, output, per_row, ptx, view, with_elem, Elem};
 use super::dispatch::{f32_slice, fused};
 use crate::cpu::layers::{layer_norm_grad_wb, ln_row, ln_row_grad_x, ln_row_stats};
 #[cfg(feature = "cuda")]
 use candle_core::{
     backend::BackendStorage,
-    cuda_backend::{cudarc::driver::PushKernelArg, CudaStorage, WrapErr},
+    cuda_backend::{cudarc::driver::LaunchConfig, CudaStorage},
 };
 
 /// y = (x − mean) / sqrt(var + eps) · w + b over the last dimension.
@@ -66,15 +66,14 @@ impl CustomOp3 for LayerNorm {
             let w = view::<T>(s2, l2, "layer_norm weight")?;
             let b = view::<T>(s3, l3, "layer_norm bias")?;
             let (c, n) = (l2.shape().elem_count(), l1.shape().elem_count());
-            // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("layer_norm_{}", T::SUFFIX);
-            let f = kernel(dev, "layer_norm", ptx::LAYER_NORM, &name)?;
-            let c32 = c as i32;
-            let mut l = f.builder();
-            l.arg(&x).arg(&w).arg(&b).arg(&y).arg(&c32).arg(&eps);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { l.launch(per_row(n / c, c, 256)) }.w()?;
+            let y = output::<T>(dev, n)?;
+            let f = kernel(
+                dev,
+                "layer_norm",
+                ptx::LAYER_NORM,
+                &elem_name::<T>("layer_norm"),
+            )?;
+            launch!(f, per_row(n / c, c, 256); &x, &w, &b, &y, &(c as i32), &eps)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         let out = with_elem!(s1.dtype(), run(self.eps, (s1, l1), (s2, l2), (s3, l3)))?;
@@ -147,15 +146,10 @@ impl CustomOp3 for LayerNormGradX {
             let w = view::<T>(s2, l2, "layer_norm grad w")?;
             let g = view::<T>(s3, l3, "layer_norm grad g")?;
             let (c, n) = (l2.shape().elem_count(), l1.shape().elem_count());
-            // SAFETY: every element is written by the kernel.
-            let dx = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("layer_norm_grad_x_{}", T::SUFFIX);
+            let dx = output::<T>(dev, n)?;
+            let name = elem_name::<T>("layer_norm_grad_x");
             let f = kernel(dev, "layer_norm", ptx::LAYER_NORM, &name)?;
-            let c32 = c as i32;
-            let mut l = f.builder();
-            l.arg(&x).arg(&w).arg(&g).arg(&dx).arg(&c32).arg(&eps);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { l.launch(per_row(n / c, c, 256)) }.w()?;
+            launch!(f, per_row(n / c, c, 256); &x, &w, &g, &dx, &(c as i32), &eps)?;
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         }
         let out = with_elem!(s1.dtype(), run(self.eps, (s1, l1), (s2, l2), (s3, l3)))?;
@@ -208,31 +202,22 @@ impl CustomOp2 for LayerNormGradWB {
             let g = view::<T>(s2, l2, "layer_norm grad g")?;
             let rows = l1.shape().elem_count() / c;
             let blocks = rows.div_ceil(WB_ROWS);
-            // SAFETY: each is written by a kernel before it is read.
-            let partial = unsafe { dev.alloc::<f32>(blocks * 2 * c)? };
-            let out = unsafe { dev.alloc::<T>(2 * c)? };
-            let name = format!("layer_norm_grad_wb_partial_{}", T::SUFFIX);
+            let (partial, out) = (
+                output::<f32>(dev, blocks * 2 * c)?,
+                output::<T>(dev, 2 * c)?,
+            );
+            let name = elem_name::<T>("layer_norm_grad_wb_partial");
             let f = kernel(dev, "layer_norm", ptx::LAYER_NORM, &name)?;
             let (rows32, c32) = (rows as i32, c as i32);
-            let mut l = f.builder();
-            l.arg(&x)
-                .arg(&g)
-                .arg(&partial)
-                .arg(&rows32)
-                .arg(&c32)
-                .arg(&eps);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { l.launch(per_row(blocks, c, 256)) }.w()?;
-            let name = format!("sum_partials_{}", T::SUFFIX);
-            let f = kernel(dev, "layer_norm", ptx::LAYER_NORM, &name)?;
-            let (blocks32, n32) = (blocks as i32, 2 * c as i32);
-            let mut l = f.builder();
-            l.arg(&partial).arg(&out).arg(&blocks32).arg(&n32);
-            let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig::for_num_elems(
-                2 * c as u32,
-            );
-            // SAFETY: as above.
-            unsafe { l.launch(cfg) }.w()?;
+            launch!(f, per_row(blocks, c, 256); &x, &g, &partial, &rows32, &c32, &eps)?;
+            let f = kernel(
+                dev,
+                "layer_norm",
+                ptx::LAYER_NORM,
+                &elem_name::<T>("sum_partials"),
+            )?;
+            let cfg = LaunchConfig::for_num_elems(2 * c as u32);
+            launch!(f, cfg; &partial, &out, &(blocks as i32), &(2 * c as i32))?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
         let c = *l1.dims().last().expect("rank ≥ 1");
