@@ -52,6 +52,7 @@ macro_rules! vectorised {
 }
 
 pub mod attention;
+pub mod block;
 pub mod decode;
 pub mod gemm;
 pub mod inputs;

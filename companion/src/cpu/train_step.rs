@@ -7,16 +7,13 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::attention::{attention_backward, attention_forward};
-use super::gemm::{linear, linear_backward, matmul, two_mut};
+use super::block::{BlockMask, BlockRun, BlockScratch};
+use super::gemm::{matmul, two_mut};
 use super::inputs::{
     check_label, check_length, check_mask, check_token_ids, positions, InputError,
 };
-use super::layers::{
-    add_dropped, cross_entropy_backward, gelu_backward, layer_norm, layer_norm_backward,
-    mlp_forward, mul_mask,
-};
-use super::weights::{mlp_weights, supports, DropoutMasks, Weights};
+use super::layers::{cross_entropy_backward, layer_norm, layer_norm_backward, mul_mask};
+use super::weights::{supports, DropoutMasks, Weights};
 use super::workspace::Workspace;
 use crate::config::GPT2Config;
 use crate::data::IGNORE_INDEX;
@@ -143,74 +140,43 @@ impl Workspace {
                     .for_each(|(x, m)| x.iter_mut().zip(m).for_each(|(x, m)| *x *= m));
             }
         }
+        let block = |l: usize| BlockRun {
+            w,
+            p: &idx.blocks[l],
+            b,
+            t,
+            c,
+            cl: c,
+            heads: h,
+            inner: f,
+            eps,
+            scale: cfg.attn_scale(l),
+            p_att,
+            p_res,
+            adds_bias: true,
+            key_mask: mask,
+        };
+        let mut one_rank = |_: &mut [f32]| Ok::<(), InputError>(());
         for l in 0..cfg.n_layer {
-            let bi = &idx.blocks[l];
             let (head, rest) = self.res.split_at_mut(l + 1);
-            let (x_in, x_out) = (&head[l], &mut rest[0]);
-            let a = &mut self.layers[l];
-            layer_norm(
-                x_in,
-                w[bi.ln_1.weight],
-                w[bi.ln_1.bias],
-                eps,
-                &mut a.ln1,
-                &mut a.ln1_mean,
-                &mut a.ln1_rstd,
-            );
-            linear(
-                &mut a.qkv,
-                &a.ln1,
-                w[bi.c_attn.weight],
-                w[bi.c_attn.bias],
-                bt,
-                c,
-                3 * c,
-            );
-            let scale = cfg.attn_scale(l);
-            if p_att > 0.0 {
-                fill(&mut a.att_d, p_att);
-            }
-            attention_forward(a, mask, t, c, h, scale);
-            linear(
+            let mut draw = |k: BlockMask, out: &mut [f32]| {
+                fill(
+                    out,
+                    if k == BlockMask::Attention {
+                        p_att
+                    } else {
+                        p_res
+                    },
+                )
+            };
+            block(l).forward(
+                &mut self.layers[l],
+                &head[l],
+                &mut rest[0],
                 &mut self.tmp,
-                &a.atty,
-                w[bi.attn_c_proj.weight],
-                w[bi.attn_c_proj.bias],
-                bt,
-                c,
-                c,
-            );
-            if p_res > 0.0 {
-                fill(&mut a.attn_mask, p_res);
-            }
-            a.x2.copy_from_slice(x_in);
-            add_dropped(
-                &mut a.x2,
-                &self.tmp,
-                (p_res > 0.0).then_some(&a.attn_mask[..]),
-            );
-            layer_norm(
-                &a.x2,
-                w[bi.ln_2.weight],
-                w[bi.ln_2.bias],
-                eps,
-                &mut a.ln2,
-                &mut a.ln2_mean,
-                &mut a.ln2_rstd,
-            );
-            mlp_forward(
-                &a.ln2,
-                &mut a.fc,
-                &mut a.fc_act,
-                &mut self.tmp,
-                mlp_weights(bi, w),
-                (bt, c, f),
-            );
-            if p_res > 0.0 {
-                fill(&mut a.mlp_mask, p_res);
-            }
-            x_out.copy_from_slice(&a.x2);
-            add_dropped(x_out, &self.tmp, (p_res > 0.0).then_some(&a.mlp_mask[..]));
+                &mut draw,
+                &mut one_rank,
+            )?;
         }
         let x_last = &self.res[cfg.n_layer];
         layer_norm(
@@ -297,82 +263,22 @@ impl Workspace {
             &self.lnf_rstd,
         );
         for l in (0..cfg.n_layer).rev() {
-            let bi = &idx.blocks[l];
-            let a = &self.layers[l];
-            let x_in = &self.res[l];
-            // MLP branch: x_out = x2 + dropout(gelu(ln_2(x2)·W_fc + b)·W_proj + b).
-            mul_mask(
-                &mut self.dtmp,
-                &self.dres,
-                (p_res > 0.0).then_some(&a.mlp_mask[..]),
-            );
-            linear_backward(
-                &mut self.dfc,
-                grads,
-                (g(bi.mlp_c_proj.weight), g(bi.mlp_c_proj.bias)),
-                (&a.fc_act, w[bi.mlp_c_proj.weight], &self.dtmp),
-                (bt, f, c),
-            );
-            gelu_backward(&mut self.dfc, &a.fc);
-            linear_backward(
-                &mut self.dln,
-                grads,
-                (g(bi.c_fc.weight), g(bi.c_fc.bias)),
-                (&a.ln2, w[bi.c_fc.weight], &self.dfc),
-                (bt, c, f),
-            );
-            let (gw, gb) = two_mut(grads, g(bi.ln_2.weight), g(bi.ln_2.bias));
-            layer_norm_backward(
-                &mut self.dres,
-                gw,
-                gb,
-                &self.dln,
-                &a.x2,
-                w[bi.ln_2.weight],
-                &a.ln2_mean,
-                &a.ln2_rstd,
-            );
-            // Attention branch: x2 = x + dropout(attn(ln_1(x))·W_proj + b).
-            mul_mask(
-                &mut self.dtmp,
-                &self.dres,
-                (p_res > 0.0).then_some(&a.attn_mask[..]),
-            );
-            linear_backward(
-                &mut self.dln,
-                grads,
-                (g(bi.attn_c_proj.weight), g(bi.attn_c_proj.bias)),
-                (&a.atty, w[bi.attn_c_proj.weight], &self.dtmp),
-                (bt, c, c),
-            );
-            let scale = cfg.attn_scale(l);
-            attention_backward(
+            let scratch = BlockScratch {
+                dtmp: &mut self.dtmp,
+                dln: &mut self.dln,
+                dfc: &mut self.dfc,
+                dqkv: &mut self.dqkv,
+                datt: &mut self.datt,
+            };
+            let (a, x_in) = (&self.layers[l], &self.res[l]);
+            block(l).backward(
                 a,
-                &self.dln,
-                &mut self.dqkv,
-                &mut self.datt,
-                (b, t, c, h),
-                scale,
-                (p_att > 0.0).then(|| (1.0 / (1.0 - p_att)) as f32),
-            );
-            linear_backward(
-                &mut self.dln,
-                grads,
-                (g(bi.c_attn.weight), g(bi.c_attn.bias)),
-                (&a.ln1, w[bi.c_attn.weight], &self.dqkv),
-                (bt, c, 3 * c),
-            );
-            let (gw, gb) = two_mut(grads, g(bi.ln_1.weight), g(bi.ln_1.bias));
-            layer_norm_backward(
-                &mut self.dres,
-                gw,
-                gb,
-                &self.dln,
                 x_in,
-                w[bi.ln_1.weight],
-                &a.ln1_mean,
-                &a.ln1_rstd,
-            );
+                &mut self.dres,
+                (grads, ranges),
+                scratch,
+                &mut one_rank,
+            )?;
         }
         // Embeddings: scatter-add into the rows of wte and wpe (tied wte
         // already holds the head's gradient).

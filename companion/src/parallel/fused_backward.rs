@@ -5,11 +5,11 @@
 //! and the embeddings' rows on the first stage.
 
 use super::collective_ops::vocab_parallel_grad;
-use super::fused_stage::{comm_err, vocab_slice, with_weights, Block, FusedStage, MicroActs};
+use super::fused_stage::{comm_err, vocab_slice, with_weights, FusedStage, MicroActs};
 use super::tensor::TensorParallelGpt2;
-use crate::cpu::attention::attention_backward;
-use crate::cpu::gemm::{linear_backward, matmul, two_mut};
-use crate::cpu::layers::{gelu_backward, layer_norm_backward, mul_mask};
+use crate::cpu::block::BlockScratch;
+use crate::cpu::gemm::{matmul, two_mut};
+use crate::cpu::layers::{layer_norm_backward, mul_mask};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -52,9 +52,9 @@ impl FusedStage {
                     matmul(gh, (&d, 1, vl), (&acts.lnf, width, 1), vl, width, bt, true);
                     m.comm.all_reduce_sum(&mut dln).map_err(comm_err)?;
                     let x = &acts.res[self.blocks.len()];
-                    let (gw, gb) = two_mut(grads, g(ln_f.w), g(ln_f.b));
+                    let (gw, gb) = two_mut(grads, g(ln_f.weight), g(ln_f.bias));
                     let (mean, rstd) = (&acts.lnf_mean, &acts.lnf_rstd);
-                    layer_norm_backward(&mut dres, gw, gb, &dln, x, w[ln_f.w], mean, rstd);
+                    layer_norm_backward(&mut dres, gw, gb, &dln, x, w[ln_f.weight], mean, rstd);
                 }
                 (None, None, Some(go)) if go.len() == bt * width => dres.copy_from_slice(go),
                 _ => candle_core::bail!(
@@ -62,8 +62,32 @@ impl FusedStage {
                     m.stage
                 ),
             }
+            // Each block (`cpu::block`), with scratch for the largest.
+            let tp = m.comm.world_size();
+            let (inner, heads) = (c.inner_dim() / tp, c.n_head / tp);
+            let (mut dtmp, mut dln) = (vec![0f32; bt * width], vec![0f32; bt * width]);
+            let mut dfc = vec![0f32; bt * inner];
+            let mut dqkv = vec![0f32; bt * 3 * (width / tp)];
+            let mut datt = vec![0f32; b * heads * t * t];
+            let mut reduce = |y: &mut [f32]| m.comm.all_reduce_sum(y).map_err(comm_err);
             for (li, blk) in self.blocks.iter().enumerate().rev() {
-                self.block_backward(m, w, blk, li, acts, &mut dres, grads)?;
+                let run = Self::block_run(m, w, blk, (b, t), acts.dropout);
+                let scratch = BlockScratch {
+                    dtmp: &mut dtmp,
+                    dln: &mut dln,
+                    dfc: &mut dfc,
+                    dqkv: &mut dqkv,
+                    datt: &mut datt,
+                };
+                let (a, x_in) = (&acts.layers[li], &acts.res[li]);
+                run.backward(
+                    a,
+                    x_in,
+                    &mut dres,
+                    (grads, &self.ranges),
+                    scratch,
+                    &mut reduce,
+                )?;
             }
             let (Some(wte), Some(wpe)) = (self.wte, self.wpe) else {
                 return Ok(Some(dres));
@@ -99,73 +123,5 @@ impl FusedStage {
         let scale = 1.0 / tokens.max(1) as f32;
         vocab_parallel_grad(&mut d, (vl, real), &acts.targets, off, stats, scale);
         d
-    }
-
-    /// One block's backward on this rank's heads and MLP columns; `dres`
-    /// (the residual stream's gradient) goes from the block's output to its
-    /// input.
-    #[allow(clippy::too_many_arguments)]
-    fn block_backward(
-        &self,
-        m: &TensorParallelGpt2,
-        w: &[&[f32]],
-        blk: &Block,
-        li: usize,
-        acts: &MicroActs,
-        dres: &mut [f32],
-        grads: &mut [f32],
-    ) -> Result<()> {
-        let c = &m.config;
-        let tp = m.comm.world_size();
-        let (b, t) = acts.shape;
-        let (bt, width, heads, inner) = (b * t, c.n_embd, c.n_head / tp, c.inner_dim() / tp);
-        let cl = width / tp;
-        let p_att = if acts.dropout { c.attn_pdrop } else { 0.0 };
-        let p_res = if acts.dropout { c.resid_pdrop } else { 0.0 };
-        let g = |i: usize| self.ranges[i].clone();
-        let a = &acts.layers[li];
-        // MLP branch: x_out = x2 + dropout(gelu(ln_2(x2)·W_fc + b)·W_proj + b).
-        let mut dtmp = vec![0f32; bt * width];
-        mul_mask(&mut dtmp, dres, (p_res > 0.0).then_some(&a.mlp_mask[..]));
-        let mut dfc = vec![0f32; bt * inner];
-        let (pw, pb) = (g(blk.mlp_proj.w), g(blk.mlp_proj.b));
-        let x = (&a.fc_act[..], w[blk.mlp_proj.w], &dtmp[..]);
-        linear_backward(&mut dfc, grads, (pw, pb), x, (bt, inner, width));
-        gelu_backward(&mut dfc, &a.fc);
-        let mut dln = vec![0f32; bt * width];
-        let (fw, fb) = (g(blk.c_fc.w), g(blk.c_fc.b));
-        let x = (&a.ln2[..], w[blk.c_fc.w], &dfc[..]);
-        linear_backward(&mut dln, grads, (fw, fb), x, (bt, width, inner));
-        m.comm.all_reduce_sum(&mut dln).map_err(comm_err)?;
-        let (gw, gb) = two_mut(grads, g(blk.ln_2.w), g(blk.ln_2.b));
-        let (mean, rstd) = (&a.ln2_mean, &a.ln2_rstd);
-        layer_norm_backward(dres, gw, gb, &dln, &a.x2, w[blk.ln_2.w], mean, rstd);
-        // Attention branch: x2 = x + dropout(attn(ln_1(x))·W_proj + b).
-        mul_mask(&mut dtmp, dres, (p_res > 0.0).then_some(&a.attn_mask[..]));
-        let mut datty = vec![0f32; bt * cl];
-        let (pw, pb) = (g(blk.attn_proj.w), g(blk.attn_proj.b));
-        let x = (&a.atty[..], w[blk.attn_proj.w], &dtmp[..]);
-        linear_backward(&mut datty, grads, (pw, pb), x, (bt, cl, width));
-        let mut dqkv = vec![0f32; bt * 3 * cl];
-        let mut datt = vec![0f32; b * heads * t * t];
-        let scale = c.attn_scale(blk.layer);
-        let drop = (p_att > 0.0).then(|| (1.0 / (1.0 - p_att)) as f32);
-        attention_backward(
-            a,
-            &datty,
-            &mut dqkv,
-            &mut datt,
-            (b, t, cl, heads),
-            scale,
-            drop,
-        );
-        let (qw, qb) = (g(blk.c_attn.w), g(blk.c_attn.b));
-        let x = (&a.ln1[..], w[blk.c_attn.w], &dqkv[..]);
-        linear_backward(&mut dln, grads, (qw, qb), x, (bt, width, 3 * cl));
-        m.comm.all_reduce_sum(&mut dln).map_err(comm_err)?;
-        let (gw, gb) = two_mut(grads, g(blk.ln_1.w), g(blk.ln_1.b));
-        let (mean, rstd) = (&a.ln1_mean, &a.ln1_rstd);
-        layer_norm_backward(dres, gw, gb, &dln, &acts.res[li], w[blk.ln_1.w], mean, rstd);
-        Ok(())
     }
 }

@@ -20,10 +20,11 @@ use candle_core::{CpuStorage, Storage};
 use super::collective_ops::vocab_parallel_forward;
 use super::dropout::StageDropout;
 use super::tensor::{targets, vocab_per_rank, TensorParallelGpt2};
-use crate::cpu::attention::attention_forward;
-use crate::cpu::gemm::{linear, matmul};
-use crate::cpu::layers::{add_dropped, gelu, layer_norm};
+use crate::cpu::block::{BlockMask, BlockRun};
+use crate::cpu::gemm::matmul;
+use crate::cpu::layers::layer_norm;
 use crate::cpu::workspace::{zeroed, LayerActs};
+use crate::params::{Affine, BlockParams};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -31,30 +32,12 @@ pub(super) fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("tensor-parallel collective: {e}"))
 }
 
-/// Where a weight and its bias sit among the stage's shards.
-#[derive(Clone, Copy)]
-pub(super) struct Affine {
-    pub(super) w: usize,
-    pub(super) b: usize,
-}
-
-/// One block's shards.
-pub(super) struct Block {
-    /// The block's index in the whole model.
-    pub(super) layer: usize,
-    pub(super) ln_1: Affine,
-    pub(super) c_attn: Affine,
-    pub(super) attn_proj: Affine,
-    pub(super) ln_2: Affine,
-    pub(super) c_fc: Affine,
-    pub(super) mlp_proj: Affine,
-}
-
 /// The stage's shards by role (indices into `TensorParallelGpt2::shards`).
 pub struct FusedStage {
     pub(super) wte: Option<usize>,
     pub(super) wpe: Option<usize>,
-    pub(super) blocks: Vec<Block>,
+    /// Each block's index in the whole model, and its shards.
+    pub(super) blocks: Vec<(usize, BlockParams)>,
     pub(super) ln_f: Option<Affine>,
     pub(super) head: Option<usize>,
     /// Each shard's range in the flat gradient buffer.
@@ -130,23 +113,23 @@ impl FusedStage {
         };
         let affine = |p: &str| -> Result<Affine> {
             Ok(Affine {
-                w: find(&format!("{p}.weight"))?,
-                b: find(&format!("{p}.bias"))?,
+                weight: find(&format!("{p}.weight"))?,
+                bias: find(&format!("{p}.bias"))?,
             })
         };
         let (first, last) = (m.stage == 0, m.stage + 1 == m.stages);
         let blocks = super::stages::stage_layers(m.config.n_layer, m.stages, m.stage)
             .map(|l| {
                 let p = format!("transformer.h.{l}");
-                Ok(Block {
-                    layer: l,
+                let params = BlockParams {
                     ln_1: affine(&format!("{p}.ln_1"))?,
                     c_attn: affine(&format!("{p}.attn.c_attn"))?,
-                    attn_proj: affine(&format!("{p}.attn.c_proj"))?,
+                    attn_c_proj: affine(&format!("{p}.attn.c_proj"))?,
                     ln_2: affine(&format!("{p}.ln_2"))?,
                     c_fc: affine(&format!("{p}.mlp.c_fc"))?,
-                    mlp_proj: affine(&format!("{p}.mlp.c_proj"))?,
-                })
+                    mlp_c_proj: affine(&format!("{p}.mlp.c_proj"))?,
+                };
+                Ok((l, params))
             })
             .collect::<Result<Vec<_>>>()?;
         let head_name = if m.config.tie_word_embeddings {
@@ -231,8 +214,27 @@ impl FusedStage {
                 }
                 _ => candle_core::bail!("stage {}: an input of {bt}×{width} expected", m.stage),
             }
+            let heads = c.n_head / m.comm.world_size();
+            let mine = m.comm.rank() * heads..(m.comm.rank() + 1) * heads;
+            let mut tmp = vec![0f32; bt * width];
+            let mut reduce = |y: &mut [f32]| m.comm.all_reduce_sum(y).map_err(comm_err);
             for (li, blk) in self.blocks.iter().enumerate() {
-                self.block_forward(m, w, blk, li, drop.as_ref(), acts)?;
+                let run = Self::block_run(m, w, blk, (b, t), drop.is_some());
+                let dims = (run.c, run.cl, run.heads, run.inner);
+                acts.layers[li].size((b, t), dims, (run.p_att > 0.0, run.p_res > 0.0));
+                let mut draw = |k: BlockMask, out: &mut [f32]| {
+                    if let Some(d) = &drop {
+                        match k {
+                            BlockMask::Attention => d.fill_attention(out, blk.0, mine.clone()),
+                            BlockMask::AttentionOut => d.fill_residual(out, blk.0, false),
+                            BlockMask::MlpOut => d.fill_residual(out, blk.0, true),
+                        }
+                    }
+                };
+                zeroed(&mut acts.res[li + 1], bt * width);
+                let (head, rest) = acts.res.split_at_mut(li + 1);
+                let a = &mut acts.layers[li];
+                run.forward(a, &head[li], &mut rest[0], &mut tmp, &mut draw, &mut reduce)?;
             }
             let out = &acts.res[self.blocks.len()];
             let (Some(ln_f), Some(head)) = (self.ln_f, self.head) else {
@@ -244,8 +246,8 @@ impl FusedStage {
             zeroed(&mut acts.lnf_rstd, bt);
             layer_norm(
                 out,
-                w[ln_f.w],
-                w[ln_f.b],
+                w[ln_f.weight],
+                w[ln_f.bias],
                 eps,
                 &mut acts.lnf,
                 &mut acts.lnf_mean,
@@ -295,115 +297,33 @@ impl FusedStage {
         Ok(x)
     }
 
-    /// One block on this rank's heads and MLP columns.
-    fn block_forward(
-        &self,
+    /// Block `blk` on this rank's heads and MLP columns (`cpu::block`), for
+    /// a micro-batch of `(b, t)` tokens with dropout on or off.
+    pub(super) fn block_run<'a>(
         m: &TensorParallelGpt2,
-        w: &[&[f32]],
-        blk: &Block,
-        li: usize,
-        drop: Option<&StageDropout>,
-        acts: &mut MicroActs,
-    ) -> Result<()> {
+        w: &'a [&'a [f32]],
+        (layer, p): &'a (usize, BlockParams),
+        (b, t): (usize, usize),
+        dropout: bool,
+    ) -> BlockRun<'a> {
         let c = &m.config;
-        let (tp, rank) = (m.comm.world_size(), m.comm.rank());
-        let (b, t) = acts.shape;
-        let (bt, width, heads, inner) = (b * t, c.n_embd, c.n_head / tp, c.inner_dim() / tp);
-        let cl = width / tp;
-        let eps = c.layer_norm_epsilon as f32;
-        let p_att = if drop.is_some() { c.attn_pdrop } else { 0.0 };
-        let p_res = if drop.is_some() { c.resid_pdrop } else { 0.0 };
-        let (head, rest) = acts.res.split_at_mut(li + 1);
-        let (x_in, x_out) = (&head[li], &mut rest[0]);
-        let a = &mut acts.layers[li];
-        a.size(
-            (b, t),
-            (width, cl, heads, inner),
-            (p_att > 0.0, p_res > 0.0),
-        );
-        layer_norm(
-            x_in,
-            w[blk.ln_1.w],
-            w[blk.ln_1.b],
-            eps,
-            &mut a.ln1,
-            &mut a.ln1_mean,
-            &mut a.ln1_rstd,
-        );
-        linear(
-            &mut a.qkv,
-            &a.ln1,
-            w[blk.c_attn.w],
-            w[blk.c_attn.b],
-            bt,
-            width,
-            3 * cl,
-        );
-        if let Some(d) = drop.filter(|_| p_att > 0.0) {
-            d.fill_attention(&mut a.att_d, blk.layer, rank * heads..(rank + 1) * heads);
+        let tp = m.comm.world_size();
+        BlockRun {
+            w,
+            p,
+            b,
+            t,
+            c: c.n_embd,
+            cl: c.n_embd / tp,
+            heads: c.n_head / tp,
+            inner: c.inner_dim() / tp,
+            eps: c.layer_norm_epsilon as f32,
+            scale: c.attn_scale(*layer),
+            p_att: if dropout { c.attn_pdrop } else { 0.0 },
+            p_res: if dropout { c.resid_pdrop } else { 0.0 },
+            adds_bias: m.comm.rank() == 0,
+            key_mask: None,
         }
-        attention_forward(a, None, t, cl, heads, c.attn_scale(blk.layer));
-        let mut y = vec![0f32; bt * width];
-        matmul(
-            &mut y,
-            (&a.atty, cl, 1),
-            (w[blk.attn_proj.w], width, 1),
-            bt,
-            width,
-            cl,
-            false,
-        );
-        self.reduce_add_bias(m, &mut y, w[blk.attn_proj.b])?;
-        if let Some(d) = drop.filter(|_| p_res > 0.0) {
-            d.fill_residual(&mut a.attn_mask, blk.layer, false);
-        }
-        a.x2.copy_from_slice(x_in);
-        add_dropped(&mut a.x2, &y, (p_res > 0.0).then_some(&a.attn_mask[..]));
-        layer_norm(
-            &a.x2,
-            w[blk.ln_2.w],
-            w[blk.ln_2.b],
-            eps,
-            &mut a.ln2,
-            &mut a.ln2_mean,
-            &mut a.ln2_rstd,
-        );
-        linear(
-            &mut a.fc,
-            &a.ln2,
-            w[blk.c_fc.w],
-            w[blk.c_fc.b],
-            bt,
-            width,
-            inner,
-        );
-        gelu(&a.fc, &mut a.fc_act);
-        matmul(
-            &mut y,
-            (&a.fc_act, inner, 1),
-            (w[blk.mlp_proj.w], width, 1),
-            bt,
-            width,
-            inner,
-            false,
-        );
-        self.reduce_add_bias(m, &mut y, w[blk.mlp_proj.b])?;
-        if let Some(d) = drop.filter(|_| p_res > 0.0) {
-            d.fill_residual(&mut a.mlp_mask, blk.layer, true);
-        }
-        *x_out = a.x2.clone();
-        add_dropped(x_out, &y, (p_res > 0.0).then_some(&a.mlp_mask[..]));
-        Ok(())
-    }
-
-    /// A row-parallel product's partial sums, summed over the group, plus
-    /// the (replicated) bias.
-    fn reduce_add_bias(&self, m: &TensorParallelGpt2, y: &mut [f32], bias: &[f32]) -> Result<()> {
-        m.comm.all_reduce_sum(y).map_err(comm_err)?;
-        for row in y.chunks_mut(bias.len()) {
-            row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
-        }
-        Ok(())
     }
 
     /// Summed cross-entropy over this rank's slice of the vocabulary (the
