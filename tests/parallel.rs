@@ -201,27 +201,8 @@ fn dropout_on_a_split_model_drops_what_one_rank_drops() {
             (m.config.attn_pdrop, m.config.embd_pdrop) = (attn, embd);
             m
         };
-        let go = |name: &str, l: Layout| {
-            train_model(
-                &make,
-                &|_| {},
-                ragged_rows(),
-                &dir.path().join(name),
-                l,
-                None,
-                None,
-            )
-            .unwrap()
-            .losses
-        };
-        let want = go(&format!("one{attn}{embd}"), layout(1, 1, 1, None));
-        let got = go(&format!("tp2pp2{attn}{embd}"), layout(2, 2, 1, None));
-        for ((s, a), (_, b)) in got.iter().zip(&want) {
-            assert!(
-                close(*a, *b),
-                "attn {attn} embd {embd}: step {s} loss {a} vs {b}"
-            );
-        }
+        let what = format!("attn {attn} embd {embd}");
+        split_trains_like_one_rank(&make, dir.path(), &format!("{attn}{embd}"), &what);
     }
     for (i, l) in [
         layout(2, 2, 1, None),
@@ -268,23 +249,27 @@ fn another_activation_runs_the_split_model_on_autograd() {
         assert!(!companion::cpu::supports(&m.config) && m.config.attn_pdrop > 0.0);
         m
     };
+    split_trains_like_one_rank(&make, dir.path(), "gelu", "gelu");
+}
+
+/// `make`'s model on ragged rows at tp 2 × pp 2 gives one rank's losses
+/// (1e-5); the runs' folders under `dir` start with `prefix`.
+fn split_trains_like_one_rank(
+    make: &(dyn Fn() -> companion::model::GPT2LMHeadModel + Sync),
+    dir: &std::path::Path,
+    prefix: &str,
+    what: &str,
+) {
     let go = |name: &str, l: Layout| {
-        train_model(
-            &make,
-            &|_| {},
-            ragged_rows(),
-            &dir.path().join(name),
-            l,
-            None,
-            None,
-        )
-        .unwrap()
-        .losses
+        let out = dir.join(format!("{prefix}{name}"));
+        train_model(make, &|_| {}, ragged_rows(), &out, l, None, None)
+            .unwrap()
+            .losses
     };
     let want = go("one", layout(1, 1, 1, None));
     let got = go("tp2pp2", layout(2, 2, 1, None));
-    assert_eq!(got.len(), want.len());
+    assert_eq!(got.len(), want.len(), "{what}");
     for ((s, a), (_, b)) in got.iter().zip(&want) {
-        assert!(close(*a, *b), "gelu: step {s} loss {a} vs {b}");
+        assert!(close(*a, *b), "{what}: step {s} loss {a} vs {b}");
     }
 }
