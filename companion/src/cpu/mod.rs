@@ -1,7 +1,8 @@
 //! GPT-2's math on the CPU in fp32, written out by hand as llm.c does in C:
-//! the training step ([`train_step`]) and decoding with a KV cache
-//! ([`decode`]), over slices of the weights and the [`GPT2Config`] (never
-//! the candle model, which calls in here).
+//! the training step ([`train_step`], each transformer block's passes in
+//! [`block`], which a tensor-parallel pipeline stage runs too) and decoding
+//! with a KV cache ([`decode`]), over slices of the weights and the
+//! [`GPT2Config`] (never the candle model, which calls in here).
 //!
 //! candle's autograd spends most of a CPU training step outside the matrix
 //! products: a fresh tensor per primitive, each gradient summed into a new
