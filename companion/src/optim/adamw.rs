@@ -159,7 +159,7 @@ pub fn update(
 /// `p` and `g · gscale` (fp32, the moments' length; `gscale` the clipping
 /// coefficient) give the new weights; `m` and `v` are replaced by their
 /// updated values, `decay` is 1 where weight decay applies. On a CUDA
-/// device this is one fused kernel (`adamw.cu`, [`super::adamw_cuda`]).
+/// device this is one fused kernel (`adamw.cu`, `optim::adamw_cuda`).
 #[allow(clippy::too_many_arguments)]
 pub fn update_tensors(
     a: AdamWParams,
