@@ -55,29 +55,7 @@ impl CustomOp3 for LayerNorm {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: Elem>(
-            eps: f32,
-            (s1, l1): (&CudaStorage, &Layout),
-            (s2, l2): (&CudaStorage, &Layout),
-            (s3, l3): (&CudaStorage, &Layout),
-        ) -> Result<CudaStorage> {
-            let dev = &s1.device;
-            let x = view::<T>(s1, l1, "layer_norm x")?;
-            let w = view::<T>(s2, l2, "layer_norm weight")?;
-            let b = view::<T>(s3, l3, "layer_norm bias")?;
-            let (c, n) = (l2.shape().elem_count(), l1.shape().elem_count());
-            let y = output::<T>(dev, n)?;
-            let f = kernel(
-                dev,
-                "layer_norm",
-                ptx::LAYER_NORM,
-                &elem_name::<T>("layer_norm"),
-            )?;
-            launch!(f, per_row(n / c, c, 256); &x, &w, &b, &y, &(c as i32), &eps)?;
-            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-        }
-        let out = with_elem!(s1.dtype(), run(self.eps, (s1, l1), (s2, l2), (s3, l3)))?;
-        Ok((out, l1.shape().clone()))
+        rows_kernel("layer_norm", self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
@@ -135,25 +113,7 @@ impl CustomOp3 for LayerNormGradX {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: Elem>(
-            eps: f32,
-            (s1, l1): (&CudaStorage, &Layout),
-            (s2, l2): (&CudaStorage, &Layout),
-            (s3, l3): (&CudaStorage, &Layout),
-        ) -> Result<CudaStorage> {
-            let dev = &s1.device;
-            let x = view::<T>(s1, l1, "layer_norm grad x")?;
-            let w = view::<T>(s2, l2, "layer_norm grad w")?;
-            let g = view::<T>(s3, l3, "layer_norm grad g")?;
-            let (c, n) = (l2.shape().elem_count(), l1.shape().elem_count());
-            let dx = output::<T>(dev, n)?;
-            let name = elem_name::<T>("layer_norm_grad_x");
-            let f = kernel(dev, "layer_norm", ptx::LAYER_NORM, &name)?;
-            launch!(f, per_row(n / c, c, 256); &x, &w, &g, &dx, &(c as i32), &eps)?;
-            Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
-        }
-        let out = with_elem!(s1.dtype(), run(self.eps, (s1, l1), (s2, l2), (s3, l3)))?;
-        Ok((out, l1.shape().clone()))
+        rows_kernel("layer_norm_grad_x", self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 
@@ -224,6 +184,39 @@ impl CustomOp2 for LayerNormGradWB {
         let out = with_elem!(s1.dtype(), run(self.eps, c, (s1, l1), (s2, l2)))?;
         Ok((out, Shape::from((2, c))))
     }
+}
+
+/// Kernel `name` (`layer_norm`, or `layer_norm_grad_x`) over the rows of
+/// `x` as wide as the weight `w`: `(x, w, third, out, c, eps)`, where the
+/// third operand is the bias or the output's gradient and `out` is shaped
+/// like `x`.
+#[cfg(feature = "cuda")]
+fn rows_kernel(
+    name: &str,
+    eps: f32,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(
+        name: &str,
+        eps: f32,
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = &s1.device;
+        let x = view::<T>(s1, l1, name)?;
+        let w = view::<T>(s2, l2, name)?;
+        let third = view::<T>(s3, l3, name)?;
+        let (c, n) = (l2.shape().elem_count(), l1.shape().elem_count());
+        let out = output::<T>(dev, n)?;
+        let f = kernel(dev, "layer_norm", ptx::LAYER_NORM, &elem_name::<T>(name))?;
+        launch!(f, per_row(n / c, c, 256); &x, &w, &third, &out, &(c as i32), &eps)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let out = with_elem!(s1.dtype(), run(name, eps, (s1, l1), (s2, l2), (s3, l3)))?;
+    Ok((out, l1.shape().clone()))
 }
 
 /// Layer norm over the last dimension of `x` with weight `w` and bias `b`.
