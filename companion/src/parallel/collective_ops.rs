@@ -4,62 +4,65 @@
 //! `g` is an all-reduce forward and the identity backward (after a
 //! row-parallel layer); and the vocabulary-parallel cross-entropy, whose
 //! softmax over the whole vocabulary takes all-reduces of per-row numbers,
-//! never the logits. On CPU tensors (fp32): the collectives exchange host
-//! memory, as the thread and MPI ranks do.
+//! never the logits.
+//!
+//! They run where the tensors live: a transport with device collectives
+//! (NCCL) sums GPU tensors on the GPU; the others (threads, MPI) exchange
+//! host memory. The fused CPU stage uses the slice versions of the
+//! cross-entropy below (`vocab_parallel_forward`, `vocab_parallel_grad`).
 //!
 //! Every rank runs the same graph, so the collectives of the backward pass
 //! come in the same order on every rank.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::zero::comm::Communicator;
-
-fn host(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expected f32 on the CPU")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(v[a..b].to_vec()),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
 
 fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("tensor-parallel collective: {e}"))
 }
 
-/// The sum over the group (no gradient of its own).
-struct AllReduce(Arc<dyn Communicator>);
-
-impl CustomOp1 for AllReduce {
-    fn name(&self) -> &'static str {
-        "tp-all-reduce"
+/// The sum of `t` (fp32) over the group, on `t`'s device: the transport's
+/// device collective where it has one, else through host memory.
+pub(super) fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+    if comm.world_size() == 1 {
+        return Ok(t.clone());
     }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut x = host(s, l, "all-reduce")?;
-        self.0.all_reduce_sum(&mut x).map_err(comm_err)?;
-        Ok((CpuStorage::F32(x), l.shape().clone()))
+    if let Some(r) = comm.all_reduce_sum_on_device(t) {
+        return r.map_err(comm_err)?.reshape(t.shape());
     }
+    let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+    comm.all_reduce_sum(&mut v).map_err(comm_err)?;
+    Tensor::from_vec(v, t.shape(), t.device())
 }
 
-/// Megatron's `g`: all-reduce forward, identity backward.
-struct ReduceForward(Arc<dyn Communicator>);
-
-impl CustomOp1 for ReduceForward {
-    fn name(&self) -> &'static str {
-        "tp-g"
+/// Every rank's `t` (fp32, the same length on each) end to end in rank
+/// order, flat, on `t`'s device, as [`all_reduce`] runs.
+pub(super) fn all_gather(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+    let t = t.flatten_all()?;
+    if comm.world_size() == 1 {
+        return Ok(t);
     }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        AllReduce(self.0.clone()).cpu_fwd(s, l)
+    if let Some(r) = comm.all_gather_on_device(&t) {
+        return r.map_err(comm_err);
     }
+    let all = comm.all_gather(&t.to_vec1::<f32>()?).map_err(comm_err)?;
+    let n = all.len();
+    Tensor::from_vec(all, n, t.device())
+}
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.clone()))
-    }
+/// A copy of the tensor `l` describes, on its own backend.
+fn copy<S>(s: &S, l: &Layout) -> Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let mut out = s.device().zeros_impl(l.shape(), s.dtype())?;
+    s.copy_strided_src(&mut out, 0, l)?;
+    Ok((out, l.shape().clone()))
 }
 
 /// Megatron's `f`: identity forward, all-reduce backward.
@@ -71,63 +74,34 @@ impl CustomOp1 for ReduceBackward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((CpuStorage::F32(host(s, l, "f")?), l.shape().clone()))
+        copy(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy(s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            g.contiguous()?
-                .apply_op1_no_bwd(&AllReduce(self.0.clone()))?,
-        ))
+        all_reduce(&g.contiguous()?, self.0.as_ref()).map(Some)
     }
 }
 
-/// `g(x)`: the sum of the group's partial results.
+/// `g(x)`: the sum of the group's partial results, whose gradient is the
+/// sum's own (Megatron's `g`: all-reduce forward, identity backward).
 pub fn reduce_forward(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(ReduceForward(comm.clone()))
+    let sum = all_reduce(&x.detach().contiguous()?, comm.as_ref())?;
+    // x − x is exactly zero and carries x's gradient through unchanged.
+    (x - x.detach())? + sum
 }
 
 /// `f(x)`: `x`, whose gradient is summed over the group.
 pub fn reduce_backward(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ReduceBackward(comm.clone()))
-}
-
-/// Σ over rows with a target of (logsumexp(row) − row[target]) where each
-/// rank holds the columns `[offset, offset + V/tp)` of every row.
-struct VocabParallelCrossEntropy {
-    comm: Arc<dyn Communicator>,
-    targets: Arc<Vec<i64>>,
-    offset: usize,
-    /// Per row: the whole vocabulary's max and Σ exp(x − max), for backward.
-    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
-}
-
-impl CustomOp1 for VocabParallelCrossEntropy {
-    fn name(&self) -> &'static str {
-        "tp-vocab-parallel-cross-entropy"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = host(s, l, "vocab-parallel cross-entropy")?;
-        let v = *l.dims().last().expect("rank 2");
-        let (total, max, sumexp) =
-            vocab_parallel_forward(&x, (v, v), &self.targets, self.offset, self.comm.as_ref())?;
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((max, sumexp));
-        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some((max, sumexp)) = saved else {
-            candle_core::bail!("vocab-parallel cross-entropy: backward before forward")
-        };
-        let (rows, v) = x.dims2()?;
-        let mut d: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let stats = (&max[..], &sumexp[..]);
-        vocab_parallel_grad(&mut d, (v, v), &self.targets, self.offset, stats, 1.0);
-        let d = Tensor::from_vec(d, (rows, v), x.device())?;
-        Ok(Some(d.broadcast_mul(g)?))
-    }
 }
 
 /// The cross-entropy of rows split by vocabulary over `comm`: `x` holds
@@ -211,22 +185,44 @@ pub(super) fn vocab_parallel_grad(
     }
 }
 
-/// The summed cross-entropy of logits split by vocabulary over `comm`
-/// (this rank's columns start at `offset`); targets < 0 are skipped.
+/// The summed cross-entropy of logits `[rows, real]` split by vocabulary
+/// over `comm` (this rank's columns start at `offset`); targets < 0 are
+/// skipped. [`vocab_parallel_forward`]'s sums in candle's ops, so it runs
+/// where the logits live and its gradient comes from autograd: each row's
+/// maximum is gathered (a constant shift), its Σ exp and its target's
+/// logit summed over the group by `g`.
 pub fn vocab_parallel_cross_entropy_sum(
     logits: &Tensor,
     targets: Vec<i64>,
     offset: usize,
     comm: &Arc<dyn Communicator>,
 ) -> Result<Tensor> {
-    let (n, _) = logits.dims2()?;
+    let (n, real) = logits.dims2()?;
     if targets.len() != n {
         candle_core::bail!("cross-entropy: {} targets for {n} rows", targets.len());
     }
-    logits.contiguous()?.apply_op1(VocabParallelCrossEntropy {
-        comm: comm.clone(),
-        targets: Arc::new(targets),
-        offset,
-        saved: Mutex::new(None),
-    })
+    let dev = logits.device();
+    let local_max = logits.detach().max_keepdim(1)?;
+    let max = all_gather(&local_max, comm.as_ref())?
+        .reshape((comm.world_size(), n))?
+        .max(0)?
+        .reshape((n, 1))?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let sumexp = reduce_forward(&shifted.exp()?.sum_keepdim(1)?, comm)?;
+    // The target's column where this rank holds it, else column 0 masked out.
+    let (column, here): (Vec<u32>, Vec<f32>) = targets
+        .iter()
+        .map(|&t| match t.checked_sub(offset as i64) {
+            Some(l) if t >= 0 && (0..real as i64).contains(&l) => (l as u32, 1.0),
+            _ => (0, 0.0),
+        })
+        .unzip();
+    let picked = shifted
+        .gather(&Tensor::from_vec(column, (n, 1), dev)?, 1)?
+        .mul(&Tensor::from_vec(here, (n, 1), dev)?)?;
+    let picked = reduce_forward(&picked, comm)?;
+    let counted: Vec<f32> = targets.iter().map(|&t| f32::from(t >= 0)).collect();
+    (sumexp.log()? - picked)?
+        .mul(&Tensor::from_vec(counted, (n, 1), dev)?)?
+        .sum_all()
 }

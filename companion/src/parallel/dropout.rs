@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::config::GPT2Config;
 use crate::model::Dropout;
@@ -91,7 +91,7 @@ impl StageDropout<'_> {
         }
         let mut m = vec![0f32; x.elem_count()];
         fill(&mut m);
-        x * Tensor::from_vec(m, x.shape(), &Device::Cpu)?
+        x * Tensor::from_vec(m, x.shape(), x.device())?
     }
 
     /// The embeddings' dropout (`embd_pdrop`).

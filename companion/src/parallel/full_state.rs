@@ -178,15 +178,16 @@ impl ParallelTrainer {
 
     /// This rank's part of a run on `tp` × `pp` (× what is left of `world`)
     /// from a whole state (a checkpoint of any layout or ZeRO stage), Adam
-    /// at step `adam_steps`. A collective over `world`.
+    /// at step `adam_steps`, its shards on `device`. A collective over
+    /// `world`.
     pub fn from_full_state(
         config: &GPT2Config,
         full: &FlatState,
         adam_steps: u64,
         world: std::sync::Arc<dyn crate::zero::comm::Communicator>,
-        tp: usize,
-        pp: usize,
+        (tp, pp): (usize, usize),
         adam: crate::optim::adamw::AdamWParams,
+        device: &Device,
     ) -> Result<Self> {
         let params = Gpt2Params::new(config);
         let numel = params.numel();
@@ -205,7 +206,7 @@ impl ParallelTrainer {
             .map(|(s, r)| {
                 Ok((
                     s.name.clone(),
-                    Tensor::from_slice(&full.fp32[r], s.shape.as_slice(), &Device::Cpu)?,
+                    Tensor::from_slice(&full.fp32[r], s.shape.as_slice(), device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -278,9 +279,16 @@ mod tests {
     ) -> Vec<(Vec<f64>, FlatState, u64)> {
         run_ranks(world, |_, comm| -> std::result::Result<_, CommError> {
             let err = |e: candle_core::Error| CommError::Transport(e.to_string());
-            let mut t =
-                ParallelTrainer::from_full_state(cfg, &start.0, start.1, comm, tp, pp, ADAM)
-                    .map_err(err)?;
+            let mut t = ParallelTrainer::from_full_state(
+                cfg,
+                &start.0,
+                start.1,
+                comm,
+                (tp, pp),
+                ADAM,
+                &Device::Cpu,
+            )
+            .map_err(err)?;
             let losses = steps
                 .iter()
                 .map(|mb| t.step(mb, 1e-3, 1.0).map(|o| o.loss))

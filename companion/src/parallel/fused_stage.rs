@@ -102,7 +102,7 @@ impl FusedStage {
     /// The roles of `m`'s shards, or `None` when the fused kernels do not
     /// compute this model (an activation other than `gelu_new`).
     pub fn new(m: &TensorParallelGpt2) -> Result<Option<Self>> {
-        if !crate::cpu::supports(&m.config) {
+        if !crate::cpu::supports(&m.config) || !m.device()?.is_cpu() {
             return Ok(None);
         }
         let find = |name: &str| -> Result<usize> {

@@ -70,3 +70,61 @@ pub(crate) fn tiny_config(n_layer: usize) -> crate::config::GPT2Config {
     (c.attn_pdrop, c.resid_pdrop, c.embd_pdrop) = (0.0, 0.0, 0.0);
     c
 }
+
+/// Tests: a transport with device collectives, as NCCL's, on CPU ranks: it
+/// sums and gathers the tensors it is handed (through the host transport
+/// it wraps) and counts them, so the paths GPU ranks take run here.
+#[cfg(test)]
+pub(crate) struct DeviceCollectives {
+    pub inner: std::sync::Arc<dyn crate::zero::comm::Communicator>,
+    pub tensors: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[cfg(test)]
+impl crate::zero::comm::Communicator for DeviceCollectives {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn exchange(&self, send: Vec<f32>) -> crate::zero::comm::Result<crate::zero::comm::Gathered> {
+        self.inner.exchange(send)
+    }
+    fn abort(&self, why: &str) {
+        self.inner.abort(why)
+    }
+    fn split(
+        &self,
+        color: usize,
+    ) -> crate::zero::comm::Result<std::sync::Arc<dyn crate::zero::comm::Communicator>> {
+        Ok(std::sync::Arc::new(DeviceCollectives {
+            inner: self.inner.split(color)?,
+            tensors: self.tensors.clone(),
+        }))
+    }
+    fn all_reduce_sum_on_device(
+        &self,
+        t: &candle_core::Tensor,
+    ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
+        self.tensors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        Some(self.inner.all_reduce_sum(&mut v).map(|()| {
+            let n = v.len();
+            candle_core::Tensor::from_vec(v, n, t.device()).unwrap()
+        }))
+    }
+    fn all_gather_on_device(
+        &self,
+        t: &candle_core::Tensor,
+    ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
+        self.tensors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        Some(self.inner.all_gather(&v).map(|all| {
+            let n = all.len();
+            candle_core::Tensor::from_vec(all, n, t.device()).unwrap()
+        }))
+    }
+}

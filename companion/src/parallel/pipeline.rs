@@ -17,6 +17,8 @@
 //! sub-communicator; every Megatron send/receive call is one exchange on
 //! it, carrying what each side sends (possibly nothing). Megatron's calls
 //! on neighbouring stages pair up one to one, so the exchanges do too.
+//! The exchange takes host memory: on GPU ranks (NCCL, autograd stages) the
+//! activations go through the host on their way to the neighbour's GPU.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -129,7 +131,7 @@ impl PipelineStage {
         Ok(Some(Tensor::from_slice(
             theirs,
             (theirs.len() / width, width),
-            &Device::Cpu,
+            &self.model.device()?,
         )?))
     }
 }
@@ -406,9 +408,8 @@ pub fn one_forward_one_backward(
             .get(name)
             .cloned()
             .unwrap_or(st.model.get(name)?.zeros_like()?);
-        let mut v = g.flatten_all()?.to_vec1::<f32>()?;
-        e.all_reduce_sum(&mut v).map_err(comm_err)?;
-        grads.insert(name.into(), Tensor::from_vec(v, g.shape(), &Device::Cpu)?);
+        let g = super::collective_ops::all_reduce(&g.contiguous()?, e.as_ref())?;
+        grads.insert(name.into(), g);
     }
     let total = started.elapsed().as_secs_f64().max(1e-9);
     Ok(PipelineStep {

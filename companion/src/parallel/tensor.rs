@@ -10,7 +10,8 @@
 //! logits are never gathered.
 //!
 //! Built on candle's autograd, from a whole model's weights (each rank
-//! cuts its shards), fp32 on the CPU. The block is written out here with
+//! cuts its shards), fp32 on the device the weights are on: CPU ranks, or
+//! GPUs whose group sums on the device (NCCL). The block is written out here with
 //! the collectives between its pieces; it uses the model's kernels (layer
 //! norm, masked softmax, activation) and is checked against the model.
 
@@ -217,6 +218,18 @@ impl TensorParallelGpt2 {
         })
     }
 
+    /// Where this rank's shards live (every stage holds some).
+    pub fn device(&self) -> Result<candle_core::Device> {
+        match self.shards.first() {
+            Some((_, v)) => Ok(v.device().clone()),
+            None => candle_core::bail!(
+                "stage {} of {} holds no parameters",
+                self.stage,
+                self.stages
+            ),
+        }
+    }
+
     pub(super) fn get(&self, name: &str) -> Result<&Tensor> {
         self.shards
             .iter()
@@ -280,7 +293,7 @@ impl TensorParallelGpt2 {
         }
         crate::cpu::inputs::check_token_ids(rows.iter().flatten().copied().max(), c.vocab_size)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let dev = candle_core::Device::Cpu;
+        let dev = self.device()?;
         let (width, heads) = (c.n_embd, c.n_head / tp);
         let hd = width / c.n_head;
         let vl = vocab_per_rank(c.vocab_size, tp);

@@ -358,4 +358,81 @@ mod tests {
             }
         }
     }
+
+    /// GPU ranks' path on CPU ranks: the split model on candle's autograd
+    /// with a transport that sums and gathers tensors itself (as NCCL does
+    /// on the GPU) trains tp 2 × pp 2 × dp 2 as through host exchanges, and
+    /// its collectives are the ones used (each counted in the traffic).
+    #[test]
+    fn device_collectives_train_like_host_exchanges() {
+        use std::sync::atomic::AtomicUsize;
+        let cfg = crate::parallel::tiny_config(4);
+        let model = GPT2LMHeadModel::new(&cfg, 17, &Device::Cpu).unwrap();
+        let weights: Vec<(String, Tensor)> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let steps: Vec<Vec<Vec<Vec<u32>>>> = (0..3u32)
+            .map(|s| {
+                (0..4u32)
+                    .map(|m| vec![(0..9).map(|j| (s * 29 + m * 13 + j * 5 + 2) % 64).collect()])
+                    .collect()
+            })
+            .collect();
+        let adam = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        type Run = (Vec<StepOutput>, Vec<(String, Tensor)>, Traffic, usize);
+        let run = |on_device: bool| -> Vec<Run> {
+            run_ranks(8, |_, comm| -> std::result::Result<Run, CommError> {
+                let err = |e: candle_core::Error| CommError::Transport(e.to_string());
+                let tensors = Arc::new(AtomicUsize::new(0));
+                let comm: Arc<dyn Communicator> = match on_device {
+                    true => Arc::new(crate::parallel::DeviceCollectives {
+                        inner: comm,
+                        tensors: tensors.clone(),
+                    }),
+                    false => comm,
+                };
+                let mut t = ParallelTrainer::new(&cfg, &weights, comm, 2, 2, adam).map_err(err)?;
+                t.stage.set_fused(false).map_err(err)?;
+                let outs = steps
+                    .iter()
+                    .map(|mb| t.step(mb, 1e-3, 1.0))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(err)?;
+                Ok((
+                    outs,
+                    t.shards(),
+                    t.last_traffic,
+                    tensors.load(Ordering::Relaxed),
+                ))
+            })
+            .unwrap()
+        };
+        let (host, device) = (run(false), run(true));
+        for (rank, (h, d)) in host.iter().zip(&device).enumerate() {
+            assert_eq!(h.3, 0);
+            // Per block: g after attention and MLP, f's sums in backward;
+            // the embedding's and the loss's sums and the maxima' gather.
+            assert!(
+                d.3 >= 3 * 4,
+                "rank {rank}: {} tensors summed on the device",
+                d.3
+            );
+            assert_eq!(h.2, d.2, "rank {rank}: the same payloads counted");
+            for (a, b) in h.0.iter().zip(&d.0) {
+                assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss, "{a:?} vs {b:?}");
+                assert!((a.grad_norm - b.grad_norm).abs() <= 1e-6 * a.grad_norm);
+            }
+            for ((name, a), (_, b)) in h.1.iter().zip(&d.1) {
+                let diff = max_abs(&(a - b).unwrap());
+                assert!(diff <= 1e-6, "rank {rank}: {name} off by {diff}");
+            }
+        }
+    }
 }

@@ -37,6 +37,13 @@ impl CountingCommunicator {
         };
         (Arc::new(c), sent)
     }
+
+    /// A payload of `n` elements handed to a collective (none on one rank).
+    fn count(&self, n: usize) {
+        if self.inner.world_size() > 1 {
+            self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Communicator for CountingCommunicator {
@@ -59,6 +66,41 @@ impl Communicator for CountingCommunicator {
             inner: sub,
             sent: self.sent.clone(),
         }))
+    }
+    // The collectives the transport may run itself (NCCL's), forwarded and
+    // counted as their payload, as the exchange would count it.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.count(buf.len());
+        self.inner.all_reduce_sum(buf)
+    }
+    fn reduce_scatter_sum(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        self.count(send.len());
+        self.inner.reduce_scatter_sum(send, counts)
+    }
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
+        self.count(send.len());
+        self.inner.all_gather(send)
+    }
+    fn all_reduce_sum_on_device(
+        &self,
+        t: &candle_core::Tensor,
+    ) -> Option<Result<candle_core::Tensor>> {
+        let r = self.inner.all_reduce_sum_on_device(t)?;
+        self.count(t.elem_count());
+        Some(r)
+    }
+    fn all_gather_on_device(&self, t: &candle_core::Tensor) -> Option<Result<candle_core::Tensor>> {
+        let r = self.inner.all_gather_on_device(t)?;
+        self.count(t.elem_count());
+        Some(r)
+    }
+    fn reduce_scatter_sum_on_device(
+        &self,
+        t: &candle_core::Tensor,
+    ) -> Option<Result<candle_core::Tensor>> {
+        let r = self.inner.reduce_scatter_sum_on_device(t)?;
+        self.count(t.elem_count());
+        Some(r)
     }
 }
 

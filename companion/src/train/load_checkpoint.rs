@@ -143,9 +143,9 @@ impl Trainer {
                     &full,
                     adam_step,
                     t.world.clone(),
-                    l.tp,
-                    l.pp,
+                    (l.tp, l.pp),
                     t.optimizer.adam,
+                    &t.stage.model.device()?,
                 )
                 .map_err(|e| TrainError::Io {
                     path: at.clone(),

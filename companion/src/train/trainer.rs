@@ -139,12 +139,6 @@ impl Trainer {
                         .into(),
                 ));
             }
-            if !model.device().is_cpu() {
-                return Err(TrainError::Args(format!(
-                    "tensor_model_parallel_size {} × pipeline_model_parallel_size {}: this path runs on CPU ranks (threads or MPI processes) so far, not on {:?}",
-                    layout.tp, layout.pp, model.device()
-                )));
-            }
             let weights: Vec<(String, Tensor)> = model
                 .named_parameters()
                 .into_iter()

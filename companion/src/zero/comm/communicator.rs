@@ -40,8 +40,7 @@ pub trait Communicator: Send + Sync {
         }
         let _ = color;
         Err(CommError::Transport(
-            "this transport does not make sub-groups (tensor and pipeline parallelism run on CPU ranks: threads, --num-ranks, or MPI processes, --backend mpi)"
-                .into(),
+            "this transport does not make sub-groups (threads, MPI and NCCL ranks do)".into(),
         ))
     }
 
@@ -163,6 +162,51 @@ pub trait Communicator: Send + Sync {
         }
         Ok(())
     }
+}
+
+/// The ranks of `comm` that gave the same `color` to a split, in rank
+/// order, and this rank's place among them (a collective over `comm`).
+pub(crate) fn split_members<C: Communicator + ?Sized>(
+    comm: &C,
+    color: usize,
+) -> Result<(usize, Vec<usize>)> {
+    // Colors travel as f32 through the exchange: exact up to 2^24.
+    if color >= 1 << 24 {
+        return Err(CommError::Size(format!(
+            "split color {color} is not below 2^24"
+        )));
+    }
+    let colors = comm.exchange(vec![color as f32])?;
+    let members: Vec<usize> = (0..comm.world_size())
+        .filter(|&r| colors[r].first() == Some(&(color as f32)))
+        .collect();
+    let me = members
+        .iter()
+        .position(|&r| r == comm.rank())
+        .expect("a rank is in its own color");
+    Ok((me, members))
+}
+
+/// Bytes as floats (each exact), to send through the exchange.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))] // NCCL ids
+pub(crate) fn bytes_to_floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.iter().map(|&b| f32::from(b)).collect()
+}
+
+/// [`bytes_to_floats`] undone: `n` bytes, or an error naming `what` when
+/// the floats are another number or not bytes.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))] // NCCL ids
+pub(crate) fn floats_to_bytes(v: &[f32], n: usize, what: &str) -> Result<Vec<u8>> {
+    if v.len() != n
+        || v.iter()
+            .any(|&x| x.fract() != 0.0 || !(0.0..256.0).contains(&x))
+    {
+        return Err(CommError::Transport(format!(
+            "{what} came as {} values that are not {n} bytes",
+            v.len()
+        )));
+    }
+    Ok(v.iter().map(|&x| x as u8).collect())
 }
 
 pub(crate) fn check_same_len(all: &[Arc<Vec<f32>>]) -> Result<()> {

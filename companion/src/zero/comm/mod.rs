@@ -192,6 +192,29 @@ mod tests {
         }
     }
 
+    /// Every byte value crosses the exchange as a float and back (an NCCL
+    /// sub-group's id travels so); other numbers or non-bytes are refused.
+    #[test]
+    fn bytes_cross_the_exchange_unchanged() {
+        use communicator::{bytes_to_floats, floats_to_bytes};
+        let bytes: Vec<u8> = (0..=255).rev().collect();
+        let got = run_ranks::<_, CommError, _>(2, |r, c| {
+            let send = if r == 0 {
+                bytes_to_floats(&bytes)
+            } else {
+                vec![]
+            };
+            let all = c.exchange(send)?;
+            floats_to_bytes(&all[0], 256, "the id")
+        })
+        .unwrap();
+        assert!(got.iter().all(|g| *g == bytes));
+        assert!(floats_to_bytes(&[1.0; 127], 128, "x").is_err());
+        assert!(floats_to_bytes(&[256.0], 1, "x").is_err());
+        assert!(floats_to_bytes(&[0.5], 1, "x").is_err());
+        assert!(floats_to_bytes(&[-1.0], 1, "x").is_err());
+    }
+
     #[test]
     fn a_failing_rank_stops_the_others() {
         let err = run_ranks::<(), CommError, _>(3, |r, c| {

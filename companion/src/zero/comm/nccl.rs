@@ -4,11 +4,17 @@
 //! the weights' all-gather after the step); host buffers go to the rank's
 //! GPU, through the NCCL collective, and back: all-reduce and
 //! reduce-scatter are NCCL's own; the general exchange is an all-gather of
-//! the sizes, then of the buffers padded to the largest. Built with the
-//! `nccl` feature (which implies `cuda`); compiled in CI, not yet run on
-//! several GPUs.
+//! the sizes, then of the buffers padded to the largest. Sub-groups (the
+//! tensor-, pipeline- and data-parallel groups) are NCCL communicators of
+//! their own, each made from an id its first rank draws and hands to the
+//! others over the parent group (`ncclCommInitRank`, as
+//! `torch.distributed.new_group` does). Built with the `nccl` feature
+//! (which implies `cuda`); compiled in CI, not yet run on several GPUs.
 
-use super::communicator::{CommError, Communicator, Gathered, Result};
+use super::communicator::{
+    bytes_to_floats, floats_to_bytes, split_members, CommError, Communicator, Gathered, Result,
+    SingleRank,
+};
 use candle_core::{DType, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
@@ -45,7 +51,10 @@ impl NcclRank {
                 "NCCL rank {rank} needs a CUDA device, got {device:?}"
             )));
         };
-        let stream = d.cuda_stream();
+        Self::on_stream(d.cuda_stream(), rank, world, id)
+    }
+
+    fn on_stream(stream: Arc<CudaStream>, rank: usize, world: usize, id: Id) -> Result<Self> {
         let comm = Comm::from_rank(stream.clone(), rank, world, id).map_err(|e| err("init", e))?;
         Ok(NcclRank {
             comm: Mutex::new(comm),
@@ -223,9 +232,46 @@ impl Communicator for NcclRank {
         ))
     }
 
+    fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
+        let (me, members) = split_members(self, color)?;
+        // Every rank takes part in the id's exchange; the sub-group's first
+        // rank sends the id it drew, the others nothing.
+        let id = match me {
+            0 if members.len() > 1 => Some(new_id()?),
+            _ => None,
+        };
+        let all = self.exchange(id.as_ref().map_or(vec![], id_to_floats))?;
+        if members.len() == 1 {
+            return Ok(Arc::new(SingleRank));
+        }
+        let id = id_from_floats(&all[members[0]])?;
+        Ok(Arc::new(NcclRank::on_stream(
+            self.stream.clone(),
+            me,
+            members.len(),
+            id,
+        )?))
+    }
+
     fn abort(&self, why: &str) {
         // NCCL has no way to wake peers blocked in a collective short of
         // aborting the communicator, which dropping it does.
         eprintln!("rank {}: {why}", self.rank);
     }
+}
+
+/// An NCCL id's 128 bytes as floats, for the exchange.
+fn id_to_floats(id: &Id) -> Vec<f32> {
+    let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+    bytes_to_floats(&bytes)
+}
+
+/// [`id_to_floats`] undone.
+fn id_from_floats(v: &[f32]) -> Result<Id> {
+    let bytes = floats_to_bytes(v, 128, "NCCL split: the sub-group's id")?;
+    let mut raw = [0 as std::ffi::c_char; 128];
+    raw.iter_mut()
+        .zip(bytes)
+        .for_each(|(r, b)| *r = b as std::ffi::c_char);
+    Ok(Id::uninit(raw))
 }

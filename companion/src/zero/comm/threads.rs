@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::communicator::{CommError, Communicator, Gathered, Result};
+use super::communicator::{split_members, CommError, Communicator, Gathered, Result};
 
 #[derive(Default)]
 struct Round {
@@ -129,13 +129,7 @@ impl Communicator for InProcessRank {
         Ok(r.published.clone().expect("published with the generation"))
     }
     fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
-        // Colors travel as f32 through the exchange: exact up to 2^24.
-        if color >= 1 << 24 {
-            return Err(CommError::Size(format!(
-                "split color {color} is not below 2^24"
-            )));
-        }
-        let colors = self.exchange(vec![color as f32])?;
+        let (me, members) = split_members(self, color)?;
         // The round that exchanged the colours names this split: the same
         // number on every rank of it (no round can end until this rank
         // joins the next), never used again.
@@ -145,13 +139,6 @@ impl Communicator for InProcessRank {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .generation;
-        let members: Vec<usize> = (0..self.group.world)
-            .filter(|&r| colors[r].first() == Some(&(color as f32)))
-            .collect();
-        let me = members
-            .iter()
-            .position(|&r| r == self.rank)
-            .expect("a rank is in its own color");
         let sub = {
             let mut subs = self
                 .group
