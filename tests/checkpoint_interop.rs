@@ -261,6 +261,75 @@ fn deepspeed_continues_a_zero_run_started_here() {
     }
 }
 
+/// DeepSpeed's engine (under transformers' Trainer, one CPU rank, ZeRO-1
+/// with `"checkpoint": {"load_universal": true}`) takes the universal
+/// checkpoint of a tensor 2 × pipeline 2 run of four ranks written here and
+/// continues with the uninterrupted run's losses: a split model's state
+/// resumed on another layout by DeepSpeed itself, without its conversion
+/// step; with transformers' optimizer (two groups) and the one the
+/// ds_config names.
+#[test]
+fn deepspeed_continues_a_tensor_and_pipeline_parallel_run_from_its_universal_checkpoint() {
+    use companion::zero::comm::{run_ranks, Communicator};
+    for named in [false, true] {
+        let mut ds = if named { ds_config(1) } else { hf_ds_config(1) };
+        ds["checkpoint"] = json!({"load_universal": true});
+        let mut fields = hf_fields();
+        fields["deepspeed"] = ds.clone();
+        // DeepSpeed's named optimizer decays every parameter (one group):
+        // weight decay off, as in `ds_case`.
+        let decay = if named { 0.0 } else { 0.1 };
+        fields["weight_decay"] = json!(decay);
+        let dir = tempfile::tempdir().unwrap();
+        let mut straight = trainer_with(&dir.path().join("straight"), tiny(), Some(ds.clone()));
+        straight.args.weight_decay = decay;
+        straight.train().unwrap();
+        let want = our_losses(&straight);
+        let out = dir.path().join("split");
+        run_ranks(4, |_, comm: std::sync::Arc<dyn Communicator>| {
+            let mut args = trainer_with(&out, tiny(), Some(ds.clone())).args;
+            (
+                args.tensor_model_parallel_size,
+                args.pipeline_model_parallel_size,
+            ) = (2, 2);
+            args.weight_decay = decay;
+            let mut t = Trainer::new_distributed(
+                tiny(),
+                args,
+                collator(),
+                dataset_of(rows()),
+                None,
+                None,
+                comm,
+            )?;
+            (t.shuffle, t.verbose) = (false, false);
+            t.add_callback(companion::train::StopAtStep(STOP));
+            t.train()
+        })
+        .unwrap();
+        let ckpt = out.join(format!("checkpoint-{STOP}"));
+        let tag = ckpt.join(format!("global_step{STOP}"));
+        assert!(
+            std::fs::read_to_string(ckpt.join("latest_universal")).unwrap()
+                == format!("global_step{STOP}")
+                && tag.join("zero/optimizer_state.pt").is_file()
+                && tag.join("mp_rank_00_model_states.pt").is_file()
+                && !ckpt.join("latest").exists(),
+            "a universal checkpoint, as ds_to_universal.py lays it out"
+        );
+        let rows = serde_json::to_string(&rows()).unwrap();
+        let got = run_python(
+            "hf_resume.py",
+            &["resume", ckpt.to_str().unwrap(), &rows, &fields.to_string()],
+        );
+        assert_same_losses(
+            &python_losses(&got),
+            &want,
+            &format!("DeepSpeed resuming our tp 2 × pp 2 run (optimizer named: {named})"),
+        );
+    }
+}
+
 /// A run DeepSpeed's engine started (and checkpointed in its own files)
 /// continues here with the losses DeepSpeed's uninterrupted run had: with
 /// the optimizer the ds_config names (one group) and with transformers' own
@@ -303,6 +372,81 @@ fn a_zero_run_deepspeed_started_continues_here() {
             &format!("ours resuming DeepSpeed's ZeRO-{stage} (optimizer named: {named})"),
         );
     }
+}
+
+/// A run DeepSpeed's engine started (ZeRO-2, one rank) and checkpointed,
+/// converted by DeepSpeed's `ds_to_universal.py` (its own files then
+/// removed, so only the universal checkpoint is left), continues here on
+/// four ranks as tensor 2 × pipeline 2 with ZeRO-1, with the losses of
+/// DeepSpeed's uninterrupted run.
+#[test]
+fn deepspeeds_universal_checkpoint_resumes_here_on_another_layout() {
+    use companion::zero::comm::{run_ranks, Communicator};
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init");
+    tiny().save_pretrained(&init).unwrap();
+    let out = dir.path().join("ds");
+    let rows_json = serde_json::to_string(&rows()).unwrap();
+    let mut fields = hf_fields();
+    fields["deepspeed"] = hf_ds_config(2);
+    let ds = run_python(
+        "hf_resume.py",
+        &[
+            "train",
+            init.to_str().unwrap(),
+            &rows_json,
+            &fields.to_string(),
+            out.to_str().unwrap(),
+            &STOP.to_string(),
+        ],
+    );
+    let want = python_losses(&ds);
+    let ckpt = out.join(format!("checkpoint-{STOP}"));
+    let tag = ckpt.join(format!("global_step{STOP}"));
+    let converted = std::process::Command::new(python())
+        .args([
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--inject_missing_state",
+        ])
+        .arg("--input_folder")
+        .arg(&tag)
+        .arg("--output_folder")
+        .arg(ckpt.join("universal"))
+        .env("DS_ACCELERATOR", "cpu")
+        .output()
+        .unwrap();
+    assert!(converted.status.success(), "{}", stderr(&converted));
+    assert!(ckpt.join("latest_universal").is_file());
+    std::fs::remove_dir_all(&tag).unwrap();
+    std::fs::remove_file(ckpt.join("latest")).unwrap();
+    let resumed = dir.path().join("resumed");
+    let losses = run_ranks(4, |_, comm: std::sync::Arc<dyn Communicator>| {
+        let mut args = trainer_with(&resumed, tiny(), Some(hf_ds_config(1))).args;
+        (
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+        ) = (2, 2);
+        args.resume_from_checkpoint = Some(ckpt.display().to_string());
+        let mut t = Trainer::new_distributed(
+            tiny(),
+            args,
+            collator(),
+            dataset_of(rows()),
+            None,
+            None,
+            comm,
+        )?;
+        (t.shuffle, t.verbose) = (false, false);
+        t.train()?;
+        Ok::<_, companion::train::TrainError>(our_losses(&t))
+    })
+    .unwrap();
+    assert_same_losses(
+        &losses[0],
+        &want,
+        "ours at tp 2 × pp 2 resuming DeepSpeed's universal checkpoint of a ZeRO-2 run",
+    );
 }
 
 /// DeepSpeed's `zero_to_fp32.py`, on a checkpoint of 2 ranks written here

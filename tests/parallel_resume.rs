@@ -13,10 +13,11 @@ use companion::train::{TrainError, Trainer, TrainingArguments};
 use companion::zero::comm::{run_ranks, Communicator};
 use serde_json::{json, Value};
 
-/// 4 steps at tp 2 × pp 2 with ZeRO-1 saved, resumed at 2 data-parallel
-/// replicas with ZeRO-3 (and the other way round, and from no DeepSpeed to
-/// tp 2 × dp 2): the next 4 losses are the uninterrupted run's (1e-5
-/// relative), the data loader continuing at the same example. A global
+/// 4 steps at tp 2 × pp 2 with ZeRO-1 saved (DeepSpeed's universal
+/// checkpoint), resumed at 2 data-parallel replicas with ZeRO-3 (and the
+/// other way round, and from no DeepSpeed to tp 2 × dp 2): the next 4
+/// losses are the uninterrupted run's (1e-5 relative), the data loader
+/// continuing at the same example. A global
 /// micro-batch of another size is refused, naming the file.
 #[test]
 fn a_checkpoint_resumes_on_another_layout_and_zero_stage() {
@@ -43,6 +44,17 @@ fn a_checkpoint_resumes_on_another_layout_and_zero_stage() {
         let ckpt = out.join(format!("checkpoint-{STOP}"));
         let optimizer: Value = read_json(&ckpt.join("optimizer.json"));
         assert_eq!(optimizer["tensor_model_parallel_size"], json!(from.tp));
+        // Under DeepSpeed, a split model's state goes into DeepSpeed's
+        // universal checkpoint (whole tensors by name), not optimizer.pt.
+        let universal = from.stage.is_some() && from.tp * from.pp > 1;
+        let tag = ckpt.join(format!("global_step{STOP}"));
+        assert_eq!(ckpt.join("latest_universal").is_file(), universal);
+        assert_eq!(
+            tag.join("zero/transformer.h.1.mlp.c_fc.weight/exp_avg_sq.pt")
+                .is_file(),
+            universal
+        );
+        assert_eq!(ckpt.join("optimizer.pt").is_file(), from.stage.is_none());
         let got = train(
             &dir.path().join(format!("to{i}")),
             to,

@@ -16,7 +16,9 @@ impl Trainer {
     /// Files of a checkpoint folder (rank 0's): transformers' — the model,
     /// `optimizer.pt` and `scheduler.pt` as its Trainer writes them
     /// (`hf_checkpoint`; under DeepSpeed Adam's state is in `global_stepN/`
-    /// instead, and `latest` names it), `trainer_state.json` — and our JSON
+    /// instead, and `latest` names it, or `latest_universal` a
+    /// tensor/pipeline-parallel run's universal checkpoint, which this
+    /// function adds), `trainer_state.json` — and our JSON
     /// beside them: `optimizer.json` (Adam's step and fp16-skipped steps),
     /// `scheduler.json`, `rng_state.json` (the data loader's place; our
     /// RNG streams are not torch's, so there is no `rng_state.pth`),
@@ -48,7 +50,7 @@ impl Trainer {
                 })
         };
         let sched = || super::hf_checkpoint::scheduler_pt(base, now, self.state.global_step, 2);
-        if !self.writes_deepspeed_files() {
+        if !self.writes_deepspeed_files() && !self.writes_universal() {
             // Adam's state as transformers' Trainer writes it (the one copy:
             // resuming reads it back, here and in Python).
             let moments = match (gathered, self.engine.zero()) {
@@ -71,10 +73,19 @@ impl Trainer {
             files.push(pt("optimizer.pt", opt_pt)?);
             files.push(pt("scheduler.pt", sched())?);
         } else {
-            files.push((
-                "latest".into(),
-                format!("global_step{}", self.state.global_step).into_bytes(),
-            ));
+            let tag = format!("global_step{}", self.state.global_step);
+            if self.writes_universal() {
+                let full = gathered.ok_or_else(|| {
+                    TrainError::Args("a universal checkpoint needs the gathered state".into())
+                })?;
+                for (name, bytes) in self.universal_files(full)? {
+                    files.push((format!("{tag}/{name}"), bytes));
+                }
+                let latest = crate::zero::ds_checkpoint::LATEST_UNIVERSAL;
+                files.push((latest.into(), tag.into_bytes()));
+            } else {
+                files.push(("latest".into(), tag.into_bytes()));
+            }
             // With neither an optimizer nor a scheduler in the ds_config,
             // transformers' Trainer builds its own LambdaLR beside DeepSpeed
             // and reads its position from scheduler.pt.
@@ -139,12 +150,19 @@ impl Trainer {
         Ok(self.engine.comm().barrier()?)
     }
 
-    /// Whether Adam's state goes into DeepSpeed's `global_stepN/` files:
-    /// under a ds_config on the data-parallel path (a tensor/pipeline-
-    /// parallel run writes the whole state in transformers' files, which
-    /// any layout resumes).
+    /// Whether Adam's state goes into DeepSpeed's `global_stepN/` files
+    /// (each rank its partition): under a ds_config on the data-parallel
+    /// path.
     pub(super) fn writes_deepspeed_files(&self) -> bool {
         self.plan.zero.is_deepspeed() && self.engine.zero().is_some()
+    }
+
+    /// Whether Adam's state goes into DeepSpeed's universal checkpoint
+    /// (written by rank 0 from the gathered state): under a ds_config on
+    /// the tensor/pipeline-parallel path, whose layout DeepSpeed's own
+    /// files could not be loaded on another one without a conversion.
+    pub(super) fn writes_universal(&self) -> bool {
+        self.plan.zero.is_deepspeed() && self.engine.zero().is_none()
     }
 
     /// Write `output_dir/checkpoint-N/` (every rank calls it): into a
@@ -201,7 +219,11 @@ impl Trainer {
                             msg: "injected failure while writing the checkpoint".into(),
                         });
                     }
-                    write_synced(&tmp.join(f), bytes)?;
+                    let path = tmp.join(f);
+                    if let Some(dir) = path.parent().filter(|_| f.contains('/')) {
+                        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+                    }
+                    write_synced(&path, bytes)?;
                 }
                 if dest.exists() {
                     remove_dir_safely(&dest)?;

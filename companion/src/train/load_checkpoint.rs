@@ -56,7 +56,13 @@ impl Trainer {
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let device = self.model.device().clone();
         resume::check_shape(dir, &self.model.config)?;
-        let by_deepspeed = dir.join("latest").is_file();
+        let latest = [
+            dir.join("latest"),
+            dir.join(crate::zero::ds_checkpoint::LATEST_UNIVERSAL),
+        ]
+        .into_iter()
+        .find(|f| f.is_file());
+        let by_deepspeed = latest.is_some();
         // A DeepSpeed checkpoint's weights are its fp32 partitions (under
         // ZeRO-3 transformers writes no model.safetensors beside them).
         let mut model = if by_deepspeed {
@@ -81,7 +87,7 @@ impl Trainer {
         self.check_data_loader(dir, state.global_step)?;
         let (full, step_in_files, skipped_in_files, where_) = if by_deepspeed {
             let (full, step, skipped) = self.read_deepspeed(dir)?;
-            (full, step, skipped, dir.join("latest"))
+            (full, step, skipped, latest.unwrap_or_default())
         } else {
             let (full, step) = self.read_plain_state(dir, &model, state.global_step)?;
             (full, step, None, dir.join("optimizer.pt"))

@@ -21,11 +21,17 @@
 //! every rank. Reading accepts any number of groups and any world size, and
 //! rebuilds the whole model's state by parameter name, one parameter at a
 //! time (so `zero-to-fp32` holds one tensor, not the model).
+//!
+//! A tensor- or pipeline-parallel run writes DeepSpeed's universal
+//! checkpoint instead (`universal`): every parameter's state whole, by
+//! name, which loads on any layout.
 
 mod files;
 mod read;
+mod universal;
 mod write;
 
 pub use files::{model_states_name, optim_states_name, DS_VERSION};
-pub use read::{latest_tag_dir, DsCheckpoint, DsParam, GroupHyper, Which};
+pub use read::{latest_tag_dir, tag_dir, DsCheckpoint, DsParam, GroupHyper, Which};
+pub use universal::{read_universal, universal_files, LATEST_UNIVERSAL};
 pub use write::{model_states, optim_states, rank_slice, AdamInfo, Grouping, RunInfo};

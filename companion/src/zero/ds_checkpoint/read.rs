@@ -46,7 +46,13 @@ pub struct GroupHyper {
 /// The folder `checkpoint/latest` names (DeepSpeed's tag), refusing a
 /// name that would leave the checkpoint folder.
 pub fn latest_tag_dir(checkpoint: &Path) -> Result<PathBuf> {
-    let latest = checkpoint.join("latest");
+    tag_dir(checkpoint, "latest")
+}
+
+/// The folder the file `checkpoint/latest` (`latest` or
+/// `latest_universal`) names, as [`latest_tag_dir`].
+pub fn tag_dir(checkpoint: &Path, latest: &str) -> Result<PathBuf> {
+    let latest = checkpoint.join(latest);
     let tag = std::fs::read_to_string(&latest).map_err(|e| bad(&latest, e))?;
     let tag = tag.trim();
     if tag.is_empty() || tag.contains(['/', '\\']) || tag == "." || tag == ".." {
@@ -78,15 +84,43 @@ pub struct DsCheckpoint {
     optim: Vec<TorchFile>,
 }
 
-fn bad(path: &Path, msg: impl std::fmt::Display) -> ZeroError {
+pub(super) fn bad(path: &Path, msg: impl std::fmt::Display) -> ZeroError {
     ZeroError::Io {
         path: path.display().to_string(),
         msg: msg.to_string(),
     }
 }
 
-fn open(path: &Path) -> Result<TorchFile> {
+pub(super) fn open(path: &Path) -> Result<TorchFile> {
     crate::torch_file::load(path).map_err(|e| bad(path, e))
+}
+
+impl GroupHyper {
+    /// A saved parameter group's (a `param_groups` entry's) hyperparameters.
+    pub(super) fn of(g: &PyValue) -> Self {
+        let f = |k: &str| g.get(k).and_then(PyValue::as_float);
+        let betas = g.get("betas").and_then(PyValue::items);
+        let b = |i: usize| betas.and_then(|b| b.get(i)).and_then(PyValue::as_float);
+        GroupHyper {
+            betas: (b(0), b(1)),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        }
+    }
+}
+
+/// Adam's step as an optimizer state saves it in `file`: an int
+/// (DeepSpeed's Adam) or a scalar tensor (torch's AdamW).
+pub(super) fn step_of(file: &TorchFile, v: Option<&PyValue>) -> Result<Option<u64>> {
+    Ok(match v {
+        Some(PyValue::Stored(t)) => file
+            .f32s(t)
+            .map_err(|e| bad(&file.path, e))?
+            .first()
+            .map(|x| *x as u64),
+        Some(v) => v.as_int().map(|x| x.max(0) as u64),
+        None => None,
+    })
 }
 
 impl DsCheckpoint {
@@ -249,31 +283,14 @@ impl DsCheckpoint {
             .and_then(PyValue::pairs)
             .and_then(|s| s.first())
             .map(|(_, v)| v.clone());
-        let step = match state0.as_ref().and_then(|s| s.get("step")) {
-            Some(PyValue::Stored(t)) => first.f32s(t).map_err(|e| bad(&first.path, e))?.first().map(|x| *x as u64),
-            Some(v) => v.as_int().map(|x| x.max(0) as u64),
-            None => None,
-        }
+        let step = step_of(first, state0.as_ref().and_then(|s| s.get("step")))?
         .ok_or_else(|| bad(&first.path, format!("{adam}: no Adam state with a step (an elastic checkpoint, or one written before the first step?)")))?;
         let loss_scaler = first_sd.get("loss_scaler").cloned();
         let groups = first_sd
             .get(adam)
             .and_then(|a| a.get("param_groups"))
             .and_then(PyValue::items)
-            .map(|gs| {
-                gs.iter()
-                    .map(|g| {
-                        let f = |k: &str| g.get(k).and_then(PyValue::as_float);
-                        let betas = g.get("betas").and_then(PyValue::items);
-                        let b = |i: usize| betas.and_then(|b| b.get(i)).and_then(PyValue::as_float);
-                        GroupHyper {
-                            betas: (b(0), b(1)),
-                            eps: f("eps"),
-                            weight_decay: f("weight_decay"),
-                        }
-                    })
-                    .collect()
-            })
+            .map(|gs| gs.iter().map(GroupHyper::of).collect())
             .unwrap_or_default();
         let skipped_steps = model
             .value

@@ -248,7 +248,7 @@ pub fn optim_states(
 /// Group `g`'s hyperparameters with the keys its optimizer's state dict
 /// has (torch's AdamW, or DeepSpeed's Adam); the group's one flat
 /// parameter is numbered `g`.
-fn param_group(grouping: &Grouping, g: usize, adam: &AdamInfo) -> PyValue {
+pub(super) fn param_group(grouping: &Grouping, g: usize, adam: &AdamInfo) -> PyValue {
     let f = PyValue::Float;
     let betas = vec![f(adam.betas.0), f(adam.betas.1)];
     let wd = grouping.weight_decay[g];
