@@ -5,7 +5,8 @@
 //! ZeRO engine reads and writes the same state, so a checkpoint moves
 //! between layouts and ZeRO stages in one step (Megatron-Core's and
 //! PyTorch DCP's resharding on load; DeepSpeed needs its universal-
-//! checkpoint conversion for it).
+//! checkpoint conversion for it, which is the layout a run here writes
+//! under `--deepspeed`: `zero::ds_checkpoint::universal`).
 //!
 //! Which element of a shard is which element of the whole parameter is
 //! found by cutting a tensor of positions with the same [`shard`] the
