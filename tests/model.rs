@@ -126,11 +126,7 @@ fn initialisation_follows_hf() {
     cfg.initializer_range = 0.02;
     cfg.vocab_size = 500;
     let model = GPT2LMHeadModel::new(&cfg, 0, &Device::Cpu).unwrap();
-    let params: HashMap<String, Tensor> = model
-        .named_parameters()
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let params: HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
     let std = |n: &str| -> f32 {
         let t = params[n].flatten_all().unwrap();
         let v: Vec<f32> = t.to_vec1().unwrap();

@@ -117,12 +117,7 @@ fn reference_of(model: GPT2LMHeadModel, world: usize) -> Run {
     t.verbose = false;
     t.train().unwrap();
     let (losses, norms) = losses_and_norms(&t);
-    let weights = t
-        .model
-        .named_parameters()
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let weights = t.model.named_tensors().into_iter().collect();
     Run {
         losses,
         norms,
@@ -174,11 +169,7 @@ fn zero_run_of(
             t.train()?;
             let (losses, norms) = losses_and_norms(&t);
             let full = t.full_model()?;
-            let weights = full
-                .named_parameters()
-                .into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect();
+            let weights = full.named_tensors().into_iter().collect();
             Ok(Run {
                 losses,
                 norms,
@@ -273,11 +264,7 @@ fn an_untied_head_trains_alike_on_every_path() {
             .map(|(_, t)| t.clone())
             .unwrap()
     };
-    let start: Vec<(String, Tensor)> = before
-        .named_parameters()
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let start: Vec<(String, Tensor)> = before.named_tensors();
     for name in ["lm_head.weight", "transformer.wte.weight"] {
         let moved = max_abs_diff(&get(&want.weights, name), &get(&start, name));
         assert!(moved > 0.0, "{name} did not train");
@@ -442,10 +429,7 @@ fn zero_checkpoints_resume_and_load_as_plain_hf_folders() {
                 t.verbose = false;
                 t.train()?;
                 let m = t.full_model()?;
-                Ok(m.named_parameters()
-                    .into_iter()
-                    .map(|(n, v)| (n, v.as_tensor().clone()))
-                    .collect())
+                Ok(m.named_tensors().into_iter().collect())
             },
         )
         .unwrap()
@@ -733,12 +717,7 @@ fn run_placed(
                 t.engine.zero_mut().unwrap().place_state_on_device()?;
             }
             t.train()?;
-            let w = t
-                .full_model()?
-                .named_parameters()
-                .into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect();
+            let w = t.full_model()?.named_tensors().into_iter().collect();
             Ok((t.state.log_history.clone(), w))
         },
     )
@@ -877,12 +856,8 @@ fn mpirun_processes_train_like_threads() {
         )
         .unwrap()
     };
-    let named = |m: GPT2LMHeadModel| -> Vec<(String, Tensor)> {
-        m.named_parameters()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect()
-    };
+    let named =
+        |m: GPT2LMHeadModel| -> Vec<(String, Tensor)> { m.named_tensors().into_iter().collect() };
     assert_weights_close(
         "mpirun vs threads",
         &named(load("mpi_model")),

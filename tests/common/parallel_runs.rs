@@ -195,11 +195,7 @@ pub fn train_model(
                 losses: logged(&t, "loss"),
                 norms: logged(&t, "grad_norm").into_iter().map(|x| x.1).collect(),
                 eval_losses: logged(&t, "eval_loss").into_iter().map(|x| x.1).collect(),
-                weights: full
-                    .named_parameters()
-                    .into_iter()
-                    .map(|(n, v)| (n, v.as_tensor().clone()))
-                    .collect(),
+                weights: full.named_tensors().into_iter().collect(),
                 memory,
                 layout: (t.plan.layout.tp, t.plan.layout.pp, t.plan.layout.dp),
             })

@@ -301,6 +301,14 @@ impl GPT2LMHeadModel {
             .collect()
     }
 
+    /// The parameters' tensors by HF name, in `named_parameters()` order.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
+    }
+
     /// `model.num_parameters()`.
     pub fn num_parameters(&self) -> usize {
         self.named_parameters()
@@ -353,11 +361,7 @@ impl GPT2LMHeadModel {
 
     /// The same weights in `dtype` (`model.to(dtype)`), for mixed precision.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let tensors: HashMap<String, Tensor> = self
-            .named_parameters()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let tensors: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
         let mut m =
             Self::from_tensors(self.config.clone(), tensors, dtype, &self.device, "(model)")?;
         m.training = self.training;

@@ -278,11 +278,7 @@ mod tests {
     fn five_tensor_parallel_steps_equal_one_rank() {
         let cfg = crate::parallel::tiny_config(2);
         let model = GPT2LMHeadModel::new(&cfg, 9, &Device::Cpu).unwrap();
-        let weights: Vec<(String, Tensor)> = model
-            .named_parameters()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let weights: Vec<(String, Tensor)> = model.named_tensors();
         let adam = AdamWParams {
             beta1: 0.9,
             beta2: 0.999,

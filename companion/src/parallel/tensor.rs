@@ -159,11 +159,7 @@ impl TensorParallelGpt2 {
     /// Cut this rank's shards from a whole model (every rank of `comm`
     /// holds the same one).
     pub fn from_model(model: &GPT2LMHeadModel, comm: Arc<dyn Communicator>) -> Result<Self> {
-        let weights: Vec<(String, Tensor)> = model
-            .named_parameters()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let weights: Vec<(String, Tensor)> = model.named_tensors();
         Self::from_weights(&model.config, &weights, comm)
     }
 

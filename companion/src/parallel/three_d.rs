@@ -204,6 +204,11 @@ mod tests {
     use crate::zero::comm::{run_ranks, CommError};
     use candle_core::Device;
 
+    /// One step per global batch of `steps` (lr 1e-3, clipping at 1).
+    fn steps_of(t: &mut ParallelTrainer, steps: &[Vec<Vec<Vec<u32>>>]) -> Result<Vec<StepOutput>> {
+        steps.iter().map(|mb| t.step(mb, 1e-3, 1.0)).collect()
+    }
+
     /// 5 fp32 steps (AdamW with weight decay, clipping active, lr 1e-3) on
     /// every tp ∈ {1, 2, 4} × pp ∈ {1, 2, 4} × dp ∈ {1, 2}, the vocabulary
     /// padded for tp, give one rank's losses and gradient norms
@@ -238,11 +243,7 @@ mod tests {
         for tied in [true, false] {
             cfg.tie_word_embeddings = tied;
             let model = GPT2LMHeadModel::new(&cfg, 13, &Device::Cpu).unwrap();
-            let weights: Vec<(String, Tensor)> = model
-                .named_parameters()
-                .into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect();
+            let weights: Vec<(String, Tensor)> = model.named_tensors();
             type Run = (
                 Vec<StepOutput>,
                 Vec<(String, Tensor)>,
@@ -262,11 +263,7 @@ mod tests {
                     if world == 1 {
                         t.stage.set_fused(false).map_err(err)?;
                     }
-                    let outs = steps
-                        .iter()
-                        .map(|mb| t.step(mb, 1e-3, 1.0))
-                        .collect::<Result<Vec<_>>>()
-                        .map_err(err)?;
+                    let outs = steps_of(&mut t, &steps).map_err(err)?;
                     let c = t.groups.coords;
                     // What the last step sent, against the papers' count.
                     let held: usize = t
@@ -368,11 +365,7 @@ mod tests {
         use std::sync::atomic::AtomicUsize;
         let cfg = crate::parallel::tiny_config(4);
         let model = GPT2LMHeadModel::new(&cfg, 17, &Device::Cpu).unwrap();
-        let weights: Vec<(String, Tensor)> = model
-            .named_parameters()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let weights: Vec<(String, Tensor)> = model.named_tensors();
         let steps: Vec<Vec<Vec<Vec<u32>>>> = (0..3u32)
             .map(|s| {
                 (0..4u32)
@@ -400,11 +393,7 @@ mod tests {
                 };
                 let mut t = ParallelTrainer::new(&cfg, &weights, comm, 2, 2, adam).map_err(err)?;
                 t.stage.set_fused(false).map_err(err)?;
-                let outs = steps
-                    .iter()
-                    .map(|mb| t.step(mb, 1e-3, 1.0))
-                    .collect::<Result<Vec<_>>>()
-                    .map_err(err)?;
+                let outs = steps_of(&mut t, &steps).map_err(err)?;
                 Ok((
                     outs,
                     t.shards(),

@@ -139,11 +139,7 @@ impl Trainer {
                         .into(),
                 ));
             }
-            let weights: Vec<(String, Tensor)> = model
-                .named_parameters()
-                .into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect();
+            let weights: Vec<(String, Tensor)> = model.named_tensors();
             let trainer = crate::parallel::ParallelTrainer::new(
                 &model.config,
                 &weights,
