@@ -41,7 +41,52 @@ fn trainer_with(
     model: companion::model::GPT2LMHeadModel,
     deepspeed: Option<Value>,
 ) -> Trainer {
-    let args = TrainingArguments {
+    let args = args_for(out, deepspeed);
+    let mut t = Trainer::new(model, args, collator(), dataset_of(rows()), None, None).unwrap();
+    t.shuffle = false;
+    t.verbose = false;
+    t
+}
+
+/// Our Trainer for one of four ranks (`comm`) of tensor 2 × pipeline 2,
+/// with the other tests' arguments, `tweak`ed.
+fn split_trainer(
+    out: &std::path::Path,
+    deepspeed: &Value,
+    comm: std::sync::Arc<dyn companion::zero::comm::Communicator>,
+    tweak: impl FnOnce(&mut TrainingArguments),
+) -> Result<Trainer, companion::train::TrainError> {
+    let mut args = args_for(out, Some(deepspeed.clone()));
+    (
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+    ) = (2, 2);
+    tweak(&mut args);
+    let mut t = distributed_trainer(args, comm)?;
+    t.shuffle = false;
+    Ok(t)
+}
+
+/// Our Trainer of the tiny model on the rows, as one rank of `comm`.
+fn distributed_trainer(
+    args: TrainingArguments,
+    comm: std::sync::Arc<dyn companion::zero::comm::Communicator>,
+) -> Result<Trainer, companion::train::TrainError> {
+    let mut t = Trainer::new_distributed(
+        tiny(),
+        args,
+        collator(),
+        dataset_of(rows()),
+        None,
+        None,
+        comm,
+    )?;
+    t.verbose = false;
+    Ok(t)
+}
+
+fn args_for(out: &std::path::Path, deepspeed: Option<Value>) -> TrainingArguments {
+    TrainingArguments {
         output_dir: out.display().to_string(),
         max_steps: STEPS,
         per_device_train_batch_size: 2,
@@ -54,11 +99,7 @@ fn trainer_with(
         save_steps: STOP as f64,
         deepspeed,
         ..Default::default()
-    };
-    let mut t = Trainer::new(model, args, collator(), dataset_of(rows()), None, None).unwrap();
-    t.shuffle = false;
-    t.verbose = false;
-    t
+    }
 }
 
 fn tiny() -> companion::model::GPT2LMHeadModel {
@@ -248,13 +289,9 @@ fn deepspeed_continues_a_zero_run_started_here() {
         t.add_callback(companion::train::StopAtStep(STOP));
         t.train().unwrap();
         let ckpt = out.join(format!("checkpoint-{STOP}"));
-        let rows = serde_json::to_string(&rows()).unwrap();
-        let got = run_python(
-            "hf_resume.py",
-            &["resume", ckpt.to_str().unwrap(), &rows, &fields.to_string()],
-        );
-        assert_same_losses(
-            &python_losses(&got),
+        deepspeed_continues(
+            &ckpt,
+            &fields,
             &want,
             &format!("DeepSpeed resuming our ZeRO-{stage} (optimizer named: {named})"),
         );
@@ -270,7 +307,7 @@ fn deepspeed_continues_a_zero_run_started_here() {
 /// ds_config names.
 #[test]
 fn deepspeed_continues_a_tensor_and_pipeline_parallel_run_from_its_universal_checkpoint() {
-    use companion::zero::comm::{run_ranks, Communicator};
+    use companion::zero::comm::run_ranks;
     for named in [false, true] {
         let mut ds = if named { ds_config(1) } else { hf_ds_config(1) };
         ds["checkpoint"] = json!({"load_universal": true});
@@ -286,23 +323,8 @@ fn deepspeed_continues_a_tensor_and_pipeline_parallel_run_from_its_universal_che
         straight.train().unwrap();
         let want = our_losses(&straight);
         let out = dir.path().join("split");
-        run_ranks(4, |_, comm: std::sync::Arc<dyn Communicator>| {
-            let mut args = trainer_with(&out, tiny(), Some(ds.clone())).args;
-            (
-                args.tensor_model_parallel_size,
-                args.pipeline_model_parallel_size,
-            ) = (2, 2);
-            args.weight_decay = decay;
-            let mut t = Trainer::new_distributed(
-                tiny(),
-                args,
-                collator(),
-                dataset_of(rows()),
-                None,
-                None,
-                comm,
-            )?;
-            (t.shuffle, t.verbose) = (false, false);
+        run_ranks(4, |_, comm| {
+            let mut t = split_trainer(&out, &ds, comm, |a| a.weight_decay = decay)?;
             t.add_callback(companion::train::StopAtStep(STOP));
             t.train()
         })
@@ -317,17 +339,46 @@ fn deepspeed_continues_a_tensor_and_pipeline_parallel_run_from_its_universal_che
                 && !ckpt.join("latest").exists(),
             "a universal checkpoint, as ds_to_universal.py lays it out"
         );
-        let rows = serde_json::to_string(&rows()).unwrap();
-        let got = run_python(
-            "hf_resume.py",
-            &["resume", ckpt.to_str().unwrap(), &rows, &fields.to_string()],
-        );
-        assert_same_losses(
-            &python_losses(&got),
+        deepspeed_continues(
+            &ckpt,
+            &fields,
             &want,
             &format!("DeepSpeed resuming our tp 2 × pp 2 run (optimizer named: {named})"),
         );
     }
+}
+
+/// transformers' Trainer with DeepSpeed (`fields`) resumes from `ckpt`
+/// and takes the steps after it with the uninterrupted run's losses `want`.
+fn deepspeed_continues(ckpt: &std::path::Path, fields: &Value, want: &[(u64, f64)], what: &str) {
+    let rows = serde_json::to_string(&rows()).unwrap();
+    let got = run_python(
+        "hf_resume.py",
+        &["resume", ckpt.to_str().unwrap(), &rows, &fields.to_string()],
+    );
+    assert_same_losses(&python_losses(&got), want, what);
+}
+
+/// transformers' Trainer with DeepSpeed (`fields`) from the tiny model, in
+/// `dir`: its uninterrupted run's losses, and the `checkpoint-STOP` folder
+/// of the same run stopped there.
+fn deepspeed_run(dir: &std::path::Path, fields: &Value) -> (Vec<(u64, f64)>, std::path::PathBuf) {
+    let init = dir.join("init");
+    tiny().save_pretrained(&init).unwrap();
+    let out = dir.join("ds");
+    let rows = serde_json::to_string(&rows()).unwrap();
+    let ds = run_python(
+        "hf_resume.py",
+        &[
+            "train",
+            init.to_str().unwrap(),
+            &rows,
+            &fields.to_string(),
+            out.to_str().unwrap(),
+            &STOP.to_string(),
+        ],
+    );
+    (python_losses(&ds), out.join(format!("checkpoint-{STOP}")))
 }
 
 /// A run DeepSpeed's engine started (and checkpointed in its own files)
@@ -338,24 +389,8 @@ fn deepspeed_continues_a_tensor_and_pipeline_parallel_run_from_its_universal_che
 fn a_zero_run_deepspeed_started_continues_here() {
     for (stage, named) in DS_CASES {
         let dir = tempfile::tempdir().unwrap();
-        let init = dir.path().join("init");
-        tiny().save_pretrained(&init).unwrap();
-        let out = dir.path().join("ds");
-        let rows = serde_json::to_string(&rows()).unwrap();
         let (fields, mut t) = ds_case(stage, named, &dir.path().join("resumed"));
-        let ds = run_python(
-            "hf_resume.py",
-            &[
-                "train",
-                init.to_str().unwrap(),
-                &rows,
-                &fields.to_string(),
-                out.to_str().unwrap(),
-                &STOP.to_string(),
-            ],
-        );
-        let want = python_losses(&ds);
-        let ckpt = out.join(format!("checkpoint-{STOP}"));
+        let (want, ckpt) = deepspeed_run(dir.path(), &fields);
         let tag = ckpt.join(format!("global_step{STOP}"));
         assert!(
             tag.join("zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -381,27 +416,11 @@ fn a_zero_run_deepspeed_started_continues_here() {
 /// DeepSpeed's uninterrupted run.
 #[test]
 fn deepspeeds_universal_checkpoint_resumes_here_on_another_layout() {
-    use companion::zero::comm::{run_ranks, Communicator};
+    use companion::zero::comm::run_ranks;
     let dir = tempfile::tempdir().unwrap();
-    let init = dir.path().join("init");
-    tiny().save_pretrained(&init).unwrap();
-    let out = dir.path().join("ds");
-    let rows_json = serde_json::to_string(&rows()).unwrap();
     let mut fields = hf_fields();
     fields["deepspeed"] = hf_ds_config(2);
-    let ds = run_python(
-        "hf_resume.py",
-        &[
-            "train",
-            init.to_str().unwrap(),
-            &rows_json,
-            &fields.to_string(),
-            out.to_str().unwrap(),
-            &STOP.to_string(),
-        ],
-    );
-    let want = python_losses(&ds);
-    let ckpt = out.join(format!("checkpoint-{STOP}"));
+    let (want, ckpt) = deepspeed_run(dir.path(), &fields);
     let tag = ckpt.join(format!("global_step{STOP}"));
     let converted = std::process::Command::new(python())
         .args([
@@ -421,23 +440,10 @@ fn deepspeeds_universal_checkpoint_resumes_here_on_another_layout() {
     std::fs::remove_dir_all(&tag).unwrap();
     std::fs::remove_file(ckpt.join("latest")).unwrap();
     let resumed = dir.path().join("resumed");
-    let losses = run_ranks(4, |_, comm: std::sync::Arc<dyn Communicator>| {
-        let mut args = trainer_with(&resumed, tiny(), Some(hf_ds_config(1))).args;
-        (
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-        ) = (2, 2);
-        args.resume_from_checkpoint = Some(ckpt.display().to_string());
-        let mut t = Trainer::new_distributed(
-            tiny(),
-            args,
-            collator(),
-            dataset_of(rows()),
-            None,
-            None,
-            comm,
-        )?;
-        (t.shuffle, t.verbose) = (false, false);
+    let losses = run_ranks(4, |_, comm| {
+        let resume =
+            |a: &mut TrainingArguments| a.resume_from_checkpoint = Some(ckpt.display().to_string());
+        let mut t = split_trainer(&resumed, &hf_ds_config(1), comm, resume)?;
         t.train()?;
         Ok::<_, companion::train::TrainError>(our_losses(&t))
     })
@@ -464,17 +470,7 @@ fn zero_to_fp32_rebuilds_our_weights() {
             |_, comm: Arc<dyn Communicator>| -> Result<(), companion::train::TrainError> {
                 let mut args = ds_case(stage, named, &out).1.args;
                 args.max_steps = STOP as i64;
-                let mut t = Trainer::new_distributed(
-                    tiny(),
-                    args,
-                    collator(),
-                    dataset_of(rows()),
-                    None,
-                    None,
-                    comm,
-                )?;
-                t.verbose = false;
-                t.train()?;
+                distributed_trainer(args, comm)?.train()?;
                 Ok(())
             },
         )
