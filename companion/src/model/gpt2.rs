@@ -55,25 +55,68 @@ pub(crate) struct Conv1D {
 }
 
 impl Conv1D {
-    /// `x @ W + b` on `[rows, in]`: a plain 2-D matmul, whose backward needs
-    /// no broadcast-and-sum over the batch.
+    /// `x @ W + b`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(x)?.broadcast_add(&self.bias)
+    }
+
+    /// `x @ W` on `[rows, in]`: a plain 2-D matmul, whose backward needs no
+    /// broadcast-and-sum over the batch.
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let (k, n) = self.weight.dims2()?;
         let rows = x.elem_count() / k;
-        let y = x
-            .reshape((rows, k))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        let y = x.reshape((rows, k))?.matmul(&self.weight)?;
         let mut out = dims;
         *out.last_mut().expect("rank ≥ 1") = n;
         y.reshape(out)
     }
 }
 
+/// What a block does at the edges of its products, and where its dropout
+/// masks come from: on the whole model nothing, and the model's generator
+/// (`GPT2LMHeadModel`'s impl); split over a tensor-parallel group,
+/// Megatron's `f` before each column-parallel product (`c_attn`, `c_fc`),
+/// `g` after each row-parallel one (`c_proj`, before its replicated bias),
+/// and the whole model's masks for this rank's heads (`parallel::tensor`).
+pub(crate) trait BlockEdges {
+    /// Before `c_attn` and `c_fc` (Megatron's `f`).
+    fn enter(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// After `c_proj`'s product, before its bias (Megatron's `g`).
+    fn exit(&self, y: &Tensor) -> candle_core::Result<Tensor>;
+    /// Block `layer`'s dropout of its attention probabilities.
+    fn attention_dropout(&self, att: &Tensor, layer: usize) -> candle_core::Result<Tensor>;
+    /// Block `layer`'s dropout of its attention (`mlp` false) or MLP output.
+    fn residual_dropout(&self, y: &Tensor, layer: usize, mlp: bool) -> candle_core::Result<Tensor>;
+}
+
+impl BlockEdges for GPT2LMHeadModel {
+    fn enter(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(x.clone())
+    }
+
+    fn exit(&self, y: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(y.clone())
+    }
+
+    fn attention_dropout(&self, att: &Tensor, _layer: usize) -> candle_core::Result<Tensor> {
+        self.dropout(att, self.config.attn_pdrop)
+    }
+
+    fn residual_dropout(
+        &self,
+        y: &Tensor,
+        _layer: usize,
+        _mlp: bool,
+    ) -> candle_core::Result<Tensor> {
+        self.dropout(y, self.config.resid_pdrop)
+    }
+}
+
 struct Attention {
     c_attn: Conv1D,
     c_proj: Conv1D,
+    /// The heads this block computes (all, or a tensor-parallel rank's).
     n_head: usize,
     head_dim: usize,
     scale: f64,
@@ -85,10 +128,11 @@ impl Attention {
         x: &Tensor,
         key_mask: Option<&[Vec<u32>]>,
         cache: Option<&mut Option<LayerCache>>,
-        model: &GPT2LMHeadModel,
+        (edges, layer): (&dyn BlockEdges, usize),
     ) -> candle_core::Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let qkv = self.c_attn.forward(x)?;
+        let (b, t, _) = x.dims3()?;
+        let c = self.n_head * self.head_dim;
+        let qkv = self.c_attn.forward(&edges.enter(x)?)?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * c, c)?
                 .reshape((b, t, self.n_head, self.head_dim))?
@@ -103,10 +147,12 @@ impl Attention {
         }
         let scores = q.matmul(&k.t()?)?;
         let att = super::autograd_ops::masked_softmax(&scores, self.scale, past, key_mask)?;
-        let att = model.dropout(&att, model.config.attn_pdrop)?;
+        let att = edges.attention_dropout(&att, layer)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        let y = self.c_proj.forward(&y)?;
-        model.dropout(&y, model.config.resid_pdrop)
+        let y = edges
+            .exit(&self.c_proj.product(&y)?)?
+            .broadcast_add(&self.c_proj.bias)?;
+        edges.residual_dropout(&y, layer, false)
     }
 }
 
@@ -117,14 +163,21 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, model: &GPT2LMHeadModel) -> candle_core::Result<Tensor> {
-        let h = activation(self.act, &self.c_fc.forward(x)?)?;
-        let h = self.c_proj.forward(&h)?;
-        model.dropout(&h, model.config.resid_pdrop)
+    fn forward(
+        &self,
+        x: &Tensor,
+        (edges, layer): (&dyn BlockEdges, usize),
+    ) -> candle_core::Result<Tensor> {
+        let h = activation(self.act, &self.c_fc.forward(&edges.enter(x)?)?)?;
+        let h = edges
+            .exit(&self.c_proj.product(&h)?)?
+            .broadcast_add(&self.c_proj.bias)?;
+        edges.residual_dropout(&h, layer, true)
     }
 }
 
 pub(crate) struct Block {
+    layer: usize,
     ln_1: LayerNorm,
     attn: Attention,
     ln_2: LayerNorm,
@@ -165,10 +218,13 @@ pub(crate) fn build_ln(config: &GPT2Config, p: Affine, get: &dyn Fn(usize) -> Te
     }
 }
 
-/// Block `l` over the tensors `get` returns for its parameter indices.
+/// Block `l` over the tensors `get` returns for its parameter indices,
+/// computing `heads` of its heads (`config.n_head`, or a tensor-parallel
+/// rank's share, whose shards `get` returns).
 pub(crate) fn build_block(
     config: &GPT2Config,
     l: usize,
+    heads: usize,
     p: &BlockParams,
     get: &dyn Fn(usize) -> Tensor,
 ) -> Block {
@@ -177,11 +233,12 @@ pub(crate) fn build_block(
         bias: get(a.bias),
     };
     Block {
+        layer: l,
         ln_1: build_ln(config, p.ln_1, get),
         attn: Attention {
             c_attn: conv(p.c_attn),
             c_proj: conv(p.attn_c_proj),
-            n_head: config.n_head,
+            n_head: heads,
             head_dim: config.head_dim(),
             scale: config.attn_scale(l) as f64,
         },
@@ -206,19 +263,20 @@ fn piece(p: &Gpt2Params, params: &HashMap<String, Tensor>, i: usize) -> Result<T
 }
 
 impl Block {
-    /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
-    fn forward(
+    /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, `x` `[B, T, C]`.
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         key_mask: Option<&[Vec<u32>]>,
         cache: Option<&mut Option<LayerCache>>,
-        model: &GPT2LMHeadModel,
+        edges: &dyn BlockEdges,
     ) -> candle_core::Result<Tensor> {
+        let at = (edges, self.layer);
         let h = self
             .attn
-            .forward(&self.ln_1.forward(x)?, key_mask, cache, model)?;
+            .forward(&self.ln_1.forward(x)?, key_mask, cache, at)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.ln_2.forward(&x)?, model)?;
+        let h = self.mlp.forward(&self.ln_2.forward(&x)?, at)?;
         x + h
     }
 }
@@ -412,7 +470,9 @@ impl GPT2LMHeadModel {
         for i in p.block_piece(l) {
             got.insert(i, piece(p, params, i)?);
         }
-        let block = build_block(&self.config, l, &p.blocks[l], &|i| got[&i].clone());
+        let block = build_block(&self.config, l, self.config.n_head, &p.blocks[l], &|i| {
+            got[&i].clone()
+        });
         Ok(block.forward(x, attention_mask, None, self)?)
     }
 

@@ -152,7 +152,7 @@ impl GPT2LMHeadModel {
             .blocks
             .iter()
             .enumerate()
-            .map(|(l, p)| build_block(&config, l, p, &get))
+            .map(|(l, p)| build_block(&config, l, config.n_head, p, &get))
             .collect();
         GPT2LMHeadModel {
             lm_head: params.lm_head.map(get),

@@ -11,18 +11,20 @@
 //!
 //! Built on candle's autograd, from a whole model's weights (each rank
 //! cuts its shards), fp32 on the device the weights are on: CPU ranks, or
-//! GPUs whose group sums on the device (NCCL). The block is written out here with
-//! the collectives between its pieces; it uses the model's kernels (layer
-//! norm, masked softmax, activation) and is checked against the model.
+//! GPUs whose group sums on the device (NCCL). Each block is the model's
+//! own (`model::gpt2`'s `Block`, built over this rank's shards and heads)
+//! with Megatron's `f` and `g` at its edges (`SplitEdges`); the embedding
+//! and the loss are written here.
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
 use super::collective_ops::{reduce_backward, reduce_forward, vocab_parallel_cross_entropy_sum};
-use crate::config::{Activation, GPT2Config};
-use crate::model::autograd_ops::{layer_norm, masked_softmax};
-use crate::model::gpt2::activation;
+use super::dropout::StageDropout;
+use crate::config::GPT2Config;
+use crate::model::autograd_ops::layer_norm;
+use crate::model::gpt2::{build_block, BlockEdges};
 use crate::model::GPT2LMHeadModel;
 use crate::zero::comm::Communicator;
 
@@ -142,6 +144,38 @@ pub fn targets(rows: &[Vec<u32>], labels: Option<&[Vec<i64>]>) -> Result<Vec<i64
     }
 }
 
+/// A split block's edges: Megatron's `f` and `g` over the group, and the
+/// whole model's dropout masks for this rank's `heads`.
+struct SplitEdges<'a> {
+    comm: &'a Arc<dyn Communicator>,
+    dropout: Option<&'a StageDropout<'a>>,
+    heads: std::ops::Range<usize>,
+}
+
+impl BlockEdges for SplitEdges<'_> {
+    fn enter(&self, x: &Tensor) -> Result<Tensor> {
+        reduce_backward(x, self.comm)
+    }
+
+    fn exit(&self, y: &Tensor) -> Result<Tensor> {
+        reduce_forward(y, self.comm)
+    }
+
+    fn attention_dropout(&self, att: &Tensor, layer: usize) -> Result<Tensor> {
+        match self.dropout {
+            Some(d) => d.attention(att, layer, self.heads.clone()),
+            None => Ok(att.clone()),
+        }
+    }
+
+    fn residual_dropout(&self, y: &Tensor, layer: usize, mlp: bool) -> Result<Tensor> {
+        match self.dropout {
+            Some(d) => d.residual(y, layer, mlp),
+            None => Ok(y.clone()),
+        }
+    }
+}
+
 /// GPT-2 over a tensor-parallel group: this rank's shards (trainable) and
 /// the group.
 pub struct TensorParallelGpt2 {
@@ -234,16 +268,6 @@ impl TensorParallelGpt2 {
             .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
     }
 
-    /// `x @ W + b` on `[rows, in]` (GPT-2's Conv1D).
-    fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
-        let y = x.matmul(self.get(&format!("{prefix}.weight"))?)?;
-        if bias {
-            y.broadcast_add(self.get(&format!("{prefix}.bias"))?)
-        } else {
-            Ok(y)
-        }
-    }
-
     fn ln(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
         layer_norm(
             x,
@@ -291,7 +315,6 @@ impl TensorParallelGpt2 {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let dev = self.device()?;
         let (width, heads) = (c.n_embd, c.n_head / tp);
-        let hd = width / c.n_head;
         let vl = vocab_per_rank(c.vocab_size, tp);
         let off = rank * vl;
         // This rank's real vocabulary columns (the rest is padding).
@@ -302,7 +325,7 @@ impl TensorParallelGpt2 {
             b,
             t,
         });
-        let mut x = match input {
+        let x = match input {
             Some(x) => x.clone(),
             None => {
                 // Vocabulary-parallel embedding: the rows this rank holds, summed.
@@ -336,47 +359,26 @@ impl TensorParallelGpt2 {
                 }
             }
         };
-        let act = Activation::parse(&c.activation_function).ok_or_else(|| {
-            candle_core::Error::Msg(format!("activation {}", c.activation_function))
-        })?;
+        // The model's block over this rank's shards (its heads, its columns
+        // of c_fc, its rows of both c_proj), the collectives at its edges.
+        let edges = SplitEdges {
+            comm: &self.comm,
+            dropout: drop.as_ref(),
+            heads: rank * heads..(rank + 1) * heads,
+        };
+        let params = crate::params::Gpt2Params::new(c);
+        let mut x = x.reshape((b, t, width))?;
         for l in super::stages::stage_layers(c.n_layer, self.stages, self.stage) {
-            let p = format!("transformer.h.{l}");
-            // Attention: this rank's heads.
-            let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_1"))?, &self.comm)?;
-            let qkv = self.linear(&h, &format!("{p}.attn.c_attn"), true)?;
-            let split = |i: usize| -> Result<Tensor> {
-                qkv.narrow(D::Minus1, i * heads * hd, heads * hd)?
-                    .reshape((b, t, heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let mut att = masked_softmax(&q.matmul(&k.t()?)?, c.attn_scale(l) as f64, 0, None)?;
-            if let Some(d) = &drop {
-                att = d.attention(&att, l, rank * heads..(rank + 1) * heads)?;
-            }
-            let y = att
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b * t, heads * hd))?;
-            let y = self.linear(&y, &format!("{p}.attn.c_proj"), false)?;
-            let mut y = reduce_forward(&y, &self.comm)?
-                .broadcast_add(self.get(&format!("{p}.attn.c_proj.bias"))?)?;
-            if let Some(d) = &drop {
-                y = d.residual(&y, l, false)?;
-            }
-            x = (x + y)?;
-            // MLP: this rank's columns of c_fc, rows of c_proj.
-            let h = reduce_backward(&self.ln(&x, &format!("{p}.ln_2"))?, &self.comm)?;
-            let h = self.linear(&h, &format!("{p}.mlp.c_fc"), true)?;
-            let h = self.linear(&activation(act, &h)?, &format!("{p}.mlp.c_proj"), false)?;
-            let mut h = reduce_forward(&h, &self.comm)?
-                .broadcast_add(self.get(&format!("{p}.mlp.c_proj.bias"))?)?;
-            if let Some(d) = &drop {
-                h = d.residual(&h, l, true)?;
-            }
-            x = (x + h)?;
+            let p = &params.blocks[l];
+            let got = p
+                .indices()
+                .into_iter()
+                .map(|i| Ok((i, self.get(params.name(i))?.clone())))
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            let block = build_block(c, l, heads, p, &|i| got[&i].clone());
+            x = block.forward(&x, None, None, &edges)?;
         }
+        let x = x.reshape((b * t, width))?;
         if self.stage + 1 < self.stages {
             return Ok((x, 0));
         }
