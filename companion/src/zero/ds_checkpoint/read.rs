@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::files::{model_states_name, optim_states_name};
+use super::files::{bad, model_states_name, open, optim_states_name};
 use crate::torch_file::{PyValue, StoredTensor, TorchFile};
 use crate::zero::error::{Result, ZeroError};
 use crate::zero::layout::{intersect, FlatLayout};
@@ -43,27 +43,6 @@ pub struct GroupHyper {
     pub weight_decay: Option<f64>,
 }
 
-/// The folder `checkpoint/latest` names (DeepSpeed's tag), refusing a
-/// name that would leave the checkpoint folder.
-pub fn latest_tag_dir(checkpoint: &Path) -> Result<PathBuf> {
-    tag_dir(checkpoint, "latest")
-}
-
-/// The folder the file `checkpoint/latest` (`latest` or
-/// `latest_universal`) names, as [`latest_tag_dir`].
-pub fn tag_dir(checkpoint: &Path, latest: &str) -> Result<PathBuf> {
-    let latest = checkpoint.join(latest);
-    let tag = std::fs::read_to_string(&latest).map_err(|e| bad(&latest, e))?;
-    let tag = tag.trim();
-    if tag.is_empty() || tag.contains(['/', '\\']) || tag == "." || tag == ".." {
-        return Err(bad(
-            &latest,
-            format!("expected a folder name like global_step2, got {tag:?}"),
-        ));
-    }
-    Ok(checkpoint.join(tag))
-}
-
 /// An opened `global_stepN/` folder.
 pub struct DsCheckpoint {
     pub dir: PathBuf,
@@ -82,17 +61,6 @@ pub struct DsCheckpoint {
     pub loss_scaler: Option<PyValue>,
     /// Rank → its optimizer file.
     optim: Vec<TorchFile>,
-}
-
-pub(super) fn bad(path: &Path, msg: impl std::fmt::Display) -> ZeroError {
-    ZeroError::Io {
-        path: path.display().to_string(),
-        msg: msg.to_string(),
-    }
-}
-
-pub(super) fn open(path: &Path) -> Result<TorchFile> {
-    crate::torch_file::load(path).map_err(|e| bad(path, e))
 }
 
 impl GroupHyper {

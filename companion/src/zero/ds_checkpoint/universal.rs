@@ -18,8 +18,8 @@
 
 use std::path::Path;
 
-use super::files::{s, DS_VERSION};
-use super::read::{bad, open, step_of, GroupHyper};
+use super::files::{bad, open, s, DS_VERSION};
+use super::read::{step_of, GroupHyper};
 use super::write::{param_group, AdamInfo, Grouping};
 use crate::torch_file::{PyValue, TorchTensor};
 use crate::zero::error::Result;
