@@ -170,13 +170,16 @@ pub(crate) fn split_members<C: Communicator + ?Sized>(
     comm: &C,
     color: usize,
 ) -> Result<(usize, Vec<usize>)> {
-    // Colors travel as f32 through the exchange: exact up to 2^24.
-    if color >= 1 << 24 {
+    // Colors travel as f32 through the exchange: exact up to 2^24. A rank
+    // with a larger one still takes part (a NaN), so every rank fails.
+    let fits = color < 1 << 24;
+    let colors = comm.exchange(vec![if fits { color as f32 } else { f32::NAN }])?;
+    if let Some(r) = (0..comm.world_size()).find(|&r| colors[r].first().is_none_or(|c| c.is_nan()))
+    {
         return Err(CommError::Size(format!(
-            "split color {color} is not below 2^24"
+            "split: rank {r}'s color is not below 2^24"
         )));
     }
-    let colors = comm.exchange(vec![color as f32])?;
     let members: Vec<usize> = (0..comm.world_size())
         .filter(|&r| colors[r].first() == Some(&(color as f32)))
         .collect();

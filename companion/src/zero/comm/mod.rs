@@ -215,6 +215,20 @@ mod tests {
         assert!(floats_to_bytes(&[-1.0], 1, "x").is_err());
     }
 
+    /// A color the exchange cannot carry on one rank fails the split on
+    /// every rank (none waits for it), naming that rank.
+    #[test]
+    fn a_color_too_large_on_one_rank_fails_the_split_everywhere() {
+        let got = run_ranks::<_, CommError, _>(3, |r, c| {
+            let color = if r == 1 { 1 << 24 } else { 0 };
+            Ok(c.split(color).err().map(|e| e.to_string()))
+        })
+        .unwrap();
+        for e in got {
+            assert!(e.is_some_and(|e| e.contains("rank 1's color")));
+        }
+    }
+
     #[test]
     fn a_failing_rank_stops_the_others() {
         let err = run_ranks::<(), CommError, _>(3, |r, c| {

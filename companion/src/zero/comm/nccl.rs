@@ -149,6 +149,10 @@ impl Communicator for NcclRank {
     fn exchange(&self, send: Vec<f32>) -> Result<Gathered> {
         let lens = self.gather_equal(&[send.len() as u64])?;
         let max = lens.iter().copied().max().unwrap_or(0) as usize;
+        if max == 0 {
+            // Nobody sends anything (a barrier): no zero-byte NCCL buffers.
+            return Ok(Arc::new(vec![Arc::new(vec![]); self.world]));
+        }
         let mut padded = send;
         padded.resize(max, 0.0);
         let all = self.gather_equal(&padded)?;
@@ -234,17 +238,30 @@ impl Communicator for NcclRank {
 
     fn split(&self, color: usize) -> Result<Arc<dyn Communicator>> {
         let (me, members) = split_members(self, color)?;
-        // Every rank takes part in the id's exchange; the sub-group's first
-        // rank sends the id it drew, the others nothing.
-        let id = match me {
-            0 if members.len() > 1 => Some(new_id()?),
-            _ => None,
+        // Every rank takes part in the id's exchange, whatever happens: the
+        // sub-group's first rank sends the id it drew (a NaN if it could
+        // not), the others nothing.
+        let drawn = (me == 0 && members.len() > 1).then(new_id);
+        let send = match &drawn {
+            Some(Ok(id)) => id_to_floats(id),
+            Some(Err(_)) => vec![f32::NAN],
+            None => vec![],
         };
-        let all = self.exchange(id.as_ref().map_or(vec![], id_to_floats))?;
+        let all = self.exchange(send)?;
+        if let Some(Err(e)) = drawn {
+            return Err(e);
+        }
         if members.len() == 1 {
             return Ok(Arc::new(SingleRank));
         }
-        let id = id_from_floats(&all[members[0]])?;
+        let first = &all[members[0]];
+        if first.first().is_some_and(|x| x.is_nan()) {
+            return Err(CommError::Transport(format!(
+                "NCCL split: rank {} could not draw the sub-group's id",
+                members[0]
+            )));
+        }
+        let id = id_from_floats(first)?;
         Ok(Arc::new(NcclRank::on_stream(
             self.stream.clone(),
             me,
