@@ -138,21 +138,28 @@ impl Trainer {
             // A universal checkpoint (a tensor/pipeline-parallel run's, or
             // ds_to_universal's output).
             let tag = ds::tag_dir(dir, ds::LATEST_UNIVERSAL)?;
-            let (full, step, groups) = ds::read_universal(&tag, self.engine.layout())?;
-            self.check_saved_groups(&tag, &groups)?;
-            return Ok((full, step, None));
+            let u = ds::read_universal(&tag, self.engine.layout())?;
+            self.check_saved_groups(&tag, &u.groups)?;
+            self.restore_loss_scaler(&tag, u.loss_scaler.as_ref())?;
+            return Ok((u.state, u.step, None));
         }
         let ck = DsCheckpoint::open(&ds::latest_tag_dir(dir)?)?;
         self.check_saved_groups(&ck.dir, &ck.groups)?;
         let full = ck.full_state(self.engine.layout())?;
+        self.restore_loss_scaler(&ck.dir, ck.loss_scaler.as_ref())?;
+        Ok((full, ck.step, ck.skipped_steps))
+    }
+
+    /// A dynamic loss scaler takes the saved one's position.
+    fn restore_loss_scaler(&mut self, dir: &Path, saved: Option<&PyValue>) -> Result<()> {
         let scaler = self.engine.zero_mut().and_then(|e| e.loss_scaler.as_mut());
-        if let (Some(saved), Some(sc)) = (&ck.loss_scaler, scaler) {
+        if let (Some(saved), Some(sc)) = (saved, scaler) {
             sc.restore(saved).map_err(|msg| TrainError::Io {
-                path: ck.dir.display().to_string(),
+                path: dir.display().to_string(),
                 msg,
             })?;
         }
-        Ok((full, ck.step, ck.skipped_steps))
+        Ok(())
     }
 
     /// The saved parameter groups' hyperparameters must be this run's.

@@ -33,5 +33,5 @@ mod write;
 
 pub use files::{latest_tag_dir, model_states_name, optim_states_name, tag_dir, DS_VERSION};
 pub use read::{DsCheckpoint, DsParam, GroupHyper, Which};
-pub use universal::{read_universal, universal_files, LATEST_UNIVERSAL};
+pub use universal::{read_universal, universal_files, Universal, LATEST_UNIVERSAL};
 pub use write::{model_states, optim_states, rank_slice, AdamInfo, Grouping, RunInfo};

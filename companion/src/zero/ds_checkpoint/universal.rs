@@ -20,7 +20,7 @@ use std::path::Path;
 
 use super::files::{bad, open, s, DS_VERSION};
 use super::read::{step_of, GroupHyper};
-use super::write::{param_group, AdamInfo, Grouping};
+use super::write::{param_group, step_value, AdamInfo, Grouping};
 use crate::torch_file::{PyValue, TorchTensor};
 use crate::zero::error::Result;
 use crate::zero::layout::FlatLayout;
@@ -67,29 +67,37 @@ pub fn universal_files(
                 PyValue::Dict(vec![(s("param"), PyValue::Tensor(t))]),
             ));
         }
-        // A scalar tensor whatever the optimizer: DeepSpeed puts it into
-        // the optimizer's state as it is, and torch's AdamW refuses a step
-        // that is not a tensor ("state_steps ... singleton tensors").
-        let step = TorchTensor::f32(vec![], &[adam.step as f32]);
-        files.push((format!("zero/{name}/step.pt"), PyValue::Tensor(step)));
+        // DeepSpeed puts it into the optimizer's state as it is: the type
+        // that optimizer keeps (ds_to_universal copies it from there).
+        files.push((format!("zero/{name}/step.pt"), step_value(grouping, adam)));
     }
     files
 }
 
-/// What a universal folder holds for the model `layout` describes: the
-/// whole state, Adam's step and the saved parameter groups.
-pub fn read_universal(
-    dir: &Path,
-    layout: &FlatLayout,
-) -> Result<(FlatState, u64, Vec<GroupHyper>)> {
+/// A universal folder read back for the model a layout describes.
+#[derive(Debug)]
+pub struct Universal {
+    pub state: FlatState,
+    /// Adam's step.
+    pub step: u64,
+    /// The saved parameter groups' hyperparameters.
+    pub groups: Vec<GroupHyper>,
+    /// The loss scaler DeepSpeed pickled (its attributes), if any.
+    pub loss_scaler: Option<PyValue>,
+}
+
+/// What a universal folder holds for the model `layout` describes.
+pub fn read_universal(dir: &Path, layout: &FlatLayout) -> Result<Universal> {
     let zero = dir.join("zero");
-    let global = open(&zero.join("optimizer_state.pt"))?;
-    let groups = global
+    let global_file = zero.join("optimizer_state.pt");
+    let global = open(&global_file)?;
+    let groups: Vec<GroupHyper> = global
         .value
         .get("param_groups")
         .and_then(PyValue::items)
         .map(|gs| gs.iter().map(GroupHyper::of).collect())
-        .unwrap_or_default();
+        .ok_or_else(|| bad(&global_file, "expected a list param_groups"))?;
+    let loss_scaler = global.value.get("loss_scaler").cloned();
     let n = layout.numel;
     let mut st = FlatState {
         fp32: vec![0.0; n],
@@ -131,7 +139,12 @@ pub fn read_universal(
         }
     }
     let step = step.ok_or_else(|| bad(dir, "a model without parameters"))?;
-    Ok((st, step, groups))
+    Ok(Universal {
+        state: st,
+        step,
+        groups,
+        loss_scaler,
+    })
 }
 
 #[cfg(test)]
@@ -178,13 +191,14 @@ mod tests {
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();
                 std::fs::write(&p, to_bytes(v).unwrap()).unwrap();
             }
-            let (got, step, groups) = read_universal(dir.path(), &layout).unwrap();
+            let got = read_universal(dir.path(), &layout).unwrap();
+            let st = got.state;
             assert_eq!(
-                (got.fp32, got.m, got.v, step),
+                (st.fp32, st.m, st.v, got.step),
                 (full.fp32.clone(), full.m.clone(), full.v.clone(), 7)
             );
-            assert_eq!(groups.len(), if hf { 2 } else { 1 });
-            assert_eq!(groups[0].betas, (Some(0.9), Some(0.95)));
+            assert_eq!(got.groups.len(), if hf { 2 } else { 1 });
+            assert_eq!(got.groups[0].betas, (Some(0.9), Some(0.95)));
             // Another model's parameter: refused by name.
             let wte = dir.path().join("zero/transformer.wte.weight/fp32.pt");
             let other = TorchTensor::f32(vec![3, 8], &[0.0; 24]);

@@ -193,16 +193,10 @@ pub fn optim_states(
         let (m, v) = (cut(&full.m).0, cut(&full.v).0);
         fp32.push(f32s(&p));
         paddings.push(PyValue::Int(pad as i64));
-        let step = if grouping.torch_adamw {
-            // torch keeps the step as a float32 scalar tensor.
-            PyValue::Tensor(TorchTensor::f32(vec![], &[adam.step as f32]))
-        } else {
-            PyValue::Int(adam.step as i64)
-        };
         states.push((
             PyValue::Int(g as i64),
             PyValue::Dict(vec![
-                (s("step"), step),
+                (s("step"), step_value(grouping, adam)),
                 (s("exp_avg"), f32s(&m)),
                 (s("exp_avg_sq"), f32s(&v)),
             ]),
@@ -243,6 +237,17 @@ pub fn optim_states(
         (s("ds_config"), ds_config.clone()),
         (s("ds_version"), s(DS_VERSION)),
     ])
+}
+
+/// Adam's step as its optimizer's state keeps it: torch's AdamW as a
+/// float32 scalar tensor (it refuses anything else), DeepSpeed's Adams as
+/// an int.
+pub(super) fn step_value(grouping: &Grouping, adam: &AdamInfo) -> PyValue {
+    if grouping.torch_adamw {
+        PyValue::Tensor(TorchTensor::f32(vec![], &[adam.step as f32]))
+    } else {
+        PyValue::Int(adam.step as i64)
+    }
 }
 
 /// Group `g`'s hyperparameters with the keys its optimizer's state dict
