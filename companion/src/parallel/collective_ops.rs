@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::zero::comm::Communicator;
 
@@ -91,12 +91,53 @@ impl CustomOp1 for ReduceBackward {
     }
 }
 
+/// Megatron's `g` once the sum is taken: forward the sum (the second
+/// input), the gradient to the partial result (the first) unchanged.
+struct ReduceForward;
+
+impl CustomOp2 for ReduceForward {
+    fn name(&self) -> &'static str {
+        "tp-g"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        sum: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy(sum, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        sum: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy(sum, l)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _sum: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.clone()), None))
+    }
+}
+
 /// `g(x)`: the sum of the group's partial results, whose gradient is the
 /// sum's own (Megatron's `g`: all-reduce forward, identity backward).
 pub fn reduce_forward(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
-    let sum = all_reduce(&x.detach().contiguous()?, comm.as_ref())?;
-    // x − x is exactly zero and carries x's gradient through unchanged.
-    (x - x.detach())? + sum
+    let x = x.contiguous()?;
+    let sum = all_reduce(&x.detach(), comm.as_ref())?;
+    x.apply_op2(&sum, ReduceForward)
 }
 
 /// `f(x)`: `x`, whose gradient is summed over the group.
@@ -225,4 +266,84 @@ pub fn vocab_parallel_cross_entropy_sum(
     (sumexp.log()? - picked)?
         .mul(&Tensor::from_vec(counted, (n, 1), dev)?)?
         .sum_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zero::comm::{run_ranks, CommError};
+    use candle_core::{Device, Var};
+
+    /// The two vocabulary-parallel cross-entropies (slices, for the fused
+    /// stage; candle's ops, for autograd) over 2 ranks give the loss the
+    /// whole vocabulary's log-softmax gives, and the same gradient: a
+    /// vocabulary of 7 (the second rank's fourth column padding, never
+    /// read), targets on either rank, one row not counted.
+    #[test]
+    fn the_slice_and_candle_cross_entropies_agree_with_the_formula() {
+        let (rows, vocab, per) = (5, 7, 4);
+        let logit = |i: usize, j: usize| ((i * 7 + j * 3) % 11) as f32 * 0.37 - 1.5;
+        let targets = vec![0i64, 6, 3, -100, 4];
+        let want: f64 = (0..rows)
+            .filter(|&i| targets[i] >= 0)
+            .map(|i| {
+                let lse = (0..vocab)
+                    .map(|j| (logit(i, j) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+                lse - logit(i, targets[i] as usize) as f64
+            })
+            .sum();
+        let got = run_ranks(2, |r, comm| -> std::result::Result<_, CommError> {
+            let err = |e: candle_core::Error| CommError::Transport(e.to_string());
+            let (off, real) = (r * per, per.min(vocab - r * per));
+            let mine: Vec<f32> = (0..rows)
+                .flat_map(|i| {
+                    (0..per).map(move |j| if j < real { logit(i, off + j) } else { 99.0 })
+                })
+                .collect();
+            let (total, max, sumexp) =
+                vocab_parallel_forward(&mine, (per, real), &targets, off, comm.as_ref())
+                    .map_err(err)?;
+            let mut d = mine.clone();
+            vocab_parallel_grad(&mut d, (per, real), &targets, off, (&max, &sumexp), 1.0);
+            let x = Tensor::from_vec(mine, (rows, per), &Device::Cpu)
+                .and_then(|t| t.narrow(1, 0, real))
+                .and_then(|t| Var::from_tensor(&t))
+                .map_err(err)?;
+            let loss = vocab_parallel_cross_entropy_sum(x.as_tensor(), targets.clone(), off, &comm)
+                .map_err(err)?;
+            let g = loss.backward().map_err(err)?;
+            let g: Vec<Vec<f32>> = g.get(x.as_tensor()).unwrap().to_vec2().map_err(err)?;
+            let loss = loss.to_scalar::<f32>().map_err(err)? as f64;
+            Ok((total, loss, d, g, real))
+        })
+        .unwrap();
+        for (r, (total, loss, d, g, real)) in got.into_iter().enumerate() {
+            assert!(
+                (total - want).abs() <= 1e-5 * want,
+                "rank {r}: slices {total} vs {want}"
+            );
+            assert!(
+                (loss - want).abs() <= 1e-5 * want,
+                "rank {r}: candle {loss} vs {want}"
+            );
+            for i in 0..rows {
+                for j in 0..per {
+                    let slice = d[i * per + j];
+                    if j >= real {
+                        assert_eq!(slice, 0.0, "padding's gradient");
+                        continue;
+                    }
+                    assert!(
+                        (slice - g[i][j]).abs() <= 1e-6,
+                        "rank {r} ({i}, {j}): {slice} vs {}",
+                        g[i][j]
+                    );
+                }
+            }
+            // A row without a target has no gradient.
+            assert!(g[3].iter().all(|&x| x == 0.0));
+        }
+    }
 }

@@ -404,15 +404,22 @@ mod tests {
             .unwrap()
         };
         let (host, device) = (run(false), run(true));
+        // The tensors each rank hands to the device collectives: per
+        // micro-batch, forward, `g` after each block's attention and MLP,
+        // the embedding's `g` on the first stage, the loss's gather of the
+        // maxima and its two sums on the last; backward, `f`'s sum before
+        // each block's attention and MLP and, on the last stage, before
+        // ln_f. Per step, the tied embedding's two gradients summed.
+        let (blocks, micro_batches) = (4 / 2, 2 * steps.len());
+        let per_micro_batch = |last: bool| match last {
+            false => 1 + 2 * blocks + 2 * blocks,
+            true => 2 * blocks + 3 + 2 * blocks + 1,
+        };
         for (rank, (h, d)) in host.iter().zip(&device).enumerate() {
             assert_eq!(h.3, 0);
-            // Per block: g after attention and MLP, f's sums in backward;
-            // the embedding's and the loss's sums and the maxima' gather.
-            assert!(
-                d.3 >= 3 * 4,
-                "rank {rank}: {} tensors summed on the device",
-                d.3
-            );
+            // Megatron's order, tp-dp-pp: ranks 0–3 are the first stage.
+            let want = per_micro_batch(rank >= 4) * micro_batches + steps.len();
+            assert_eq!(d.3, want, "rank {rank}: tensors summed on the device");
             assert_eq!(h.2, d.2, "rank {rank}: the same payloads counted");
             for (a, b) in h.0.iter().zip(&d.0) {
                 assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss, "{a:?} vs {b:?}");
