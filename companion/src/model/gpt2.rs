@@ -60,8 +60,8 @@ impl Conv1D {
         self.product(x)?.broadcast_add(&self.bias)
     }
 
-    /// `x @ W` on `[rows, in]`: a plain 2-D matmul, whose backward needs no
-    /// broadcast-and-sum over the batch.
+    /// `x @ W` on `[…, in]`, as a plain 2-D matmul over the rows (whose
+    /// backward needs no broadcast-and-sum over the batch).
     fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let (k, n) = self.weight.dims2()?;

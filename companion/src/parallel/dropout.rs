@@ -108,7 +108,8 @@ impl StageDropout<'_> {
     }
 
     /// Block `layer`'s dropout of the attention output (`mlp: false`) or
-    /// the MLP output (`mlp: true`), `[B·T, C]` (`resid_pdrop`).
+    /// the MLP output (`mlp: true`), `B·T·C` elements in row order, of any
+    /// shape (`resid_pdrop`).
     pub fn residual(&self, x: &Tensor, layer: usize, mlp: bool) -> Result<Tensor> {
         self.masked(x, self.config.resid_pdrop, |m| {
             self.fill_residual(m, layer, mlp)
