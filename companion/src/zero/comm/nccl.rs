@@ -151,7 +151,9 @@ impl Communicator for NcclRank {
         let max = lens.iter().copied().max().unwrap_or(0) as usize;
         if max == 0 {
             // Nobody sends anything (a barrier): no zero-byte NCCL buffers.
-            return Ok(Arc::new(vec![Arc::new(vec![]); self.world]));
+            return Ok(Arc::new(
+                (0..self.world).map(|_| Arc::new(vec![])).collect(),
+            ));
         }
         let mut padded = send;
         padded.resize(max, 0.0);
