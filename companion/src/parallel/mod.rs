@@ -72,12 +72,16 @@ pub(crate) fn tiny_config(n_layer: usize) -> crate::config::GPT2Config {
 }
 
 /// Tests: a transport with device collectives, as NCCL's, on CPU ranks: it
-/// sums and gathers the tensors it is handed (through the host transport
-/// it wraps) and counts them, so the paths GPU ranks take run here.
+/// sums, gathers and exchanges the tensors it is handed (through the host
+/// transport it wraps) and counts them, so the paths GPU ranks take run
+/// here.
 #[cfg(test)]
 pub(crate) struct DeviceCollectives {
     pub inner: std::sync::Arc<dyn crate::zero::comm::Communicator>,
+    /// Tensors summed or gathered.
     pub tensors: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Exchanges of tensors.
+    pub exchanges: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[cfg(test)]
@@ -101,6 +105,26 @@ impl crate::zero::comm::Communicator for DeviceCollectives {
         Ok(std::sync::Arc::new(DeviceCollectives {
             inner: self.inner.split(color)?,
             tensors: self.tensors.clone(),
+            exchanges: self.exchanges.clone(),
+        }))
+    }
+    fn exchange_on_device(
+        &self,
+        t: Option<&candle_core::Tensor>,
+    ) -> Option<crate::zero::comm::Result<Vec<Option<candle_core::Tensor>>>> {
+        self.exchanges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let send = t.map_or(vec![], |t| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        });
+        Some(self.inner.exchange(send).map(|all| {
+            all.iter()
+                .map(|v| {
+                    let dev = candle_core::Device::Cpu;
+                    (!v.is_empty())
+                        .then(|| candle_core::Tensor::from_slice(v, v.len(), &dev).unwrap())
+                })
+                .collect()
         }))
     }
     fn all_reduce_sum_on_device(

@@ -17,8 +17,9 @@
 //! sub-communicator; every Megatron send/receive call is one exchange on
 //! it, carrying what each side sends (possibly nothing). Megatron's calls
 //! on neighbouring stages pair up one to one, so the exchanges do too.
-//! The exchange takes host memory: on GPU ranks (NCCL, autograd stages) the
-//! activations go through the host on their way to the neighbour's GPU.
+//! On GPU ranks (NCCL) the exchange stays on the device
+//! (`Communicator::exchange_on_device`); other transports exchange host
+//! memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,23 +117,27 @@ impl PipelineStage {
         let link = link
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("no neighbour".into()))?;
-        let send = match out {
-            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![],
-        };
         let start = Instant::now();
-        let all = link.exchange(send).map_err(comm_err)?;
+        let other = 1 - link.rank();
+        let theirs = match link.exchange_on_device(out) {
+            Some(all) => all.map_err(comm_err)?.swap_remove(other),
+            None => {
+                let send = match out {
+                    Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![],
+                };
+                let all = link.exchange(send).map_err(comm_err)?;
+                let theirs = &all[other];
+                (!theirs.is_empty())
+                    .then(|| Tensor::from_slice(theirs, theirs.len(), &self.model.device()?))
+                    .transpose()?
+            }
+        };
         self.waited += start.elapsed();
-        let theirs = &all[1 - link.rank()];
-        if theirs.is_empty() {
-            return Ok(None);
-        }
         let width = self.model.config.n_embd;
-        Ok(Some(Tensor::from_slice(
-            theirs,
-            (theirs.len() / width, width),
-            &self.model.device()?,
-        )?))
+        theirs
+            .map(|t| t.reshape((t.elem_count() / width, width)))
+            .transpose()
     }
 }
 

@@ -357,9 +357,10 @@ mod tests {
     }
 
     /// GPU ranks' path on CPU ranks: the split model on candle's autograd
-    /// with a transport that sums and gathers tensors itself (as NCCL does
-    /// on the GPU) trains tp 2 × pp 2 × dp 2 as through host exchanges, and
-    /// its collectives are the ones used (each counted in the traffic).
+    /// with a transport that sums, gathers and exchanges tensors itself (as
+    /// NCCL does on the GPU) trains tp 2 × pp 2 × dp 2 as through host
+    /// exchanges, and its collectives are the ones used (each counted in
+    /// the traffic).
     #[test]
     fn device_collectives_train_like_host_exchanges() {
         use std::sync::atomic::AtomicUsize;
@@ -379,15 +380,17 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        type Run = (Vec<StepOutput>, Vec<(String, Tensor)>, Traffic, usize);
+        type Run = (Vec<StepOutput>, Vec<(String, Tensor)>, Traffic, [usize; 2]);
         let run = |on_device: bool| -> Vec<Run> {
             run_ranks(8, |_, comm| -> std::result::Result<Run, CommError> {
                 let err = |e: candle_core::Error| CommError::Transport(e.to_string());
                 let tensors = Arc::new(AtomicUsize::new(0));
+                let exchanges = Arc::new(AtomicUsize::new(0));
                 let comm: Arc<dyn Communicator> = match on_device {
                     true => Arc::new(crate::parallel::DeviceCollectives {
                         inner: comm,
                         tensors: tensors.clone(),
+                        exchanges: exchanges.clone(),
                     }),
                     false => comm,
                 };
@@ -398,7 +401,7 @@ mod tests {
                     outs,
                     t.shards(),
                     t.last_traffic,
-                    tensors.load(Ordering::Relaxed),
+                    [&tensors, &exchanges].map(|c| c.load(Ordering::Relaxed)),
                 ))
             })
             .unwrap()
@@ -416,10 +419,14 @@ mod tests {
             true => 2 * blocks + 3 + 2 * blocks + 1,
         };
         for (rank, (h, d)) in host.iter().zip(&device).enumerate() {
-            assert_eq!(h.3, 0);
+            assert_eq!(h.3, [0, 0]);
             // Megatron's order, tp-dp-pp: ranks 0–3 are the first stage.
             let want = per_micro_batch(rank >= 4) * micro_batches + steps.len();
-            assert_eq!(d.3, want, "rank {rank}: tensors summed on the device");
+            assert_eq!(d.3[0], want, "rank {rank}: tensors summed on the device");
+            // 1F1B over 2 stages and 2 micro-batches: each stage's 3 sends
+            // and receives per step (its neighbour's activations or their
+            // gradients) are exchanges on the device.
+            assert_eq!(d.3[1], 3 * steps.len(), "rank {rank}: exchanges");
             assert_eq!(h.2, d.2, "rank {rank}: the same payloads counted");
             for (a, b) in h.0.iter().zip(&d.0) {
                 assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss, "{a:?} vs {b:?}");

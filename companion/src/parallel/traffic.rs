@@ -81,6 +81,16 @@ impl Communicator for CountingCommunicator {
         self.count(send.len());
         self.inner.all_gather(send)
     }
+    fn exchange_on_device(
+        &self,
+        t: Option<&candle_core::Tensor>,
+    ) -> Option<Result<Vec<Option<candle_core::Tensor>>>> {
+        let r = self.inner.exchange_on_device(t)?;
+        // As `exchange` counts: what this rank sends.
+        let n = t.map_or(0, candle_core::Tensor::elem_count);
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Some(r)
+    }
     fn all_reduce_sum_on_device(
         &self,
         t: &candle_core::Tensor,

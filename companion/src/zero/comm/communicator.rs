@@ -73,6 +73,17 @@ pub trait Communicator: Send + Sync {
         None
     }
 
+    /// Every rank's `t` (fp32, any length, or nothing) in rank order, on
+    /// this rank's device: a pipeline stage's send and receive. `None` as
+    /// for [`all_reduce_sum_on_device`](Self::all_reduce_sum_on_device)
+    /// (the caller then goes through [`exchange`](Self::exchange)).
+    fn exchange_on_device(
+        &self,
+        _t: Option<&candle_core::Tensor>,
+    ) -> Option<Result<Vec<Option<candle_core::Tensor>>>> {
+        None
+    }
+
     /// Sum `buf` over all ranks, in place (`dist.all_reduce`).
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         if self.world_size() == 1 {

@@ -8,7 +8,9 @@
 //! tensor-, pipeline- and data-parallel groups) are NCCL communicators of
 //! their own, each made from an id its first rank draws and hands to the
 //! others over the parent group (`ncclCommInitRank`, as
-//! `torch.distributed.new_group` does). Built with the `nccl` feature
+//! `torch.distributed.new_group` does). Pipeline stages exchange their
+//! activations on the device too (the lengths through the host, then one
+//! all-gather on the pair's communicator). Built with the `nccl` feature
 //! (which implies `cuda`); compiled in CI, not yet run on several GPUs.
 
 use super::communicator::{
@@ -32,6 +34,7 @@ pub fn new_id() -> Result<Id> {
 /// One rank's NCCL communicator on its GPU.
 pub struct NcclRank {
     comm: Mutex<Comm>,
+    device: candle_core::Device,
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
@@ -51,13 +54,11 @@ impl NcclRank {
                 "NCCL rank {rank} needs a CUDA device, got {device:?}"
             )));
         };
-        Self::on_stream(d.cuda_stream(), rank, world, id)
-    }
-
-    fn on_stream(stream: Arc<CudaStream>, rank: usize, world: usize, id: Id) -> Result<Self> {
+        let stream = d.cuda_stream();
         let comm = Comm::from_rank(stream.clone(), rank, world, id).map_err(|e| err("init", e))?;
         Ok(NcclRank {
             comm: Mutex::new(comm),
+            device: device.clone(),
             stream,
             rank,
             world,
@@ -112,6 +113,41 @@ impl NcclRank {
             candle_core::op::BackpropOp::none(),
             false,
         ))
+    }
+
+    /// [`Communicator::exchange_on_device`]: the lengths gathered through
+    /// the host, then every rank's tensor, padded to the longest, gathered
+    /// on the device.
+    fn exchange_tensors(&self, t: Option<&Tensor>) -> Result<Vec<Option<Tensor>>> {
+        let n = t.map_or(0, Tensor::elem_count);
+        let lens = self.gather_equal(&[n as u64])?;
+        let max = lens.iter().copied().max().unwrap_or(0) as usize;
+        if max == 0 {
+            return Ok(vec![None; self.world]);
+        }
+        let cuda = |e: candle_core::Error| err("exchange", e);
+        let zeros = |k: usize| Tensor::zeros(k, DType::F32, &self.device).map_err(cuda);
+        let mine = match t {
+            Some(t) => t
+                .flatten_all()
+                .and_then(|x| x.to_dtype(DType::F32))
+                .map_err(cuda)?,
+            None => zeros(0)?,
+        };
+        let padded = match n < max {
+            true => Tensor::cat(&[mine, zeros(max - n)?], 0).map_err(cuda)?,
+            false => mine,
+        };
+        let all = self.on_device(&padded, max * self.world, "exchange", |c, src, dst| {
+            c.all_gather(src, dst).map(|_| ())
+        })?;
+        lens.iter()
+            .enumerate()
+            .map(|(r, &len)| match len {
+                0 => Ok(None),
+                len => all.narrow(0, r * max, len as usize).map(Some).map_err(cuda),
+            })
+            .collect()
     }
 
     /// All-gather of equal-length buffers, on the host side.
@@ -228,6 +264,10 @@ impl Communicator for NcclRank {
         ))
     }
 
+    fn exchange_on_device(&self, t: Option<&Tensor>) -> Option<Result<Vec<Option<Tensor>>>> {
+        Some(self.exchange_tensors(t))
+    }
+
     fn reduce_scatter_sum_on_device(&self, t: &Tensor) -> Option<Result<Tensor>> {
         // The callers pad every rank's chunk to the longest.
         Some(self.on_device(
@@ -264,8 +304,8 @@ impl Communicator for NcclRank {
             )));
         }
         let id = id_from_floats(first)?;
-        Ok(Arc::new(NcclRank::on_stream(
-            self.stream.clone(),
+        Ok(Arc::new(NcclRank::new(
+            &self.device,
             me,
             members.len(),
             id,
