@@ -25,33 +25,19 @@ fn comm_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("tensor-parallel collective: {e}"))
 }
 
-/// The sum of `t` (fp32) over the group, on `t`'s device: the transport's
-/// device collective where it has one, else through host memory.
+/// The sum of `t` (fp32) over the group, in `t`'s shape on its device: the
+/// transport's device collective where it has one, else through host
+/// memory (the ZeRO engine's `all_reduce`).
 pub(super) fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
-    if comm.world_size() == 1 {
-        return Ok(t.clone());
-    }
-    if let Some(r) = comm.all_reduce_sum_on_device(t) {
-        return r.map_err(comm_err)?.reshape(t.shape());
-    }
-    let mut v = t.flatten_all()?.to_vec1::<f32>()?;
-    comm.all_reduce_sum(&mut v).map_err(comm_err)?;
-    Tensor::from_vec(v, t.shape(), t.device())
+    crate::zero::device_buffers::all_reduce(comm, &t.flatten_all()?)
+        .map_err(comm_err)?
+        .reshape(t.shape())
 }
 
 /// Every rank's `t` (fp32, the same length on each) end to end in rank
 /// order, flat, on `t`'s device, as [`all_reduce`] runs.
 pub(super) fn all_gather(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
-    let t = t.flatten_all()?;
-    if comm.world_size() == 1 {
-        return Ok(t);
-    }
-    if let Some(r) = comm.all_gather_on_device(&t) {
-        return r.map_err(comm_err);
-    }
-    let all = comm.all_gather(&t.to_vec1::<f32>()?).map_err(comm_err)?;
-    let n = all.len();
-    Tensor::from_vec(all, n, t.device())
+    crate::zero::device_buffers::all_gather(comm, &t.flatten_all()?).map_err(comm_err)
 }
 
 /// A copy of the tensor `l` describes, on its own backend.

@@ -68,7 +68,7 @@ pub(super) fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Σx² in f64 on the device (on CUDA one fused kernel, `optim/adamw.cu`).
-pub(super) fn sum_sq(t: &Tensor) -> Result<f64> {
+pub(crate) fn sum_sq(t: &Tensor) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if t.device().is_cuda()
         && t.dtype() == DType::F32
@@ -86,7 +86,7 @@ pub(super) fn all_finite(t: &Tensor) -> Result<bool> {
 }
 
 /// `t` with zeros appended up to `len` elements.
-pub(super) fn pad_to(t: &Tensor, len: usize) -> Result<Tensor> {
+pub(crate) fn pad_to(t: &Tensor, len: usize) -> Result<Tensor> {
     let n = t.elem_count();
     if n >= len {
         return Ok(t.clone());
@@ -97,7 +97,7 @@ pub(super) fn pad_to(t: &Tensor, len: usize) -> Result<Tensor> {
 
 /// Sum over ranks (none to do on one rank): on the device where the
 /// transport can (NCCL), else through host memory.
-pub(super) fn all_reduce(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
+pub(crate) fn all_reduce(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
     if comm.world_size() == 1 {
         return Ok(t.clone());
     }
@@ -112,7 +112,7 @@ pub(super) fn all_reduce(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> 
 /// This rank's chunk of the sum over ranks of `t` (`world` equal chunks end
 /// to end): NCCL's reduce-scatter where the tensor lives, else through host
 /// memory.
-pub(super) fn reduce_scatter(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
+pub(crate) fn reduce_scatter(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
     let world = comm.world_size();
     if world == 1 {
         return Ok(t.clone());
@@ -126,7 +126,7 @@ pub(super) fn reduce_scatter(comm: &dyn Communicator, t: &Tensor) -> Result<Tens
 }
 
 /// Every rank's `t`, end to end in rank order.
-pub(super) fn all_gather(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
+pub(crate) fn all_gather(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
     if comm.world_size() == 1 {
         return Ok(t.clone());
     }

@@ -27,7 +27,7 @@
 //! otherwise they are tensors on the rank's device, updated with tensor ops.
 
 pub mod comm;
-mod device_buffers;
+pub(crate) mod device_buffers;
 pub mod ds_checkpoint;
 pub mod ds_config;
 pub mod ds_schema;
