@@ -116,7 +116,7 @@ impl ParallelTrainer {
             .map(|(_, t)| t.flatten_all()?.to_vec1::<f32>())
             .collect::<Result<Vec<_>>>()?
             .concat();
-        let (part, (m, v)) = (self.optimizer.part_range(), self.optimizer.moments());
+        let (part, (m, v)) = (self.optimizer.part_range(), self.optimizer.moments()?);
         let mut send = Vec::new();
         if me.dp == 0 {
             spoken(&mine, 0..flat.len(), |i, _| send.push(flat[i]));
@@ -299,6 +299,48 @@ mod tests {
             Ok((losses, full, t.optimizer.adam_steps))
         })
         .unwrap()
+    }
+
+    /// With the distributed optimizer's state on the device (as a GPU
+    /// rank keeps it), gathering gives back exactly the state the ranks were
+    /// cut from, and moments set again from the host land where they were.
+    #[test]
+    fn the_device_state_gathers_and_resumes_exactly() {
+        let cfg = crate::parallel::tiny_config(2);
+        let model = GPT2LMHeadModel::new(&cfg, 5, &Device::Cpu).unwrap();
+        let layout = crate::zero::FlatLayout::new(&cfg, 1);
+        let fp32 = crate::zero::layout::flatten_params(&model, &layout).unwrap();
+        let n = fp32.len();
+        let m: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-4 - 4e-3).collect();
+        let v: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-6).collect();
+        let start = FlatState { fp32, m, v };
+        let got = run_ranks(8, |_, comm| -> std::result::Result<_, CommError> {
+            let err = |e: candle_core::Error| CommError::Transport(e.to_string());
+            let mut t =
+                ParallelTrainer::from_full_state(&cfg, &start, 7, comm, (2, 2), ADAM, &Device::Cpu)
+                    .map_err(err)?;
+            t.optimizer
+                .place_state_on_device(&t.stage.model)
+                .map_err(err)?;
+            let first = t.gather_full_state().map_err(err)?;
+            let (m, v) = t.optimizer.moments().map_err(err)?;
+            let k = t.optimizer.part_range().len();
+            let zero = vec![0f32; k];
+            t.optimizer
+                .set_moments(zero.clone(), zero, 7)
+                .map_err(err)?;
+            let cleared = t.gather_full_state().map_err(err)?;
+            t.optimizer
+                .set_moments(m[..k].to_vec(), v[..k].to_vec(), 7)
+                .map_err(err)?;
+            Ok((first, cleared, t.gather_full_state().map_err(err)?))
+        })
+        .unwrap();
+        for (first, cleared, again) in got {
+            assert_eq!(first, start);
+            assert!(cleared.m.iter().all(|&x| x == 0.0) && cleared.fp32 == start.fp32);
+            assert_eq!(again, start);
+        }
     }
 
     /// Gathering gives back exactly the state a run started from, on every

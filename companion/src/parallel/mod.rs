@@ -8,7 +8,7 @@
 //! the vocabulary padded to divide), which part of the model each stage
 //! holds (`stages`); dropout drawing the whole model's masks (`dropout`);
 //! AdamW over the shards (`optimizer`, ZeRO-1 over the data-parallel
-//! group); pipeline stages run in 1F1B order (`pipeline`), each on the
+//! group; its state on a GPU rank's device in `optimizer_on_device`); pipeline stages run in 1F1B order (`pipeline`), each on the
 //! fused CPU kernels (`fused_stage`, `fused_backward`) or, for other
 //! activations, on candle's autograd (`tensor`); the three
 //! composed (`three_d`), with each group's traffic counted against the
@@ -24,6 +24,7 @@ mod fused_backward;
 pub mod fused_stage;
 mod layout;
 pub mod optimizer;
+mod optimizer_on_device;
 pub mod pipeline;
 pub mod stages;
 pub mod tensor;
@@ -137,6 +138,20 @@ impl crate::zero::comm::Communicator for DeviceCollectives {
         Some(self.inner.all_reduce_sum(&mut v).map(|()| {
             let n = v.len();
             candle_core::Tensor::from_vec(v, n, t.device()).unwrap()
+        }))
+    }
+    fn reduce_scatter_sum_on_device(
+        &self,
+        t: &candle_core::Tensor,
+    ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
+        self.tensors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let world = self.inner.world_size();
+        let counts = vec![v.len() / world; world];
+        Some(self.inner.reduce_scatter_sum(&v, &counts).map(|mine| {
+            let n = mine.len();
+            candle_core::Tensor::from_vec(mine, n, t.device()).unwrap()
         }))
     }
     fn all_gather_on_device(

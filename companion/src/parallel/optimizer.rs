@@ -7,6 +7,7 @@
 //! it is Megatron's distributed optimizer (ZeRO-1): the gradients are
 //! reduce-scattered, each data-parallel rank keeps Adam's moments for, and
 //! updates, its part of that flat vector, and the parts are all-gathered.
+//! A GPU rank keeps that state on its device (`optimizer_on_device`).
 //! (The flat vector is padded to a multiple of the group's size; the ZeRO
 //! engine's `FlatLayout` pads to twice that, as DeepSpeed does.)
 
@@ -34,16 +35,34 @@ pub struct ShardOptimizer {
     pub adam: AdamWParams,
     /// Adam's step count.
     pub adam_steps: u64,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    /// Adam's moments of this rank's part (padded to `part`).
+    pub(super) state: AdamState,
     /// (elements, weight decay) of each shard, in order.
-    segments: Vec<(usize, bool)>,
+    pub(super) segments: Vec<(usize, bool)>,
     /// The data-parallel group ZeRO-1 partitions over (None: every rank
     /// updates everything).
-    dp: Option<Arc<dyn Communicator>>,
+    pub(super) dp: Option<Arc<dyn Communicator>>,
     /// Elements of the flat vector and each data-parallel rank's part.
-    numel: usize,
-    part: usize,
+    pub(super) numel: usize,
+    pub(super) part: usize,
+}
+
+/// Where Adam's moments live: host vectors (CPU ranks: the fused AdamW
+/// loop), or tensors on the shards' device with the masks of this rank's
+/// part (GPU ranks: `optimizer_on_device`).
+pub(super) enum AdamState {
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+    },
+    Device {
+        m: Tensor,
+        v: Tensor,
+        /// 1 where weight decay applies.
+        decay: Tensor,
+        /// 1 where the element counts in the whole model's norm.
+        counted: Tensor,
+    },
 }
 
 impl ShardOptimizer {
@@ -73,16 +92,22 @@ impl ShardOptimizer {
         let numel: usize = segments.iter().map(|s| s.0).sum();
         let ways = dp.as_ref().map_or(1, |d| d.world_size());
         let part = numel.div_ceil(ways);
-        Ok(ShardOptimizer {
+        let mut me = ShardOptimizer {
             adam,
             adam_steps: 0,
-            m: vec![0.0; part],
-            v: vec![0.0; part],
+            state: AdamState::Host {
+                m: vec![0.0; part],
+                v: vec![0.0; part],
+            },
             segments,
             dp,
             numel,
             part,
-        })
+        };
+        if !model.device()?.is_cpu() {
+            me.place_state_on_device(model)?;
+        }
+        Ok(me)
     }
 
     /// The elements of this rank's flat shard vector whose moments it keeps.
@@ -94,9 +119,13 @@ impl ShardOptimizer {
         part_of(self.numel, ways, rank)
     }
 
-    /// Adam's moments of [`Self::part_range`] (padded to equal parts).
-    pub fn moments(&self) -> (&[f32], &[f32]) {
-        (&self.m, &self.v)
+    /// Adam's moments of [`Self::part_range`] (padded to equal parts), in
+    /// host memory.
+    pub fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match &self.state {
+            AdamState::Host { m, v } => Ok((m.clone(), v.clone())),
+            AdamState::Device { m, v, .. } => Ok((m.to_vec1()?, v.to_vec1()?)),
+        }
     }
 
     /// Take moments for [`Self::part_range`] and Adam's step count (a resume).
@@ -109,16 +138,24 @@ impl ShardOptimizer {
                 v.len()
             );
         }
-        (self.m, self.v) = (m, v);
-        self.m.resize(self.part, 0.0);
-        self.v.resize(self.part, 0.0);
+        let (mut m, mut v) = (m, v);
+        m.resize(self.part, 0.0);
+        v.resize(self.part, 0.0);
+        match &mut self.state {
+            AdamState::Host { m: hm, v: hv } => (*hm, *hv) = (m, v),
+            AdamState::Device { m: dm, v: dv, .. } => {
+                let device = dm.device().clone();
+                *dm = Tensor::from_vec(m, self.part, &device)?;
+                *dv = Tensor::from_vec(v, self.part, &device)?;
+            }
+        }
         self.adam_steps = adam_steps;
         Ok(())
     }
 
     /// Bytes of Adam's state this rank keeps (its part of the moments).
     pub fn state_bytes(&self) -> usize {
-        (self.m.len() + self.v.len()) * 4
+        2 * self.part * 4
     }
 
     /// One optimizer step of a tensor-parallel model (one stage, no data
@@ -156,6 +193,9 @@ impl ShardOptimizer {
         max_grad_norm: f64,
         more: &[&Arc<dyn Communicator>],
     ) -> Result<f64> {
+        if matches!(self.state, AdamState::Device { .. }) {
+            return self.step_on_device(model, grads, lr, max_grad_norm, more);
+        }
         let ways = self.dp.as_ref().map_or(1, |d| d.world_size());
         let mut g = Vec::with_capacity(self.part * ways);
         let mut p = Vec::with_capacity(self.numel);
@@ -219,11 +259,14 @@ impl ShardOptimizer {
         }
         let mut mp = p[mine.clone()].to_vec();
         self.adam_steps += 1;
+        let AdamState::Host { m, v } = &mut self.state else {
+            unreachable!("the device state steps in step_on_device")
+        };
         adamw::update(
             self.adam,
             self.adam_steps,
-            &mut self.m,
-            &mut self.v,
+            m,
+            v,
             &mut mp,
             &owned,
             lr,

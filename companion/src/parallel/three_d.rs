@@ -358,9 +358,9 @@ mod tests {
 
     /// GPU ranks' path on CPU ranks: the split model on candle's autograd
     /// with a transport that sums, gathers and exchanges tensors itself (as
-    /// NCCL does on the GPU) trains tp 2 × pp 2 × dp 2 as through host
-    /// exchanges, and its collectives are the ones used (each counted in
-    /// the traffic).
+    /// NCCL does on the GPU), and the distributed optimizer's state on the
+    /// device, trains tp 2 × pp 2 × dp 2 as the host path does, and its
+    /// collectives are the ones used (each counted in the traffic).
     #[test]
     fn device_collectives_train_like_host_exchanges() {
         use std::sync::atomic::AtomicUsize;
@@ -396,6 +396,12 @@ mod tests {
                 };
                 let mut t = ParallelTrainer::new(&cfg, &weights, comm, 2, 2, adam).map_err(err)?;
                 t.stage.set_fused(false).map_err(err)?;
+                if on_device {
+                    // The distributed optimizer's state as a GPU rank keeps it.
+                    t.optimizer
+                        .place_state_on_device(&t.stage.model)
+                        .map_err(err)?;
+                }
                 let outs = steps_of(&mut t, &steps).map_err(err)?;
                 Ok((
                     outs,
@@ -412,7 +418,9 @@ mod tests {
         // the embedding's `g` on the first stage, the loss's gather of the
         // maxima and its two sums on the last; backward, `f`'s sum before
         // each block's attention and MLP and, on the last stage, before
-        // ln_f. Per step, the tied embedding's two gradients summed.
+        // ln_f. Per step, the tied embedding's two gradients summed, and the
+        // distributed optimizer's reduce-scatter and all-gather over the 2
+        // data-parallel replicas.
         let (blocks, micro_batches) = (4 / 2, 2 * steps.len());
         let per_micro_batch = |last: bool| match last {
             false => 1 + 2 * blocks + 2 * blocks,
@@ -421,7 +429,7 @@ mod tests {
         for (rank, (h, d)) in host.iter().zip(&device).enumerate() {
             assert_eq!(h.3, [0, 0]);
             // Megatron's order, tp-dp-pp: ranks 0–3 are the first stage.
-            let want = per_micro_batch(rank >= 4) * micro_batches + steps.len();
+            let want = per_micro_batch(rank >= 4) * micro_batches + 3 * steps.len();
             assert_eq!(d.3[0], want, "rank {rank}: tensors summed on the device");
             // 1F1B over 2 stages and 2 micro-batches: each stage's 3 sends
             // and receives per step (its neighbour's activations or their

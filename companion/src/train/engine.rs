@@ -151,8 +151,8 @@ impl Engine {
         match self {
             Engine::Zero(e) => Ok(e.state_is_finite()?),
             Engine::ModelParallel(p) => {
-                let (m, v) = p.trainer.optimizer.moments();
-                let mut ok = m.iter().chain(v).all(|x| x.is_finite());
+                let (m, v) = p.trainer.optimizer.moments()?;
+                let mut ok = m.iter().chain(&v).all(|x| x.is_finite());
                 for (_, t) in p.trainer.shards() {
                     ok &= crate::model::all_finite(&t)?;
                 }
