@@ -301,19 +301,25 @@ mod tests {
         .unwrap()
     }
 
+    /// A new model's whole state, with moments that are not zero (to see
+    /// them land where they belong).
+    fn start_state(cfg: &GPT2Config) -> FlatState {
+        let model = GPT2LMHeadModel::new(cfg, 5, &Device::Cpu).unwrap();
+        let layout = crate::zero::FlatLayout::new(cfg, 1);
+        let fp32 = crate::zero::layout::flatten_params(&model, &layout).unwrap();
+        let n = fp32.len();
+        let m: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-4 - 4e-3).collect();
+        let v: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-6).collect();
+        FlatState { fp32, m, v }
+    }
+
     /// With the distributed optimizer's state on the device (as a GPU
     /// rank keeps it), gathering gives back exactly the state the ranks were
     /// cut from, and moments set again from the host land where they were.
     #[test]
     fn the_device_state_gathers_and_resumes_exactly() {
         let cfg = crate::parallel::tiny_config(2);
-        let model = GPT2LMHeadModel::new(&cfg, 5, &Device::Cpu).unwrap();
-        let layout = crate::zero::FlatLayout::new(&cfg, 1);
-        let fp32 = crate::zero::layout::flatten_params(&model, &layout).unwrap();
-        let n = fp32.len();
-        let m: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-4 - 4e-3).collect();
-        let v: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-6).collect();
-        let start = FlatState { fp32, m, v };
+        let start = start_state(&cfg);
         let got = run_ranks(8, |_, comm| -> std::result::Result<_, CommError> {
             let err = |e: candle_core::Error| CommError::Transport(e.to_string());
             let mut t =
@@ -355,14 +361,7 @@ mod tests {
         let steps = batches(5);
         for tied in [true, false] {
             cfg.tie_word_embeddings = tied;
-            let model = GPT2LMHeadModel::new(&cfg, 5, &Device::Cpu).unwrap();
-            let layout = crate::zero::FlatLayout::new(&cfg, 1);
-            let fp32 = crate::zero::layout::flatten_params(&model, &layout).unwrap();
-            let n = fp32.len();
-            // Moments that are not zero, to see them land where they belong.
-            let m: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-4 - 4e-3).collect();
-            let v: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-6).collect();
-            let start = (FlatState { fp32, m, v }, 7);
+            let start = (start_state(&cfg), 7);
             for layout in [(2, 2, 4), (1, 1, 2), (2, 1, 4), (1, 4, 4)] {
                 for (_, full, steps_done) in run(&cfg, &start, layout, &[]) {
                     assert_eq!((full, steps_done), start.clone(), "{layout:?} tied {tied}");

@@ -132,38 +132,41 @@ impl crate::zero::comm::Communicator for DeviceCollectives {
         &self,
         t: &candle_core::Tensor,
     ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
-        self.tensors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        Some(self.inner.all_reduce_sum(&mut v).map(|()| {
-            let n = v.len();
-            candle_core::Tensor::from_vec(v, n, t.device()).unwrap()
-        }))
+        self.through_host(t, |mut v| self.inner.all_reduce_sum(&mut v).map(|()| v))
     }
     fn reduce_scatter_sum_on_device(
         &self,
         t: &candle_core::Tensor,
     ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
-        self.tensors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let world = self.inner.world_size();
-        let counts = vec![v.len() / world; world];
-        Some(self.inner.reduce_scatter_sum(&v, &counts).map(|mine| {
-            let n = mine.len();
-            candle_core::Tensor::from_vec(mine, n, t.device()).unwrap()
-        }))
+        self.through_host(t, |v| {
+            self.inner
+                .reduce_scatter_sum(&v, &vec![v.len() / world; world])
+        })
     }
     fn all_gather_on_device(
         &self,
         t: &candle_core::Tensor,
     ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
+        self.through_host(t, |v| self.inner.all_gather(&v))
+    }
+}
+
+#[cfg(test)]
+impl DeviceCollectives {
+    /// `t`'s elements through the host collective `op`, counted, back as a
+    /// flat tensor on `t`'s device.
+    fn through_host(
+        &self,
+        t: &candle_core::Tensor,
+        op: impl FnOnce(Vec<f32>) -> crate::zero::comm::Result<Vec<f32>>,
+    ) -> Option<crate::zero::comm::Result<candle_core::Tensor>> {
         self.tensors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        Some(self.inner.all_gather(&v).map(|all| {
-            let n = all.len();
-            candle_core::Tensor::from_vec(all, n, t.device()).unwrap()
+        Some(op(v).map(|out| {
+            let n = out.len();
+            candle_core::Tensor::from_vec(out, n, t.device()).unwrap()
         }))
     }
 }

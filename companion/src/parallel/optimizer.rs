@@ -243,14 +243,7 @@ impl ShardOptimizer {
             }
             at += len;
         }
-        if let Some(d) = self.dp.as_ref().filter(|_| ways > 1) {
-            sq = d.all_reduce_f64(sq).map_err(comm_err)?;
-        }
-        sq = model.comm.all_reduce_f64(sq).map_err(comm_err)?;
-        for c in more {
-            sq = c.all_reduce_f64(sq).map_err(comm_err)?;
-        }
-        let norm = sq.sqrt();
+        let norm = self.whole_norm(model, sq, more)?;
         if max_grad_norm > 0.0 {
             let coef = clip_coefficient(norm, max_grad_norm);
             if coef < 1.0 {
@@ -293,6 +286,27 @@ impl ShardOptimizer {
             at += k;
         }
         Ok(norm)
+    }
+}
+
+impl ShardOptimizer {
+    /// The whole model's gradient norm from this rank's Σg² of its part:
+    /// summed over the data-parallel replicas' parts, the tensor group's
+    /// shards and the `more` groups (the pipeline's stages).
+    pub(super) fn whole_norm(
+        &self,
+        model: &TensorParallelGpt2,
+        mut sq: f64,
+        more: &[&Arc<dyn Communicator>],
+    ) -> Result<f64> {
+        if let Some(d) = self.dp.as_ref().filter(|d| d.world_size() > 1) {
+            sq = d.all_reduce_f64(sq).map_err(comm_err)?;
+        }
+        sq = model.comm.all_reduce_f64(sq).map_err(comm_err)?;
+        for c in more {
+            sq = c.all_reduce_f64(sq).map_err(comm_err)?;
+        }
+        Ok(sq.sqrt())
     }
 }
 

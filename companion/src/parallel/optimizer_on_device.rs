@@ -91,24 +91,11 @@ impl ShardOptimizer {
             Some(d) if ways > 1 => reduce_scatter(d.as_ref(), &g).map_err(comm_err)?,
             _ => g.narrow(0, 0, self.part)?,
         };
-        let AdamState::Device {
-            m,
-            v,
-            decay,
-            counted,
-        } = &mut self.state
-        else {
+        let AdamState::Device { counted, .. } = &self.state else {
             unreachable!("step_on_device runs on the device state")
         };
-        let mut sq = sum_sq(&(&owned * &*counted)?).map_err(comm_err)?;
-        if let Some(d) = self.dp.as_ref().filter(|_| ways > 1) {
-            sq = d.all_reduce_f64(sq).map_err(comm_err)?;
-        }
-        sq = model.comm.all_reduce_f64(sq).map_err(comm_err)?;
-        for c in more {
-            sq = c.all_reduce_f64(sq).map_err(comm_err)?;
-        }
-        let norm = sq.sqrt();
+        let sq = sum_sq(&(&owned * counted)?).map_err(comm_err)?;
+        let norm = self.whole_norm(model, sq, more)?;
         let gscale = match clip_coefficient(norm, max_grad_norm) {
             coef if max_grad_norm > 0.0 && coef < 1.0 => coef as f64,
             _ => 1.0,
@@ -116,6 +103,9 @@ impl ShardOptimizer {
         self.adam_steps += 1;
         let p = Tensor::cat(&p, 0)?;
         let p_owned = pad_to(&p.narrow(0, mine.start, mine.len())?, self.part).map_err(comm_err)?;
+        let AdamState::Device { m, v, decay, .. } = &mut self.state else {
+            unreachable!("step_on_device runs on the device state")
+        };
         let p_new = adamw::update_tensors(
             self.adam,
             self.adam_steps,
