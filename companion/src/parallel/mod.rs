@@ -8,7 +8,8 @@
 //! the vocabulary padded to divide), which part of the model each stage
 //! holds (`stages`); dropout drawing the whole model's masks (`dropout`);
 //! AdamW over the shards (`optimizer`, ZeRO-1 over the data-parallel
-//! group; its state on a GPU rank's device in `optimizer_on_device`); pipeline stages run in 1F1B order (`pipeline`), each on the
+//! group; its state on a GPU rank's device in `optimizer_on_device`);
+//! pipeline stages run in 1F1B order (`pipeline`), each on the
 //! fused CPU kernels (`fused_stage`, `fused_backward`) or, for other
 //! activations, on candle's autograd (`tensor`); the three
 //! composed (`three_d`), with each group's traffic counted against the
@@ -79,7 +80,7 @@ pub(crate) fn tiny_config(n_layer: usize) -> crate::config::GPT2Config {
 #[cfg(test)]
 pub(crate) struct DeviceCollectives {
     pub inner: std::sync::Arc<dyn crate::zero::comm::Communicator>,
-    /// Tensors summed or gathered.
+    /// Tensors summed, reduce-scattered or gathered.
     pub tensors: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Exchanges of tensors.
     pub exchanges: std::sync::Arc<std::sync::atomic::AtomicUsize>,

@@ -119,24 +119,33 @@ impl NcclRank {
     /// the host, then every rank's tensor, padded to the longest, gathered
     /// on the device.
     fn exchange_tensors(&self, t: Option<&Tensor>) -> Result<Vec<Option<Tensor>>> {
-        let n = t.map_or(0, Tensor::elem_count);
-        let lens = self.gather_equal(&[n as u64])?;
+        let cuda = |e: candle_core::Error| err("exchange", e);
+        // Prepared before any collective; a rank that cannot sends a length
+        // no tensor has, so every rank fails together (none is left waiting).
+        let mine = t
+            .map(|t| t.flatten_all()?.to_dtype(DType::F32)?.contiguous())
+            .transpose();
+        let n = match &mine {
+            Ok(m) => m.as_ref().map_or(0, Tensor::elem_count) as u64,
+            Err(_) => u64::MAX,
+        };
+        let lens = self.gather_equal(&[n])?;
+        let mine = mine.map_err(cuda)?;
+        if let Some(r) = lens.iter().position(|&l| l == u64::MAX) {
+            return Err(CommError::Transport(format!(
+                "NCCL exchange: rank {r} could not prepare its tensor"
+            )));
+        }
         let max = lens.iter().copied().max().unwrap_or(0) as usize;
         if max == 0 {
             return Ok(vec![None; self.world]);
         }
-        let cuda = |e: candle_core::Error| err("exchange", e);
         let zeros = |k: usize| Tensor::zeros(k, DType::F32, &self.device).map_err(cuda);
-        let mine = match t {
-            Some(t) => t
-                .flatten_all()
-                .and_then(|x| x.to_dtype(DType::F32))
-                .map_err(cuda)?,
-            None => zeros(0)?,
-        };
-        let padded = match n < max {
-            true => Tensor::cat(&[mine, zeros(max - n)?], 0).map_err(cuda)?,
-            false => mine,
+        let padded = match mine {
+            Some(m) if m.elem_count() == max => m,
+            Some(m) => Tensor::cat(&[&m, &zeros(max - m.elem_count())?], 0).map_err(cuda)?,
+            // No zero-element tensor (CUDA refuses empty allocations).
+            None => zeros(max)?,
         };
         let all = self.on_device(&padded, max * self.world, "exchange", |c, src, dst| {
             c.all_gather(src, dst).map(|_| ())
