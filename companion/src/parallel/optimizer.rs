@@ -20,7 +20,6 @@ use candle_core::Tensor;
 
 use super::tensor::TensorParallelGpt2;
 use crate::optim::adamw::{self, AdamWParams};
-use crate::params::Gpt2Params;
 use crate::zero::comm::Communicator;
 use crate::zero::engine::clip_coefficient;
 use crate::zero::layout::intersect;
@@ -77,7 +76,7 @@ impl ShardOptimizer {
         adam: AdamWParams,
         dp: Option<Arc<dyn Communicator>>,
     ) -> Result<Self> {
-        let specs = Gpt2Params::new(&model.config).specs;
+        let specs = &model.params.specs;
         let segments = model
             .shards
             .iter()

@@ -187,6 +187,8 @@ pub struct TensorParallelGpt2 {
     /// Which pipeline stage of how many this is (0 of 1: the whole model).
     pub stage: usize,
     pub stages: usize,
+    /// The whole model's parameters (names and roles), for its blocks.
+    pub(super) params: crate::params::Gpt2Params,
 }
 
 impl TensorParallelGpt2 {
@@ -245,6 +247,7 @@ impl TensorParallelGpt2 {
             shards,
             stage,
             stages,
+            params: crate::params::Gpt2Params::new(c),
         })
     }
 
@@ -366,7 +369,7 @@ impl TensorParallelGpt2 {
             dropout: drop.as_ref(),
             heads: rank * heads..(rank + 1) * heads,
         };
-        let params = crate::params::Gpt2Params::new(c);
+        let params = &self.params;
         let mut x = x.reshape((b, t, width))?;
         for l in super::stages::stage_layers(c.n_layer, self.stages, self.stage) {
             let p = &params.blocks[l];
