@@ -1,7 +1,8 @@
 //! `resume_from_checkpoint`: a `checkpoint-N/` folder read back (ours,
 //! transformers' Trainer's, or DeepSpeed's `global_stepN/` of any ZeRO
-//! stage and rank count, or its universal checkpoint), its whole training state rebuilt by parameter
-//! name and cut for this run's engine: another ZeRO stage, or another
+//! stage and rank count, or its universal checkpoint), its whole training
+//! state rebuilt by parameter name and cut for this run's engine: another
+//! ZeRO stage, or another
 //! tensor × pipeline × data layout, with the data loader continuing at the
 //! same example. `resume` checks each file first.
 
